@@ -1,0 +1,46 @@
+# Every target sets itself up: `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO := demo-out
+
+.PHONY: venv demo test test-fast lint typecheck bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[all]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	rm -rf $(DEMO)
+	$(BIN)/rewriter synth --preset small $(DEMO)/src
+	$(BIN)/rewriter inspect $(DEMO)/src
+	$(BIN)/rewriter synth-saliency $(DEMO)/src --out $(DEMO)/saliency.json --domain demo
+	$(BIN)/rewriter plan $(DEMO)/src --saliency $(DEMO)/saliency.json --rank reap --keep-frac 0.5 \
+		--keep-multiple 4 --out $(DEMO)/plan.json
+	$(BIN)/rewriter dry-run $(DEMO)/src --layer 0 --layer 2 --saliency $(DEMO)/saliency.json --keep-frac 0.5
+	$(BIN)/rewriter run $(DEMO)/plan.json --out $(DEMO)/pruned
+	$(BIN)/rewriter verify $(DEMO)/src $(DEMO)/pruned
+	$(BIN)/rewriter inspect $(DEMO)/pruned
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check rewriter planners ray_jobs bench_io tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy rewriter planners
+
+bench: $(STAMP)
+	$(BIN)/python -m bench_io run
+
+clean:
+	rm -rf $(VENV) $(DEMO) bench-work .pytest_cache

@@ -1,0 +1,308 @@
+"""Synthetic gpt-oss checkpoints with real tensor names, dtypes, layouts and Hugging Face sharding.
+
+Tensor bytes are deterministic and differ per (tensor, expert row), so any slice of an output can
+be traced to where it came from. BF16 values are small and finite; MXFP4 scales sit a little
+below 127 so dequantized weights stay small. ``sparse=True`` writes real headers over holes: full
+20B/120B geometry for the cost of the headers.
+
+Example:
+    >>> from bench_io.synth import PRESETS, write_checkpoint
+    >>> write_checkpoint("/tmp/tiny", PRESETS["tiny"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rewriter.format import encode_header, nbytes_of, reference_order
+
+_TILE_BYTES = 1 << 16
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Shape of a synthetic gpt-oss model and how it is sharded.
+
+    ``max_shard_bytes`` is the greedy fill limit over tensor data in index order; shard names are
+    zero-based (``model-00000-of-00002``) like the gpt-oss repos.
+    """
+
+    num_layers: int
+    num_experts: int
+    top_k: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_shard_bytes: int
+    quant: str = "mxfp4"  # or "bf16"
+
+    def with_layers(self, n: int) -> Geometry:
+        return dataclasses.replace(self, num_layers=n)
+
+
+PRESETS: dict[str, Geometry] = {
+    "20b": Geometry(24, 32, 4, 2880, 2880, 201088, 64, 8, 64, 4_800_000_000),
+    "120b": Geometry(36, 128, 4, 2880, 2880, 201088, 64, 8, 64, 4_800_000_000),
+    # Small enough for unit tests, loadable by transformers, several shards.
+    "tiny": Geometry(2, 8, 2, 64, 64, 256, 4, 2, 16, 90_000),
+    "tiny-bf16": Geometry(2, 8, 2, 64, 64, 256, 4, 2, 16, 200_000, quant="bf16"),
+    # Benchmarks: a few MB per layer, many experts.
+    "small": Geometry(4, 32, 4, 512, 512, 4096, 8, 2, 64, 64_000_000),
+}
+
+
+def layer_tensors(g: Geometry, layer: int) -> list[tuple[str, str, tuple[int, ...]]]:
+    """One decoder layer's tensors in the gpt-oss index order."""
+    p = f"model.layers.{layer}."
+    E, H, inter = g.num_experts, g.hidden, g.intermediate
+    q, kv = g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim
+    out = [
+        (p + "input_layernorm.weight", "BF16", (H,)),
+        (p + "self_attn.o_proj.bias", "BF16", (H,)),
+        (p + "self_attn.o_proj.weight", "BF16", (H, q)),
+        (p + "self_attn.q_proj.bias", "BF16", (q,)),
+        (p + "self_attn.k_proj.bias", "BF16", (kv,)),
+        (p + "self_attn.v_proj.bias", "BF16", (kv,)),
+        (p + "self_attn.q_proj.weight", "BF16", (q, H)),
+        (p + "self_attn.k_proj.weight", "BF16", (kv, H)),
+        (p + "self_attn.v_proj.weight", "BF16", (kv, H)),
+        (p + "self_attn.sinks", "BF16", (g.num_heads,)),
+        (p + "mlp.router.bias", "BF16", (E,)),
+        (p + "mlp.router.weight", "BF16", (E, H)),
+    ]
+    x = p + "mlp.experts."
+    if g.quant == "mxfp4":
+        out += [
+            (x + "gate_up_proj_bias", "BF16", (E, 2 * inter)),
+            (x + "gate_up_proj_blocks", "U8", (E, 2 * inter, H // 32, 16)),
+            (x + "gate_up_proj_scales", "U8", (E, 2 * inter, H // 32)),
+            (x + "down_proj_bias", "BF16", (E, H)),
+            (x + "down_proj_blocks", "U8", (E, H, inter // 32, 16)),
+            (x + "down_proj_scales", "U8", (E, H, inter // 32)),
+        ]
+    else:
+        out += [
+            (x + "gate_up_proj", "BF16", (E, H, 2 * inter)),
+            (x + "gate_up_proj_bias", "BF16", (E, 2 * inter)),
+            (x + "down_proj", "BF16", (E, inter, H)),
+            (x + "down_proj_bias", "BF16", (E, H)),
+        ]
+    out.append((p + "post_attention_layernorm.weight", "BF16", (H,)))
+    return out
+
+
+def all_tensors(g: Geometry) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Every tensor in index order: layers sorted as strings, then embed, norm, lm_head."""
+    out = []
+    for layer in sorted(range(g.num_layers), key=str):
+        out += layer_tensors(g, layer)
+    out += [
+        ("model.embed_tokens.weight", "BF16", (g.vocab, g.hidden)),
+        ("model.norm.weight", "BF16", (g.hidden,)),
+        ("lm_head.weight", "BF16", (g.vocab, g.hidden)),
+    ]
+    return out
+
+
+def shard_assignment(g: Geometry) -> dict[str, list[tuple[str, str, tuple[int, ...]]]]:
+    """Greedy fill in index order into shards of at most ``max_shard_bytes`` of tensor data."""
+    groups: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for item in all_tensors(g):
+        n = nbytes_of(item[1], item[2])
+        if size + n > g.max_shard_bytes and groups[-1]:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += n
+    last = len(groups) - 1
+    return {f"model-{i:05d}-of-{last:05d}.safetensors": grp for i, grp in enumerate(groups)}
+
+
+def config_for(g: Geometry) -> dict:
+    """A gpt-oss ``config.json`` for the geometry (the 20B config with its sizes replaced)."""
+    cfg = {
+        "architectures": ["GptOssForCausalLM"],
+        "attention_bias": True,
+        "attention_dropout": 0.0,
+        "eos_token_id": min(200002, g.vocab - 1),
+        "experts_per_token": g.top_k,
+        "head_dim": g.head_dim,
+        "hidden_act": "silu",
+        "hidden_size": g.hidden,
+        "initial_context_length": 4096,
+        "initializer_range": 0.02,
+        "intermediate_size": g.intermediate,
+        "layer_types": [
+            "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(g.num_layers)
+        ],
+        "max_position_embeddings": 131072,
+        "model_type": "gpt_oss",
+        "num_attention_heads": g.num_heads,
+        "num_experts_per_tok": g.top_k,
+        "num_hidden_layers": g.num_layers,
+        "num_key_value_heads": g.num_kv_heads,
+        "num_local_experts": g.num_experts,
+        "output_router_logits": False,
+        "pad_token_id": min(199999, g.vocab - 2),
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "factor": 32.0,
+            "original_max_position_embeddings": 4096,
+            "rope_type": "yarn",
+            "truncate": False,
+        },
+        "rope_theta": 150000,
+        "router_aux_loss_coef": 0.9,
+        "sliding_window": 128,
+        "swiglu_limit": 7.0,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "vocab_size": g.vocab,
+    }
+    if g.quant == "mxfp4":
+        cfg["quantization_config"] = {
+            "modules_to_not_convert": [
+                "model.layers.*.self_attn",
+                "model.layers.*.mlp.router",
+                "model.embed_tokens",
+                "lm_head",
+            ],
+            "quant_method": "mxfp4",
+        }
+    return cfg
+
+
+def _seed(name: str, row: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{name}#{row}".encode(), digest_size=8).digest(), "little")
+
+
+def _bf16(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (round to nearest even), as uint16."""
+    bits = values.astype(np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _tile(name: str, dtype: str, row: int, nbytes: int) -> bytes:
+    """A deterministic pattern of ``nbytes`` for one row, unique to (tensor, row)."""
+    rng = np.random.default_rng(_seed(name, row))
+    n = min(nbytes, _TILE_BYTES)
+    if dtype == "BF16":
+        if name.endswith(("norm.weight",)):
+            vals = 1.0 + 0.05 * rng.standard_normal(n // 2)
+        else:
+            vals = 0.02 * rng.standard_normal(n // 2)
+        tile = _bf16(vals).tobytes()
+    elif name.endswith("_scales"):
+        tile = rng.integers(118, 123, n, dtype=np.uint8).tobytes()
+    else:
+        tile = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+    reps = -(-nbytes // len(tile))
+    return (tile * reps)[:nbytes] if reps > 1 else tile
+
+
+def tensor_chunks(name: str, dtype: str, shape: tuple[int, ...]) -> Iterator[bytes]:
+    """The tensor's bytes, one row of dim 0 at a time (an expert, for expert tensors)."""
+    total = nbytes_of(dtype, shape)
+    if not shape or shape[0] == 0:
+        if total:
+            yield _tile(name, dtype, 0, total)
+        return
+    rows = shape[0]
+    row_bytes = total // rows
+    # Large 2-D tensors that are not expert-stacked (embeddings) are emitted in bigger blocks.
+    step = max(1, (8 << 20) // max(row_bytes, 1)) if row_bytes < (1 << 20) else 1
+    for r in range(0, rows, step):
+        k = min(step, rows - r)
+        if k == 1:
+            yield _tile(name, dtype, r, row_bytes)
+        else:
+            yield b"".join(_tile(name, dtype, r + i, row_bytes) for i in range(k))
+
+
+def write_shard(path: Path, items: list[tuple[str, str, tuple[int, ...]]], sparse: bool = False) -> None:
+    """Write one shard in the reference writer's order; holes instead of data when ``sparse``."""
+    ordered = reference_order(items)
+    head = encode_header(ordered, {"format": "pt"})
+    total = len(head) + sum(nbytes_of(d, s) for _, d, s in ordered)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(head)
+        if sparse:
+            f.truncate(total)
+        else:
+            for name, dtype, shape in ordered:
+                for chunk in tensor_chunks(name, dtype, shape):
+                    f.write(chunk)
+    os.replace(tmp, path)
+
+
+def write_checkpoint(out: str | os.PathLike, g: Geometry, sparse: bool = False) -> dict:
+    """Write a synthetic checkpoint (shards, index, config, tokenizer stub) to directory ``out``.
+
+    Returns:
+        The index document written (``metadata.total_size`` and ``weight_map``).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = shard_assignment(g)
+    weight_map = {}
+    total = 0
+    for shard, items in shards.items():
+        write_shard(out / shard, items, sparse=sparse)
+        for name, dtype, shape in items:
+            weight_map[name] = shard
+            total += nbytes_of(dtype, shape)
+    # Index order: the order tensors were assigned, as in the gpt-oss repos.
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "config.json").write_text(json.dumps(config_for(g), indent=2) + "\n")
+    (out / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 0, "eos_token_id": config_for(g)["eos_token_id"]}, indent=2) + "\n"
+    )
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return index
+
+
+def preset(name: str, layers: int | None = None) -> Geometry:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    g = PRESETS[name]
+    return g.with_layers(layers) if layers else g
+
+
+def synthetic_saliency(num_layers: int, num_experts: int, top_k: int, domain: str = "synthetic",
+                       seed: int = 0, tokens: int = 65536):
+    """Plausible, deterministic saliency scores (heavy-tailed routing) for planning tests and demos.
+
+    Returns:
+        A :class:`planners.saliency.Saliency`.
+    """
+    from planners.saliency import Saliency
+
+    rng = np.random.default_rng(seed)
+    layers = {}
+    for layer in range(num_layers):
+        share = rng.dirichlet(np.full(num_experts, 0.7))
+        freq = np.floor(share * tokens * top_k).astype(int)
+        norm = rng.uniform(0.5, 2.0, num_experts)
+        gate = rng.uniform(0.1, 0.5, num_experts)
+        reap = np.where(freq > 0, gate * norm, 0.0)
+        eaft = freq * reap * rng.uniform(0.2, 1.0, num_experts) - rng.uniform(0, 0.1, num_experts) * freq
+        layers[layer] = {"freq": tuple(float(x) for x in freq), "reap": tuple(float(x) for x in reap),
+                         "eaft_reap": tuple(float(x) for x in eaft)}
+    return Saliency(domain=domain, layers=layers, tokens=tokens,
+                    model={"family": "gpt_oss", "num_layers": num_layers, "num_experts": num_experts, "top_k": top_k},
+                    method={"generator": "bench_io.synth.synthetic_saliency", "seed": seed})

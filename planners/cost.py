@@ -1,0 +1,167 @@
+"""I/O cost of a plan: shards touched per layer, bytes read and written, requests, time, memory.
+
+Everything here is arithmetic on the plan. The time estimate schedules output shards (the unit
+of work) over ``workers`` with longest-first assignment; each shard costs its bytes at the read
+bandwidth plus its bytes at the write bandwidth.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from planners.plan import Plan
+
+MiB = 1 << 20
+#: Resident memory of an executor process before its copy buffer (interpreter, numpy, fsspec),
+#: measured by the bounded-memory test; the prediction adds the buffer to it.
+BASE_RSS_BYTES = 80 * MiB
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One layer's share of a plan (``layer`` is ``None`` for embeddings, norm and head)."""
+
+    layer: int | None
+    source_shards: tuple[str, ...]
+    output_shards: tuple[str, ...]
+    bytes_read: int
+    bytes_written: int
+    segments: int
+
+
+@dataclass(frozen=True)
+class CostReport:
+    layers: tuple[LayerCost, ...]
+    source_bytes: int
+    bytes_read: int
+    header_bytes_read: int
+    bytes_written: int
+    output_shards: int
+    copy_ops: int
+    range_requests: int
+    workers: int
+    read_bytes_per_s: float
+    write_bytes_per_s: float
+    buffer_bytes: int
+    est_seconds: float
+    peak_rss_per_worker: int
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def layer(self, index: int) -> LayerCost:
+        for lc in self.layers:
+            if lc.layer == index:
+                return lc
+        raise KeyError(index)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def estimate(
+    plan: Plan,
+    *,
+    workers: int = 1,
+    read_bytes_per_s: float = 1e9,
+    write_bytes_per_s: float = 1e9,
+    buffer_bytes: int = 16 * MiB,
+) -> CostReport:
+    """Cost of executing ``plan``.
+
+    Args:
+        workers: parallel executors (output shards are distributed over them).
+        read_bytes_per_s / write_bytes_per_s: per-worker bandwidths.
+        buffer_bytes: the executors' copy buffer; a remote read is one request per buffer.
+
+    Returns:
+        A :class:`CostReport`. ``bytes_read`` counts tensor bytes fetched; headers are counted
+        apart in ``header_bytes_read`` (two small reads per source shard).
+    """
+    per_layer: dict[int | None, dict[str, Any]] = {}
+    for o in plan.outputs:
+        for t in o.tensors:
+            d = per_layer.setdefault(t.layer, {"src": set(), "out": set(), "read": 0, "segs": 0})
+            d["src"].update(s.shard for s in t.segments)
+            d["out"].add(o.name)
+            d["read"] += t.nbytes
+            d["segs"] += len(t.segments)
+    layers = tuple(
+        LayerCost(k, tuple(sorted(v["src"])), tuple(sorted(v["out"])), v["read"], v["read"], v["segs"])
+        for k, v in sorted(per_layer.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
+    )
+    ops = [op for o in plan.outputs for op in o.copy_ops()]
+    requests = sum(-(-op.length // buffer_bytes) for op in ops)
+    header_bytes = sum(8 + int(fp.get("header_len", 0)) for fp in plan.source_shards.values())
+    workers = max(1, workers)
+    per_shard = [o.data_bytes / read_bytes_per_s + o.size / write_bytes_per_s for o in plan.outputs]
+    load = [0.0] * workers
+    heapq.heapify(load)
+    for cost in sorted(per_shard, reverse=True):
+        heapq.heappush(load, heapq.heappop(load) + cost)
+    notes = []
+    if workers > len(plan.outputs):
+        notes.append(f"only {len(plan.outputs)} output shards: at most that many workers are busy")
+    return CostReport(
+        layers=layers,
+        source_bytes=sum(int(fp["size"]) for fp in plan.source_shards.values()),
+        bytes_read=plan.total_size,
+        header_bytes_read=header_bytes,
+        bytes_written=sum(o.size for o in plan.outputs),
+        output_shards=len(plan.outputs),
+        copy_ops=len(ops),
+        range_requests=requests,
+        workers=workers,
+        read_bytes_per_s=read_bytes_per_s,
+        write_bytes_per_s=write_bytes_per_s,
+        buffer_bytes=buffer_bytes,
+        est_seconds=max(load),
+        peak_rss_per_worker=BASE_RSS_BYTES + buffer_bytes,
+        notes=tuple(notes),
+    )
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def _shard_label(name: str) -> str:
+    """``model-00003-of-00014.safetensors`` -> ``3``; other names unchanged."""
+    parts = name.split("-")
+    if len(parts) == 4 and parts[0] == "model" and parts[1].isdigit():
+        return str(int(parts[1]))
+    return name
+
+
+def format_report(r: CostReport) -> str:
+    """The cost table ``rewriter plan`` prints."""
+    rows = [("layer", "source shards", "read", "written", "segments", "output shards")]
+    for lc in r.layers:
+        rows.append((
+            "other" if lc.layer is None else str(lc.layer),
+            ",".join(_shard_label(s) for s in lc.source_shards),
+            human_bytes(lc.bytes_read),
+            human_bytes(lc.bytes_written),
+            str(lc.segments),
+            ",".join(_shard_label(s) for s in lc.output_shards),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if i in (2, 3, 4) else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    ratio = r.bytes_read / r.source_bytes if r.source_bytes else 0
+    lines += [
+        "",
+        f"source:     {human_bytes(r.source_bytes)} in {len({s for lc in r.layers for s in lc.source_shards})} shards touched",
+        f"read:       {human_bytes(r.bytes_read)} of tensor data ({ratio:.1%} of the source) + {human_bytes(r.header_bytes_read)} of headers",
+        f"written:    {human_bytes(r.bytes_written)} in {r.output_shards} output shards",
+        f"requests:   {r.copy_ops} copy ranges; {r.range_requests} range requests at a {human_bytes(r.buffer_bytes)} buffer",
+        f"estimate:   {r.est_seconds:.1f} s on {r.workers} worker(s) at {r.read_bytes_per_s / 1e6:.0f} MB/s read, "
+        f"{r.write_bytes_per_s / 1e6:.0f} MB/s write per worker",
+        f"peak RSS:   ~{human_bytes(r.peak_rss_per_worker)} per worker (base + buffer)",
+    ]
+    lines += [f"note:       {n}" for n in r.notes]
+    return "\n".join(lines)

@@ -1,0 +1,422 @@
+"""The plan: everything a rewrite does, decided from headers, index, config and keep sets.
+
+A plan is data (versioned JSON). Local runs, Ray runs, dry runs, cost estimates and ``verify``
+all read the same plan. Building one reads no tensor bytes.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import re
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+
+from planners.layouts import Layout
+from planners.policies import KeepDecision
+from rewriter.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, TensorInfo
+from rewriter.errors import PlanError
+from rewriter.format import PREFIX_BYTES, encode_header, parse_header
+
+PLAN_FORMAT = "moe-rewriter-plan"
+PLAN_VERSION = 1
+DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
+#: Folders of the gpt-oss Hub repos holding other layouts of the same weights; a pruned
+#: checkpoint must not carry them, since they would no longer match.
+SKIPPED_DIRS = ("original/", "metal/")
+PROVENANCE_NAME = "pruning.json"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``length`` bytes at absolute ``offset`` of source shard ``shard``."""
+
+    shard: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """An output tensor and the source bytes that make it, in order."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: str
+    segments: tuple[Segment, ...]
+    layer: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.length for s in self.segments)
+
+
+@dataclass(frozen=True)
+class OutputShard:
+    """An output file: its precomputed header (prefix included) and its tensors in data order."""
+
+    name: str
+    header: bytes
+    tensors: tuple[PlannedTensor, ...]
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + self.data_bytes
+
+    def copy_ops(self) -> Iterator[Segment]:
+        """Segments in write order, merging neighbours that are contiguous in the source."""
+        pending: Segment | None = None
+        for t in self.tensors:
+            for s in t.segments:
+                if pending and pending.shard == s.shard and pending.offset + pending.length == s.offset:
+                    pending = Segment(s.shard, pending.offset, pending.length + s.length)
+                    continue
+                if pending:
+                    yield pending
+                pending = s
+        if pending:
+            yield pending
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A complete rewrite. See ``docs/plan.md`` for the JSON schema."""
+
+    source_url: str
+    source_shards: Mapping[str, Mapping[str, Any]]
+    family: str
+    outputs: tuple[OutputShard, ...]
+    config: Mapping[str, Any]
+    config_patch: Mapping[str, Any]
+    keep: Mapping[int, tuple[int, ...]]
+    top_k: int
+    copy_files: tuple[str, ...] = ()
+    skipped_files: tuple[str, ...] = ()
+    reasons: Mapping[int, Mapping[int, tuple[str, ...]]] = field(default_factory=dict)
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+    loadable: bool = True
+    layers_only: tuple[int, ...] | None = None
+    version: int = PLAN_VERSION
+
+    @property
+    def total_size(self) -> int:
+        return sum(o.data_bytes for o in self.outputs)
+
+    @property
+    def weight_map(self) -> dict[str, str]:
+        return {t.name: o.name for o in self.outputs for t in o.tensors}
+
+    @property
+    def is_dry_run(self) -> bool:
+        return self.layers_only is not None
+
+    def index_json(self) -> bytes:
+        doc = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+        return (json.dumps(doc, indent=2) + "\n").encode()
+
+    def config_json(self) -> bytes:
+        return (json.dumps(self.config, indent=2, sort_keys=False) + "\n").encode()
+
+    def expert_mapping(self) -> dict[str, list[int]]:
+        """Per layer, ``new id -> original id`` as a list."""
+        return {str(k): list(v) for k, v in sorted(self.keep.items())}
+
+    # --- JSON ---------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "version": self.version,
+            "source": {"url": self.source_url, "shards": {k: dict(v) for k, v in self.source_shards.items()}},
+            "family": self.family,
+            "loadable_by_transformers": self.loadable,
+            "layers_only": list(self.layers_only) if self.layers_only is not None else None,
+            "top_k": self.top_k,
+            "config_patch": dict(self.config_patch),
+            "config": dict(self.config),
+            "expert_mapping": self.expert_mapping(),
+            "keep_reasons": {
+                str(layer): {str(e): list(r) for e, r in rs.items()} for layer, rs in sorted(self.reasons.items())
+            },
+            "copy_files": list(self.copy_files),
+            "skipped_files": list(self.skipped_files),
+            "outputs": [
+                {
+                    "name": o.name,
+                    "size": o.size,
+                    "header": o.header[PREFIX_BYTES:].decode("utf-8"),
+                    "tensors": [
+                        {
+                            "name": t.name,
+                            "source": t.source,
+                            "layer": t.layer,
+                            "dtype": t.dtype,
+                            "shape": list(t.shape),
+                            "segments": [[s.shard, s.offset, s.length] for s in t.segments],
+                        }
+                        for t in o.tensors
+                    ],
+                }
+                for o in self.outputs
+            ],
+            "provenance": dict(self.provenance),
+        }
+
+    def canonical_bytes(self) -> bytes:
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the canonical JSON: the plan's identity in journals and provenance."""
+        return hashlib.sha256(self.canonical_bytes()).hexdigest()
+
+    def save(self, url: str) -> None:
+        with fsspec.open(url, "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+            f.write("\n")
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any], where: str = "plan") -> Plan:
+        """Rebuild a plan, checking format, version and that every header matches its tensors."""
+        if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT:
+            raise PlanError(f"{where}: not a plan (expected \"format\": \"{PLAN_FORMAT}\")")
+        if doc.get("version") != PLAN_VERSION:
+            raise PlanError(f"{where}: plan version {doc.get('version')!r}; this tool reads version {PLAN_VERSION}")
+        try:
+            outputs = tuple(_output_from_json(o, where) for o in doc["outputs"])
+            keep = {int(k): tuple(v) for k, v in doc["expert_mapping"].items()}
+            reasons = {
+                int(layer): {int(e): tuple(r) for e, r in rs.items()} for layer, rs in doc.get("keep_reasons", {}).items()
+            }
+            layers_only = doc.get("layers_only")
+            return cls(
+                source_url=doc["source"]["url"],
+                source_shards=doc["source"]["shards"],
+                family=doc["family"],
+                outputs=outputs,
+                config=doc["config"],
+                config_patch=doc["config_patch"],
+                keep=keep,
+                top_k=int(doc["top_k"]),
+                copy_files=tuple(doc.get("copy_files", ())),
+                skipped_files=tuple(doc.get("skipped_files", ())),
+                reasons=reasons,
+                provenance=doc.get("provenance", {}),
+                loadable=bool(doc.get("loadable_by_transformers", True)),
+                layers_only=tuple(layers_only) if layers_only is not None else None,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise PlanError(f"{where}: malformed plan ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def load(cls, url: str) -> Plan:
+        try:
+            with fsspec.open(url, "r") as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            raise PlanError(f"{url}: plan file not found") from None
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{url}: not valid JSON ({e})") from None
+        return cls.from_json(doc, url)
+
+    def check_source(self, ckpt: Checkpoint) -> None:
+        """Refuse a source whose shards differ from the ones the plan was made from."""
+        now = ckpt.fingerprint()
+        for name, fp in self.source_shards.items():
+            if name not in now:
+                raise PlanError(f"{ckpt.url}: shard '{name}' of the plan's source is missing")
+            if dict(now[name]) != dict(fp):
+                raise PlanError(
+                    f"{ckpt.storage.describe(name)} changed since the plan was made (planned "
+                    f"size {fp['size']:,}, header {fp['header_sha256'][:12]}; found size "
+                    f"{now[name]['size']:,}, header {now[name]['header_sha256'][:12]}); plan again"
+                )
+
+
+def _output_from_json(o: Mapping[str, Any], where: str) -> OutputShard:
+    raw = o["header"].encode("utf-8")
+    header = parse_header(raw, f"{where}: output {o['name']}")
+    tensors = tuple(
+        PlannedTensor(
+            t["name"], t["dtype"], tuple(t["shape"]), t["source"],
+            tuple(Segment(s, int(off), int(n)) for s, off, n in t["segments"]), t.get("layer"),
+        )
+        for t in o["tensors"]
+    )
+    entries = [(e.name, e.dtype, e.shape, e.nbytes) for e in header.tensors]
+    planned = [(t.name, t.dtype, t.shape, t.nbytes) for t in tensors]
+    if entries != planned:
+        raise PlanError(f"{where}: the header of output '{o['name']}' does not match its tensors' segments")
+    return OutputShard(o["name"], struct.pack("<Q", len(raw)) + raw, tensors)
+
+
+# --- building --------------------------------------------------------------------------------
+
+def _layer_key(t: TensorInfo) -> tuple[int, float]:
+    if t.layer is not None:
+        return (1, t.layer)
+    return (0, 0) if "embed" in t.name else (2, 0)
+
+
+def _coalesce(shard: str, begin: int, row: int, ids: Sequence[int]) -> tuple[Segment, ...]:
+    segs: list[Segment] = []
+    for e in ids:
+        off = begin + e * row
+        if segs and segs[-1].offset + segs[-1].length == off:
+            segs[-1] = Segment(shard, segs[-1].offset, segs[-1].length + row)
+        else:
+            segs.append(Segment(shard, off, row))
+    return tuple(segs)
+
+
+def plan_tensors(ckpt: Checkpoint, layout: Layout, keep: Mapping[int, Sequence[int]], layers_only: Sequence[int] | None = None) -> list[PlannedTensor]:
+    """Output tensors in layer-local order, each with its source segments."""
+    out = []
+    for info in sorted(ckpt.tensors.values(), key=lambda t: (_layer_key(t), t.shard, t.begin)):
+        role = layout.classify(info.name)
+        if layers_only is not None and (role is None or role.layer not in layers_only):
+            continue
+        if role is None:
+            out.append(PlannedTensor(info.name, info.dtype, info.shape, info.name,
+                                     (Segment(info.shard, info.begin, info.nbytes),), info.layer))
+            continue
+        ids = keep[role.layer]
+        if role.role == "expert":
+            if role.expert in ids:
+                new = layout.renamed(role, list(ids).index(role.expert))
+                out.append(PlannedTensor(new, info.dtype, info.shape, info.name,
+                                         (Segment(info.shard, info.begin, info.nbytes),), role.layer))
+            continue
+        row = info.nbytes // info.shape[0]
+        shape = (len(ids), *info.shape[1:])
+        out.append(PlannedTensor(info.name, info.dtype, shape, info.name,
+                                 _coalesce(info.shard, info.begin, row, ids), role.layer))
+    return out
+
+
+def assign_shards(tensors: Sequence[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+    """Pack tensors into shards of at most ``max_shard_bytes``, keeping each layer together.
+
+    A layer that does not fit in the current shard's remaining room but fits in an empty one
+    starts a new shard; only a layer larger than a whole shard is split.
+    """
+    by_layer: list[list[PlannedTensor]] = []
+    for t in tensors:
+        if by_layer and by_layer[-1][0].layer == t.layer:
+            by_layer[-1].append(t)
+        else:
+            by_layer.append([t])
+    shards: list[list[PlannedTensor]] = [[]]
+    room = max_shard_bytes
+    for grp in by_layer:
+        size = sum(t.nbytes for t in grp)
+        if shards[-1] and size <= max_shard_bytes and size > room:
+            shards.append([])
+            room = max_shard_bytes
+        for t in grp:
+            if shards[-1] and t.nbytes > room:
+                shards.append([])
+                room = max_shard_bytes
+            shards[-1].append(t)
+            room -= t.nbytes
+    return [s for s in shards if s]
+
+
+def shard_names(n: int, zero_based: bool, prefix: str = "model") -> list[str]:
+    if zero_based:
+        return [f"{prefix}-{i:05d}-of-{n - 1:05d}.safetensors" for i in range(n)]
+    return [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def build_plan(
+    ckpt: Checkpoint,
+    decision: KeepDecision,
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    layers_only: Sequence[int] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> Plan:
+    """Turn keep sets into a plan for ``ckpt``.
+
+    Args:
+        ckpt: the opened source checkpoint (only headers were read).
+        decision: kept experts per MoE layer and the routing top-k.
+        max_shard_bytes: output shard size limit (tensor data), 5 GB by default as in HF.
+        layers_only: restrict the plan to these layers' expert tensors, one output file per
+            layer (``layer-00018.safetensors``): a per-layer dry-run plan.
+        provenance: saliency digests, policy and parameters to record.
+
+    Raises:
+        PlanError: keep sets that do not cover the MoE layers, or name unknown layers.
+    """
+    layout = ckpt.layout
+    moe = layout.moe_layers(ckpt)
+    if sorted(decision.keep) != sorted(moe):
+        raise PlanError(
+            f"keep sets cover layers {sorted(decision.keep)}, but the MoE layers of {ckpt.url} are {sorted(moe)}"
+        )
+    if layers_only is not None:
+        bad = sorted(set(layers_only) - set(moe))
+        if bad:
+            raise PlanError(f"--layer {bad}: not MoE layers of {ckpt.url} (MoE layers: 0..{max(moe)})")
+    num_experts = layout.num_experts(ckpt.config)
+    tensors = plan_tensors(ckpt, layout, decision.keep, layers_only)
+    zero_based = any(re.search(r"-00000-of-\d+\.safetensors$", s) for s in ckpt.shards)
+    if layers_only is not None:
+        groups = [[t for t in tensors if t.layer == layer] for layer in sorted(set(layers_only))]
+        names = [f"layer-{layer:05d}.safetensors" for layer in sorted(set(layers_only))]
+    else:
+        groups = assign_shards(tensors, max_shard_bytes)
+        names = shard_names(len(groups), zero_based)
+    outputs = tuple(
+        OutputShard(name, encode_header([(t.name, t.dtype, t.shape) for t in grp], {"format": "pt"}), tuple(grp))
+        for name, grp in zip(names, groups)
+    )
+    counts = {len(v) for v in decision.keep.values()}
+    uniform = len(counts) == 1
+    kept = max(counts)
+    patch = layout.config_patch(ckpt.config, kept, decision.top_k)
+    if not uniform:
+        patch = {k: v for k, v in patch.items() if k not in layout.count_fields}
+    config = {**ckpt.config, **patch}
+    copy_files, skipped = [], []
+    for f in ckpt.files:
+        if f == CONFIG_NAME or f == INDEX_NAME or f.endswith(".safetensors"):
+            continue
+        if f.startswith(SKIPPED_DIRS) or f.split("/")[0].startswith("."):
+            skipped.append(f)
+        else:
+            copy_files.append(f)
+    prov = {
+        "tool": "moe-rewriter",
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "source_experts_per_layer": num_experts,
+        "source_top_k": layout.top_k(ckpt.config),
+        "experts_per_layer": {str(k): len(v) for k, v in sorted(decision.keep.items())},
+        **dict(provenance or {}),
+    }
+    return Plan(
+        source_url=ckpt.url,
+        source_shards=ckpt.fingerprint(),
+        family=layout.family,
+        outputs=outputs,
+        config=config,
+        config_patch=patch,
+        keep={k: tuple(v) for k, v in decision.keep.items()},
+        top_k=decision.top_k,
+        copy_files=tuple(copy_files),
+        skipped_files=tuple(skipped),
+        reasons=decision.reasons,
+        provenance=prov,
+        loadable=uniform,
+        layers_only=tuple(sorted(set(layers_only))) if layers_only is not None else None,
+    )

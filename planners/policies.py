@@ -1,0 +1,230 @@
+"""Keep policies: which experts each layer keeps, from saliency.
+
+Ranking is by score, descending, ties broken by the lower expert id, so every policy is
+deterministic. The single-domain case is the union policy with one domain: its covering set is
+a prefix of the ranking, and the cut or fill uses the same ranking, so it keeps the top ``n``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from planners.saliency import Saliency
+from rewriter.errors import PolicyError
+
+
+@dataclass(frozen=True)
+class KeepPolicy:
+    """How many experts to keep and how to choose them.
+
+    Attributes:
+        rank: saliency metric to rank by: ``freq``, ``reap`` or ``eaft_reap``.
+        keep_n / keep_frac: experts kept per layer (exactly one of them).
+        keep_multiple: round the kept count up to a multiple of this (fused MoE kernels like 4).
+        core_top_m: always keep each layer's ``M`` highest-ranked experts.
+        coverage: share of each domain's saliency mass its covering set must reach (union).
+        top_k: new routing top-k (``None`` keeps the config's).
+        budget: total experts over all layers; makes a non-uniform plan (not loadable by stock
+            transformers).
+    """
+
+    rank: str = "reap"
+    keep_n: int | None = None
+    keep_frac: float | None = None
+    keep_multiple: int = 1
+    core_top_m: int = 0
+    coverage: float = 0.9
+    top_k: int | None = None
+    budget: int | None = None
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class Domain:
+    """One calibration domain's saliency and its weight in the union."""
+
+    saliency: Saliency
+    weight: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return self.saliency.domain
+
+
+@dataclass(frozen=True)
+class KeepDecision:
+    """Kept experts per layer (sorted original ids) and why each was kept."""
+
+    keep: Mapping[int, tuple[int, ...]]
+    reasons: Mapping[int, Mapping[int, tuple[str, ...]]] = field(default_factory=dict)
+    top_k: int = 0
+
+    @property
+    def uniform(self) -> bool:
+        return len({len(v) for v in self.keep.values()}) <= 1
+
+
+def ranking(scores: Sequence[float]) -> list[int]:
+    """Expert ids by score descending, lower id first on ties."""
+    return sorted(range(len(scores)), key=lambda e: (-scores[e], e))
+
+
+def keep_count(policy: KeepPolicy, num_experts: int, top_k: int) -> int:
+    """The uniform per-layer keep count the policy asks for, checked against top-k.
+
+    Raises:
+        PolicyError: neither or both of keep_n/keep_frac, a count out of range, a count below
+            the routing top-k, core experts that do not fit.
+    """
+    if (policy.keep_n is None) == (policy.keep_frac is None):
+        raise PolicyError("give exactly one of --keep-n or --keep-frac")
+    if policy.keep_n is not None:
+        n = policy.keep_n
+    else:
+        assert policy.keep_frac is not None
+        if not 0 < policy.keep_frac <= 1:
+            raise PolicyError(f"--keep-frac {policy.keep_frac} must be in (0, 1]")
+        n = max(1, math.floor(policy.keep_frac * num_experts + 0.5))
+    m = policy.keep_multiple
+    if m < 1:
+        raise PolicyError(f"--keep-multiple {m} must be >= 1")
+    if n % m:
+        up = -(-n // m) * m
+        n = up if up <= num_experts else (num_experts // m) * m
+    if not 1 <= n <= num_experts:
+        raise PolicyError(
+            f"cannot keep {n} experts per layer: the checkpoint has {num_experts} per layer"
+            + (f" and --keep-multiple {m} allows no count in range" if m > 1 else "")
+        )
+    check_top_k(n, top_k, policy.top_k)
+    if policy.core_top_m > n:
+        raise PolicyError(f"--core-top-m {policy.core_top_m} exceeds the {n} experts kept per layer")
+    return n
+
+
+def check_top_k(kept: int, config_top_k: int, new_top_k: int | None) -> int:
+    """The effective top-k; raises when fewer experts are kept than are routed per token."""
+    k = new_top_k if new_top_k is not None else config_top_k
+    if k < 1:
+        raise PolicyError(f"--top-k {k} must be >= 1")
+    if kept < k:
+        hint = "lower top-k with --top-k" if new_top_k is None else "raise the keep count"
+        raise PolicyError(
+            f"keeping {kept} experts per layer is fewer than the routing top-k of {k}: every token "
+            f"routes to {k} experts; keep at least {k} or {hint}"
+        )
+    return k
+
+
+def _combined(domains: Sequence[Domain], layer: int, metric: str) -> tuple[list[float], list[list[float]]]:
+    """Domain-normalized scores (each domain's positive mass scaled to 1), and their weighted sum."""
+    total_w = sum(d.weight for d in domains)
+    if total_w <= 0:
+        raise PolicyError("domain weights must add up to more than 0")
+    normalized = []
+    for d in domains:
+        s = d.saliency.scores(layer, metric)
+        mass = sum(max(v, 0.0) for v in s)
+        normalized.append([v / mass if mass > 0 else 0.0 for v in s])
+    n = len(normalized[0])
+    if any(len(v) != n for v in normalized):
+        raise PolicyError(f"layer {layer}: the saliency files score different numbers of experts")
+    combined = [sum(d.weight / total_w * v[e] for d, v in zip(domains, normalized)) for e in range(n)]
+    return combined, normalized
+
+
+def covering_set(normalized: Sequence[float], coverage: float) -> list[int]:
+    """The fewest top-ranked experts whose share of the (positive) mass reaches ``coverage``."""
+    out: list[int] = []
+    acc = 0.0
+    for e in ranking(normalized):
+        if acc >= coverage - 1e-12 or normalized[e] <= 0:
+            break
+        out.append(e)
+        acc += normalized[e]
+    return out
+
+
+def select_layer(
+    domains: Sequence[Domain], layer: int, n: int, policy: KeepPolicy
+) -> tuple[tuple[int, ...], dict[int, tuple[str, ...]]]:
+    """Keep ``n`` experts of one layer: core, then the union of covering sets, cut or filled."""
+    combined, normalized = _combined(domains, layer, policy.rank)
+    order = ranking(combined)
+    core = order[: policy.core_top_m]
+    wanted: dict[int, list[str]] = {e: ["core"] for e in core}
+    for d, norm in zip(domains, normalized):
+        for e in covering_set(norm, policy.coverage):
+            wanted.setdefault(e, []).append(d.name)
+    rest = [e for e in order if e in wanted and e not in core]
+    kept = core + rest[: n - len(core)]
+    for e in order:
+        if len(kept) >= n:
+            break
+        if e not in wanted:
+            kept.append(e)
+            wanted[e] = ["fill"]
+    return tuple(sorted(kept)), {e: tuple(wanted[e]) for e in sorted(kept)}
+
+
+def select_keep(
+    domains: Sequence[Domain], layers: Sequence[int], num_experts: int, config_top_k: int, policy: KeepPolicy
+) -> KeepDecision:
+    """Apply ``policy`` to every layer.
+
+    Raises:
+        PolicyError: see :func:`keep_count`; for budgets, a budget the layers cannot meet.
+    """
+    if not domains:
+        raise PolicyError("no saliency given: pass --saliency FILE (one per domain) or --keep-list FILE")
+    if policy.budget is not None:
+        return _select_budget(domains, layers, num_experts, config_top_k, policy)
+    n = keep_count(policy, num_experts, config_top_k)
+    keep, reasons = {}, {}
+    for layer in layers:
+        keep[layer], reasons[layer] = select_layer(domains, layer, n, policy)
+    return KeepDecision(keep, reasons, policy.top_k or config_top_k)
+
+
+def _select_budget(
+    domains: Sequence[Domain], layers: Sequence[int], num_experts: int, config_top_k: int, policy: KeepPolicy
+) -> KeepDecision:
+    """Split ``policy.budget`` experts across layers by globally ranked, layer-normalized scores."""
+    assert policy.budget is not None
+    floor = max(policy.top_k or config_top_k, policy.core_top_m, 1)
+    lo, hi = floor * len(layers), num_experts * len(layers)
+    if not lo <= policy.budget <= hi:
+        raise PolicyError(
+            f"--budget {policy.budget} must be between {lo} ({floor} per layer: top-k/core) and "
+            f"{hi} (every expert)"
+        )
+    scored = {layer: _combined(domains, layer, policy.rank)[0] for layer in layers}
+    keep = {layer: ranking(s)[:floor] for layer, s in scored.items()}
+    pool = sorted(
+        ((s[e], layer, e) for layer, s in scored.items() for e in ranking(s)[floor:]),
+        key=lambda t: (-t[0], t[1], t[2]),
+    )
+    for _, layer, e in pool[: policy.budget - lo]:
+        keep[layer].append(e)
+    reasons = {layer: {e: ("budget",) for e in ks} for layer, ks in keep.items()}
+    return KeepDecision({k: tuple(sorted(v)) for k, v in keep.items()}, reasons, policy.top_k or config_top_k)
+
+
+def validate_keep_list(
+    keep: Mapping[int, tuple[int, ...]], config_top_k: int, new_top_k: int | None, allow_nonuniform: bool = False
+) -> KeepDecision:
+    """Check an explicit keep list: counts against top-k and, unless allowed, uniform counts."""
+    counts = {len(v) for v in keep.values()}
+    if len(counts) > 1 and not allow_nonuniform:
+        raise PolicyError(
+            f"the keep list keeps {sorted(counts)} experts in different layers; transformers' "
+            f"gpt-oss needs the same count in every layer (pass --allow-nonuniform to plan anyway)"
+        )
+    k = new_top_k or config_top_k
+    for c in counts:
+        check_top_k(c, config_top_k, new_top_k)
+    return KeepDecision(dict(keep), {layer: {e: ("keep-list",) for e in ks} for layer, ks in keep.items()}, k)

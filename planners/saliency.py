@@ -1,0 +1,203 @@
+"""Saliency files (what the profiling step writes) and explicit keep lists.
+
+Saliency file, version 1 (JSON)::
+
+    {
+      "format": "moe-rewriter-saliency",
+      "version": 1,
+      "model": {"family": "gpt_oss", "name": "openai/gpt-oss-20b",
+                "num_layers": 24, "num_experts": 32, "top_k": 4},
+      "domain": "code",
+      "tokens": 1048576,
+      "method": {"seq_len": 2048, "eaft": {"p_quantile": 0.15, "h_quantile": 0.15}},
+      "layers": {
+        "0": {"freq": [..E ints..], "reap": [..E floats..], "eaft_reap": [..E floats..]},
+        ...
+      }
+    }
+
+``freq`` is the routed-token count, ``reap`` the mean of routing weight x expert output norm over
+routed tokens, ``eaft_reap`` the correctness-weighted sum (may be negative). See docs/saliency.md.
+
+Keep list (JSON): ``{"<layer>": [expert ids to keep], ...}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from rewriter.errors import SaliencyError
+
+FORMAT = "moe-rewriter-saliency"
+VERSION = 1
+METRICS = ("freq", "reap", "eaft_reap")
+
+
+@dataclass(frozen=True)
+class Saliency:
+    """Per-layer, per-expert scores of one calibration domain."""
+
+    domain: str
+    layers: Mapping[int, Mapping[str, tuple[float, ...]]]
+    tokens: int = 0
+    model: Mapping[str, Any] = field(default_factory=dict)
+    method: Mapping[str, Any] = field(default_factory=dict)
+    source: str = ""
+    digest: str = ""
+
+    def scores(self, layer: int, metric: str) -> tuple[float, ...]:
+        if metric not in METRICS:
+            raise SaliencyError(f"unknown rank {metric!r}; choose one of {', '.join(METRICS)}")
+        try:
+            return self.layers[layer][metric]
+        except KeyError:
+            raise SaliencyError(
+                f"{self.source or 'saliency'}: layer {layer} has no {metric!r} scores"
+            ) from None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": dict(self.model),
+            "domain": self.domain,
+            "tokens": self.tokens,
+            "method": dict(self.method),
+            "layers": {str(k): {m: list(v) for m, v in d.items()} for k, d in sorted(self.layers.items())},
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+
+def _read(path: str) -> tuple[bytes, str]:
+    try:
+        with fsspec.open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise SaliencyError(f"{path}: file not found") from None
+    return raw, hashlib.sha256(raw).hexdigest()
+
+
+def load_saliency(path: str, num_experts: int | None = None, layers: Sequence[int] | None = None) -> Saliency:
+    """Load and validate a saliency file.
+
+    Args:
+        path: local path or fsspec URL.
+        num_experts: when given, every layer must score exactly this many experts.
+        layers: when given, the file must cover exactly these MoE layers.
+
+    Raises:
+        SaliencyError: wrong format/version, NaN or infinite scores, negative counts or REAP,
+            a layer or expert count that does not match the checkpoint.
+    """
+    raw, digest = _read(path)
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SaliencyError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise SaliencyError(f"{path}: not a saliency file (expected \"format\": \"{FORMAT}\")")
+    if doc.get("version") != VERSION:
+        raise SaliencyError(f"{path}: saliency version {doc.get('version')!r}; this tool reads version {VERSION}")
+    raw_layers = doc.get("layers")
+    if not isinstance(raw_layers, dict) or not raw_layers:
+        raise SaliencyError(f"{path}: expected a non-empty \"layers\" object")
+    parsed: dict[int, dict[str, tuple[float, ...]]] = {}
+    for key, metrics in raw_layers.items():
+        try:
+            layer = int(key)
+        except ValueError:
+            raise SaliencyError(f"{path}: layer key {key!r} is not an integer") from None
+        if not isinstance(metrics, dict):
+            raise SaliencyError(f"{path}: layer {layer}: expected an object of metrics")
+        parsed[layer] = {}
+        for metric, values in metrics.items():
+            if metric not in METRICS:
+                continue
+            parsed[layer][metric] = _check_values(path, layer, metric, values, num_experts)
+    if layers is not None and sorted(parsed) != sorted(layers):
+        missing = sorted(set(layers) - set(parsed))
+        extra = sorted(set(parsed) - set(layers))
+        raise SaliencyError(
+            f"{path}: saliency covers layers {_span(parsed)}, but the checkpoint's MoE layers are "
+            f"{_span(layers)} (missing {missing or 'none'}, unexpected {extra or 'none'}); "
+            f"was it profiled on another model?"
+        )
+    return Saliency(
+        domain=str(doc.get("domain") or Path(path).stem),
+        layers=parsed,
+        tokens=int(doc.get("tokens") or 0),
+        model=doc.get("model") or {},
+        method=doc.get("method") or {},
+        source=path,
+        digest=digest,
+    )
+
+
+def _span(layers: Any) -> str:
+    ls = sorted(layers)
+    return f"{len(ls)} layers [{ls[0]}..{ls[-1]}]" if ls else "no layers"
+
+
+def _check_values(path: str, layer: int, metric: str, values: Any, n: int | None) -> tuple[float, ...]:
+    if not isinstance(values, list):
+        raise SaliencyError(f"{path}: layer {layer} {metric}: expected a list of numbers")
+    if n is not None and len(values) != n:
+        raise SaliencyError(
+            f"{path}: layer {layer} {metric} scores {len(values)} experts, but the checkpoint has "
+            f"{n} experts per layer; was it profiled on another model?"
+        )
+    out = []
+    for e, v in enumerate(values):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise SaliencyError(f"{path}: layer {layer} expert {e} {metric} is {v!r}; expected a finite number")
+        if metric in ("freq", "reap") and v < 0:
+            raise SaliencyError(f"{path}: layer {layer} expert {e} {metric} is {v}; expected >= 0")
+        out.append(float(v))
+    return tuple(out)
+
+
+def load_keep_list(path: str, num_experts: int, layers: Sequence[int]) -> tuple[dict[int, tuple[int, ...]], str]:
+    """Load ``{"<layer>": [expert ids]}``; every MoE layer must be present.
+
+    Returns:
+        The keep set per layer (sorted ids) and the file's sha256.
+    """
+    raw, digest = _read(path)
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SaliencyError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise SaliencyError(f"{path}: expected an object {{\"<layer>\": [expert ids]}}")
+    keep: dict[int, tuple[int, ...]] = {}
+    for key, ids in doc.items():
+        try:
+            layer = int(key)
+        except ValueError:
+            raise SaliencyError(f"{path}: layer key {key!r} is not an integer") from None
+        if layer not in layers:
+            raise SaliencyError(f"{path}: layer {layer} is not an MoE layer of the checkpoint ({_span(layers)})")
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise SaliencyError(f"{path}: layer {layer}: expected a list of expert ids")
+        bad = [i for i in ids if not 0 <= i < num_experts]
+        if bad:
+            raise SaliencyError(f"{path}: layer {layer}: expert ids {bad} out of range 0..{num_experts - 1}")
+        if len(set(ids)) != len(ids):
+            raise SaliencyError(f"{path}: layer {layer}: duplicate expert ids")
+        if not ids:
+            raise SaliencyError(f"{path}: layer {layer}: keeps no experts")
+        keep[layer] = tuple(sorted(ids))
+    missing = sorted(set(layers) - set(keep))
+    if missing:
+        raise SaliencyError(f"{path}: no keep list for MoE layers {missing}")
+    return keep, digest

@@ -1,0 +1,408 @@
+"""The ``rewriter`` command line. Heavy modules (torch, ray) are imported inside commands."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from rewriter.errors import RewriterError
+
+MiB = 1 << 20
+
+
+def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RewriterError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+
+    return wrapper
+
+
+def _json_opt(value: str | None) -> dict[str, Any]:
+    if not value:
+        return {}
+    try:
+        d = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"not JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise click.BadParameter("expected a JSON object")
+    return d
+
+
+@click.group()
+@click.version_option(package_name="moe-rewriter")
+@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """Prune experts out of Mixture-of-Experts checkpoints by streaming byte ranges.
+
+    Typical flow: `rewriter inspect SRC`, `rewriter plan SRC --saliency S.json --keep-frac 0.5
+    --out plan.json` (prints the I/O cost), `rewriter run plan.json --out DST`, then
+    `rewriter verify SRC DST`. `rewriter prune SRC DST ...` plans and runs in one go.
+    """
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+# --- synth / inspect ---------------------------------------------------------------------------
+
+@main.command()
+@click.option("--preset", required=True, help="Geometry: 20b, 120b, tiny, tiny-bf16, small.")
+@click.option("--layers", type=int, default=None, help="Keep the preset's per-layer geometry with N layers.")
+@click.option("--sparse", is_flag=True, help="Real headers over holes: full geometry at no disk cost.")
+@click.argument("out", type=click.Path(file_okay=False))
+@_fail_cleanly
+def synth(preset: str, layers: int | None, sparse: bool, out: str) -> None:
+    """Write a synthetic gpt-oss checkpoint to OUT."""
+    from bench_io.synth import preset as get_preset
+    from bench_io.synth import write_checkpoint
+
+    try:
+        g = get_preset(preset, layers)
+    except KeyError as e:
+        raise click.BadParameter(str(e.args[0]), param_hint="--preset") from None
+    index = write_checkpoint(out, g, sparse=sparse)
+    shards = len(set(index["weight_map"].values()))
+    click.echo(f"wrote {out}: {g.num_layers} layers x {g.num_experts} experts, {shards} shards, "
+               f"total_size {index['metadata']['total_size']:,}{' (sparse)' if sparse else ''}")
+
+
+@main.command("synth-saliency")
+@click.argument("ckpt")
+@click.option("--out", required=True, help="Saliency file to write.")
+@click.option("--domain", default="synthetic", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@_fail_cleanly
+def synth_saliency(ckpt: str, out: str, domain: str, seed: int) -> None:
+    """Write plausible random saliency for CKPT (for trying the planner without a GPU)."""
+    from bench_io.synth import synthetic_saliency
+    from rewriter.checkpoint import Checkpoint
+
+    c = Checkpoint.open(ckpt)
+    lay = c.layout
+    s = synthetic_saliency(len(lay.moe_layers(c)), lay.num_experts(c.config), lay.top_k(c.config), domain, seed)
+    s.save(out)
+    click.echo(f"wrote {out}: domain {domain}, {len(s.layers)} layers")
+
+
+@main.command()
+@click.argument("ckpt")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--storage-options", default=None, help="fsspec options as JSON (endpoint_url, key…).")
+@_fail_cleanly
+def inspect(ckpt: str, as_json: bool, storage_options: str | None) -> None:
+    """Describe checkpoint CKPT from its headers alone: family, experts, bytes, shard locality."""
+    from rewriter.inspect import describe, format_description
+
+    info = describe(ckpt, _json_opt(storage_options))
+    click.echo(json.dumps(info, indent=1) if as_json else format_description(info))
+
+
+# --- planning -----------------------------------------------------------------------------------
+
+def policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--saliency", "saliency", multiple=True, help="Saliency file (repeat: one per domain)."),
+        click.option("--weight", "weights", multiple=True, help="Domain weight DOMAIN=W for the union (default 1)."),
+        click.option("--keep-list", default=None, help='JSON {"<layer>": [expert ids]} instead of saliency.'),
+        click.option("--rank", type=click.Choice(["freq", "reap", "eaft_reap"]), default="reap", show_default=True,
+                     help="Saliency metric to rank experts by."),
+        click.option("--keep-frac", type=float, default=None, help="Share of experts kept per layer."),
+        click.option("--keep-n", type=int, default=None, help="Experts kept per layer."),
+        click.option("--keep-multiple", type=int, default=1, show_default=True,
+                     help="Round the kept count up to a multiple of M."),
+        click.option("--core-top-m", type=int, default=0, show_default=True,
+                     help="Always keep each layer's M highest-ranked experts."),
+        click.option("--coverage", type=float, default=0.9, show_default=True,
+                     help="Share of each domain's saliency mass its experts must cover (union)."),
+        click.option("--top-k", type=int, default=None, help="New routing top-k (default: unchanged)."),
+        click.option("--budget", type=int, default=None,
+                     help="Total experts over all layers: a non-uniform plan (not loadable by stock transformers)."),
+        click.option("--allow-nonuniform", is_flag=True, help="Accept plans with different counts per layer."),
+        click.option("--max-shard-size", default="5GB", show_default=True, help="Output shard size limit."),
+        click.option("--storage-options", default=None, help="fsspec options for SRC as JSON."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _parse_size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    try:
+        return int(float(num) * units[t[len(num):]])
+    except (KeyError, ValueError):
+        raise click.BadParameter(f"{text!r} is not a size like 5GB or 500MiB") from None
+
+
+def make_plan(src: str, *, layers_only: list[int] | None = None, **kw: Any):
+    """Open SRC, choose keep sets from saliency or a keep list, and build the plan."""
+    from planners.plan import build_plan
+    from planners.policies import Domain, KeepPolicy, select_keep, validate_keep_list
+    from planners.saliency import load_keep_list, load_saliency
+    from rewriter.checkpoint import Checkpoint
+
+    ckpt = Checkpoint.open(src, _json_opt(kw.get("storage_options")))
+    layout = ckpt.layout
+    moe = sorted(layout.moe_layers(ckpt))
+    n_exp, top_k = layout.num_experts(ckpt.config), layout.top_k(ckpt.config)
+    policy = KeepPolicy(rank=kw["rank"], keep_n=kw["keep_n"], keep_frac=kw["keep_frac"],
+                        keep_multiple=kw["keep_multiple"], core_top_m=kw["core_top_m"],
+                        coverage=kw["coverage"], top_k=kw["top_k"], budget=kw["budget"])
+    if kw["keep_list"] and kw["saliency"]:
+        raise click.UsageError("give --saliency or --keep-list, not both")
+    if kw["keep_list"]:
+        keep, digest = load_keep_list(kw["keep_list"], n_exp, moe)
+        decision = validate_keep_list(keep, top_k, kw["top_k"], kw["allow_nonuniform"])
+        prov = {"keep_list": {"path": kw["keep_list"], "sha256": digest}, "policy": {"top_k": kw["top_k"]}}
+    else:
+        weights = {}
+        for w in kw["weights"]:
+            name, _, val = w.partition("=")
+            try:
+                weights[name] = float(val)
+            except ValueError:
+                raise click.BadParameter(f"{w!r}: expected DOMAIN=WEIGHT", param_hint="--weight") from None
+        sal = [load_saliency(p, n_exp, moe) for p in kw["saliency"]]
+        unknown = set(weights) - {s.domain for s in sal}
+        if unknown:
+            raise click.BadParameter(f"no saliency file has domain {sorted(unknown)}", param_hint="--weight")
+        domains = [Domain(s, weights.get(s.domain, 1.0)) for s in sal]
+        decision = select_keep(domains, moe, n_exp, top_k, policy)
+        if not decision.uniform and not kw["allow_nonuniform"] and policy.budget is None:
+            raise click.UsageError("non-uniform keep counts need --allow-nonuniform")
+        prov = {
+            "saliency": [{"path": s.source, "sha256": s.digest, "domain": s.domain, "weight": d.weight,
+                          "tokens": s.tokens} for s, d in zip(sal, domains)],
+            "policy": policy.to_json(),
+        }
+    return build_plan(ckpt, decision, max_shard_bytes=_parse_size(kw["max_shard_size"]),
+                      layers_only=layers_only, provenance=prov)
+
+
+def cost_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--workers", type=int, default=1, show_default=True, help="Workers for the time estimate."),
+        click.option("--read-mbps", type=float, default=None, help="Per-worker read bandwidth, MB/s (default 1000)."),
+        click.option("--write-mbps", type=float, default=None, help="Per-worker write bandwidth, MB/s (default 1000)."),
+        click.option("--measure-bandwidth", default=None, metavar="DIR",
+                     help="Measure read/write bandwidth of the disk holding DIR first."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+@main.command()
+@click.argument("src")
+@policy_options
+@cost_options
+@click.option("--layers", default=None, help="Comma-separated layers: a per-layer dry-run plan of their expert tensors.")
+@click.option("--buffer-mib", type=int, default=16, show_default=True, help="Executor buffer (for request counts).")
+@click.option("--out", "out", default=None, help="Write the plan JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the cost report as JSON.")
+@_fail_cleanly
+def plan(src: str, layers: str | None, buffer_mib: int, out: str | None, as_json: bool,
+         workers: int, read_mbps: float | None, write_mbps: float | None, measure_bandwidth: str | None,
+         **kw: Any) -> None:
+    """Plan the pruning of SRC and print its I/O cost (nothing is written but --out)."""
+    from planners.cost import estimate, format_report
+
+    layers_only = [int(x) for x in layers.split(",")] if layers else None
+    p = make_plan(src, layers_only=layers_only, **kw)
+    if out:
+        p.save(out)
+    read_bw, write_bw = _bandwidths(read_mbps, write_mbps, measure_bandwidth)
+    report = estimate(p, workers=workers, read_bytes_per_s=read_bw, write_bytes_per_s=write_bw,
+                      buffer_bytes=buffer_mib * MiB)
+    if as_json:
+        click.echo(json.dumps({"plan": out, "plan_digest": p.digest, "cost": report.to_json()}, indent=1))
+    else:
+        click.echo(format_report(report))
+        if out:
+            click.echo(f"plan:       {out} ({p.digest[:12]})")
+
+
+def _bandwidths(read_mbps: float | None, write_mbps: float | None, measure_dir: str | None) -> tuple[float, float]:
+    read_bw, write_bw = 1e9, 1e9
+    if measure_dir:
+        from rewriter.probe import measure_disk
+
+        read_bw, write_bw = measure_disk(measure_dir)
+    if read_mbps:
+        read_bw = read_mbps * 1e6
+    if write_mbps:
+        write_bw = write_mbps * 1e6
+    return read_bw, write_bw
+
+
+# --- execution ----------------------------------------------------------------------------------
+
+def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--buffer-mib", type=int, default=16, show_default=True,
+                     help="Copy buffer in MiB; bounds the data path's memory."),
+        click.option("--force", is_flag=True, help="Overwrite a destination holding other output."),
+        click.option("--no-zero-copy", is_flag=True, help="Never use copy_file_range (always buffered)."),
+        click.option("--drop-cache", is_flag=True, help="Drop written pages from the page cache."),
+        click.option("--dst-options", default=None, help="fsspec options for DST as JSON."),
+        click.option("--ray", "use_ray", is_flag=True, help="Run on Ray CPU actors (pip install '.[ray]')."),
+        click.option("--address", default=None, help="Ray cluster address (default: start a local one)."),
+        click.option("--workers", "ray_workers", type=int, default=2, show_default=True, help="Ray actors."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+        click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bool, drop_cache: bool,
+             dst_options: str | None, use_ray: bool, address: str | None, ray_workers: int, quiet: bool,
+             as_json: bool, allow_nonuniform: bool, src_options: dict[str, Any]) -> None:
+    from planners.cost import human_bytes
+    from rewriter.executor import execute
+    from rewriter.progress import ByteProgress
+
+    bar = ByteProgress(enabled=not quiet and not as_json)
+    kwargs: dict[str, Any] = dict(
+        src_options=src_options, dst_options=_json_opt(dst_options), buffer_bytes=buffer_mib * MiB,
+        progress=bar, force=force, allow_nonuniform=allow_nonuniform, zero_copy=not no_zero_copy,
+        drop_cache=drop_cache, on_start=bar.start,
+    )
+    if use_ray:
+        from ray_jobs.executor import execute_on_ray
+
+        result = execute_on_ray(p, dst, address=address, workers=ray_workers, **kwargs)
+    else:
+        result = execute(p, dst, **kwargs)
+    bar.close()
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=1))
+    elif result.already_complete:
+        click.echo(f"{dst} already holds the complete output of this plan; nothing to do")
+    else:
+        resumed = sum(1 for s in result.shards if s.resumed)
+        rate = result.bytes_written / result.seconds if result.seconds else 0
+        click.echo(f"wrote {dst}: {len(result.shards)} shards ({resumed} resumed), "
+                   f"{human_bytes(result.bytes_written)} written, {human_bytes(result.bytes_read)} read, "
+                   f"{result.seconds:.2f} s ({human_bytes(rate)}/s), peak RSS {human_bytes(result.peak_rss_bytes)}")
+
+
+@main.command()
+@click.argument("plan_file", metavar="PLAN")
+@click.option("--out", "dst", required=True, help="Destination directory or URL.")
+@click.option("--allow-nonuniform", is_flag=True, help="Execute a plan stock transformers cannot load.")
+@click.option("--src-options", default=None, help="fsspec options for the source as JSON.")
+@run_options
+@_fail_cleanly
+def run(plan_file: str, dst: str, allow_nonuniform: bool, src_options: str | None, **kw: Any) -> None:
+    """Execute PLAN into --out: stream the kept byte ranges, publish atomically, index last.
+
+    Re-running the same command after an interruption resumes it.
+    """
+    from planners.plan import Plan
+
+    p = Plan.load(plan_file)
+    if p.is_dry_run:
+        raise click.UsageError("this is a per-layer plan; execute it with `rewriter dry-run`")
+    _execute(p, dst, allow_nonuniform=allow_nonuniform, src_options=_json_opt(src_options), **kw)
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst")
+@policy_options
+@click.option("--plan-out", default=None, help="Also save the plan here.")
+@run_options
+@_fail_cleanly
+def prune(src: str, dst: str, plan_out: str | None, **kw: Any) -> None:
+    """Plan and run in one command: prune SRC into DST."""
+    run_keys = ("buffer_mib", "force", "no_zero_copy", "drop_cache", "dst_options", "use_ray", "address",
+                "ray_workers", "quiet", "as_json")
+    run_kw = {k: kw.pop(k) for k in run_keys}
+    p = make_plan(src, **kw)
+    if plan_out:
+        p.save(plan_out)
+    _execute(p, dst, allow_nonuniform=kw["allow_nonuniform"], src_options=_json_opt(kw["storage_options"]), **run_kw)
+
+
+@main.command()
+@click.argument("src", required=False)
+@click.argument("dst")
+@click.option("--buffer-mib", type=int, default=16, show_default=True)
+@click.option("--src-options", default=None, help="fsspec options for SRC as JSON.")
+@click.option("--dst-options", default=None, help="fsspec options for DST as JSON.")
+@click.option("--json", "as_json", is_flag=True)
+@_fail_cleanly
+def verify(src: str | None, dst: str, buffer_mib: int, src_options: str | None, dst_options: str | None,
+           as_json: bool) -> None:
+    """Prove DST: every byte of every output tensor equals its planned slice of SRC.
+
+    SRC defaults to the source recorded in DST/pruning.json. Exits 1 on any mismatch.
+    """
+    from planners.cost import human_bytes
+    from rewriter.verify import verify as do_verify
+
+    report = do_verify(src, dst, src_options=_json_opt(src_options), dst_options=_json_opt(dst_options),
+                       buffer_bytes=buffer_mib * MiB)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=1))
+    else:
+        click.echo(f"verified {report.tensors_checked} tensors, {human_bytes(report.bytes_checked)} of {report.dst} "
+                   f"against {report.src}")
+        for p in report.problems:
+            click.echo(f"problem:  {p}")
+        for m in report.mismatches[:20]:
+            click.echo(f"mismatch: {m}")
+        click.echo(f"mismatches: {len(report.mismatches)}, problems: {len(report.problems)} -> "
+                   f"{'OK' if report.ok else 'FAILED'}")
+    sys.exit(0 if report.ok else 1)
+
+
+@main.command("dry-run")
+@click.argument("src")
+@click.option("--layer", "layer_ids", type=int, multiple=True, required=True, help="Layer to probe (repeat).")
+@policy_options
+@click.option("--scratch", default=None, help="Scratch directory (default: a temporary one).")
+@click.option("--buffer-mib", type=int, default=16, show_default=True)
+@click.option("--no-zero-copy", is_flag=True, help="Probe the buffered path instead of copy_file_range.")
+@click.option("--json", "as_json", is_flag=True)
+@_fail_cleanly
+def dry_run_cmd(src: str, layer_ids: tuple[int, ...], scratch: str | None, buffer_mib: int, no_zero_copy: bool,
+                as_json: bool, **kw: Any) -> None:
+    """Rewrite only the given layers' expert tensors and report time, bytes and peak RSS per layer."""
+    from planners.cost import human_bytes
+    from rewriter.dryrun import dry_run
+
+    p = make_plan(src, layers_only=list(layer_ids), **kw)
+    probes = dry_run(p, scratch=scratch, buffer_bytes=buffer_mib * MiB, zero_copy=not no_zero_copy,
+                     src_options=_json_opt(kw["storage_options"]))
+    if as_json:
+        click.echo(json.dumps([pr.to_json() for pr in probes], indent=1))
+        return
+    rows = [("layer", "source shards", "read", "written", "seconds", "MB/s", "copy s", "read s", "write s", "peak RSS")]
+    for pr in probes:
+        rows.append((str(pr.layer), ",".join(pr.source_shards), human_bytes(pr.bytes_read), human_bytes(pr.bytes_written),
+                     f"{pr.seconds:.3f}", f"{pr.bytes_written / pr.seconds / 1e6:.0f}" if pr.seconds else "-",
+                     f"{pr.copy_seconds:.3f}", f"{pr.read_seconds:.3f}", f"{pr.write_seconds:.3f}",
+                     human_bytes(pr.peak_rss_bytes)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+if __name__ == "__main__":
+    main()

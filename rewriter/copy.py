@@ -1,0 +1,303 @@
+"""Moving byte ranges from source shards to an output file with bounded memory.
+
+Two paths:
+
+* **zero-copy** (source and destination local): ``os.copy_file_range`` in a loop; the data never
+  enters this process. A kernel that refuses (EXDEV, EOPNOTSUPP, ENOSYS, EINVAL) switches the
+  rest of the run to the buffered path.
+* **buffered** (anything else): ranged reads of at most ``buffer_bytes`` into one reused
+  buffer, written sequentially.
+
+Output files are hashed (sha256) as they are written; on the zero-copy path a trailing thread
+re-reads what was just written from the page cache, so hashing overlaps copying.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from rewriter.errors import CheckpointError, ExecutionError
+from rewriter.storage import Storage
+
+Progress = Callable[[int], None]
+_ZERO_COPY_REFUSALS = {errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF}
+_COPY_CHUNK = 64 << 20
+
+
+@dataclass
+class CopyStats:
+    bytes_read: int = 0
+    bytes_written: int = 0
+    read_seconds: float = 0.0
+    write_seconds: float = 0.0
+    copy_seconds: float = 0.0
+    zero_copy_bytes: int = 0
+
+
+def disk_full(err: OSError, where: str) -> ExecutionError:
+    return ExecutionError(
+        f"{where}: no space left on the destination ({err.strerror}); nothing was published: "
+        f"free space and run the same command again to resume"
+    )
+
+
+class TrailingHasher:
+    """sha256 of a file being written, computed by a thread that follows the writer."""
+
+    def __init__(self, path: str, buffer_bytes: int):
+        self._fd = os.open(path, os.O_RDONLY)
+        self._buf = bytearray(min(buffer_bytes, 8 << 20))
+        self._h = hashlib.sha256()
+        self._done = 0
+        self._target = 0
+        self._closed = False
+        self._cv = threading.Condition()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="trailing-hasher", daemon=True)
+        self._thread.start()
+
+    def advance(self, upto: int) -> None:
+        with self._cv:
+            self._target = upto
+            self._cv.notify()
+
+    def _run(self) -> None:
+        view = memoryview(self._buf)
+        try:
+            while True:
+                with self._cv:
+                    while self._done >= self._target and not self._closed:
+                        self._cv.wait()
+                    target, closed = self._target, self._closed
+                if self._done >= target and closed:
+                    return
+                while self._done < target:
+                    n = os.preadv(self._fd, [view[: min(len(view), target - self._done)]], self._done)
+                    if n <= 0:
+                        raise OSError(errno.EIO, "output file shorter than written")
+                    self._h.update(view[:n])
+                    self._done += n
+        except BaseException as e:  # surfaced by finish()
+            self._error = e
+
+    def finish(self) -> str:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join()
+        os.close(self._fd)
+        if self._error:
+            raise self._error
+        return self._h.hexdigest()
+
+    def abort(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._target = self._done
+            self._cv.notify()
+        self._thread.join()
+        os.close(self._fd)
+
+
+class LocalOutput:
+    """An output file written under a temporary name and renamed into place when complete."""
+
+    zero_copy_capable = True
+
+    def __init__(self, dst: Storage, name: str, tmp_dir: str, buffer_bytes: int, hash_trailing: bool):
+        self.final = dst.local_path(name)
+        os.makedirs(tmp_dir, exist_ok=True)
+        self.tmp = os.path.join(tmp_dir, f"{os.path.basename(name)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.pos = 0
+        self._hasher = TrailingHasher(self.tmp, buffer_bytes) if hash_trailing else None
+        self._inline = None if hash_trailing else hashlib.sha256()
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise disk_full(e, self.final) from None
+                raise
+            if self._inline is not None:
+                self._inline.update(view[:n])
+            view = view[n:]
+            self.pos += n
+        if self._hasher:
+            self._hasher.advance(self.pos)
+
+    def copied(self, n: int) -> None:
+        """``n`` bytes were appended by the kernel (copy_file_range)."""
+        self.pos += n
+        if self._hasher:
+            self._hasher.advance(self.pos)
+        else:
+            raise AssertionError("zero-copy writes need the trailing hasher")
+
+    def commit(self, drop_cache: bool = False) -> str:
+        digest = self._hasher.finish() if self._hasher else self._inline.hexdigest()  # type: ignore[union-attr]
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise disk_full(e, self.final) from None
+            raise
+        if drop_cache and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(self.fd)
+        os.replace(self.tmp, self.final)
+        fsync_dir(os.path.dirname(self.final))
+        return digest
+
+    def abort(self) -> None:
+        if self._hasher:
+            self._hasher.abort()
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+
+
+class RemoteOutput:
+    """An output object written straight to its final name through fsspec.
+
+    Object stores publish an object only when its (multipart) upload completes, so a shard is
+    whole or absent; on failure the upload is discarded.
+    """
+
+    zero_copy_capable = False
+
+    def __init__(self, dst: Storage, name: str, block_bytes: int):
+        self.dst = dst
+        self.name = name
+        kwargs: dict[str, Any] = {}
+        if "s3" in (dst.fs.protocol if isinstance(dst.fs.protocol, tuple) else (dst.fs.protocol,)):
+            kwargs["block_size"] = max(block_bytes, 5 << 20)
+        self.f: BinaryIO = dst.fs.open(dst.path(name), "wb", **kwargs)
+        self.pos = 0
+        self._h = hashlib.sha256()
+
+    def write(self, data: bytes | memoryview) -> None:
+        try:
+            self.f.write(data)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise disk_full(e, self.dst.describe(self.name)) from None
+            raise
+        self._h.update(data)
+        self.pos += len(data)
+
+    def copied(self, n: int) -> None:
+        raise AssertionError("remote outputs have no zero-copy path")
+
+    def commit(self, drop_cache: bool = False) -> str:
+        self.f.close()
+        return self._h.hexdigest()
+
+    def abort(self) -> None:
+        discard = getattr(self.f, "discard", None)
+        try:
+            if discard is not None:
+                discard()
+            else:
+                self.f.close()
+                self.dst.fs.rm(self.dst.path(self.name))
+        except Exception:  # best effort: the object was never completed
+            pass
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class RangeCopier:
+    """Copies source byte ranges into an output, choosing zero-copy when both ends are local."""
+
+    def __init__(self, src: Storage, buffer_bytes: int, stats: CopyStats, progress: Progress | None, zero_copy: bool = True):
+        self.src = src
+        self.buffer = bytearray(buffer_bytes)
+        self.stats = stats
+        self.progress = progress
+        self.zero_copy = zero_copy and src.is_local
+
+    def close(self) -> None:
+        self.src.close()
+
+    def copy(self, shard: str, offset: int, length: int, out: LocalOutput | RemoteOutput) -> None:
+        done = 0
+        if self.zero_copy and out.zero_copy_capable:
+            done = self._copy_kernel(shard, offset, length, out)
+        if done < length:
+            self._copy_buffered(shard, offset + done, length - done, out)
+
+    def _short(self, shard: str, offset: int) -> ExecutionError:
+        return ExecutionError(
+            f"{self.src.describe(shard)}: source ended at byte {offset:,}, before the planned range; "
+            f"the shard is truncated or changed since planning"
+        )
+
+    def _copy_kernel(self, shard: str, offset: int, length: int, out: LocalOutput | RemoteOutput) -> int:
+        assert isinstance(out, LocalOutput)
+        fd = self.src.fd(shard)
+        done = 0
+        while done < length:
+            t = time.perf_counter()
+            try:
+                n = os.copy_file_range(fd, out.fd, min(_COPY_CHUNK, length - done), offset + done)
+            except OSError as e:
+                if e.errno in _ZERO_COPY_REFUSALS:
+                    self.zero_copy = False
+                    return done
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise disk_full(e, out.final) from None
+                raise
+            self.stats.copy_seconds += time.perf_counter() - t
+            if n == 0:
+                raise self._short(shard, offset + done)
+            done += n
+            out.copied(n)
+            self.stats.bytes_read += n
+            self.stats.bytes_written += n
+            self.stats.zero_copy_bytes += n
+            self.src.counter.add(n)
+            if self.progress:
+                self.progress(n)
+        return done
+
+    def _copy_buffered(self, shard: str, offset: int, length: int, out: LocalOutput | RemoteOutput) -> None:
+        chunks = self.src.iter_range(shard, offset, offset + length, self.buffer)
+        while True:
+            t = time.perf_counter()
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                return
+            except CheckpointError as e:
+                raise ExecutionError(str(e)) from None
+            t2 = time.perf_counter()
+            self.stats.read_seconds += t2 - t
+            out.write(chunk)
+            self.stats.write_seconds += time.perf_counter() - t2
+            self.stats.bytes_read += len(chunk)
+            self.stats.bytes_written += len(chunk)
+            if self.progress:
+                self.progress(len(chunk))

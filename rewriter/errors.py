@@ -1,0 +1,43 @@
+"""The project's errors.
+
+Every error names the file or tensor concerned, says what was expected and what was found, and,
+where there is one, what to do. The CLI prints ``str(error)`` and exits with ``exit_code``.
+"""
+
+from __future__ import annotations
+
+
+class RewriterError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+    exit_code = 2
+
+
+class FormatError(RewriterError):
+    """A safetensors file breaks a rule of the format (header, dtypes, offsets, size)."""
+
+
+class CheckpointError(RewriterError):
+    """A checkpoint is inconsistent: index, shards, config, or files that are missing."""
+
+
+class SaliencyError(RewriterError):
+    """A saliency file or keep list is malformed or does not fit the checkpoint."""
+
+
+class PolicyError(RewriterError):
+    """A keep policy cannot be satisfied (impossible keep count, top-k, multiples)."""
+
+
+class PlanError(RewriterError):
+    """A plan is malformed, of an unknown version, or does not match its source."""
+
+
+class ExecutionError(RewriterError):
+    """A rewrite could not be carried out (destination, disk space, short source)."""
+
+
+class VerificationError(RewriterError):
+    """Output bytes differ from their planned source slices."""
+
+    exit_code = 1

@@ -1,0 +1,73 @@
+"""``rewriter inspect``: what a checkpoint holds, from its headers alone."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from rewriter.checkpoint import Checkpoint
+
+
+def describe(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Family, geometry, bytes per expert and per-layer shard locality of the checkpoint at ``url``.
+
+    Reads the config, the index and each shard's header; no tensor data.
+    """
+    ckpt = Checkpoint.open(url, storage_options)
+    layout = ckpt.layout
+    moe = layout.moe_layers(ckpt)
+    n = layout.num_experts(ckpt.config)
+    layers = []
+    for idx, layer in moe.items():
+        infos = [ckpt.tensors[t.name] for t in layer.tensors]
+        expert_bytes = sum(i.nbytes for i in infos)
+        layers.append({
+            "layer": idx,
+            "shards": sorted({i.shard for i in infos}),
+            "expert_bytes": expert_bytes,
+            "bytes_per_expert": expert_bytes // n,
+        })
+    per_expert = sorted({entry["bytes_per_expert"] for entry in layers})
+    return {
+        "url": ckpt.url,
+        "family": layout.family,
+        "model_type": ckpt.model_type,
+        "num_layers": ckpt.config.get("num_hidden_layers"),
+        "moe_layers": len(moe),
+        "experts_per_layer": n,
+        "top_k": layout.top_k(ckpt.config),
+        "bytes_per_expert": per_expert[0] if len(per_expert) == 1 else per_expert,
+        "total_size": ckpt.total_size,
+        "expert_bytes": sum(entry["expert_bytes"] for entry in layers),
+        "shards": {name: s.size for name, s in ckpt.shards.items()},
+        "tensors": len(ckpt.tensors),
+        "other_files": ckpt.files,
+        "layers": layers,
+        "bytes_read": ckpt.storage.counter.bytes,
+        "requests": ckpt.storage.counter.requests,
+    }
+
+
+def format_description(info: Mapping[str, Any]) -> str:
+    from planners.cost import _shard_label, human_bytes
+
+    lines = [
+        f"checkpoint:        {info['url']}",
+        f"family:            {info['family']} (model_type {info['model_type']})",
+        f"layers:            {info['num_layers']} ({info['moe_layers']} MoE)",
+        f"experts per layer: {info['experts_per_layer']}, top-k {info['top_k']}",
+        f"bytes per expert:  {info['bytes_per_expert']:,} per layer" if isinstance(info['bytes_per_expert'], int)
+        else f"bytes per expert:  {info['bytes_per_expert']}",
+        f"tensor data:       {human_bytes(info['total_size'])} ({info['total_size']:,} B), "
+        f"experts {human_bytes(info['expert_bytes'])}",
+        f"shards:            {len(info['shards'])}, {info['tensors']} tensors",
+        f"other files:       {', '.join(info['other_files']) or '-'}",
+        "",
+        "layer  expert bytes  MoE tensors in shards",
+    ]
+    for entry in info["layers"]:
+        shards = ",".join(_shard_label(s) for s in entry["shards"])
+        lines.append(f"{entry['layer']:>5}  {human_bytes(entry['expert_bytes']):>12}  {shards}")
+    lines.append("")
+    lines.append(f"read {info['bytes_read']:,} bytes in {info['requests']} requests (headers, index, config)")
+    return "\n".join(lines)
