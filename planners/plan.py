@@ -390,10 +390,10 @@ def build_plan(
     config = {**ckpt.config, **patch}
     copy_files, skipped = [], []
     for f in ckpt.files:
-        if f == CONFIG_NAME or f == INDEX_NAME or f.endswith(".safetensors"):
-            continue
         if f.startswith(SKIPPED_DIRS) or f.split("/")[0].startswith("."):
             skipped.append(f)
+        elif f == CONFIG_NAME or f == INDEX_NAME or f.endswith(".safetensors"):
+            continue
         else:
             copy_files.append(f)
     prov = {

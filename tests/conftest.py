@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from bench_io.synth import PRESETS, synthetic_saliency, write_checkpoint
+from rewriter.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+REFERENCE = REPO.parent / "shared" / "reference"
+
+
+def cli(*args: str, expect: int = 0) -> str:
+    """Run the CLI in-process; assert the exit code; return stdout+stderr."""
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == expect, f"exit {result.exit_code}, expected {expect}:\n{result.output}"
+    return result.output
+
+
+def tree_digest(root: Path, skip_hidden: bool = True) -> dict[str, str]:
+    """sha256 of every file under root (relative names)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and not (skip_hidden and rel.startswith(".")):
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def python_cmd() -> list[str]:
+    return [sys.executable]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    """The tiny MXFP4 preset: 2 layers x 8 experts, 3 shards. Read-only for tests."""
+    d = tmp_path_factory.mktemp("tiny") / "ckpt"
+    write_checkpoint(d, PRESETS["tiny"])
+    (d / "tokenizer.json").write_text('{"version": "1.0"}\n')
+    (d / "original").mkdir()
+    (d / "original" / "model.safetensors").write_bytes(b"not part of the output")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_saliency(tmp_path_factory, tiny) -> Path:
+    p = tmp_path_factory.mktemp("sal") / "saliency.json"
+    synthetic_saliency(2, 8, 2, domain="code", seed=1).save(p)
+    return p
+
+
+@pytest.fixture
+def fresh_tiny(tmp_path) -> Path:
+    """A tiny checkpoint the test may damage."""
+    d = tmp_path / "src"
+    write_checkpoint(d, PRESETS["tiny"])
+    return d
+
+
+def source_digest(d: Path) -> dict[str, str]:
+    return tree_digest(d, skip_hidden=False)
+
+
+@pytest.fixture
+def env_no_proxy(monkeypatch):
+    for k in list(os.environ):
+        if k.lower().endswith("_proxy"):
+            monkeypatch.delenv(k)
