@@ -164,7 +164,9 @@ def put_bytes(dst: Storage, name: str, data: bytes) -> None:
         return
     final = dst.local_path(name)
     os.makedirs(os.path.dirname(final), exist_ok=True)
-    tmp = final + f".{os.getpid()}.tmp"
+    tmp_dir = dst.local_path(f"{STATE_DIR}/tmp")
+    os.makedirs(tmp_dir, exist_ok=True)
+    tmp = os.path.join(tmp_dir, f"{os.path.basename(name)}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
