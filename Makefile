@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/rewriter inspect $(DEMO)/src
 	$(BIN)/rewriter synth-saliency $(DEMO)/src --out $(DEMO)/saliency.json --domain demo
 	$(BIN)/rewriter plan $(DEMO)/src --saliency $(DEMO)/saliency.json --rank reap --keep-frac 0.5 \
-		--keep-multiple 4 --out $(DEMO)/plan.json
+		--keep-multiple 4 --max-shard-size 16MB --out $(DEMO)/plan.json
 	$(BIN)/rewriter dry-run $(DEMO)/src --layer 0 --layer 2 --saliency $(DEMO)/saliency.json --keep-frac 0.5
 	$(BIN)/rewriter run $(DEMO)/plan.json --out $(DEMO)/pruned
 	$(BIN)/rewriter verify $(DEMO)/src $(DEMO)/pruned

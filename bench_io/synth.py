@@ -58,7 +58,7 @@ PRESETS: dict[str, Geometry] = {
     "tiny": Geometry(2, 8, 2, 64, 64, 256, 4, 2, 16, 90_000),
     "tiny-bf16": Geometry(2, 8, 2, 64, 64, 256, 4, 2, 16, 200_000, quant="bf16"),
     # Benchmarks: a few MB per layer, many experts.
-    "small": Geometry(4, 32, 4, 512, 512, 4096, 8, 2, 64, 64_000_000),
+    "small": Geometry(4, 32, 4, 512, 512, 4096, 8, 2, 64, 20_000_000),
 }
 
 

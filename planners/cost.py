@@ -129,7 +129,7 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} TiB"
 
 
-def _shard_label(name: str) -> str:
+def shard_label(name: str) -> str:
     """``model-00003-of-00014.safetensors`` -> ``3``; other names unchanged."""
     parts = name.split("-")
     if len(parts) == 4 and parts[0] == "model" and parts[1].isdigit():
@@ -143,11 +143,11 @@ def format_report(r: CostReport) -> str:
     for lc in r.layers:
         rows.append((
             "other" if lc.layer is None else str(lc.layer),
-            ",".join(_shard_label(s) for s in lc.source_shards),
+            ",".join(shard_label(s) for s in lc.source_shards),
             human_bytes(lc.bytes_read),
             human_bytes(lc.bytes_written),
             str(lc.segments),
-            ",".join(_shard_label(s) for s in lc.output_shards),
+            ",".join(shard_label(s) for s in lc.output_shards),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) if i in (2, 3, 4) else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in rows]

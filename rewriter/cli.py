@@ -384,7 +384,7 @@ def verify(src: str | None, dst: str, buffer_mib: int, src_options: str | None, 
 def dry_run_cmd(src: str, layer_ids: tuple[int, ...], scratch: str | None, buffer_mib: int, no_zero_copy: bool,
                 as_json: bool, **kw: Any) -> None:
     """Rewrite only the given layers' expert tensors and report time, bytes and peak RSS per layer."""
-    from planners.cost import human_bytes
+    from planners.cost import human_bytes, shard_label
     from rewriter.dryrun import dry_run
 
     p = make_plan(src, layers_only=list(layer_ids), **kw)
@@ -395,7 +395,7 @@ def dry_run_cmd(src: str, layer_ids: tuple[int, ...], scratch: str | None, buffe
         return
     rows = [("layer", "source shards", "read", "written", "seconds", "MB/s", "copy s", "read s", "write s", "peak RSS")]
     for pr in probes:
-        rows.append((str(pr.layer), ",".join(pr.source_shards), human_bytes(pr.bytes_read), human_bytes(pr.bytes_written),
+        rows.append((str(pr.layer), ",".join(shard_label(s) for s in pr.source_shards), human_bytes(pr.bytes_read), human_bytes(pr.bytes_written),
                      f"{pr.seconds:.3f}", f"{pr.bytes_written / pr.seconds / 1e6:.0f}" if pr.seconds else "-",
                      f"{pr.copy_seconds:.3f}", f"{pr.read_seconds:.3f}", f"{pr.write_seconds:.3f}",
                      human_bytes(pr.peak_rss_bytes)))

@@ -49,7 +49,7 @@ def describe(url: str, storage_options: Mapping[str, Any] | None = None) -> dict
 
 
 def format_description(info: Mapping[str, Any]) -> str:
-    from planners.cost import _shard_label, human_bytes
+    from planners.cost import human_bytes, shard_label
 
     lines = [
         f"checkpoint:        {info['url']}",
@@ -66,7 +66,7 @@ def format_description(info: Mapping[str, Any]) -> str:
         "layer  expert bytes  MoE tensors in shards",
     ]
     for entry in info["layers"]:
-        shards = ",".join(_shard_label(s) for s in entry["shards"])
+        shards = ",".join(shard_label(s) for s in entry["shards"])
         lines.append(f"{entry['layer']:>5}  {human_bytes(entry['expert_bytes']):>12}  {shards}")
     lines.append("")
     lines.append(f"read {info['bytes_read']:,} bytes in {info['requests']} requests (headers, index, config)")
