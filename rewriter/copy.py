@@ -125,7 +125,7 @@ class LocalOutput:
         view = memoryview(data)
         while view:
             try:
-                n = os.write(self.fd, view)
+                n = os.pwrite(self.fd, view, self.pos)
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise disk_full(e, self.final) from None
@@ -221,6 +221,46 @@ class RemoteOutput:
             pass
 
 
+class PartOutput:
+    """A byte range of a preallocated file, written with positioned writes by one worker.
+
+    Several workers fill disjoint parts of one large output shard; whoever started the file
+    (header written, size set) fsyncs, hashes and renames it once every part is done.
+    """
+
+    zero_copy_capable = True
+
+    def __init__(self, path: str, start: int):
+        self.final = path
+        self.fd = os.open(path, os.O_WRONLY)
+        self.pos = start
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.pwrite(self.fd, view, self.pos)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise disk_full(e, self.final) from None
+                raise
+            view = view[n:]
+            self.pos += n
+
+    def copied(self, n: int) -> None:
+        self.pos += n
+
+    def commit(self, drop_cache: bool = False) -> str:
+        os.close(self.fd)
+        return ""
+
+    def abort(self) -> None:
+        os.close(self.fd)
+
+
+Output = LocalOutput | RemoteOutput | PartOutput
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -242,7 +282,7 @@ class RangeCopier:
     def close(self) -> None:
         self.src.close()
 
-    def copy(self, shard: str, offset: int, length: int, out: LocalOutput | RemoteOutput) -> None:
+    def copy(self, shard: str, offset: int, length: int, out: Output) -> None:
         done = 0
         if self.zero_copy and out.zero_copy_capable:
             done = self._copy_kernel(shard, offset, length, out)
@@ -255,14 +295,14 @@ class RangeCopier:
             f"the shard is truncated or changed since planning"
         )
 
-    def _copy_kernel(self, shard: str, offset: int, length: int, out: LocalOutput | RemoteOutput) -> int:
-        assert isinstance(out, LocalOutput)
+    def _copy_kernel(self, shard: str, offset: int, length: int, out: Output) -> int:
+        assert isinstance(out, (LocalOutput, PartOutput))
         fd = self.src.fd(shard)
         done = 0
         while done < length:
             t = time.perf_counter()
             try:
-                n = os.copy_file_range(fd, out.fd, min(_COPY_CHUNK, length - done), offset + done)
+                n = os.copy_file_range(fd, out.fd, min(_COPY_CHUNK, length - done), offset + done, out.pos)
             except OSError as e:
                 if e.errno in _ZERO_COPY_REFUSALS:
                     self.zero_copy = False
@@ -283,7 +323,7 @@ class RangeCopier:
                 self.progress(n)
         return done
 
-    def _copy_buffered(self, shard: str, offset: int, length: int, out: LocalOutput | RemoteOutput) -> None:
+    def _copy_buffered(self, shard: str, offset: int, length: int, out: Output) -> None:
         chunks = self.src.iter_range(shard, offset, offset + length, self.buffer)
         while True:
             t = time.perf_counter()

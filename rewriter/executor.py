@@ -29,9 +29,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from planners.plan import PROVENANCE_NAME, OutputShard, Plan
+from planners.plan import PROVENANCE_NAME, OutputShard, Plan, Segment
 from rewriter.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
-from rewriter.copy import CopyStats, LocalOutput, Progress, RangeCopier, RemoteOutput, disk_full, fsync_dir
+from rewriter.copy import (
+    CopyStats, LocalOutput, PartOutput, Progress, RangeCopier, RemoteOutput, disk_full, fsync_dir,
+)
 from rewriter.errors import ExecutionError, PlanError
 from rewriter.storage import Storage
 
@@ -82,7 +84,18 @@ class RunResult:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far."""
+    """This process's peak resident set size so far.
+
+    Linux's ``VmHWM`` belongs to the current program image; ``ru_maxrss`` would also count the
+    parent's memory at the moment it forked this process.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -126,6 +139,98 @@ def write_output_shard(
         out.name, out.size, digest, stats.bytes_read, time.perf_counter() - t0,
         stats.read_seconds, stats.write_seconds, stats.copy_seconds, stats.zero_copy_bytes,
     )
+
+
+# --- large shards in parts (destinations with positioned writes) ---------------------------------
+
+@dataclass(frozen=True)
+class Part:
+    """Bytes ``[start, start + length)`` of output shard ``shard``, made of source ``ops``."""
+
+    shard: str
+    index: int
+    start: int
+    ops: tuple[Segment, ...]
+
+    @property
+    def length(self) -> int:
+        return sum(op.length for op in self.ops)
+
+
+def split_parts(out: OutputShard, part_bytes: int) -> list[Part]:
+    """Cut a shard's data (after its header) into parts of about ``part_bytes``."""
+    parts: list[Part] = []
+    ops: list[Segment] = []
+    start = pos = len(out.header)
+    size = 0
+    for op in out.copy_ops():
+        offset, length = op.offset, op.length
+        while length:
+            take = min(length, part_bytes - size)
+            ops.append(Segment(op.shard, offset, take))
+            offset, length, size, pos = offset + take, length - take, size + take, pos + take
+            if size == part_bytes:
+                parts.append(Part(out.name, len(parts), start, tuple(ops)))
+                ops, start, size = [], pos, 0
+    if ops:
+        parts.append(Part(out.name, len(parts), start, tuple(ops)))
+    return parts
+
+
+def part_path(dst: Storage, out: OutputShard, plan_digest: str) -> str:
+    return dst.local_path(f"{STATE_DIR}/tmp/{out.name}.{plan_digest[:12]}.parts")
+
+
+def begin_parts(dst: Storage, out: OutputShard, plan_digest: str) -> str:
+    """Create the shard's temporary file at full size with its header; returns its path."""
+    path = part_path(dst, out, plan_digest)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(out.header)
+        f.truncate(out.size)
+    return path
+
+
+def write_part(
+    part: Part, path: str, src: Storage, *, buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    progress: Progress | None = None, zero_copy: bool = True,
+) -> CopyStats:
+    """Fill one part of a preallocated shard file. Idempotent: same bytes, same places."""
+    stats = CopyStats()
+    copier = RangeCopier(src, buffer_bytes, stats, progress, zero_copy=zero_copy)
+    sink = PartOutput(path, part.start)
+    try:
+        for op in part.ops:
+            copier.copy(op.shard, op.offset, op.length, sink)
+    finally:
+        sink.abort()
+        copier.close()
+    return stats
+
+
+def commit_parts(dst: Storage, out: OutputShard, path: str, buffer_bytes: int, drop_cache: bool = False) -> str:
+    """fsync, hash and publish a shard whose parts are all written; returns its sha256."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        if os.fstat(fd).st_size != out.size:
+            raise ExecutionError(f"{out.name}: assembled {os.fstat(fd).st_size:,} bytes, planned {out.size:,}")
+        h = hashlib.sha256()
+        buf = bytearray(buffer_bytes)
+        view = memoryview(buf)
+        pos = 0
+        while pos < out.size:
+            n = os.preadv(fd, [view], pos)
+            h.update(view[:n])
+            pos += n
+        if drop_cache:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    final = dst.local_path(out.name)
+    os.replace(path, final)
+    fsync_dir(os.path.dirname(final))
+    return h.hexdigest()
 
 
 def hash_file(storage: Storage, name: str, buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> str:

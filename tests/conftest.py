@@ -12,7 +12,8 @@ from bench_io.synth import PRESETS, synthetic_saliency, write_checkpoint
 from rewriter.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
-REFERENCE = REPO.parent / "shared" / "reference"
+#: Copies of the real gpt-oss-20b config.json and index (from shared/reference).
+REFERENCE = Path(__file__).resolve().parent / "assets"
 
 
 def cli(*args: str, expect: int = 0) -> str:

@@ -329,11 +329,23 @@ def test_resume_redoes_a_damaged_journaled_shard(medium, tmp_path):
 # --- bounded memory ----------------------------------------------------------------------------
 
 def _peak_rss_of(cmd: list[str]) -> int:
-    proc = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    """Peak RSS of a child: its own high-water mark, cross-checked by sampling from outside."""
+    import psutil
+
+    proc = subprocess.Popen([*cmd, "--json"], stdout=subprocess.PIPE, text=True)
+    sampled = 0
+    ps = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            sampled = max(sampled, ps.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.01)
+    out, _ = proc.communicate()
     assert proc.returncode == 0, cmd
-    return usage.ru_maxrss * 1024
+    reported = json.loads(out)["peak_rss_bytes"]
+    assert 0 < sampled <= reported * 1.05 + (1 << 20)
+    return reported
 
 
 @pytest.mark.slow
