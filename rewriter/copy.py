@@ -214,6 +214,7 @@ class RemoteOutput:
         try:
             if discard is not None:
                 discard()
+                self.f.closed = True  # discarded: nothing left to flush or complete
             else:
                 self.f.close()
                 self.dst.fs.rm(self.dst.path(self.name))
@@ -291,8 +292,8 @@ class RangeCopier:
 
     def _short(self, shard: str, offset: int) -> ExecutionError:
         return ExecutionError(
-            f"{self.src.describe(shard)}: source ended at byte {offset:,}, before the planned range; "
-            f"the shard is truncated or changed since planning"
+            f"{self.src.describe(shard)}: ends at byte {offset:,}, before the planned range; "
+            f"the file is truncated or changed since planning"
         )
 
     def _copy_kernel(self, shard: str, offset: int, length: int, out: Output) -> int:

@@ -72,3 +72,27 @@ def env_no_proxy(monkeypatch):
     for k in list(os.environ):
         if k.lower().endswith("_proxy"):
             monkeypatch.delenv(k)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory, monkeypatch_session=None):
+    """A real S3 API server (moto) on loopback, shared by the session."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    from tests.servers import start_s3
+
+    for k in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+        os.environ.pop(k, None)
+    server = start_s3(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster with 2 CPUs, shared by the Ray tests."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=100 << 20)
+    yield ray
+    ray.shutdown()
