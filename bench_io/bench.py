@@ -1,0 +1,365 @@
+"""The I/O benchmark: every contender on the same synthetic data, one fresh process each.
+
+Measured per run: wall time, bytes read from and written to storage by the process tree
+(``/proc/<pid>/io``), output bytes, throughput, and the peak RSS of the process tree (sampled
+every 10 ms). The page cache of every source and output file is dropped before each run with
+``posix_fadvise(POSIX_FADV_DONTNEED)`` (no privileges needed); the results record it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench_io.synth import Geometry, synthetic_saliency, write_checkpoint
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Measurement:
+    workload: str
+    contender: str
+    wall_s: float
+    output_bytes: int
+    read_bytes: int
+    write_bytes: int
+    peak_rss_bytes: int
+    ok: bool = True
+    note: str = ""
+
+    @property
+    def throughput(self) -> float:
+        return self.output_bytes / self.wall_s if self.wall_s else 0.0
+
+
+@dataclass
+class Sizes:
+    """Workload sizes. ``default`` takes minutes on 2 cores; ``tiny`` is for the harness test."""
+
+    layer_geometry: Geometry
+    full_geometry: Geometry
+    keep_layer: int
+    s3_geometry: Geometry
+    contenders: tuple[str, ...] = ("naive", "lazy", "ours", "ours-buffered", "ours-ray", "floor")
+
+
+SIZES = {
+    # Two real-size 120B MoE layers (128 experts) with a small vocabulary: 3.4 GB of experts.
+    "default": Sizes(
+        layer_geometry=Geometry(2, 128, 4, 2880, 2880, 1024, 64, 8, 64, 4_800_000_000),
+        full_geometry=Geometry(4, 128, 4, 2880, 2880, 1024, 64, 8, 64, 4_800_000_000),
+        keep_layer=1,
+        s3_geometry=Geometry(4, 32, 4, 512, 512, 4096, 8, 2, 64, 20_000_000),
+    ),
+    "large": Sizes(
+        layer_geometry=Geometry(2, 128, 4, 2880, 2880, 1024, 64, 8, 64, 4_800_000_000),
+        full_geometry=Geometry(8, 128, 4, 2880, 2880, 201088, 64, 8, 64, 4_800_000_000),
+        keep_layer=1,
+        s3_geometry=Geometry(2, 32, 4, 2880, 2880, 1024, 64, 8, 64, 4_800_000_000),
+    ),
+    "tiny": Sizes(
+        layer_geometry=Geometry(2, 16, 2, 64, 64, 256, 4, 2, 16, 200_000),
+        full_geometry=Geometry(2, 16, 2, 64, 64, 256, 4, 2, 16, 100_000),
+        keep_layer=1,
+        s3_geometry=Geometry(2, 8, 2, 64, 64, 256, 4, 2, 16, 100_000),
+    ),
+}
+
+
+def drop_cache(*dirs: Path) -> bool:
+    """Drop the page cache of every file under ``dirs``; False where the kernel refused."""
+    ok = True
+    for d in dirs:
+        if not d.exists():
+            continue
+        for p in d.rglob("*"):
+            if p.is_file():
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.fdatasync(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                except OSError:
+                    ok = False
+                finally:
+                    os.close(fd)
+    return ok
+
+
+def measure(cmd: list[str], out_dir: Path, workload: str, contender: str, env: dict[str, str] | None = None) -> Measurement:
+    """Run ``cmd`` as a fresh process; sample its tree's RSS and I/O until it exits."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    root = psutil.Process(proc.pid)
+    peak = 0
+    io: dict[int, tuple[int, int]] = {}
+    while proc.poll() is None:
+        try:
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            break
+        rss = 0
+        for p in procs:
+            try:
+                rss += p.memory_info().rss
+                c = p.io_counters()
+                io[p.pid] = (c.read_bytes, c.write_bytes)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        peak = max(peak, rss)
+        time.sleep(0.01)
+    _, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    output = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin"))
+    return Measurement(
+        workload, contender, wall, output,
+        sum(r for r, _ in io.values()), sum(w for _, w in io.values()), peak,
+        ok=proc.returncode == 0, note="" if proc.returncode == 0 else err.decode()[-500:],
+    )
+
+
+def _plan(src: Path, work: Path, name: str, *extra: str) -> Path:
+    from click.testing import CliRunner
+
+    from rewriter.cli import main
+
+    plan = work / f"{name}.json"
+    r = CliRunner().invoke(main, ["plan", str(src), "--out", str(plan), "--json", *extra])
+    if r.exit_code:
+        raise RuntimeError(r.output)
+    return plan
+
+
+def run_workload(workload: str, src: Path, plan: Path, work: Path, contenders: tuple[str, ...],
+                 log=print) -> list[Measurement]:
+    out = []
+    for name in contenders:
+        dst = work / f"out-{workload}-{name}"
+        shutil.rmtree(dst, ignore_errors=True)
+        dst.mkdir(parents=True)
+        drop_cache(src)
+        cmd = [sys.executable, "-m", "bench_io.contenders", name, str(plan), str(dst), "--workers", "2"]
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+        m = measure(cmd, dst, workload, name, env)
+        log(f"  {workload:<10} {name:<14} {m.wall_s:7.2f} s  {m.throughput / 1e6:8.0f} MB/s  "
+            f"peak RSS {m.peak_rss_bytes / 2**20:7.0f} MiB  {'ok' if m.ok else 'FAILED ' + m.note}")
+        out.append(m)
+        shutil.rmtree(dst, ignore_errors=True)
+    return out
+
+
+def bench_planning(work: Path) -> dict[str, Any]:
+    """Plan the full 120B geometry (sparse: headers only) in-process and as a CLI process."""
+    from bench_io.synth import PRESETS
+    from planners.plan import build_plan
+    from planners.policies import Domain, KeepPolicy, select_keep
+    from rewriter.checkpoint import Checkpoint
+
+    src = work / "120b-sparse"
+    if not (src / "model.safetensors.index.json").exists():
+        write_checkpoint(src, PRESETS["120b"], sparse=True)
+    sal = synthetic_saliency(36, 128, 4)
+    sal.save(work / "120b-saliency.json")
+    t = time.perf_counter()
+    ckpt = Checkpoint.open(str(src))
+    decision = select_keep([Domain(sal)], list(range(36)), 128, 4, KeepPolicy(keep_frac=0.5))
+    plan = build_plan(ckpt, decision)
+    in_process = time.perf_counter() - t
+    m = measure([sys.executable, "-m", "rewriter.cli", "plan", str(src), "--saliency", str(work / "120b-saliency.json"),
+                 "--keep-frac", "0.5", "--out", str(work / "120b-plan.json")], work, "plan-120b", "rewriter plan")
+    return {"in_process_s": in_process, "cli_process_s": m.wall_s, "cli_peak_rss_bytes": m.peak_rss_bytes,
+            "header_bytes_read": ckpt.storage.counter.bytes, "output_shards": len(plan.outputs)}
+
+
+def bench_s3(g: Geometry, work: Path) -> dict[str, Any]:
+    """A rewrite sourced from the loopback S3 server: bytes fetched vs written."""
+    from planners.plan import Plan
+    from rewriter.executor import execute
+    from tests.servers import start_s3
+
+    src = work / "s3-src"
+    if not (src / "model.safetensors.index.json").exists():
+        write_checkpoint(src, g)
+    server = start_s3(work / "moto.log")
+    try:
+        server.make_bucket("bench")
+        server.upload_dir(src, "bench/src")
+        synthetic_saliency(g.num_layers, g.num_experts, g.top_k).save(work / "s3-sal.json")
+        plan_path = _plan(src, work, "s3-local-plan", "--saliency", str(work / "s3-sal.json"), "--keep-frac", "0.5")
+        from click.testing import CliRunner
+
+        from rewriter.cli import main
+
+        r = CliRunner().invoke(main, ["plan", "s3://bench/src", "--storage-options", json.dumps(server.options),
+                                      "--saliency", str(work / "s3-sal.json"), "--keep-frac", "0.5",
+                                      "--out", str(work / "s3-plan.json")])
+        if r.exit_code:
+            raise RuntimeError(r.output)
+        plan = Plan.load(str(work / "s3-plan.json"))
+        dst = work / "s3-dst"
+        shutil.rmtree(dst, ignore_errors=True)
+        t = time.perf_counter()
+        result = execute(plan, str(dst), src_options=server.options)
+        wall = time.perf_counter() - t
+        written = sum(o.size for o in plan.outputs)
+        headers = sum(8 + int(fp["header_len"]) for fp in plan.source_shards.values())
+        del plan_path
+        return {"source_bytes": sum(int(fp["size"]) for fp in plan.source_shards.values()),
+                "tensor_bytes_fetched": result.bytes_read, "header_bytes_fetched": headers,
+                "bytes_written": written, "fetched_over_written": (result.bytes_read + headers) / written,
+                "wall_s": wall}
+    finally:
+        server.stop()
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    disk = shutil.disk_usage("/")
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "disk_free_gib": round(disk.free / 2**30, 1), "python": platform.python_version(),
+            "kernel": platform.release()}
+
+
+def run(size: str = "default", work: Path | None = None, results: Path = RESULTS,
+        contenders: tuple[str, ...] | None = None, log=print) -> dict[str, Any]:
+    """Run every workload; write ``latest.json``, ``latest.md`` and ``latest.png`` to ``results``."""
+    sizes = SIZES[size]
+    contenders = contenders or sizes.contenders
+    work = work or Path("bench-work")
+    work.mkdir(parents=True, exist_ok=True)
+    log(f"bench size {size} in {work}")
+    measurements: list[Measurement] = []
+
+    layer_src = work / f"layer-{size}"
+    if not (layer_src / "model.safetensors.index.json").exists():
+        log("  writing the per-layer source checkpoint")
+        write_checkpoint(layer_src, sizes.layer_geometry)
+    g = sizes.layer_geometry
+    synthetic_saliency(g.num_layers, g.num_experts, g.top_k).save(work / "layer-sal.json")
+    keep = str(g.num_experts // 2)
+    layer_plan = _plan(layer_src, work, "layer-plan", "--saliency", str(work / "layer-sal.json"), "--keep-n", keep,
+                       "--layers", str(sizes.keep_layer))
+    measurements += run_workload("layer", layer_src, layer_plan, work,
+                                 tuple(c for c in contenders if c != "ours-ray"), log)
+
+    full_src = work / f"full-{size}"
+    if not (full_src / "model.safetensors.index.json").exists():
+        log("  writing the full-rewrite source checkpoint")
+        write_checkpoint(full_src, sizes.full_geometry)
+    g = sizes.full_geometry
+    synthetic_saliency(g.num_layers, g.num_experts, g.top_k).save(work / "full-sal.json")
+    full_plan = _plan(full_src, work, "full-plan", "--saliency", str(work / "full-sal.json"), "--keep-frac", "0.5")
+    measurements += run_workload("full", full_src, full_plan, work, contenders, log)
+
+    planning = bench_planning(work)
+    log(f"  plan-120b  in-process {planning['in_process_s']:.3f} s, CLI process {planning['cli_process_s']:.2f} s")
+    s3 = bench_s3(sizes.s3_geometry, work)
+    log(f"  s3         fetched/written {s3['fetched_over_written']:.4f}")
+    doc = {
+        "date": time.strftime("%Y-%m-%d"),
+        "size": size,
+        "machine": machine(),
+        "page_cache": "dropped per file (posix_fadvise DONTNEED) before each run",
+        "measurements": [dataclasses.asdict(m) | {"throughput": m.throughput} for m in measurements],
+        "planning_120b": planning,
+        "s3": s3,
+        "ratios": ratios(measurements, s3),
+    }
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "latest.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (results / "latest.md").write_text(markdown(doc))
+    chart(doc, results / "latest.png")
+    return doc
+
+
+def ratios(ms: list[Measurement], s3: dict[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for w in ("layer", "full"):
+        by = {m.contender: m for m in ms if m.workload == w and m.ok}
+        if "ours" in by and "floor" in by:
+            out[f"{w}: ours / floor throughput"] = by["ours"].throughput / by["floor"].throughput
+        if "ours" in by and "naive" in by:
+            out[f"{w}: naive / ours time"] = by["naive"].wall_s / by["ours"].wall_s
+            out[f"{w}: naive / ours peak RSS"] = by["naive"].peak_rss_bytes / by["ours"].peak_rss_bytes
+        if "ours" in by and "ours-ray" in by:
+            out[f"{w}: ours-ray / ours time"] = by["ours-ray"].wall_s / by["ours"].wall_s
+    out["s3: bytes fetched / bytes written"] = s3["fetched_over_written"]
+    return out
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    m = doc["machine"]
+    lines = [
+        f"# I/O benchmark ({doc['date']}, size `{doc['size']}`)",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, Python {m['python']}, "
+        f"Linux {m['kernel']}. Page cache: {doc['page_cache']}.",
+        "",
+        "| workload | contender | wall s | output MB | MB/s | read MB (storage) | written MB (storage) | peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in doc["measurements"]:
+        lines.append(
+            f"| {r['workload']} | {r['contender']}{'' if r['ok'] else ' (failed)'} | {r['wall_s']:.2f} | "
+            f"{r['output_bytes'] / 1e6:.0f} | {r['throughput'] / 1e6:.0f} | {r['read_bytes'] / 1e6:.0f} | "
+            f"{r['write_bytes'] / 1e6:.0f} | {r['peak_rss_bytes'] / 2**20:.0f} |"
+        )
+    p = doc["planning_120b"]
+    s = doc["s3"]
+    lines += [
+        "",
+        f"Planning the full 120B geometry (sparse, 15 shards): {p['in_process_s'] * 1000:.0f} ms in-process, "
+        f"{p['cli_process_s']:.2f} s as a `rewriter plan` process (interpreter start included), "
+        f"{p['header_bytes_read']:,} bytes read.",
+        "",
+        f"S3-sourced rewrite (loopback S3 server): {s['tensor_bytes_fetched']:,} tensor bytes + "
+        f"{s['header_bytes_fetched']:,} header bytes fetched of a {s['source_bytes']:,}-byte source, "
+        f"{s['bytes_written']:,} bytes written.",
+        "",
+        "| ratio | value |",
+        "|---|---:|",
+    ]
+    lines += [f"| {k} | {v:.3f} |" for k, v in doc["ratios"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def chart(doc: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [r for r in doc["measurements"] if r["ok"]]
+    labels = [f"{r['workload']}\n{r['contender']}" for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 5))
+    a.bar(labels, [r["throughput"] / 1e6 for r in rows], color="tab:blue")
+    a.set_ylabel("MB/s of output")
+    a.set_title("Throughput")
+    b.bar(labels, [r["peak_rss_bytes"] / 2**20 for r in rows], color="tab:red")
+    b.set_ylabel("MiB")
+    b.set_yscale("log")
+    b.set_title("Peak RSS of the process tree")
+    for ax in (a, b):
+        ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+    fig.suptitle(f"bench_io {doc['date']} ({doc['size']}): {doc['machine']['cpu']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,156 @@
+"""The ways to carry out a plan that the benchmark compares; each runs as its own process.
+
+``python -m bench_io.contenders NAME PLAN DST [--workers N]``
+
+* ``naive``: ``safetensors.torch.load_file`` of each source shard, index the kept experts,
+  ``save_file`` each output shard (what a first script does).
+* ``lazy``: ``safe_open`` + ``get_slice`` per tensor (contiguous runs of kept experts), output
+  shards assembled in memory, then ``save_file`` (the mergekit / huggingface_hub pattern).
+* ``ours``: the local executor (``copy_file_range``); ``ours-buffered``: the same with bounded
+  ranged reads and writes; ``ours-ray``: the Ray executor.
+* ``floor``: one ``copy_file_range`` of as many contiguous bytes as the output holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from planners.plan import Plan
+
+
+def _source_rows(plan: Plan, t) -> list[int] | None:
+    """Kept rows of a tensor sliced along the expert dim (None: copied whole)."""
+    from planners.layouts import GPT_OSS
+
+    role = GPT_OSS.classify(t.source)
+    if role is None or role.role == "expert":
+        return None
+    return list(plan.keep[role.layer])
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for e in ids:
+        if runs and runs[-1][1] == e:
+            runs[-1] = (runs[-1][0], e + 1)
+        else:
+            runs.append((e, e + 1))
+    return runs
+
+
+def naive(plan: Plan, dst: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = Path(plan.source_url)
+    wanted: dict[str, list] = {}
+    for o in plan.outputs:
+        for t in o.tensors:
+            wanted.setdefault(t.segments[0].shard, []).append((o.name, t))
+    outputs: dict[str, dict[str, torch.Tensor]] = {o.name: {} for o in plan.outputs}
+    for shard, items in sorted(wanted.items()):
+        tensors = load_file(str(src / shard))
+        for out_name, t in items:
+            x = tensors[t.source]
+            rows = _source_rows(plan, t)
+            outputs[out_name][t.name] = x[rows].contiguous() if rows is not None else x
+        del tensors
+    for name, tensors in outputs.items():
+        save_file(tensors, str(dst / name), metadata={"format": "pt"})
+
+
+def lazy(plan: Plan, dst: Path) -> None:
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = Path(plan.source_url)
+    handles: dict[str, object] = {}
+    for o in plan.outputs:
+        tensors = {}
+        for t in o.tensors:
+            shard = t.segments[0].shard
+            f = handles.get(shard) or handles.setdefault(shard, safe_open(str(src / shard), "pt"))
+            rows = _source_rows(plan, t)
+            if rows is None:
+                tensors[t.name] = f.get_tensor(t.source)
+            else:
+                sl = f.get_slice(t.source)
+                tensors[t.name] = torch.cat([sl[a:b] for a, b in _runs(rows)])
+        save_file(tensors, str(dst / o.name), metadata={"format": "pt"})
+
+
+def ours(plan: Plan, dst: Path, zero_copy: bool = True) -> None:
+    from rewriter.dryrun import dry_run
+    from rewriter.executor import execute
+
+    if plan.is_dry_run:
+        dry_run(plan, scratch=str(dst), zero_copy=zero_copy, keep_output=True)
+    else:
+        execute(plan, str(dst), zero_copy=zero_copy)
+
+
+def ours_ray(plan: Plan, dst: Path, workers: int) -> None:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    from ray_jobs.executor import execute_on_ray
+
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, object_store_memory=100 << 20)
+    execute_on_ray(plan, str(dst), workers=workers)
+    ray.shutdown()
+
+
+def floor(plan: Plan, dst: Path) -> None:
+    """Copy as many bytes as the output holds, contiguously, from the largest source shard."""
+    src = Path(plan.source_url)
+    total = sum(o.size for o in plan.outputs)
+    shards = sorted(src.glob("*.safetensors"), key=lambda p: -p.stat().st_size)
+    dst.mkdir(parents=True, exist_ok=True)
+    with open(dst / "floor.bin", "wb") as out:
+        left = total
+        for shard in shards:
+            with open(shard, "rb") as f:
+                n = min(left, shard.stat().st_size)
+                done = 0
+                while done < n:
+                    done += os.copy_file_range(f.fileno(), out.fileno(), n - done, done)
+                left -= n
+            if not left:
+                break
+        os.fsync(out.fileno())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench_io.contenders")
+    ap.add_argument("name", choices=["naive", "lazy", "ours", "ours-buffered", "ours-ray", "floor"])
+    ap.add_argument("plan")
+    ap.add_argument("dst")
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args(argv)
+    plan = Plan.load(args.plan)
+    dst = Path(args.dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    run = {
+        "naive": lambda: naive(plan, dst),
+        "lazy": lambda: lazy(plan, dst),
+        "ours": lambda: ours(plan, dst),
+        "ours-buffered": lambda: ours(plan, dst, zero_copy=False),
+        "ours-ray": lambda: ours_ray(plan, dst, args.workers),
+        "floor": lambda: floor(plan, dst),
+    }[args.name]
+    run()
+    if args.name in ("naive", "lazy", "ours", "ours-buffered"):
+        for f in dst.glob("*.safetensors"):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    json.dump({"ok": True}, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
