@@ -340,19 +340,21 @@ def prune(src: str, dst: str, plan_out: str | None, **kw: Any) -> None:
 
 
 @main.command()
-@click.argument("src", required=False)
-@click.argument("dst")
+@click.argument("paths", nargs=-1, required=True, metavar="[SRC] DST")
 @click.option("--buffer-mib", type=int, default=16, show_default=True)
 @click.option("--src-options", default=None, help="fsspec options for SRC as JSON.")
 @click.option("--dst-options", default=None, help="fsspec options for DST as JSON.")
 @click.option("--json", "as_json", is_flag=True)
 @_fail_cleanly
-def verify(src: str | None, dst: str, buffer_mib: int, src_options: str | None, dst_options: str | None,
+def verify(paths: tuple[str, ...], buffer_mib: int, src_options: str | None, dst_options: str | None,
            as_json: bool) -> None:
     """Prove DST: every byte of every output tensor equals its planned slice of SRC.
 
     SRC defaults to the source recorded in DST/pruning.json. Exits 1 on any mismatch.
     """
+    if len(paths) > 2:
+        raise click.UsageError("give [SRC] DST")
+    src, dst = (None, paths[0]) if len(paths) == 1 else paths
     from planners.cost import human_bytes
     from rewriter.verify import verify as do_verify
 
@@ -402,6 +404,77 @@ def dry_run_cmd(src: str, layer_ids: tuple[int, ...], scratch: str | None, buffe
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+# --- saliency ------------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("model")
+@click.option("--data", "data", multiple=True, required=True,
+              help="Calibration file: .jsonl (text or input_ids), .npy ids, or plain text (repeat).")
+@click.option("--out", required=True, help="Saliency file to write.")
+@click.option("--domain", default="default", show_default=True, help="Name of this calibration domain.")
+@click.option("--seq-len", type=int, default=2048, show_default=True)
+@click.option("--max-tokens", type=int, default=None, help="Stop after this many tokens.")
+@click.option("--batch-size", type=int, default=1, show_default=True, help="Sequences per forward pass.")
+@click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
+@click.option("--quiet", is_flag=True)
+@_fail_cleanly
+def profile(model: str, data: tuple[str, ...], out: str, domain: str, seq_len: int, max_tokens: int | None,
+            batch_size: int, device: str | None, quiet: bool) -> None:
+    """Measure each expert's saliency (freq, REAP, EAFT-REAP) of gpt-oss MODEL on calibration text.
+
+    Needs the torch extra (pip install '.[torch]').
+    """
+    import torch
+
+    from profiling.profile import profile as run_profile
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    bar = TokenProgress(enabled=not quiet)
+    sal = run_profile(model, list(data), domain=domain, seq_len=seq_len, max_tokens=max_tokens,
+                      batch_size=batch_size, device=device, progress=bar)
+    bar.close()
+    sal.save(out)
+    click.echo(f"wrote {out}: domain {domain}, {sal.tokens:,} tokens, {len(sal.layers)} MoE layers, "
+               f"{sal.method['seconds']:.1f} s ({sal.tokens / max(sal.method['seconds'], 1e-9):,.0f} tokens/s)")
+
+
+class TokenProgress:
+    """Tokens profiled, tokens/s."""
+
+    def __init__(self, enabled: bool = True):
+        import time
+
+        self.enabled, self.done, self.t0, self.last = enabled, 0, time.monotonic(), 0.0
+
+    def __call__(self, n: int) -> None:
+        import time
+
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and now - self.last > 0.5:
+            self.last = now
+            click.echo(f"\rprofile {self.done:,} tokens, {self.done / max(now - self.t0, 1e-9):,.0f} tokens/s ",
+                       err=True, nl=False)
+
+    def close(self) -> None:
+        if self.enabled:
+            click.echo("", err=True)
+
+
+@main.command("import-reap")
+@click.argument("observer_file")
+@click.option("--out", required=True, help="Saliency file to write.")
+@click.option("--domain", default="reap-import", show_default=True)
+@_fail_cleanly
+def import_reap_cmd(observer_file: str, out: str, domain: str) -> None:
+    """Convert a REAP observer file (torch.save dict) into a saliency file."""
+    from profiling.reap_import import import_reap
+
+    sal = import_reap(observer_file, domain)
+    sal.save(out)
+    click.echo(f"wrote {out}: {len(sal.layers)} layers from {observer_file}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,96 @@
+"""Calibration data: JSONL text or pre-tokenized ids, tokenized and packed into sequences."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from rewriter.errors import RewriterError
+
+
+class DataError(RewriterError):
+    """Calibration or evaluation data that cannot be read."""
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids, for models without a tokenizer (vocabulary of at least 256)."""
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+def load_tokenizer(model_dir: str | Path, vocab_size: int):
+    """The model's own tokenizer when its directory has one, else byte-level."""
+    path = Path(model_dir)
+    if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path))
+    if vocab_size < 256:
+        raise DataError(f"{model_dir} has no tokenizer and a vocabulary of {vocab_size} < 256 (byte-level needs 256)")
+    return ByteTokenizer()
+
+
+def documents(paths: Sequence[str | Path], tokenizer) -> Iterator[list[int]]:
+    """Token ids per document.
+
+    Accepted files: ``.jsonl`` with a ``text`` field (tokenized) or an ``input_ids`` field
+    (used as is), ``.npy`` (one 1-D array of ids), anything else as one plain-text document.
+    """
+    for p in map(Path, paths):
+        if not p.exists():
+            raise DataError(f"{p}: file not found")
+        if p.suffix == ".npy":
+            yield np.load(p).astype(np.int64).ravel().tolist()
+        elif p.suffix == ".jsonl":
+            with open(p, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        doc = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{p}:{n}: not valid JSON ({e})") from None
+                    if "input_ids" in doc:
+                        yield [int(i) for i in doc["input_ids"]]
+                    elif "text" in doc:
+                        yield _encode(tokenizer, doc["text"])
+                    else:
+                        raise DataError(f"{p}:{n}: expected a \"text\" or \"input_ids\" field")
+        else:
+            yield _encode(tokenizer, p.read_text(encoding="utf-8"))
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    if isinstance(tokenizer, ByteTokenizer):
+        return tokenizer.encode(text)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def pack(docs: Iterator[list[int]], seq_len: int, max_tokens: int | None = None, eos: int | None = None,
+         vocab_size: int | None = None) -> Iterator[np.ndarray]:
+    """Concatenate documents (``eos`` between them) and cut blocks of ``seq_len`` tokens.
+
+    A final partial block is yielded only when it is the first block (tiny data sets). Stops once
+    ``max_tokens`` tokens have been yielded.
+    """
+    buf: list[int] = []
+    emitted = 0
+    for doc in docs:
+        if vocab_size is not None and doc and max(doc) >= vocab_size:
+            raise DataError(f"token id {max(doc)} is outside the model's vocabulary of {vocab_size}")
+        buf.extend(doc)
+        if eos is not None:
+            buf.append(eos)
+        while len(buf) >= seq_len:
+            if max_tokens is not None and emitted + seq_len > max_tokens:
+                return
+            yield np.asarray(buf[:seq_len], dtype=np.int64)
+            emitted += seq_len
+            del buf[:seq_len]
+    if emitted == 0 and buf:
+        n = len(buf) if max_tokens is None else min(len(buf), max_tokens)
+        yield np.asarray(buf[:n], dtype=np.int64)

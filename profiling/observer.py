@@ -1,0 +1,106 @@
+"""Observing gpt-oss experts: routed-token counts, REAP sums, and per-pair contributions.
+
+The observer registers its own experts implementation with transformers' experts interface and
+switches the model to it: it computes what the eager implementation computes, only for routed
+(token, expert) pairs, and on the way takes each pair's expert output norm. No dense pass over
+all experts, no second computation of any expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+IMPLEMENTATION = "rewriter_observed"
+
+
+@dataclass
+class LayerSlot:
+    """Accumulators of one MoE layer (float64 sums on the model's device)."""
+
+    index: int
+    freq: torch.Tensor
+    reap_sum: torch.Tensor
+    last_ids: torch.Tensor | None = None  # [tokens, k] experts of the last forward
+    last_contrib: torch.Tensor | None = None  # [tokens, k] g * ||f|| of the last forward
+
+
+def observed_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                             top_k_weights: torch.Tensor) -> torch.Tensor:
+    """Routed experts, as the eager implementation computes them, recording each pair's norm."""
+    slot: LayerSlot | None = getattr(self, "_rewriter_slot", None)
+    num_tokens, hidden = hidden_states.shape
+    k = top_k_index.shape[-1]
+    expert_ids = top_k_index.reshape(-1)
+    weights = top_k_weights.reshape(-1)
+    order = torch.argsort(expert_ids, stable=True)
+    sorted_ids = expert_ids[order]
+    counts = torch.bincount(sorted_ids, minlength=self.num_experts)
+    tokens = order // k
+    x = hidden_states[tokens]
+    out = torch.empty((order.numel(), hidden), dtype=hidden_states.dtype, device=hidden_states.device)
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n == 0:
+            continue
+        end = start + n
+        gate_up = x[start:end] @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]
+        out[start:end] = self._apply_gate(gate_up) @ self.down_proj[e] + self.down_proj_bias[e]
+        start = end
+    g = weights[order]
+    if slot is not None:
+        with torch.no_grad():
+            contrib = g.float() * out.float().norm(dim=-1)
+            slot.freq += counts.to(torch.float64)
+            slot.reap_sum.index_add_(0, sorted_ids, contrib.to(torch.float64))
+            per_pair = torch.empty_like(contrib)
+            per_pair[order] = contrib
+            slot.last_ids = top_k_index.detach()
+            slot.last_contrib = per_pair.view(num_tokens, k)
+    weighted = out * g.unsqueeze(-1).to(out.dtype)
+    result = torch.zeros_like(hidden_states)
+    result.index_add_(0, tokens, weighted.to(hidden_states.dtype))
+    return result
+
+
+@dataclass
+class ExpertObserver:
+    """Installs the observed experts implementation on every MoE layer of a gpt-oss model."""
+
+    model: torch.nn.Module
+    slots: list[LayerSlot] = field(default_factory=list)
+    _previous: dict[int, str | None] = field(default_factory=dict)
+
+    def install(self) -> ExpertObserver:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, observed_experts_forward)
+        device = next(self.model.parameters()).device
+        for i, layer in enumerate(self.model.model.layers):
+            experts = getattr(layer.mlp, "experts", None)
+            if experts is None:
+                continue
+            n = experts.num_experts
+            slot = LayerSlot(i, torch.zeros(n, dtype=torch.float64, device=device),
+                             torch.zeros(n, dtype=torch.float64, device=device))
+            experts._rewriter_slot = slot
+            self._previous[id(experts.config)] = getattr(experts.config, "_experts_implementation", None)
+            experts.config._experts_implementation = IMPLEMENTATION
+            self.slots.append(slot)
+        return self
+
+    def remove(self) -> None:
+        for layer in self.model.model.layers:
+            experts = getattr(layer.mlp, "experts", None)
+            if experts is None:
+                continue
+            experts.__dict__.pop("_rewriter_slot", None)
+            if id(experts.config) in self._previous:
+                experts.config._experts_implementation = self._previous[id(experts.config)]
+
+    def __enter__(self) -> ExpertObserver:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
