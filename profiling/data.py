@@ -28,7 +28,10 @@ def load_tokenizer(model_dir: str | Path, vocab_size: int):
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(path))
+        try:
+            return AutoTokenizer.from_pretrained(str(path))
+        except Exception as e:  # transformers raises many types for a broken tokenizer
+            raise DataError(f"{path}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
     if vocab_size < 256:
         raise DataError(f"{model_dir} has no tokenizer and a vocabulary of {vocab_size} < 256 (byte-level needs 256)")
     return ByteTokenizer()

@@ -85,7 +85,7 @@ class ExpertObserver:
             slot = LayerSlot(i, torch.zeros(n, dtype=torch.float64, device=device),
                              torch.zeros(n, dtype=torch.float64, device=device))
             experts._rewriter_slot = slot
-            self._previous[id(experts.config)] = getattr(experts.config, "_experts_implementation", None)
+            self._previous.setdefault(id(experts.config), getattr(experts.config, "_experts_implementation", None))
             experts.config._experts_implementation = IMPLEMENTATION
             self.slots.append(slot)
         return self
