@@ -26,20 +26,29 @@ class LayerSlot:
     last_contrib: torch.Tensor | None = None  # [tokens, k] g * ||f|| of the last forward
 
 
-def observed_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                             top_k_weights: torch.Tensor) -> torch.Tensor:
-    """Routed experts, as the eager implementation computes them, recording each pair's norm."""
-    slot: LayerSlot | None = getattr(self, "_rewriter_slot", None)
-    num_tokens, hidden = hidden_states.shape
-    k = top_k_index.shape[-1]
-    expert_ids = top_k_index.reshape(-1)
-    weights = top_k_weights.reshape(-1)
-    order = torch.argsort(expert_ids, stable=True)
-    sorted_ids = expert_ids[order]
-    counts = torch.bincount(sorted_ids, minlength=self.num_experts)
-    tokens = order // k
-    x = hidden_states[tokens]
-    out = torch.empty((order.numel(), hidden), dtype=hidden_states.dtype, device=hidden_states.device)
+def _grouped_linear():
+    """transformers' grouped matmul helper (one kernel for all experts), where it has one."""
+    try:
+        from transformers.integrations.moe import _grouped_linear as fn
+    except ImportError:
+        return None
+    return fn
+
+
+def expert_outputs(self, x: torch.Tensor, sorted_ids: torch.Tensor, counts: torch.Tensor,
+                   strategy: str = "auto") -> torch.Tensor:
+    """Each routed pair's expert output (before routing weights); pairs sorted by expert.
+
+    ``grouped`` runs all experts in grouped matmuls like transformers' ``grouped_mm``
+    implementation; ``loop`` runs one matmul pair per expert with tokens, like ``eager``.
+    """
+    grouped = _grouped_linear() if strategy in ("auto", "grouped") else None
+    if grouped is not None:
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        gate_up = grouped(x, self.gate_up_proj, offsets, bias=self.gate_up_proj_bias[sorted_ids], is_transposed=True)
+        return grouped(self._apply_gate(gate_up), self.down_proj, offsets, bias=self.down_proj_bias[sorted_ids],
+                       is_transposed=True)
+    out = torch.empty((x.shape[0], self.hidden_size), dtype=x.dtype, device=x.device)
     start = 0
     for e, n in enumerate(counts.tolist()):
         if n == 0:
@@ -48,6 +57,26 @@ def observed_experts_forward(self, hidden_states: torch.Tensor, top_k_index: tor
         gate_up = x[start:end] @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]
         out[start:end] = self._apply_gate(gate_up) @ self.down_proj[e] + self.down_proj_bias[e]
         start = end
+    return out
+
+
+#: ``auto`` (grouped where available), ``grouped`` or ``loop``; tests pin it.
+STRATEGY = "auto"
+
+
+def observed_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                             top_k_weights: torch.Tensor) -> torch.Tensor:
+    """Routed experts, as the eager implementation computes them, recording each pair's norm."""
+    slot: LayerSlot | None = getattr(self, "_rewriter_slot", None)
+    num_tokens = hidden_states.shape[0]
+    k = top_k_index.shape[-1]
+    expert_ids = top_k_index.reshape(-1)
+    weights = top_k_weights.reshape(-1)
+    order = torch.argsort(expert_ids, stable=True)
+    sorted_ids = expert_ids[order]
+    counts = torch.bincount(sorted_ids, minlength=self.num_experts)
+    tokens = order // k
+    out = expert_outputs(self, hidden_states[tokens], sorted_ids, counts, STRATEGY)
     g = weights[order]
     if slot is not None:
         with torch.no_grad():

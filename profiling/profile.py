@@ -83,6 +83,7 @@ class ProfileStats:
     h_lo: float
 
 
+@torch.no_grad()
 def profile_model(
     model,
     batches: Sequence[np.ndarray] | Any,

@@ -283,6 +283,10 @@ class RangeCopier:
     def close(self) -> None:
         self.src.close()
 
+    def prefetch(self, shard: str, offset: int, length: int) -> None:
+        """Ask for the head of the next range while the current one is copied (local only)."""
+        self.src.prefetch(shard, offset, min(length, _COPY_CHUNK))
+
     def copy(self, shard: str, offset: int, length: int, out: Output) -> None:
         done = 0
         if self.zero_copy and out.zero_copy_capable:
@@ -300,10 +304,13 @@ class RangeCopier:
         assert isinstance(out, (LocalOutput, PartOutput))
         fd = self.src.fd(shard)
         done = 0
+        self.src.prefetch(shard, offset, min(_COPY_CHUNK, length))
         while done < length:
+            chunk = min(_COPY_CHUNK, length - done)
+            self.src.prefetch(shard, offset + done + chunk, min(_COPY_CHUNK, length - done - chunk))
             t = time.perf_counter()
             try:
-                n = os.copy_file_range(fd, out.fd, min(_COPY_CHUNK, length - done), offset + done, out.pos)
+                n = os.copy_file_range(fd, out.fd, chunk, offset + done, out.pos)
             except OSError as e:
                 if e.errno in _ZERO_COPY_REFUSALS:
                     self.zero_copy = False

@@ -125,8 +125,7 @@ def write_output_shard(
         sink = RemoteOutput(dst, out.name, buffer_bytes)
     try:
         sink.write(out.header)
-        for op in out.copy_ops():
-            copier.copy(op.shard, op.offset, op.length, sink)
+        _copy_all(copier, list(out.copy_ops()), sink)
         if sink.pos != out.size:
             raise ExecutionError(f"{out.name}: wrote {sink.pos:,} bytes, planned {out.size:,}")
         digest = sink.commit(drop_cache=drop_cache)
@@ -200,8 +199,7 @@ def write_part(
     copier = RangeCopier(src, buffer_bytes, stats, progress, zero_copy=zero_copy)
     sink = PartOutput(path, part.start)
     try:
-        for op in part.ops:
-            copier.copy(op.shard, op.offset, op.length, sink)
+        _copy_all(copier, list(part.ops), sink)
     finally:
         sink.abort()
         copier.close()
@@ -231,6 +229,14 @@ def commit_parts(dst: Storage, out: OutputShard, path: str, buffer_bytes: int, d
     os.replace(path, final)
     fsync_dir(os.path.dirname(final))
     return h.hexdigest()
+
+
+def _copy_all(copier: RangeCopier, ops: list[Segment], sink: LocalOutput | RemoteOutput | PartOutput) -> None:
+    for i, op in enumerate(ops):
+        if i + 1 < len(ops):
+            nxt = ops[i + 1]
+            copier.prefetch(nxt.shard, nxt.offset, nxt.length)
+        copier.copy(op.shard, op.offset, op.length, sink)
 
 
 def hash_file(storage: Storage, name: str, buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> str:

@@ -97,7 +97,13 @@ def _brute_force(model, seqs: list[np.ndarray]):
     return freq, reap, eaft, p_lo, h_lo
 
 
-def test_hook_statistics_equal_brute_force(tmp_path):
+@pytest.mark.parametrize("strategy", ["grouped", "loop"])
+def test_hook_statistics_equal_brute_force(tmp_path, monkeypatch, strategy):
+    import profiling.observer as observer
+
+    if strategy == "grouped" and observer._grouped_linear() is None:
+        pytest.skip("this transformers has no grouped matmul helper")
+    monkeypatch.setattr(observer, "STRATEGY", strategy)
     model = _model()
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, 256, 24) for _ in range(5)]
