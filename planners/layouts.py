@@ -69,6 +69,9 @@ class Layout:
         router: regex of router tensors sliced along dim 0; group ``layer``.
         expert: regex of per-expert tensors; groups ``layer`` and ``expert``.
         router_bias: template of the router bias tensor name (``{layer}``), for soft pruning.
+        group_field: config field of the expert-group count for group-limited routing
+            (DeepSeek-V3, GLM-4.5): the kept experts must stay balanced across groups.
+        routing: how the family turns router logits into weights (documentation and tests).
     """
 
     family: str
@@ -79,6 +82,8 @@ class Layout:
     fused: str | None = None
     expert: str | None = None
     router_bias: str | None = None
+    group_field: str | None = None
+    routing: str = "softmax over the top-k logits"
 
     def classify(self, name: str) -> ExpertTensor | None:
         for role, pattern in (("fused", self.fused), ("router", self.router), ("expert", self.expert)):
@@ -104,15 +109,19 @@ class Layout:
     def top_k(self, config: Mapping[str, Any], where: str = "config.json") -> int:
         return _int_field(config, self.topk_fields, where)
 
+    def num_groups(self, config: Mapping[str, Any]) -> int:
+        """Expert groups of group-limited routing (1 when the family has none)."""
+        if self.group_field is None:
+            return 1
+        v = config.get(self.group_field)
+        return v if isinstance(v, int) and v > 0 else 1
+
     def config_patch(self, config: Mapping[str, Any], kept: int, top_k: int) -> dict[str, Any]:
         """The config fields to set for ``kept`` experts per layer and routing ``top_k``."""
         patch: dict[str, Any] = {}
-        for f in self.count_fields:
-            if f in config or f == self.count_fields[0]:
-                patch[f] = kept
-        for f in self.topk_fields:
-            if f in config or f == self.topk_fields[0]:
-                patch[f] = top_k
+        for fields, value in ((self.count_fields, kept), (self.topk_fields, top_k)):
+            present = [f for f in fields if f in config] or [fields[0]]
+            patch.update({f: value for f in present})
         return patch
 
     def moe_layers(self, ckpt: Checkpoint) -> dict[int, MoELayer]:
@@ -162,17 +171,75 @@ GPT_OSS = Layout(
     router_bias="model.layers.{layer}.mlp.router.bias",
 )
 
-LAYOUTS: tuple[Layout, ...] = (GPT_OSS,)
+_PER_EXPERT = _L + r"mlp\.experts\.(?P<expert>\d+)\."
+
+QWEN3_MOE = Layout(
+    family="qwen3_moe",
+    model_types=("qwen3_moe",),
+    count_fields=("num_experts", "num_local_experts"),
+    topk_fields=("num_experts_per_tok",),
+    expert=_PER_EXPERT,
+    router=_L + r"mlp\.gate\.weight$",
+    routing="softmax over all experts, top-k, renormalized when norm_topk_prob",
+)
+QWEN2_MOE = Layout(
+    family="qwen2_moe",
+    model_types=("qwen2_moe",),
+    count_fields=("num_experts", "num_local_experts"),
+    topk_fields=("num_experts_per_tok",),
+    expert=_PER_EXPERT,  # mlp.shared_expert.* and mlp.shared_expert_gate are never pruned
+    router=_L + r"mlp\.gate\.weight$",
+    routing="softmax over all experts, top-k, renormalized when norm_topk_prob; plus a gated shared expert",
+)
+MIXTRAL = Layout(
+    family="mixtral",
+    model_types=("mixtral",),
+    count_fields=("num_local_experts", "num_experts"),
+    topk_fields=("num_experts_per_tok",),
+    expert=_L + r"block_sparse_moe\.experts\.(?P<expert>\d+)\.",
+    router=_L + r"block_sparse_moe\.gate\.weight$",
+    routing="top-k of the logits, softmax over those k",
+)
+OLMOE = Layout(
+    family="olmoe",
+    model_types=("olmoe",),
+    count_fields=("num_experts", "num_local_experts"),
+    topk_fields=("num_experts_per_tok",),
+    expert=_PER_EXPERT,
+    router=_L + r"mlp\.gate\.weight$",
+    routing="softmax over all experts, top-k, renormalized when norm_topk_prob",
+)
+DEEPSEEK_V3 = Layout(
+    family="deepseek_v3",
+    model_types=("deepseek_v3", "glm4_moe"),
+    count_fields=("n_routed_experts",),
+    topk_fields=("num_experts_per_tok",),
+    expert=_PER_EXPERT,  # FP8 weight_scale_inv tensors sit under the expert and move with it
+    router=_L + r"mlp\.gate\.(?:weight|e_score_correction_bias)$",
+    group_field="n_group",
+    routing="sigmoid scores; choice by score + correction bias within the top topk_group groups "
+            "(group score: sum of its two best); weights from the scores, renormalized, scaled",
+)
+
+LAYOUTS: tuple[Layout, ...] = (GPT_OSS, QWEN3_MOE, QWEN2_MOE, MIXTRAL, OLMOE, DEEPSEEK_V3)
+
+
+_ARCHITECTURES = {
+    "GptOssForCausalLM": GPT_OSS, "Qwen3MoeForCausalLM": QWEN3_MOE, "Qwen2MoeForCausalLM": QWEN2_MOE,
+    "MixtralForCausalLM": MIXTRAL, "OlmoeForCausalLM": OLMOE, "DeepseekV3ForCausalLM": DEEPSEEK_V3,
+    "Glm4MoeForCausalLM": DEEPSEEK_V3,
+}
 
 
 def layout_for_config(config: Mapping[str, Any]) -> Layout | None:
+    """The layout for a config, by ``model_type`` first, then by ``architectures``."""
     model_type = config.get("model_type")
-    archs = config.get("architectures") or []
     for layout in LAYOUTS:
         if model_type in layout.model_types:
             return layout
-        if any(a.lower().startswith(layout.family.replace("_", "")) for a in archs):
-            return layout
+    for arch in config.get("architectures") or []:
+        if arch in _ARCHITECTURES:
+            return _ARCHITECTURES[arch]
     return None
 
 
@@ -187,9 +254,14 @@ def detect_layout(ckpt: Checkpoint) -> Layout:
     layout = layout_for_config(ckpt.config)
     if layout is None:
         known = ", ".join(t for lay in LAYOUTS for t in lay.model_types)
+        moe_fields = [f for f in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+                      if f in ckpt.config]
+        what = (f"it has MoE fields {moe_fields}, but its expert tensor names and routing are not known here"
+                if moe_fields else "no expert-count field (num_experts, num_local_experts, n_routed_experts) "
+                "was found, so it may not be an MoE model")
         raise CheckpointError(
             f"{ckpt.storage.describe('config.json')}: model_type "
             f"{ckpt.config.get('model_type')!r} (architectures "
-            f"{ckpt.config.get('architectures')}) is not a supported MoE family; supported: {known}"
+            f"{ckpt.config.get('architectures')}) is not a supported MoE family: {what}; supported: {known}"
         )
     return layout

@@ -120,6 +120,36 @@ def check_top_k(kept: int, config_top_k: int, new_top_k: int | None) -> int:
     return k
 
 
+def check_groups(kept: int, groups: int, top_k: int, topk_group: int | None) -> None:
+    """Group-limited routing (DeepSeek-V3, GLM-4.5) needs balanced groups; explain a refusal.
+
+    Routing first picks ``topk_group`` of the ``groups`` expert groups by the sum of each group's
+    two best scores, then the top-k experts inside them. Group ``g`` of the pruned model holds
+    the kept experts of original group ``g``, so every group must keep the same number, at least
+    two, and the chosen groups must still hold ``top_k`` experts.
+    """
+    if groups <= 1:
+        return
+    if kept % groups:
+        lo, hi = (kept // groups) * groups, -(-kept // groups) * groups
+        raise PolicyError(
+            f"keeping {kept} experts per layer is not divisible by n_group = {groups}: group-limited "
+            f"routing needs the same number of experts in every group; keep {lo or groups} or {hi}"
+        )
+    per = kept // groups
+    if per < 2:
+        raise PolicyError(
+            f"keeping {kept} experts in {groups} groups leaves {per} per group; group-limited routing "
+            f"scores a group by its two best experts, so keep at least {2 * groups}"
+        )
+    if topk_group is not None and topk_group * per < top_k:
+        raise PolicyError(
+            f"with {per} experts per group and topk_group = {topk_group}, a token can reach only "
+            f"{topk_group * per} experts, fewer than top-k {top_k}; keep at least "
+            f"{-(-top_k // topk_group) * groups} experts or lower --top-k"
+        )
+
+
 def _combined(domains: Sequence[Domain], layer: int, metric: str) -> tuple[list[float], list[list[float]]]:
     """Domain-normalized scores (each domain's positive mass scaled to 1), and their weighted sum."""
     total_w = sum(d.weight for d in domains)
@@ -150,9 +180,13 @@ def covering_set(normalized: Sequence[float], coverage: float) -> list[int]:
 
 
 def select_layer(
-    domains: Sequence[Domain], layer: int, n: int, policy: KeepPolicy
+    domains: Sequence[Domain], layer: int, n: int, policy: KeepPolicy, groups: int = 1
 ) -> tuple[tuple[int, ...], dict[int, tuple[str, ...]]]:
-    """Keep ``n`` experts of one layer: core, then the union of covering sets, cut or filled."""
+    """Keep ``n`` experts of one layer: core, then the union of covering sets, cut or filled.
+
+    With ``groups`` > 1 the same happens inside each contiguous expert group with a quota of
+    ``n / groups``.
+    """
     combined, normalized = _combined(domains, layer, policy.rank)
     order = ranking(combined)
     core = order[: policy.core_top_m]
@@ -160,6 +194,8 @@ def select_layer(
     for d, norm in zip(domains, normalized):
         for e in covering_set(norm, policy.coverage):
             wanted.setdefault(e, []).append(d.name)
+    if groups > 1:
+        return _select_grouped(order, core, wanted, n, groups, layer)
     rest = [e for e in order if e in wanted and e not in core]
     kept = core + rest[: n - len(core)]
     for e in order:
@@ -171,22 +207,51 @@ def select_layer(
     return tuple(sorted(kept)), {e: tuple(wanted[e]) for e in sorted(kept)}
 
 
+def _select_grouped(order: list[int], core: list[int], wanted: Mapping[int, list[str]], n: int, groups: int,
+                    layer: int) -> tuple[tuple[int, ...], dict[int, tuple[str, ...]]]:
+    size = len(order) // groups
+    quota = n // groups
+    kept: list[int] = []
+    reasons: dict[int, tuple[str, ...]] = {}
+    for g in range(groups):
+        members = [e for e in order if e // size == g]
+        g_core = [e for e in core if e // size == g]
+        if len(g_core) > quota:
+            raise PolicyError(
+                f"layer {layer}: {len(g_core)} core experts fall in group {g}, more than its quota of "
+                f"{quota} ({n} kept / {groups} groups); lower --core-top-m"
+            )
+        picked = g_core + [e for e in members if e in wanted and e not in g_core][: quota - len(g_core)]
+        picked += [e for e in members if e not in picked][: quota - len(picked)]
+        kept += picked
+        reasons.update({e: tuple(wanted.get(e, ["group-fill"])) for e in picked})
+    return tuple(sorted(kept)), {e: reasons[e] for e in sorted(kept)}
+
+
 def select_keep(
-    domains: Sequence[Domain], layers: Sequence[int], num_experts: int, config_top_k: int, policy: KeepPolicy
+    domains: Sequence[Domain], layers: Sequence[int], num_experts: int, config_top_k: int, policy: KeepPolicy,
+    groups: int = 1, topk_group: int | None = None,
 ) -> KeepDecision:
     """Apply ``policy`` to every layer.
 
+    Args:
+        groups / topk_group: group-limited routing of the family (see :func:`check_groups`).
+
     Raises:
-        PolicyError: see :func:`keep_count`; for budgets, a budget the layers cannot meet.
+        PolicyError: see :func:`keep_count` and :func:`check_groups`; for budgets, a budget the
+            layers cannot meet.
     """
     if not domains:
         raise PolicyError("no saliency given: pass --saliency FILE (one per domain) or --keep-list FILE")
     if policy.budget is not None:
+        if groups > 1:
+            raise PolicyError("--budget (different counts per layer) is not supported with group-limited routing")
         return _select_budget(domains, layers, num_experts, config_top_k, policy)
     n = keep_count(policy, num_experts, config_top_k)
+    check_groups(n, groups, policy.top_k or config_top_k, topk_group)
     keep, reasons = {}, {}
     for layer in layers:
-        keep[layer], reasons[layer] = select_layer(domains, layer, n, policy)
+        keep[layer], reasons[layer] = select_layer(domains, layer, n, policy, groups)
     return KeepDecision(keep, reasons, policy.top_k or config_top_k)
 
 
@@ -215,9 +280,11 @@ def _select_budget(
 
 
 def validate_keep_list(
-    keep: Mapping[int, tuple[int, ...]], config_top_k: int, new_top_k: int | None, allow_nonuniform: bool = False
+    keep: Mapping[int, tuple[int, ...]], config_top_k: int, new_top_k: int | None, allow_nonuniform: bool = False,
+    groups: int = 1, topk_group: int | None = None, num_experts: int | None = None,
 ) -> KeepDecision:
-    """Check an explicit keep list: counts against top-k and, unless allowed, uniform counts."""
+    """Check an explicit keep list: counts against top-k, group balance and, unless allowed,
+    uniform counts."""
     counts = {len(v) for v in keep.values()}
     if len(counts) > 1 and not allow_nonuniform:
         raise PolicyError(
@@ -227,4 +294,14 @@ def validate_keep_list(
     k = new_top_k or config_top_k
     for c in counts:
         check_top_k(c, config_top_k, new_top_k)
+        check_groups(c, groups, k, topk_group)
+    if groups > 1 and num_experts:
+        size = num_experts // groups
+        for layer, ids in keep.items():
+            per = [sum(1 for e in ids if e // size == g) for g in range(groups)]
+            if len(set(per)) > 1:
+                raise PolicyError(
+                    f"keep list, layer {layer}: keeps {per} experts in groups 0..{groups - 1}; group-limited "
+                    f"routing needs the same number in every group"
+                )
     return KeepDecision(dict(keep), {layer: {e: ("keep-list",) for e in ks} for layer, ks in keep.items()}, k)

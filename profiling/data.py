@@ -37,6 +37,18 @@ def load_tokenizer(model_dir: str | Path, vocab_size: int):
     return ByteTokenizer()
 
 
+class LazyTokenizer:
+    """Loads the tokenizer on the first text to encode: pre-tokenized data needs none."""
+
+    def __init__(self, model_dir: str | Path, vocab_size: int):
+        self.model_dir, self.vocab_size, self._tok = model_dir, vocab_size, None
+
+    def get(self):
+        if self._tok is None:
+            self._tok = load_tokenizer(self.model_dir, self.vocab_size)
+        return self._tok
+
+
 def documents(paths: Sequence[str | Path], tokenizer) -> Iterator[list[int]]:
     """Token ids per document.
 
@@ -68,6 +80,8 @@ def documents(paths: Sequence[str | Path], tokenizer) -> Iterator[list[int]]:
 
 
 def _encode(tokenizer, text: str) -> list[int]:
+    if isinstance(tokenizer, LazyTokenizer):
+        tokenizer = tokenizer.get()
     if isinstance(tokenizer, ByteTokenizer):
         return tokenizer.encode(text)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -1,9 +1,11 @@
-"""Observing gpt-oss experts: routed-token counts, REAP sums, and per-pair contributions.
+"""Observing MoE experts: routed-token counts, REAP sums, and per-pair contributions.
 
 The observer registers its own experts implementation with transformers' experts interface and
 switches the model to it: it computes what the eager implementation computes, only for routed
 (token, expert) pairs, and on the way takes each pair's expert output norm. No dense pass over
-all experts, no second computation of any expert.
+all experts, no second computation of any expert. It serves every family whose experts module
+uses that interface (gpt-oss, Qwen2/3-MoE, Mixtral, OLMoE, DeepSeek-V3, GLM-4.5): the module's
+own flags say whether weights are transposed, carry biases, and have a gate.
 """
 
 from __future__ import annotations
@@ -42,21 +44,40 @@ def expert_outputs(self, x: torch.Tensor, sorted_ids: torch.Tensor, counts: torc
     ``grouped`` runs all experts in grouped matmuls like transformers' ``grouped_mm``
     implementation; ``loop`` runs one matmul pair per expert with tokens, like ``eager``.
     """
+    has_gate = getattr(self, "has_gate", True)
+    has_bias = getattr(self, "has_bias", False)
+    transposed = getattr(self, "is_transposed", False)
+    up_w = self.gate_up_proj if has_gate else self.up_proj
+    up_b = (self.gate_up_proj_bias if has_gate else self.up_proj_bias) if has_bias else None
+    down_b = self.down_proj_bias if has_bias else None
+
+    def act(h: torch.Tensor) -> torch.Tensor:
+        return self._apply_gate(h) if has_gate else self.act_fn(h)
+
     grouped = _grouped_linear() if strategy in ("auto", "grouped") else None
     if grouped is not None:
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        gate_up = grouped(x, self.gate_up_proj, offsets, bias=self.gate_up_proj_bias[sorted_ids], is_transposed=True)
-        return grouped(self._apply_gate(gate_up), self.down_proj, offsets, bias=self.down_proj_bias[sorted_ids],
-                       is_transposed=True)
-    out = torch.empty((x.shape[0], self.hidden_size), dtype=x.dtype, device=x.device)
+        h = grouped(x, up_w, offsets, bias=None if up_b is None else up_b[sorted_ids], is_transposed=transposed)
+        return grouped(act(h), self.down_proj, offsets, bias=None if down_b is None else down_b[sorted_ids],
+                       is_transposed=transposed)
+
+    def linear(v: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        y = v @ w if transposed else v @ w.transpose(-2, -1)
+        return y if b is None else y + b
+
+    out = None
     start = 0
     for e, n in enumerate(counts.tolist()):
         if n == 0:
             continue
         end = start + n
-        gate_up = x[start:end] @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]
-        out[start:end] = self._apply_gate(gate_up) @ self.down_proj[e] + self.down_proj_bias[e]
+        h = linear(x[start:end], up_w[e], None if up_b is None else up_b[e])
+        y = linear(act(h), self.down_proj[e], None if down_b is None else down_b[e])
+        if out is None:
+            out = torch.empty((x.shape[0], y.shape[-1]), dtype=y.dtype, device=x.device)
+        out[start:end] = y
         start = end
+    assert out is not None
     return out
 
 
@@ -101,15 +122,28 @@ class ExpertObserver:
     slots: list[LayerSlot] = field(default_factory=list)
     _previous: dict[int, str | None] = field(default_factory=dict)
 
+    def experts_modules(self) -> list[tuple[int, torch.nn.Module]]:
+        """(layer index, experts module) of every MoE layer that uses the experts interface."""
+        found = []
+        for name, module in self.model.named_modules():
+            if not (hasattr(module, "num_experts") and hasattr(module, "down_proj") and hasattr(module, "config")):
+                continue
+            if not isinstance(getattr(module, "down_proj"), torch.nn.Parameter):
+                continue
+            parts = name.split(".")
+            if "layers" in parts:
+                found.append((int(parts[parts.index("layers") + 1]), module))
+        return found
+
     def install(self) -> ExpertObserver:
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
         ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, observed_experts_forward)
         device = next(self.model.parameters()).device
-        for i, layer in enumerate(self.model.model.layers):
-            experts = getattr(layer.mlp, "experts", None)
-            if experts is None:
-                continue
+        modules = self.experts_modules()
+        if not modules:
+            raise ValueError(f"{type(self.model).__name__} has no experts module using transformers' experts interface")
+        for i, experts in modules:
             n = experts.num_experts
             slot = LayerSlot(i, torch.zeros(n, dtype=torch.float64, device=device),
                              torch.zeros(n, dtype=torch.float64, device=device))
@@ -120,10 +154,7 @@ class ExpertObserver:
         return self
 
     def remove(self) -> None:
-        for layer in self.model.model.layers:
-            experts = getattr(layer.mlp, "experts", None)
-            if experts is None:
-                continue
+        for _, experts in self.experts_modules():
             experts.__dict__.pop("_rewriter_slot", None)
             if id(experts.config) in self._previous:
                 experts.config._experts_implementation = self._previous[id(experts.config)]

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from planners.saliency import Saliency
-from profiling.data import documents, load_tokenizer, pack
+from profiling.data import LazyTokenizer, documents, pack
 from profiling.observer import ExpertObserver
 from profiling.stats import eaft_weights, exact_percentile
 
@@ -39,16 +39,18 @@ H_QUANTILE = 15.0
 
 
 def load_model(path: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat16):
-    """A gpt-oss model from ``path``; MXFP4 checkpoints are dequantized to bf16."""
+    """A causal LM from ``path``; MXFP4 (gpt-oss) checkpoints are dequantized to bf16."""
     import json
 
-    from transformers import GptOssForCausalLM, Mxfp4Config
+    from transformers import AutoModelForCausalLM
 
     cfg = json.loads((Path(path) / "config.json").read_text())
     kw: dict[str, Any] = {"dtype": dtype}
     if (cfg.get("quantization_config") or {}).get("quant_method") == "mxfp4":
+        from transformers import Mxfp4Config
+
         kw["quantization_config"] = Mxfp4Config(dequantize=True)
-    model = GptOssForCausalLM.from_pretrained(path, **kw)
+    model = AutoModelForCausalLM.from_pretrained(path, **kw)
     return model.to(device).eval()
 
 
@@ -178,18 +180,22 @@ def profile(
     progress: Callable[[int], None] | None = None,
 ) -> Saliency:
     """Load ``model_path``, profile it on ``data`` and return the saliency (one domain)."""
+    from planners.layouts import layout_for_config
+
     model = load_model(model_path, device)
     cfg = model.config
-    tok = load_tokenizer(model_path, cfg.vocab_size)
+    tok = LazyTokenizer(model_path, cfg.vocab_size)
     eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, int) and cfg.eos_token_id < cfg.vocab_size else None
     seqs = pack(documents(data, tok), seq_len, max_tokens, eos, cfg.vocab_size)
     layers, stats = profile_model(model, seqs, batch_size=batch_size, progress=progress)
+    layout = layout_for_config(cfg.to_dict())
     return Saliency(
         domain=domain,
         layers=layers,
         tokens=stats.tokens,
-        model={"family": "gpt_oss", "name": str(model_path), "num_layers": cfg.num_hidden_layers,
-               "num_experts": cfg.num_local_experts, "top_k": cfg.num_experts_per_tok},
+        model={"family": layout.family if layout else cfg.model_type, "name": str(model_path),
+               "num_layers": cfg.num_hidden_layers, "num_experts": len(next(iter(layers.values()))["freq"]),
+               "top_k": cfg.num_experts_per_tok},
         method={"seq_len": seq_len, "batch_size": batch_size, "device": device, "data": [str(d) for d in data],
                 "eaft": {"p_quantile": P_QUANTILE, "h_quantile": H_QUANTILE, "p_lo": stats.p_lo, "h_lo": stats.h_lo,
                          "top_entropy": TOP_ENTROPY},

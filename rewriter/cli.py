@@ -163,9 +163,11 @@ def make_plan(src: str, *, layers_only: list[int] | None = None, **kw: Any):
                         coverage=kw["coverage"], top_k=kw["top_k"], budget=kw["budget"])
     if kw["keep_list"] and kw["saliency"]:
         raise click.UsageError("give --saliency or --keep-list, not both")
+    groups = layout.num_groups(ckpt.config)
+    topk_group = ckpt.config.get("topk_group") if groups > 1 else None
     if kw["keep_list"]:
         keep, digest = load_keep_list(kw["keep_list"], n_exp, moe)
-        decision = validate_keep_list(keep, top_k, kw["top_k"], kw["allow_nonuniform"])
+        decision = validate_keep_list(keep, top_k, kw["top_k"], kw["allow_nonuniform"], groups, topk_group, n_exp)
         prov = {"keep_list": {"path": kw["keep_list"], "sha256": digest}, "policy": {"top_k": kw["top_k"]}}
     else:
         weights = {}
@@ -180,7 +182,7 @@ def make_plan(src: str, *, layers_only: list[int] | None = None, **kw: Any):
         if unknown:
             raise click.BadParameter(f"no saliency file has domain {sorted(unknown)}", param_hint="--weight")
         domains = [Domain(s, weights.get(s.domain, 1.0)) for s in sal]
-        decision = select_keep(domains, moe, n_exp, top_k, policy)
+        decision = select_keep(domains, moe, n_exp, top_k, policy, groups, topk_group)
         if not decision.uniform and not kw["allow_nonuniform"] and policy.budget is None:
             raise click.UsageError("non-uniform keep counts need --allow-nonuniform")
         prov = {
