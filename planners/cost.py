@@ -82,15 +82,19 @@ def estimate(
     for o in plan.outputs:
         for t in o.tensors:
             d = per_layer.setdefault(t.layer, {"src": set(), "out": set(), "read": 0, "segs": 0})
-            d["src"].update(s.shard for s in t.segments)
+            d["src"].update(s.shard for s in t.segments if s.data is None)
             d["out"].add(o.name)
-            d["read"] += t.nbytes
+            d["read"] += sum(s.length for s in t.segments if s.data is None)
             d["segs"] += len(t.segments)
+    written = {}
+    for o in plan.outputs:
+        for t in o.tensors:
+            written[t.layer] = written.get(t.layer, 0) + t.nbytes
     layers = tuple(
-        LayerCost(k, tuple(sorted(v["src"])), tuple(sorted(v["out"])), v["read"], v["read"], v["segs"])
+        LayerCost(k, tuple(sorted(v["src"])), tuple(sorted(v["out"])), v["read"], written[k], v["segs"])
         for k, v in sorted(per_layer.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
     )
-    ops = [op for o in plan.outputs for op in o.copy_ops()]
+    ops = [op for o in plan.outputs for op in o.copy_ops() if op.data is None]
     requests = sum(-(-op.length // buffer_bytes) for op in ops)
     header_bytes = sum(8 + int(fp.get("header_len", 0)) for fp in plan.source_shards.values())
     workers = max(1, workers)
@@ -105,7 +109,7 @@ def estimate(
     return CostReport(
         layers=layers,
         source_bytes=sum(int(fp["size"]) for fp in plan.source_shards.values()),
-        bytes_read=plan.total_size,
+        bytes_read=sum(op.length for op in ops),
         header_bytes_read=header_bytes,
         bytes_written=sum(o.size for o in plan.outputs),
         output_shards=len(plan.outputs),

@@ -34,11 +34,31 @@ PROVENANCE_NAME = "pruning.json"
 
 @dataclass(frozen=True)
 class Segment:
-    """``length`` bytes at absolute ``offset`` of source shard ``shard``."""
+    """``length`` bytes at absolute ``offset`` of source shard ``shard``, or, when ``data`` is
+    set, those literal bytes (a soft prune's replaced router bias entries)."""
 
     shard: str
     offset: int
     length: int
+    data: bytes | None = None
+
+    @classmethod
+    def literal(cls, data: bytes) -> Segment:
+        return cls("", 0, len(data), data)
+
+    def to_json(self) -> list:
+        if self.data is not None:
+            return ["", 0, self.length, self.data.hex()]
+        return [self.shard, self.offset, self.length]
+
+    @classmethod
+    def from_json(cls, v: list) -> Segment:
+        if len(v) == 4:
+            data = bytes.fromhex(v[3])
+            if len(data) != int(v[2]):
+                raise ValueError(f"literal segment of {len(data)} bytes declares {v[2]}")
+            return cls.literal(data)
+        return cls(v[0], int(v[1]), int(v[2]))
 
 
 @dataclass(frozen=True)
@@ -78,7 +98,8 @@ class OutputShard:
         pending: Segment | None = None
         for t in self.tensors:
             for s in t.segments:
-                if pending and pending.shard == s.shard and pending.offset + pending.length == s.offset:
+                if (pending and s.data is None and pending.data is None and pending.shard == s.shard
+                        and pending.offset + pending.length == s.offset):
                     pending = Segment(s.shard, pending.offset, pending.length + s.length)
                     continue
                 if pending:
@@ -106,6 +127,7 @@ class Plan:
     provenance: Mapping[str, Any] = field(default_factory=dict)
     loadable: bool = True
     layers_only: tuple[int, ...] | None = None
+    soft: bool = False
     version: int = PLAN_VERSION
 
     @property
@@ -140,6 +162,7 @@ class Plan:
             "family": self.family,
             "loadable_by_transformers": self.loadable,
             "layers_only": list(self.layers_only) if self.layers_only is not None else None,
+            "mode": "soft" if self.soft else "structural",
             "top_k": self.top_k,
             "config_patch": dict(self.config_patch),
             "config": dict(self.config),
@@ -161,7 +184,7 @@ class Plan:
                             "layer": t.layer,
                             "dtype": t.dtype,
                             "shape": list(t.shape),
-                            "segments": [[s.shard, s.offset, s.length] for s in t.segments],
+                            "segments": [s.to_json() for s in t.segments],
                         }
                         for t in o.tensors
                     ],
@@ -213,6 +236,7 @@ class Plan:
                 provenance=doc.get("provenance", {}),
                 loadable=bool(doc.get("loadable_by_transformers", True)),
                 layers_only=tuple(layers_only) if layers_only is not None else None,
+                soft=doc.get("mode", "structural") == "soft",
             )
         except (KeyError, TypeError, ValueError) as e:
             raise PlanError(f"{where}: malformed plan ({type(e).__name__}: {e})") from None
@@ -248,7 +272,7 @@ def _output_from_json(o: Mapping[str, Any], where: str) -> OutputShard:
     tensors = tuple(
         PlannedTensor(
             t["name"], t["dtype"], tuple(t["shape"]), t["source"],
-            tuple(Segment(s, int(off), int(n)) for s, off, n in t["segments"]), t.get("layer"),
+            tuple(Segment.from_json(v) for v in t["segments"]), t.get("layer"),
         )
         for t in o["tensors"]
     )
@@ -278,12 +302,53 @@ def _coalesce(shard: str, begin: int, row: int, ids: Sequence[int]) -> tuple[Seg
     return tuple(segs)
 
 
-def plan_tensors(ckpt: Checkpoint, layout: Layout, keep: Mapping[int, Sequence[int]], layers_only: Sequence[int] | None = None) -> list[PlannedTensor]:
-    """Output tensors in layer-local order, each with its source segments."""
+#: The most negative finite value per dtype: a router bias that no expert overcomes.
+NEVER_SELECTED = {"BF16": bytes.fromhex("7fff"), "F16": bytes.fromhex("fffb"), "F32": bytes.fromhex("ffff7fff")}
+
+
+def _soft_bias(info: TensorInfo, keep: Sequence[int]) -> PlannedTensor:
+    if info.dtype not in NEVER_SELECTED or len(info.shape) != 1:
+        raise PlanError(f"soft prune: router bias {info.name!r} is {info.dtype}{list(info.shape)}; "
+                        f"expected a 1-D BF16, F16 or F32 tensor")
+    row = info.nbytes // info.shape[0]
+    segs: list[Segment] = []
+    for e in range(info.shape[0]):
+        if e in keep:
+            segs.append(Segment(info.shard, info.begin + e * row, row))
+        else:
+            segs.append(Segment.literal(NEVER_SELECTED[info.dtype]))
+    merged: list[Segment] = []
+    for sg in segs:
+        last = merged[-1] if merged else None
+        if last and last.data is None and sg.data is None and last.offset + last.length == sg.offset:
+            merged[-1] = Segment(last.shard, last.offset, last.length + sg.length)
+        elif last and last.data is not None and sg.data is not None:
+            merged[-1] = Segment.literal(last.data + sg.data)
+        else:
+            merged.append(sg)
+    return PlannedTensor(info.name, info.dtype, info.shape, info.name, tuple(merged), info.layer)
+
+
+def plan_tensors(ckpt: Checkpoint, layout: Layout, keep: Mapping[int, Sequence[int]],
+                 layers_only: Sequence[int] | None = None, soft: bool = False) -> list[PlannedTensor]:
+    """Output tensors in layer-local order, each with its source segments.
+
+    ``soft``: every tensor is copied whole except each layer's router bias, whose dropped
+    entries become the dtype's most negative value, so those experts are never selected.
+    """
     out = []
+    biases_done = set()
     for info in sorted(ckpt.tensors.values(), key=lambda t: (_layer_key(t), t.shard, t.begin)):
         role = layout.classify(info.name)
         if layers_only is not None and (role is None or role.layer not in layers_only):
+            continue
+        if soft:
+            if role is not None and role.role == "router" and info.name.endswith("bias"):
+                out.append(_soft_bias(info, keep[role.layer]))
+                biases_done.add(role.layer)
+            else:
+                out.append(PlannedTensor(info.name, info.dtype, info.shape, info.name,
+                                         (Segment(info.shard, info.begin, info.nbytes),), info.layer))
             continue
         if role is None:
             out.append(PlannedTensor(info.name, info.dtype, info.shape, info.name,
@@ -300,6 +365,12 @@ def plan_tensors(ckpt: Checkpoint, layout: Layout, keep: Mapping[int, Sequence[i
         shape = (len(ids), *info.shape[1:])
         out.append(PlannedTensor(info.name, info.dtype, shape, info.name,
                                  _coalesce(info.shard, info.begin, row, ids), role.layer))
+    if soft and set(keep) - biases_done:
+        raise PlanError(
+            f"soft prune needs a router bias in every MoE layer; {layout.family} layers "
+            f"{sorted(set(keep) - biases_done)[:5]} have none (soft prune works for gpt-oss and "
+            f"DeepSeek-V3/GLM-4.5); use a structural prune instead"
+        )
     return out
 
 
@@ -344,6 +415,7 @@ def build_plan(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     layers_only: Sequence[int] | None = None,
     provenance: Mapping[str, Any] | None = None,
+    soft: bool = False,
 ) -> Plan:
     """Turn keep sets into a plan for ``ckpt``.
 
@@ -354,6 +426,8 @@ def build_plan(
         layers_only: restrict the plan to these layers' expert tensors, one output file per
             layer (``layer-00018.safetensors``): a per-layer dry-run plan.
         provenance: saliency digests, policy and parameters to record.
+        soft: a soft prune: nothing is removed; dropped experts' router bias entries are set so
+            they are never selected (and the top-k patched). Expert ids keep their numbers.
 
     Raises:
         PlanError: keep sets that do not cover the MoE layers, or name unknown layers.
@@ -369,7 +443,7 @@ def build_plan(
         if bad:
             raise PlanError(f"--layer {bad}: not MoE layers of {ckpt.url} (MoE layers: 0..{max(moe)})")
     num_experts = layout.num_experts(ckpt.config)
-    tensors = plan_tensors(ckpt, layout, decision.keep, layers_only)
+    tensors = plan_tensors(ckpt, layout, decision.keep, layers_only, soft)
     zero_based = any(re.search(r"-00000-of-\d+\.safetensors$", s) for s in ckpt.shards)
     if layers_only is not None:
         groups = [[t for t in tensors if t.layer == layer] for layer in sorted(set(layers_only))]
@@ -385,7 +459,9 @@ def build_plan(
     uniform = len(counts) == 1
     kept = max(counts)
     patch = layout.config_patch(ckpt.config, kept, decision.top_k)
-    if not uniform:
+    if soft:
+        patch = {k: v for k, v in patch.items() if k in layout.topk_fields}
+    elif not uniform:
         patch = {k: v for k, v in patch.items() if k not in layout.count_fields}
     config = {**ckpt.config, **patch}
     copy_files, skipped = [], []
@@ -417,6 +493,7 @@ def build_plan(
         skipped_files=tuple(skipped),
         reasons=decision.reasons,
         provenance=prov,
-        loadable=uniform,
+        loadable=uniform or soft,
         layers_only=tuple(sorted(set(layers_only))) if layers_only is not None else None,
+        soft=soft,
     )

@@ -147,7 +147,7 @@ def _parse_size(text: str) -> int:
         raise click.BadParameter(f"{text!r} is not a size like 5GB or 500MiB") from None
 
 
-def make_plan(src: str, *, layers_only: list[int] | None = None, **kw: Any):
+def make_plan(src: str, *, layers_only: list[int] | None = None, soft: bool = False, **kw: Any):
     """Open SRC, choose keep sets from saliency or a keep list, and build the plan."""
     from planners.plan import build_plan
     from planners.policies import Domain, KeepPolicy, select_keep, validate_keep_list
@@ -191,7 +191,7 @@ def make_plan(src: str, *, layers_only: list[int] | None = None, **kw: Any):
             "policy": policy.to_json(),
         }
     return build_plan(ckpt, decision, max_shard_bytes=_parse_size(kw["max_shard_size"]),
-                      layers_only=layers_only, provenance=prov)
+                      layers_only=layers_only, provenance=prov, soft=soft)
 
 
 def cost_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -339,6 +339,30 @@ def prune(src: str, dst: str, plan_out: str | None, **kw: Any) -> None:
     if plan_out:
         p.save(plan_out)
     _execute(p, dst, allow_nonuniform=kw["allow_nonuniform"], src_options=_json_opt(kw["storage_options"]), **run_kw)
+
+
+@main.command("soft-prune")
+@click.argument("src")
+@click.argument("dst")
+@policy_options
+@click.option("--plan-out", default=None, help="Also save the plan here.")
+@run_options
+@_fail_cleanly
+def soft_prune(src: str, dst: str, plan_out: str | None, **kw: Any) -> None:
+    """Try a keep set cheaply: copy SRC to DST with only router biases changed.
+
+    Dropped experts' router bias entries become the dtype's most negative value, so they are
+    never selected; --top-k rewrites the routing top-k. Every other tensor is byte-identical to
+    the source, expert ids keep their numbers, and the config's expert count is unchanged. For
+    families with a router bias (gpt-oss, DeepSeek-V3/GLM-4.5).
+    """
+    run_keys = ("buffer_mib", "force", "no_zero_copy", "drop_cache", "dst_options", "use_ray", "address",
+                "ray_workers", "quiet", "as_json")
+    run_kw = {k: kw.pop(k) for k in run_keys}
+    p = make_plan(src, soft=True, **kw)
+    if plan_out:
+        p.save(plan_out)
+    _execute(p, dst, allow_nonuniform=True, src_options=_json_opt(kw["storage_options"]), **run_kw)
 
 
 @main.command()

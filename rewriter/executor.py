@@ -163,6 +163,13 @@ def split_parts(out: OutputShard, part_bytes: int) -> list[Part]:
     start = pos = len(out.header)
     size = 0
     for op in out.copy_ops():
+        if op.data is not None:
+            ops.append(op)
+            size, pos = size + op.length, pos + op.length
+            if size >= part_bytes:
+                parts.append(Part(out.name, len(parts), start, tuple(ops)))
+                ops, start, size = [], pos, 0
+            continue
         offset, length = op.offset, op.length
         while length:
             take = min(length, part_bytes - size)
@@ -233,10 +240,13 @@ def commit_parts(dst: Storage, out: OutputShard, path: str, buffer_bytes: int, d
 
 def _copy_all(copier: RangeCopier, ops: list[Segment], sink: LocalOutput | RemoteOutput | PartOutput) -> None:
     for i, op in enumerate(ops):
-        if i + 1 < len(ops):
+        if i + 1 < len(ops) and ops[i + 1].data is None:
             nxt = ops[i + 1]
             copier.prefetch(nxt.shard, nxt.offset, nxt.length)
-        copier.copy(op.shard, op.offset, op.length, sink)
+        if op.data is not None:
+            sink.write(op.data)
+        else:
+            copier.copy(op.shard, op.offset, op.length, sink)
 
 
 def hash_file(storage: Storage, name: str, buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from planners.plan import PROVENANCE_NAME, Plan
+from planners.plan import PROVENANCE_NAME, Plan, Segment
 from rewriter.checkpoint import CONFIG_NAME, Checkpoint
 from rewriter.errors import CheckpointError, PlanError, RewriterError
 from rewriter.executor import DEFAULT_BUFFER_BYTES
@@ -53,6 +53,18 @@ def _digest(storage: Storage, ranges: list[tuple[str, int, int]], buffer: bytear
     for name, start, end in ranges:
         for chunk in storage.iter_range(name, start, end, buffer):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def _planned_digest(storage: Storage, segments: tuple[Segment, ...], buffer: bytearray) -> str:
+    """sha256 of what a tensor's segments say: source ranges and literal bytes, in order."""
+    h = hashlib.sha256()
+    for s in segments:
+        if s.data is not None:
+            h.update(s.data)
+        else:
+            for chunk in storage.iter_range(s.shard, s.offset, s.offset + s.length, buffer):
+                h.update(chunk)
     return h.hexdigest()
 
 
@@ -112,7 +124,7 @@ def verify(
                 report.mismatches.append(t.name)
                 continue
             got = _digest(dst_store, [(name, info.begin, info.end)], buf_a)
-            want = _digest(src.storage, [(s.shard, s.offset, s.offset + s.length) for s in t.segments], buf_b)
+            want = _planned_digest(src.storage, t.segments, buf_b)
             report.tensors_checked += 1
             report.bytes_checked += info.nbytes
             if got != want:

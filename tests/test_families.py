@@ -216,3 +216,19 @@ def test_profile_prune_load_qwen3(tmp_path):
     cli("prune", src, tmp_path / "dst", "--saliency", tmp_path / "s.json", "--keep-n", "4", "--rank", "reap", "--quiet")
     m = transformers.Qwen3MoeForCausalLM.from_pretrained(str(tmp_path / "dst"))
     assert m.config.num_experts == 4
+
+
+def test_deepseek_soft_prune_equals_structural(tmp_path):
+    src = tmp_path / "src"
+    _build("deepseek_v3", src)
+    keep = {"1": [1, 3, 4, 6], "2": [0, 2, 5, 7]}
+    (tmp_path / "keep.json").write_text(json.dumps(keep))
+    cli("soft-prune", src, tmp_path / "soft", "--keep-list", tmp_path / "keep.json", "--quiet")
+    cli("prune", src, tmp_path / "hard", "--keep-list", tmp_path / "keep.json", "--quiet")
+    assert "OK" in cli("verify", src, tmp_path / "soft")
+    cls = transformers.DeepseekV3ForCausalLM
+    x = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        soft = cls.from_pretrained(str(tmp_path / "soft")).float()(x).logits
+        hard = cls.from_pretrained(str(tmp_path / "hard")).float()(x).logits
+    torch.testing.assert_close(soft, hard, rtol=1e-5, atol=1e-5)

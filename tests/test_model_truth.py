@@ -104,3 +104,40 @@ def test_saliency_driven_prune_loads(sources, tmp_path):
     keep = json.loads((tmp_path / "dst" / "pruning.json").read_text())["expert_mapping"]
     ids = torch.randint(0, 256, (1, 8))
     assert torch.equal(_pruned_logits(tmp_path / "dst", True, ids), _masked_logits(_load(sources["mxfp4"], True), keep, ids))
+
+
+@pytest.mark.parametrize("top_k", [None, 1])
+def test_soft_prune_equals_structural_prune(sources, tmp_path, top_k):
+    src = sources["mxfp4"]
+    keep = {"0": [1, 2, 4, 7], "1": [0, 3, 5, 6]}
+    (tmp_path / "keep.json").write_text(json.dumps(keep))
+    extra = ["--top-k", str(top_k)] if top_k else []
+    cli("soft-prune", src, tmp_path / "soft", "--keep-list", tmp_path / "keep.json", "--quiet", *extra)
+    cli("prune", src, tmp_path / "hard", "--keep-list", tmp_path / "keep.json", "--quiet", *extra)
+    assert "OK" in cli("verify", src, tmp_path / "soft")
+    from rewriter.checkpoint import Checkpoint
+
+    s_ck, o_ck = Checkpoint.open(str(tmp_path / "soft")), Checkpoint.open(str(src))
+    assert set(s_ck.tensors) == set(o_ck.tensors)
+    assert s_ck.config["num_local_experts"] == 8
+    for name, t in s_ck.tensors.items():
+        a = (tmp_path / "soft" / t.shard).read_bytes()[t.begin : t.end]
+        o = o_ck.tensors[name]
+        b = (src / o.shard).read_bytes()[o.begin : o.end]
+        assert (a == b) == (not name.endswith("router.bias")), name
+    ids = torch.randint(0, 256, (2, 16))
+    soft = _pruned_logits(tmp_path / "soft", True, ids)
+    hard = _pruned_logits(tmp_path / "hard", True, ids)
+    assert torch.isfinite(soft).all()
+    assert torch.equal(soft, hard)
+
+
+def test_soft_prune_refused_without_router_bias(tmp_path):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                                     num_experts_per_tok=2)).save_pretrained(str(tmp_path / "m"))
+    (tmp_path / "keep.json").write_text(json.dumps({"0": [0, 1]}))
+    out = cli("soft-prune", tmp_path / "m", tmp_path / "d", "--keep-list", tmp_path / "keep.json", expect=2)
+    assert "router bias" in out and "mixtral" in out
