@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := demo-out
 
-.PHONY: venv demo test test-fast lint typecheck bench clean
+.PHONY: venv demo test test-fast lint typecheck bench bench-quality clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,5 +42,10 @@ typecheck: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench_io run
 
+# Trains the reference MoE (minutes on a GPU; SIZE=toy runs anywhere in seconds).
+SIZE ?= full
+bench-quality: $(STAMP)
+	$(BIN)/python -m quality.benchmark --size $(SIZE)
+
 clean:
-	rm -rf $(VENV) $(DEMO) bench-work .pytest_cache
+	rm -rf $(VENV) $(DEMO) bench-work quality-work .pytest_cache

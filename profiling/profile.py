@@ -43,7 +43,9 @@ def load_model(path: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat
     import json
 
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     cfg = json.loads((Path(path) / "config.json").read_text())
     kw: dict[str, Any] = {"dtype": dtype}
     if (cfg.get("quantization_config") or {}).get("quant_method") == "mxfp4":

@@ -489,6 +489,47 @@ class TokenProgress:
             click.echo("", err=True)
 
 
+@main.command("eval")
+@click.argument("model")
+@click.option("--data", "packs", multiple=True, required=True, help="Evaluation pack (.jsonl/.npy/text; repeat).")
+@click.option("--seq-len", "seq_lens", type=int, multiple=True, help="Block length (repeat; default 1024).")
+@click.option("--blocks", type=int, default=16, show_default=True, help="Blocks per pack and sequence length.")
+@click.option("--compare", default=None, help="Base model: report deltas and the near-lossless gates.")
+@click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--gate-ppl-abs", type=float, default=0.25, show_default=True, help="Allowed perplexity rise (absolute).")
+@click.option("--gate-ppl-rel", type=float, default=0.05, show_default=True, help="Allowed perplexity rise (share of base).")
+@click.option("--gate-mean-p", type=float, default=0.02, show_default=True, help="Allowed |Δ mean reference probability|.")
+@click.option("--gate-cc", type=float, default=0.002, show_default=True, help="Allowed |Δ confident-conflict rate|.")
+@click.option("--gate-jsd", type=float, default=0.02, show_default=True, help="Allowed JSD of the (p, entropy) histograms.")
+@click.option("--plot", default=None, help="Write a PNG of the (p, entropy) histograms here.")
+@click.option("--json", "as_json", is_flag=True)
+@_fail_cleanly
+def eval_cmd(model: str, packs: tuple[str, ...], seq_lens: tuple[int, ...], blocks: int, compare: str | None,
+             device: str | None, batch_size: int, gate_ppl_abs: float, gate_ppl_rel: float, gate_mean_p: float,
+             gate_cc: float, gate_jsd: float, plot: str | None, as_json: bool) -> None:
+    """Teacher-forced quality of MODEL per pack; with --compare, deltas and near-lossless gates.
+
+    Exit status 1 when --compare is given and any gate fails (rule: docs/eval.md).
+    """
+    import torch
+
+    from quality.evaluate import evaluate, format_table, plot_histograms
+    from quality.gates import Gates
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gates = Gates(gate_ppl_abs, gate_ppl_rel, gate_mean_p, gate_cc, gate_jsd)
+    result = evaluate(model, list(packs), seq_lens=seq_lens or (1024,), blocks=blocks, compare=compare,
+                      device=device, gates=gates, batch_size=batch_size)
+    if plot:
+        plot_histograms(result, plot)
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+    else:
+        click.echo(format_table(result))
+    sys.exit(1 if result["pass"] is False else 0)
+
+
 @main.command("import-reap")
 @click.argument("observer_file")
 @click.option("--out", required=True, help="Saliency file to write.")

@@ -1,0 +1,4 @@
+"""Pruning quality: the evaluation harness, its near-lossless gates, and the reference-MoE benchmark.
+
+Needs the ``torch`` extra.
+"""

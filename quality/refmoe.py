@@ -1,0 +1,198 @@
+"""A reference MoE for the quality benchmark: offline corpora and a small gpt-oss trained on them.
+
+Corpora exist on any machine with Python, and their hashes and sizes are recorded:
+
+* ``code``: the standard library's top-level ``*.py`` files, one document each;
+* ``prose``: the Python documentation topics shipped in ``pydoc_data.topics``;
+* ``arith``: generated arithmetic (``417+38=455``), seeded.
+
+Documents are split by index: 8 of every 10 train, 1 calibrates (profiling), 1 evaluates, so
+calibration and evaluation never share text. Tokens are UTF-8 bytes (vocabulary 256, NUL as the
+end of a document).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+import random
+import sysconfig
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DOMAINS = ("code", "prose", "arith")
+SPLITS = ("train", "calib", "eval")
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    layers: int = 6
+    experts: int = 16
+    top_k: int = 4
+    hidden: int = 256
+    intermediate: int = 256
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 64
+
+
+def _code_docs(limit: int) -> list[str]:
+    docs, size = [], 0
+    for f in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py"))):
+        text = Path(f).read_text(encoding="utf-8", errors="replace")
+        docs.append(text)
+        size += len(text)
+        if size >= limit:
+            break
+    return docs
+
+
+def _prose_docs(limit: int) -> list[str]:
+    from pydoc_data.topics import topics
+
+    docs, size = [], 0
+    for key in sorted(topics):
+        docs.append(topics[key])
+        size += len(topics[key])
+        if size >= limit:
+            break
+    return docs
+
+
+def _arith_docs(limit: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    docs, size = [], 0
+    while size < limit:
+        lines = []
+        for _ in range(24):
+            a, b = rng.randint(0, 999), rng.randint(0, 999)
+            op = rng.choice("+-*")
+            c = a + b if op == "+" else a - b if op == "-" else a * b
+            lines.append(f"{a}{op}{b}={c}")
+        docs.append("\n".join(lines) + "\n")
+        size += len(docs[-1])
+    return docs
+
+
+def _chunks(docs: list[str], size: int = 2048) -> list[str]:
+    """Cut documents at line ends into pieces of about ``size`` characters, so every split
+    gets text from across the corpus."""
+    out = []
+    for d in docs:
+        piece: list[str] = []
+        n = 0
+        for line in d.splitlines(keepends=True):
+            piece.append(line)
+            n += len(line)
+            if n >= size:
+                out.append("".join(piece))
+                piece, n = [], 0
+        if piece:
+            out.append("".join(piece))
+    return out
+
+
+def build_corpora(out: Path, limit_bytes: int = 4_000_000) -> dict[str, Any]:
+    """Write ``out/{domain}-{split}.jsonl`` and return each file's sha256 and size."""
+    out.mkdir(parents=True, exist_ok=True)
+    sources = {"code": _chunks(_code_docs(limit_bytes)), "prose": _chunks(_prose_docs(limit_bytes)),
+               "arith": _chunks(_arith_docs(limit_bytes))}
+    record = {}
+    for domain, docs in sources.items():
+        for split in SPLITS:
+            chosen = [d for i, d in enumerate(docs) if {8: "calib", 9: "eval"}.get(i % 10, "train") == split]
+            path = out / f"{domain}-{split}.jsonl"
+            path.write_text("".join(json.dumps({"text": d}) + "\n" for d in chosen))
+            raw = path.read_bytes()
+            record[f"{domain}-{split}"] = {"documents": len(chosen), "bytes": len(raw),
+                                           "sha256": hashlib.sha256(raw).hexdigest()}
+    return record
+
+
+def _stream(path: Path) -> np.ndarray:
+    ids: list[int] = []
+    for line in path.read_text().splitlines():
+        ids.extend(json.loads(line)["text"].encode("utf-8"))
+        ids.append(0)
+    return np.asarray(ids, dtype=np.int64)
+
+
+def train(
+    corpora: Path, out: Path, *, size: ModelSize = ModelSize(), steps: int = 3000, seq_len: int = 512,
+    batch_size: int = 32, lr: float = 2e-3, seed: int = 0, device: str = "cuda", log=print,
+) -> dict[str, Any]:
+    """Train the reference gpt-oss MoE on the three training splits (equal mixture); save it."""
+    import torch
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    cfg = GptOssConfig(
+        vocab_size=256, hidden_size=size.hidden, intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
+        head_dim=size.head_dim, num_local_experts=size.experts, num_experts_per_tok=size.top_k,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(size.layers)],
+        sliding_window=128, max_position_embeddings=4096, eos_token_id=0, pad_token_id=0, bos_token_id=0,
+        output_router_logits=True, router_aux_loss_coef=0.02, tie_word_embeddings=False,
+    )
+    model = GptOssForCausalLM(cfg).to(device)
+    streams = {d: _stream(corpora / f"{d}-train.jsonl") for d in DOMAINS}
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = max(1, steps // 20)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    use_amp = device.startswith("cuda")
+    t0 = time.perf_counter()
+    losses = []
+    model.train()
+    for step in range(steps):
+        batch = []
+        for b in range(batch_size):
+            s = streams[DOMAINS[b % len(DOMAINS)]]
+            start = int(rng.integers(0, len(s) - seq_len - 1))
+            batch.append(s[start : start + seq_len])
+        ids = torch.as_tensor(np.stack(batch), device=device)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                loss = model(input_ids=ids, labels=ids).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        except (RuntimeError, NotImplementedError) as e:
+            if step or model.config._experts_implementation == "eager":
+                raise
+            log(f"  {model.config._experts_implementation} experts cannot train here ({e}); using eager")
+            model.config._experts_implementation = "eager"
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                loss = model(input_ids=ids, labels=ids).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % max(1, steps // 20) == 0 or step == steps - 1:
+            log(f"  train step {step:5d}/{steps}  loss {np.mean(losses[-50:]):.4f}  {time.perf_counter() - t0:6.1f} s")
+    seconds = time.perf_counter() - t0
+    model.config.output_router_logits = False
+    model.eval().to(torch.bfloat16).save_pretrained(str(out))
+    info = {"size": asdict(size), "steps": steps, "seq_len": seq_len, "batch_size": batch_size, "lr": lr,
+            "seed": seed, "device": device, "train_seconds": seconds, "final_loss": float(np.mean(losses[-50:])),
+            "params": sum(p.numel() for p in model.parameters())}
+    (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
+    return info

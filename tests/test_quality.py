@@ -1,0 +1,112 @@
+"""The evaluation harness, its gates, and the quality benchmark at toy size."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from quality.gates import Gates, check, histogram, jsd  # noqa: E402
+from tests.conftest import cli  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+
+def _row(ppl, p, cc, hist):
+    return {"ppl": ppl, "mean_p": p, "cc_rate": cc, "hist": hist}
+
+
+def test_gates_rule():
+    rng = np.random.default_rng(0)
+    h = histogram(rng.random(5000), rng.random(5000))
+    base = _row(10.0, 0.5, 0.01, h)
+    assert check(base, _row(10.4, 0.49, 0.011, h), Gates())["pass"]  # 0.4 <= 5% of 10 = 0.5
+    r = check(base, _row(10.6, 0.49, 0.011, h), Gates())
+    assert not r["pass"] and not r["pass_ppl"] and r["ppl_limit"] == 0.5
+    assert check(_row(2.0, 0.5, 0.01, h), _row(2.24, 0.5, 0.01, h), Gates())["pass"]  # absolute floor 0.25
+    assert not check(base, _row(10.0, 0.47, 0.01, h), Gates())["pass_mean_p"]
+    assert not check(base, _row(10.0, 0.5, 0.013, h), Gates())["pass_cc"]
+    other = histogram(rng.random(5000) ** 3, rng.random(5000))
+    assert not check(base, _row(10.0, 0.5, 0.01, other), Gates())["pass_jsd"]
+    assert check(base, _row(10.6, 0.5, 0.01, h), Gates(ppl_rel=0.1))["pass"]
+
+
+def test_jsd_properties():
+    a = np.array([[1.0, 0.0], [0.0, 1.0]])
+    b = np.array([[0.0, 1.0], [1.0, 0.0]])
+    assert jsd(a, a) == 0.0
+    assert jsd(a, b) == pytest.approx(1.0)
+    assert jsd(a, 3 * a) == 0.0
+    assert 0 < jsd(a, a + 0.1) < 1
+
+
+def _packs(tmp_path):
+    import random
+
+    random.seed(3)
+    words = "the of and to in is that for it as with was on be by".split()
+    (tmp_path / "words.jsonl").write_text("".join(
+        json.dumps({"text": " ".join(random.choice(words) for _ in range(50))}) + "\n" for _ in range(20)))
+    (tmp_path / "sums.jsonl").write_text("".join(
+        json.dumps({"text": f"{a}+{b}={a + b}\n" * 3}) + "\n" for a, b in zip(range(0, 300, 7), range(5, 400, 9))))
+    return [tmp_path / "words.jsonl", tmp_path / "sums.jsonl"]
+
+
+def test_eval_cli_self_comparison_passes_and_pruned_fails(tmp_path):
+    from bench_io.synth import PRESETS, write_checkpoint
+
+    src = tmp_path / "src"
+    write_checkpoint(src, PRESETS["tiny"])
+    packs = _packs(tmp_path)
+    args = [a for p in packs for a in ("--data", p)]
+    out = json.loads(cli("eval", src, *args, "--seq-len", "32", "--seq-len", "64", "--blocks", "3",
+                         "--device", "cpu", "--json"))
+    assert [(r["pack"], r["seq_len"]) for r in out["rows"]] == [
+        ("words", 32), ("sums", 32), ("union", 32), ("words", 64), ("sums", 64), ("union", 64)]
+    assert out["pass"] is None
+    assert all(r["ppl"] > 1 and 0 < r["mean_p"] < 1 and 0 <= r["mean_entropy"] <= 1 for r in out["rows"])
+    union = out["rows"][2]
+    assert union["tokens"] == out["rows"][0]["tokens"] + out["rows"][1]["tokens"]
+    text = cli("eval", src, *args, "--seq-len", "32", "--blocks", "3", "--device", "cpu", "--compare", src,
+               "--plot", tmp_path / "h.png")
+    assert "near-lossless: PASS" in text
+    assert (tmp_path / "h.png").stat().st_size > 1000
+    (tmp_path / "keep.json").write_text(json.dumps({"0": [0, 1], "1": [2, 3]}))
+    cli("prune", src, tmp_path / "pruned", "--keep-list", tmp_path / "keep.json", "--quiet")
+    out = cli("eval", tmp_path / "pruned", *args, "--seq-len", "32", "--blocks", "3", "--device", "cpu",
+              "--compare", src, "--json", expect=None)
+    result = json.loads(out)
+    assert any(r["check"]["d_ppl"] != 0 for r in result["rows"])  # pruning changed the model
+    assert result["pass"] == all(r["check"]["pass"] for r in result["rows"])
+    # A gate no model can meet: every row fails it, and the exit status says so.
+    out = cli("eval", tmp_path / "pruned", *args, "--seq-len", "32", "--blocks", "3", "--device", "cpu",
+              "--compare", src, "--gate-cc", "-1", "--json", expect=1)
+    result = json.loads(out)
+    assert result["pass"] is False and all(not r["check"]["pass_cc"] for r in result["rows"])
+
+
+@pytest.mark.slow
+def test_quality_benchmark_toy(tmp_path):
+    from quality.benchmark import run
+
+    doc = run("toy", "cpu", tmp_path / "work", tmp_path / "results", log=lambda *a: None)
+    ranks = {(r["rank"], r["calibration"]) for r in doc["runs"]}
+    assert ranks == {("freq", "union"), ("reap", "union"), ("eaft_reap", "union"), ("freq", "code"),
+                     ("reap", "code"), ("eaft_reap", "code"), ("random", "-")}
+    for r in doc["runs"]:
+        assert set(r["packs"]) == {"code", "prose", "arith", "union"}
+        assert all(np.isfinite(v["ppl"]) and v["base_ppl"] > 1 for v in r["packs"].values())
+    assert all(v["sha256"] and v["bytes"] > 0 for v in doc["corpora"].values())
+    md = (tmp_path / "results" / "quality-toy.md").read_text()
+    assert "| eaft_reap | 4 (50.0%) | union |" in md
+    assert (tmp_path / "results" / "quality-toy.png").stat().st_size > 1000
+    # Calibration and evaluation never share a document.
+    work = tmp_path / "work" / "corpora"
+    for d in ("code", "prose", "arith"):
+        calib = set((work / f"{d}-calib.jsonl").read_text().splitlines())
+        ev = set((work / f"{d}-eval.jsonl").read_text().splitlines())
+        assert calib and ev and not calib & ev
