@@ -34,7 +34,7 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check rewriter planners ray_jobs bench_io tests
+	$(BIN)/ruff check rewriter planners ray_jobs bench_io profiling quality tests
 
 typecheck: $(STAMP)
 	$(BIN)/mypy rewriter planners

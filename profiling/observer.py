@@ -128,7 +128,7 @@ class ExpertObserver:
         for name, module in self.model.named_modules():
             if not (hasattr(module, "num_experts") and hasattr(module, "down_proj") and hasattr(module, "config")):
                 continue
-            if not isinstance(getattr(module, "down_proj"), torch.nn.Parameter):
+            if not isinstance(module.down_proj, torch.nn.Parameter):
                 continue
             parts = name.split(".")
             if "layers" in parts:

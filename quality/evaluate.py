@@ -89,7 +89,7 @@ def evaluate(
     blocks: int | None = 16,
     compare: str | None = None,
     device: str = "cpu",
-    gates: Gates = Gates(),
+    gates: Gates | None = None,
     batch_size: int = 8,
     model=None,
     base_model=None,
@@ -104,6 +104,7 @@ def evaluate(
         ``{"rows": [...], "pass": bool | None, "gates": {...}}``; one row per (pack, seq-len),
         the union last, each with the model's summary and, with a base, ``base`` and ``check``.
     """
+    gates = gates or Gates()
     model = model if model is not None else load_model(model_path, device)
     cfg = model.config
     eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, int) and cfg.eos_token_id < cfg.vocab_size else None

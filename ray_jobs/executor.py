@@ -22,8 +22,16 @@ from planners.cost import BASE_RSS_BYTES
 from planners.plan import OutputShard, Plan, _output_from_json
 from rewriter.errors import ExecutionError, RewriterError
 from rewriter.executor import (
-    DEFAULT_BUFFER_BYTES, Part, RunResult, ShardResult, begin_parts, commit_parts, execute, split_parts,
-    write_output_shard, write_part,
+    DEFAULT_BUFFER_BYTES,
+    Part,
+    RunResult,
+    ShardResult,
+    begin_parts,
+    commit_parts,
+    execute,
+    split_parts,
+    write_output_shard,
+    write_part,
 )
 from rewriter.storage import Storage
 

@@ -32,7 +32,14 @@ from typing import Any
 from planners.plan import PROVENANCE_NAME, OutputShard, Plan, Segment
 from rewriter.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
 from rewriter.copy import (
-    CopyStats, LocalOutput, PartOutput, Progress, RangeCopier, RemoteOutput, disk_full, fsync_dir,
+    CopyStats,
+    LocalOutput,
+    PartOutput,
+    Progress,
+    RangeCopier,
+    RemoteOutput,
+    disk_full,
+    fsync_dir,
 )
 from rewriter.errors import ExecutionError, PlanError
 from rewriter.storage import Storage

@@ -49,8 +49,8 @@ def test_open_memory_filesystem(tiny):
 
 
 def test_single_file_checkpoint(tmp_path):
-    from safetensors.numpy import save_file
     import numpy as np
+    from safetensors.numpy import save_file
 
     save_file({"a": np.zeros(3, np.float32)}, str(tmp_path / "model.safetensors"))
     c = Checkpoint.open(str(tmp_path))
@@ -151,7 +151,7 @@ def test_unknown_family_named(fresh_tiny):
     cfg["model_type"], cfg["architectures"] = "llama", ["LlamaForCausalLM"]
     (fresh_tiny / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="'llama'.*not a supported MoE family"):
-        Checkpoint.open(str(fresh_tiny)).layout
+        _ = Checkpoint.open(str(fresh_tiny)).layout
 
 
 def test_20b_preset_reproduces_reference_index(tmp_path):

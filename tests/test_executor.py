@@ -101,8 +101,8 @@ def test_memory_source_reads_only_kept_bytes(tiny, tmp_path):
     synthetic_saliency(2, 8, 2, seed=2).save(sal)
     cli("plan", "memory://mem-src", "--saliency", sal, "--keep-frac", "0.5", "--out", tmp_path / "p.json")
     p = Plan.load(str(tmp_path / "p.json"))
-    from rewriter.storage import Storage
     from rewriter.executor import write_output_shard
+    from rewriter.storage import Storage
     src, dst = Storage("memory://mem-src"), Storage(str(tmp_path / "o"))
     os.makedirs(tmp_path / "o")
     total = 0
@@ -297,7 +297,7 @@ def test_sigkill_then_resume_is_byte_identical(medium, tmp_path):
     killed = 0
     for label, ready in moments.items():
         dst = tmp_path / label.replace(" ", "-")
-        status = _kill_when(_run_cmd(plan, dst, "--no-zero-copy", "--buffer-mib", "1"), lambda: ready(dst))
+        status = _kill_when(_run_cmd(plan, dst, "--no-zero-copy", "--buffer-mib", "1"), lambda ready=ready, dst=dst: ready(dst))
         killed += status == -signal.SIGKILL
         if status == -signal.SIGKILL:
             assert not (dst / "model.safetensors.index.json").exists() or label == "finalizing"

@@ -10,7 +10,14 @@ import pytest
 from safetensors.numpy import save
 
 from rewriter.errors import FormatError
-from rewriter.format import MAX_HEADER_BYTES, encode_header, nbytes_of, parse_header, read_prefix, reference_order
+from rewriter.format import (
+    MAX_HEADER_BYTES,
+    encode_header,
+    nbytes_of,
+    parse_header,
+    read_prefix,
+    reference_order,
+)
 
 NP_TO_ST = {
     np.dtype("bool"): "BOOL", np.dtype("uint8"): "U8", np.dtype("int8"): "I8", np.dtype("int16"): "I16",

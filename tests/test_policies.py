@@ -7,7 +7,14 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from planners.policies import (
-    Domain, KeepPolicy, covering_set, keep_count, ranking, select_keep, select_layer, validate_keep_list,
+    Domain,
+    KeepPolicy,
+    covering_set,
+    keep_count,
+    ranking,
+    select_keep,
+    select_layer,
+    validate_keep_list,
 )
 from planners.saliency import Saliency
 from rewriter.errors import PolicyError

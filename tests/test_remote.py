@@ -52,10 +52,10 @@ def test_s3_source_fetches_only_headers_and_kept_ranges(s3, s3_source, tmp_path)
 
 def test_s3_source_counts_every_byte_fetched(s3, s3_source, tmp_path):
     """Count at the storage layer across the whole job: open, plan, run."""
-    from rewriter.storage import Storage
-    from rewriter.executor import write_output_shard
     from planners.plan import build_plan
     from planners.policies import Domain, KeepPolicy, select_keep
+    from rewriter.executor import write_output_shard
+    from rewriter.storage import Storage
 
     _, url = s3_source
     storage = Storage(url, s3.options)
