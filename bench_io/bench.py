@@ -52,7 +52,7 @@ class Sizes:
     full_geometry: Geometry
     keep_layer: int
     s3_geometry: Geometry
-    contenders: tuple[str, ...] = ("naive", "lazy", "ours", "ours-buffered", "ours-ray", "floor")
+    contenders: tuple[str, ...] = ("naive", "lazy", "ours", "ours-buffered", "ours-ray", "floor", "cp")
 
 
 SIZES = {
@@ -150,6 +150,10 @@ def run_workload(workload: str, src: Path, plan: Path, work: Path, contenders: t
         dst.mkdir(parents=True)
         drop_cache(src)
         cmd = [sys.executable, "-m", "bench_io.contenders", name, str(plan), str(dst), "--workers", "2"]
+        if name == "cp":
+            blob = _cp_source(plan, work / f"cp-{workload}")
+            drop_cache(blob.parent)
+            cmd = ["sh", "-c", f'cp "{blob}" "{dst}/floor.bin" && sync "{dst}/floor.bin"']
         env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
         m = measure(cmd, dst, workload, name, env)
         log(f"  {workload:<10} {name:<14} {m.wall_s:7.2f} s  {m.throughput / 1e6:8.0f} MB/s  "
@@ -157,6 +161,17 @@ def run_workload(workload: str, src: Path, plan: Path, work: Path, contenders: t
         out.append(m)
         shutil.rmtree(dst, ignore_errors=True)
     return out
+
+
+def _cp_source(plan_path: Path, folder: Path) -> Path:
+    """A file holding as many bytes as the plan's output (made once, not timed), for ``cp``."""
+    from bench_io.contenders import floor
+    from planners.plan import Plan
+
+    blob = folder / "floor.bin"
+    if not blob.exists():
+        floor(Plan.load(str(plan_path)), folder)
+    return blob
 
 
 def bench_planning(work: Path) -> dict[str, Any]:
@@ -294,6 +309,8 @@ def ratios(ms: list[Measurement], s3: dict[str, Any]) -> dict[str, float]:
         by = {m.contender: m for m in ms if m.workload == w and m.ok}
         if "ours" in by and "floor" in by:
             out[f"{w}: ours / floor throughput"] = by["ours"].throughput / by["floor"].throughput
+        if "ours" in by and "cp" in by:
+            out[f"{w}: ours / cp throughput"] = by["ours"].throughput / by["cp"].throughput
         if "ours" in by and "naive" in by:
             out[f"{w}: naive / ours time"] = by["naive"].wall_s / by["ours"].wall_s
             out[f"{w}: naive / ours peak RSS"] = by["naive"].peak_rss_bytes / by["ours"].peak_rss_bytes

@@ -9,6 +9,8 @@
 * ``ours``: the local executor (``copy_file_range``); ``ours-buffered``: the same with bounded
   ranged reads and writes; ``ours-ray``: the Ray executor.
 * ``floor``: one ``copy_file_range`` of as many contiguous bytes as the output holds.
+
+The benchmark also times ``cp`` (then ``sync``) of a file of the output's size.
 """
 
 from __future__ import annotations

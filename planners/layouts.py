@@ -14,6 +14,7 @@ means adding a :class:`Layout` to :data:`LAYOUTS`.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -182,15 +183,13 @@ QWEN3_MOE = Layout(
     router=_L + r"mlp\.gate\.weight$",
     routing="softmax over all experts, top-k, renormalized when norm_topk_prob",
 )
-QWEN2_MOE = Layout(
-    family="qwen2_moe",
-    model_types=("qwen2_moe",),
-    count_fields=("num_experts", "num_local_experts"),
-    topk_fields=("num_experts_per_tok",),
-    expert=_PER_EXPERT,  # mlp.shared_expert.* and mlp.shared_expert_gate are never pruned
-    router=_L + r"mlp\.gate\.weight$",
+# Qwen2-MoE: as Qwen3-MoE; mlp.shared_expert.* and mlp.shared_expert_gate are never pruned (no
+# pattern matches them).
+QWEN2_MOE = dataclasses.replace(
+    QWEN3_MOE, family="qwen2_moe", model_types=("qwen2_moe",),
     routing="softmax over all experts, top-k, renormalized when norm_topk_prob; plus a gated shared expert",
 )
+OLMOE = dataclasses.replace(QWEN3_MOE, family="olmoe", model_types=("olmoe",))
 MIXTRAL = Layout(
     family="mixtral",
     model_types=("mixtral",),
@@ -199,15 +198,6 @@ MIXTRAL = Layout(
     expert=_L + r"block_sparse_moe\.experts\.(?P<expert>\d+)\.",
     router=_L + r"block_sparse_moe\.gate\.weight$",
     routing="top-k of the logits, softmax over those k",
-)
-OLMOE = Layout(
-    family="olmoe",
-    model_types=("olmoe",),
-    count_fields=("num_experts", "num_local_experts"),
-    topk_fields=("num_experts_per_tok",),
-    expert=_PER_EXPERT,
-    router=_L + r"mlp\.gate\.weight$",
-    routing="softmax over all experts, top-k, renormalized when norm_topk_prob",
 )
 DEEPSEEK_V3 = Layout(
     family="deepseek_v3",

@@ -332,13 +332,19 @@ def run(plan_file: str, dst: str, allow_nonuniform: bool, src_options: str | Non
 @_fail_cleanly
 def prune(src: str, dst: str, plan_out: str | None, **kw: Any) -> None:
     """Plan and run in one command: prune SRC into DST."""
+    _plan_and_run(src, dst, plan_out, soft=False, kw=kw)
+
+
+def _plan_and_run(src: str, dst: str, plan_out: str | None, soft: bool, kw: dict[str, Any]) -> None:
     run_keys = ("buffer_mib", "force", "no_zero_copy", "drop_cache", "dst_options", "use_ray", "address",
                 "ray_workers", "quiet", "as_json")
     run_kw = {k: kw.pop(k) for k in run_keys}
-    p = make_plan(src, **kw)
+    p = make_plan(src, soft=soft, **kw)
     if plan_out:
         p.save(plan_out)
-    _execute(p, dst, allow_nonuniform=kw["allow_nonuniform"], src_options=_json_opt(kw["storage_options"]), **run_kw)
+    # A soft prune keeps every expert, so its per-layer counts never make it unloadable.
+    _execute(p, dst, allow_nonuniform=soft or kw["allow_nonuniform"], src_options=_json_opt(kw["storage_options"]),
+             **run_kw)
 
 
 @main.command("soft-prune")
@@ -356,13 +362,7 @@ def soft_prune(src: str, dst: str, plan_out: str | None, **kw: Any) -> None:
     the source, expert ids keep their numbers, and the config's expert count is unchanged. For
     families with a router bias (gpt-oss, DeepSeek-V3/GLM-4.5).
     """
-    run_keys = ("buffer_mib", "force", "no_zero_copy", "drop_cache", "dst_options", "use_ray", "address",
-                "ray_workers", "quiet", "as_json")
-    run_kw = {k: kw.pop(k) for k in run_keys}
-    p = make_plan(src, soft=True, **kw)
-    if plan_out:
-        p.save(plan_out)
-    _execute(p, dst, allow_nonuniform=True, src_options=_json_opt(kw["storage_options"]), **run_kw)
+    _plan_and_run(src, dst, plan_out, soft=True, kw=kw)
 
 
 @main.command()

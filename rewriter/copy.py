@@ -49,6 +49,21 @@ def disk_full(err: OSError, where: str) -> ExecutionError:
     )
 
 
+def pwrite_all(fd: int, data: bytes | memoryview, pos: int, where: str) -> int:
+    """Write all of ``data`` at ``pos`` (short writes happen); returns the position after it."""
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.pwrite(fd, view, pos)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise disk_full(e, where) from None
+            raise
+        view = view[n:]
+        pos += n
+    return pos
+
+
 class TrailingHasher:
     """sha256 of a file being written, computed by a thread that follows the writer."""
 
@@ -122,18 +137,9 @@ class LocalOutput:
         self._inline = None if hash_trailing else hashlib.sha256()
 
     def write(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                n = os.pwrite(self.fd, view, self.pos)
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise disk_full(e, self.final) from None
-                raise
-            if self._inline is not None:
-                self._inline.update(view[:n])
-            view = view[n:]
-            self.pos += n
+        self.pos = pwrite_all(self.fd, data, self.pos, self.final)
+        if self._inline is not None:
+            self._inline.update(data)
         if self._hasher:
             self._hasher.advance(self.pos)
 
@@ -237,16 +243,7 @@ class PartOutput:
         self.pos = start
 
     def write(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                n = os.pwrite(self.fd, view, self.pos)
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise disk_full(e, self.final) from None
-                raise
-            view = view[n:]
-            self.pos += n
+        self.pos = pwrite_all(self.fd, data, self.pos, self.final)
 
     def copied(self, n: int) -> None:
         self.pos += n
