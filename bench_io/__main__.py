@@ -17,9 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--work", type=Path, default=Path("bench-work"), help="scratch directory (tens of GB)")
     r.add_argument("--results", type=Path, default=RESULTS)
     r.add_argument("--contenders", default=None, help="comma-separated subset")
+    r.add_argument("--repeat", type=int, default=2, help="runs per contender; the fastest is kept")
     args = ap.parse_args(argv)
     contenders = tuple(args.contenders.split(",")) if args.contenders else None
-    run(args.size, args.work, args.results, contenders)
+    run(args.size, args.work, args.results, contenders, repeat=args.repeat)
     return 0
 
 

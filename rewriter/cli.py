@@ -291,6 +291,10 @@ def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bo
     else:
         result = execute(p, dst, **kwargs)
     bar.close()
+    if p.skipped_files and not as_json:
+        click.echo(f"left out {len(p.skipped_files)} source files ({', '.join(p.skipped_files[:3])}"
+                   f"{', ...' if len(p.skipped_files) > 3 else ''}): other layouts of the same weights "
+                   f"(original/, metal/) or hidden files, which would no longer match the pruned checkpoint")
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=1))
     elif result.already_complete:

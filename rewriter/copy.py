@@ -281,8 +281,8 @@ class RangeCopier:
         self.src.close()
 
     def prefetch(self, shard: str, offset: int, length: int) -> None:
-        """Ask for the head of the next range while the current one is copied (local only)."""
-        self.src.prefetch(shard, offset, min(length, _COPY_CHUNK))
+        """Ask for a range that will be copied soon (local sources only; no-op elsewhere)."""
+        self.src.prefetch(shard, offset, length)
 
     def copy(self, shard: str, offset: int, length: int, out: Output) -> None:
         done = 0
@@ -301,10 +301,8 @@ class RangeCopier:
         assert isinstance(out, (LocalOutput, PartOutput))
         fd = self.src.fd(shard)
         done = 0
-        self.src.prefetch(shard, offset, min(_COPY_CHUNK, length))
         while done < length:
             chunk = min(_COPY_CHUNK, length - done)
-            self.src.prefetch(shard, offset + done + chunk, min(_COPY_CHUNK, length - done - chunk))
             t = time.perf_counter()
             try:
                 n = os.copy_file_range(fd, out.fd, chunk, offset + done, out.pos)

@@ -245,15 +245,38 @@ def commit_parts(dst: Storage, out: OutputShard, path: str, buffer_bytes: int, d
     return h.hexdigest()
 
 
+#: How far ahead of the copy the source ranges are requested (page cache, not process memory).
+PREFETCH_WINDOW = int(os.environ.get("REWRITER_PREFETCH_MIB", "128")) << 20
+
+
 def _copy_all(copier: RangeCopier, ops: list[Segment], sink: LocalOutput | RemoteOutput | PartOutput) -> None:
-    for i, op in enumerate(ops):
-        if i + 1 < len(ops) and ops[i + 1].data is None:
-            nxt = ops[i + 1]
-            copier.prefetch(nxt.shard, nxt.offset, nxt.length)
-        if op.data is not None:
-            sink.write(op.data)
+    """Copy ops in order, keeping about PREFETCH_WINDOW bytes of upcoming source ranges requested."""
+    pieces: list[Segment] = []
+    for op in ops:
+        if op.data is not None or op.length <= PREFETCH_PIECE:
+            pieces.append(op)
+            continue
+        for start in range(0, op.length, PREFETCH_PIECE):
+            pieces.append(Segment(op.shard, op.offset + start, min(PREFETCH_PIECE, op.length - start)))
+    ahead = 0  # bytes requested beyond the piece being copied
+    j = 0
+    for i, piece in enumerate(pieces):
+        if j <= i:
+            j, ahead = i, 0
+        while j < len(pieces) and ahead < PREFETCH_WINDOW:
+            nxt = pieces[j]
+            if nxt.data is None:
+                copier.prefetch(nxt.shard, nxt.offset, nxt.length)
+            ahead += nxt.length
+            j += 1
+        ahead -= piece.length
+        if piece.data is not None:
+            sink.write(piece.data)
         else:
-            copier.copy(op.shard, op.offset, op.length, sink)
+            copier.copy(piece.shard, piece.offset, piece.length, sink)
+
+
+PREFETCH_PIECE = 32 << 20
 
 
 def hash_file(storage: Storage, name: str, buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> str:

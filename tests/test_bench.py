@@ -16,7 +16,7 @@ def test_bench_harness_tiny(tmp_path):
 
     lines: list[str] = []
     doc = run("tiny", tmp_path / "work", tmp_path / "results",
-              contenders=("naive", "lazy", "ours", "ours-buffered", "floor", "cp"), log=lines.append)
+              contenders=("naive", "lazy", "ours", "ours-buffered", "floor", "dd"), log=lines.append)
     saved = json.loads((tmp_path / "results" / "latest.json").read_text())
     assert saved["ratios"] == doc["ratios"]
     table = (tmp_path / "results" / "latest.md").read_text()
@@ -25,8 +25,8 @@ def test_bench_harness_tiny(tmp_path):
     ms = {(m["workload"], m["contender"]): m for m in saved["measurements"]}
     assert all(m["ok"] for m in ms.values()), [m["note"] for m in ms.values() if not m["ok"]]
     # Every contender wrote the same number of tensor bytes (headers differ slightly).
-    full = [m["output_bytes"] for (w, c), m in ms.items() if w == "full" and c not in ("floor", "cp")]
-    assert ms[("full", "cp")]["output_bytes"] == ms[("full", "floor")]["output_bytes"]
+    full = [m["output_bytes"] for (w, c), m in ms.items() if w == "full" and c not in ("floor", "dd")]
+    assert ms[("full", "dd")]["output_bytes"] == ms[("full", "floor")]["output_bytes"]
     assert max(full) - min(full) < 4096
     assert 0 < saved["s3"]["tensor_bytes_fetched"] < saved["s3"]["bytes_written"] < saved["s3"]["source_bytes"]
     assert saved["s3"]["fetched_over_written"] <= 1.01

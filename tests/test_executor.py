@@ -39,6 +39,7 @@ def test_run_writes_complete_verified_checkpoint(tiny, tmp_path):
     before = source_digest(tiny)
     out = cli("run", plan, "--out", tmp_path / "dst", "--quiet")
     assert "wrote" in out
+    assert "left out 1 source files (original/model.safetensors)" in out
     dst = tmp_path / "dst"
     names = sorted(p.name for p in dst.iterdir())
     assert "model.safetensors.index.json" in names and "pruning.json" in names
@@ -200,11 +201,14 @@ def test_missing_shard_and_traversal(fresh_tiny, tmp_path):
     before = source_digest(fresh_tiny)
     out = cli("prune", fresh_tiny, tmp_path / "dst", "--saliency", sal, "--keep-n", "4", expect=2)
     assert "'../../etc/x.safetensors'" in out and "without '..'" in out
+    assert source_digest(fresh_tiny) == before
+    _assert_no_complete_output(tmp_path / "dst")
     doc["weight_map"]["model.norm.weight"] = "model-00009-of-00009.safetensors"
     index.write_text(json.dumps(doc))
+    before = source_digest(fresh_tiny)
     out = cli("prune", fresh_tiny, tmp_path / "dst", "--saliency", sal, "--keep-n", "4", expect=2)
     assert "model-00009-of-00009.safetensors" in out
-    assert source_digest(fresh_tiny) != before  # only the index was edited by the test
+    assert source_digest(fresh_tiny) == before
     _assert_no_complete_output(tmp_path / "dst")
 
 

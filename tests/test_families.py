@@ -232,3 +232,44 @@ def test_deepseek_soft_prune_equals_structural(tmp_path):
         soft = cls.from_pretrained(str(tmp_path / "soft")).float()(x).logits
         hard = cls.from_pretrained(str(tmp_path / "hard")).float()(x).logits
     torch.testing.assert_close(soft, hard, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_expert_scales_move_with_their_weights(tmp_path):
+    """A DeepSeek/GLM-style FP8 checkpoint, written header by header: per-expert weight and
+    weight_scale_inv tensors are kept, renamed and dropped together; the router bias is sliced."""
+    from rewriter.format import encode_header, nbytes_of
+
+    items = [("model.layers.0.mlp.gate.weight", "BF16", (8, 16)),
+             ("model.layers.0.mlp.gate.e_score_correction_bias", "F32", (8,)),
+             ("model.layers.0.mlp.shared_experts.up_proj.weight", "F8_E4M3", (32, 16))]
+    for e in range(8):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            items += [(f"model.layers.0.mlp.experts.{e}.{proj}.weight", "F8_E4M3", (32, 16)),
+                      (f"model.layers.0.mlp.experts.{e}.{proj}.weight_scale_inv", "F32", (1, 1))]
+    src = tmp_path / "src"
+    src.mkdir()
+    head = encode_header(items)
+    data = bytearray()
+    for i, (_, dtype, shape) in enumerate(items):
+        data += bytes([i % 251]) * nbytes_of(dtype, shape)
+    (src / "model.safetensors").write_bytes(head + bytes(data))
+    (src / "config.json").write_text(json.dumps({"model_type": "glm4_moe", "n_routed_experts": 8,
+                                                 "num_experts_per_tok": 2, "n_group": 2, "topk_group": 2}))
+    info = json.loads(cli("inspect", src, "--json"))
+    assert info["family"] == "deepseek_v3" and info["experts_per_layer"] == 8
+    (tmp_path / "keep.json").write_text(json.dumps({"0": [1, 2, 5, 7]}))
+    cli("prune", src, tmp_path / "dst", "--keep-list", tmp_path / "keep.json", "--quiet")
+    assert "OK" in cli("verify", src, tmp_path / "dst")
+    dst = Checkpoint.open(str(tmp_path / "dst"))
+    assert {n for n in dst.tensors if "experts." in n and "shared" not in n} == {
+        f"model.layers.0.mlp.experts.{e}.{p}.{k}" for e in range(4)
+        for p in ("gate_proj", "up_proj", "down_proj") for k in ("weight", "weight_scale_inv")}
+    assert dst.tensors["model.layers.0.mlp.gate.e_score_correction_bias"].shape == (4,)
+    assert "model.layers.0.mlp.shared_experts.up_proj.weight" in dst.tensors
+    s = Checkpoint.open(str(src))
+    for new, old in enumerate([1, 2, 5, 7]):
+        for k in ("weight", "weight_scale_inv"):
+            a = dst.tensors[f"model.layers.0.mlp.experts.{new}.down_proj.{k}"]
+            b = s.tensors[f"model.layers.0.mlp.experts.{old}.down_proj.{k}"]
+            assert (tmp_path / "dst" / a.shard).read_bytes()[a.begin:a.end] == (src / b.shard).read_bytes()[b.begin:b.end]
+    assert json.loads((tmp_path / "dst" / "config.json").read_text())["n_routed_experts"] == 4

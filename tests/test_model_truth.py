@@ -141,3 +141,17 @@ def test_soft_prune_refused_without_router_bias(tmp_path):
     (tmp_path / "keep.json").write_text(json.dumps({"0": [0, 1]}))
     out = cli("soft-prune", tmp_path / "m", tmp_path / "d", "--keep-list", tmp_path / "keep.json", expect=2)
     assert "router bias" in out and "mixtral" in out
+
+
+def test_synthetic_bf16_preset_loads_and_prunes(tmp_path):
+    from transformers import GptOssForCausalLM
+
+    write_checkpoint(tmp_path / "src", PRESETS["tiny-bf16"])
+    src_model = GptOssForCausalLM.from_pretrained(str(tmp_path / "src")).eval()
+    assert src_model.model.layers[0].mlp.experts.gate_up_proj.shape == (8, 64, 128)
+    (tmp_path / "keep.json").write_text(json.dumps({"0": [0, 1, 2, 3], "1": [4, 5, 6, 7]}))
+    cli("prune", tmp_path / "src", tmp_path / "dst", "--keep-list", tmp_path / "keep.json", "--quiet")
+    ids = torch.randint(0, 256, (1, 10))
+    got = _pruned_logits(tmp_path / "dst", False, ids)
+    want = _masked_logits(src_model, {"0": [0, 1, 2, 3], "1": [4, 5, 6, 7]}, ids)
+    assert torch.isfinite(got).all() and torch.equal(got, want)

@@ -108,3 +108,15 @@ def test_failed_s3_upload_leaves_no_object(s3, tiny, tmp_path):
     out.abort()
     fs.invalidate_cache()
     assert not fs.exists("abort-bucket/x/model-00000-of-00000.safetensors")
+
+
+def test_hf_urls_resolve_to_the_hub_filesystem():
+    """hf:// sources go through huggingface_hub's fsspec filesystem (no request is made here;
+    the Hub itself cannot be reached from the test machines)."""
+    from huggingface_hub import HfFileSystem
+
+    from rewriter.storage import Storage
+
+    s = Storage("hf://openai/gpt-oss-20b")
+    assert isinstance(s.fs, HfFileSystem) and not s.is_local
+    assert s.path("config.json") == "openai/gpt-oss-20b/config.json"
