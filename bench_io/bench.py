@@ -147,7 +147,7 @@ def run_workload(workload: str, src: Path, plan: Path, work: Path, contenders: t
     (shared disks are noisy; the minimum is the least disturbed), with its peak RSS the largest seen."""
     rounds = [_run_round(workload, src, plan, work, contenders, log) for _ in range(repeat)]
     best = []
-    for i, name in enumerate(contenders):
+    for i in range(len(contenders)):
         runs = [r[i] for r in rounds]
         m = min(runs, key=lambda x: (not x.ok, x.wall_s))
         m.peak_rss_bytes = max(x.peak_rss_bytes for x in runs)
