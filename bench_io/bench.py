@@ -166,7 +166,7 @@ def _run_round(workload: str, src: Path, plan: Path, work: Path, contenders: tup
         drop_cache(src)
         cmd = [sys.executable, "-m", "bench_io.contenders", name, str(plan), str(dst), "--workers", "2"]
         if name == "dd":
-            cmd = ["sh", "-c", _dd_command(plan, dst / "floor.bin")]
+            cmd = _dd_command(plan, dst / "floor.bin")
         env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
         m = measure(cmd, dst, workload, name, env)
         log(f"  {workload:<10} {name:<14} {m.wall_s:7.2f} s  {m.throughput / 1e6:8.0f} MB/s  "
@@ -176,20 +176,20 @@ def _run_round(workload: str, src: Path, plan: Path, work: Path, contenders: tup
     return out
 
 
-def _dd_command(plan_path: Path, out: Path) -> str:
-    """``dd`` of the output's size from the largest source shard, then ``sync``: the same cold
-    file the other contenders read (a freshly made file would sit in some cache). Sources whose
-    shards are all smaller than the output are concatenated instead."""
+def _dd_command(plan_path: Path, out: Path) -> list[str]:
+    """``dd`` of the output's size from the largest source shard, fsynced, as one process: the
+    same cold file the other contenders read (a freshly made file would sit in some cache).
+    Sources whose shards are all smaller than the output are concatenated instead."""
     from planners.plan import Plan
 
     plan = Plan.load(str(plan_path))
     total = sum(o.size for o in plan.outputs)
     shards = sorted(Path(plan.source_url).glob("*.safetensors"), key=lambda p: -p.stat().st_size)
     if shards[0].stat().st_size >= total:
-        copy = f'dd if="{shards[0]}" of="{out}" bs=16M count={total} iflag=count_bytes status=none'
-    else:
-        copy = "cat " + " ".join(f'"{s}"' for s in shards) + f' | head -c {total} > "{out}"'
-    return f'{copy} && sync "{out}"'
+        return ["dd", f"if={shards[0]}", f"of={out}", "bs=16M", f"count={total}", "iflag=count_bytes",
+                "conv=fsync", "status=none"]
+    cat = "cat " + " ".join(f'"{s}"' for s in shards)
+    return ["sh", "-c", f'{cat} | head -c {total} > "{out}" && sync "{out}"']
 
 
 def bench_planning(work: Path) -> dict[str, Any]:

@@ -10,7 +10,7 @@
   ranged reads and writes; ``ours-ray``: the Ray executor.
 * ``floor``: one ``copy_file_range`` of as many contiguous bytes as the output holds.
 
-The benchmark also times a plain ``dd`` (then ``sync``) of the output's size from the same shard.
+The benchmark also times a plain ``dd`` (``conv=fsync``) of the output's size from the same shard.
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def estimate(
             d["out"].add(o.name)
             d["read"] += sum(s.length for s in t.segments if s.data is None)
             d["segs"] += len(t.segments)
-    written = {}
+    written: dict[int | None, int] = {}
     for o in plan.outputs:
         for t in o.tensors:
             written[t.layer] = written.get(t.layer, 0) + t.nbytes

@@ -356,7 +356,7 @@ def plan_tensors(ckpt: Checkpoint, layout: Layout, keep: Mapping[int, Sequence[i
             continue
         ids = keep[role.layer]
         if role.role == "expert":
-            if role.expert in ids:
+            if role.expert is not None and role.expert in ids:
                 new = layout.renamed(role, list(ids).index(role.expert))
                 out.append(PlannedTensor(new, info.dtype, info.shape, info.name,
                                          (Segment(info.shard, info.begin, info.nbytes),), role.layer))

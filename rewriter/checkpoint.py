@@ -181,13 +181,13 @@ class Checkpoint:
         else:
             tensors = {}
             for name, s in weight_map.items():
-                info = located.get(name)
-                if info is None or info.shard != s:
+                found = located.get(name)
+                if found is None or found.shard != s:
                     raise CheckpointError(
                         f"{storage.describe(INDEX_NAME)} lists tensor {name!r} in shard '{s}', "
                         f"but that shard's header has no such tensor"
                     )
-                tensors[name] = info
+                tensors[name] = found
             unlisted = [n for n in located if n not in weight_map]
             if unlisted:
                 raise CheckpointError(

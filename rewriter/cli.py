@@ -163,6 +163,7 @@ def make_plan(src: str, *, layers_only: list[int] | None = None, soft: bool = Fa
                         coverage=kw["coverage"], top_k=kw["top_k"], budget=kw["budget"])
     if kw["keep_list"] and kw["saliency"]:
         raise click.UsageError("give --saliency or --keep-list, not both")
+    prov: dict[str, Any]
     groups = layout.num_groups(ckpt.config)
     topk_group = ckpt.config.get("topk_group") if groups > 1 else None
     if kw["keep_list"]:

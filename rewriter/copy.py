@@ -247,7 +247,7 @@ class RemoteOutput:
         try:
             if discard is not None:
                 discard()
-                self.f.closed = True  # discarded: nothing left to flush or complete
+                self.f.closed = True  # type: ignore[misc]  # discarded: nothing left to flush or complete
             else:
                 self.f.close()
                 self.dst.fs.rm(self.dst.path(self.name))

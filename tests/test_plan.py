@@ -227,3 +227,15 @@ def test_nonuniform_budget_plan_is_marked(tiny, tmp_path):
     assert not p.loadable
     assert sum(len(v) for v in p.keep.values()) == 9
     assert "num_local_experts" not in p.config_patch
+
+
+def test_planning_reads_headers_index_and_config_only(tmp_path):
+    write_checkpoint(tmp_path, PRESETS["120b"], sparse=True)
+    c = Checkpoint.open(str(tmp_path))
+    decision = select_keep([Domain(synthetic_saliency(36, 128, 4))], list(range(36)), 128, 4, KeepPolicy(keep_frac=0.5))
+    plan = build_plan(c, decision)
+    headers = sum(8 + s.header_len for s in c.shards.values())
+    small = sum((tmp_path / f).stat().st_size for f in ("config.json", "model.safetensors.index.json"))
+    assert c.storage.counter.bytes == headers + small
+    assert c.storage.counter.requests == 2 * 15 + 2
+    assert len(plan.outputs) >= 7
