@@ -13,13 +13,14 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import ray
 
 from planners.cost import BASE_RSS_BYTES
 from planners.plan import OutputShard, Plan, _output_from_json
+from rewriter.copy import abort_multipart, begin_multipart, complete_multipart, supports_multipart
 from rewriter.errors import ExecutionError, RewriterError
 from rewriter.executor import (
     DEFAULT_BUFFER_BYTES,
@@ -29,9 +30,11 @@ from rewriter.executor import (
     begin_parts,
     commit_parts,
     execute,
+    hash_file,
     split_parts,
     write_output_shard,
     write_part,
+    write_part_multipart,
 )
 from rewriter.storage import Storage
 
@@ -40,8 +43,25 @@ log = logging.getLogger(__name__)
 #: Memory a Ray worker process needs besides its copy buffer (Ray's runtime is heavier than a
 #: plain interpreter).
 ACTOR_BASE_BYTES = 2 * BASE_RSS_BYTES
-#: Shards larger than this are split into parts when the destination takes positioned writes.
+#: Shards larger than this are split into parts written by several actors, where the destination
+#: takes positioned writes (a shared filesystem) or multipart uploads (S3-compatible stores).
 DEFAULT_PART_BYTES = 1 << 30
+#: Size of each multipart-upload part; a task's part is a whole number of them.
+MAX_UPLOAD_PART_BYTES = 64 << 20
+
+
+@dataclass
+class _Assembly:
+    """A shard being written in parts by several actors."""
+
+    out: OutputShard
+    parts_left: int
+    result: ShardResult
+    t0: float
+    path: str | None = None
+    upload_id: str | None = None
+    uploaded: list[dict[str, Any]] = field(default_factory=list)
+    done: bool = False
 
 
 @ray.remote
@@ -91,6 +111,13 @@ class ShardWriter:
         self.board.report.remote(out.name, r.size)
         return asdict(r)
 
+    def write_part_multipart(self, part: Part, upload_id: str, upload_part_bytes: int) -> dict[str, Any]:
+        key = f"{part.shard}#{part.index}"
+        stats, parts = write_part_multipart(part, self.src, self.dst, upload_id, upload_part_bytes,
+                                            buffer_bytes=self.buffer_bytes, progress=self._progress(key))
+        self.board.report.remote(key, part.length)
+        return {"stats": asdict(stats), "parts": parts}
+
     def write_part(self, part: Part, path: str) -> dict[str, Any]:
         key = f"{part.shard}#{part.index}"
         stats = write_part(part, path, self.src, buffer_bytes=self.buffer_bytes,
@@ -139,10 +166,14 @@ def execute_on_ray(
             ray.init(include_dashboard=False, log_to_driver=False)
     src_options = dict(src_options or {})
     dst_options = dict(dst_options or {})
+    upload_part_bytes = min(part_bytes, MAX_UPLOAD_PART_BYTES)
+    if part_bytes % upload_part_bytes or upload_part_bytes < 5 << 20:
+        raise ExecutionError(f"part size {part_bytes:,} must be at least 5 MiB and a multiple of "
+                             f"{upload_part_bytes:,} (the multipart-upload part size)")
     board_name = f"rewriter-progress-{uuid.uuid4().hex[:12]}"
     board = ProgressBoard.options(name=board_name).remote()
     actor_cls = ray.remote(ShardWriter).options(
-        num_cpus=1, memory=ACTOR_BASE_BYTES + buffer_bytes,
+        num_cpus=1, memory=ACTOR_BASE_BYTES + buffer_bytes + upload_part_bytes,
         max_restarts=-1, max_task_retries=max_task_retries,
     )
     actors = [actor_cls.remote(plan.source_url, src_options, dst_url, dst_options, buffer_bytes, zero_copy,
@@ -151,31 +182,46 @@ def execute_on_ray(
 
     def runner(todo: list[OutputShard], record: Callable[[ShardResult], None]) -> None:
         dst = Storage(dst_url, dst_options)
+        multipart = not dst.is_local and supports_multipart(dst)
         tasks: list[tuple[str, Any]] = []  # (kind, payload)
-        parts_left: dict[str, int] = {}
-        part_files: dict[str, str] = {}
-        part_stats: dict[str, ShardResult] = {}
-        for out in todo:
-            if dst.is_local and workers > 1 and out.size > part_bytes:
-                parts = split_parts(out, part_bytes)
-                part_files[out.name] = begin_parts(dst, out, plan.digest)
-                parts_left[out.name] = len(parts)
-                part_stats[out.name] = ShardResult(out.name, out.size, "")
-                tasks += [("part", p) for p in parts]
-            else:
-                tasks.append(("shard", out))
-        by_name = {o.name: o for o in todo}
+        assemblies: dict[str, _Assembly] = {}
+        try:
+            for out in todo:
+                if workers > 1 and out.size > part_bytes and (dst.is_local or multipart):
+                    parts = split_parts(out, part_bytes)
+                    asm = _Assembly(out, len(parts), ShardResult(out.name, out.size, ""), time.perf_counter())
+                    if dst.is_local:
+                        asm.path = begin_parts(dst, out, plan.digest)
+                    else:
+                        asm.upload_id = begin_multipart(dst, out.name)
+                    assemblies[out.name] = asm
+                    tasks += [("part", p) for p in parts]
+                else:
+                    tasks.append(("shard", out))
+            _drive(tasks, assemblies, dst, record)
+        finally:
+            for asm in assemblies.values():
+                if asm.upload_id and not asm.done:
+                    abort_multipart(dst, asm.out.name, asm.upload_id)
+
+    def _submit(actor: Any, kind: str, payload: Any, assemblies: dict[str, _Assembly]) -> Any:
+        if kind == "shard":
+            return actor.write_shard.remote(docs[payload.name])
+        asm = assemblies[payload.shard]
+        if asm.upload_id:
+            return actor.write_part_multipart.remote(payload, asm.upload_id, upload_part_bytes)
+        return actor.write_part.remote(payload, asm.path)
+
+    def _drive(tasks: list[tuple[str, Any]], assemblies: dict[str, _Assembly], dst: Storage,
+               record: Callable[[ShardResult], None]) -> None:
         free = list(actors)
         in_flight: dict[Any, tuple[Any, str, Any]] = {}
         shown = 0
-        t0 = {name: time.perf_counter() for name in parts_left}
         while tasks or in_flight:
             while tasks and free:
                 actor = free.pop()
                 kind, payload = tasks.pop(0)
-                ref = (actor.write_part.remote(payload, part_files[payload.shard]) if kind == "part"
-                       else actor.write_shard.remote(docs[payload.name]))
-                in_flight[ref] = (actor, kind, payload)
+                in_flight[_submit(actor, kind, payload, assemblies)] = (actor, kind, payload)
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.25)
             if progress:
                 total = ray.get(board.total.remote())
@@ -195,15 +241,26 @@ def execute_on_ray(
                 if kind == "shard":
                     record(ShardResult(**res))
                     continue
-                acc = part_stats[payload.shard]
-                acc.bytes_read += res["bytes_read"]
-                acc.zero_copy_bytes += res["zero_copy_bytes"]
-                parts_left[payload.shard] -= 1
-                if parts_left[payload.shard] == 0:
-                    out = by_name[payload.shard]
-                    acc.sha256 = commit_parts(dst, out, part_files[out.name], buffer_bytes, drop_cache)
-                    acc.seconds = time.perf_counter() - t0[out.name]
-                    record(acc)
+                asm = assemblies[payload.shard]
+                stats = res["stats"] if "stats" in res else res
+                asm.result.bytes_read += stats["bytes_read"]
+                asm.result.zero_copy_bytes += stats["zero_copy_bytes"]
+                asm.uploaded += res.get("parts", [])
+                asm.parts_left -= 1
+                if asm.parts_left == 0:
+                    record(_finish(asm, dst))
+
+    def _finish(asm: _Assembly, dst: Storage) -> ShardResult:
+        """Publish a shard whose parts are all written; its sha256 is read back once."""
+        if asm.path:
+            asm.result.sha256 = commit_parts(dst, asm.out, asm.path, buffer_bytes, drop_cache)
+        else:
+            assert asm.upload_id
+            complete_multipart(dst, asm.out.name, asm.upload_id, asm.uploaded)
+            asm.result.sha256 = hash_file(dst, asm.out.name, buffer_bytes)
+        asm.done = True
+        asm.result.seconds = time.perf_counter() - asm.t0
+        return asm.result
 
     try:
         return execute(plan, dst_url, src_options=src_options, dst_options=dst_options, buffer_bytes=buffer_bytes,

@@ -34,6 +34,7 @@ from rewriter.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
 from rewriter.copy import (
     CopyStats,
     LocalOutput,
+    MultipartPart,
     PartOutput,
     Progress,
     RangeCopier,
@@ -164,27 +165,28 @@ class Part:
 
 
 def split_parts(out: OutputShard, part_bytes: int) -> list[Part]:
-    """Cut a shard's data (after its header) into parts of about ``part_bytes``."""
+    """Cut a shard's bytes, header included, at every multiple of ``part_bytes``.
+
+    Part ``i`` covers ``[i * part_bytes, (i + 1) * part_bytes)`` of the file; part 0 starts with
+    the header (a literal segment). Every part but the last is exactly ``part_bytes`` long, which
+    multipart uploads need (each of their parts but the last must be at least 5 MiB).
+    """
     parts: list[Part] = []
     ops: list[Segment] = []
-    start = pos = len(out.header)
-    size = 0
-    for op in out.copy_ops():
-        if op.data is not None:
-            ops.append(op)
-            size, pos = size + op.length, pos + op.length
-            if size >= part_bytes:
+    start = pos = 0
+    for op in (Segment.literal(out.header), *out.copy_ops()):
+        done = 0
+        while done < op.length:
+            take = min(op.length - done, part_bytes - (pos - start))
+            if op.data is not None:
+                ops.append(Segment.literal(op.data[done : done + take]))
+            else:
+                ops.append(Segment(op.shard, op.offset + done, take))
+            done += take
+            pos += take
+            if pos - start == part_bytes:
                 parts.append(Part(out.name, len(parts), start, tuple(ops)))
-                ops, start, size = [], pos, 0
-            continue
-        offset, length = op.offset, op.length
-        while length:
-            take = min(length, part_bytes - size)
-            ops.append(Segment(op.shard, offset, take))
-            offset, length, size, pos = offset + take, length - take, size + take, pos + take
-            if size == part_bytes:
-                parts.append(Part(out.name, len(parts), start, tuple(ops)))
-                ops, start, size = [], pos, 0
+                ops, start = [], pos
     if ops:
         parts.append(Part(out.name, len(parts), start, tuple(ops)))
     return parts
@@ -195,11 +197,10 @@ def part_path(dst: Storage, out: OutputShard, plan_digest: str) -> str:
 
 
 def begin_parts(dst: Storage, out: OutputShard, plan_digest: str) -> str:
-    """Create the shard's temporary file at full size with its header; returns its path."""
+    """Create the shard's temporary file at full size (part 0 writes the header); returns its path."""
     path = part_path(dst, out, plan_digest)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
-        f.write(out.header)
         f.truncate(out.size)
     return path
 
@@ -218,6 +219,23 @@ def write_part(
         sink.abort()
         copier.close()
     return stats
+
+
+def write_part_multipart(
+    part: Part, src: Storage, dst: Storage, upload_id: str, upload_part_bytes: int, *,
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES, progress: Progress | None = None,
+) -> tuple[CopyStats, list[dict[str, Any]]]:
+    """Send one part of a shard as numbered parts of its multipart upload. Idempotent: a retry
+    sends the same part numbers with the same bytes."""
+    stats = CopyStats()
+    copier = RangeCopier(src, buffer_bytes, stats, progress, zero_copy=False)
+    sink = MultipartPart(dst, part.shard, upload_id, part.start, upload_part_bytes)
+    try:
+        _copy_all(copier, list(part.ops), sink)
+        sink.commit()
+    finally:
+        copier.close()
+    return stats, sink.parts
 
 
 def commit_parts(dst: Storage, out: OutputShard, path: str, buffer_bytes: int, drop_cache: bool = False) -> str:
@@ -249,7 +267,8 @@ def commit_parts(dst: Storage, out: OutputShard, path: str, buffer_bytes: int, d
 PREFETCH_WINDOW = int(os.environ.get("REWRITER_PREFETCH_MIB", "128")) << 20
 
 
-def _copy_all(copier: RangeCopier, ops: list[Segment], sink: LocalOutput | RemoteOutput | PartOutput) -> None:
+def _copy_all(copier: RangeCopier, ops: list[Segment],
+              sink: LocalOutput | RemoteOutput | PartOutput | MultipartPart) -> None:
     """Copy ops in order, keeping about PREFETCH_WINDOW bytes of upcoming source ranges requested."""
     pieces: list[Segment] = []
     for op in ops:
