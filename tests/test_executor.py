@@ -369,3 +369,18 @@ def test_memory_bounded_whatever_the_shard_size(tmp_path, mode):
     written = sum(p.stat().st_size for p in (tmp_path / "dst").glob("*.safetensors"))
     assert written > 800 << 20
     assert peak < 200 << 20, f"peak RSS {peak >> 20} MiB"
+
+
+def test_drop_cache_and_measured_bandwidth(tiny, tmp_path):
+    from rewriter.probe import measure_disk
+
+    read_bw, write_bw = measure_disk(str(tmp_path), nbytes=16 << 20, block=4 << 20)
+    assert read_bw > 0 and write_bw > 0
+    plan = _plan(tiny, tmp_path, "--measure-bandwidth", str(tmp_path))
+    out = cli("plan", tiny, "--saliency", tmp_path / "sal.json", "--keep-frac", "0.5",
+              "--measure-bandwidth", str(tmp_path), "--json")
+    cost = json.loads(out)["cost"]
+    assert cost["read_bytes_per_s"] != 1e9 and cost["write_bytes_per_s"] != 1e9
+    cli("run", plan, "--out", tmp_path / "a", "--quiet")
+    cli("run", plan, "--out", tmp_path / "b", "--quiet", "--drop-cache")
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
