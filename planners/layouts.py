@@ -50,12 +50,6 @@ class MoELayer:
     num_experts: int
     tensors: tuple[ExpertTensor, ...]
 
-    def sliced(self) -> list[ExpertTensor]:
-        return [t for t in self.tensors if t.role != "expert"]
-
-    def per_expert(self, expert: int) -> list[ExpertTensor]:
-        return [t for t in self.tensors if t.role == "expert" and t.expert == expert]
-
 
 @dataclass(frozen=True)
 class Layout:
@@ -69,7 +63,6 @@ class Layout:
         fused: regex of fused expert tensors; group ``layer``.
         router: regex of router tensors sliced along dim 0; group ``layer``.
         expert: regex of per-expert tensors; groups ``layer`` and ``expert``.
-        router_bias: template of the router bias tensor name (``{layer}``), for soft pruning.
         group_field: config field of the expert-group count for group-limited routing
             (DeepSeek-V3, GLM-4.5): the kept experts must stay balanced across groups.
         routing: how the family turns router logits into weights (documentation and tests).
@@ -82,7 +75,6 @@ class Layout:
     router: str
     fused: str | None = None
     expert: str | None = None
-    router_bias: str | None = None
     group_field: str | None = None
     routing: str = "softmax over the top-k logits"
 
@@ -169,7 +161,6 @@ GPT_OSS = Layout(
     topk_fields=("num_experts_per_tok", "experts_per_token"),
     fused=_L + r"mlp\.experts\.(?:gate_up_proj|down_proj)(?:_blocks|_scales|_bias)?$",
     router=_L + r"mlp\.router\.(?:weight|bias)$",
-    router_bias="model.layers.{layer}.mlp.router.bias",
 )
 
 _PER_EXPERT = _L + r"mlp\.experts\.(?P<expert>\d+)\."

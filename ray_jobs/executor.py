@@ -124,11 +124,6 @@ class ShardWriter:
         self.board.report.remote(key, part.length)
         return asdict(stats)
 
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()
-
 
 def _unwrap(err: Exception) -> Exception:
     cause = getattr(err, "cause", None)

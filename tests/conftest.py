@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,10 +33,6 @@ def tree_digest(root: Path, skip_hidden: bool = True) -> dict[str, str]:
     return out
 
 
-def python_cmd() -> list[str]:
-    return [sys.executable]
-
-
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Path:
     """The tiny MXFP4 preset: 2 layers x 8 experts, 3 shards. Read-only for tests."""
@@ -66,13 +61,6 @@ def fresh_tiny(tmp_path) -> Path:
 
 def source_digest(d: Path) -> dict[str, str]:
     return tree_digest(d, skip_hidden=False)
-
-
-@pytest.fixture
-def env_no_proxy(monkeypatch):
-    for k in list(os.environ):
-        if k.lower().endswith("_proxy"):
-            monkeypatch.delenv(k)
 
 
 @pytest.fixture(scope="session")
