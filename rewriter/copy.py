@@ -3,8 +3,8 @@
 Two paths:
 
 * **zero-copy** (source and destination local): ``os.copy_file_range`` in a loop; the data never
-  enters this process. A kernel that refuses (EXDEV, EOPNOTSUPP, ENOSYS, EINVAL) switches the
-  rest of the run to the buffered path.
+  enters this process. A kernel that refuses (EXDEV, EOPNOTSUPP, ENOSYS, EINVAL, EBADF) switches
+  the rest of the run to the buffered path.
 * **buffered** (anything else): ranged reads of at most ``buffer_bytes`` into one reused
   buffer, written sequentially.
 
@@ -14,13 +14,14 @@ re-reads what was just written from the page cache, so hashing overlaps copying.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -30,37 +31,40 @@ from rewriter.storage import Storage
 Progress = Callable[[int], None]
 _ZERO_COPY_REFUSALS = {errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF}
 _COPY_CHUNK = 64 << 20
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
 class CopyStats:
     bytes_read: int = 0
-    bytes_written: int = 0
     read_seconds: float = 0.0
     write_seconds: float = 0.0
     copy_seconds: float = 0.0
     zero_copy_bytes: int = 0
 
 
-def disk_full(err: OSError, where: str) -> ExecutionError:
-    return ExecutionError(
-        f"{where}: no space left on the destination ({err.strerror}); nothing was published: "
-        f"free space and run the same command again to resume"
-    )
+@contextlib.contextmanager
+def disk_full_is_an_error(where: str) -> Iterator[None]:
+    """Turn "no space" / "quota" OS errors inside the block into a clear ExecutionError."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _DISK_FULL:
+            raise
+        raise ExecutionError(
+            f"{where}: no space left on the destination ({e.strerror}); nothing was published: "
+            f"free space and run the same command again to resume"
+        ) from None
 
 
 def pwrite_all(fd: int, data: bytes | memoryview, pos: int, where: str) -> int:
     """Write all of ``data`` at ``pos`` (short writes happen); returns the position after it."""
     view = memoryview(data)
-    while view:
-        try:
+    with disk_full_is_an_error(where):
+        while view:
             n = os.pwrite(fd, view, pos)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise disk_full(e, where) from None
-            raise
-        view = view[n:]
-        pos += n
+            view = view[n:]
+            pos += n
     return pos
 
 
@@ -180,12 +184,8 @@ class LocalOutput:
 
     def commit(self, drop_cache: bool = False) -> str:
         digest = self._hasher.finish() if self._hasher else self._inline.hexdigest()  # type: ignore[union-attr]
-        try:
+        with disk_full_is_an_error(self.final):
             os.fsync(self.fd)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise disk_full(e, self.final) from None
-            raise
         if drop_cache and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(self.fd)
@@ -226,12 +226,8 @@ class RemoteOutput:
         self._h = hashlib.sha256()
 
     def write(self, data: bytes | memoryview) -> None:
-        try:
+        with disk_full_is_an_error(self.dst.describe(self.name)):
             self.f.write(data)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise disk_full(e, self.dst.describe(self.name)) from None
-            raise
         self._h.update(data)
         self.pos += len(data)
 
@@ -258,8 +254,9 @@ class RemoteOutput:
 class PartOutput:
     """A byte range of a preallocated file, written with positioned writes by one worker.
 
-    Several workers fill disjoint parts of one large output shard; whoever started the file
-    (header written, size set) fsyncs, hashes and renames it once every part is done.
+    Several workers fill disjoint parts of one large output shard (part 0 holds the header);
+    whoever created the file at its full size fsyncs, hashes and renames it once every part is
+    done.
     """
 
     zero_copy_capable = True
@@ -403,21 +400,19 @@ class RangeCopier:
             chunk = min(_COPY_CHUNK, length - done)
             t = time.perf_counter()
             try:
-                n = os.copy_file_range(fd, out.fd, chunk, offset + done, out.pos)
+                with disk_full_is_an_error(out.final):
+                    n = os.copy_file_range(fd, out.fd, chunk, offset + done, out.pos)
             except OSError as e:
-                if e.errno in _ZERO_COPY_REFUSALS:
-                    self.zero_copy = False
-                    return done
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise disk_full(e, out.final) from None
-                raise
+                if e.errno not in _ZERO_COPY_REFUSALS:
+                    raise
+                self.zero_copy = False
+                return done
             self.stats.copy_seconds += time.perf_counter() - t
             if n == 0:
                 raise self._short(shard, offset + done)
             done += n
             out.copied(n)
             self.stats.bytes_read += n
-            self.stats.bytes_written += n
             self.stats.zero_copy_bytes += n
             self.src.counter.add(n)
             if self.progress:
@@ -439,6 +434,5 @@ class RangeCopier:
             out.write(chunk)
             self.stats.write_seconds += time.perf_counter() - t2
             self.stats.bytes_read += len(chunk)
-            self.stats.bytes_written += len(chunk)
             if self.progress:
                 self.progress(len(chunk))

@@ -39,7 +39,7 @@ from rewriter.copy import (
     Progress,
     RangeCopier,
     RemoteOutput,
-    disk_full,
+    disk_full_is_an_error,
     fsync_dir,
 )
 from rewriter.errors import ExecutionError, PlanError
@@ -242,17 +242,11 @@ def commit_parts(dst: Storage, out: OutputShard, path: str, buffer_bytes: int, d
     """fsync, hash and publish a shard whose parts are all written; returns its sha256."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        with disk_full_is_an_error(path):
+            os.fsync(fd)
         if os.fstat(fd).st_size != out.size:
             raise ExecutionError(f"{out.name}: assembled {os.fstat(fd).st_size:,} bytes, planned {out.size:,}")
-        h = hashlib.sha256()
-        buf = bytearray(buffer_bytes)
-        view = memoryview(buf)
-        pos = 0
-        while pos < out.size:
-            n = os.preadv(fd, [view], pos)
-            h.update(view[:n])
-            pos += n
+        digest = _sha256_fd(fd, buffer_bytes)
         if drop_cache:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
@@ -260,11 +254,13 @@ def commit_parts(dst: Storage, out: OutputShard, path: str, buffer_bytes: int, d
     final = dst.local_path(out.name)
     os.replace(path, final)
     fsync_dir(os.path.dirname(final))
-    return h.hexdigest()
+    return digest
 
 
-#: How far ahead of the copy the source ranges are requested (page cache, not process memory).
-PREFETCH_WINDOW = int(os.environ.get("REWRITER_PREFETCH_MIB", "128")) << 20
+#: How far ahead of the copy the source ranges are requested (page cache, not process memory),
+#: in pieces of at most PREFETCH_PIECE.
+PREFETCH_WINDOW = 128 << 20
+PREFETCH_PIECE = 32 << 20
 
 
 def _copy_all(copier: RangeCopier, ops: list[Segment],
@@ -295,22 +291,28 @@ def _copy_all(copier: RangeCopier, ops: list[Segment],
             copier.copy(piece.shard, piece.offset, piece.length, sink)
 
 
-PREFETCH_PIECE = 32 << 20
+def _sha256_fd(fd: int, buffer_bytes: int) -> str:
+    h = hashlib.sha256()
+    view = memoryview(bytearray(buffer_bytes))
+    pos = 0
+    while n := os.preadv(fd, [view], pos):
+        h.update(view[:n])
+        pos += n
+    return h.hexdigest()
 
 
 def hash_file(storage: Storage, name: str, buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> str:
     """sha256 of a file, streamed with a bounded buffer."""
-    h = hashlib.sha256()
     if storage.is_local:
-        buf = bytearray(buffer_bytes)
-        view = memoryview(buf)
-        with open(storage.local_path(name), "rb", buffering=0) as f:
-            while n := f.readinto(buf):
-                h.update(view[:n])
-    else:
-        with storage.fs.open(storage.path(name), "rb", block_size=buffer_bytes) as f:
-            while chunk := f.read(buffer_bytes):
-                h.update(chunk)
+        fd = os.open(storage.local_path(name), os.O_RDONLY)
+        try:
+            return _sha256_fd(fd, buffer_bytes)
+        finally:
+            os.close(fd)
+    h = hashlib.sha256()
+    with storage.fs.open(storage.path(name), "rb", block_size=buffer_bytes) as f:
+        while chunk := f.read(buffer_bytes):
+            h.update(chunk)
     return h.hexdigest()
 
 
@@ -338,16 +340,14 @@ def put_bytes(dst: Storage, name: str, data: bytes) -> None:
     os.makedirs(tmp_dir, exist_ok=True)
     tmp = os.path.join(tmp_dir, f"{os.path.basename(name)}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with disk_full_is_an_error(final), open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
-    except OSError as e:
+    except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if e.errno in (28, 122):
-            raise disk_full(e, final) from None
         raise
     fsync_dir(os.path.dirname(final))
 
@@ -414,7 +414,7 @@ def prepare_destination(plan: Plan, src: Storage, dst: Storage, *, force: bool =
             f"or pass --force to overwrite it"
         )
     log.warning("--force: clearing earlier output in %s", dst.url)
-    _clear_output(dst, plan)
+    _clear_output(dst)
     return journal, False
 
 
@@ -427,7 +427,7 @@ def _provenance_digest(dst: Storage) -> str | None:
         return None
 
 
-def _clear_output(dst: Storage, plan: Plan) -> None:
+def _clear_output(dst: Storage) -> None:
     """Remove what marks a destination complete or belongs to an earlier run (``--force``)."""
     for name in (INDEX_NAME, PROVENANCE_NAME, JOURNAL):
         if dst.exists(name):
@@ -520,7 +520,7 @@ def execute(
     zero_copy: bool = True,
     drop_cache: bool = False,
     runner: ShardRunner | None = None,
-    on_start: Callable[[int, int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> RunResult:
     """Carry out ``plan`` into ``dst_url``.
 
@@ -535,7 +535,7 @@ def execute(
         drop_cache: drop written pages from the page cache after each shard.
         runner: executes the pending shards and reports each result (the Ray executor passes
             one); by default they run here, one after another.
-        on_start: called with (bytes to write, bytes already done) once pending work is known.
+        on_start: called with the bytes still to write once the journal has been checked.
 
     Raises:
         PlanError: the source changed since planning; a non-uniform plan without permission.
@@ -564,7 +564,7 @@ def execute(
     todo, done = pending_shards(plan, journal, buffer_bytes)
     result.shards.extend(done)
     if on_start:
-        on_start(sum(o.size for o in todo), sum(r.size for r in done))
+        on_start(sum(o.size for o in todo))
 
     def record(r: ShardResult) -> None:
         journal.record(r)

@@ -23,7 +23,7 @@ class ByteProgress:
         self._last = 0.0
         self._lock = threading.Lock()
 
-    def start(self, total: int, already: int = 0) -> None:
+    def start(self, total: int) -> None:
         self.total = total
         self._t0 = time.monotonic()
 

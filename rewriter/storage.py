@@ -6,6 +6,7 @@ benchmarks can prove that only headers and kept byte ranges were fetched.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterator, Mapping
@@ -44,7 +45,6 @@ class Storage:
         self.url = str(url)
         self.fs, root = fsspec.core.url_to_fs(self.url, **dict(storage_options or {}))
         self.root = root.rstrip("/") if root != "/" else root
-        self.storage_options = dict(storage_options or {})
         self.counter = IOCounter()
         self._fds: dict[str, int] = {}
 
@@ -64,20 +64,23 @@ class Storage:
     def exists(self, name: str) -> bool:
         return bool(self.fs.exists(self.path(name)))
 
-    def size(self, name: str) -> int:
+    @contextlib.contextmanager
+    def _found(self, name: str) -> Iterator[None]:
         try:
-            return int(self.fs.size(self.path(name)))
+            yield
         except FileNotFoundError:
             raise CheckpointError(f"{self.describe(name)}: file not found") from None
+
+    def size(self, name: str) -> int:
+        with self._found(name):
+            return int(self.fs.size(self.path(name)))
 
     def read_range(self, name: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of ``name``; one counted request."""
         if end <= start:
             return b""
-        try:
+        with self._found(name):
             data = self.fs.cat_file(self.path(name), start=start, end=end)
-        except FileNotFoundError:
-            raise CheckpointError(f"{self.describe(name)}: file not found") from None
         self.counter.add(len(data))
         return bytes(data)
 
@@ -95,7 +98,7 @@ class Storage:
             want = min(len(view), end - pos)
             if self.is_local:
                 self.prefetch(name, pos + want, min(len(view), end - pos - want))
-                n = os.preadv(self._fd(name), [view[:want]], pos)
+                n = os.preadv(self.fd(name), [view[:want]], pos)
                 self.counter.add(n)
                 chunk: memoryview | bytes = view[:n]
             else:
@@ -109,13 +112,12 @@ class Storage:
             yield chunk
             pos += n
 
-    def _fd(self, name: str) -> int:
+    def fd(self, name: str) -> int:
+        """A cached read-only descriptor of local file ``name`` (closed by :meth:`close`)."""
         fd = self._fds.get(name)
         if fd is None:
-            try:
+            with self._found(name):
                 fd = self._fds[name] = os.open(self.local_path(name), os.O_RDONLY)
-            except FileNotFoundError:
-                raise CheckpointError(f"{self.describe(name)}: file not found") from None
             # No speculative readahead: it would read dropped experts next to kept ones. The
             # copier asks for exactly the ranges it needs ahead of time (prefetch).
             if hasattr(os, "posix_fadvise"):
@@ -125,11 +127,7 @@ class Storage:
     def prefetch(self, name: str, start: int, length: int) -> None:
         """Start reading ``[start, start + length)`` of a local file into the page cache."""
         if self.is_local and length > 0 and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._fd(name), start, length, os.POSIX_FADV_WILLNEED)
-
-    def fd(self, name: str) -> int:
-        """A cached read-only descriptor of local file ``name`` (closed by :meth:`close`)."""
-        return self._fd(name)
+            os.posix_fadvise(self.fd(name), start, length, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -138,10 +136,8 @@ class Storage:
 
     def read_all(self, name: str) -> bytes:
         """A small file whole (config, index, tokenizer files); counted."""
-        try:
+        with self._found(name):
             data = self.fs.cat_file(self.path(name))
-        except FileNotFoundError:
-            raise CheckpointError(f"{self.describe(name)}: file not found") from None
         self.counter.add(len(data))
         return bytes(data)
 

@@ -48,14 +48,6 @@ def load_provenance_plan(dst: Storage) -> Plan:
         raise PlanError(f"{dst.describe(PROVENANCE_NAME)}: unreadable provenance ({e})") from None
 
 
-def _digest(storage: Storage, ranges: list[tuple[str, int, int]], buffer: bytearray) -> str:
-    h = hashlib.sha256()
-    for name, start, end in ranges:
-        for chunk in storage.iter_range(name, start, end, buffer):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _planned_digest(storage: Storage, segments: tuple[Segment, ...], buffer: bytearray) -> str:
     """sha256 of what a tensor's segments say: source ranges and literal bytes, in order."""
     h = hashlib.sha256()
@@ -123,7 +115,7 @@ def verify(
             if info is None or info.shard != name:
                 report.mismatches.append(t.name)
                 continue
-            got = _digest(dst_store, [(name, info.begin, info.end)], buf_a)
+            got = _planned_digest(dst_store, (Segment(name, info.begin, info.nbytes),), buf_a)
             want = _planned_digest(src.storage, t.segments, buf_b)
             report.tensors_checked += 1
             report.bytes_checked += info.nbytes
