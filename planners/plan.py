@@ -11,8 +11,9 @@ import hashlib
 import json
 import re
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import fsspec
@@ -61,6 +62,21 @@ class Segment:
         return cls(v[0], int(v[1]), int(v[2]))
 
 
+def merge_segments(segments: Iterable[Segment]) -> list[Segment]:
+    """Join neighbours: source ranges contiguous in one shard, and consecutive literals."""
+    out: list[Segment] = []
+    for s in segments:
+        last = out[-1] if out else None
+        if (last and last.data is None and s.data is None and last.shard == s.shard
+                and last.offset + last.length == s.offset):
+            out[-1] = Segment(s.shard, last.offset, last.length + s.length)
+        elif last and last.data is not None and s.data is not None:
+            out[-1] = Segment.literal(last.data + s.data)
+        else:
+            out.append(s)
+    return out
+
+
 @dataclass(frozen=True)
 class PlannedTensor:
     """An output tensor and the source bytes that make it, in order."""
@@ -93,20 +109,9 @@ class OutputShard:
     def size(self) -> int:
         return len(self.header) + self.data_bytes
 
-    def copy_ops(self) -> Iterator[Segment]:
-        """Segments in write order, merging neighbours that are contiguous in the source."""
-        pending: Segment | None = None
-        for t in self.tensors:
-            for s in t.segments:
-                if (pending and s.data is None and pending.data is None and pending.shard == s.shard
-                        and pending.offset + pending.length == s.offset):
-                    pending = Segment(s.shard, pending.offset, pending.length + s.length)
-                    continue
-                if pending:
-                    yield pending
-                pending = s
-        if pending:
-            yield pending
+    def copy_ops(self) -> list[Segment]:
+        """The data's segments in write order, neighbours merged across tensors."""
+        return merge_segments(s for t in self.tensors for s in t.segments)
 
 
 @dataclass(frozen=True)
@@ -197,7 +202,7 @@ class Plan:
     def canonical_bytes(self) -> bytes:
         return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()
 
-    @property
+    @cached_property
     def digest(self) -> str:
         """sha256 of the canonical JSON: the plan's identity in journals and provenance."""
         return hashlib.sha256(self.canonical_bytes()).hexdigest()
@@ -291,15 +296,16 @@ def _layer_key(t: TensorInfo) -> tuple[int, float]:
     return (0, 0) if "embed" in t.name else (2, 0)
 
 
-def _coalesce(shard: str, begin: int, row: int, ids: Sequence[int]) -> tuple[Segment, ...]:
-    segs: list[Segment] = []
-    for e in ids:
-        off = begin + e * row
-        if segs and segs[-1].offset + segs[-1].length == off:
-            segs[-1] = Segment(shard, segs[-1].offset, segs[-1].length + row)
-        else:
-            segs.append(Segment(shard, off, row))
-    return tuple(segs)
+def _whole(info: TensorInfo, name: str | None = None) -> PlannedTensor:
+    """A tensor copied unchanged (under ``name`` when a renumbered expert's tensor)."""
+    return PlannedTensor(name or info.name, info.dtype, info.shape, info.name,
+                         (Segment(info.shard, info.begin, info.nbytes),), info.layer)
+
+
+def _rows(info: TensorInfo, ids: Sequence[int]) -> tuple[Segment, ...]:
+    """The expert rows ``ids`` of a tensor with experts along dim 0, adjacent rows joined."""
+    row = info.nbytes // info.shape[0]
+    return tuple(merge_segments(Segment(info.shard, info.begin + e * row, row) for e in ids))
 
 
 #: The most negative finite value per dtype: a router bias that no expert overcomes.
@@ -311,22 +317,11 @@ def _soft_bias(info: TensorInfo, keep: Sequence[int]) -> PlannedTensor:
         raise PlanError(f"soft prune: router bias {info.name!r} is {info.dtype}{list(info.shape)}; "
                         f"expected a 1-D BF16, F16 or F32 tensor")
     row = info.nbytes // info.shape[0]
-    segs: list[Segment] = []
-    for e in range(info.shape[0]):
-        if e in keep:
-            segs.append(Segment(info.shard, info.begin + e * row, row))
-        else:
-            segs.append(Segment.literal(NEVER_SELECTED[info.dtype]))
-    merged: list[Segment] = []
-    for sg in segs:
-        last = merged[-1] if merged else None
-        if last and last.data is None and sg.data is None and last.offset + last.length == sg.offset:
-            merged[-1] = Segment(last.shard, last.offset, last.length + sg.length)
-        elif last and last.data is not None and sg.data is not None:
-            merged[-1] = Segment.literal(last.data + sg.data)
-        else:
-            merged.append(sg)
-    return PlannedTensor(info.name, info.dtype, info.shape, info.name, tuple(merged), info.layer)
+    segs = merge_segments(
+        Segment(info.shard, info.begin + e * row, row) if e in keep else Segment.literal(NEVER_SELECTED[info.dtype])
+        for e in range(info.shape[0])
+    )
+    return PlannedTensor(info.name, info.dtype, info.shape, info.name, tuple(segs), info.layer)
 
 
 def plan_tensors(ckpt: Checkpoint, layout: Layout, keep: Mapping[int, Sequence[int]],
@@ -347,24 +342,18 @@ def plan_tensors(ckpt: Checkpoint, layout: Layout, keep: Mapping[int, Sequence[i
                 out.append(_soft_bias(info, keep[role.layer]))
                 biases_done.add(role.layer)
             else:
-                out.append(PlannedTensor(info.name, info.dtype, info.shape, info.name,
-                                         (Segment(info.shard, info.begin, info.nbytes),), info.layer))
+                out.append(_whole(info))
             continue
         if role is None:
-            out.append(PlannedTensor(info.name, info.dtype, info.shape, info.name,
-                                     (Segment(info.shard, info.begin, info.nbytes),), info.layer))
+            out.append(_whole(info))
             continue
         ids = keep[role.layer]
         if role.role == "expert":
             if role.expert is not None and role.expert in ids:
-                new = layout.renamed(role, list(ids).index(role.expert))
-                out.append(PlannedTensor(new, info.dtype, info.shape, info.name,
-                                         (Segment(info.shard, info.begin, info.nbytes),), role.layer))
+                out.append(_whole(info, layout.renamed(role, list(ids).index(role.expert))))
             continue
-        row = info.nbytes // info.shape[0]
         shape = (len(ids), *info.shape[1:])
-        out.append(PlannedTensor(info.name, info.dtype, shape, info.name,
-                                 _coalesce(info.shard, info.begin, row, ids), role.layer))
+        out.append(PlannedTensor(info.name, info.dtype, shape, info.name, _rows(info, ids), role.layer))
     if soft and set(keep) - biases_done:
         raise PlanError(
             f"soft prune needs a router bias in every MoE layer; {layout.family} layers "

@@ -133,7 +133,7 @@ def write_output_shard(
         sink = RemoteOutput(dst, out.name, buffer_bytes)
     try:
         sink.write(out.header)
-        _copy_all(copier, list(out.copy_ops()), sink)
+        _copy_all(copier, out.copy_ops(), sink)
         if sink.pos != out.size:
             raise ExecutionError(f"{out.name}: wrote {sink.pos:,} bytes, planned {out.size:,}")
         digest = sink.commit(drop_cache=drop_cache)
