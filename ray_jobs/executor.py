@@ -18,7 +18,7 @@ from typing import Any
 
 import ray
 
-from planners.plan import OutputShard, Plan, _output_from_json
+from planners.plan import OutputShard, Plan
 from rewriter.copy import abort_multipart, begin_multipart, complete_multipart, supports_multipart
 from rewriter.errors import ExecutionError, RewriterError
 from rewriter.executor import (
@@ -102,8 +102,7 @@ class ShardWriter:
 
         return report
 
-    def write_shard(self, out_doc: dict[str, Any]) -> dict[str, Any]:
-        out = _output_from_json(out_doc, "plan")
+    def write_shard(self, out: OutputShard) -> dict[str, Any]:
         r = write_output_shard(out, self.src, self.dst, buffer_bytes=self.buffer_bytes,
                                progress=self._progress(out.name), zero_copy=self.zero_copy,
                                drop_cache=self.drop_cache)
@@ -122,7 +121,109 @@ class ShardWriter:
         stats = write_part(part, path, self.src, buffer_bytes=self.buffer_bytes,
                            progress=self._progress(key), zero_copy=self.zero_copy)
         self.board.report.remote(key, part.length)
-        return asdict(stats)
+        return {"stats": asdict(stats), "parts": []}
+
+
+@dataclass
+class _Driver:
+    """Hands shards and parts to free actors, one task each, and publishes finished shards."""
+
+    plan: Plan
+    dst: Storage
+    actors: list[Any]
+    board: Any
+    part_bytes: int
+    upload_part_bytes: int
+    buffer_bytes: int
+    drop_cache: bool
+    max_task_retries: int
+    progress: Callable[[int], None] | None
+    assemblies: dict[str, _Assembly] = field(default_factory=dict)
+
+    def run(self, todo: list[OutputShard], record: Callable[[ShardResult], None]) -> None:
+        """The executor's runner: write ``todo``, reporting each shard as it is published."""
+        splittable = self.dst.is_local or supports_multipart(self.dst)
+        tasks: list[tuple[str, Any]] = []  # ("shard", OutputShard) or ("part", Part)
+        try:
+            for out in todo:
+                if len(self.actors) > 1 and out.size > self.part_bytes and splittable:
+                    tasks += [("part", p) for p in self._begin(out)]
+                else:
+                    tasks.append(("shard", out))
+            self._drive(tasks, record)
+        finally:
+            for asm in self.assemblies.values():
+                if asm.upload_id and not asm.done:
+                    abort_multipart(self.dst, asm.out.name, asm.upload_id)
+
+    def _begin(self, out: OutputShard) -> list[Part]:
+        parts = split_parts(out, self.part_bytes)
+        asm = _Assembly(out, len(parts), ShardResult(out.name, out.size, ""), time.perf_counter())
+        if self.dst.is_local:
+            asm.path = begin_parts(self.dst, out, self.plan.digest)
+        else:
+            asm.upload_id = begin_multipart(self.dst, out.name)
+        self.assemblies[out.name] = asm
+        return parts
+
+    def _submit(self, actor: Any, kind: str, payload: Any) -> Any:
+        if kind == "shard":
+            return actor.write_shard.remote(payload)
+        asm = self.assemblies[payload.shard]
+        if asm.upload_id:
+            return actor.write_part_multipart.remote(payload, asm.upload_id, self.upload_part_bytes)
+        return actor.write_part.remote(payload, asm.path)
+
+    def _drive(self, tasks: list[tuple[str, Any]], record: Callable[[ShardResult], None]) -> None:
+        free = list(self.actors)
+        in_flight: dict[Any, tuple[Any, str, Any]] = {}
+        shown = 0
+        while tasks or in_flight:
+            while tasks and free:
+                actor = free.pop()
+                kind, payload = tasks.pop(0)
+                in_flight[self._submit(actor, kind, payload)] = (actor, kind, payload)
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.25)
+            if self.progress:
+                total = ray.get(self.board.total.remote())
+                if total > shown:
+                    self.progress(total - shown)
+                    shown = total
+            for ref in ready:
+                actor, kind, payload = in_flight.pop(ref)
+                free.append(actor)
+                res = self._result(ref, payload)
+                if kind == "shard":
+                    record(ShardResult(**res))
+                    continue
+                asm = self.assemblies[payload.shard]
+                asm.result.bytes_read += res["stats"]["bytes_read"]
+                asm.result.zero_copy_bytes += res["stats"]["zero_copy_bytes"]
+                asm.uploaded += res["parts"]
+                asm.parts_left -= 1
+                if asm.parts_left == 0:
+                    record(self._finish(asm))
+
+    def _result(self, ref: Any, payload: Any) -> dict[str, Any]:
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            raise _unwrap(e) from None
+        except ray.exceptions.RayActorError as e:
+            what = payload.name if isinstance(payload, OutputShard) else f"part {payload.index} of {payload.shard}"
+            raise ExecutionError(f"a Ray worker died {self.max_task_retries + 1} times writing {what}: {e}") from None
+
+    def _finish(self, asm: _Assembly) -> ShardResult:
+        """Publish a shard whose parts are all written; its sha256 is read back once."""
+        if asm.path:
+            asm.result.sha256 = commit_parts(self.dst, asm.out, asm.path, self.buffer_bytes, self.drop_cache)
+        else:
+            assert asm.upload_id
+            complete_multipart(self.dst, asm.out.name, asm.upload_id, asm.uploaded)
+            asm.result.sha256 = hash_file(self.dst, asm.out.name, self.buffer_bytes)
+        asm.done = True
+        asm.result.seconds = time.perf_counter() - asm.t0
+        return asm.result
 
 
 def _unwrap(err: Exception) -> Exception:
@@ -172,93 +273,11 @@ def execute_on_ray(
     )
     actors = [actor_cls.remote(plan.source_url, src_options, dst_url, dst_options, buffer_bytes, zero_copy,
                                drop_cache, board_name) for _ in range(max(1, workers))]
-    docs = {o["name"]: o for o in plan.to_json()["outputs"]}
-
-    def runner(todo: list[OutputShard], record: Callable[[ShardResult], None]) -> None:
-        dst = Storage(dst_url, dst_options)
-        multipart = not dst.is_local and supports_multipart(dst)
-        tasks: list[tuple[str, Any]] = []  # (kind, payload)
-        assemblies: dict[str, _Assembly] = {}
-        try:
-            for out in todo:
-                if workers > 1 and out.size > part_bytes and (dst.is_local or multipart):
-                    parts = split_parts(out, part_bytes)
-                    asm = _Assembly(out, len(parts), ShardResult(out.name, out.size, ""), time.perf_counter())
-                    if dst.is_local:
-                        asm.path = begin_parts(dst, out, plan.digest)
-                    else:
-                        asm.upload_id = begin_multipart(dst, out.name)
-                    assemblies[out.name] = asm
-                    tasks += [("part", p) for p in parts]
-                else:
-                    tasks.append(("shard", out))
-            _drive(tasks, assemblies, dst, record)
-        finally:
-            for asm in assemblies.values():
-                if asm.upload_id and not asm.done:
-                    abort_multipart(dst, asm.out.name, asm.upload_id)
-
-    def _submit(actor: Any, kind: str, payload: Any, assemblies: dict[str, _Assembly]) -> Any:
-        if kind == "shard":
-            return actor.write_shard.remote(docs[payload.name])
-        asm = assemblies[payload.shard]
-        if asm.upload_id:
-            return actor.write_part_multipart.remote(payload, asm.upload_id, upload_part_bytes)
-        return actor.write_part.remote(payload, asm.path)
-
-    def _drive(tasks: list[tuple[str, Any]], assemblies: dict[str, _Assembly], dst: Storage,
-               record: Callable[[ShardResult], None]) -> None:
-        free = list(actors)
-        in_flight: dict[Any, tuple[Any, str, Any]] = {}
-        shown = 0
-        while tasks or in_flight:
-            while tasks and free:
-                actor = free.pop()
-                kind, payload = tasks.pop(0)
-                in_flight[_submit(actor, kind, payload, assemblies)] = (actor, kind, payload)
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.25)
-            if progress:
-                total = ray.get(board.total.remote())
-                if total > shown:
-                    progress(total - shown)
-                    shown = total
-            for ref in ready:
-                actor, kind, payload = in_flight.pop(ref)
-                free.append(actor)
-                try:
-                    res = ray.get(ref)
-                except ray.exceptions.RayTaskError as e:
-                    raise _unwrap(e) from None
-                except ray.exceptions.RayActorError as e:
-                    raise ExecutionError(f"a Ray worker died {max_task_retries + 1} times writing "
-                                         f"{getattr(payload, 'name', getattr(payload, 'shard', '?'))}: {e}") from None
-                if kind == "shard":
-                    record(ShardResult(**res))
-                    continue
-                asm = assemblies[payload.shard]
-                stats = res["stats"] if "stats" in res else res
-                asm.result.bytes_read += stats["bytes_read"]
-                asm.result.zero_copy_bytes += stats["zero_copy_bytes"]
-                asm.uploaded += res.get("parts", [])
-                asm.parts_left -= 1
-                if asm.parts_left == 0:
-                    record(_finish(asm, dst))
-
-    def _finish(asm: _Assembly, dst: Storage) -> ShardResult:
-        """Publish a shard whose parts are all written; its sha256 is read back once."""
-        if asm.path:
-            asm.result.sha256 = commit_parts(dst, asm.out, asm.path, buffer_bytes, drop_cache)
-        else:
-            assert asm.upload_id
-            complete_multipart(dst, asm.out.name, asm.upload_id, asm.uploaded)
-            asm.result.sha256 = hash_file(dst, asm.out.name, buffer_bytes)
-        asm.done = True
-        asm.result.seconds = time.perf_counter() - asm.t0
-        return asm.result
-
+    driver = _Driver(plan, Storage(dst_url, dst_options), actors, board, part_bytes, upload_part_bytes,
+                     buffer_bytes, drop_cache, max_task_retries, progress)
     try:
         return execute(plan, dst_url, src_options=src_options, dst_options=dst_options, buffer_bytes=buffer_bytes,
-                       progress=None, zero_copy=zero_copy, drop_cache=drop_cache, runner=runner, **kwargs)
+                       progress=None, zero_copy=zero_copy, drop_cache=drop_cache, runner=driver.run, **kwargs)
     finally:
         for a in [*actors, board]:
             ray.kill(a)
