@@ -129,7 +129,18 @@ def measure(cmd: list[str], out_dir: Path, workload: str, contender: str, env: d
     )
 
 
-def _plan(src: Path, work: Path, name: str, *extra: str) -> Path:
+def _source(work: Path, name: str, g: Geometry, log=print) -> tuple[Path, Path]:
+    """A synthetic checkpoint (written once, reused by later runs) and saliency for it."""
+    src = work / name
+    if not (src / "model.safetensors.index.json").exists():
+        log(f"  writing the {name} source checkpoint")
+        write_checkpoint(src, g)
+    sal = work / f"{name}-saliency.json"
+    synthetic_saliency(g.num_layers, g.num_experts, g.top_k).save(sal)
+    return src, sal
+
+
+def _plan(src: Path | str, work: Path, name: str, *extra: str) -> Path:
     from click.testing import CliRunner
 
     from rewriter.cli import main
@@ -221,25 +232,13 @@ def bench_s3(g: Geometry, work: Path) -> dict[str, Any]:
     from rewriter.executor import execute
     from tests.servers import start_s3
 
-    src = work / "s3-src"
-    if not (src / "model.safetensors.index.json").exists():
-        write_checkpoint(src, g)
+    src, sal = _source(work, "s3-src", g)
     server = start_s3(work / "moto.log")
     try:
         server.make_bucket("bench")
         server.upload_dir(src, "bench/src")
-        synthetic_saliency(g.num_layers, g.num_experts, g.top_k).save(work / "s3-sal.json")
-        plan_path = _plan(src, work, "s3-local-plan", "--saliency", str(work / "s3-sal.json"), "--keep-frac", "0.5")
-        from click.testing import CliRunner
-
-        from rewriter.cli import main
-
-        r = CliRunner().invoke(main, ["plan", "s3://bench/src", "--storage-options", json.dumps(server.options),
-                                      "--saliency", str(work / "s3-sal.json"), "--keep-frac", "0.5",
-                                      "--out", str(work / "s3-plan.json")])
-        if r.exit_code:
-            raise RuntimeError(r.output)
-        plan = Plan.load(str(work / "s3-plan.json"))
+        plan = Plan.load(str(_plan("s3://bench/src", work, "s3-plan", "--storage-options", json.dumps(server.options),
+                                   "--saliency", str(sal), "--keep-frac", "0.5")))
         dst = work / "s3-dst"
         shutil.rmtree(dst, ignore_errors=True)
         t = time.perf_counter()
@@ -247,7 +246,6 @@ def bench_s3(g: Geometry, work: Path) -> dict[str, Any]:
         wall = time.perf_counter() - t
         written = sum(o.size for o in plan.outputs)
         headers = sum(8 + int(fp["header_len"]) for fp in plan.source_shards.values())
-        del plan_path
         return {"source_bytes": sum(int(fp["size"]) for fp in plan.source_shards.values()),
                 "tensor_bytes_fetched": result.bytes_read, "header_bytes_fetched": headers,
                 "bytes_written": written, "fetched_over_written": (result.bytes_read + headers) / written,
@@ -279,25 +277,15 @@ def run(size: str = "default", work: Path | None = None, results: Path = RESULTS
     log(f"bench size {size} in {work}")
     measurements: list[Measurement] = []
 
-    layer_src = work / f"layer-{size}"
-    if not (layer_src / "model.safetensors.index.json").exists():
-        log("  writing the per-layer source checkpoint")
-        write_checkpoint(layer_src, sizes.layer_geometry)
-    g = sizes.layer_geometry
-    synthetic_saliency(g.num_layers, g.num_experts, g.top_k).save(work / "layer-sal.json")
-    keep = str(g.num_experts // 2)
-    layer_plan = _plan(layer_src, work, "layer-plan", "--saliency", str(work / "layer-sal.json"), "--keep-n", keep,
+    layer_src, layer_sal = _source(work, f"layer-{size}", sizes.layer_geometry, log)
+    keep = str(sizes.layer_geometry.num_experts // 2)
+    layer_plan = _plan(layer_src, work, "layer-plan", "--saliency", str(layer_sal), "--keep-n", keep,
                        "--layers", str(sizes.keep_layer))
     measurements += run_workload("layer", layer_src, layer_plan, work,
                                  tuple(c for c in contenders if c != "ours-ray"), log, repeat)
 
-    full_src = work / f"full-{size}"
-    if not (full_src / "model.safetensors.index.json").exists():
-        log("  writing the full-rewrite source checkpoint")
-        write_checkpoint(full_src, sizes.full_geometry)
-    g = sizes.full_geometry
-    synthetic_saliency(g.num_layers, g.num_experts, g.top_k).save(work / "full-sal.json")
-    full_plan = _plan(full_src, work, "full-plan", "--saliency", str(work / "full-sal.json"), "--keep-frac", "0.5")
+    full_src, full_sal = _source(work, f"full-{size}", sizes.full_geometry, log)
+    full_plan = _plan(full_src, work, "full-plan", "--saliency", str(full_sal), "--keep-frac", "0.5")
     measurements += run_workload("full", full_src, full_plan, work, contenders, log, repeat)
 
     planning = bench_planning(work)

@@ -110,8 +110,18 @@ def inspect(ckpt: str, as_json: bool, storage_options: str | None) -> None:
 
 # --- planning -----------------------------------------------------------------------------------
 
-def policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    opts = [
+def _options(*opts: Callable[..., Any]) -> Callable[..., Any]:
+    """One decorator applying several click options, in the order listed."""
+
+    def apply(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+
+    return apply
+
+
+policy_options = _options(
         click.option("--saliency", "saliency", multiple=True, help="Saliency file (repeat: one per domain)."),
         click.option("--weight", "weights", multiple=True, help="Domain weight DOMAIN=W for the union (default 1)."),
         click.option("--keep-list", default=None, help='JSON {"<layer>": [expert ids]} instead of saliency.'),
@@ -130,11 +140,8 @@ def policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Total experts over all layers: a non-uniform plan (not loadable by stock transformers)."),
         click.option("--allow-nonuniform", is_flag=True, help="Accept plans with different counts per layer."),
         click.option("--max-shard-size", default="5GB", show_default=True, help="Output shard size limit."),
-        click.option("--storage-options", default=None, help="fsspec options for SRC as JSON."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+    click.option("--storage-options", default=None, help="fsspec options for SRC as JSON."),
+)
 
 
 def _parse_size(text: str) -> int:
@@ -195,17 +202,13 @@ def make_plan(src: str, *, layers_only: list[int] | None = None, soft: bool = Fa
                       layers_only=layers_only, provenance=prov, soft=soft)
 
 
-def cost_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    opts = [
+cost_options = _options(
         click.option("--workers", type=int, default=1, show_default=True, help="Workers for the time estimate."),
         click.option("--read-mbps", type=float, default=None, help="Per-worker read bandwidth, MB/s (default 1000)."),
         click.option("--write-mbps", type=float, default=None, help="Per-worker write bandwidth, MB/s (default 1000)."),
-        click.option("--measure-bandwidth", default=None, metavar="DIR",
-                     help="Measure read/write bandwidth of the disk holding DIR first."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+    click.option("--measure-bandwidth", default=None, metavar="DIR",
+                 help="Measure read/write bandwidth of the disk holding DIR first."),
+)
 
 
 @main.command()
@@ -253,8 +256,7 @@ def _bandwidths(read_mbps: float | None, write_mbps: float | None, measure_dir: 
 
 # --- execution ----------------------------------------------------------------------------------
 
-def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    opts = [
+run_options = _options(
         click.option("--buffer-mib", type=int, default=16, show_default=True,
                      help="Copy buffer in MiB; bounds the data path's memory."),
         click.option("--force", is_flag=True, help="Overwrite a destination holding other output."),
@@ -265,11 +267,8 @@ def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--address", default=None, help="Ray cluster address (default: start a local one)."),
         click.option("--workers", "ray_workers", type=int, default=2, show_default=True, help="Ray actors."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
-        click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+    click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
+)
 
 
 def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bool, drop_cache: bool,
