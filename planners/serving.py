@@ -307,12 +307,12 @@ RULES: tuple[Rule, ...] = (
     }),
     Rule("n-group", _ALL, "group-limited routing: count divisible by n_group, topk_group groups reach top-k",
          _groups, {
-             "vllm": "grouped top-k views the scores as [tokens, n_group, experts / n_group]",
-             "sglang": "grouped top-k views the scores as [tokens, n_group, experts / n_group]",
+             "vllm": "vLLM grouped_topk (fused_moe): scores.view(num_token, num_expert_group, -1)",
+             "sglang": "python/sglang/srt/layers/moe/topk.py grouped_topk: scores.view(num_token, num_expert_group, -1)",
              "trtllm": "cpp/tensorrt_llm/thop/fp8PerTensorScaleMoe.cpp: num_experts % n_group == 0, "
                        "topk_group <= n_group, top_k < topk_group * num_experts / n_group",
              "llamacpp": "src/llama-model.cpp: GGML_ASSERT(hparams.n_expert % hparams.n_expert_groups == 0)",
-             "transformers": "modeling_deepseek_v3.py: scores.view(-1, n_group, n_routed_experts // n_group)",
+             "transformers": "modeling_deepseek_v3.py: scores_for_choice.view(-1, n_group, n_routed_experts // n_group)",
          }),
     Rule("flashinfer-routing", ("vllm", "sglang", "trtllm"),
          "FlashInfer / TensorRT-LLM-gen MoE routing: count a multiple of 4, at most 512; top-k at most 10",
@@ -365,10 +365,16 @@ def failures(verdicts: Iterable[Verdict]) -> list[Verdict]:
 
 def fit_count(facts: ServingFacts, wanted: int, total: int, targets: Sequence[str], ep: int | None,
               multiple: int = 1) -> int | None:
-    """The count nearest to ``wanted`` (up first) in ``1..total`` that every target accepts."""
+    """The count nearest to ``wanted`` (up first) in ``1..total`` that every target accepts.
+
+    With ``ep`` the count must also split evenly over the ranks, even for an engine that would
+    only warn: asking for expert parallelism means asking for an even split.
+    """
     for delta in range(total + 1):
         for n in (wanted + delta, wanted - delta):
-            if 1 <= n <= total and n % multiple == 0 and not failures(check_facts(facts.with_count(n), targets, ep)):
+            if not 1 <= n <= total or n % multiple or (ep and n % ep):
+                continue
+            if not failures(check_facts(facts.with_count(n), targets, ep)):
                 return n
     return None
 
