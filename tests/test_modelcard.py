@@ -134,3 +134,18 @@ def test_card_bad_input(pruned, tmp_path):
         (tmp_path / "bad.json").write_text(text)
         out = cli("card", pruned, "--eval", tmp_path / "bad.json", expect=2)
         assert out.startswith("error:") and what in out and "Traceback" not in out
+
+
+def test_base_model_from_an_hf_source(pruned):
+    import dataclasses
+
+    from rewriter.modelcard import render_card
+    from rewriter.storage import Storage
+    from rewriter.verify import load_provenance_plan
+
+    plan = load_provenance_plan(Storage(str(pruned)))
+    hub = dataclasses.replace(plan, source_url="hf://openai/gpt-oss-120b", config={**plan.config, "_name_or_path": "/x"})
+    meta, body = front_matter(render_card(hub))
+    assert meta["base_model"] == "openai/gpt-oss-120b" and "# gpt-oss-120b, experts pruned" in body
+    local = dataclasses.replace(plan, config={**plan.config, "_name_or_path": "/models/gpt-oss"})
+    assert "base_model" not in front_matter(render_card(local))[0]

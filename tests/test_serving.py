@@ -296,3 +296,13 @@ def test_prune_with_120b_expert_geometry_for_vllm_ep8(tmp_path):
     code, doc = run_check(tmp_path / "dst", "--target", "vllm", "--ep", "8")
     assert code == 0 and doc["experts_per_layer"] == 56
     assert {v["rule"]: v["status"] for v in doc["verdicts"]}["expert-parallel"] == "pass"
+
+
+def test_fit_targets_prefers_up_and_respects_keep_multiple(tiny_src, tmp_path):
+    out = cli("plan", tiny_src, "--saliency", tmp_path / "s.json", "--keep-n", "7", "--target", "vllm", "--fit-targets",
+              "--out", tmp_path / "p.json")
+    assert "keeping 8 experts per layer instead of 7" in out  # 8 and 6 are both one away: up first
+    assert {len(v) for v in json.loads((tmp_path / "p.json").read_text())["expert_mapping"].values()} == {8}
+    out = cli("plan", tiny_src, "--saliency", tmp_path / "s.json", "--keep-n", "5", "--keep-multiple", "3",
+              "--target", "vllm", "--fit-targets", expect=2)
+    assert "6 experts is not a multiple of 4" in out and "no expert count satisfies every target" in out
