@@ -234,7 +234,7 @@ def _flashinfer_routing(f: ServingFacts, target: str, ep: int | None) -> tuple[s
         problems.append(f"top-k {f.top_k} exceeds {TRTLLM_MAX_TOP_K}")
     if not problems:
         return "pass", f"{f.count} experts: a multiple of 4, at most {TRTLLM_MAX_EXPERTS}"
-    # vLLM and SGLang use these kernels for gpt-oss MXFP4 on Blackwell; elsewhere they pick others.
+    # vLLM picks these kernels for gpt-oss MXFP4 on Blackwell; elsewhere they are one backend of several.
     hard = target == "trtllm" or (target == "vllm" and f.family == "gpt_oss")
     return ("fail" if hard else "warn"), "; ".join(problems) + (
         "" if hard else " (only the FlashInfer TensorRT-LLM MoE backend rejects it; other backends load it)")
@@ -286,9 +286,9 @@ _HF_CONFIG = "the Hugging Face config class of the family (transformers models/<
 
 RULES: tuple[Rule, ...] = (
     Rule("uniform", _ALL, "every MoE layer has the same expert count", _uniform, {
-        "vllm": "vllm/model_executor/layers/fused_moe/layer.py: FusedMoE takes one global_num_experts from the config",
-        "sglang": "python/sglang/srt/layers/moe/fused_moe_triton/layer.py: one num_experts for every layer",
-        "trtllm": "tensorrt_llm/_torch/modules/fused_moe: one num_experts from the config",
+        "vllm": "model files build every layer's FusedMoE with the one config count (global_num_experts)",
+        "sglang": "python/sglang/srt/models/mixtral.py: MixtralMoE(num_experts=config.num_local_experts) in every layer",
+        "trtllm": "tensorrt_llm/_torch/models: every layer's MoE gets num_experts=config.num_local_experts",
         "llamacpp": "src/llama-model.cpp load_hparams: one n_expert hyperparameter for all layers",
         "transformers": "modeling_<family>.py: expert parameters are shaped [num_experts, …] from the config; "
                         "a layer of another size fails to load (size mismatch)",
