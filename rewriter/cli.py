@@ -144,6 +144,15 @@ policy_options = _options(
 )
 
 
+serving_options = _options(
+        click.option("--target", "targets", multiple=True,
+                     type=click.Choice(["vllm", "sglang", "trtllm", "llamacpp", "transformers"]),
+                     help="Serving engine the output must load in (repeat); the plan refuses otherwise (docs/serving.md)."),
+        click.option("--ep", type=click.IntRange(min=1), default=None, help="Expert-parallel size the output will be served with."),
+    click.option("--fit-targets", is_flag=True, help="Move the kept count to the nearest one every --target accepts."),
+)
+
+
 def _parse_size(text: str) -> int:
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
     t = text.strip().upper()
@@ -173,6 +182,14 @@ def make_plan(src: str, *, layers_only: list[int] | None = None, soft: bool = Fa
     prov: dict[str, Any]
     groups = layout.num_groups(ckpt.config)
     topk_group = ckpt.config.get("topk_group") if groups > 1 else None
+    targets, ep, fit_note = tuple(kw.get("targets") or ()), kw.get("ep"), None
+    if targets and kw.get("fit_targets") and not (kw["keep_list"] or policy.budget is not None or soft):
+        from planners.serving import facts_from, fit_policy
+
+        facts = facts_from(ckpt.config, ((t.name, t.dtype, t.shape) for t in ckpt.tensors.values()), layout)
+        policy, fit_note = fit_policy(policy, facts, n_exp, top_k, targets, ep)
+        if fit_note:
+            click.echo(fit_note, err=True)
     if kw["keep_list"]:
         keep, digest = load_keep_list(kw["keep_list"], n_exp, moe)
         decision = validate_keep_list(keep, top_k, kw["top_k"], kw["allow_nonuniform"], groups, topk_group, n_exp)
@@ -198,8 +215,15 @@ def make_plan(src: str, *, layers_only: list[int] | None = None, soft: bool = Fa
                           "tokens": s.tokens} for s, d in zip(sal, domains)],
             "policy": policy.to_json(),
         }
-    return build_plan(ckpt, decision, max_shard_bytes=_parse_size(kw["max_shard_size"]),
-                      layers_only=layers_only, provenance=prov, soft=soft)
+    if fit_note:
+        prov["fit_targets"] = fit_note
+    p = build_plan(ckpt, decision, max_shard_bytes=_parse_size(kw["max_shard_size"]),
+                   layers_only=layers_only, provenance=prov, soft=soft)
+    if targets and layers_only is None:
+        from planners.serving import apply_targets
+
+        p = apply_targets(p, layout, targets, ep)
+    return p
 
 
 cost_options = _options(
@@ -214,6 +238,7 @@ cost_options = _options(
 @main.command()
 @click.argument("src")
 @policy_options
+@serving_options
 @cost_options
 @click.option("--layers", default=None, help="Comma-separated layers: a per-layer dry-run plan of their expert tensors.")
 @click.option("--buffer-mib", type=int, default=16, show_default=True, help="Executor buffer (for request counts).")
@@ -331,6 +356,7 @@ def run(plan_file: str, dst: str, allow_nonuniform: bool, src_options: str | Non
 @click.argument("src")
 @click.argument("dst")
 @policy_options
+@serving_options
 @click.option("--plan-out", default=None, help="Also save the plan here.")
 @run_options
 @_fail_cleanly
@@ -355,6 +381,7 @@ def _plan_and_run(src: str, dst: str, plan_out: str | None, soft: bool, kw: dict
 @click.argument("src")
 @click.argument("dst")
 @policy_options
+@serving_options
 @click.option("--plan-out", default=None, help="Also save the plan here.")
 @run_options
 @_fail_cleanly
@@ -546,6 +573,68 @@ def import_reap_cmd(observer_file: str, out: str, domain: str) -> None:
     sal = import_reap(observer_file, domain)
     sal.save(out)
     click.echo(f"wrote {out}: {len(sal.layers)} layers from {observer_file}")
+
+
+# --- serving targets and the model card ------------------------------------------------------------
+
+@main.command()
+@click.argument("ckpt")
+@click.option("--target", "targets", multiple=True,
+              type=click.Choice(["vllm", "sglang", "trtllm", "llamacpp", "transformers"]),
+              help="Engine to check against (repeat; default: all).")
+@click.option("--ep", type=click.IntRange(min=1), default=None, help="Expert-parallel size to check.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable verdicts.")
+@click.option("--storage-options", default=None, help="fsspec options for CKPT as JSON.")
+@_fail_cleanly
+def check(ckpt: str, targets: tuple[str, ...], ep: int | None, as_json: bool, storage_options: str | None) -> None:
+    """Would serving engines load CKPT? Print each rule's verdict (any MoE checkpoint, from headers).
+
+    Rules and their sources: docs/serving.md. Exit status 1 when a rule fails, 2 on bad input;
+    warnings do not fail.
+    """
+    from planners.serving import TARGETS, check_facts, checkpoint_facts, failures, format_verdicts
+    from rewriter.checkpoint import Checkpoint
+
+    c = Checkpoint.open(ckpt, _json_opt(storage_options))
+    facts = checkpoint_facts(c)
+    verdicts = check_facts(facts, targets or TARGETS, ep)
+    if as_json:
+        click.echo(json.dumps({"checkpoint": c.url, "family": facts.family, "experts_per_layer": facts.count,
+                               "top_k": facts.top_k, "ep": ep, "ok": not failures(verdicts),
+                               "verdicts": [v.to_json() for v in verdicts]}, indent=1))
+    else:
+        click.echo(f"{c.url}: {facts.family}, {facts.count} experts per layer, top-k {facts.top_k}"
+                   + (f", --ep {ep}" if ep else ""))
+        click.echo(format_verdicts(verdicts))
+    sys.exit(1 if failures(verdicts) else 0)
+
+
+@main.command()
+@click.argument("dst")
+@click.option("--base-model", default=None, help="Hub id of the source (default: from an hf:// source or the config).")
+@click.option("--eval", "eval_json", default=None, help="A `rewriter eval --json` result to include.")
+@click.option("--verify", "run_verify", is_flag=True, help="Run `rewriter verify` against the recorded source and include it.")
+@click.option("--src-options", default=None, help="fsspec options for the source as JSON (with --verify).")
+@click.option("--dst-options", default=None, help="fsspec options for DST as JSON.")
+@_fail_cleanly
+def card(dst: str, base_model: str | None, eval_json: str | None, run_verify: bool, src_options: str | None,
+         dst_options: str | None) -> None:
+    """Write DST/README.md again from DST/pruning.json, adding eval results and verify status.
+
+    Each run renders the whole card, so give every extra you want in it.
+    """
+    from rewriter.modelcard import load_eval, update_card
+    from rewriter.storage import Storage
+
+    storage = Storage(dst, _json_opt(dst_options))
+    report = None
+    if run_verify:
+        from rewriter.verify import verify as do_verify
+
+        report = do_verify(None, dst, src_options=_json_opt(src_options), dst_options=_json_opt(dst_options)).to_json()
+    result = load_eval(eval_json) if eval_json else None
+    update_card(storage, base_model=base_model, verify=report, eval_result=result)
+    click.echo(f"wrote {storage.describe('README.md')}" + (f" (verify: {'OK' if report['ok'] else 'FAILED'})" if report else ""))
 
 
 if __name__ == "__main__":

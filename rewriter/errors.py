@@ -37,6 +37,10 @@ class ExecutionError(RewriterError):
     """A rewrite could not be carried out (destination, disk space, short source)."""
 
 
+class CardError(RewriterError):
+    """A model card cannot be written: no complete output, or an unreadable eval result."""
+
+
 class VerificationError(RewriterError):
     """Output bytes differ from their planned source slices."""
 

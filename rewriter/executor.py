@@ -43,6 +43,7 @@ from rewriter.copy import (
     fsync_dir,
 )
 from rewriter.errors import ExecutionError, PlanError
+from rewriter.modelcard import CARD_NAME, write_model_card
 from rewriter.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -463,7 +464,9 @@ def finalize(plan: Plan, src: Storage, dst: Storage, results: Iterable[ShardResu
     by_name = {r.name: r for r in results}
     put_bytes(dst, CONFIG_NAME, plan.config_json())
     for name in plan.copy_files:
-        copy_small_file(src, dst, name, buffer_bytes)
+        if name != CARD_NAME:  # the source's card is kept under another name by write_model_card
+            copy_small_file(src, dst, name, buffer_bytes)
+    write_model_card(plan, src, dst, buffer_bytes)
     provenance = {
         "format": "moe-rewriter-provenance",
         "plan_digest": plan.digest,
@@ -484,17 +487,19 @@ def finalize(plan: Plan, src: Storage, dst: Storage, results: Iterable[ShardResu
             dst.fs.rm(dst.path(STATE_DIR), recursive=True)
 
 
-def copy_small_file(src: Storage, dst: Storage, name: str, buffer_bytes: int) -> None:
-    """Copy a non-tensor file (tokenizer, generation config…) in bounded chunks, atomically."""
+def copy_small_file(src: Storage, dst: Storage, name: str, buffer_bytes: int, dst_name: str | None = None) -> None:
+    """Copy a non-tensor file (tokenizer, generation config…) in bounded chunks, atomically,
+    to ``dst_name`` (default: the same name)."""
     size = src.size(name)
+    out = dst_name or name
     if size <= buffer_bytes:
-        put_bytes(dst, name, src.read_all(name))
+        put_bytes(dst, out, src.read_all(name))
         return
     if dst.is_local:
-        os.makedirs(os.path.dirname(dst.local_path(name)), exist_ok=True)
-        sink: LocalOutput | RemoteOutput = LocalOutput(dst, name, dst.local_path(f"{STATE_DIR}/tmp"), buffer_bytes, hash_trailing=False)
+        os.makedirs(os.path.dirname(dst.local_path(out)), exist_ok=True)
+        sink: LocalOutput | RemoteOutput = LocalOutput(dst, out, dst.local_path(f"{STATE_DIR}/tmp"), buffer_bytes, hash_trailing=False)
     else:
-        sink = RemoteOutput(dst, name, buffer_bytes)
+        sink = RemoteOutput(dst, out, buffer_bytes)
     try:
         for start in range(0, size, buffer_bytes):
             sink.write(src.read_range(name, start, min(size, start + buffer_bytes)))
