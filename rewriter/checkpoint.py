@@ -157,8 +157,12 @@ class Checkpoint:
         """
         storage = storage or Storage(url, storage_options)
         files = storage.list_files() if storage.fs.isdir(storage.root) else []
+        if INDEX_NAME not in files and SINGLE_NAME not in files:
+            mixup = _usual_mixup(storage)
+            if mixup:
+                raise CheckpointError(mixup)
         if not files:
-            raise CheckpointError(_not_a_checkpoint_dir(storage))
+            raise CheckpointError(f"{storage.url}: no such checkpoint directory, or it is empty")
         config: dict[str, Any] = {}
         if CONFIG_NAME in files:
             config = _load_json(storage, CONFIG_NAME)
@@ -256,8 +260,8 @@ class Checkpoint:
         return {name: s.fingerprint() for name, s in self.shards.items()}
 
 
-def _not_a_checkpoint_dir(storage: Storage) -> str:
-    """Why ``storage`` holds no checkpoint, with the fix for the usual mix-ups."""
+def _usual_mixup(storage: Storage) -> str | None:
+    """What to pass instead, when ``storage`` is a file or a Hugging Face cache folder."""
     root = storage.root
     if storage.fs.isfile(root):
         folder = posixpath.dirname(root.rstrip("/")) or "."
@@ -267,7 +271,7 @@ def _not_a_checkpoint_dir(storage: Storage) -> str:
         revs = sorted(posixpath.basename(str(p).rstrip("/")) for p in storage.fs.ls(f"{root}/snapshots", detail=False))
         return (f"{storage.url} is a Hugging Face cache folder; pass one of its snapshots: "
                 f"{storage.url.rstrip('/')}/snapshots/<revision> (found: {', '.join(revs) or 'none'})")
-    return f"{storage.url}: no such checkpoint directory, or it is empty"
+    return None
 
 
 def _load_json(storage: Storage, name: str) -> Any:

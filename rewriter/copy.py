@@ -35,6 +35,7 @@ Progress = Callable[[int], None]
 _ZERO_COPY_REFUSALS = {errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF}
 _COPY_CHUNK = 64 << 20
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR)
 #: Mode of every output file (before the umask): readable by all, like files ``cp`` makes.
 OUTPUT_MODE = 0o644
 
@@ -50,16 +51,22 @@ class CopyStats:
 
 @contextlib.contextmanager
 def write_errors_are_clear(where: str) -> Iterator[None]:
-    """Turn "no space" / "quota" OS errors inside the block into a clear ExecutionError."""
+    """Turn "no space", "quota", "read-only" and "permission denied" OS errors inside the block
+    into an ExecutionError that names ``where`` and says what to do."""
     try:
         yield
     except OSError as e:
-        if e.errno not in _DISK_FULL:
-            raise
-        raise ExecutionError(
-            f"{where}: no space left on the destination ({e.strerror}); nothing was published: "
-            f"free space and run the same command again to resume"
-        ) from None
+        if e.errno in _DISK_FULL:
+            raise ExecutionError(
+                f"{where}: no space left on the destination ({e.strerror}); nothing was published: "
+                f"free space and run the same command again to resume"
+            ) from None
+        if e.errno in _UNWRITABLE:
+            raise ExecutionError(
+                f"{where}: cannot write to the destination ({e.strerror}); choose a destination "
+                f"folder this user can write"
+            ) from None
+        raise
 
 
 def pwrite_all(fd: int, data: bytes | memoryview, pos: int, where: str) -> int:

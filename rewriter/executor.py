@@ -203,8 +203,12 @@ def begin_parts(dst: Storage, out: OutputShard, plan_digest: str) -> str:
     """Create the shard's temporary file at full size (part 0 writes the header); returns its path."""
     path = part_path(dst, out, plan_digest)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.truncate(out.size)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, OUTPUT_MODE)
+    try:
+        with write_errors_are_clear(path):
+            os.ftruncate(fd, out.size)
+    finally:
+        os.close(fd)
     return path
 
 
@@ -424,10 +428,10 @@ def prepare_destination(plan: Plan, dst: Storage, *, force: bool = False,
     """
     digest = plan.digest
     journal = Journal(dst, digest, lock)
-    exists = dst.fs.exists(dst.root) and any(f != LOCK_NAME for f in dst.list_files())
-    if not exists:
-        return journal, False
-    state = Journal.read(dst)
+    files = dst.list_files() if dst.fs.exists(dst.root) else []
+    state = Journal.read(dst) if files else None
+    if state is None and all(f.startswith(STATE_DIR + "/") for f in files):
+        return journal, False  # empty, or only the state of a run killed before its journal
     prov_digest = _provenance_digest(dst)
     ours = (state and state.get("plan") == digest) or prov_digest == digest
     if ours:
@@ -617,6 +621,9 @@ def _execute_locked(plan: Plan, src: Storage, dst: Storage, lock: DestinationLoc
                     drop_cache: bool, runner: ShardRunner | None,
                     on_start: Callable[[int], None] | None) -> RunResult:
     journal, complete = prepare_destination(plan, dst, force=force, lock=lock)
+    if dst.is_local:
+        # Temporary files of killed runs: with the lock held, no other run is writing them.
+        shutil.rmtree(dst.local_path(f"{STATE_DIR}/tmp"), ignore_errors=True)
     result = RunResult(dst.url, plan.digest)
     if complete:
         log.info("%s already holds the complete output of this plan", dst.url)

@@ -119,7 +119,7 @@ class DestinationLock:
         import fcntl
 
         path = self.dst.local_path(LOCK_NAME)
-        with write_errors_are_clear(self.dst.local_path(STATE_DIR)):
+        with write_errors_are_clear(self.dst.url):
             os.makedirs(os.path.dirname(path), exist_ok=True)
         while True:
             with write_errors_are_clear(path):
