@@ -21,7 +21,13 @@ from fsspec.implementations.local import LocalFileSystem
 
 from planners.layouts import Layout
 from planners.policies import KeepDecision
-from rewriter.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, TensorInfo, relative_name_problem
+from rewriter.checkpoint import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    Checkpoint,
+    TensorInfo,
+    relative_name_problem,
+)
 from rewriter.errors import PlanError
 from rewriter.format import PREFIX_BYTES, encode_header, parse_header
 

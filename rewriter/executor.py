@@ -34,6 +34,7 @@ from typing import Any
 from planners.plan import PROVENANCE_NAME, OutputShard, Plan, Segment
 from rewriter.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
 from rewriter.copy import (
+    OUTPUT_MODE,
     CopyStats,
     LocalOutput,
     MultipartPart,
@@ -41,7 +42,6 @@ from rewriter.copy import (
     Progress,
     RangeCopier,
     RemoteOutput,
-    OUTPUT_MODE,
     fsync_dir,
     write_errors_are_clear,
 )
