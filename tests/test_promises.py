@@ -20,7 +20,7 @@ import pytest
 
 from bench_io.synth import PRESETS, synthetic_saliency, write_checkpoint
 from planners.plan import Plan
-from rewriter.errors import DestinationLockedError, ExecutionError, PlanError
+from rewriter.errors import CheckpointError, DestinationLockedError, ExecutionError, PlanError
 from rewriter.executor import execute
 from rewriter.lock import LOCK_NAME, LockOwner
 from rewriter.verify import verify
@@ -392,7 +392,10 @@ def test_read_only_destination_is_one_clear_error(tiny, tiny_saliency, tmp_path,
     r = rewriter("plan", tiny, "--saliency", tiny_saliency, "--keep-frac", "0.5", "--out", ro / "p.json", expect=2)
     assert r.stderr.count("\n") == 1 and str(ro / "p.json") in r.stderr and "--out" in r.stderr
     assert source_digest(tiny) == before
-    rewriter("run", plan, "--out", tmp_path / "ok", "--quiet")
+    subprocess.run(["mount", "-o", "remount,rw", str(ro)], check=True)
+    assert list(ro.iterdir()) == []
+    rewriter("run", plan, "--out", ro / "dst", "--quiet")
+    assert verify(None, str(ro / "dst")).ok
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into any folder whatever its mode")
@@ -415,7 +418,9 @@ def test_destination_that_is_a_file_or_below_one(tiny, tiny_saliency, tmp_path):
     r = rewriter("run", plan, "--out", f / "sub", "--quiet", expect=2)
     assert f"lies below {f}, which is a file" in r.stderr
     assert f.read_text() == "precious" and source_digest(tiny) == before
-    rewriter("run", plan, "--out", tmp_path / "dst", "--quiet")
+    f.unlink()
+    rewriter("run", plan, "--out", f, "--quiet")
+    assert verify(None, str(f)).ok
 
 
 # --- 6. a failing commit shows its own error and leaves no temporary file ---------------------------
@@ -434,12 +439,14 @@ def test_failing_commit_shows_the_real_error_and_leaves_no_part(tiny, tiny_salie
 
     monkeypatch.setattr(os, "fsync", fsync)
     dst = tmp_path / "dst"
+    before = source_digest(tiny)
     expected = ExecutionError if isinstance(failure, OSError) else KeyboardInterrupt
     with pytest.raises(expected) as info:
         execute(plan, str(dst))
     if expected is ExecutionError:
         assert "no space left" in str(info.value) and "Bad file descriptor" not in str(info.value)
     assert not list(dst.rglob("*.part"))
+    assert source_digest(tiny) == before
     monkeypatch.setattr(os, "fsync", real_fsync)
     execute(plan, str(dst))
     assert verify(None, str(dst)).ok
@@ -527,27 +534,22 @@ def test_output_files_are_0644(tiny, tiny_saliency, tmp_path):
 
 # --- 9. verify closes what it opened ---------------------------------------------------------------
 
-def test_failing_verify_leaves_no_open_files(fresh_tiny, tmp_path):
+def test_failing_verify_leaves_no_open_files(tiny, tiny_saliency, tmp_path):
+    import dataclasses
+
     import psutil
 
-    plan = plan_file(fresh_tiny, _tiny_sal(tmp_path), tmp_path / "p.json")
+    plan = plan_file(tiny, tiny_saliency, tmp_path / "p.json")
     rewriter("run", plan, "--out", tmp_path / "dst", "--quiet")
-    shard = sorted(fresh_tiny.glob("model-*.safetensors"))[0]
-    with open(shard, "r+b") as f:
-        f.truncate(shard.stat().st_size - 64)
+    # Same shard names, smaller shards: the planned ranges run past their ends mid-verify.
+    other = tmp_path / "other"
+    write_checkpoint(other, dataclasses.replace(PRESETS["tiny"], vocab=128))
     me = psutil.Process()
     before = me.num_fds()
-    with pytest.raises(Exception, match="truncated"):
-        verify(None, str(tmp_path / "dst"))
+    with pytest.raises(CheckpointError, match="truncated or changed"):
+        verify(str(other), str(tmp_path / "dst"))
     assert me.num_fds() == before
     (tmp_path / "dst" / "pruning.json").write_text("{not json")
     with pytest.raises(PlanError):
         verify(None, str(tmp_path / "dst"))
     assert me.num_fds() == before
-
-
-def _tiny_sal(tmp_path: Path) -> Path:
-    p = tmp_path / "s.json"
-    synthetic_saliency(2, 8, 2, seed=5).save(p)
-    return p
-
