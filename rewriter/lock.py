@@ -119,11 +119,13 @@ class DestinationLock:
         import fcntl
 
         path = self.dst.local_path(LOCK_NAME)
-        with write_errors_are_clear(self.dst.url):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
         while True:
-            with write_errors_are_clear(path):
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, OUTPUT_MODE)
+            with write_errors_are_clear(self.dst.url):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                try:
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT, OUTPUT_MODE)
+                except FileNotFoundError:
+                    continue  # a finishing run removed the state folder in between
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:

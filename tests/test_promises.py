@@ -317,6 +317,16 @@ def test_second_concurrent_run_says_who_holds_the_destination(small, tmp_path, c
     assert not (dst / ".rewriter").exists()
 
 
+def test_refused_destination_is_left_as_it_was(tiny, tiny_saliency, tmp_path):
+    plan = plan_file(tiny, tiny_saliency, tmp_path / "plan.json")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    r = rewriter("run", plan, "--out", busy, "--quiet", expect=2)
+    assert "files this tool did not write" in r.stderr
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+
+
 def test_lock_of_a_killed_run_does_not_block_the_next(small, tmp_path):
     src, sal = small
     dst = tmp_path / "dst"
