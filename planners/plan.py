@@ -6,9 +6,9 @@ all read the same plan. Building one reads no tensor bytes.
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
+import os
 import re
 import struct
 from collections.abc import Iterable, Mapping, Sequence
@@ -17,10 +17,17 @@ from functools import cached_property
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from planners.layouts import Layout
 from planners.policies import KeepDecision
-from rewriter.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, TensorInfo
+from rewriter.checkpoint import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    Checkpoint,
+    TensorInfo,
+    relative_name_problem,
+)
 from rewriter.errors import PlanError
 from rewriter.format import PREFIX_BYTES, encode_header, parse_header
 
@@ -54,12 +61,17 @@ class Segment:
 
     @classmethod
     def from_json(cls, v: list) -> Segment:
+        """Numbers are kept as found; :func:`check_plan` refuses anything but non-negative ints."""
         if len(v) == 4:
+            if v[0] != "":
+                raise ValueError(f"literal segment names shard {v[0]!r}; literal segments name none")
             data = bytes.fromhex(v[3])
-            if len(data) != int(v[2]):
+            if len(data) != v[2]:
                 raise ValueError(f"literal segment of {len(data)} bytes declares {v[2]}")
             return cls.literal(data)
-        return cls(v[0], int(v[1]), int(v[2]))
+        if len(v) != 3:
+            raise ValueError(f"segment {v!r} is not [shard, offset, length]")
+        return cls(v[0], v[1], v[2])
 
 
 def merge_segments(segments: Iterable[Segment]) -> list[Segment]:
@@ -199,18 +211,35 @@ class Plan:
             "provenance": dict(self.provenance),
         }
 
+    def identity_json(self) -> dict[str, Any]:
+        """The plan without what depends on when and where it was made: the provenance's
+        creation time (older plans carry one) and the paths its saliency files or keep list
+        were read from (their sha256 stays)."""
+        doc = self.to_json()
+        prov = {k: v for k, v in doc["provenance"].items() if k not in _UNSTABLE_PROVENANCE}
+        for key in ("saliency", "keep_list"):
+            if key in prov:
+                prov[key] = _without_paths(prov[key])
+        doc["provenance"] = prov
+        return doc
+
     def canonical_bytes(self) -> bytes:
-        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()
+        return json.dumps(self.identity_json(), sort_keys=True, separators=(",", ":")).encode()
 
     @cached_property
     def digest(self) -> str:
-        """sha256 of the canonical JSON: the plan's identity in journals and provenance."""
+        """sha256 of the canonical JSON of :meth:`identity_json`: the plan's identity in
+        journals and provenance. Two plans of the same inputs have the same digest."""
         return hashlib.sha256(self.canonical_bytes()).hexdigest()
 
     def save(self, url: str) -> None:
-        with fsspec.open(url, "w") as f:
-            json.dump(self.to_json(), f, indent=1)
-            f.write("\n")
+        try:
+            with fsspec.open(url, "w") as f:
+                json.dump(self.to_json(), f, indent=1)
+                f.write("\n")
+        except OSError as e:
+            raise PlanError(f"{url}: cannot write the plan there ({e.strerror or e}); choose a "
+                            f"writable path for --out") from None
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any], where: str = "plan") -> Plan:
@@ -226,7 +255,7 @@ class Plan:
                 int(layer): {int(e): tuple(r) for e, r in rs.items()} for layer, rs in doc.get("keep_reasons", {}).items()
             }
             layers_only = doc.get("layers_only")
-            return cls(
+            plan = cls(
                 source_url=doc["source"]["url"],
                 source_shards=doc["source"]["shards"],
                 family=doc["family"],
@@ -243,7 +272,9 @@ class Plan:
                 layers_only=tuple(layers_only) if layers_only is not None else None,
                 soft=doc.get("mode", "structural") == "soft",
             )
-        except (KeyError, TypeError, ValueError) as e:
+            check_plan(plan, where)
+            return plan
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PlanError(f"{where}: malformed plan ({type(e).__name__}: {e})") from None
 
     @classmethod
@@ -258,17 +289,109 @@ class Plan:
         return cls.from_json(doc, url)
 
     def check_source(self, ckpt: Checkpoint) -> None:
-        """Refuse a source whose shards differ from the ones the plan was made from."""
+        """Refuse a source whose shards differ from the ones the plan was made from.
+
+        When ``ckpt`` is not at the plan's source URL, the message says that the source given
+        differs from the plan's (naming both) rather than that the source changed.
+        """
         now = ckpt.fingerprint()
+        elsewhere = source_location(ckpt.storage) != self.source_url
         for name, fp in self.source_shards.items():
-            if name not in now:
-                raise PlanError(f"{ckpt.url}: shard '{name}' of the plan's source is missing")
-            if dict(now[name]) != dict(fp):
+            found = now.get(name)
+            if found is not None and dict(found) == dict(fp):
+                continue
+            if elsewhere:
+                what = "has no shard" if found is None else "has a different shard"
                 raise PlanError(
-                    f"{ckpt.storage.describe(name)} changed since the plan was made (planned "
-                    f"size {fp['size']:,}, header {fp['header_sha256'][:12]}; found size "
-                    f"{now[name]['size']:,}, header {now[name]['header_sha256'][:12]}); plan again"
+                    f"the source given, {ckpt.url}, is not the one the plan was made from, "
+                    f"{self.source_url}: it {what} '{name}'; pass the plan's source (or plan "
+                    f"again from {ckpt.url})"
                 )
+            if found is None:
+                raise PlanError(f"{ckpt.url}: shard '{name}' of the plan's source is missing; plan again")
+            raise PlanError(
+                f"{ckpt.storage.describe(name)} changed since the plan was made (planned "
+                f"size {fp['size']:,}, header {fp['header_sha256'][:12]}; found size "
+                f"{found['size']:,}, header {found['header_sha256'][:12]}); plan again"
+            )
+
+
+_UNSTABLE_PROVENANCE = ("created_utc",)
+
+
+def _without_paths(entry: Any) -> Any:
+    if isinstance(entry, list):
+        return [_without_paths(e) for e in entry]
+    if isinstance(entry, dict):
+        return {k: v for k, v in entry.items() if k != "path"}
+    return entry
+
+
+def source_location(storage: Any) -> str:
+    """The URL a plan records for a source: local paths made absolute (so a plan, and the
+    ``pruning.json`` that carries it, works from any folder and on shared storage)."""
+    if isinstance(storage.fs, LocalFileSystem):
+        return os.path.abspath(storage.root)
+    return str(storage.url)
+
+
+# --- validating a plan read from JSON (untrusted: plans travel between machines and users) ----
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_name(name: Any, what: str, where: str) -> None:
+    problem = relative_name_problem(name)
+    if problem is None and "\\" in name:
+        problem = "has a backslash"
+    if problem:
+        raise PlanError(f"{where}: {what} {name!r} {problem}; names in a plan must be relative "
+                        f"'/'-separated paths without '..' components. Refusing this plan: make it again")
+
+
+def check_plan(plan: Plan, where: str) -> None:
+    """Refuse names that could escape the destination or the source, and numbers that are
+    negative or disagree with the plan's source fingerprint and headers."""
+    reserved = {CONFIG_NAME, INDEX_NAME, PROVENANCE_NAME}
+    for name, fp in plan.source_shards.items():
+        _check_name(name, "source shard", where)
+        if not all(_is_count(fp.get(k)) for k in ("size", "header_len")) or not isinstance(fp.get("header_sha256"), str):
+            raise PlanError(f"{where}: source shard {name!r} needs a non-negative size and header_len and a header_sha256")
+    names: set[str] = set()
+    for o in plan.outputs:
+        _check_name(o.name, "output shard", where)
+        if "/" in o.name or not o.name.endswith(".safetensors") or o.name in names:
+            raise PlanError(f"{where}: output shard {o.name!r} must be a unique '.safetensors' file "
+                            f"name in the destination's top folder. Refusing this plan: make it again")
+        names.add(o.name)
+        for t in o.tensors:
+            for s in t.segments:
+                _check_segment(plan, s, f"{where}: output {o.name!r}, tensor {t.name!r}")
+    for name in (*plan.copy_files, *plan.skipped_files):
+        _check_name(name, "file", where)
+    for name in plan.copy_files:
+        if name in reserved or name in names or name.split("/")[0].startswith("."):
+            raise PlanError(f"{where}: copied file {name!r} would replace a file this tool writes "
+                            f"(or its state folder). Refusing this plan: make it again")
+    if not _is_count(plan.top_k) or plan.top_k == 0:
+        raise PlanError(f"{where}: top_k {plan.top_k!r} must be a positive integer")
+
+
+def _check_segment(plan: Plan, s: Segment, where: str) -> None:
+    if not _is_count(s.offset) or not _is_count(s.length):
+        raise PlanError(f"{where}: segment offset {s.offset!r} and length {s.length!r} must be "
+                        f"non-negative integers")
+    if s.data is not None:
+        return
+    fp = plan.source_shards.get(s.shard)
+    if fp is None:
+        raise PlanError(f"{where}: segment names source shard {s.shard!r}, which is not among the "
+                        f"plan's source shards {sorted(plan.source_shards)}")
+    start, end = PREFIX_BYTES + fp["header_len"], fp["size"]
+    if s.offset < start or s.offset + s.length > end:
+        raise PlanError(f"{where}: segment [{s.offset:,}, {s.offset + s.length:,}) of {s.shard!r} "
+                        f"lies outside its data bytes [{start:,}, {end:,})")
 
 
 def _output_from_json(o: Mapping[str, Any], where: str) -> OutputShard:
@@ -285,7 +408,11 @@ def _output_from_json(o: Mapping[str, Any], where: str) -> OutputShard:
     planned = [(t.name, t.dtype, t.shape, t.nbytes) for t in tensors]
     if entries != planned:
         raise PlanError(f"{where}: the header of output '{o['name']}' does not match its tensors' segments")
-    return OutputShard(o["name"], struct.pack("<Q", len(raw)) + raw, tensors)
+    out = OutputShard(o["name"], struct.pack("<Q", len(raw)) + raw, tensors)
+    if o.get("size") != out.size:
+        raise PlanError(f"{where}: output '{o['name']}' declares size {o.get('size')!r}, but its header "
+                        f"and segments make {out.size:,} bytes")
+    return out
 
 
 # --- building --------------------------------------------------------------------------------
@@ -461,16 +588,17 @@ def build_plan(
             continue
         else:
             copy_files.append(f)
+    # No creation time: a plan is a function of its inputs, so the same command makes the same
+    # plan (and resumes an interrupted run of it) and its output is reproducible byte for byte.
     prov = {
         "tool": "moe-rewriter",
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "source_experts_per_layer": num_experts,
         "source_top_k": layout.top_k(ckpt.config),
         "experts_per_layer": {str(k): len(v) for k, v in sorted(decision.keep.items())},
         **dict(provenance or {}),
     }
     return Plan(
-        source_url=ckpt.url,
+        source_url=source_location(ckpt.storage),
         source_shards=ckpt.fingerprint(),
         family=layout.family,
         outputs=outputs,

@@ -63,12 +63,32 @@ class ShardInfo:
         return {"size": self.size, "header_len": self.header_len, "header_sha256": self.header_sha256}
 
 
+def relative_name_problem(name: object, strict: bool = True) -> str | None:
+    """What makes ``name`` unsafe as a file name inside a folder, or None when it is safe.
+
+    Safe: a non-empty string, relative (no leading ``/`` or ``\\``, no drive letter), no ``..``
+    component whichever separator is used, no NUL byte; ``strict`` also refuses empty and ``.``
+    components (index files written by other tools may hold ``./x``, which normalizes safely).
+    """
+    if not isinstance(name, str) or not name:
+        return "is empty or not a string"
+    if "\0" in name:
+        return "holds a NUL byte"
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        return "is absolute"
+    parts = name.replace("\\", "/").split("/")
+    if ".." in parts:
+        return "has a '..' component"
+    if strict and any(p in ("", ".") for p in parts):
+        return "has an empty or '.' component"
+    return None
+
+
 def check_shard_name(name: object, where: str) -> str:
     """Reject shard names that could escape the checkpoint directory."""
     if not isinstance(name, str) or not name:
         raise CheckpointError(f"Invalid shard filename {name!r} in index file '{where}'.")
-    parts = name.replace("\\", "/").split("/")
-    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts:
+    if relative_name_problem(name, strict=False):
         raise CheckpointError(
             f"Invalid shard filename '{name}' in index file '{where}'. Shard filenames must be "
             f"relative paths without '..' components."
@@ -137,6 +157,10 @@ class Checkpoint:
         """
         storage = storage or Storage(url, storage_options)
         files = storage.list_files() if storage.fs.isdir(storage.root) else []
+        if INDEX_NAME not in files and SINGLE_NAME not in files:
+            mixup = _usual_mixup(storage)
+            if mixup:
+                raise CheckpointError(mixup)
         if not files:
             raise CheckpointError(f"{storage.url}: no such checkpoint directory, or it is empty")
         config: dict[str, Any] = {}
@@ -234,6 +258,20 @@ class Checkpoint:
     def fingerprint(self) -> dict[str, dict[str, Any]]:
         """Per shard: size and header digest. A plan stores it to refuse a changed source."""
         return {name: s.fingerprint() for name, s in self.shards.items()}
+
+
+def _usual_mixup(storage: Storage) -> str | None:
+    """What to pass instead, when ``storage`` is a file or a Hugging Face cache folder."""
+    root = storage.root
+    if storage.fs.isfile(root):
+        folder = posixpath.dirname(root.rstrip("/")) or "."
+        return (f"{storage.url} is a file; a checkpoint is the folder holding config.json, the "
+                f"index and the shards: pass {folder}")
+    if posixpath.basename(root.rstrip("/")).startswith("models--") and storage.fs.isdir(f"{root}/snapshots"):
+        revs = sorted(posixpath.basename(str(p).rstrip("/")) for p in storage.fs.ls(f"{root}/snapshots", detail=False))
+        return (f"{storage.url} is a Hugging Face cache folder; pass one of its snapshots: "
+                f"{storage.url.rstrip('/')}/snapshots/<revision> (found: {', '.join(revs) or 'none'})")
+    return None
 
 
 def _load_json(storage: Storage, name: str) -> Any:

@@ -342,7 +342,8 @@ def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bo
 def run(plan_file: str, dst: str, allow_nonuniform: bool, src_options: str | None, **kw: Any) -> None:
     """Execute PLAN into --out: stream the kept byte ranges, publish atomically, index last.
 
-    Re-running the same command after an interruption resumes it.
+    Re-running the same command after an interruption resumes it. Exit status 75: another run
+    holds DST.
     """
     from planners.plan import Plan
 
@@ -361,7 +362,11 @@ def run(plan_file: str, dst: str, allow_nonuniform: bool, src_options: str | Non
 @run_options
 @_fail_cleanly
 def prune(src: str, dst: str, plan_out: str | None, **kw: Any) -> None:
-    """Plan and run in one command: prune SRC into DST."""
+    """Plan and run in one command: prune SRC into DST.
+
+    Re-running the same command after an interruption resumes it. Exit status 75: another run
+    holds DST.
+    """
     _plan_and_run(src, dst, plan_out, soft=False, kw=kw)
 
 
@@ -391,7 +396,8 @@ def soft_prune(src: str, dst: str, plan_out: str | None, **kw: Any) -> None:
     Dropped experts' router bias entries become the dtype's most negative value, so they are
     never selected; --top-k rewrites the routing top-k. Every other tensor is byte-identical to
     the source, expert ids keep their numbers, and the config's expert count is unchanged. For
-    families with a router bias (gpt-oss, DeepSeek-V3/GLM-4.5).
+    families with a router bias (gpt-oss, DeepSeek-V3/GLM-4.5). Resumes as `prune` does; exit
+    status 75: another run holds DST.
     """
     _plan_and_run(src, dst, plan_out, soft=True, kw=kw)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -28,10 +29,15 @@ from typing import Any, BinaryIO
 from rewriter.errors import CheckpointError, ExecutionError
 from rewriter.storage import Storage
 
+log = logging.getLogger(__name__)
+
 Progress = Callable[[int], None]
 _ZERO_COPY_REFUSALS = {errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF}
 _COPY_CHUNK = 64 << 20
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR)
+#: Mode of every output file (before the umask): readable by all, like files ``cp`` makes.
+OUTPUT_MODE = 0o644
 
 
 @dataclass
@@ -44,23 +50,29 @@ class CopyStats:
 
 
 @contextlib.contextmanager
-def disk_full_is_an_error(where: str) -> Iterator[None]:
-    """Turn "no space" / "quota" OS errors inside the block into a clear ExecutionError."""
+def write_errors_are_clear(where: str) -> Iterator[None]:
+    """Turn "no space", "quota", "read-only" and "permission denied" OS errors inside the block
+    into an ExecutionError that names ``where`` and says what to do."""
     try:
         yield
     except OSError as e:
-        if e.errno not in _DISK_FULL:
-            raise
-        raise ExecutionError(
-            f"{where}: no space left on the destination ({e.strerror}); nothing was published: "
-            f"free space and run the same command again to resume"
-        ) from None
+        if e.errno in _DISK_FULL:
+            raise ExecutionError(
+                f"{where}: no space left on the destination ({e.strerror}); nothing was published: "
+                f"free space and run the same command again to resume"
+            ) from None
+        if e.errno in _UNWRITABLE:
+            raise ExecutionError(
+                f"{where}: cannot write to the destination ({e.strerror}); choose a destination "
+                f"folder this user can write"
+            ) from None
+        raise
 
 
 def pwrite_all(fd: int, data: bytes | memoryview, pos: int, where: str) -> int:
     """Write all of ``data`` at ``pos`` (short writes happen); returns the position after it."""
     view = memoryview(data)
-    with disk_full_is_an_error(where):
+    with write_errors_are_clear(where):
         while view:
             n = os.pwrite(fd, view, pos)
             view = view[n:]
@@ -99,6 +111,7 @@ class TrailingHasher:
         self._closed = False
         self._cv = threading.Condition()
         self._error: BaseException | None = None
+        self._fd_open = True
         self._thread = threading.Thread(target=self._run, name="trailing-hasher", daemon=True)
         self._thread.start()
 
@@ -126,23 +139,30 @@ class TrailingHasher:
         except BaseException as e:  # surfaced by finish()
             self._error = e
 
+    def _close(self) -> None:
+        # Once only: a second close could hit a descriptor number reused by another file.
+        if self._fd_open:
+            self._fd_open = False
+            os.close(self._fd)
+
     def finish(self) -> str:
         with self._cv:
             self._closed = True
             self._cv.notify()
         self._thread.join()
-        os.close(self._fd)
+        self._close()
         if self._error:
             raise self._error
         return self._h.hexdigest()
 
     def abort(self) -> None:
+        """Stop and close; safe after :meth:`finish` and when called twice."""
         with self._cv:
             self._closed = True
             self._target = self._done
             self._cv.notify()
         self._thread.join()
-        os.close(self._fd)
+        self._close()
 
 
 class LocalOutput:
@@ -154,7 +174,9 @@ class LocalOutput:
         self.final = dst.local_path(name)
         os.makedirs(tmp_dir, exist_ok=True)
         self.tmp = os.path.join(tmp_dir, f"{os.path.basename(name)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        with write_errors_are_clear(self.final):
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, OUTPUT_MODE)
+        self._fd_open = True
         self.pos = 0
         self._hasher = TrailingHasher(self.tmp, buffer_bytes) if hash_trailing else None
         self._inline = None if hash_trailing else hashlib.sha256()
@@ -184,26 +206,31 @@ class LocalOutput:
 
     def commit(self, drop_cache: bool = False) -> str:
         digest = self._hasher.finish() if self._hasher else self._inline.hexdigest()  # type: ignore[union-attr]
-        with disk_full_is_an_error(self.final):
+        with write_errors_are_clear(self.final):
             os.fsync(self.fd)
         if drop_cache and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(self.fd)
+        self._close()
         os.replace(self.tmp, self.final)
         fsync_dir(os.path.dirname(self.final))
         return digest
 
-    def abort(self) -> None:
-        if self._hasher:
-            self._hasher.abort()
-        try:
+    def _close(self) -> None:
+        if self._fd_open:
+            self._fd_open = False
             os.close(self.fd)
-        except OSError:
-            pass
+
+    def abort(self) -> None:
+        """Close and remove the temporary file; never raises over the error being handled."""
         try:
-            os.unlink(self.tmp)
-        except FileNotFoundError:
-            pass
+            if self._hasher:
+                self._hasher.abort()
+        finally:
+            try:
+                self._close()
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.tmp)
 
 
 class RemoteOutput:
@@ -226,7 +253,7 @@ class RemoteOutput:
         self._h = hashlib.sha256()
 
     def write(self, data: bytes | memoryview) -> None:
-        with disk_full_is_an_error(self.dst.describe(self.name)):
+        with write_errors_are_clear(self.dst.describe(self.name)):
             self.f.write(data)
         self._h.update(data)
         self.pos += len(data)
@@ -247,8 +274,10 @@ class RemoteOutput:
             else:
                 self.f.close()
                 self.dst.fs.rm(self.dst.path(self.name))
-        except Exception:  # best effort: the object was never completed
-            pass
+        except Exception as e:  # the object was never completed; the error being handled matters more
+            log.warning("could not discard the unfinished upload of %s (%s: %s); the object store "
+                        "may keep its parts until its lifecycle rules remove them",
+                        self.dst.describe(self.name), type(e).__name__, e)
 
 
 class PartOutput:
@@ -342,8 +371,10 @@ def abort_multipart(dst: Storage, name: str, upload_id: str) -> None:
     bucket, key, _ = dst.fs.split_path(dst.path(name))
     try:
         dst.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
-    except Exception:  # best effort: an unfinished upload never becomes an object
-        pass
+    except Exception as e:  # an unfinished upload never becomes an object; the error being handled matters more
+        log.warning("could not abort multipart upload %s of %s (%s: %s); the object store may keep "
+                    "its parts until its lifecycle rules remove them", upload_id, dst.describe(name),
+                    type(e).__name__, e)
 
 
 def supports_multipart(dst: Storage) -> bool:
@@ -400,7 +431,7 @@ class RangeCopier:
             chunk = min(_COPY_CHUNK, length - done)
             t = time.perf_counter()
             try:
-                with disk_full_is_an_error(out.final):
+                with write_errors_are_clear(out.final):
                     n = os.copy_file_range(fd, out.fd, chunk, offset + done, out.pos)
             except OSError as e:
                 if e.errno not in _ZERO_COPY_REFUSALS:

@@ -45,3 +45,13 @@ class VerificationError(RewriterError):
     """Output bytes differ from their planned source slices."""
 
     exit_code = 1
+
+
+class DestinationLockedError(ExecutionError):
+    """Another run holds the destination's lock (``DST/.rewriter/lock``).
+
+    Exit status 75 (``EX_TEMPFAIL``): nothing is wrong with the input; try again once the other
+    run has finished.
+    """
+
+    exit_code = 75

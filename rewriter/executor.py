@@ -2,8 +2,9 @@
 
 Order of work in the destination ``DST``:
 
-1. ``DST/.rewriter/journal.json`` names the plan; a different plan's journal or output is
-   refused (unless ``force``).
+1. ``DST/.rewriter/lock`` is taken for the whole run (:mod:`rewriter.lock`): a second run into
+   the same destination stops with the holder's name. ``DST/.rewriter/journal.json`` names the
+   plan; a different plan's journal or output is refused (unless ``force``).
 2. Each output shard is written under a temporary name in ``DST/.rewriter/tmp/``, fsynced and
    renamed into place (object stores: a multipart upload completed only when the shard is
    whole); then the journal records its size and sha256.
@@ -18,6 +19,7 @@ hash is checked again) and ends byte-identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,6 +34,7 @@ from typing import Any
 from planners.plan import PROVENANCE_NAME, OutputShard, Plan, Segment
 from rewriter.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
 from rewriter.copy import (
+    OUTPUT_MODE,
     CopyStats,
     LocalOutput,
     MultipartPart,
@@ -39,16 +42,16 @@ from rewriter.copy import (
     Progress,
     RangeCopier,
     RemoteOutput,
-    disk_full_is_an_error,
     fsync_dir,
+    write_errors_are_clear,
 )
 from rewriter.errors import ExecutionError, PlanError
+from rewriter.lock import LOCK_NAME, STATE_DIR, DestinationLock
 from rewriter.modelcard import CARD_NAME, write_model_card
 from rewriter.storage import Storage
 
 log = logging.getLogger(__name__)
 
-STATE_DIR = ".rewriter"
 JOURNAL = f"{STATE_DIR}/journal.json"
 DEFAULT_BUFFER_BYTES = 16 << 20
 
@@ -201,8 +204,12 @@ def begin_parts(dst: Storage, out: OutputShard, plan_digest: str) -> str:
     """Create the shard's temporary file at full size (part 0 writes the header); returns its path."""
     path = part_path(dst, out, plan_digest)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.truncate(out.size)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, OUTPUT_MODE)
+    try:
+        with write_errors_are_clear(path):
+            os.ftruncate(fd, out.size)
+    finally:
+        os.close(fd)
     return path
 
 
@@ -243,7 +250,7 @@ def commit_parts(dst: Storage, out: OutputShard, path: str, buffer_bytes: int, d
     """fsync, hash and publish a shard whose parts are all written; returns its sha256."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        with disk_full_is_an_error(path):
+        with write_errors_are_clear(path):
             os.fsync(fd)
         if os.fstat(fd).st_size != out.size:
             raise ExecutionError(f"{out.name}: assembled {os.fstat(fd).st_size:,} bytes, planned {out.size:,}")
@@ -341,11 +348,13 @@ def put_bytes(dst: Storage, name: str, data: bytes) -> None:
     os.makedirs(tmp_dir, exist_ok=True)
     tmp = os.path.join(tmp_dir, f"{os.path.basename(name)}.{os.getpid()}.tmp")
     try:
-        with disk_full_is_an_error(final), open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        with write_errors_are_clear(final):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, OUTPUT_MODE)
+            with open(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -356,10 +365,11 @@ def put_bytes(dst: Storage, name: str, data: bytes) -> None:
 class Journal:
     """Finished shards of one plan in one destination; written by the driving process only."""
 
-    def __init__(self, dst: Storage, plan_digest: str):
+    def __init__(self, dst: Storage, plan_digest: str, lock: DestinationLock | None = None):
         self.dst = dst
         self.plan_digest = plan_digest
         self.shards: dict[str, dict[str, Any]] = {}
+        self.lock = lock
 
     @classmethod
     def read(cls, dst: Storage) -> dict[str, Any] | None:
@@ -373,33 +383,56 @@ class Journal:
     def record(self, result: ShardResult) -> None:
         self.shards[result.name] = {"size": result.size, "sha256": result.sha256}
         self.flush()
+        if self.lock:
+            self.lock.refresh()
 
     def flush(self) -> None:
         doc = {"plan": self.plan_digest, "shards": self.shards}
         put_bytes(self.dst, JOURNAL, json.dumps(doc, indent=1, sort_keys=True).encode())
 
 
-def prepare_destination(plan: Plan, src: Storage, dst: Storage, *, force: bool = False) -> tuple[Journal, bool]:
-    """Check the destination against the plan and load the journal of an interrupted run.
-
-    Returns:
-        The journal, and whether the destination already holds this plan's complete output.
+def check_destination(src: Storage, dst: Storage) -> None:
+    """Refuse a destination that overlaps the source or is not a folder, before writing anything.
 
     Raises:
         ExecutionError: destination equal to, inside, or containing the source; a destination
-            holding another plan's output or unrelated files (unless ``force``).
+            that is a file, or lies below one.
     """
     if _same_or_inside(dst, src) or _same_or_inside(src, dst):
         raise ExecutionError(
             f"destination {dst.url} is the source {src.url}, inside it, or contains it; the source "
             f"is never modified: choose another destination"
         )
+    if dst.is_local:
+        path = dst.root
+        while not os.path.lexists(path) and os.path.dirname(path) != path:
+            path = os.path.dirname(path)
+        if not os.path.isdir(path):
+            what = "is a file" if path == dst.root else f"lies below {path}, which is a file"
+            raise ExecutionError(
+                f"destination {dst.url} {what}, not a folder; it is never overwritten, even with "
+                f"--force: choose a folder (new or empty) for the output"
+            )
+
+
+def prepare_destination(plan: Plan, dst: Storage, *, force: bool = False,
+                        lock: DestinationLock | None = None) -> tuple[Journal, bool]:
+    """Check the destination against the plan and load the journal of an interrupted run.
+    Call with the destination's lock held.
+
+    Returns:
+        The journal, and whether the destination already holds this plan's complete output.
+
+    Raises:
+        ExecutionError: a destination holding another plan's output or unrelated files (unless
+            ``force``).
+    """
     digest = plan.digest
-    journal = Journal(dst, digest)
-    exists = dst.fs.exists(dst.root) and bool(dst.list_files())
-    if not exists:
-        return journal, False
-    state = Journal.read(dst)
+    journal = Journal(dst, digest, lock)
+    files = dst.list_files() if dst.fs.exists(dst.root) else []
+    state = Journal.read(dst) if files else None
+    if state is None and all(f.startswith(STATE_DIR + "/") for f in files):
+        return journal, False  # empty, or only the state of a run killed before its journal
     prov_digest = _provenance_digest(dst)
     ours = (state and state.get("plan") == digest) or prov_digest == digest
     if ours:
@@ -554,17 +587,55 @@ def execute(
         )
     src = Storage(plan.source_url, src_options)
     dst = Storage(dst_url, dst_options)
-    ckpt = Checkpoint.open(plan.source_url, storage=src)
-    plan.check_source(ckpt)
-    journal, complete = prepare_destination(plan, src, dst, force=force)
+    try:
+        ckpt = Checkpoint.open(plan.source_url, storage=src)
+        plan.check_source(ckpt)
+        check_destination(src, dst)
+        created = dst.is_local and not os.path.exists(dst.root)
+        lock = DestinationLock(dst)
+        with lock:
+            try:
+                return _execute_locked(plan, src, dst, lock, t0, force=force, buffer_bytes=buffer_bytes,
+                                       progress=progress, zero_copy=zero_copy, drop_cache=drop_cache,
+                                       runner=runner, on_start=on_start)
+            except BaseException:
+                _drop_empty_state(dst, created)
+                raise
+    finally:
+        src.close()
+
+
+def _drop_empty_state(dst: Storage, created: bool) -> None:
+    """After a failed (or nothing-to-do) run, remove a state folder holding nothing to resume (only the lock and
+    empty temporary folders), and the destination folder itself when this run created it and
+    it is empty; a journal stays, so that the same command resumes."""
+    if not dst.is_local:
+        return
+    state = dst.local_path(STATE_DIR)
+    leftovers = [os.path.join(d, f) for d, _, fs in os.walk(state) for f in fs]
+    if leftovers and leftovers != [dst.local_path(LOCK_NAME)]:
+        return
+    shutil.rmtree(state, ignore_errors=True)
+    if created:
+        with contextlib.suppress(OSError):
+            os.rmdir(dst.root)
+
+
+def _execute_locked(plan: Plan, src: Storage, dst: Storage, lock: DestinationLock, t0: float, *,
+                    force: bool, buffer_bytes: int, progress: Progress | None, zero_copy: bool,
+                    drop_cache: bool, runner: ShardRunner | None,
+                    on_start: Callable[[int], None] | None) -> RunResult:
+    journal, complete = prepare_destination(plan, dst, force=force, lock=lock)
+    if dst.is_local:
+        # Temporary files of killed runs: with the lock held, no other run is writing them.
+        shutil.rmtree(dst.local_path(f"{STATE_DIR}/tmp"), ignore_errors=True)
     result = RunResult(dst.url, plan.digest)
     if complete:
         log.info("%s already holds the complete output of this plan", dst.url)
+        _drop_empty_state(dst, created=False)  # the lock file this run made
         result.already_complete = True
         result.seconds = time.perf_counter() - t0
         return result
-    if dst.is_local:
-        os.makedirs(dst.local_path(STATE_DIR), exist_ok=True)
     journal.flush()
     todo, done = pending_shards(plan, journal, buffer_bytes)
     result.shards.extend(done)

@@ -134,6 +134,12 @@ class Storage:
             os.close(fd)
         self._fds.clear()
 
+    def __enter__(self) -> Storage:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def read_all(self, name: str) -> bytes:
         """A small file whole (config, index, tokenizer files); counted."""
         with self._found(name):

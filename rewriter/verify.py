@@ -78,16 +78,20 @@ def verify(
     Args:
         src_url: the source; ``None`` uses the source URL recorded in the plan.
     """
-    dst_store = Storage(dst_url, dst_options)
-    plan = load_provenance_plan(dst_store)
-    src_url = src_url or plan.source_url
-    report = VerifyReport(dst_store.url, src_url)
+    with Storage(dst_url, dst_options) as dst_store:
+        plan = load_provenance_plan(dst_store)
+        with Storage(src_url or plan.source_url, src_options) as src_store:
+            return _verify(plan, src_store, dst_store, buffer_bytes)
+
+
+def _verify(plan: Plan, src_store: Storage, dst_store: Storage, buffer_bytes: int) -> VerifyReport:
+    report = VerifyReport(dst_store.url, src_store.url)
     try:
-        dst = Checkpoint.open(dst_url, storage=dst_store)
+        dst = Checkpoint.open(dst_store.url, storage=dst_store)
     except RewriterError as e:
         report.problems.append(str(e))
         return report
-    src = Checkpoint.open(src_url, src_options)
+    src = Checkpoint.open(src_store.url, storage=src_store)
     try:
         plan.check_source(src)
     except PlanError as e:
@@ -121,6 +125,4 @@ def verify(
             report.bytes_checked += info.nbytes
             if got != want:
                 report.mismatches.append(t.name)
-    dst_store.close()
-    src.storage.close()
     return report
