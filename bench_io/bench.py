@@ -230,7 +230,7 @@ def bench_s3(g: Geometry, work: Path) -> dict[str, Any]:
     """A rewrite sourced from the loopback S3 server: bytes fetched vs written."""
     from planners.plan import Plan
     from rewriter.executor import execute
-    from tests.servers import start_s3
+    from bench_io.s3server import start_s3
 
     src, sal = _source(work, "s3-src", g)
     server = start_s3(work / "moto.log")
