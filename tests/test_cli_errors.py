@@ -288,7 +288,7 @@ def test_every_command_documents_exit_statuses_and_every_option_has_help():
 
 def test_readme_documents_the_exit_statuses():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("## Exit statuses", 1)[1].split("\n## ", 1)[0]
+    section = readme.split("### Exit statuses", 1)[1].split("\n#", 1)[0]
     for status in ("`0`", "`1`", "`2`", "`3`", "`130`"):
         assert status in section
     assert '{"error"' in section
