@@ -306,8 +306,8 @@ def validate_keep_list(
     counts = {len(v) for v in keep.values()}
     if len(counts) > 1 and not allow_nonuniform:
         raise PolicyError(
-            f"the keep list keeps {sorted(counts)} experts in different layers; transformers' "
-            f"gpt-oss needs the same count in every layer (pass --allow-nonuniform to plan anyway)"
+            f"the keep list keeps {sorted(counts)} experts in different layers; stock transformers "
+            f"models need the same count in every layer (pass --allow-nonuniform to plan anyway)"
         )
     k = new_top_k or config_top_k
     for c in counts:

@@ -88,6 +88,8 @@ def _read(path: str) -> tuple[bytes, str]:
             raw = f.read()
     except FileNotFoundError:
         raise SaliencyError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise SaliencyError(f"{path}: is a folder; expected a JSON file") from None
     return raw, hashlib.sha256(raw).hexdigest()
 
 
