@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import logging
 import os
@@ -74,7 +75,7 @@ def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except click.exceptions.Exit:
+        except (click.exceptions.Exit, BrokenPipeError):
             raise
         except (Exception, KeyboardInterrupt) as e:  # every failure ends in one line, never a traceback
             _exit_with(e, bool(kwargs.get("as_json")))
@@ -99,9 +100,24 @@ class _Group(click.Group):
         _interrupt_hint.clear()
         try:
             status = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            click.echo(e.format_message())  # plain `rewriter` asks for help: not an error
+            sys.exit(EXIT_OK)
+        except BrokenPipeError:
+            _silence_stdout()  # the reader (`| head`) stopped reading: nothing to report
+            sys.exit(EXIT_OK)
         except (Exception, KeyboardInterrupt) as e:
             _exit_with(e, "--json" in argv)
         sys.exit(status if isinstance(status, int) else EXIT_OK)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's last flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass
 
 
 class _JsonObject(click.ParamType):

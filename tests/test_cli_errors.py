@@ -292,3 +292,30 @@ def test_readme_documents_the_exit_statuses():
     for status in ("`0`", "`1`", "`2`", "`3`", "`130`"):
         assert status in section
     assert '{"error"' in section
+
+
+def test_plain_rewriter_shows_help_and_exits_0():
+    r = invoke()
+    assert r.exit_code == 0 and r.output.startswith("Usage:")
+    assert not any(line.startswith("error:") for line in r.output.splitlines())
+
+
+@pytest.mark.slow
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
+    import fcntl
+    import os
+    import subprocess
+    import sys
+
+    src = tmp_path / "120b"
+    cli("synth", "--preset", "120b", "--sparse", src)
+    cli("synth-saliency", src, "--out", tmp_path / "s.json")
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, 1031, 4096)  # F_SETPIPE_SZ: the ~40 KB of JSON cannot fit
+    p = subprocess.Popen([sys.executable, "-m", "rewriter.cli", "plan", str(src), "--saliency", str(tmp_path / "s.json"),
+                          "--keep-frac", "0.5", "--json"], stdout=write_end, stderr=subprocess.PIPE, text=True)
+    os.close(write_end)
+    with os.fdopen(read_end) as reader:
+        assert reader.readline().strip() == "{"
+    stderr = p.communicate(timeout=60)[1]
+    assert p.returncode == 0 and stderr == ""
