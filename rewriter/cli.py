@@ -806,17 +806,22 @@ def eval_cmd(model: str, packs: tuple[str, ...], seq_lens: tuple[int, ...], bloc
 @click.option("--out", required=True, help="Saliency file to write (an existing file needs --force).")
 @click.option("--domain", default="reap-import", show_default=True, help="Calibration domain name to record.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--model", "model_ckpt", default=None, metavar="CKPT",
+              help="The checkpoint REAP observed: record its identity, so plan can check the file fits.")
 @_fail_cleanly
-def import_reap_cmd(observer_file: str, out: str, domain: str, force: bool) -> None:
+def import_reap_cmd(observer_file: str, out: str, domain: str, force: bool, model_ckpt: str | None) -> None:
     """Convert a REAP observer file (torch.save dict) into a saliency file.
 
     The file is read with torch.load(weights_only=True): tensors, numbers and dicts only, so a
     crafted pickle cannot run code.
     """
+    from planners.saliency import model_identity
     from profiling.reap_import import import_reap
+    from rewriter.checkpoint import Checkpoint
 
     _refuse_existing_file(out, "--out", force)
-    sal = import_reap(observer_file, domain)
+    identity = model_identity(Checkpoint.open(model_ckpt)) if model_ckpt else None
+    sal = import_reap(observer_file, domain, model=identity)
     _save_saliency(sal, out, force)
     click.echo(f"wrote {out}: {len(sal.layers)} layers from {observer_file}")
 

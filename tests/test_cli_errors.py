@@ -152,6 +152,7 @@ def test_import_reap_refuses_files_that_are_not_observer_pickles(tmp_path):
     good = tmp_path / "obs.pt"
     torch.save({0: {"expert_frequency": torch.tensor([3, 1]), "reap": torch.tensor([0.5, 0.25])}}, good)
     cli("import-reap", good, "--out", tmp_path / "c.json")
+    assert "fingerprint" not in json.loads((tmp_path / "c.json").read_text())["model"]
     (tmp_path / "d.json").write_text("{}")
     assert_error(invoke("import-reap", good, "--out", tmp_path / "d.json"), contains="--force")
 

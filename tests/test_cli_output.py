@@ -188,3 +188,17 @@ def test_synth_reports_progress_of_every_tensor_byte(tmp_path):
     write_checkpoint(tmp_path / "d", PRESETS["tiny"], progress=bar)
     bar.close()
     assert log.getvalue().splitlines()[-1].startswith("synth: 100.0%")
+
+
+def test_import_reap_with_model_records_its_identity(tmp_path, fresh_tiny):
+    torch = pytest.importorskip("torch")
+    obs = tmp_path / "obs.pt"
+    torch.save({layer: {"expert_frequency": torch.arange(8) + 1, "weighted_ean_sum": torch.linspace(1, 4, 8)}
+                for layer in (0, 1)}, obs)
+    cli("import-reap", obs, "--out", tmp_path / "s.json", "--model", fresh_tiny)
+    assert load_saliency(str(tmp_path / "s.json")).model == model_identity(Checkpoint.open(str(fresh_tiny)))
+    p = subprocess.run([sys.executable, "-m", "rewriter.cli", "plan", str(fresh_tiny), "--saliency",
+                        str(tmp_path / "s.json"), "--rank", "freq", "--keep-n", "4", "--verbose"],
+                       capture_output=True, text=True, check=False)
+    assert p.returncode == 0 and p.stderr == ""
+    assert "layer 0: [4, 5, 6, 7]" in p.stdout  # the four most frequent
