@@ -179,9 +179,12 @@ def _refuse_existing_file(path: str, option: str, force: bool, replaceable: Call
 def _is_plan_file(path: str) -> bool:
     from planners.plan import PLAN_FORMAT
 
+    # Plans of the largest models are a few MB; a bigger file is something else, left unread.
     try:
+        if os.path.getsize(path) > 64 * MiB:
+            return False
         with open(path, "rb") as f:
-            doc = json.loads(f.read(256 << 20))
+            doc = json.loads(f.read())
     except (OSError, ValueError):
         return False
     return isinstance(doc, dict) and doc.get("format") == PLAN_FORMAT

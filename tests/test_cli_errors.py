@@ -205,12 +205,15 @@ def test_ctrl_c_in_a_real_process_exits_130(tmp_path):
     import sys
 
     out = tmp_path / "big"
-    # Generating tensor data is slow enough (tens of MB/s) to be caught in the middle.
-    p = subprocess.Popen([sys.executable, "-m", "rewriter.cli", "synth", "--preset", "small", "--layers", "200",
-                          str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not any(out.glob("*.tmp")) and time.monotonic() < deadline:
+    # Generating tensor data is slow enough (tens of MB/s) to be caught in the middle. A shell
+    # may start background jobs with SIGINT ignored; a user's terminal does not.
+    p = subprocess.Popen([sys.executable, "-m", "rewriter.cli", "synth", "--preset", "small", "--layers", "40",
+                          str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 30
+    while not any(out.glob("*.tmp")) and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
+    assert p.poll() is None, "synth ended before it could be interrupted"
     p.send_signal(signal.SIGINT)
     stdout, stderr = p.communicate(timeout=60)
     shutil.rmtree(out, ignore_errors=True)
