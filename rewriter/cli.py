@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
-import io
 import json
 import logging
 import os
@@ -14,206 +12,23 @@ from typing import Any
 
 import click
 
-from rewriter.errors import RewriterError
+from rewriter.cli_errors import EXIT_FOUND, EXIT_OK, EXIT_STATUS_HELP, RewriterGroup, on_interrupt
+from rewriter.cli_errors import fail_cleanly as _fail_cleanly
+from rewriter.cli_params import (
+    JSON_OBJECT,
+    NON_NEGATIVE,
+    POSITIVE,
+    SIZE,
+    refuse_existing_file,
+    save_plan,
+    save_saliency,
+)
 
 MiB = 1 << 20
 log = logging.getLogger(__name__)
 
-#: Exit statuses of every command (also in README "Exit statuses" and each command's --help).
-EXIT_OK, EXIT_FOUND, EXIT_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-EXIT_STATUS_HELP = (
-    "Exit status: 0 done; 1 the checks ran and found a problem (verify: mismatches or problems; eval "
-    "--compare: a gate failed); 2 error: bad usage or input, or the work could not be done (one "
-    "'error:' line says which and what to do); 3 internal error (a bug: please report it with the "
-    "output of -vv); 130 interrupted (Ctrl-C). With --json an error is printed to stdout as "
-    '{"error": MESSAGE, "exit_status": N}.'
-)
-# What an interrupted command leaves and how to go on; commands that write set it.
-_interrupt_hint: list[str] = []
 
-
-def _on_interrupt(hint: str) -> None:
-    _interrupt_hint[:] = [hint]
-
-
-def _describe_error(e: BaseException) -> tuple[str, int]:
-    """The one-line message and exit status for an exception that ends a command."""
-    if isinstance(e, RewriterError):
-        return str(e), e.exit_code
-    if isinstance(e, click.UsageError):
-        where = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
-        return e.format_message() + where, EXIT_ERROR
-    if isinstance(e, click.ClickException):
-        return e.format_message(), EXIT_ERROR
-    if isinstance(e, (KeyboardInterrupt, click.Abort)):
-        return "interrupted" + (f"; {_interrupt_hint[0]}" if _interrupt_hint else ""), EXIT_INTERRUPTED
-    if isinstance(e, ModuleNotFoundError):
-        return (f"this command needs the Python package {e.name!r}, which is not installed; install the "
-                f"extra that brings it: pip install 'moe-rewriter[torch]' (or [ray], [s3])"), EXIT_ERROR
-    if isinstance(e, OSError):
-        where = f"{e.filename}: " if e.filename else ""
-        what = e.strerror or str(e) or type(e).__name__
-        return f"{where}{what}; check the path, its permissions and free space, then run again", EXIT_ERROR
-    log.debug("internal error", exc_info=e)
-    return (f"internal error ({type(e).__name__}: {e}); this is a bug: please report it with the output of "
-            f"the same command run with `rewriter -vv`"), EXIT_BUG
-
-
-def _exit_with(e: BaseException, as_json: bool) -> None:
-    message, status = _describe_error(e)
-    if as_json:
-        click.echo(json.dumps({"error": message, "exit_status": status}))
-    else:
-        click.echo(f"error: {message}", err=True)
-    sys.exit(status)
-
-
-def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """End a command that fails with one ``error:`` line (JSON under --json) and its exit status."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (click.exceptions.Exit, BrokenPipeError):
-            raise
-        except (Exception, KeyboardInterrupt) as e:  # every failure ends in one line, never a traceback
-            _exit_with(e, bool(kwargs.get("as_json")))
-
-    return wrapper
-
-
-class _Command(click.Command):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("epilog", EXIT_STATUS_HELP)
-        super().__init__(*args, **kwargs)
-
-
-class _Group(click.Group):
-    """Handles what fails before a command runs (bad options) like what fails inside one."""
-
-    command_class = _Command
-
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
-             standalone_mode: bool = True, **extra: Any) -> Any:
-        argv = list(sys.argv[1:] if args is None else args)
-        _interrupt_hint.clear()
-        try:
-            status = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.NoArgsIsHelpError as e:
-            click.echo(e.format_message())  # plain `rewriter` asks for help: not an error
-            sys.exit(EXIT_OK)
-        except BrokenPipeError:
-            _silence_stdout()  # the reader (`| head`) stopped reading: nothing to report
-            sys.exit(EXIT_OK)
-        except (Exception, KeyboardInterrupt) as e:
-            _exit_with(e, "--json" in argv)
-        sys.exit(status if isinstance(status, int) else EXIT_OK)
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null so that the interpreter's last flush does not fail again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError, io.UnsupportedOperation):
-        pass
-
-
-class _JsonObject(click.ParamType):
-    name = "JSON"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> dict[str, Any]:
-        if isinstance(value, dict):
-            return value
-        try:
-            d = json.loads(value)
-        except json.JSONDecodeError as e:
-            self.fail(f"not JSON: {e}", param, ctx)
-        if not isinstance(d, dict):
-            self.fail("expected a JSON object, like '{\"key\": \"value\"}'", param, ctx)
-        return d
-
-
-class _Size(click.ParamType):
-    """A byte size like 5GB or 500MiB, above zero."""
-
-    name = "SIZE"
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> int:
-        if isinstance(value, int):
-            return value
-        t = str(value).strip().upper()
-        num = t.rstrip("KMGTIB")
-        try:
-            n = int(float(num) * self.units[t[len(num):]])
-        except (KeyError, ValueError, OverflowError):
-            self.fail(f"{value!r} is not a size like 5GB or 500MiB", param, ctx)
-        if n < 1:
-            self.fail(f"{value!r}: the size must be above 0", param, ctx)
-        return n
-
-
-JSON_OBJECT, SIZE = _JsonObject(), _Size()
-POSITIVE, NON_NEGATIVE = click.IntRange(min=1), click.IntRange(min=0)
-
-
-def _refuse_existing_file(path: str, option: str, force: bool, replaceable: Callable[[str], bool] | None = None) -> None:
-    """Refuse to write ``path`` over a folder, or over a file unless ``force`` or ``replaceable``."""
-    if "://" in path or not os.path.lexists(path):
-        return
-    if os.path.isdir(path):
-        raise click.BadParameter(f"{path} is a folder; give a file name", param_hint=option)
-    if force or (replaceable is not None and replaceable(path)):
-        return
-    what = "is not a plan file" if replaceable is not None else "exists"
-    raise click.BadParameter(
-        f"{path} {what}; refusing to overwrite it: choose another name"
-        + ("" if replaceable is not None else " or pass --force to replace it"),
-        param_hint=option,
-    )
-
-
-def _is_plan_file(path: str) -> bool:
-    from planners.plan import PLAN_FORMAT
-
-    # Plans of the largest models are a few MB; a bigger file is something else, left unread.
-    try:
-        if os.path.getsize(path) > 64 * MiB:
-            return False
-        with open(path, "rb") as f:
-            doc = json.loads(f.read())
-    except (OSError, ValueError):
-        return False
-    return isinstance(doc, dict) and doc.get("format") == PLAN_FORMAT
-
-
-def _save_plan(p: Any, out: str, option: str) -> None:
-    """Write a plan; a file already at ``out`` is replaced only when it is a plan."""
-    _refuse_existing_file(out, option, force=False, replaceable=_is_plan_file)
-    _write_out(p.save, out, option)
-
-
-def _save_saliency(sal: Any, out: str, force: bool) -> None:
-    _refuse_existing_file(out, "--out", force)
-    _write_out(sal.save, out, "--out")
-
-
-def _write_out(save: Callable[[str], None], out: str, option: str) -> None:
-    folder = os.path.dirname(os.path.abspath(out))
-    if "://" not in out and not os.path.isdir(folder):
-        raise click.BadParameter(f"cannot write {out}: {folder} is not an existing folder; create it first",
-                                 param_hint=option)
-    try:
-        save(out)
-    except OSError as e:
-        raise click.BadParameter(f"cannot write {out}: {e.strerror or e}; choose a writable place",
-                                 param_hint=option) from None
-
-
-@click.group(cls=_Group, epilog=EXIT_STATUS_HELP)
+@click.group(cls=RewriterGroup, epilog=EXIT_STATUS_HELP)
 @click.version_option(package_name="moe-rewriter")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
 def main(verbose: int) -> None:
@@ -251,7 +66,7 @@ def synth(preset: str, layers: int | None, sparse: bool, force: bool, quiet: boo
     if os.path.isdir(out) and os.listdir(out) and not force:
         raise click.BadParameter(f"{out} is not empty; refusing to mix two checkpoints in one folder: choose "
                                  f"a new folder or pass --force to write into it anyway", param_hint="OUT")
-    _on_interrupt(f"{out} holds a partial checkpoint; run the same command with --force to write it again")
+    on_interrupt(f"{out} holds a partial checkpoint; run the same command with --force to write it again")
     bar = ByteProgress(label="synth", enabled=not quiet and not sparse)
     bar.start(sum(nbytes_of(d, shape) for _, d, shape in all_tensors(g)))
     index = write_checkpoint(out, g, sparse=sparse, progress=bar)
@@ -275,7 +90,7 @@ def synth_saliency(ckpt: str, out: str, domain: str, seed: int, force: bool) -> 
     from planners.saliency import model_identity
     from rewriter.checkpoint import Checkpoint
 
-    _refuse_existing_file(out, "--out", force)
+    refuse_existing_file(out, "--out", force)
     c = Checkpoint.open(ckpt)
     identity = model_identity(c)
     s = synthetic_saliency(identity["num_layers"], identity["num_experts"], identity["top_k"], domain, seed,
@@ -283,7 +98,7 @@ def synth_saliency(ckpt: str, out: str, domain: str, seed: int, force: bool) -> 
     # Scores are generated for layers 0..n-1; key them by the checkpoint's MoE layer numbers.
     moe = sorted(c.layout.moe_layers(c))
     s = dataclasses.replace(s, layers={layer: s.layers[i] for i, layer in enumerate(moe)})
-    _save_saliency(s, out, force)
+    save_saliency(s, out, force)
     click.echo(f"wrote {out}: domain {domain}, {len(s.layers)} layers, family {identity['family']}")
 
 
@@ -482,7 +297,7 @@ def plan(src: str, layers: str | None, buffer_mib: int, out: str | None, as_json
 
     p, n_exp = make_plan(src, layers_only=_parse_layers(layers, "--layers"), **kw)
     if out:
-        _save_plan(p, out, "--out")
+        save_plan(p, out, "--out")
     read_bw, write_bw = _bandwidths(read_mbps, write_mbps, measure_bandwidth)
     report = estimate(p, workers=workers, read_bytes_per_s=read_bw, write_bytes_per_s=write_bw,
                       buffer_bytes=buffer_mib * MiB)
@@ -542,7 +357,7 @@ def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bo
         progress=bar, force=force, allow_nonuniform=allow_nonuniform, zero_copy=not no_zero_copy,
         drop_cache=drop_cache, on_start=bar.start,
     )
-    _on_interrupt(f"the shards finished so far are kept in {dst}; run the same command again to resume")
+    on_interrupt(f"the shards finished so far are kept in {dst}; run the same command again to resume")
     if use_ray:
         from ray_jobs.executor import execute_on_ray
 
@@ -616,7 +431,7 @@ def _plan_and_run(src: str, dst: str, plan_out: str | None, verbose: bool, soft:
     run_kw = {k: kw.pop(k) for k in run_keys}
     p, n_exp = make_plan(src, soft=soft, **kw)
     if plan_out:
-        _save_plan(p, plan_out, "--plan-out")
+        save_plan(p, plan_out, "--plan-out")
     if not run_kw["as_json"]:
         for line in keep_summary(p, n_exp, ids=verbose):
             click.echo(line)
@@ -689,7 +504,7 @@ def dry_run_cmd(src: str, layer_ids: tuple[int, ...], scratch: str | None, buffe
     from rewriter.dryrun import dry_run
 
     p, _ = make_plan(src, layers_only=sorted(set(layer_ids)), layers_option="--layer", **kw)
-    _on_interrupt(f"the probe's scratch files are removed{f' from {scratch}' if scratch else ''}")
+    on_interrupt(f"the probe's scratch files are removed{f' from {scratch}' if scratch else ''}")
     probes = dry_run(p, scratch=scratch, buffer_bytes=buffer_mib * MiB, zero_copy=not no_zero_copy,
                      src_options=kw["storage_options"] or {})
     if as_json:
@@ -822,10 +637,10 @@ def import_reap_cmd(observer_file: str, out: str, domain: str, force: bool, mode
     from profiling.reap_import import import_reap
     from rewriter.checkpoint import Checkpoint
 
-    _refuse_existing_file(out, "--out", force)
+    refuse_existing_file(out, "--out", force)
     identity = model_identity(Checkpoint.open(model_ckpt)) if model_ckpt else None
     sal = import_reap(observer_file, domain, model=identity)
-    _save_saliency(sal, out, force)
+    save_saliency(sal, out, force)
     click.echo(f"wrote {out}: {len(sal.layers)} layers from {observer_file}")
 
 
