@@ -109,17 +109,19 @@ def test_saliency_without_identity_is_accepted_with_a_warning(tmp_path, fresh_ti
     assert "records no model identity" in p.stderr and "kept:" in p.stdout
 
 
-def test_synth_saliency_on_mixtral_writes_its_family(tmp_path):
+@pytest.mark.parametrize(("family", "layers"), [("mixtral", [0, 1, 2]), ("deepseek_v3", [1, 2])])
+def test_synth_saliency_writes_the_family_and_moe_layers(tmp_path, family, layers):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from tests.test_families import _build
 
-    _build("mixtral", tmp_path / "mixtral")
-    out = cli("synth-saliency", tmp_path / "mixtral", "--out", tmp_path / "s.json")
-    assert "family mixtral" in out
-    model = json.loads((tmp_path / "s.json").read_text())["model"]
-    assert model["family"] == "mixtral" and model["num_experts"] == 8 and model["top_k"] == 2
-    cli("plan", tmp_path / "mixtral", "--saliency", tmp_path / "s.json", "--keep-n", "4")
+    _build(family, tmp_path / family)
+    out = cli("synth-saliency", tmp_path / family, "--out", tmp_path / "s.json")
+    assert f"family {family}" in out
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert doc["model"]["family"] == family and doc["model"]["num_experts"] == 8 and doc["model"]["top_k"] == 2
+    assert sorted(int(k) for k in doc["layers"]) == layers  # DeepSeek's first layer is dense
+    cli("plan", tmp_path / family, "--saliency", tmp_path / "s.json", "--keep-n", "4")
 
 
 # --- progress ------------------------------------------------------------------------------------
