@@ -323,3 +323,11 @@ def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
         assert reader.readline().strip() == "{"
     stderr = p.communicate(timeout=60)[1]
     assert p.returncode == 0 and stderr == ""
+
+
+def test_an_unexpected_exception_is_reported_as_a_bug_with_status_3():
+    from rewriter.cli_errors import EXIT_BUG, _describe_error
+
+    message, status = _describe_error(ZeroDivisionError("division by zero"))
+    assert status == EXIT_BUG == 3
+    assert message.startswith("internal error (ZeroDivisionError: division by zero)") and "rewriter -vv" in message

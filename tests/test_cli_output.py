@@ -86,6 +86,9 @@ def test_saliency_records_identity_and_foreign_files_are_refused(tmp_path, fresh
     r = CliRunner().invoke(main, ["prune", str(fresh_tiny), str(tmp_path / "d"), "--saliency", str(foreign),
                                   "--keep-frac", "0.5"])
     assert r.exit_code == 2 and not (tmp_path / "d").exists()
+    r = CliRunner().invoke(main, ["dry-run", str(fresh_tiny), "--layer", "0", "--saliency", str(foreign),
+                                  "--keep-frac", "0.5"])
+    assert r.exit_code == 2 and "profiled on another model" in r.output
     cli("plan", fresh_tiny, "--saliency", foreign, "--keep-frac", "0.5", "--allow-foreign-saliency")
     assert source_digest(fresh_tiny) == before
     # Another geometry names both models.
@@ -204,3 +207,39 @@ def test_import_reap_with_model_records_its_identity(tmp_path, fresh_tiny):
                        capture_output=True, text=True, check=False)
     assert p.returncode == 0 and p.stderr == ""
     assert "layer 0: [4, 5, 6, 7]" in p.stdout  # the four most frequent
+
+
+def _on_a_terminal(*args: object) -> tuple[int, str]:
+    """Run the CLI with stderr on a pseudo-terminal; returns the exit status and what it drew."""
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "rewriter.cli", *map(str, args)], stdout=subprocess.DEVNULL,
+                         stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the terminal's other end closed: the process is done
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    return p.wait(timeout=60), b"".join(chunks).decode()
+
+
+def test_bars_on_a_real_terminal_end_at_100_and_quiet_silences_them(tmp_path, fresh_tiny, sal):
+    plan = tmp_path / "plan.json"
+    cli("plan", fresh_tiny, "--saliency", sal, "--keep-n", "4", "--out", plan)
+    status, drawn = _on_a_terminal("run", plan, "--out", tmp_path / "d")
+    assert status == 0 and "\rrewrite [" in drawn
+    assert drawn.rstrip().rsplit("\r", 1)[1].split("]")[1].lstrip().startswith("100.0%")
+    status, drawn = _on_a_terminal("run", plan, "--out", tmp_path / "q", "--quiet")
+    assert status == 0 and drawn == ""
+    status, drawn = _on_a_terminal("run", plan, "--out", tmp_path / "d")  # complete: nothing to draw
+    assert status == 0 and drawn == ""
+    status, drawn = _on_a_terminal("synth", "--preset", "tiny", tmp_path / "synth")
+    assert status == 0 and "\rsynth [" in drawn and "100.0%" in drawn
