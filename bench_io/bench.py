@@ -228,9 +228,9 @@ def bench_planning(work: Path) -> dict[str, Any]:
 
 def bench_s3(g: Geometry, work: Path) -> dict[str, Any]:
     """A rewrite sourced from the loopback S3 server: bytes fetched vs written."""
+    from bench_io.s3server import start_s3
     from planners.plan import Plan
     from rewriter.executor import execute
-    from tests.servers import start_s3
 
     src, sal = _source(work, "s3-src", g)
     server = start_s3(work / "moto.log")

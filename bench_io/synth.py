@@ -16,7 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,8 +233,12 @@ def tensor_chunks(name: str, dtype: str, shape: tuple[int, ...]) -> Iterator[byt
             yield b"".join(_tile(name, dtype, r + i, row_bytes) for i in range(k))
 
 
-def write_shard(path: Path, items: list[tuple[str, str, tuple[int, ...]]], sparse: bool = False) -> None:
-    """Write one shard in the reference writer's order; holes instead of data when ``sparse``."""
+def write_shard(path: Path, items: list[tuple[str, str, tuple[int, ...]]], sparse: bool = False,
+                progress: Callable[[int], None] | None = None) -> None:
+    """Write one shard in the reference writer's order; holes instead of data when ``sparse``.
+
+    ``progress`` is called with the number of bytes of each chunk of tensor data written.
+    """
     ordered = reference_order(items)
     head = encode_header(ordered, {"format": "pt"})
     total = len(head) + sum(nbytes_of(d, s) for _, d, s in ordered)
@@ -247,11 +251,16 @@ def write_shard(path: Path, items: list[tuple[str, str, tuple[int, ...]]], spars
             for name, dtype, shape in ordered:
                 for chunk in tensor_chunks(name, dtype, shape):
                     f.write(chunk)
+                    if progress:
+                        progress(len(chunk))
     os.replace(tmp, path)
 
 
-def write_checkpoint(out: str | os.PathLike, g: Geometry, sparse: bool = False) -> dict:
+def write_checkpoint(out: str | os.PathLike, g: Geometry, sparse: bool = False,
+                     progress: Callable[[int], None] | None = None) -> dict:
     """Write a synthetic checkpoint (shards, index, config, tokenizer stub) to directory ``out``.
+
+    ``progress`` is called with each number of tensor bytes written (never when ``sparse``).
 
     Returns:
         The index document written (``metadata.total_size`` and ``weight_map``).
@@ -262,7 +271,7 @@ def write_checkpoint(out: str | os.PathLike, g: Geometry, sparse: bool = False) 
     weight_map = {}
     total = 0
     for shard, items in shards.items():
-        write_shard(out / shard, items, sparse=sparse)
+        write_shard(out / shard, items, sparse=sparse, progress=progress)
         for name, dtype, shape in items:
             weight_map[name] = shard
             total += nbytes_of(dtype, shape)
@@ -279,13 +288,18 @@ def write_checkpoint(out: str | os.PathLike, g: Geometry, sparse: bool = False) 
 def preset(name: str, layers: int | None = None) -> Geometry:
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    if layers is not None and layers < 1:
+        raise ValueError(f"--layers {layers}: a checkpoint needs at least 1 layer")
     g = PRESETS[name]
-    return g.with_layers(layers) if layers else g
+    return g.with_layers(layers) if layers is not None else g
 
 
 def synthetic_saliency(num_layers: int, num_experts: int, top_k: int, domain: str = "synthetic",
-                       seed: int = 0, tokens: int = 65536):
+                       seed: int = 0, tokens: int = 65536, model: dict | None = None):
     """Plausible, deterministic saliency scores (heavy-tailed routing) for planning tests and demos.
+
+    ``model`` is the identity to record (``planners.saliency.model_identity``); without it the
+    file records a gpt-oss geometry and no fingerprint.
 
     Returns:
         A :class:`planners.saliency.Saliency`.
@@ -304,5 +318,6 @@ def synthetic_saliency(num_layers: int, num_experts: int, top_k: int, domain: st
         layers[layer] = {"freq": tuple(float(x) for x in freq), "reap": tuple(float(x) for x in reap),
                          "eaft_reap": tuple(float(x) for x in eaft)}
     return Saliency(domain=domain, layers=layers, tokens=tokens,
-                    model={"family": "gpt_oss", "num_layers": num_layers, "num_experts": num_experts, "top_k": top_k},
+                    model=model or {"family": "gpt_oss", "num_layers": num_layers, "num_experts": num_experts,
+                                    "top_k": top_k},
                     method={"generator": "bench_io.synth.synthetic_saliency", "seed": seed})

@@ -100,17 +100,22 @@ def keep_count(policy: KeepPolicy, num_experts: int, top_k: int) -> int:
             f"cannot keep {n} experts per layer: the checkpoint has {num_experts} per layer"
             + (f" and --keep-multiple {m} allows no count in range" if m > 1 else "")
         )
-    check_top_k(n, top_k, policy.top_k)
+    check_top_k(n, top_k, policy.top_k, num_experts)
     if policy.core_top_m > n:
         raise PolicyError(f"--core-top-m {policy.core_top_m} exceeds the {n} experts kept per layer")
     return n
 
 
-def check_top_k(kept: int, config_top_k: int, new_top_k: int | None) -> int:
+def check_top_k(kept: int, config_top_k: int, new_top_k: int | None, num_experts: int | None = None) -> int:
     """The effective top-k; raises when fewer experts are kept than are routed per token."""
     k = new_top_k if new_top_k is not None else config_top_k
     if k < 1:
         raise PolicyError(f"--top-k {k} must be >= 1")
+    if new_top_k is not None and num_experts is not None and new_top_k > num_experts:
+        raise PolicyError(
+            f"--top-k {new_top_k} exceeds the checkpoint's {num_experts} experts per layer: a token "
+            f"cannot route to more experts than exist; choose --top-k between 1 and {num_experts}"
+        )
     if kept < k:
         hint = "lower top-k with --top-k" if new_top_k is None else "raise the keep count"
         raise PolicyError(
@@ -150,6 +155,16 @@ def check_groups(kept: int, groups: int, top_k: int, topk_group: int | None) -> 
         )
 
 
+def combined_ranking(domains: Sequence[Domain], layer: int, metric: str, combined: Sequence[float]) -> list[int]:
+    """Experts by combined score descending; ties by the weighted raw scores, then the lower id.
+
+    Dividing by a domain's mass can round distinct tiny scores to the same value (5e-324 / 2 is
+    0.0); the raw scores keep their order, so one domain always ranks exactly as its raw scores.
+    """
+    raw = [sum(d.weight * d.saliency.scores(layer, metric)[e] for d in domains) for e in range(len(combined))]
+    return sorted(range(len(combined)), key=lambda e: (-combined[e], -raw[e], e))
+
+
 def _combined(domains: Sequence[Domain], layer: int, metric: str) -> tuple[list[float], list[list[float]]]:
     """Domain-normalized scores (each domain's positive mass scaled to 1), and their weighted sum."""
     total_w = sum(d.weight for d in domains)
@@ -167,11 +182,14 @@ def _combined(domains: Sequence[Domain], layer: int, metric: str) -> tuple[list[
     return combined, normalized
 
 
-def covering_set(normalized: Sequence[float], coverage: float) -> list[int]:
-    """The fewest top-ranked experts whose share of the (positive) mass reaches ``coverage``."""
+def covering_set(normalized: Sequence[float], coverage: float, order: Sequence[int] | None = None) -> list[int]:
+    """The fewest top-ranked experts whose share of the (positive) mass reaches ``coverage``.
+
+    ``order`` is the domain's ranking when known (its raw scores, which normalization may tie).
+    """
     out: list[int] = []
     acc = 0.0
-    for e in ranking(normalized):
+    for e in order if order is not None else ranking(normalized):
         if acc >= coverage - 1e-12 or normalized[e] <= 0:
             break
         out.append(e)
@@ -188,11 +206,11 @@ def select_layer(
     ``n / groups``.
     """
     combined, normalized = _combined(domains, layer, policy.rank)
-    order = ranking(combined)
+    order = combined_ranking(domains, layer, policy.rank, combined)
     core = order[: policy.core_top_m]
     wanted: dict[int, list[str]] = {e: ["core"] for e in core}
     for d, norm in zip(domains, normalized):
-        for e in covering_set(norm, policy.coverage):
+        for e in covering_set(norm, policy.coverage, ranking(d.saliency.scores(layer, policy.rank))):
             wanted.setdefault(e, []).append(d.name)
     if groups > 1:
         return _select_grouped(order, core, wanted, n, groups, layer)
@@ -293,7 +311,7 @@ def validate_keep_list(
         )
     k = new_top_k or config_top_k
     for c in counts:
-        check_top_k(c, config_top_k, new_top_k)
+        check_top_k(c, config_top_k, new_top_k, num_experts)
         check_groups(c, groups, k, topk_group)
     if groups > 1 and num_experts:
         size = num_experts // groups

@@ -6,7 +6,8 @@ Saliency file, version 1 (JSON)::
       "format": "moe-rewriter-saliency",
       "version": 1,
       "model": {"family": "gpt_oss", "name": "openai/gpt-oss-20b",
-                "num_layers": 24, "num_experts": 32, "top_k": 4},
+                "num_layers": 24, "num_experts": 32, "top_k": 4,
+                "fingerprint": "<sha256, see model_identity>"},
       "domain": "code",
       "tokens": 1048576,
       "method": {"seq_len": 2048, "eaft": {"p_quantile": 0.15, "h_quantile": 0.15}},
@@ -30,11 +31,14 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 
 from rewriter.errors import SaliencyError
+
+if TYPE_CHECKING:
+    from rewriter.checkpoint import Checkpoint
 
 FORMAT = "moe-rewriter-saliency"
 VERSION = 1
@@ -84,6 +88,8 @@ def _read(path: str) -> tuple[bytes, str]:
             raw = f.read()
     except FileNotFoundError:
         raise SaliencyError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise SaliencyError(f"{path}: is a folder; expected a JSON file") from None
     return raw, hashlib.sha256(raw).hexdigest()
 
 
@@ -132,12 +138,17 @@ def load_saliency(path: str, num_experts: int | None = None, layers: Sequence[in
             f"{_span(layers)} (missing {missing or 'none'}, unexpected {extra or 'none'}); "
             f"was it profiled on another model?"
         )
+    model, method, tokens = doc.get("model") or {}, doc.get("method") or {}, doc.get("tokens") or 0
+    if not isinstance(model, dict) or not isinstance(method, dict):
+        raise SaliencyError(f"{path}: \"model\" and \"method\" must be JSON objects")
+    if not isinstance(tokens, (int, float)) or isinstance(tokens, bool) or not 0 <= tokens < math.inf:
+        raise SaliencyError(f"{path}: \"tokens\" is {tokens!r}; expected a count >= 0")
     return Saliency(
         domain=str(doc.get("domain") or Path(path).stem),
         layers=parsed,
-        tokens=int(doc.get("tokens") or 0),
-        model=doc.get("model") or {},
-        method=doc.get("method") or {},
+        tokens=int(tokens),
+        model=model,
+        method=method,
         source=path,
         digest=digest,
     )
@@ -192,8 +203,9 @@ def load_keep_list(path: str, num_experts: int, layers: Sequence[int]) -> tuple[
         bad = [i for i in ids if not 0 <= i < num_experts]
         if bad:
             raise SaliencyError(f"{path}: layer {layer}: expert ids {bad} out of range 0..{num_experts - 1}")
-        if len(set(ids)) != len(ids):
-            raise SaliencyError(f"{path}: layer {layer}: duplicate expert ids")
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise SaliencyError(f"{path}: layer {layer}: duplicate expert ids {dup}; list each kept expert once")
         if not ids:
             raise SaliencyError(f"{path}: layer {layer}: keeps no experts")
         keep[layer] = tuple(sorted(ids))
@@ -201,3 +213,70 @@ def load_keep_list(path: str, num_experts: int, layers: Sequence[int]) -> tuple[
     if missing:
         raise SaliencyError(f"{path}: no keep list for MoE layers {missing}")
     return keep, digest
+
+
+#: Config fields that decide which experts exist and how tokens reach them. Names, paths,
+#: dtypes of unrelated tensors and version strings are left out, so a copy, a re-shard or a
+#: re-upload of the same model keeps its identity.
+IDENTITY_CONFIG_FIELDS = (
+    "model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "moe_intermediate_size",
+    "vocab_size", "num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok",
+    "experts_per_token", "n_group", "topk_group", "first_k_dense_replace", "norm_topk_prob",
+    "n_shared_experts", "shared_expert_intermediate_size",
+)
+
+
+def model_identity(ckpt: Checkpoint) -> dict[str, Any]:
+    """The identity a saliency file records of the model it scores.
+
+    ``family``, ``num_layers`` (MoE layers), ``num_experts`` and ``top_k`` are for people;
+    ``fingerprint`` is the sha256 of the config fields in :data:`IDENTITY_CONFIG_FIELDS` and of
+    the name, dtype and shape of every expert and router tensor. It tells apart models of other
+    families, geometries or layouts, not two sets of weights with the same architecture (a
+    fine-tune keeps its base model's fingerprint).
+
+    Example:
+        >>> Saliency("code", layers, model=model_identity(Checkpoint.open(path)))  # doctest: +SKIP
+    """
+    layout = ckpt.layout
+    config = ckpt.config
+    tensors = sorted(
+        (t.name, t.dtype, list(t.shape)) for t in ckpt.tensors.values() if layout.classify(t.name) is not None
+    )
+    fields = {k: config[k] for k in IDENTITY_CONFIG_FIELDS if k in config}
+    blob = json.dumps({"config": fields, "tensors": tensors}, sort_keys=True, separators=(",", ":"))
+    return {
+        "family": layout.family,
+        "model_type": config.get("model_type"),
+        "num_layers": len(layout.moe_layers(ckpt)),
+        "num_experts": layout.num_experts(config),
+        "top_k": layout.top_k(config),
+        "fingerprint": hashlib.sha256(blob.encode()).hexdigest(),
+    }
+
+
+def identity_mismatch(sal: Saliency, identity: Mapping[str, Any], ckpt_url: str) -> str | None:
+    """Why ``sal`` was not profiled on the model of ``identity``; ``None`` when it was.
+
+    Files without a recorded fingerprint (written before identities existed, or by hand)
+    cannot be checked; :func:`has_identity` tells the caller to warn about them.
+    """
+    recorded = sal.model.get("fingerprint")
+    if not has_identity(sal) or recorded == identity["fingerprint"]:
+        return None
+    theirs = {k: sal.model.get(k) for k in ("family", "num_layers", "num_experts", "top_k")}
+    ours = {k: identity[k] for k in theirs}
+    what = (f"it scores {_describe(theirs)}, {ckpt_url} is {_describe(ours)}" if theirs != ours
+            else f"same family and geometry, but other config fields or expert tensor names, dtypes "
+                 f"or shapes (fingerprint {str(recorded)[:12]} against {identity['fingerprint'][:12]})")
+    return (f"{sal.source}: this saliency was profiled on another model ({what}); profile {ckpt_url}, "
+            f"or pass --allow-foreign-saliency to use it anyway")
+
+
+def has_identity(sal: Saliency) -> bool:
+    return isinstance(sal.model.get("fingerprint"), str)
+
+
+def _describe(m: Mapping[str, Any]) -> str:
+    return (f"family {m['family']}, {m['num_layers']} MoE layers x {m['num_experts']} experts, "
+            f"top-k {m['top_k']}")

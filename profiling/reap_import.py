@@ -6,6 +6,10 @@ norm); where ``reap`` is absent but ``weighted_ean_sum`` is present, REAP is tha
 the frequency. Other keys (``ean_sum``, ``ean_mean``, …) are kept in the method record only by
 name. EAFT-REAP is not part of REAP's observations, so imported files rank by ``freq`` or
 ``reap``.
+
+Observer files are pickles, and unpickling runs code the file names; this reads them with
+``torch.load(weights_only=True)``, which only rebuilds tensors, numbers, strings, lists and
+dicts, so a crafted file cannot run code, and anything else is refused as "not an observer file".
 """
 
 from __future__ import annotations
@@ -16,21 +20,37 @@ from planners.saliency import Saliency
 from rewriter.errors import SaliencyError
 
 
-def _floats(v) -> list[float]:
-    if hasattr(v, "detach"):
-        v = v.detach().cpu().double().tolist()
-    return [float(x) for x in v]
+def _floats(v, where: str) -> list[float]:
+    try:
+        if hasattr(v, "detach"):
+            v = v.detach().cpu().double().reshape(-1).tolist()
+        return [float(x) for x in v]
+    except (TypeError, ValueError):
+        raise SaliencyError(f"{where}: expected a list or 1-D tensor of numbers, got {type(v).__name__}") from None
 
 
-def import_reap(path: str | Path, domain: str = "reap-import", model: dict | None = None) -> Saliency:
+def _load(path: str | Path) -> dict:
     import torch
 
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=False)
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise SaliencyError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise SaliencyError(f"{path}: is a directory; expected a REAP observer file (torch.save)") from None
+    except Exception as e:  # torch raises many kinds for a file that is not a safe torch pickle
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SaliencyError(
+            f"{path}: not a REAP observer file ({type(e).__name__}: {first[:200]}); expected a torch.save "
+            f"dict of layer -> observations, which is read without running code (weights_only)"
+        ) from None
     if not isinstance(state, dict) or not state:
         raise SaliencyError(f"{path}: expected a dict of layer -> observations")
+    return state
+
+
+def import_reap(path: str | Path, domain: str = "reap-import", model: dict | None = None) -> Saliency:
+    state = _load(path)
     layers = {}
     extra: set[str] = set()
     for key, obs in state.items():
@@ -40,11 +60,12 @@ def import_reap(path: str | Path, domain: str = "reap-import", model: dict | Non
             raise SaliencyError(f"{path}: layer key {key!r} is not an integer") from None
         if not isinstance(obs, dict) or "expert_frequency" not in obs:
             raise SaliencyError(f"{path}: layer {layer} has no 'expert_frequency'")
-        freq = _floats(obs["expert_frequency"])
+        where = f"{path}: layer {layer}"
+        freq = _floats(obs["expert_frequency"], f"{where} expert_frequency")
         if "reap" in obs:
-            reap = _floats(obs["reap"])
+            reap = _floats(obs["reap"], f"{where} reap")
         elif "weighted_ean_sum" in obs:
-            sums = _floats(obs["weighted_ean_sum"])
+            sums = _floats(obs["weighted_ean_sum"], f"{where} weighted_ean_sum")
             reap = [s / f if f > 0 else 0.0 for s, f in zip(sums, freq)]
         else:
             raise SaliencyError(f"{path}: layer {layer} has neither 'reap' nor 'weighted_ean_sum'")

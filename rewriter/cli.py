@@ -2,45 +2,33 @@
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
 
-from rewriter.errors import RewriterError
+from rewriter.cli_errors import EXIT_FOUND, EXIT_OK, EXIT_STATUS_HELP, RewriterGroup, on_interrupt
+from rewriter.cli_errors import fail_cleanly as _fail_cleanly
+from rewriter.cli_params import (
+    JSON_OBJECT,
+    NON_NEGATIVE,
+    POSITIVE,
+    SIZE,
+    refuse_existing_file,
+    save_plan,
+    save_saliency,
+)
 
 MiB = 1 << 20
+log = logging.getLogger(__name__)
 
 
-def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except RewriterError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(e.exit_code)
-
-    return wrapper
-
-
-def _json_opt(value: str | None) -> dict[str, Any]:
-    if not value:
-        return {}
-    try:
-        d = json.loads(value)
-    except json.JSONDecodeError as e:
-        raise click.BadParameter(f"not JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise click.BadParameter("expected a JSON object")
-    return d
-
-
-@click.group()
+@click.group(cls=RewriterGroup, epilog=EXIT_STATUS_HELP)
 @click.version_option(package_name="moe-rewriter")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
 def main(verbose: int) -> None:
@@ -58,20 +46,31 @@ def main(verbose: int) -> None:
 
 @main.command()
 @click.option("--preset", required=True, help="Geometry: 20b, 120b, tiny, tiny-bf16, small.")
-@click.option("--layers", type=int, default=None, help="Keep the preset's per-layer geometry with N layers.")
+@click.option("--layers", type=POSITIVE, default=None, help="Keep the preset's per-layer geometry with N layers.")
 @click.option("--sparse", is_flag=True, help="Real headers over holes: full geometry at no disk cost.")
+@click.option("--force", is_flag=True, help="Write into OUT even when it is not empty (same-named files are replaced).")
+@click.option("--quiet", is_flag=True, help="No progress.")
 @click.argument("out", type=click.Path(file_okay=False))
 @_fail_cleanly
-def synth(preset: str, layers: int | None, sparse: bool, out: str) -> None:
-    """Write a synthetic gpt-oss checkpoint to OUT."""
+def synth(preset: str, layers: int | None, sparse: bool, force: bool, quiet: bool, out: str) -> None:
+    """Write a synthetic gpt-oss checkpoint to OUT (a new or empty folder)."""
+    from bench_io.synth import all_tensors, write_checkpoint
     from bench_io.synth import preset as get_preset
-    from bench_io.synth import write_checkpoint
+    from rewriter.format import nbytes_of
+    from rewriter.progress import ByteProgress
 
     try:
         g = get_preset(preset, layers)
     except KeyError as e:
         raise click.BadParameter(str(e.args[0]), param_hint="--preset") from None
-    index = write_checkpoint(out, g, sparse=sparse)
+    if os.path.isdir(out) and os.listdir(out) and not force:
+        raise click.BadParameter(f"{out} is not empty; refusing to mix two checkpoints in one folder: choose "
+                                 f"a new folder or pass --force to write into it anyway", param_hint="OUT")
+    on_interrupt(f"{out} holds a partial checkpoint; run the same command with --force to write it again")
+    bar = ByteProgress(label="synth", enabled=not quiet and not sparse)
+    bar.start(sum(nbytes_of(d, shape) for _, d, shape in all_tensors(g)))
+    index = write_checkpoint(out, g, sparse=sparse, progress=bar)
+    bar.close()
     shards = len(set(index["weight_map"].values()))
     click.echo(f"wrote {out}: {g.num_layers} layers x {g.num_experts} experts, {shards} shards, "
                f"total_size {index['metadata']['total_size']:,}{' (sparse)' if sparse else ''}")
@@ -79,32 +78,40 @@ def synth(preset: str, layers: int | None, sparse: bool, out: str) -> None:
 
 @main.command("synth-saliency")
 @click.argument("ckpt")
-@click.option("--out", required=True, help="Saliency file to write.")
-@click.option("--domain", default="synthetic", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", required=True, help="Saliency file to write (an existing file needs --force).")
+@click.option("--domain", default="synthetic", show_default=True,
+              help="Calibration domain name recorded in the file (what --weight DOMAIN=W refers to).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed of the scores.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @_fail_cleanly
-def synth_saliency(ckpt: str, out: str, domain: str, seed: int) -> None:
+def synth_saliency(ckpt: str, out: str, domain: str, seed: int, force: bool) -> None:
     """Write plausible random saliency for CKPT (for trying the planner without a GPU)."""
     from bench_io.synth import synthetic_saliency
+    from planners.saliency import model_identity
     from rewriter.checkpoint import Checkpoint
 
+    refuse_existing_file(out, "--out", force)
     c = Checkpoint.open(ckpt)
-    lay = c.layout
-    s = synthetic_saliency(len(lay.moe_layers(c)), lay.num_experts(c.config), lay.top_k(c.config), domain, seed)
-    s.save(out)
-    click.echo(f"wrote {out}: domain {domain}, {len(s.layers)} layers")
+    identity = model_identity(c)
+    s = synthetic_saliency(identity["num_layers"], identity["num_experts"], identity["top_k"], domain, seed,
+                           model=identity)
+    # Scores are generated for layers 0..n-1; key them by the checkpoint's MoE layer numbers.
+    moe = sorted(c.layout.moe_layers(c))
+    s = dataclasses.replace(s, layers={layer: s.layers[i] for i, layer in enumerate(moe)})
+    save_saliency(s, out, force)
+    click.echo(f"wrote {out}: domain {domain}, {len(s.layers)} layers, family {identity['family']}")
 
 
 @main.command()
 @click.argument("ckpt")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--storage-options", default=None, help="fsspec options as JSON (endpoint_url, key…).")
+@click.option("--storage-options", type=JSON_OBJECT, default=None, help="fsspec options as JSON (endpoint_url, key…).")
 @_fail_cleanly
-def inspect(ckpt: str, as_json: bool, storage_options: str | None) -> None:
+def inspect(ckpt: str, as_json: bool, storage_options: dict[str, Any] | None) -> None:
     """Describe checkpoint CKPT from its headers alone: family, experts, bytes, shard locality."""
     from rewriter.inspect import describe, format_description
 
-    info = describe(ckpt, _json_opt(storage_options))
+    info = describe(ckpt, storage_options or {})
     click.echo(json.dumps(info, indent=1) if as_json else format_description(info))
 
 
@@ -127,58 +134,106 @@ policy_options = _options(
         click.option("--keep-list", default=None, help='JSON {"<layer>": [expert ids]} instead of saliency.'),
         click.option("--rank", type=click.Choice(["freq", "reap", "eaft_reap"]), default="reap", show_default=True,
                      help="Saliency metric to rank experts by."),
-        click.option("--keep-frac", type=float, default=None, help="Share of experts kept per layer."),
-        click.option("--keep-n", type=int, default=None, help="Experts kept per layer."),
-        click.option("--keep-multiple", type=int, default=1, show_default=True,
+        click.option("--keep-frac", type=float, default=None, help="Share of experts kept per layer, in (0, 1]."),
+        click.option("--keep-n", type=POSITIVE, default=None, help="Experts kept per layer."),
+        click.option("--keep-multiple", type=POSITIVE, default=1, show_default=True,
                      help="Round the kept count up to a multiple of M."),
-        click.option("--core-top-m", type=int, default=0, show_default=True,
+        click.option("--core-top-m", type=NON_NEGATIVE, default=0, show_default=True,
                      help="Always keep each layer's M highest-ranked experts."),
-        click.option("--coverage", type=float, default=0.9, show_default=True,
-                     help="Share of each domain's saliency mass its experts must cover (union)."),
-        click.option("--top-k", type=int, default=None, help="New routing top-k (default: unchanged)."),
-        click.option("--budget", type=int, default=None,
+        click.option("--coverage", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
+                     help="Share of each domain's saliency mass its experts must cover (union), in (0, 1]."),
+        click.option("--top-k", type=POSITIVE, default=None, help="New routing top-k (default: unchanged)."),
+        click.option("--budget", type=POSITIVE, default=None,
                      help="Total experts over all layers: a non-uniform plan (not loadable by stock transformers)."),
         click.option("--allow-nonuniform", is_flag=True, help="Accept plans with different counts per layer."),
-        click.option("--max-shard-size", default="5GB", show_default=True, help="Output shard size limit."),
-    click.option("--storage-options", default=None, help="fsspec options for SRC as JSON."),
+        click.option("--allow-foreign-saliency", is_flag=True,
+                     help="Use saliency recorded for another model (family, geometry or tensors differ)."),
+        click.option("--max-shard-size", type=SIZE, default="5GB", show_default=True,
+                     help="Output shard size limit, like 5GB or 500MiB."),
+    click.option("--storage-options", type=JSON_OBJECT, default=None, help="fsspec options for SRC as JSON."),
 )
 
 
 serving_options = _options(
-        click.option("--target", "targets", multiple=True,
-                     type=click.Choice(["vllm", "sglang", "trtllm", "llamacpp", "transformers"]),
-                     help="Serving engine the output must load in (repeat); the plan refuses otherwise (docs/serving.md)."),
-        click.option("--ep", type=click.IntRange(min=1), default=None, help="Expert-parallel size the output will be served with."),
+    click.option("--target", "targets", multiple=True,
+                 type=click.Choice(["vllm", "sglang", "trtllm", "llamacpp", "transformers"]),
+                 help="Serving engine the output must load in (repeat); the plan refuses otherwise (docs/serving.md)."),
+    click.option("--ep", type=click.IntRange(min=1), default=None, help="Expert-parallel size the output will be served with."),
     click.option("--fit-targets", is_flag=True, help="Move the kept count to the nearest one every --target accepts."),
 )
 
 
-def _parse_size(text: str) -> int:
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
-    t = text.strip().upper()
-    num = t.rstrip("KMGIB")
+def _parse_layers(text: str | None, option: str) -> list[int] | None:
+    if text is None:
+        return None
     try:
-        return int(float(num) * units[t[len(num):]])
-    except (KeyError, ValueError):
-        raise click.BadParameter(f"{text!r} is not a size like 5GB or 500MiB") from None
+        layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated layer numbers like 0,5,17",
+                                 param_hint=option) from None
+    if not layers:
+        raise click.BadParameter("no layer given", param_hint=option)
+    return sorted(set(layers))
 
 
-def make_plan(src: str, *, layers_only: list[int] | None = None, soft: bool = False, **kw: Any):
-    """Open SRC, choose keep sets from saliency or a keep list, and build the plan."""
+def _check_layers(layers: list[int] | None, moe: list[int], option: str, src: str) -> None:
+    bad = sorted(set(layers or ()) - set(moe))
+    if bad:
+        raise click.BadParameter(
+            f"{', '.join(map(str, bad))}: not {'an MoE layer' if len(bad) == 1 else 'MoE layers'} of {src} "
+            f"(its MoE layers are {moe[0]}..{moe[-1]})" if moe else f"{src} has no MoE layers",
+            param_hint=option)
+
+
+def _load_domains(kw: dict[str, Any], ckpt: Any, n_exp: int, moe: list[int]) -> list[Any]:
+    """Saliency files as weighted domains, checked against the model they claim to score."""
+    from planners.policies import Domain
+    from planners.saliency import has_identity, identity_mismatch, load_saliency, model_identity
+    from rewriter.errors import SaliencyError
+
+    weights = {}
+    for w in kw["weights"]:
+        name, _, val = w.partition("=")
+        try:
+            weights[name] = float(val)
+        except ValueError:
+            raise click.BadParameter(f"{w!r}: expected DOMAIN=WEIGHT", param_hint="--weight") from None
+    sal = [load_saliency(p, n_exp, moe) for p in kw["saliency"]]
+    identity = model_identity(ckpt) if sal else {}
+    for s in sal:
+        if not has_identity(s):
+            log.warning("%s records no model identity (written before saliency files carried one); "
+                        "cannot check it was profiled on %s", s.source, ckpt.url)
+        elif not kw["allow_foreign_saliency"] and (why := identity_mismatch(s, identity, ckpt.url)):
+            raise SaliencyError(why)
+    unknown = set(weights) - {s.domain for s in sal}
+    if unknown:
+        raise click.BadParameter(f"no saliency file has domain {sorted(unknown)}", param_hint="--weight")
+    return [Domain(s, weights.get(s.domain, 1.0)) for s in sal]
+
+
+def make_plan(src: str, *, layers_only: list[int] | None = None, layers_option: str = "--layers",
+              soft: bool = False, **kw: Any) -> tuple[Any, int]:
+    """Open SRC, choose keep sets from saliency or a keep list, and build the plan.
+
+    Returns:
+        The plan and the source's experts per layer.
+    """
     from planners.plan import build_plan
-    from planners.policies import Domain, KeepPolicy, select_keep, validate_keep_list
-    from planners.saliency import load_keep_list, load_saliency
+    from planners.policies import KeepPolicy, select_keep, validate_keep_list
+    from planners.saliency import load_keep_list
     from rewriter.checkpoint import Checkpoint
 
-    ckpt = Checkpoint.open(src, _json_opt(kw.get("storage_options")))
+    if kw["keep_list"] and kw["saliency"]:
+        raise click.UsageError("give --saliency or --keep-list, not both")
+    ckpt = Checkpoint.open(src, kw.get("storage_options") or {})
     layout = ckpt.layout
     moe = sorted(layout.moe_layers(ckpt))
+    _check_layers(layers_only, moe, layers_option, src)
     n_exp, top_k = layout.num_experts(ckpt.config), layout.top_k(ckpt.config)
     policy = KeepPolicy(rank=kw["rank"], keep_n=kw["keep_n"], keep_frac=kw["keep_frac"],
                         keep_multiple=kw["keep_multiple"], core_top_m=kw["core_top_m"],
                         coverage=kw["coverage"], top_k=kw["top_k"], budget=kw["budget"])
-    if kw["keep_list"] and kw["saliency"]:
-        raise click.UsageError("give --saliency or --keep-list, not both")
     prov: dict[str, Any]
     groups = layout.num_groups(ckpt.config)
     topk_group = ckpt.config.get("topk_group") if groups > 1 else None
@@ -195,43 +250,54 @@ def make_plan(src: str, *, layers_only: list[int] | None = None, soft: bool = Fa
         decision = validate_keep_list(keep, top_k, kw["top_k"], kw["allow_nonuniform"], groups, topk_group, n_exp)
         prov = {"keep_list": {"path": kw["keep_list"], "sha256": digest}, "policy": {"top_k": kw["top_k"]}}
     else:
-        weights = {}
-        for w in kw["weights"]:
-            name, _, val = w.partition("=")
-            try:
-                weights[name] = float(val)
-            except ValueError:
-                raise click.BadParameter(f"{w!r}: expected DOMAIN=WEIGHT", param_hint="--weight") from None
-        sal = [load_saliency(p, n_exp, moe) for p in kw["saliency"]]
-        unknown = set(weights) - {s.domain for s in sal}
-        if unknown:
-            raise click.BadParameter(f"no saliency file has domain {sorted(unknown)}", param_hint="--weight")
-        domains = [Domain(s, weights.get(s.domain, 1.0)) for s in sal]
+        domains = _load_domains(kw, ckpt, n_exp, moe)
         decision = select_keep(domains, moe, n_exp, top_k, policy, groups, topk_group)
         if not decision.uniform and not kw["allow_nonuniform"] and policy.budget is None:
             raise click.UsageError("non-uniform keep counts need --allow-nonuniform")
         prov = {
-            "saliency": [{"path": s.source, "sha256": s.digest, "domain": s.domain, "weight": d.weight,
-                          "tokens": s.tokens} for s, d in zip(sal, domains)],
+            "saliency": [{"path": d.saliency.source, "sha256": d.saliency.digest, "domain": d.name,
+                          "weight": d.weight, "tokens": d.saliency.tokens} for d in domains],
             "policy": policy.to_json(),
         }
     if fit_note:
         prov["fit_targets"] = fit_note
-    p = build_plan(ckpt, decision, max_shard_bytes=_parse_size(kw["max_shard_size"]),
-                   layers_only=layers_only, provenance=prov, soft=soft)
+    plan = build_plan(ckpt, decision, max_shard_bytes=kw["max_shard_size"], layers_only=layers_only,
+                      provenance=prov, soft=soft)
     if targets and layers_only is None:
         from planners.serving import apply_targets
 
-        p = apply_targets(p, layout, targets, ep)
-    return p
+        plan = apply_targets(plan, layout, targets, ep)
+    return plan, n_exp
+
+
+def keep_summary(p: Any, num_experts: int, ids: bool = False) -> list[str]:
+    """What a plan keeps: counts per layer (one line when uniform), the kept ids when ``ids``."""
+    counts = {layer: len(k) for layer, k in sorted(p.keep.items())}
+    if not counts:
+        return []
+    layers = list(counts)
+    if len(set(counts.values())) == 1:
+        lines = [f"kept:       {counts[layers[0]]} of {num_experts} experts in each of {len(layers)} MoE "
+                 f"layers ({layers[0]}..{layers[-1]}), routing top-k {p.top_k}"]
+    else:
+        lines = [f"kept:       of {num_experts} experts per layer: "
+                 + ", ".join(f"layer {layer}: {n}" for layer, n in counts.items()) + f"; routing top-k {p.top_k}"]
+    if ids:
+        lines += [f"  layer {layer}: {list(k)}" for layer, k in sorted(p.keep.items())]
+    if not p.soft and all(n == num_experts for n in counts.values()):
+        lines.append("note:       every expert is kept: the output is a full copy of the source "
+                     "(re-sharded to --max-shard-size)")
+    return lines
 
 
 cost_options = _options(
-        click.option("--workers", type=int, default=1, show_default=True, help="Workers for the time estimate."),
-        click.option("--read-mbps", type=float, default=None, help="Per-worker read bandwidth, MB/s (default 1000)."),
-        click.option("--write-mbps", type=float, default=None, help="Per-worker write bandwidth, MB/s (default 1000)."),
-    click.option("--measure-bandwidth", default=None, metavar="DIR",
-                 help="Measure read/write bandwidth of the disk holding DIR first."),
+        click.option("--workers", type=POSITIVE, default=1, show_default=True, help="Workers for the time estimate."),
+        click.option("--read-mbps", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Per-worker read bandwidth, MB/s (default 1000)."),
+        click.option("--write-mbps", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Per-worker write bandwidth, MB/s (default 1000)."),
+    click.option("--measure-bandwidth", type=click.Path(exists=True, file_okay=False), default=None, metavar="DIR",
+                 help="Measure read/write bandwidth of the disk holding DIR first (writes 256 MiB there)."),
 )
 
 
@@ -241,29 +307,35 @@ cost_options = _options(
 @serving_options
 @cost_options
 @click.option("--layers", default=None, help="Comma-separated layers: a per-layer dry-run plan of their expert tensors.")
-@click.option("--buffer-mib", type=int, default=16, show_default=True, help="Executor buffer (for request counts).")
-@click.option("--out", "out", default=None, help="Write the plan JSON here.")
-@click.option("--json", "as_json", is_flag=True, help="Print the cost report as JSON.")
+@click.option("--buffer-mib", type=POSITIVE, default=16, show_default=True, help="Executor buffer (for request counts).")
+@click.option("--out", "out", default=None,
+              help="Write the plan JSON here (replaces an existing plan file, never another file).")
+@click.option("--json", "as_json", is_flag=True, help="Print the cost report, keep sets and mapping as JSON.")
+@click.option("--verbose", is_flag=True, help="Also list the kept expert ids of every layer.")
 @_fail_cleanly
-def plan(src: str, layers: str | None, buffer_mib: int, out: str | None, as_json: bool,
+def plan(src: str, layers: str | None, buffer_mib: int, out: str | None, as_json: bool, verbose: bool,
          workers: int, read_mbps: float | None, write_mbps: float | None, measure_bandwidth: str | None,
          **kw: Any) -> None:
-    """Plan the pruning of SRC and print its I/O cost (nothing is written but --out)."""
+    """Plan the pruning of SRC and print its I/O cost and what it keeps (nothing is written but --out)."""
     from planners.cost import estimate, format_report
 
-    layers_only = [int(x) for x in layers.split(",")] if layers else None
-    p = make_plan(src, layers_only=layers_only, **kw)
+    p, n_exp = make_plan(src, layers_only=_parse_layers(layers, "--layers"), **kw)
     if out:
-        p.save(out)
+        save_plan(p, out, "--out")
     read_bw, write_bw = _bandwidths(read_mbps, write_mbps, measure_bandwidth)
     report = estimate(p, workers=workers, read_bytes_per_s=read_bw, write_bytes_per_s=write_bw,
                       buffer_bytes=buffer_mib * MiB)
     if as_json:
-        click.echo(json.dumps({"plan": out, "plan_digest": p.digest, "cost": report.to_json()}, indent=1))
-    else:
-        click.echo(format_report(report))
-        if out:
-            click.echo(f"plan:       {out} ({p.digest[:12]})")
+        click.echo(json.dumps({"plan": out, "plan_digest": p.digest, "num_experts": n_exp, "top_k": p.top_k,
+                               "keep": {str(k): list(v) for k, v in sorted(p.keep.items())},
+                               "expert_mapping": p.expert_mapping(), "loadable_by_transformers": p.loadable,
+                               "cost": report.to_json()}, indent=1))
+        return
+    click.echo(format_report(report))
+    for line in keep_summary(p, n_exp, ids=verbose):
+        click.echo(line)
+    if out:
+        click.echo(f"plan:       {out} ({p.digest[:12]})")
 
 
 def _bandwidths(read_mbps: float | None, write_mbps: float | None, measure_dir: str | None) -> tuple[float, float]:
@@ -282,33 +354,34 @@ def _bandwidths(read_mbps: float | None, write_mbps: float | None, measure_dir: 
 # --- execution ----------------------------------------------------------------------------------
 
 run_options = _options(
-        click.option("--buffer-mib", type=int, default=16, show_default=True,
+        click.option("--buffer-mib", type=POSITIVE, default=16, show_default=True,
                      help="Copy buffer in MiB; bounds the data path's memory."),
         click.option("--force", is_flag=True, help="Overwrite a destination holding other output."),
         click.option("--no-zero-copy", is_flag=True, help="Never use copy_file_range (always buffered)."),
         click.option("--drop-cache", is_flag=True, help="Drop written pages from the page cache."),
-        click.option("--dst-options", default=None, help="fsspec options for DST as JSON."),
+        click.option("--dst-options", type=JSON_OBJECT, default=None, help="fsspec options for DST as JSON."),
         click.option("--ray", "use_ray", is_flag=True, help="Run on Ray CPU actors (pip install '.[ray]')."),
         click.option("--address", default=None, help="Ray cluster address (default: start a local one)."),
-        click.option("--workers", "ray_workers", type=int, default=2, show_default=True, help="Ray actors."),
-        click.option("--quiet", is_flag=True, help="No progress bar."),
+        click.option("--workers", "ray_workers", type=POSITIVE, default=2, show_default=True, help="Ray actors."),
+        click.option("--quiet", is_flag=True, help="No progress."),
     click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
 )
 
 
 def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bool, drop_cache: bool,
-             dst_options: str | None, use_ray: bool, address: str | None, ray_workers: int, quiet: bool,
-             as_json: bool, allow_nonuniform: bool, src_options: dict[str, Any]) -> None:
+             dst_options: dict[str, Any] | None, use_ray: bool, address: str | None, ray_workers: int, quiet: bool,
+             as_json: bool, allow_nonuniform: bool, src_options: dict[str, Any] | None) -> None:
     from planners.cost import human_bytes
     from rewriter.executor import execute
     from rewriter.progress import ByteProgress
 
     bar = ByteProgress(enabled=not quiet and not as_json)
     kwargs: dict[str, Any] = dict(
-        src_options=src_options, dst_options=_json_opt(dst_options), buffer_bytes=buffer_mib * MiB,
+        src_options=src_options or {}, dst_options=dst_options or {}, buffer_bytes=buffer_mib * MiB,
         progress=bar, force=force, allow_nonuniform=allow_nonuniform, zero_copy=not no_zero_copy,
         drop_cache=drop_cache, on_start=bar.start,
     )
+    on_interrupt(f"the shards finished so far are kept in {dst}; run the same command again to resume")
     if use_ray:
         from ray_jobs.executor import execute_on_ray
 
@@ -316,13 +389,14 @@ def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bo
     else:
         result = execute(p, dst, **kwargs)
     bar.close()
-    if p.skipped_files and not as_json:
+    if as_json:
+        click.echo(json.dumps({**result.to_json(), "loadable_by_transformers": p.loadable}, indent=1))
+        return
+    if p.skipped_files:
         click.echo(f"left out {len(p.skipped_files)} source files ({', '.join(p.skipped_files[:3])}"
                    f"{', ...' if len(p.skipped_files) > 3 else ''}): other layouts of the same weights "
                    f"(original/, metal/) or hidden files, which would no longer match the pruned checkpoint")
-    if as_json:
-        click.echo(json.dumps(result.to_json(), indent=1))
-    elif result.already_complete:
+    if result.already_complete:
         click.echo(f"{dst} already holds the complete output of this plan; nothing to do")
     else:
         resumed = sum(1 for s in result.shards if s.resumed)
@@ -330,90 +404,92 @@ def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bo
         click.echo(f"wrote {dst}: {len(result.shards)} shards ({resumed} resumed), "
                    f"{human_bytes(result.bytes_written)} written, {human_bytes(result.bytes_read)} read, "
                    f"{result.seconds:.2f} s ({human_bytes(rate)}/s), peak RSS {human_bytes(result.peak_rss_bytes)}")
+    if not p.loadable:
+        counts = sorted({len(k) for k in p.keep.values()})
+        click.echo(f"note: {dst} keeps {counts} experts in different layers; stock transformers cannot load "
+                   f"it (its {p.family} model needs one count in every layer): use a loader that takes per-layer "
+                   f"expert counts, or plan with --keep-n/--keep-frac")
 
 
 @main.command()
 @click.argument("plan_file", metavar="PLAN")
 @click.option("--out", "dst", required=True, help="Destination directory or URL.")
 @click.option("--allow-nonuniform", is_flag=True, help="Execute a plan stock transformers cannot load.")
-@click.option("--src-options", default=None, help="fsspec options for the source as JSON.")
+@click.option("--src-options", type=JSON_OBJECT, default=None, help="fsspec options for the source as JSON.")
 @run_options
 @_fail_cleanly
-def run(plan_file: str, dst: str, allow_nonuniform: bool, src_options: str | None, **kw: Any) -> None:
+def run(plan_file: str, dst: str, allow_nonuniform: bool, src_options: dict[str, Any] | None, **kw: Any) -> None:
     """Execute PLAN into --out: stream the kept byte ranges, publish atomically, index last.
 
-    Re-running the same command after an interruption resumes it. Exit status 75: another run
-    holds DST.
+    Re-running the same command after an interruption resumes it.
     """
     from planners.plan import Plan
 
     p = Plan.load(plan_file)
     if p.is_dry_run:
         raise click.UsageError("this is a per-layer plan; execute it with `rewriter dry-run`")
-    _execute(p, dst, allow_nonuniform=allow_nonuniform, src_options=_json_opt(src_options), **kw)
+    _execute(p, dst, allow_nonuniform=allow_nonuniform, src_options=src_options, **kw)
+
+
+prune_options = _options(
+    click.argument("src"),
+    click.argument("dst"),
+    policy_options,
+    serving_options,
+    click.option("--plan-out", default=None, help="Also save the plan here (replaces a plan file, never another file)."),
+    click.option("--verbose", is_flag=True, help="Also list the kept expert ids of every layer."),
+    run_options,
+    _fail_cleanly,
+)
 
 
 @main.command()
-@click.argument("src")
-@click.argument("dst")
-@policy_options
-@serving_options
-@click.option("--plan-out", default=None, help="Also save the plan here.")
-@run_options
-@_fail_cleanly
-def prune(src: str, dst: str, plan_out: str | None, **kw: Any) -> None:
-    """Plan and run in one command: prune SRC into DST.
-
-    Re-running the same command after an interruption resumes it. Exit status 75: another run
-    holds DST.
-    """
-    _plan_and_run(src, dst, plan_out, soft=False, kw=kw)
+@prune_options
+def prune(src: str, dst: str, plan_out: str | None, verbose: bool, **kw: Any) -> None:
+    """Plan and run in one command: prune SRC into DST."""
+    _plan_and_run(src, dst, plan_out, verbose, soft=False, kw=kw)
 
 
-def _plan_and_run(src: str, dst: str, plan_out: str | None, soft: bool, kw: dict[str, Any]) -> None:
+def _plan_and_run(src: str, dst: str, plan_out: str | None, verbose: bool, soft: bool, kw: dict[str, Any]) -> None:
     run_keys = ("buffer_mib", "force", "no_zero_copy", "drop_cache", "dst_options", "use_ray", "address",
                 "ray_workers", "quiet", "as_json")
     run_kw = {k: kw.pop(k) for k in run_keys}
-    p = make_plan(src, soft=soft, **kw)
+    p, n_exp = make_plan(src, soft=soft, **kw)
     if plan_out:
-        p.save(plan_out)
+        save_plan(p, plan_out, "--plan-out")
+    if not run_kw["as_json"]:
+        for line in keep_summary(p, n_exp, ids=verbose):
+            click.echo(line)
     # A soft prune keeps every expert, so its per-layer counts never make it unloadable.
-    _execute(p, dst, allow_nonuniform=soft or kw["allow_nonuniform"], src_options=_json_opt(kw["storage_options"]),
-             **run_kw)
+    _execute(p, dst, allow_nonuniform=soft or kw["allow_nonuniform"], src_options=kw["storage_options"], **run_kw)
 
 
 @main.command("soft-prune")
-@click.argument("src")
-@click.argument("dst")
-@policy_options
-@serving_options
-@click.option("--plan-out", default=None, help="Also save the plan here.")
-@run_options
-@_fail_cleanly
-def soft_prune(src: str, dst: str, plan_out: str | None, **kw: Any) -> None:
+@prune_options
+def soft_prune(src: str, dst: str, plan_out: str | None, verbose: bool, **kw: Any) -> None:
     """Try a keep set cheaply: copy SRC to DST with only router biases changed.
 
     Dropped experts' router bias entries become the dtype's most negative value, so they are
     never selected; --top-k rewrites the routing top-k. Every other tensor is byte-identical to
     the source, expert ids keep their numbers, and the config's expert count is unchanged. For
-    families with a router bias (gpt-oss, DeepSeek-V3/GLM-4.5). Resumes as `prune` does; exit
-    status 75: another run holds DST.
+    families with a router bias (gpt-oss, DeepSeek-V3/GLM-4.5).
     """
-    _plan_and_run(src, dst, plan_out, soft=True, kw=kw)
+    _plan_and_run(src, dst, plan_out, verbose, soft=True, kw=kw)
 
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, metavar="[SRC] DST")
-@click.option("--buffer-mib", type=int, default=16, show_default=True)
-@click.option("--src-options", default=None, help="fsspec options for SRC as JSON.")
-@click.option("--dst-options", default=None, help="fsspec options for DST as JSON.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--buffer-mib", type=POSITIVE, default=16, show_default=True, help="Read buffer in MiB per side.")
+@click.option("--src-options", type=JSON_OBJECT, default=None, help="fsspec options for SRC as JSON.")
+@click.option("--dst-options", type=JSON_OBJECT, default=None, help="fsspec options for DST as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report (tensors, bytes, mismatches, problems) as JSON.")
 @_fail_cleanly
-def verify(paths: tuple[str, ...], buffer_mib: int, src_options: str | None, dst_options: str | None,
-           as_json: bool) -> None:
+def verify(paths: tuple[str, ...], buffer_mib: int, src_options: dict[str, Any] | None,
+           dst_options: dict[str, Any] | None, as_json: bool) -> None:
     """Prove DST: every byte of every output tensor equals its planned slice of SRC.
 
-    SRC defaults to the source recorded in DST/pruning.json. Exits 1 on any mismatch.
+    SRC defaults to the source recorded in DST/pruning.json. Exits 1 when it finds a mismatch or
+    a problem, 2 when it cannot verify (DST is not an output of this tool, SRC cannot be read).
     """
     if len(paths) > 2:
         raise click.UsageError("give [SRC] DST")
@@ -421,7 +497,7 @@ def verify(paths: tuple[str, ...], buffer_mib: int, src_options: str | None, dst
     from planners.cost import human_bytes
     from rewriter.verify import verify as do_verify
 
-    report = do_verify(src, dst, src_options=_json_opt(src_options), dst_options=_json_opt(dst_options),
+    report = do_verify(src, dst, src_options=src_options or {}, dst_options=dst_options or {},
                        buffer_bytes=buffer_mib * MiB)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=1))
@@ -434,17 +510,17 @@ def verify(paths: tuple[str, ...], buffer_mib: int, src_options: str | None, dst
             click.echo(f"mismatch: {m}")
         click.echo(f"mismatches: {len(report.mismatches)}, problems: {len(report.problems)} -> "
                    f"{'OK' if report.ok else 'FAILED'}")
-    sys.exit(0 if report.ok else 1)
+    sys.exit(EXIT_OK if report.ok else EXIT_FOUND)
 
 
 @main.command("dry-run")
 @click.argument("src")
-@click.option("--layer", "layer_ids", type=int, multiple=True, required=True, help="Layer to probe (repeat).")
+@click.option("--layer", "layer_ids", type=NON_NEGATIVE, multiple=True, required=True, help="Layer to probe (repeat).")
 @policy_options
 @click.option("--scratch", default=None, help="Scratch directory (default: a temporary one).")
-@click.option("--buffer-mib", type=int, default=16, show_default=True)
+@click.option("--buffer-mib", type=POSITIVE, default=16, show_default=True, help="Copy buffer in MiB.")
 @click.option("--no-zero-copy", is_flag=True, help="Probe the buffered path instead of copy_file_range.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one record per layer as JSON.")
 @_fail_cleanly
 def dry_run_cmd(src: str, layer_ids: tuple[int, ...], scratch: str | None, buffer_mib: int, no_zero_copy: bool,
                 as_json: bool, **kw: Any) -> None:
@@ -452,9 +528,10 @@ def dry_run_cmd(src: str, layer_ids: tuple[int, ...], scratch: str | None, buffe
     from planners.cost import human_bytes, shard_label
     from rewriter.dryrun import dry_run
 
-    p = make_plan(src, layers_only=list(layer_ids), **kw)
+    p, _ = make_plan(src, layers_only=sorted(set(layer_ids)), layers_option="--layer", **kw)
+    on_interrupt(f"the probe's scratch files are removed{f' from {scratch}' if scratch else ''}")
     probes = dry_run(p, scratch=scratch, buffer_bytes=buffer_mib * MiB, zero_copy=not no_zero_copy,
-                     src_options=_json_opt(kw["storage_options"]))
+                     src_options=kw["storage_options"] or {})
     if as_json:
         click.echo(json.dumps([pr.to_json() for pr in probes], indent=1))
         return
@@ -569,16 +646,31 @@ def eval_cmd(model: str, packs: tuple[str, ...], seq_lens: tuple[int, ...], bloc
 
 @main.command("import-reap")
 @click.argument("observer_file")
-@click.option("--out", required=True, help="Saliency file to write.")
-@click.option("--domain", default="reap-import", show_default=True)
+@click.option("--out", required=True, help="Saliency file to write (an existing file needs --force).")
+@click.option("--domain", default="reap-import", show_default=True, help="Calibration domain name to record.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--model", "model_ckpt", default=None, metavar="CKPT",
+              help="The checkpoint REAP observed: record its identity, so plan can check the file fits.")
 @_fail_cleanly
-def import_reap_cmd(observer_file: str, out: str, domain: str) -> None:
-    """Convert a REAP observer file (torch.save dict) into a saliency file."""
-    from profiling.reap_import import import_reap
+def import_reap_cmd(observer_file: str, out: str, domain: str, force: bool, model_ckpt: str | None) -> None:
+    """Convert a REAP observer file (torch.save dict) into a saliency file.
 
-    sal = import_reap(observer_file, domain)
-    sal.save(out)
+    The file is read with torch.load(weights_only=True): tensors, numbers and dicts only, so a
+    crafted pickle cannot run code.
+    """
+    from planners.saliency import model_identity
+    from profiling.reap_import import import_reap
+    from rewriter.checkpoint import Checkpoint
+
+    refuse_existing_file(out, "--out", force)
+    identity = model_identity(Checkpoint.open(model_ckpt)) if model_ckpt else None
+    sal = import_reap(observer_file, domain, model=identity)
+    save_saliency(sal, out, force)
     click.echo(f"wrote {out}: {len(sal.layers)} layers from {observer_file}")
+
+
+if __name__ == "__main__":
+    main()
 
 
 # --- serving targets and the model card ------------------------------------------------------------
@@ -590,9 +682,9 @@ def import_reap_cmd(observer_file: str, out: str, domain: str) -> None:
               help="Engine to check against (repeat; default: all).")
 @click.option("--ep", type=click.IntRange(min=1), default=None, help="Expert-parallel size to check.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable verdicts.")
-@click.option("--storage-options", default=None, help="fsspec options for CKPT as JSON.")
+@click.option("--storage-options", type=JSON_OBJECT, default=None, help="fsspec options for CKPT as JSON.")
 @_fail_cleanly
-def check(ckpt: str, targets: tuple[str, ...], ep: int | None, as_json: bool, storage_options: str | None) -> None:
+def check(ckpt: str, targets: tuple[str, ...], ep: int | None, as_json: bool, storage_options: dict[str, Any] | None) -> None:
     """Would serving engines load CKPT? Print each rule's verdict (any MoE checkpoint, from headers).
 
     Rules and their sources: docs/serving.md. Exit status 1 when a rule fails, 2 on bad input;
@@ -601,7 +693,7 @@ def check(ckpt: str, targets: tuple[str, ...], ep: int | None, as_json: bool, st
     from planners.serving import TARGETS, check_facts, checkpoint_facts, failures, format_verdicts
     from rewriter.checkpoint import Checkpoint
 
-    c = Checkpoint.open(ckpt, _json_opt(storage_options))
+    c = Checkpoint.open(ckpt, storage_options or {})
     facts = checkpoint_facts(c)
     verdicts = check_facts(facts, targets or TARGETS, ep)
     if as_json:
@@ -612,7 +704,7 @@ def check(ckpt: str, targets: tuple[str, ...], ep: int | None, as_json: bool, st
         click.echo(f"{c.url}: {facts.family}, {facts.count} experts per layer, top-k {facts.top_k}"
                    + (f", --ep {ep}" if ep else ""))
         click.echo(format_verdicts(verdicts))
-    sys.exit(1 if failures(verdicts) else 0)
+    sys.exit(EXIT_FOUND if failures(verdicts) else EXIT_OK)
 
 
 @main.command()
@@ -620,11 +712,11 @@ def check(ckpt: str, targets: tuple[str, ...], ep: int | None, as_json: bool, st
 @click.option("--base-model", default=None, help="Hub id of the source (default: from an hf:// source or the config).")
 @click.option("--eval", "eval_json", default=None, help="A `rewriter eval --json` result to include.")
 @click.option("--verify", "run_verify", is_flag=True, help="Run `rewriter verify` against the recorded source and include it.")
-@click.option("--src-options", default=None, help="fsspec options for the source as JSON (with --verify).")
-@click.option("--dst-options", default=None, help="fsspec options for DST as JSON.")
+@click.option("--src-options", type=JSON_OBJECT, default=None, help="fsspec options for the source as JSON (with --verify).")
+@click.option("--dst-options", type=JSON_OBJECT, default=None, help="fsspec options for DST as JSON.")
 @_fail_cleanly
-def card(dst: str, base_model: str | None, eval_json: str | None, run_verify: bool, src_options: str | None,
-         dst_options: str | None) -> None:
+def card(dst: str, base_model: str | None, eval_json: str | None, run_verify: bool, src_options: dict[str, Any] | None,
+         dst_options: dict[str, Any] | None) -> None:
     """Write DST/README.md again from DST/pruning.json, adding eval results and verify status.
 
     Each run renders the whole card, so give every extra you want in it.
@@ -632,12 +724,12 @@ def card(dst: str, base_model: str | None, eval_json: str | None, run_verify: bo
     from rewriter.modelcard import load_eval, update_card
     from rewriter.storage import Storage
 
-    storage = Storage(dst, _json_opt(dst_options))
+    storage = Storage(dst, (dst_options or {}))
     report = None
     if run_verify:
         from rewriter.verify import verify as do_verify
 
-        report = do_verify(None, dst, src_options=_json_opt(src_options), dst_options=_json_opt(dst_options)).to_json()
+        report = do_verify(None, dst, src_options=(src_options or {}), dst_options=(dst_options or {})).to_json()
     result = load_eval(eval_json) if eval_json else None
     update_card(storage, base_model=base_model, verify=report, eval_result=result)
     click.echo(f"wrote {storage.describe('README.md')}" + (f" (verify: {'OK' if report['ok'] else 'FAILED'})" if report else ""))

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -41,22 +42,43 @@ class LayerProbe:
 
 
 class RssSampler:
-    """Samples this process's RSS in a thread; ``peak`` is the largest sample since ``reset``."""
+    """Samples this process's RSS in a thread; ``peak`` is the largest sample since ``reset``.
 
-    def __init__(self, interval: float = 0.005):
-        self._proc = psutil.Process()
+    Args:
+        interval: seconds between samples.
+        read_rss: returns the current RSS in bytes (this process's, by default).
+    """
+
+    def __init__(self, interval: float = 0.005, read_rss: Callable[[], int] | None = None):
+        proc = psutil.Process()
+        self._read_rss = read_rss or (lambda: proc.memory_info().rss)
         self._interval = interval
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        # A sample taken before a reset must not land after it: each reset starts a new
+        # generation, and a sample only counts toward the generation it was taken in.
+        self._generation = 0
         self.peak = 0
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _sample(self) -> None:
+        with self._lock:
+            generation = self._generation
+        rss = self._read_rss()
+        with self._lock:
+            if generation == self._generation:
+                self.peak = max(self.peak, rss)
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._sample()
             self._stop.wait(self._interval)
 
     def reset(self) -> None:
-        self.peak = self._proc.memory_info().rss
+        rss = self._read_rss()
+        with self._lock:
+            self._generation += 1
+            self.peak = rss
 
     def __enter__(self) -> RssSampler:
         self.reset()
@@ -66,7 +88,7 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
+        self._sample()
 
 
 def dry_run(

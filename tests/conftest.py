@@ -68,7 +68,7 @@ def s3(tmp_path_factory, monkeypatch_session=None):
     """A real S3 API server (moto) on loopback, shared by the session."""
     pytest.importorskip("s3fs")
     pytest.importorskip("moto")
-    from tests.servers import start_s3
+    from bench_io.s3server import start_s3
 
     for k in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
         os.environ.pop(k, None)

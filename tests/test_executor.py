@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -19,7 +18,6 @@ from bench_io.synth import PRESETS, Geometry, synthetic_saliency, write_checkpoi
 from planners.plan import Plan
 from rewriter.checkpoint import Checkpoint
 from rewriter.executor import execute
-from rewriter.progress import ByteProgress
 from rewriter.verify import verify
 from tests.conftest import cli, source_digest, tree_digest
 
@@ -147,16 +145,6 @@ def test_nonuniform_plan_needs_permission(tiny, tmp_path):
     assert "--allow-nonuniform" in cli("run", tmp_path / "p.json", "--out", tmp_path / "d", expect=2)
     cli("run", tmp_path / "p.json", "--out", tmp_path / "d", "--allow-nonuniform", "--quiet")
     assert verify(str(tiny), str(tmp_path / "d")).ok
-
-
-def test_progress_reports_rate_and_eta():
-    buf = io.StringIO()
-    bar = ByteProgress(stream=buf)
-    bar.start(1000)
-    bar(400)
-    bar.close()
-    text = buf.getvalue()
-    assert "/s" in text and "ETA" in text and "40.0%" in text
 
 
 # --- bad input: clear error, source untouched, nothing complete-looking left ---------------------

@@ -1,4 +1,7 @@
-"""Real servers on loopback for tests: an S3 API (moto's standalone server)."""
+"""A real S3 API on loopback (moto's standalone server) for tests and the S3 benchmark.
+
+Needs the ``s3`` extra (``pip install '.[s3]'``: s3fs and moto's server).
+"""
 
 from __future__ import annotations
 

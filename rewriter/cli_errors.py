@@ -1,0 +1,120 @@
+"""How every ``rewriter`` command ends when it fails: one ``error:`` line (JSON under ``--json``)
+and a documented exit status, never a traceback."""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from rewriter.errors import RewriterError
+
+log = logging.getLogger(__name__)
+
+#: Exit statuses of every command (also in README "Exit statuses" and each command's --help).
+EXIT_OK, EXIT_FOUND, EXIT_ERROR, EXIT_BUG, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 75, 130
+EXIT_STATUS_HELP = (
+    "Exit status: 0 done; 1 the checks ran and found a problem (verify: mismatches or problems; eval "
+    "--compare: a gate failed); 2 error: bad usage or input, or the work could not be done (one "
+    "'error:' line says which and what to do); 3 internal error (a bug: please report it with the "
+    "output of -vv); 75 the destination is in use by another run (wait for it to end); 130 "
+    "interrupted (Ctrl-C). With --json an error is printed to stdout as "
+    '{"error": MESSAGE, "exit_status": N}.'
+)
+# What an interrupted command leaves and how to go on; commands that write set it.
+_interrupt_hint: list[str] = []
+
+
+def on_interrupt(hint: str) -> None:
+    _interrupt_hint[:] = [hint]
+
+
+def _describe_error(e: BaseException) -> tuple[str, int]:
+    """The one-line message and exit status for an exception that ends a command."""
+    if isinstance(e, RewriterError):
+        return str(e), e.exit_code
+    if isinstance(e, click.UsageError):
+        where = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
+        return e.format_message() + where, EXIT_ERROR
+    if isinstance(e, click.ClickException):
+        return e.format_message(), EXIT_ERROR
+    if isinstance(e, (KeyboardInterrupt, click.Abort)):
+        return "interrupted" + (f"; {_interrupt_hint[0]}" if _interrupt_hint else ""), EXIT_INTERRUPTED
+    if isinstance(e, ModuleNotFoundError):
+        return (f"this command needs the Python package {e.name!r}, which is not installed; install the "
+                f"extra that brings it: pip install 'moe-rewriter[torch]' (or [ray], [s3])"), EXIT_ERROR
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename else ""
+        what = e.strerror or str(e) or type(e).__name__
+        return f"{where}{what}; check the path, its permissions and free space, then run again", EXIT_ERROR
+    log.debug("internal error", exc_info=e)
+    return (f"internal error ({type(e).__name__}: {e}); this is a bug: please report it with the output of "
+            f"the same command run with `rewriter -vv`"), EXIT_BUG
+
+
+def _exit_with(e: BaseException, as_json: bool) -> None:
+    message, status = _describe_error(e)
+    if as_json:
+        click.echo(json.dumps({"error": message, "exit_status": status}))
+    else:
+        click.echo(f"error: {message}", err=True)
+    sys.exit(status)
+
+
+def fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """End a command that fails with one ``error:`` line (JSON under --json) and its exit status."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (click.exceptions.Exit, BrokenPipeError):
+            raise
+        except (Exception, KeyboardInterrupt) as e:  # every failure ends in one line, never a traceback
+            _exit_with(e, bool(kwargs.get("as_json")))
+
+    return wrapper
+
+
+class RewriterCommand(click.Command):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("epilog", EXIT_STATUS_HELP)
+        super().__init__(*args, **kwargs)
+
+
+class RewriterGroup(click.Group):
+    """Handles what fails before a command runs (bad options) like what fails inside one."""
+
+    command_class = RewriterCommand
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        _interrupt_hint.clear()
+        try:
+            status = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            click.echo(e.format_message())  # plain `rewriter` asks for help: not an error
+            sys.exit(EXIT_OK)
+        except BrokenPipeError:
+            _silence_stdout()  # the reader (`| head`) stopped reading: nothing to report
+            sys.exit(EXIT_OK)
+        except (Exception, KeyboardInterrupt) as e:
+            _exit_with(e, "--json" in argv)
+        sys.exit(status if isinstance(status, int) else EXIT_OK)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's last flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass

@@ -1,0 +1,105 @@
+"""Option types and the rules for files the CLI writes (what may be replaced, and where)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+MiB = 1 << 20
+
+
+class _JsonObject(click.ParamType):
+    name = "JSON"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> dict[str, Any]:
+        if isinstance(value, dict):
+            return value
+        try:
+            d = json.loads(value)
+        except json.JSONDecodeError as e:
+            self.fail(f"not JSON: {e}", param, ctx)
+        if not isinstance(d, dict):
+            self.fail("expected a JSON object, like '{\"key\": \"value\"}'", param, ctx)
+        return d
+
+
+class _Size(click.ParamType):
+    """A byte size like 5GB or 500MiB, above zero."""
+
+    name = "SIZE"
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int):
+            return value
+        t = str(value).strip().upper()
+        num = t.rstrip("KMGTIB")
+        try:
+            n = int(float(num) * self.units[t[len(num):]])
+        except (KeyError, ValueError, OverflowError):
+            self.fail(f"{value!r} is not a size like 5GB or 500MiB", param, ctx)
+        if n < 1:
+            self.fail(f"{value!r}: the size must be above 0", param, ctx)
+        return n
+
+
+JSON_OBJECT, SIZE = _JsonObject(), _Size()
+POSITIVE, NON_NEGATIVE = click.IntRange(min=1), click.IntRange(min=0)
+
+
+def refuse_existing_file(path: str, option: str, force: bool, replaceable: Callable[[str], bool] | None = None) -> None:
+    """Refuse to write ``path`` over a folder, or over a file unless ``force`` or ``replaceable``."""
+    if "://" in path or not os.path.lexists(path):
+        return
+    if os.path.isdir(path):
+        raise click.BadParameter(f"{path} is a folder; give a file name", param_hint=option)
+    if force or (replaceable is not None and replaceable(path)):
+        return
+    what = "is not a plan file" if replaceable is not None else "exists"
+    raise click.BadParameter(
+        f"{path} {what}; refusing to overwrite it: choose another name"
+        + ("" if replaceable is not None else " or pass --force to replace it"),
+        param_hint=option,
+    )
+
+
+def _is_plan_file(path: str) -> bool:
+    from planners.plan import PLAN_FORMAT
+
+    # Plans of the largest models are a few MB; a bigger file is something else, left unread.
+    try:
+        if os.path.getsize(path) > 64 * MiB:
+            return False
+        with open(path, "rb") as f:
+            doc = json.loads(f.read())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("format") == PLAN_FORMAT
+
+
+def save_plan(p: Any, out: str, option: str) -> None:
+    """Write a plan; a file already at ``out`` is replaced only when it is a plan."""
+    refuse_existing_file(out, option, force=False, replaceable=_is_plan_file)
+    _write_out(p.save, out, option)
+
+
+def save_saliency(sal: Any, out: str, force: bool) -> None:
+    refuse_existing_file(out, "--out", force)
+    _write_out(sal.save, out, "--out")
+
+
+def _write_out(save: Callable[[str], None], out: str, option: str) -> None:
+    folder = os.path.dirname(os.path.abspath(out))
+    if "://" not in out and not os.path.isdir(folder):
+        raise click.BadParameter(f"cannot write {out}: {folder} is not an existing folder; create it first",
+                                 param_hint=option)
+    try:
+        save(out)
+    except OSError as e:
+        raise click.BadParameter(f"cannot write {out}: {e.strerror or e}; choose a writable place",
+                                 param_hint=option) from None
