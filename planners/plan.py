@@ -233,13 +233,9 @@ class Plan:
         return hashlib.sha256(self.canonical_bytes()).hexdigest()
 
     def save(self, url: str) -> None:
-        try:
-            with fsspec.open(url, "w") as f:
-                json.dump(self.to_json(), f, indent=1)
-                f.write("\n")
-        except OSError as e:
-            raise PlanError(f"{url}: cannot write the plan there ({e.strerror or e}); choose a "
-                            f"writable path for --out") from None
+        with fsspec.open(url, "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+            f.write("\n")
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any], where: str = "plan") -> Plan:

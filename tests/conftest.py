@@ -8,6 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from bench_io.synth import PRESETS, synthetic_saliency, write_checkpoint
+from planners.saliency import model_identity
+from rewriter.checkpoint import Checkpoint
 from rewriter.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,7 +49,7 @@ def tiny(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_saliency(tmp_path_factory, tiny) -> Path:
     p = tmp_path_factory.mktemp("sal") / "saliency.json"
-    synthetic_saliency(2, 8, 2, domain="code", seed=1).save(p)
+    synthetic_saliency(2, 8, 2, domain="code", seed=1, model=model_identity(Checkpoint.open(str(tiny)))).save(p)
     return p
 
 

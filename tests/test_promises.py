@@ -20,6 +20,8 @@ import pytest
 
 from bench_io.synth import PRESETS, synthetic_saliency, write_checkpoint
 from planners.plan import Plan
+from planners.saliency import model_identity
+from rewriter.checkpoint import Checkpoint
 from rewriter.errors import CheckpointError, DestinationLockedError, ExecutionError, PlanError
 from rewriter.executor import execute
 from rewriter.lock import LOCK_NAME, LockOwner
@@ -51,7 +53,7 @@ def small(tmp_path_factory) -> tuple[Path, Path]:
     """The `small` preset (4 layers x 32 experts, 5 shards) and a saliency file for it."""
     d = tmp_path_factory.mktemp("small")
     write_checkpoint(d / "src", PRESETS["small"])
-    synthetic_saliency(4, 32, 4, seed=3).save(d / "sal.json")
+    synthetic_saliency(4, 32, 4, seed=3, model=model_identity(Checkpoint.open(str(d / "src")))).save(d / "sal.json")
     return d / "src", d / "sal.json"
 
 
