@@ -170,30 +170,44 @@ def _interrupt_when(condition, stop: threading.Event) -> threading.Thread:
     return t
 
 
-def test_ctrl_c_says_what_was_kept_and_a_rerun_resumes(tmp_path):
+def _journaled_shards(dst) -> int:
+    try:
+        return len(json.loads((dst / ".rewriter" / "journal.json").read_text())["shards"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+@pytest.mark.parametrize("command", ["run", "prune", "soft-prune"])
+def test_ctrl_c_says_what_was_kept_and_the_same_command_resumes(tmp_path, command):
     src = tmp_path / "src"
     write_checkpoint(src, PRESETS["small"].with_layers(8))
     sal = tmp_path / "s.json"
     cli("synth-saliency", src, "--out", sal)
+    policy = ["--saliency", sal, "--keep-frac", "0.5", "--max-shard-size", "8MB"]
     plan = tmp_path / "plan.json"
-    cli("plan", src, "--saliency", sal, "--keep-frac", "0.5", "--max-shard-size", "8MB", "--out", plan)
+    cli("plan", src, *policy, "--out", plan)
+
+    def args(dst):
+        head = ["run", plan, "--out", dst] if command == "run" else [command, src, dst, *policy]
+        return [*head, "--no-zero-copy", "--buffer-mib", "1"]
+
     ref = tmp_path / "ref"
-    cli("run", plan, "--out", ref)
+    cli(*args(ref))
     before = source_digest(src)
     for attempt in range(5):
         dst = tmp_path / f"dst{attempt}"
         stop = threading.Event()
-        # Interrupt once the first output shard is published: the run is well under way.
-        _interrupt_when(lambda d=dst: any(d.glob("*.safetensors")), stop)
-        r = invoke("run", plan, "--out", dst, "--no-zero-copy", "--buffer-mib", "1")
+        # Interrupt once the journal vouches for a finished shard: the run is well under way.
+        _interrupt_when(lambda d=dst: _journaled_shards(d) > 0, stop)
+        r = invoke(*args(dst))
         stop.set()
         if r.exit_code != 0:
             break
     line = assert_error(r, 130, contains="interrupted")
     assert f"kept in {dst}" in line and "run the same command again to resume" in line
     assert not (dst / "model.safetensors.index.json").exists()
-    out = cli("run", plan, "--out", dst, "--no-zero-copy", "--buffer-mib", "1")
-    assert "resumed" in out
+    out = cli(*args(dst))
+    assert "resumed" in out and "(0 resumed)" not in out
     assert tree_digest(dst) == tree_digest(ref)
     assert source_digest(src) == before
 

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -410,13 +411,30 @@ def test_read_only_destination_is_one_clear_error(tiny, tiny_saliency, tmp_path,
     assert verify(None, str(ro / "dst")).ok
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into any folder whatever its mode")
-def test_folder_without_write_permission(tiny, tiny_saliency, tmp_path):
-    plan = plan_file(tiny, tiny_saliency, tmp_path / "plan.json")
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    r = rewriter("run", plan, "--out", locked / "dst", "--quiet", expect=2)
-    assert "Permission denied" in r.stderr
+def test_folder_without_write_permission(tiny, tiny_saliency):
+    """Run as an unprivileged user (root writes into any folder whatever its mode)."""
+    work = Path(tempfile.mkdtemp(prefix="rewriter-perm-"))
+    try:
+        work.chmod(0o755)
+        shutil.copytree(tiny, work / "src")
+        plan = plan_file(work / "src", tiny_saliency, work / "plan.json")
+        plan.chmod(0o644)
+        locked = work / "locked"
+        locked.mkdir(mode=0o555)
+        as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        r = subprocess.run([*as_user, sys.executable, "-m", "rewriter.cli", "run", str(plan), "--out",
+                            str(locked / "dst"), "--quiet"], env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith("error: ") and "Permission denied" in r.stderr, r.stderr
+        assert list(locked.iterdir()) == []
+        locked.chmod(0o755)
+        rewriter("run", plan, "--out", locked / "dst", "--quiet")
+        assert verify(None, str(locked / "dst")).ok
+    finally:
+        shutil.rmtree(work)
 
 
 def test_destination_that_is_a_file_or_below_one(tiny, tiny_saliency, tmp_path):
