@@ -438,6 +438,30 @@ def dry_run_cmd(src: str, layer_ids: tuple[int, ...], scratch: str | None, buffe
 
 # --- saliency ------------------------------------------------------------------------------------
 
+#: Options of the commands that run a model: device, dtype, streaming, memory cap, storage.
+engine_options = _options(
+    click.option("--device", default=None, help="cuda[:N] or cpu (default: cuda when available)."),
+    click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
+                 show_default=True, help="Compute dtype; auto: the checkpoint's own (MXFP4 experts: bfloat16)."),
+    click.option("--streamed/--no-streamed", default=None,
+                 help="Run one decoder layer at a time (default: when the model does not fit the device)."),
+    click.option("--gpu-memory", type=float, default=None, metavar="GB",
+                 help="Device memory to stay within (GiB); hidden states beyond it go to host memory."),
+    click.option("--storage-options", default=None, help="fsspec options for MODEL as JSON (endpoint_url, key…)."),
+)
+
+
+def _engine_kwargs(device: str | None, dtype: str, gpu_memory: float | None, storage_options: str | None) -> dict[str, Any]:
+    import torch
+
+    if gpu_memory is not None and gpu_memory <= 0:
+        raise click.BadParameter(f"{gpu_memory} is not a positive number of GiB", param_hint="--gpu-memory")
+    return {"device": device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            "dtype": None if dtype == "auto" else getattr(torch, dtype),
+            "gpu_memory": None if gpu_memory is None else int(gpu_memory * (1 << 30)),
+            "storage_options": _json_opt(storage_options)}
+
+
 @main.command()
 @click.argument("model")
 @click.option("--data", "data", multiple=True, required=True,
@@ -447,27 +471,32 @@ def dry_run_cmd(src: str, layer_ids: tuple[int, ...], scratch: str | None, buffe
 @click.option("--seq-len", type=int, default=2048, show_default=True)
 @click.option("--max-tokens", type=int, default=None, help="Stop after this many tokens.")
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Sequences per forward pass.")
-@click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
+@engine_options
 @click.option("--quiet", is_flag=True)
 @_fail_cleanly
 def profile(model: str, data: tuple[str, ...], out: str, domain: str, seq_len: int, max_tokens: int | None,
-            batch_size: int, device: str | None, quiet: bool) -> None:
-    """Measure each expert's saliency (freq, REAP, EAFT-REAP) of gpt-oss MODEL on calibration text.
+            batch_size: int, device: str | None, dtype: str, streamed: bool | None, gpu_memory: float | None,
+            storage_options: str | None, quiet: bool) -> None:
+    """Measure each expert's saliency (freq, REAP, EAFT-REAP) of MODEL on calibration text.
 
-    Needs the torch extra (pip install '.[torch]').
+    MODEL is a checkpoint of any supported MoE family (rewriter inspect lists them), in a local
+    folder or at an fsspec URL (s3://, hf://…). A model that does not fit the device is run one
+    decoder layer at a time (--streamed). Needs the torch extra (pip install '.[torch]').
     """
-    import torch
-
     from profiling.profile import profile as run_profile
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kw = _engine_kwargs(device, dtype, gpu_memory, storage_options)
     bar = TokenProgress(enabled=not quiet)
-    sal = run_profile(model, list(data), domain=domain, seq_len=seq_len, max_tokens=max_tokens,
-                      batch_size=batch_size, device=device, progress=bar)
-    bar.close()
+    try:
+        sal = run_profile(model, list(data), domain=domain, seq_len=seq_len, max_tokens=max_tokens,
+                          batch_size=batch_size, streamed=streamed, progress=bar, on_layer=bar.layer, **kw)
+    finally:
+        bar.close()
     sal.save(out)
+    how = "streamed" if sal.method.get("streamed") else "whole model"
     click.echo(f"wrote {out}: domain {domain}, {sal.tokens:,} tokens, {len(sal.layers)} MoE layers, "
-               f"{sal.method['seconds']:.1f} s ({sal.tokens / max(sal.method['seconds'], 1e-9):,.0f} tokens/s)")
+               f"{sal.method['seconds']:.1f} s ({sal.tokens / max(sal.method['seconds'], 1e-9):,.0f} tokens/s, "
+               f"{how}, {sal.method['dtype']})")
 
 
 class TokenProgress:
@@ -488,6 +517,10 @@ class TokenProgress:
             click.echo(f"\rprofile {self.done:,} tokens, {self.done / max(now - self.t0, 1e-9):,.0f} tokens/s ",
                        err=True, nl=False)
 
+    def layer(self, done: int, total: int) -> None:
+        if self.enabled:
+            click.echo(f"\rprofile: decoder layer {done}/{total} ", err=True, nl=False)
+
     def close(self) -> None:
         if self.enabled:
             click.echo("", err=True)
@@ -499,7 +532,7 @@ class TokenProgress:
 @click.option("--seq-len", "seq_lens", type=int, multiple=True, help="Block length (repeat; default 1024).")
 @click.option("--blocks", type=int, default=16, show_default=True, help="Blocks per pack and sequence length.")
 @click.option("--compare", default=None, help="Base model: report deltas and the near-lossless gates.")
-@click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
+@engine_options
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--gate-ppl-abs", type=float, default=0.25, show_default=True, help="Allowed perplexity rise (absolute).")
 @click.option("--gate-ppl-rel", type=float, default=0.05, show_default=True, help="Allowed perplexity rise (share of base).")
@@ -510,21 +543,21 @@ class TokenProgress:
 @click.option("--json", "as_json", is_flag=True)
 @_fail_cleanly
 def eval_cmd(model: str, packs: tuple[str, ...], seq_lens: tuple[int, ...], blocks: int, compare: str | None,
-             device: str | None, batch_size: int, gate_ppl_abs: float, gate_ppl_rel: float, gate_mean_p: float,
+             device: str | None, dtype: str, streamed: bool | None, gpu_memory: float | None,
+             storage_options: str | None, batch_size: int, gate_ppl_abs: float, gate_ppl_rel: float, gate_mean_p: float,
              gate_cc: float, gate_jsd: float, plot: str | None, as_json: bool) -> None:
     """Teacher-forced quality of MODEL per pack; with --compare, deltas and near-lossless gates.
 
-    Exit status 1 when --compare is given and any gate fails (rule: docs/eval.md).
+    Exit status 1 when --compare is given and any gate fails (rule: docs/eval.md). Models that
+    do not fit the device are run one decoder layer at a time (--streamed; docs/streaming.md).
     """
-    import torch
-
     from quality.evaluate import evaluate, format_table, plot_histograms
     from quality.gates import Gates
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     gates = Gates(gate_ppl_abs, gate_ppl_rel, gate_mean_p, gate_cc, gate_jsd)
     result = evaluate(model, list(packs), seq_lens=seq_lens or (1024,), blocks=blocks, compare=compare,
-                      device=device, gates=gates, batch_size=batch_size)
+                      gates=gates, batch_size=batch_size, streamed=streamed,
+                      **_engine_kwargs(device, dtype, gpu_memory, storage_options))
     if plot:
         plot_histograms(result, plot)
     if as_json:

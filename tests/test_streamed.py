@@ -1,0 +1,240 @@
+"""The layer-streamed engine against the whole-model path, on tiny real models of every family."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from bench_io.synth import PRESETS, write_checkpoint  # noqa: E402
+from profiling.profile import batched, profile, profile_streamed  # noqa: E402
+from profiling.streamed import StreamedModel  # noqa: E402
+from quality.evaluate import evaluate  # noqa: E402
+from rewriter.checkpoint import Checkpoint  # noqa: E402
+from tests.conftest import cli  # noqa: E402
+from tests.test_families import FAMILIES, KEEP, _build  # noqa: E402
+
+pytestmark = [pytest.mark.torch, pytest.mark.slow]
+
+GPT_OSS = ("gpt_oss_mxfp4", "gpt_oss_bf16")
+ALL = (*GPT_OSS, *sorted(k for k in FAMILIES if k != "qwen3_moe_unnormalized"))
+
+
+def _gpt_oss_bf16(path: Path) -> None:
+    """4 layers alternating sliding (window 4) and full attention, so masks differ per layer."""
+    torch.manual_seed(0)
+    cfg = transformers.GptOssConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"] * 2)
+    model = transformers.GptOssForCausalLM(cfg).to(torch.bfloat16)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for p in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
+                p.normal_(0, 0.05)
+            layer.mlp.router.weight.normal_(0, 0.2)
+            layer.mlp.router.bias.normal_(0, 0.1)
+            layer.self_attn.sinks.normal_(0, 0.5)
+    model.save_pretrained(str(path))
+
+
+def _source(name: str, path: Path) -> tuple[Path, int]:
+    """A tiny checkpoint of ``name`` and its vocabulary size."""
+    if name == "gpt_oss_mxfp4":
+        write_checkpoint(path, PRESETS["tiny"])
+        return path, 256
+    if name == "gpt_oss_bf16":
+        _gpt_oss_bf16(path)
+        return path, 256
+    _build(name, path)
+    return path, 128
+
+
+def _data(path: Path, vocab: int, docs: int = 12, length: int = 20, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    path.write_text("".join(json.dumps({"input_ids": rng.integers(0, vocab, length).tolist()}) + "\n"
+                            for _ in range(docs)))
+    return path
+
+
+@pytest.fixture(scope="module", params=ALL)
+def family(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    src, vocab = _source(request.param, root / "src")
+    return request.param, src, vocab, root
+
+
+def test_streamed_saliency_equals_whole_model(family):
+    name, src, vocab, root = family
+    data = [str(_data(root / "cal.jsonl", vocab))]
+    kw = dict(seq_len=16, batch_size=3, device="cpu")  # 240 tokens: 5 batches of 3 x 16
+    whole = profile(str(src), data, streamed=False, **kw)
+    streamed = profile(str(src), data, streamed=True, **kw)
+    assert streamed.method["streamed"] and not whole.method["streamed"]
+    assert streamed.method["dtype"] == whole.method["dtype"] == ("bfloat16" if name.startswith("gpt_oss") else "float32")
+    assert streamed.tokens == whole.tokens == 240
+    assert set(streamed.layers) == set(whole.layers) and whole.layers
+    for layer in whole.layers:
+        assert streamed.layers[layer]["freq"] == whole.layers[layer]["freq"]
+        np.testing.assert_allclose(streamed.layers[layer]["reap"], whole.layers[layer]["reap"], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(streamed.layers[layer]["eaft_reap"], whole.layers[layer]["eaft_reap"],
+                                   rtol=1e-5, atol=1e-6)
+    assert streamed.method["eaft"]["p_lo"] == pytest.approx(whole.method["eaft"]["p_lo"], rel=1e-5)
+    if name == "deepseek_v3":  # first_k_dense_replace=1: layer 0 is dense and has no saliency
+        assert 0 not in whole.layers and set(whole.layers) == {1, 2}
+
+
+def test_streamed_eval_equals_whole_model(family, tmp_path):
+    name, src, vocab, root = family
+    keep = KEEP["deepseek_v3" if name == "deepseek_v3" else "default"]
+    n_layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    moe_layers = [i for i in range(n_layers) if not (name == "deepseek_v3" and i == 0)]
+    (tmp_path / "keep.json").write_text(json.dumps({str(i): keep for i in moe_layers}))
+    cli("prune", src, tmp_path / "pruned", "--keep-list", tmp_path / "keep.json", "--quiet")
+    packs = [str(_data(tmp_path / "a.jsonl", vocab, seed=1)), str(_data(tmp_path / "b.jsonl", vocab, seed=2))]
+    kw = dict(seq_lens=(8, 16), blocks=3, compare=str(src), device="cpu", batch_size=2)
+    whole = evaluate(str(tmp_path / "pruned"), packs, streamed=False, **kw)
+    streamed = evaluate(str(tmp_path / "pruned"), packs, streamed=True, **kw)
+    assert "engine" in streamed and "engine" not in whole
+    assert len(streamed["rows"]) == len(whole["rows"]) == 6
+    for s, w in zip(streamed["rows"], whole["rows"]):
+        assert (s["pack"], s["seq_len"], s["tokens"]) == (w["pack"], w["seq_len"], w["tokens"])
+        for m in (s, s["base"]):
+            ref = w if m is s else w["base"]
+            assert m["ppl"] == pytest.approx(ref["ppl"], rel=1e-5)
+            assert m["mean_p"] == pytest.approx(ref["mean_p"], rel=1e-5, abs=1e-7)
+        assert s["check"]["pass"] == w["check"]["pass"]
+    assert streamed["pass"] == whole["pass"]
+
+
+def test_cli_streamed_profile_and_eval_match(tmp_path):
+    src, vocab = _source("gpt_oss_bf16", tmp_path / "src")
+    data = _data(tmp_path / "cal.jsonl", vocab)
+    common = ["--data", data, "--seq-len", "16", "--device", "cpu", "--quiet"]
+    out = cli("profile", src, "--out", tmp_path / "s.json", "--streamed", *common)
+    assert "streamed, bfloat16" in out
+    cli("profile", src, "--out", tmp_path / "w.json", "--no-streamed", *common)
+    s, w = (json.loads((tmp_path / f).read_text()) for f in ("s.json", "w.json"))
+    assert s["layers"]["0"]["freq"] == w["layers"]["0"]["freq"] and s["method"]["streamed"]
+    ev = ["--data", data, "--seq-len", "16", "--blocks", "4", "--device", "cpu", "--json"]
+    a = json.loads(cli("eval", src, "--streamed", *ev))
+    b = json.loads(cli("eval", src, "--no-streamed", *ev))
+    assert a["rows"][0]["ppl"] == pytest.approx(b["rows"][0]["ppl"], rel=1e-5)
+    assert a["engine"]["layers"][0]["layer"] == 0 and len(a["engine"]["layers"]) == 4
+
+
+def test_float32_checkpoint_profiles_in_float32_unless_told(tmp_path):
+    src, vocab = _source("qwen3_moe", tmp_path / "src")
+    data = [str(_data(tmp_path / "cal.jsonl", vocab))]
+    f32 = profile(str(src), data, seq_len=16, streamed=True)
+    bf16 = profile(str(src), data, seq_len=16, streamed=True, dtype=torch.bfloat16)
+    assert f32.method["dtype"] == "float32" and bf16.method["dtype"] == "bfloat16"
+    ref = profile(str(src), data, seq_len=16, streamed=False, dtype=torch.float32)
+    assert f32.layers[0]["freq"] == ref.layers[0]["freq"]
+    assert any(not np.allclose(f32.layers[i]["reap"], bf16.layers[i]["reap"], rtol=1e-6) for i in f32.layers)
+
+
+def test_s3_profile_reads_headers_and_the_run_layers_once(s3, tmp_path):
+    """Config says 1 layer, the checkpoint holds 2 (like DeepSeek's extra MTP layer): layer 1's
+    bytes are never fetched, every other tensor exactly once."""
+    src = tmp_path / "src"
+    write_checkpoint(src, PRESETS["tiny"])
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(num_hidden_layers=1, layer_types=cfg["layer_types"][:1])
+    (src / "config.json").write_text(json.dumps(cfg))
+    s3.make_bucket("streamed")
+    s3.upload_dir(src, "streamed/tiny")
+    url = "s3://streamed/tiny"
+    ckpt = Checkpoint.open(url, s3.options)
+    opened = ckpt.storage.counter.bytes
+    assert opened == sum(8 + s.header_len for s in ckpt.shards.values()) + sum(
+        (src / f).stat().st_size for f in ("config.json", "model.safetensors.index.json"))
+    engine = StreamedModel(ckpt, device="cpu")
+    rng = np.random.default_rng(0)
+    layers, stats = profile_streamed(engine, [rng.integers(0, 256, (2, 16)) for _ in range(3)])
+    run = {t.name for t in ckpt.tensors.values() if t.layer != 1}
+    assert ckpt.storage.counter.bytes - opened == sum(ckpt.tensors[n].nbytes for n in run)
+    assert set(layers) == {0} and stats.tokens == 96
+    local = StreamedModel(Checkpoint.open(str(src)), device="cpu")
+    rng = np.random.default_rng(0)
+    same, _ = profile_streamed(local, [rng.integers(0, 256, (2, 16)) for _ in range(3)])
+    assert same[0]["freq"] == layers[0]["freq"] and same[0]["reap"] == layers[0]["reap"]
+    out = cli("profile", url, "--storage-options", json.dumps(s3.options), "--data", _data(tmp_path / "d.jsonl", 256),
+              "--out", tmp_path / "s.json", "--seq-len", "16", "--device", "cpu", "--quiet")
+    assert "streamed" in out  # a remote model is always streamed
+
+
+def _live_weight_bytes(model) -> int:
+    """Bytes of every parameter and buffer of the model that is not on the meta device."""
+    return sum(t.nbytes for t in [*model.parameters(), *model.buffers()] if t.device.type != "meta")
+
+
+def test_weights_held_do_not_grow_with_layers(tmp_path):
+    """Same geometry, 2 vs 8 layers: the same peak of layer weights held at once, measured on
+    the model itself after every (layer, batch) forward and by the engine's ledger."""
+    measured = {}
+    for n in (2, 8):
+        src = tmp_path / str(n)
+        write_checkpoint(src, PRESETS["tiny"].with_layers(n))
+        engine = StreamedModel(Checkpoint.open(str(src)), device="cpu")
+        live: list[int] = []
+        batches = list(batched(np.random.default_rng(0).integers(0, 256, (4, 16)), 2))
+        computed = _live_weight_bytes(engine.model)  # rotary tables: computed, not read
+        assert 0 < computed < 1024
+        engine.run(batches, lambda h, ids: None,
+                   on_layer=lambda layer, batch, e=engine, seen=live: seen.append(_live_weight_bytes(e.model)))
+        timings = engine.stats.layers
+        assert len(timings) == n and len(live) == 2 * n
+        assert max(live) - computed == timings[0].weight_bytes  # one decoder layer built at a time
+        # The ledger: the built layer, its raw bytes and the next layer's raw bytes read ahead.
+        assert engine.stats.peak_weight_bytes <= timings[0].weight_bytes + 2 * timings[0].raw_bytes
+        measured[n] = (max(live), engine.stats.peak_weight_bytes)
+    assert measured[2] == measured[8]
+
+
+def test_profile_errors_are_clean_and_leave_nothing(tmp_path, monkeypatch):
+    import tempfile
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    src = tmp_path / "src"
+    write_checkpoint(src, PRESETS["tiny"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"input_ids": [1, 2, 999]}) + "\n")
+    fds = len(os.listdir("/proc/self/fd"))
+    for mode in ("--streamed", "--no-streamed"):
+        out = cli("profile", src, "--data", bad, "--out", tmp_path / "s.json", "--device", "cpu", "--quiet", mode,
+                  expect=2)
+        assert "error: token id 999 is outside the model's vocabulary of 256" in out and "Traceback" not in out
+    assert list(tmp.iterdir()) == [] and len(os.listdir("/proc/self/fd")) == fds
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_profile_refuses_a_dense_model_before_loading_it(tmp_path):
+    cfg = transformers.Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(str(tmp_path / "dense"))
+    shard = tmp_path / "dense" / "model.safetensors"
+    before = shard.stat().st_atime_ns, shard.read_bytes()
+    data = _data(tmp_path / "d.jsonl", 128)
+    out = cli("profile", tmp_path / "dense", "--data", data, "--out", tmp_path / "s.json", "--device", "cpu",
+              "--quiet", expect=2)
+    assert out.startswith("error: ") and "not a supported MoE family" in out and "may not be an MoE model" in out
+    assert len(out.strip().splitlines()) == 1 and shard.read_bytes() == before[1]
+    out = cli("eval", tmp_path / "dense", "--data", data, "--device", "tpu", expect=2)
+    assert out.startswith("error: --device tpu: expected cpu or cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_profile_device_cuda_without_cuda_is_a_clear_error(tmp_path, tiny):
+    out = cli("profile", tiny, "--data", _data(tmp_path / "d.jsonl", 256), "--out", tmp_path / "s.json",
+              "--device", "cuda", "--quiet", expect=2)
+    assert out.startswith("error: --device cuda: this torch") and "use --device cpu" in out
+    assert not (tmp_path / "s.json").exists()
