@@ -60,18 +60,22 @@ def main(verbose: int) -> None:
 @click.option("--preset", required=True, help="Geometry: 20b, 120b, tiny, tiny-bf16, small.")
 @click.option("--layers", type=int, default=None, help="Keep the preset's per-layer geometry with N layers.")
 @click.option("--sparse", is_flag=True, help="Real headers over holes: full geometry at no disk cost.")
+@click.option("--computing", is_flag=True,
+              help="Weights that compute (finite, unit-scale activations): for profile and eval runs.")
 @click.argument("out", type=click.Path(file_okay=False))
 @_fail_cleanly
-def synth(preset: str, layers: int | None, sparse: bool, out: str) -> None:
+def synth(preset: str, layers: int | None, sparse: bool, computing: bool, out: str) -> None:
     """Write a synthetic gpt-oss checkpoint to OUT."""
+    from bench_io.synth import computing_chunks, write_checkpoint
     from bench_io.synth import preset as get_preset
-    from bench_io.synth import write_checkpoint
 
     try:
         g = get_preset(preset, layers)
     except KeyError as e:
         raise click.BadParameter(str(e.args[0]), param_hint="--preset") from None
-    index = write_checkpoint(out, g, sparse=sparse)
+    if computing and sparse:
+        raise click.BadParameter("a sparse checkpoint has no weights to compute with", param_hint="--computing")
+    index = write_checkpoint(out, g, sparse=sparse, values=computing_chunks if computing else None)
     shards = len(set(index["weight_map"].values()))
     click.echo(f"wrote {out}: {g.num_layers} layers x {g.num_experts} experts, {shards} shards, "
                f"total_size {index['metadata']['total_size']:,}{' (sparse)' if sparse else ''}")

@@ -238,3 +238,72 @@ def test_profile_device_cuda_without_cuda_is_a_clear_error(tmp_path, tiny):
               "--device", "cuda", "--quiet", expect=2)
     assert out.startswith("error: --device cuda: this torch") and "use --device cpu" in out
     assert not (tmp_path / "s.json").exists()
+
+
+def test_fp8_block_scaled_experts_are_dequantized_like_their_float_copy(tmp_path):
+    """A DeepSeek-V3 checkpoint whose expert weights are FP8 with 16 x 16 block scales profiles,
+    streamed, exactly like a float32 checkpoint holding the dequantized values, run whole."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    _build("deepseek_v3", src)
+    tensors = load_file(str(src / "model.safetensors"))
+    fp8, dense = {}, {}
+    for name, w in tensors.items():
+        if ".experts." in name and name.endswith("proj.weight"):
+            blocks = w.reshape(w.shape[0] // 16, 16, w.shape[1] // 16, 16)
+            scale = blocks.abs().amax(dim=(1, 3)) / 448.0
+            q = (blocks / scale[:, None, :, None]).reshape(w.shape).to(torch.float8_e4m3fn)
+            fp8[name], fp8[name + "_scale_inv"] = q, scale
+            blocks = q.float().reshape(blocks.shape) * scale[:, None, :, None]
+            dense[name] = blocks.reshape(w.shape)
+        else:
+            fp8[name] = dense[name] = w
+    cfg = json.loads((src / "config.json").read_text())
+    for d, state, extra in (("fp8", fp8, {"quantization_config": {"quant_method": "fp8", "fmt": "e4m3",
+                                                                  "weight_block_size": [16, 16]}}),
+                            ("dense", dense, {})):
+        (tmp_path / d).mkdir()
+        save_file(state, str(tmp_path / d / "model.safetensors"), metadata={"format": "pt"})
+        (tmp_path / d / "config.json").write_text(json.dumps({**cfg, **extra}))
+    assert any(v.dtype == torch.float8_e4m3fn for v in fp8.values())
+    data = [str(_data(tmp_path / "cal.jsonl", 128))]
+    streamed = profile(str(tmp_path / "fp8"), data, seq_len=16, batch_size=2, streamed=True)
+    whole = profile(str(tmp_path / "dense"), data, seq_len=16, batch_size=2, streamed=False)
+    assert streamed.method["dtype"] == "float32"
+    for layer in whole.layers:
+        assert streamed.layers[layer]["freq"] == whole.layers[layer]["freq"]
+        np.testing.assert_allclose(streamed.layers[layer]["reap"], whole.layers[layer]["reap"], rtol=1e-5)
+
+
+def test_synth_computing_weights_compute(tmp_path):
+    """`synth --computing`: finite unit-scale activations and spread routing at the `small`
+    geometry; sequences longer than its sliding window (128), so both mask kinds matter."""
+    from profiling.weights import dequantize_mxfp4, read_tensors
+
+    out = cli("synth", "--preset", "small", "--layers", "2", "--computing", tmp_path / "m")
+    assert "2 layers x 32 experts" in out
+    ckpt = Checkpoint.open(str(tmp_path / "m"))
+    names = [f"model.layers.0.mlp.experts.gate_up_proj_{k}" for k in ("blocks", "scales")]
+    stored = read_tensors(ckpt.storage, sorted((ckpt.tensors[n] for n in names), key=lambda t: t.begin))
+    w = dequantize_mxfp4(stored[names[0]], stored[names[1]], torch.float32)
+    rms = float(w.pow(2).mean().sqrt())
+    assert 0.5 / 512**0.5 < rms < 2 / 512**0.5  # 1/sqrt(fan-in)
+    assert not torch.equal(w[0], w[1])  # experts differ
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 4096, (2, 192)) for _ in range(2)]
+    finals: list[torch.Tensor] = []
+    engine = StreamedModel(ckpt, device="cpu")
+    layers, stats = profile_streamed(engine, batches)
+    engine.run(batches, lambda hidden, ids: finals.append(hidden))
+    assert all(torch.isfinite(h).all() for h in finals)
+    assert 0.1 < float(torch.cat(finals).float().std()) < 10
+    for layer in layers.values():
+        assert sum(f > 0 for f in layer["freq"]) >= 24  # routing spreads over most of the 32 experts
+    assert np.isfinite(stats.p_lo) and np.isfinite(stats.h_lo) and stats.h_lo > 0.1
+    whole = profile(str(tmp_path / "m"), [str(_data(tmp_path / "d.jsonl", 4096, docs=4, length=200))],
+                    seq_len=192, batch_size=2, streamed=False)
+    again = profile(str(tmp_path / "m"), [str(tmp_path / "d.jsonl")], seq_len=192, batch_size=2, streamed=True)
+    for i in whole.layers:
+        assert again.layers[i]["freq"] == whole.layers[i]["freq"]
+    assert "--computing" in cli("synth", "--preset", "small", "--sparse", "--computing", tmp_path / "x", expect=2)
