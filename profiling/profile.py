@@ -57,6 +57,8 @@ def load_model(path: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat
         from transformers import Mxfp4Config
 
         kw["quantization_config"] = Mxfp4Config(dequantize=True)
+    if device != "cpu":  # straight to the device: no full copy in host memory first
+        kw["device_map"] = device
     model = AutoModelForCausalLM.from_pretrained(path, **kw)
     return model.to(device).eval()
 
@@ -312,6 +314,8 @@ def _profile_open(ckpt: Checkpoint, data: Sequence[str], *, domain: str, seq_len
                   "eaft": {"p_quantile": P_QUANTILE, "h_quantile": H_QUANTILE, "p_lo": stats.p_lo, "h_lo": stats.h_lo,
                            "top_entropy": TOP_ENTROPY},
                   "seconds": stats.seconds}
+        if stats.engine is not None:
+            method["engine"] = stats.engine
         return Saliency(
             domain=domain,
             layers=layers,

@@ -221,6 +221,9 @@ def build(recipe: Recipe, stored: Mapping[str, torch.Tensor], device: torch.devi
         return dense(recipe.sources[0])
     if recipe.kind == "mxfp4":
         blocks, scales = (stored[s].to(device, non_blocking=True) for s in recipe.sources)
+        if blocks.dim() != 4 or blocks.shape[:3] != scales.shape:
+            raise CheckpointError(f"{recipe.sources[0]}: MXFP4 blocks {tuple(blocks.shape)} and scales "
+                                  f"{tuple(scales.shape)} do not pair up ([E, R, G, 16] and [E, R, G] expected)")
         return dequantize_mxfp4(blocks, scales, recipe.dtype)
     per = 2 if recipe.kind == "gate_up" else 1
     experts = []
@@ -229,26 +232,24 @@ def build(recipe: Recipe, stored: Mapping[str, torch.Tensor], device: torch.devi
     return torch.stack(experts)
 
 
-def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
-                     rows_per_chunk: int = 1 << 22) -> torch.Tensor:
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """gpt-oss MXFP4: ``blocks`` [E, R, G, 16] U8 (two E2M1 values per byte, low nibble first),
     ``scales`` [E, R, G] U8 (exponent, bias 127) -> [E, G * 32, R] in ``dtype``.
 
-    Values are exactly those of transformers' own dequantization (same table, ``ldexp``).
+    Values are exactly those of transformers' own dequantization (same table, ``ldexp``). One
+    expert at a time, so temporaries stay at one expert's size next to the result.
     """
-    *prefix, groups, nbytes = blocks.shape
+    experts, rows, groups, nbytes = blocks.shape
     lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
-    rows = math.prod(prefix) * groups
-    flat_blocks = blocks.reshape(rows, nbytes)
-    flat_scales = scales.reshape(rows, 1).to(torch.int32) - 127
-    out = torch.empty(rows, nbytes * 2, dtype=dtype, device=blocks.device)
-    for r0 in range(0, rows, rows_per_chunk):
-        blk = flat_blocks[r0 : r0 + rows_per_chunk]
-        sub = out[r0 : r0 + rows_per_chunk]
-        sub[:, 0::2] = lut[(blk & 0x0F).to(torch.int)]
-        sub[:, 1::2] = lut[(blk >> 4).to(torch.int)]
-        torch.ldexp(sub, flat_scales[r0 : r0 + rows_per_chunk], out=sub)
-    return out.reshape(*prefix, groups * nbytes * 2).transpose(-2, -1).contiguous()
+    out = torch.empty(experts, groups * nbytes * 2, rows, dtype=dtype, device=blocks.device)
+    tmp = torch.empty(rows * groups, nbytes * 2, dtype=dtype, device=blocks.device)
+    for e in range(experts):
+        blk = blocks[e].reshape(rows * groups, nbytes)
+        tmp[:, 0::2] = lut[(blk & 0x0F).to(torch.int)]
+        tmp[:, 1::2] = lut[(blk >> 4).to(torch.int)]
+        torch.ldexp(tmp, scales[e].reshape(rows * groups, 1).to(torch.int32) - 127, out=tmp)
+        out[e].copy_(tmp.view(rows, groups * nbytes * 2).t())
+    return out
 
 
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: Sequence[int],

@@ -307,3 +307,17 @@ def test_synth_computing_weights_compute(tmp_path):
     for i in whole.layers:
         assert again.layers[i]["freq"] == whole.layers[i]["freq"]
     assert "--computing" in cli("synth", "--preset", "small", "--sparse", "--computing", tmp_path / "x", expect=2)
+
+
+def test_mxfp4_dequantization_equals_transformers_own():
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from profiling.weights import dequantize_mxfp4
+
+    gen = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 10, 4, 16), dtype=torch.uint8, generator=gen)
+    scales = torch.randint(110, 135, (3, 10, 4), dtype=torch.uint8, generator=gen)
+    for dtype in (torch.bfloat16, torch.float32):
+        ours = dequantize_mxfp4(blocks, scales, dtype)
+        assert ours.shape == (3, 128, 10) and ours.dtype == dtype
+        assert torch.equal(ours, convert_moe_packed_tensors(blocks, scales, dtype=dtype))
