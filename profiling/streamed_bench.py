@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -241,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=DEVICE)
     args = ap.parse_args(argv)
     configure(args.seq_len, args.device)
+    # A time limit's SIGTERM still writes what was measured so far.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
     import transformers
 
     args.work.mkdir(parents=True, exist_ok=True)
