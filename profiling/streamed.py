@@ -277,7 +277,7 @@ class StreamedModel:
                 out = self._head(batches, store, head)
         finally:
             if self.device.type == "cuda" and self.gpu_memory is not None:
-                torch.cuda.set_per_process_memory_fraction(1.0, self.device)
+                torch.cuda.set_per_process_memory_fraction(1.0, self._index())
         self.stats.total_s = time.perf_counter() - t_start
         if self.device.type == "cuda":
             self.stats.peak_device_bytes = torch.cuda.max_memory_allocated(self.device)
@@ -318,7 +318,7 @@ class StreamedModel:
         cap = self.gpu_memory
         total = torch.cuda.get_device_properties(self.device).total_memory
         if cap is not None:
-            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), self.device)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), self._index())
         else:
             cap = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_allocated(self.device)
         size = torch.tensor([], dtype=self.dtype).element_size()
@@ -394,6 +394,9 @@ class StreamedModel:
         lm_head.load_state_dict({"weight": w}, strict=False, assign=True)
         self.ledger.add(w.nbytes)
         return w.nbytes
+
+    def _index(self) -> int:
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
