@@ -11,6 +11,11 @@
     and a tighter cap (hidden states spilled to host memory), then runs ``rewriter eval`` on it.
     Per-layer read, dequantize and compute times are extrapolated to 36 layers and 1 M tokens.
 
+``python -m profiling.streamed_bench --stage long --tokens 1048576 ...``
+    1 M calibration tokens through the 120B-geometry layers (uncapped and within 24 GiB), and
+    streamed against whole model with deterministic kernels (``CUBLAS_WORKSPACE_CONFIG`` must
+    be set before CUDA starts), where the saliency must be identical.
+
 Everything runs through the project's own code paths (:func:`profiling.profile.profile` and the
 ``rewriter`` CLI); checkpoints are generated on the machine, nothing is downloaded.
 """
@@ -223,6 +228,31 @@ def stage_120b(out: dict[str, Any], work: Path, layers: int, small: int, tokens:
             out["saliency_streamed_vs_whole"] = compare(sal.layers, layers_whole)
 
 
+def stage_long(out: dict[str, Any], work: Path, layers: int, small: int, tokens: int, preset: str) -> None:
+    """``tokens`` (1 M) through ``layers`` layers, uncapped and within 24 GiB; then streamed and
+    whole model on ``small`` layers with deterministic kernels, where saliency must be identical."""
+    full = work / f"{preset}-{layers}"
+    out["synth"] = synthesize(full, preset, layers)
+    few = fewer_layers(full, work / f"{preset}-{small}", small)
+    data = token_file(work / f"tokens-{preset}.npy", tokens, _vocab(preset))
+    streamed_run(few, data, 4 * SEQ)  # warm-up
+    out[f"layers_{layers}"] = streamed_run(full, data, tokens)[1]
+    out[f"layers_{layers}_gpu_memory_24"] = streamed_run(full, data, tokens, gpu_memory=24 * GiB)[1]
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        check = min(tokens, 32 * SEQ)
+        sal, out[f"layers_{small}_deterministic"] = streamed_run(few, data, check)
+        again, _ = streamed_run(few, data, check)
+        whole, out[f"layers_{small}_whole_model_deterministic"] = whole_run(few, data, check)
+        if sal is not None and again is not None:
+            out["deterministic_streamed_twice"] = compare(again.layers, sal.layers)
+            out["deterministic_streamed_vs_whole"] = compare(sal.layers, whole)
+            log(f"deterministic: twice {out['deterministic_streamed_twice']}, "
+                f"vs whole {out['deterministic_streamed_vs_whole']}")
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def eval_cli(model: Path, work: Path, blocks: int, vocab: int) -> dict[str, Any]:
     """``rewriter eval MODEL --compare MODEL --streamed`` through the CLI, as a user runs it
     (a few layers of 120B geometry would fit the GPU whole; the 36 of the real model do not)."""
@@ -246,7 +276,7 @@ def eval_cli(model: Path, work: Path, blocks: int, vocab: int) -> dict[str, Any]
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stage", choices=("20b", "120b"), required=True)
+    ap.add_argument("--stage", choices=("20b", "120b", "long"), required=True)
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tokens", type=int, default=131072)
@@ -273,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.stage == "20b":
             stage_20b(doc, args.work, args.tokens, args.preset or "20b")
+        elif args.stage == "long":
+            stage_long(doc, args.work, args.layers, args.small_layers, args.tokens, args.preset or "120b")
         else:
             stage_120b(doc, args.work, args.layers, args.small_layers, args.tokens, args.eval_blocks,
                        args.preset or "120b", args.whole)
