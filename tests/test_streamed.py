@@ -19,6 +19,7 @@ from quality.evaluate import evaluate  # noqa: E402
 from rewriter.checkpoint import Checkpoint  # noqa: E402
 from tests.conftest import cli  # noqa: E402
 from tests.test_families import FAMILIES, KEEP, _build  # noqa: E402
+from tests.test_model_truth import _bf16_model  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
@@ -26,32 +27,13 @@ GPT_OSS = ("gpt_oss_mxfp4", "gpt_oss_bf16")
 ALL = (*GPT_OSS, *sorted(k for k in FAMILIES if k != "qwen3_moe_unnormalized"))
 
 
-def _gpt_oss_bf16(path: Path) -> None:
-    """4 layers alternating sliding (window 4) and full attention, so masks differ per layer."""
-    torch.manual_seed(0)
-    cfg = transformers.GptOssConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2, sliding_window=4,
-        layer_types=["sliding_attention", "full_attention"] * 2)
-    model = transformers.GptOssForCausalLM(cfg).to(torch.bfloat16)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for p in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
-                p.normal_(0, 0.05)
-            layer.mlp.router.weight.normal_(0, 0.2)
-            layer.mlp.router.bias.normal_(0, 0.1)
-            layer.self_attn.sinks.normal_(0, 0.5)
-    model.save_pretrained(str(path))
-
-
 def _source(name: str, path: Path) -> tuple[Path, int]:
     """A tiny checkpoint of ``name`` and its vocabulary size."""
     if name == "gpt_oss_mxfp4":
         write_checkpoint(path, PRESETS["tiny"])
         return path, 256
-    if name == "gpt_oss_bf16":
-        _gpt_oss_bf16(path)
-        return path, 256
+    if name == "gpt_oss_bf16":  # sliding (window 8) and full attention layers: their masks differ
+        return _bf16_model(path), 256
     _build(name, path)
     return path, 128
 
@@ -126,7 +108,7 @@ def test_cli_streamed_profile_and_eval_match(tmp_path):
     a = json.loads(cli("eval", src, "--streamed", *ev))
     b = json.loads(cli("eval", src, "--no-streamed", *ev))
     assert a["rows"][0]["ppl"] == pytest.approx(b["rows"][0]["ppl"], rel=1e-5)
-    assert a["engine"]["layers"][0]["layer"] == 0 and len(a["engine"]["layers"]) == 4
+    assert a["engine"]["layers"][0]["layer"] == 0 and len(a["engine"]["layers"]) == 2
 
 
 def test_float32_checkpoint_profiles_in_float32_unless_told(tmp_path):
@@ -321,3 +303,11 @@ def test_mxfp4_dequantization_equals_transformers_own():
         ours = dequantize_mxfp4(blocks, scales, dtype)
         assert ours.shape == (3, 128, 10) and ours.dtype == dtype
         assert torch.equal(ours, convert_moe_packed_tensors(blocks, scales, dtype=dtype))
+
+
+def test_profile_and_eval_help_describe_every_family_and_the_engine():
+    text = " ".join(cli("profile", "--help").split())
+    assert "gpt-oss MODEL" not in text and "any supported MoE family" in text
+    for opt in ("--streamed / --no-streamed", "--gpu-memory GB", "--dtype [auto|bfloat16|float16|float32]",
+                "--storage-options"):
+        assert opt in text and opt in " ".join(cli("eval", "--help").split())
