@@ -113,7 +113,7 @@ class Subject:
     config: dict[str, Any]
     tokenizer_dir: str
     score: Callable[[dict[str, list[np.ndarray]]], dict[str, Tokens]]
-    engine: dict[str, Any] | None = None  # the streamed engine's last measurements
+    engine: StreamedModel | None = None  # the streamed engine, when the model is streamed
 
 
 def loaded_subject(model, path: str, batch_size: int) -> Subject:
@@ -132,15 +132,7 @@ def open_subject(path: str, stack: contextlib.ExitStack, *, device: str, dtype: 
     if not use_streamed(ckpt, dtype, device, streamed, gpu_memory):
         return loaded_subject(load_model(path, device, dtype), tok, batch_size)
     engine = StreamedModel(ckpt, device=device, dtype=dtype, gpu_memory=gpu_memory)
-    subject = Subject(ckpt.config, tok, lambda data: {})
-
-    def run(data: dict[str, list[np.ndarray]]) -> dict[str, Tokens]:
-        out = score_streamed(engine, data, batch_size)
-        subject.engine = engine.stats.to_json()
-        return out
-
-    subject.score = run
-    return subject
+    return Subject(ckpt.config, tok, lambda data: score_streamed(engine, data, batch_size), engine)
 
 
 def summarize(t: Tokens, p_lo: float, h_lo: float) -> dict[str, Any]:
@@ -218,8 +210,8 @@ def evaluate(
             rows += _rows(scored, base_scored, seq_len, compare is not None, gates)
     verdict = all(r["check"]["pass"] for r in rows) if compare is not None else None
     result = {"model": model_path, "base": compare, "rows": rows, "pass": verdict, "gates": gates.to_json()}
-    if subject.engine is not None:
-        result["engine"] = subject.engine
+    if subject.engine is not None:  # measurements of the model's last streamed pass
+        result["engine"] = subject.engine.stats.to_json()
     return result
 
 

@@ -195,6 +195,8 @@ def test_profile_errors_are_clean_and_leave_nothing(tmp_path, monkeypatch):
         out = cli("profile", src, "--data", bad, "--out", tmp_path / "s.json", "--device", "cpu", "--quiet", mode,
                   expect=2)
         assert "error: token id 999 is outside the model's vocabulary of 256" in out and "Traceback" not in out
+        out = cli("eval", src, "--data", bad, "--seq-len", "2", "--device", "cpu", mode, expect=2)
+        assert out.startswith("error: token id 999 is outside")
     assert list(tmp.iterdir()) == [] and len(os.listdir("/proc/self/fd")) == fds
     assert not (tmp_path / "s.json").exists()
 
