@@ -35,6 +35,7 @@ from profiling.spill import Spill
 from profiling.streamed import HEAD_CHUNK, StreamedModel, check_device, fits
 from profiling.weights import checkpoint_dtype
 from rewriter.checkpoint import Checkpoint
+from rewriter.errors import RewriterError
 
 log = logging.getLogger(__name__)
 
@@ -214,10 +215,13 @@ def use_streamed(ckpt: Checkpoint, dtype: torch.dtype, device: str, streamed: bo
                  gpu_memory: int | None) -> bool:
     """``streamed`` when given; else streamed when the source is not local (from_pretrained reads
     local folders only) or the model does not fit the device."""
+    if not ckpt.storage.is_local:
+        if streamed is False:
+            raise RewriterError(f"{ckpt.url}: a remote model can only be run streamed (transformers loads "
+                                f"local folders); drop --no-streamed, or download it first")
+        return True
     if streamed is not None:
         return streamed
-    if not ckpt.storage.is_local:
-        return True
     ok, need, free = fits(ckpt, dtype, device, gpu_memory)
     if not ok:
         log.info("%s needs %.1f GiB as %s, %s has %.1f GiB: streaming layers", ckpt.url, need / 2**30,
@@ -287,7 +291,8 @@ def profile(
 
 def _profile_open(ckpt: Checkpoint, data: Sequence[str], *, domain: str, seq_len: int, max_tokens: int | None,
                   batch_size: int, device: str, dtype: torch.dtype | None, streamed: bool | None,
-                  gpu_memory: int | None, progress, on_layer) -> Saliency:
+                  gpu_memory: int | None, progress: Callable[[int], None] | None,
+                  on_layer: Callable[[int, int], None] | None) -> Saliency:
     model_path = ckpt.url
     with tempfile.TemporaryDirectory(prefix="rewriter-tok-") as work_dir:
         work = Path(work_dir)

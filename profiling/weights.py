@@ -66,18 +66,20 @@ def checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
 
 
 def dense_bytes(ckpt: Checkpoint, dtype: torch.dtype) -> int:
-    """Bytes the model's weights take once dequantized to ``dtype`` (MXFP4 blocks hold two values
-    per byte, FP8 one; their scales disappear)."""
+    """Bytes the model's weights take once dequantized to ``dtype``: floating tensors (FP8 too)
+    and MXFP4 blocks (two values per byte) in ``dtype``; their scales disappear."""
     size = torch.tensor([], dtype=dtype).element_size()
     total = 0
     for t in ckpt.tensors.values():
-        n = math.prod(t.shape)
-        if t.name.endswith("_scales") or t.name.endswith("_scale_inv"):
+        if t.name.endswith(("_scales", "_scale_inv")):
             continue
+        n = math.prod(t.shape)
         if t.name.endswith("_blocks"):
-            n *= 2
-        total += n * (size if t.dtype in _FLOATS or t.dtype.startswith("F8") or t.name.endswith("_blocks")
-                      else TORCH_DTYPES.get(t.dtype, torch.uint8).itemsize)
+            total += 2 * n * size
+        elif t.dtype in _FLOATS or t.dtype.startswith("F8"):
+            total += n * size
+        else:
+            total += t.nbytes
     return total
 
 

@@ -150,6 +150,9 @@ def test_s3_profile_reads_headers_and_the_run_layers_once(s3, tmp_path):
     out = cli("profile", url, "--storage-options", json.dumps(s3.options), "--data", _data(tmp_path / "d.jsonl", 256),
               "--out", tmp_path / "s.json", "--seq-len", "16", "--device", "cpu", "--quiet")
     assert "streamed" in out  # a remote model is always streamed
+    out = cli("profile", url, "--storage-options", json.dumps(s3.options), "--data", tmp_path / "d.jsonl",
+              "--out", tmp_path / "n.json", "--device", "cpu", "--quiet", "--no-streamed", expect=2)
+    assert out.startswith(f"error: {url}: a remote model can only be run streamed")
 
 
 def _live_weight_bytes(model) -> int:
@@ -313,3 +316,13 @@ def test_profile_and_eval_help_describe_every_family_and_the_engine():
     for opt in ("--streamed / --no-streamed", "--gpu-memory GB", "--dtype [auto|bfloat16|float16|float32]",
                 "--storage-options"):
         assert opt in text and opt in " ".join(cli("eval", "--help").split())
+
+
+def test_auto_streams_only_when_the_model_does_not_fit(tiny, tmp_path):
+    from profiling.weights import dense_bytes
+
+    data = [str(_data(tmp_path / "d.jsonl", 256, docs=2))]
+    need = dense_bytes(Checkpoint.open(str(tiny)), torch.bfloat16)
+    assert profile(str(tiny), data, seq_len=16).method["streamed"] is False
+    assert profile(str(tiny), data, seq_len=16, gpu_memory=need).method["streamed"] is True  # needs 80 % free
+    assert profile(str(tiny), data, seq_len=16, gpu_memory=2 * need).method["streamed"] is False
