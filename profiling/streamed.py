@@ -16,6 +16,7 @@ that budget, whatever the number of layers.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -70,18 +71,22 @@ class EngineStats:
 
 
 class WeightLedger:
-    """Bytes of layer weights alive (read ahead or built), and their peak."""
+    """Bytes of layer weights alive (read ahead or built), and their peak; thread-safe (the
+    reader thread adds what it reads)."""
 
     def __init__(self) -> None:
         self.held = 0
         self.peak = 0
+        self._lock = threading.Lock()
 
     def add(self, n: int) -> None:
-        self.held += n
-        self.peak = max(self.peak, self.held)
+        with self._lock:
+            self.held += n
+            self.peak = max(self.peak, self.held)
 
     def drop(self, n: int) -> None:
-        self.held -= n
+        with self._lock:
+            self.held -= n
 
 
 class _Stop(Exception):
@@ -196,10 +201,12 @@ class StreamedModel:
         return [self.recipes.recipe(f"{prefix}.{k}") for k in self._keys(module)]
 
     def read(self, module: torch.nn.Module) -> tuple[list, dict[str, torch.Tensor], float]:
-        """Read ``module``'s tensors (the reader thread runs this)."""
+        """Read ``module``'s tensors (the reader thread runs this); the ledger counts them until
+        the caller drops them."""
         t0 = time.perf_counter()
         recipes = self.plan(module)
         stored = read_tensors(self.ckpt.storage, self.recipes.sources(recipes), pin=self._pin)
+        self.ledger.add(sum(t.nbytes for t in stored.values()))
         return recipes, stored, time.perf_counter() - t0
 
     def load(self, module: torch.nn.Module, recipes: list, stored: dict[str, torch.Tensor]) -> int:
@@ -221,7 +228,9 @@ class StreamedModel:
 
     def _load_now(self, module: torch.nn.Module) -> int:
         recipes, stored, _ = self.read(module)
-        return self.load(module, recipes, stored)
+        n = self.load(module, recipes, stored)
+        self.ledger.drop(sum(t.nbytes for t in stored.values()))
+        return n
 
     # --- running -----------------------------------------------------------------------------
 
@@ -288,7 +297,7 @@ class StreamedModel:
         embed = self.base.get_input_embeddings()
         n = self._load_now(embed)
         layer_bytes = max(self._layer_bytes(i) for i in range(len(self.base.layers)))
-        store = ActivationStore(self.device, self._activation_budget(batches, layer_bytes), self._pin)
+        store = ActivationStore(self.device, self._activation_budget(layer_bytes), self._pin)
         args: dict[tuple[int, ...], list] = {}
         for i, b in enumerate(batches):
             ids = torch.as_tensor(b, device=self.device)
@@ -310,9 +319,9 @@ class StreamedModel:
         size = torch.tensor([], dtype=self.dtype).element_size()
         return sum(p.numel() * size for p in layer.parameters())
 
-    def _activation_budget(self, batches: Sequence[np.ndarray], layer_bytes: int) -> int:
-        """Device bytes for hidden states: the memory cap (or free memory) less two layers of
-        weights, the next layer's raw bytes, the output head and a workspace."""
+    def _activation_budget(self, layer_bytes: int) -> int:
+        """Device bytes for hidden states: the memory cap (or free memory) less what the layer
+        phase or the head phase needs at most, and a workspace."""
         if self.device.type != "cuda":
             return 1 << 62
         cap = self.gpu_memory
@@ -329,11 +338,12 @@ class StreamedModel:
         head_phase = head + HEAD_CHUNK * self.model.config.vocab_size * 4 * 4
         return max(0, cap - torch.cuda.memory_allocated(self.device) - max(layer_phase, head_phase) - WORKSPACE)
 
-    def _layers(self, batches: Sequence[np.ndarray], store: ActivationStore, args: dict, on_layer, progress) -> None:
+    def _layers(self, batches: Sequence[np.ndarray], store: ActivationStore, args: dict,
+                on_layer: Callable[[int, int], None] | None,
+                progress: Callable[[str, int, int], None] | None) -> None:
         layers = self.base.layers
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-reader") as reader:
             ahead: Future | None = reader.submit(self.read, layers[0])
-            raw_held = 0
             for i, layer in enumerate(layers):
                 timing = LayerTiming(i)
                 t0 = time.perf_counter()
@@ -341,8 +351,6 @@ class StreamedModel:
                 recipes, stored, timing.read_s = ahead.result()
                 timing.wait_s = time.perf_counter() - t0
                 timing.raw_bytes = sum(t.nbytes for t in stored.values())
-                self.ledger.add(timing.raw_bytes)
-                raw_held += timing.raw_bytes
                 ahead = reader.submit(self.read, layers[i + 1]) if i + 1 < len(layers) else None
                 t1 = time.perf_counter()
                 timing.weight_bytes = self.load(layer, recipes, stored)
