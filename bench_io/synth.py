@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -233,9 +234,68 @@ def tensor_chunks(name: str, dtype: str, shape: tuple[int, ...]) -> Iterator[byt
             yield b"".join(_tile(name, dtype, r + i, row_bytes) for i in range(k))
 
 
+#: Yields a tensor's bytes in order, given (name, dtype, shape).
+Values = Callable[[str, str, tuple[int, ...]], Iterator[bytes]]
+
+
+def _fan_in(name: str, shape: tuple[int, ...]) -> int:
+    """Inputs summed per output of a weight: MXFP4 blocks hold 32 values per group; fused bf16
+    experts are ``[E, in, out]``; linear weights ``[out, in]``."""
+    if name.endswith(("_blocks", "_scales")):
+        return (shape[2] if name.endswith("_blocks") else shape[-1]) * 32
+    if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+        return shape[1]
+    return shape[-1]
+
+
+def _computing_tile(name: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A tensor's repeating pattern (uint8): constants for norms, biases, sinks and MXFP4
+    scales; otherwise random values scaled by the fan-in, so activations stay near unit size."""
+    rng = np.random.default_rng(_seed(name, -1))
+    if name.endswith("_scales"):
+        # Random E2M1 nibbles have an RMS of 2.93: pick the exponent that brings the weights'
+        # RMS to 1/sqrt(fan-in).
+        exponent = round(np.log2(1.0 / (np.sqrt(_fan_in(name, shape)) * 2.93)))
+        return np.full(1, 127 + exponent, dtype=np.uint8)
+    if name.endswith("_blocks"):
+        return rng.integers(0, 256, 16 << 20, dtype=np.uint8)
+    if name.endswith("norm.weight"):
+        return _bf16(np.ones(1)).view(np.uint8)
+    if name.endswith(("bias", "sinks")):
+        return np.zeros(2, dtype=np.uint8)
+    std = 1.0 if name.endswith("embed_tokens.weight") else 1.0 / np.sqrt(_fan_in(name, shape))
+    values = rng.standard_normal(min(math.prod(shape), 1 << 22), dtype=np.float32) * std
+    return (_bf16(values) if dtype == "BF16" else values.astype(np.float32)).view(np.uint8)
+
+
+def computing_chunks(name: str, dtype: str, shape: tuple[int, ...]) -> Iterator[bytes]:
+    """Bytes of weights that compute: finite, unit-scale activations through any number of layers
+    (unlike :func:`tensor_chunks`, whose patterns are for tracing bytes). Rows of dim 0 (experts)
+    start at different places of the tensor's random pattern, so experts differ and routing spreads."""
+    if dtype not in ("BF16", "F32", "U8"):
+        raise ValueError(f"{name}: no computing values for dtype {dtype}")
+    total = nbytes_of(dtype, shape)
+    tile = _computing_tile(name, dtype, shape)
+    rows = shape[0] if shape else 1
+    row_bytes = total // max(rows, 1)
+    step = max(1, (8 << 20) // max(row_bytes, 1))
+    constant = tile.size <= 2
+    twice = tile if constant else np.concatenate([tile, tile])
+    for r in range(0, rows, step):
+        n = min(step, rows - r) * row_bytes
+        offset = (r * 1_000_003 * 2) % tile.size
+        if constant:
+            yield tile.tobytes() * (n // tile.size)
+        elif n <= tile.size:
+            yield twice[offset : offset + n].tobytes()
+        else:
+            yield np.resize(np.roll(tile, -offset), n).tobytes()
+
+
 def write_shard(path: Path, items: list[tuple[str, str, tuple[int, ...]]], sparse: bool = False,
-                progress: Callable[[int], None] | None = None) -> None:
-    """Write one shard in the reference writer's order; holes instead of data when ``sparse``.
+                progress: Callable[[int], None] | None = None, values: Values | None = None) -> None:
+    """Write one shard in the reference writer's order; holes instead of data when ``sparse``;
+    bytes from ``values`` (default :func:`tensor_chunks`).
 
     ``progress`` is called with the number of bytes of each chunk of tensor data written.
     """
@@ -249,7 +309,7 @@ def write_shard(path: Path, items: list[tuple[str, str, tuple[int, ...]]], spars
             f.truncate(total)
         else:
             for name, dtype, shape in ordered:
-                for chunk in tensor_chunks(name, dtype, shape):
+                for chunk in (values or tensor_chunks)(name, dtype, shape):
                     f.write(chunk)
                     if progress:
                         progress(len(chunk))
@@ -257,10 +317,12 @@ def write_shard(path: Path, items: list[tuple[str, str, tuple[int, ...]]], spars
 
 
 def write_checkpoint(out: str | os.PathLike, g: Geometry, sparse: bool = False,
-                     progress: Callable[[int], None] | None = None) -> dict:
+                     progress: Callable[[int], None] | None = None, values: Values | None = None) -> dict:
     """Write a synthetic checkpoint (shards, index, config, tokenizer stub) to directory ``out``.
 
     ``progress`` is called with each number of tensor bytes written (never when ``sparse``).
+    ``values=computing_chunks`` writes weights that compute (for profiling and evaluating
+    real-geometry models without downloads); the default traces bytes.
 
     Returns:
         The index document written (``metadata.total_size`` and ``weight_map``).
@@ -271,7 +333,7 @@ def write_checkpoint(out: str | os.PathLike, g: Geometry, sparse: bool = False,
     weight_map = {}
     total = 0
     for shard, items in shards.items():
-        write_shard(out / shard, items, sparse=sparse, progress=progress)
+        write_shard(out / shard, items, sparse=sparse, progress=progress, values=values)
         for name, dtype, shape in items:
             weight_map[name] = shard
             total += nbytes_of(dtype, shape)

@@ -119,6 +119,7 @@ class ExpertObserver:
     """Installs the observed experts implementation on every MoE layer of a gpt-oss model."""
 
     model: torch.nn.Module
+    device: torch.device | None = None  # of the accumulators; default: the model's (a skeleton's is meta)
     slots: list[LayerSlot] = field(default_factory=list)
     _previous: dict[int, str | None] = field(default_factory=dict)
 
@@ -139,7 +140,7 @@ class ExpertObserver:
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
         ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, observed_experts_forward)
-        device = next(self.model.parameters()).device
+        device = self.device or next(self.model.parameters()).device
         modules = self.experts_modules()
         if not modules:
             raise ValueError(f"{type(self.model).__name__} has no experts module using transformers' experts interface")

@@ -1,14 +1,14 @@
-"""``rewriter profile``: expert saliency of a gpt-oss model on calibration text.
+"""``rewriter profile``: expert saliency of an MoE model on calibration text.
 
-One forward pass per batch of packed sequences. Per MoE layer and expert the observer
+The whole model on one device (one forward pass per batch of packed sequences), or the
+layer-streamed engine (:mod:`profiling.streamed`) when it does not fit or ``streamed=True``. Per MoE layer and expert the observer
 (:mod:`profiling.observer`) accumulates the routed-token count and the sum of routing weight x
 expert output norm (float64); per token the model's probability of the reference (next) token
 ``p`` and its normalized top-20 entropy ``H`` are computed from the final hidden states in
 chunks. EAFT-REAP needs the 15th percentiles of ``p`` and ``H`` over all profiled tokens, so each
-batch's per-pair contributions are spilled to disk; after the last batch the exact thresholds
-are found by streaming (:func:`profiling.stats.exact_percentile`) and the spill is reduced. RAM
-stays bounded by the batch, whatever the number of tokens; disk holds ``6 x k`` bytes per token
-and MoE layer.
+forward's per-pair contributions are spilled to disk (:mod:`profiling.spill`); after the last
+batch the exact thresholds are found by streaming and the spill is reduced. RAM stays bounded by
+the batch, whatever the number of tokens; disk holds ``6 x k`` bytes per token and MoE layer.
 
 The last position of each sequence has no reference token: it counts for frequency and REAP,
 not for EAFT-REAP (no ``p``, no ``H``).
@@ -16,11 +16,11 @@ not for EAFT-REAP (no ``p``, no ``H``).
 
 from __future__ import annotations
 
+import logging
 import math
-import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +28,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from planners.saliency import Saliency
+from planners.saliency import Saliency, model_identity
 from profiling.data import LazyTokenizer, documents, pack
 from profiling.observer import ExpertObserver
-from profiling.stats import eaft_weights, exact_percentile
+from profiling.spill import Spill
+from profiling.streamed import HEAD_CHUNK, StreamedModel, check_device, fits
+from profiling.weights import checkpoint_dtype
+from rewriter.checkpoint import Checkpoint
+from rewriter.errors import RewriterError
+
+log = logging.getLogger(__name__)
 
 TOP_ENTROPY = 20
 P_QUANTILE = 15.0
@@ -39,7 +45,7 @@ H_QUANTILE = 15.0
 
 
 def load_model(path: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat16):
-    """A causal LM from ``path``; MXFP4 (gpt-oss) checkpoints are dequantized to bf16."""
+    """A causal LM from ``path`` in ``dtype``; MXFP4 (gpt-oss) checkpoints are dequantized."""
     import json
 
     from transformers import AutoModelForCausalLM
@@ -52,31 +58,65 @@ def load_model(path: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat
         from transformers import Mxfp4Config
 
         kw["quantization_config"] = Mxfp4Config(dequantize=True)
+    if device != "cpu":  # straight to the device: no full copy in host memory first
+        kw["device_map"] = device
     model = AutoModelForCausalLM.from_pretrained(path, **kw)
     return model.to(device).eval()
 
 
+
 @torch.no_grad()
-def token_confidence(model, hidden: torch.Tensor, input_ids: torch.Tensor, chunk: int = 2048):
-    """Per position: probability of the next token and top-20 entropy / ln 20 (last: NaN)."""
+def reference_scores(lm_head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, input_ids: torch.Tensor,
+                     chunk: int = HEAD_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position: log-probability of the next token and top-20 entropy / ln 20 (last: NaN).
+
+    ``hidden`` is ``[B, T, H]`` after the model's final norm; logits are computed ``chunk``
+    positions at a time, so memory holds one chunk of logits whatever the vocabulary.
+    """
     b, t, _ = hidden.shape
     flat = hidden.reshape(b * t, -1)
     ref = torch.full((b, t), -1, dtype=torch.long, device=input_ids.device)
     ref[:, :-1] = input_ids[:, 1:]
     ref = ref.reshape(-1)
-    p = torch.empty(b * t, dtype=torch.float32, device=hidden.device)
-    h = torch.empty_like(p)
+    logp = torch.empty(b * t, dtype=torch.float32, device=hidden.device)
+    h = torch.empty_like(logp)
     for s in range(0, b * t, chunk):
-        logits = model.lm_head(flat[s : s + chunk]).float()
-        logp = torch.log_softmax(logits, dim=-1)
+        logits = lm_head(flat[s : s + chunk]).float()
+        full = torch.log_softmax(logits, dim=-1)
         r = ref[s : s + chunk]
-        p[s : s + chunk] = torch.where(r >= 0, logp.gather(1, r.clamp(min=0)[:, None])[:, 0].exp(),
-                                       torch.full_like(r, float("nan"), dtype=torch.float32))
+        nan = torch.full_like(r, float("nan"), dtype=torch.float32)
+        logp[s : s + chunk] = torch.where(r >= 0, full.gather(1, r.clamp(min=0)[:, None])[:, 0], nan)
         top = torch.topk(logits, min(TOP_ENTROPY, logits.shape[-1]), dim=-1).values
         q = torch.softmax(top, dim=-1)
         ent = -(q * torch.log(q.clamp_min(1e-30))).sum(-1) / math.log(TOP_ENTROPY)
-        h[s : s + chunk] = torch.where(r >= 0, ent, torch.full_like(ent, float("nan")))
-    return p, h
+        h[s : s + chunk] = torch.where(r >= 0, ent, nan)
+    return logp, h
+
+
+def token_confidence(model, hidden: torch.Tensor, input_ids: torch.Tensor, chunk: int = HEAD_CHUNK):
+    """Per position: probability of the next token and top-20 entropy / ln 20 (last: NaN)."""
+    logp, h = reference_scores(model.lm_head, hidden, input_ids, chunk)
+    return logp.exp(), h
+
+
+def batched(seqs: Iterable[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
+    """``[B, T]`` batches of up to ``batch_size`` sequences; sequences of unequal length
+    (a short final block) go one per batch."""
+    pending: list[np.ndarray] = []
+
+    def flush() -> Iterator[np.ndarray]:
+        if len({len(x) for x in pending}) == 1:
+            yield np.stack(pending)
+        else:
+            yield from (x[None] for x in pending)
+        pending.clear()
+
+    for seq in seqs:
+        pending.append(seq)
+        if len(pending) >= batch_size:
+            yield from flush()
+    if pending:
+        yield from flush()
 
 
 @dataclass
@@ -85,6 +125,26 @@ class ProfileStats:
     seconds: float
     p_lo: float
     h_lo: float
+    engine: dict[str, Any] | None = None  # the streamed engine's measurements
+
+
+def _record_pairs(spill: Spill, slot) -> None:
+    spill.pairs(slot.index, slot.last_ids.cpu().numpy(), slot.last_contrib.cpu().numpy())
+
+
+def _saliency_layers(spill: Spill, obs: ExpertObserver) -> tuple[dict[int, dict[str, tuple[float, ...]]], float, float]:
+    """freq, REAP and EAFT-REAP per MoE layer, from the observer's sums and the spill."""
+    if spill.tokens == 0:
+        raise ValueError("no calibration tokens")
+    p_lo, h_lo = spill.thresholds(P_QUANTILE, H_QUANTILE)
+    out = {}
+    for s in obs.slots:
+        freq, reap_sum = s.freq.cpu().numpy(), s.reap_sum.cpu().numpy()
+        reap = np.divide(reap_sum, freq, out=np.zeros_like(reap_sum), where=freq > 0)
+        eaft = spill.eaft(s.index, len(freq), p_lo, h_lo)
+        out[s.index] = {"freq": tuple(float(x) for x in freq), "reap": tuple(float(x) for x in reap),
+                        "eaft_reap": tuple(float(x) for x in eaft)}
+    return out, p_lo, h_lo
 
 
 @torch.no_grad()
@@ -96,78 +156,104 @@ def profile_model(
     spill_dir: str | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[dict[int, dict[str, tuple[float, ...]]], ProfileStats]:
-    """Profile ``model`` on packed sequences.
+    """Profile a loaded ``model`` on packed sequences.
 
     Returns:
         Per MoE layer ``{"freq", "reap", "eaft_reap"}`` lists, and run statistics.
     """
     device = next(model.parameters()).device
-    spill = Path(spill_dir or tempfile.mkdtemp(prefix="rewriter-profile-"))
-    spill.mkdir(parents=True, exist_ok=True)
-    files: list[Path] = []
-    tokens = 0
     t0 = time.perf_counter()
-    with ExpertObserver(model) as obs:
-        pending: list[np.ndarray] = []
+    with Spill(spill_dir) as spill, ExpertObserver(model) as obs:
+        for batch in batched(batches, batch_size):
+            ids = torch.as_tensor(batch, device=device)
+            hidden = model.model(input_ids=ids).last_hidden_state
+            p, h = token_confidence(model, hidden, ids)
+            for s in obs.slots:
+                _record_pairs(spill, s)
+            spill.confidence(p.cpu().numpy(), h.cpu().numpy())
+            if progress:
+                progress(ids.numel())
+        layers, p_lo, h_lo = _saliency_layers(spill, obs)
+        return layers, ProfileStats(spill.tokens, time.perf_counter() - t0, p_lo, h_lo)
 
-        def flush() -> None:
-            nonlocal tokens
-            lengths = {len(x) for x in pending}
-            groups = [pending] if len(lengths) == 1 else [[x] for x in pending]
-            for grp in groups:
-                ids = torch.as_tensor(np.stack(grp), device=device)
-                hidden = model.model(input_ids=ids).last_hidden_state
-                p, h = token_confidence(model, hidden, ids)
-                rec = {"p": p.cpu().numpy(), "h": h.cpu().numpy()}
-                for s in obs.slots:
-                    rec[f"ids{s.index}"] = s.last_ids.to(torch.int16).cpu().numpy()
-                    rec[f"c{s.index}"] = s.last_contrib.cpu().numpy()
-                f = spill / f"batch-{len(files):06d}.npz"
-                np.savez(f, **rec)
-                files.append(f)
-                tokens += ids.numel()
-                if progress:
-                    progress(ids.numel())
-            pending.clear()
 
-        for seq in batches:
-            pending.append(seq)
-            if len(pending) >= batch_size:
-                flush()
-        if pending:
-            flush()
-        freq = {s.index: s.freq.cpu().numpy() for s in obs.slots}
-        reap_sum = {s.index: s.reap_sum.cpu().numpy() for s in obs.slots}
-        layers = [s.index for s in obs.slots]
-    if not files:
-        raise ValueError("no calibration tokens")
+@torch.no_grad()
+def profile_streamed(
+    engine: StreamedModel,
+    batches: Sequence[np.ndarray],
+    *,
+    spill_dir: str | None = None,
+    progress: Callable[[int], None] | None = None,
+    on_layer: Callable[[int, int], None] | None = None,
+) -> tuple[dict[int, dict[str, tuple[float, ...]]], ProfileStats]:
+    """Profile with the layer-streamed engine; same results as :func:`profile_model`.
 
-    def chunks(key: str):
-        def it():
-            for f in files:
-                v = np.load(f)[key]
-                yield v[~np.isnan(v)]
-        return it
+    ``batches`` are ``[B, T]`` id arrays (see :func:`batched`); ``on_layer(done, total)`` is
+    called after each decoder layer.
+    """
+    t0 = time.perf_counter()
+    with Spill(spill_dir) as spill, ExpertObserver(engine.model, device=engine.device) as obs:
+        slots = {s.index: s for s in obs.slots}
 
-    p_lo = exact_percentile(chunks("p"), P_QUANTILE)
-    h_lo = exact_percentile(chunks("h"), H_QUANTILE)
-    eaft = {i: np.zeros_like(freq[i]) for i in layers}
-    for f in files:
-        rec = np.load(f)
-        valid = ~np.isnan(rec["p"])
-        w = np.where(valid, eaft_weights(np.nan_to_num(rec["p"]), np.nan_to_num(rec["h"]), p_lo, h_lo), 0.0)
-        for i in layers:
-            contrib = rec[f"c{i}"].astype(np.float64) * w[:, None]
-            eaft[i] += np.bincount(rec[f"ids{i}"].ravel().astype(np.int64), weights=contrib.ravel(),
-                                   minlength=len(eaft[i]))
-    if spill_dir is None:
-        shutil.rmtree(spill, ignore_errors=True)
-    out = {}
-    for i in layers:
-        reap = np.divide(reap_sum[i], freq[i], out=np.zeros_like(reap_sum[i]), where=freq[i] > 0)
-        out[i] = {"freq": tuple(float(x) for x in freq[i]), "reap": tuple(float(x) for x in reap),
-                  "eaft_reap": tuple(float(x) for x in eaft[i])}
-    return out, ProfileStats(tokens, time.perf_counter() - t0, p_lo, h_lo)
+        def after(layer: int, batch: int) -> None:
+            if layer in slots:
+                _record_pairs(spill, slots[layer])
+
+        def head(hidden: torch.Tensor, ids: torch.Tensor) -> None:
+            logp, h = reference_scores(engine.model.get_output_embeddings(), hidden, ids)
+            spill.confidence(logp.exp().cpu().numpy(), h.cpu().numpy())
+            if progress:
+                progress(ids.numel())
+
+        engine.run(batches, head, on_layer=after,
+                   progress=None if on_layer is None else (lambda _stage, done, total: on_layer(done, total)))
+        layers, p_lo, h_lo = _saliency_layers(spill, obs)
+        return layers, ProfileStats(spill.tokens, time.perf_counter() - t0, p_lo, h_lo, engine.stats.to_json())
+
+
+def use_streamed(ckpt: Checkpoint, dtype: torch.dtype, device: str, streamed: bool | None,
+                 gpu_memory: int | None) -> bool:
+    """``streamed`` when given; else streamed when the source is not local (from_pretrained reads
+    local folders only) or the model does not fit the device."""
+    if not ckpt.storage.is_local:
+        if streamed is False:
+            raise RewriterError(f"{ckpt.url}: a remote model can only be run streamed (transformers loads "
+                                f"local folders); drop --no-streamed, or download it first")
+        return True
+    if streamed is not None:
+        return streamed
+    ok, need, free = fits(ckpt, dtype, device, gpu_memory)
+    if not ok:
+        log.info("%s needs %.1f GiB as %s, %s has %.1f GiB: streaming layers", ckpt.url, need / 2**30,
+                 dtype, device, free / 2**30)
+    return not ok
+
+
+def tokenizer_dir(ckpt: Checkpoint, work: Path) -> str:
+    """A local folder with the checkpoint's tokenizer files (copied when the source is remote)."""
+    if ckpt.storage.is_local:
+        return ckpt.storage.root
+    for name in ckpt.files:
+        if name.startswith(("tokenizer", "special_tokens", "vocab", "merges")) and "/" not in name:
+            (work / name).write_bytes(ckpt.storage.read_all(name))
+    return str(work)
+
+
+def open_moe(model_path: str, storage_options: dict[str, Any] | None = None) -> Checkpoint:
+    """The checkpoint, refused (one clear error) before any weight is read when it is not a
+    supported MoE family."""
+    ckpt = Checkpoint.open(model_path, storage_options)
+    try:
+        _ = ckpt.layout
+    except BaseException:
+        ckpt.storage.close()
+        raise
+    return ckpt
+
+
+def eos_of(config: dict[str, Any]) -> int | None:
+    eos, vocab = config.get("eos_token_id"), config.get("vocab_size")
+    return eos if isinstance(eos, int) and isinstance(vocab, int) and eos < vocab else None
 
 
 def profile(
@@ -179,27 +265,65 @@ def profile(
     max_tokens: int | None = None,
     batch_size: int = 1,
     device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    streamed: bool | None = None,
+    gpu_memory: int | None = None,
+    storage_options: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
+    on_layer: Callable[[int, int], None] | None = None,
 ) -> Saliency:
-    """Load ``model_path``, profile it on ``data`` and return the saliency (one domain)."""
-    from planners.layouts import layout_for_config
+    """Profile ``model_path`` on ``data`` and return the saliency (one domain).
 
-    model = load_model(model_path, device)
-    cfg = model.config
-    tok = LazyTokenizer(model_path, cfg.vocab_size)
-    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, int) and cfg.eos_token_id < cfg.vocab_size else None
-    seqs = pack(documents(data, tok), seq_len, max_tokens, eos, cfg.vocab_size)
-    layers, stats = profile_model(model, seqs, batch_size=batch_size, progress=progress)
-    layout = layout_for_config(cfg.to_dict())
-    return Saliency(
-        domain=domain,
-        layers=layers,
-        tokens=stats.tokens,
-        model={"family": layout.family if layout else cfg.model_type, "name": str(model_path),
-               "num_layers": cfg.num_hidden_layers, "num_experts": len(next(iter(layers.values()))["freq"]),
-               "top_k": cfg.num_experts_per_tok},
-        method={"seq_len": seq_len, "batch_size": batch_size, "device": device, "data": [str(d) for d in data],
-                "eaft": {"p_quantile": P_QUANTILE, "h_quantile": H_QUANTILE, "p_lo": stats.p_lo, "h_lo": stats.h_lo,
-                         "top_entropy": TOP_ENTROPY},
-                "seconds": stats.seconds},
-    )
+    Args:
+        dtype: compute dtype; default the checkpoint's own (MXFP4 experts: bf16).
+        streamed: force (True) or forbid (False) the layer-streamed engine; default: streamed
+            when the model does not fit the device (or ``gpu_memory`` bytes) or is remote.
+    """
+    check_device(device)
+    ckpt = open_moe(model_path, storage_options)
+    try:
+        return _profile_open(ckpt, data, domain=domain, seq_len=seq_len, max_tokens=max_tokens,
+                             batch_size=batch_size, device=device, dtype=dtype, streamed=streamed,
+                             gpu_memory=gpu_memory, progress=progress, on_layer=on_layer)
+    finally:
+        ckpt.storage.close()
+
+
+def _profile_open(ckpt: Checkpoint, data: Sequence[str], *, domain: str, seq_len: int, max_tokens: int | None,
+                  batch_size: int, device: str, dtype: torch.dtype | None, streamed: bool | None,
+                  gpu_memory: int | None, progress: Callable[[int], None] | None,
+                  on_layer: Callable[[int, int], None] | None) -> Saliency:
+    model_path = ckpt.url
+    with tempfile.TemporaryDirectory(prefix="rewriter-tok-") as work_dir:
+        work = Path(work_dir)
+        cfg = ckpt.config
+        dtype = dtype or checkpoint_dtype(ckpt)
+        stream = use_streamed(ckpt, dtype, device, streamed, gpu_memory)
+        vocab = int(cfg["vocab_size"])
+        tok = LazyTokenizer(tokenizer_dir(ckpt, work), vocab)
+        docs = documents(data, tok)
+        try:  # a data error leaves the file open in the suspended generator until closed
+            seqs = pack(docs, seq_len, max_tokens, eos_of(cfg), vocab)
+            if stream:
+                engine = StreamedModel(ckpt, device=device, dtype=dtype, gpu_memory=gpu_memory)
+                layers, stats = profile_streamed(engine, list(batched(seqs, batch_size)), progress=progress,
+                                                 on_layer=on_layer)
+            else:
+                model = load_model(model_path, device, dtype)
+                layers, stats = profile_model(model, seqs, batch_size=batch_size, progress=progress)
+        finally:
+            docs.close()
+        method = {"seq_len": seq_len, "batch_size": batch_size, "device": device, "dtype": str(dtype).removeprefix("torch."),
+                  "streamed": stream, "data": [str(d) for d in data],
+                  "eaft": {"p_quantile": P_QUANTILE, "h_quantile": H_QUANTILE, "p_lo": stats.p_lo, "h_lo": stats.h_lo,
+                           "top_entropy": TOP_ENTROPY},
+                  "seconds": stats.seconds}
+        if stats.engine is not None:
+            method["engine"] = stats.engine
+        return Saliency(
+            domain=domain,
+            layers=layers,
+            tokens=stats.tokens,
+            model={**model_identity(ckpt), "name": str(model_path)},
+            method=method,
+        )

@@ -1,5 +1,9 @@
 """Teacher-forced evaluation of a causal LM on packed blocks of text packs.
 
+The model is loaded whole on one device, or run by the layer-streamed engine
+(:mod:`profiling.streamed`) when it does not fit (or ``streamed=True``): then every pack's blocks
+of one sequence length go through one pass over the layers.
+
 Per pack (and the union of all packs) and sequence length: perplexity, mean probability of the
 reference token, mean normalized top-20 entropy, the confident-conflict rate, and the 20 x 20
 histogram of (probability, entropy). With a base model the confident-conflict thresholds are the
@@ -8,8 +12,10 @@ base's 15th percentiles on the same tokens, and :mod:`quality.gates` decides nea
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +24,19 @@ import numpy as np
 import torch
 
 from profiling.data import LazyTokenizer, documents, pack
-from profiling.profile import TOP_ENTROPY, load_model
+from profiling.profile import (
+    TOP_ENTROPY,
+    batched,
+    eos_of,
+    load_model,
+    reference_scores,
+    tokenizer_dir,
+    use_streamed,
+)
+from profiling.streamed import StreamedModel, check_device
+from profiling.weights import checkpoint_dtype
 from quality.gates import Gates, check, histogram
+from rewriter.checkpoint import Checkpoint
 
 UNION = "union"
 
@@ -32,14 +49,18 @@ class Tokens:
     h: np.ndarray
 
 
-def load_blocks(model_path: str, packs: Sequence[str], seq_len: int, blocks: int | None, vocab: int,
+def load_blocks(tokenizer_path: str, packs: Sequence[str], seq_len: int, blocks: int | None, vocab: int,
                 eos: int | None) -> dict[str, list[np.ndarray]]:
     """Packed blocks per pack (named by file stem), at most ``blocks`` each."""
-    tok = LazyTokenizer(model_path, vocab)
+    tok = LazyTokenizer(tokenizer_path, vocab)
     out = {}
     for p in packs:
         limit = None if blocks is None else blocks * seq_len
-        out[Path(p).stem] = list(pack(documents([p], tok), seq_len, limit, eos, vocab))
+        docs = documents([p], tok)
+        try:
+            out[Path(p).stem] = list(pack(docs, seq_len, limit, eos, vocab))
+        finally:
+            docs.close()  # pack stops early: close the file now, not when collected
     return out
 
 
@@ -61,6 +82,57 @@ def score(model, blocks: list[np.ndarray], batch_size: int = 8) -> Tokens:
             q = torch.softmax(top, -1)
             hs.append((-(q * torch.log(q.clamp_min(1e-30))).sum(-1) / math.log(TOP_ENTROPY)).reshape(-1).cpu().numpy())
     return Tokens(np.concatenate(logps).astype(np.float64), np.concatenate(hs).astype(np.float64))
+
+
+def score_streamed(engine: StreamedModel, data: dict[str, list[np.ndarray]], batch_size: int = 8) -> dict[str, Tokens]:
+    """:func:`score` of every pack in one streamed pass over the model's layers."""
+    batches, owners = [], []
+    for name, blocks in data.items():
+        for b in batched(blocks, batch_size):
+            batches.append(b)
+            owners.append(name)
+
+    def head(hidden: torch.Tensor, ids: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        logp, h = reference_scores(engine.model.get_output_embeddings(), hidden, ids)
+        t = ids.shape[1]
+        return (logp.view(-1, t)[:, :-1].reshape(-1).cpu().numpy(), h.view(-1, t)[:, :-1].reshape(-1).cpu().numpy())
+
+    results = engine.run(batches, head)
+    out = {}
+    for name in data:
+        mine = [r for r, o in zip(results, owners) if o == name]
+        out[name] = Tokens(np.concatenate([r[0] for r in mine]).astype(np.float64),
+                           np.concatenate([r[1] for r in mine]).astype(np.float64))
+    return out
+
+
+@dataclass
+class Subject:
+    """A model under evaluation: its config, where its tokenizer is, and how it scores packs."""
+
+    config: dict[str, Any]
+    tokenizer_dir: str
+    score: Callable[[dict[str, list[np.ndarray]]], dict[str, Tokens]]
+    engine: StreamedModel | None = None  # the streamed engine, when the model is streamed
+
+
+def loaded_subject(model, path: str, batch_size: int) -> Subject:
+    return Subject(model.config.to_dict(), path, lambda data: {n: score(model, b, batch_size) for n, b in data.items()})
+
+
+def open_subject(path: str, stack: contextlib.ExitStack, *, device: str, dtype: torch.dtype | None,
+                 streamed: bool | None, gpu_memory: int | None, storage_options: dict[str, Any] | None,
+                 batch_size: int) -> Subject:
+    """Open ``path`` (headers only) and choose the whole-model or streamed path for it."""
+    ckpt = Checkpoint.open(path, storage_options)
+    stack.callback(ckpt.storage.close)
+    dtype = dtype or checkpoint_dtype(ckpt)
+    work = stack.enter_context(tempfile.TemporaryDirectory(prefix="rewriter-tok-"))
+    tok = tokenizer_dir(ckpt, Path(work))
+    if not use_streamed(ckpt, dtype, device, streamed, gpu_memory):
+        return loaded_subject(load_model(path, device, dtype), tok, batch_size)
+    engine = StreamedModel(ckpt, device=device, dtype=dtype, gpu_memory=gpu_memory)
+    return Subject(ckpt.config, tok, lambda data: score_streamed(engine, data, batch_size), engine)
 
 
 def summarize(t: Tokens, p_lo: float, h_lo: float) -> dict[str, Any]:
@@ -94,49 +166,72 @@ def evaluate(
     model=None,
     base_model=None,
     base_cache: dict | None = None,
+    dtype: torch.dtype | None = None,
+    streamed: bool | None = None,
+    gpu_memory: int | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model_path`` (and ``compare``, the base) on ``packs``.
 
     ``model``/``base_model`` may be given already loaded; ``base_cache`` keeps the base's token
     scores between calls (the quality benchmark evaluates many pruned models against one base).
+    ``dtype``, ``streamed`` and ``gpu_memory`` choose how models that are not given are run
+    (defaults: the checkpoint's dtype; streamed when the model does not fit the device).
 
     Returns:
         ``{"rows": [...], "pass": bool | None, "gates": {...}}``; one row per (pack, seq-len),
         the union last, each with the model's summary and, with a base, ``base`` and ``check``.
     """
     gates = gates or Gates()
-    model = model if model is not None else load_model(model_path, device)
-    cfg = model.config
-    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, int) and cfg.eos_token_id < cfg.vocab_size else None
-    if compare is not None and base_model is None and (base_cache is None or not base_cache):
-        base_model = load_model(compare, device)
-    rows = []
-    for seq_len in seq_lens:
-        data = load_blocks(model_path, packs, seq_len, blocks, cfg.vocab_size, eos)
-        scored = {name: score(model, b, batch_size) for name, b in data.items()}
-        scored[UNION] = Tokens(np.concatenate([t.logp for t in scored.values()]),
-                               np.concatenate([t.h for t in scored.values()]))
-        base_scored: dict[str, Tokens] = {}
-        if compare is not None:
-            key = (compare, seq_len, tuple(packs), blocks)
-            if base_cache is not None and key in base_cache:
-                base_scored = base_cache[key]
-            else:
-                base_scored = {name: score(base_model, b, batch_size) for name, b in data.items()}
-                base_scored[UNION] = Tokens(np.concatenate([t.logp for t in base_scored.values()]),
-                                            np.concatenate([t.h for t in base_scored.values()]))
-                if base_cache is not None:
-                    base_cache[key] = base_scored
-        for name, t in scored.items():
-            ref = base_scored.get(name, t)
-            p_lo, h_lo = thresholds(ref)
-            row: dict[str, Any] = {"pack": name, "seq_len": seq_len, **summarize(t, p_lo, h_lo)}
+    check_device(device)
+    opts = dict(device=device, dtype=dtype, streamed=streamed, gpu_memory=gpu_memory,
+                storage_options=storage_options, batch_size=batch_size)
+    with contextlib.ExitStack() as stack:
+        subject = (loaded_subject(model, model_path, batch_size) if model is not None
+                   else open_subject(model_path, stack, **opts))
+        base: Subject | None = None
+        if compare is not None and base_model is not None:
+            base = loaded_subject(base_model, compare, batch_size)
+        cfg = subject.config
+        rows = []
+        for seq_len in seq_lens:
+            data = load_blocks(subject.tokenizer_dir, packs, seq_len, blocks, int(cfg["vocab_size"]), eos_of(cfg))
+            scored = _with_union(subject.score(data))
+            base_scored: dict[str, Tokens] = {}
             if compare is not None:
-                row["base"] = summarize(ref, p_lo, h_lo)
-                row["check"] = check(row["base"], row, gates)
-            rows.append(row)
+                key = (compare, seq_len, tuple(packs), blocks)
+                if base_cache is not None and key in base_cache:
+                    base_scored = base_cache[key]
+                else:
+                    base = base or open_subject(compare, stack, **opts)
+                    base_scored = _with_union(base.score(data))
+                    if base_cache is not None:
+                        base_cache[key] = base_scored
+            rows += _rows(scored, base_scored, seq_len, compare is not None, gates)
     verdict = all(r["check"]["pass"] for r in rows) if compare is not None else None
-    return {"model": model_path, "base": compare, "rows": rows, "pass": verdict, "gates": gates.to_json()}
+    result = {"model": model_path, "base": compare, "rows": rows, "pass": verdict, "gates": gates.to_json()}
+    if subject.engine is not None:  # measurements of the model's last streamed pass
+        result["engine"] = subject.engine.stats.to_json()
+    return result
+
+
+def _with_union(scored: dict[str, Tokens]) -> dict[str, Tokens]:
+    union = Tokens(np.concatenate([t.logp for t in scored.values()]), np.concatenate([t.h for t in scored.values()]))
+    return {**scored, UNION: union}
+
+
+def _rows(scored: dict[str, Tokens], base_scored: dict[str, Tokens], seq_len: int, compare: bool,
+          gates: Gates) -> list[dict[str, Any]]:
+    rows = []
+    for name, t in scored.items():
+        ref = base_scored.get(name, t)
+        p_lo, h_lo = thresholds(ref)
+        row: dict[str, Any] = {"pack": name, "seq_len": seq_len, **summarize(t, p_lo, h_lo)}
+        if compare:
+            row["base"] = summarize(ref, p_lo, h_lo)
+            row["check"] = check(row["base"], row, gates)
+        rows.append(row)
+    return rows
 
 
 def format_table(result: dict[str, Any]) -> str:

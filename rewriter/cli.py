@@ -48,13 +48,15 @@ def main(verbose: int) -> None:
 @click.option("--preset", required=True, help="Geometry: 20b, 120b, tiny, tiny-bf16, small.")
 @click.option("--layers", type=POSITIVE, default=None, help="Keep the preset's per-layer geometry with N layers.")
 @click.option("--sparse", is_flag=True, help="Real headers over holes: full geometry at no disk cost.")
+@click.option("--computing", is_flag=True,
+              help="Weights that compute (finite, unit-scale activations): for profile and eval runs.")
 @click.option("--force", is_flag=True, help="Write into OUT even when it is not empty (same-named files are replaced).")
 @click.option("--quiet", is_flag=True, help="No progress.")
 @click.argument("out", type=click.Path(file_okay=False))
 @_fail_cleanly
-def synth(preset: str, layers: int | None, sparse: bool, force: bool, quiet: bool, out: str) -> None:
+def synth(preset: str, layers: int | None, sparse: bool, computing: bool, force: bool, quiet: bool, out: str) -> None:
     """Write a synthetic gpt-oss checkpoint to OUT (a new or empty folder)."""
-    from bench_io.synth import all_tensors, write_checkpoint
+    from bench_io.synth import all_tensors, computing_chunks, write_checkpoint
     from bench_io.synth import preset as get_preset
     from rewriter.format import nbytes_of
     from rewriter.progress import ByteProgress
@@ -63,13 +65,15 @@ def synth(preset: str, layers: int | None, sparse: bool, force: bool, quiet: boo
         g = get_preset(preset, layers)
     except KeyError as e:
         raise click.BadParameter(str(e.args[0]), param_hint="--preset") from None
+    if computing and sparse:
+        raise click.BadParameter("a sparse checkpoint has no weights to compute with", param_hint="--computing")
     if os.path.isdir(out) and os.listdir(out) and not force:
         raise click.BadParameter(f"{out} is not empty; refusing to mix two checkpoints in one folder: choose "
                                  f"a new folder or pass --force to write into it anyway", param_hint="OUT")
     on_interrupt(f"{out} holds a partial checkpoint; run the same command with --force to write it again")
     bar = ByteProgress(label="synth", enabled=not quiet and not sparse)
     bar.start(sum(nbytes_of(d, shape) for _, d, shape in all_tensors(g)))
-    index = write_checkpoint(out, g, sparse=sparse, progress=bar)
+    index = write_checkpoint(out, g, sparse=sparse, progress=bar, values=computing_chunks if computing else None)
     bar.close()
     shards = len(set(index["weight_map"].values()))
     click.echo(f"wrote {out}: {g.num_layers} layers x {g.num_experts} experts, {shards} shards, "
@@ -548,93 +552,139 @@ def dry_run_cmd(src: str, layer_ids: tuple[int, ...], scratch: str | None, buffe
 
 # --- saliency ------------------------------------------------------------------------------------
 
+#: Options of the commands that run a model: device, dtype, streaming, memory cap, storage.
+engine_options = _options(
+    click.option("--device", default=None, help="cuda[:N] or cpu (default: cuda when available)."),
+    click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
+                 show_default=True, help="Compute dtype; auto: the checkpoint's own (MXFP4 experts: bfloat16)."),
+    click.option("--streamed/--no-streamed", default=None,
+                 help="Run one decoder layer at a time (default: when the model does not fit the device)."),
+    click.option("--gpu-memory", type=float, default=None, metavar="GB",
+                 help="Device memory to stay within (GiB); hidden states beyond it go to host memory."),
+    click.option("--storage-options", type=JSON_OBJECT, default=None,
+                 help="fsspec options for MODEL as JSON (endpoint_url, key…)."),
+)
+
+
+def _engine_kwargs(device: str | None, dtype: str, gpu_memory: float | None,
+                   storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    import torch
+
+    if gpu_memory is not None and gpu_memory <= 0:
+        raise click.BadParameter(f"{gpu_memory} is not a positive number of GiB", param_hint="--gpu-memory")
+    return {"device": device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            "dtype": None if dtype == "auto" else getattr(torch, dtype),
+            "gpu_memory": None if gpu_memory is None else int(gpu_memory * (1 << 30)),
+            "storage_options": storage_options or {}}
+
+
 @main.command()
 @click.argument("model")
 @click.option("--data", "data", multiple=True, required=True,
               help="Calibration file: .jsonl (text or input_ids), .npy ids, or plain text (repeat).")
 @click.option("--out", required=True, help="Saliency file to write.")
 @click.option("--domain", default="default", show_default=True, help="Name of this calibration domain.")
-@click.option("--seq-len", type=int, default=2048, show_default=True)
-@click.option("--max-tokens", type=int, default=None, help="Stop after this many tokens.")
-@click.option("--batch-size", type=int, default=1, show_default=True, help="Sequences per forward pass.")
-@click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
-@click.option("--quiet", is_flag=True)
+@click.option("--seq-len", type=POSITIVE, default=2048, show_default=True, help="Tokens per packed sequence.")
+@click.option("--max-tokens", type=POSITIVE, default=None, help="Stop after this many tokens.")
+@click.option("--batch-size", type=POSITIVE, default=1, show_default=True, help="Sequences per forward pass.")
+@engine_options
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress.")
 @_fail_cleanly
 def profile(model: str, data: tuple[str, ...], out: str, domain: str, seq_len: int, max_tokens: int | None,
-            batch_size: int, device: str | None, quiet: bool) -> None:
-    """Measure each expert's saliency (freq, REAP, EAFT-REAP) of gpt-oss MODEL on calibration text.
+            batch_size: int, device: str | None, dtype: str, streamed: bool | None, gpu_memory: float | None,
+            storage_options: dict[str, Any] | None, force: bool, quiet: bool) -> None:
+    """Measure each expert's saliency (freq, REAP, EAFT-REAP) of MODEL on calibration text.
 
-    Needs the torch extra (pip install '.[torch]').
+    MODEL is a checkpoint of any supported MoE family (rewriter inspect lists them), in a local
+    folder or at an fsspec URL (s3://, hf://…). A model that does not fit the device is run one
+    decoder layer at a time (--streamed). Needs the torch extra (pip install '.[torch]').
     """
-    import torch
-
     from profiling.profile import profile as run_profile
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kw = _engine_kwargs(device, dtype, gpu_memory, storage_options)
+    refuse_existing_file(out, "--out", force)  # before the profile, not after hours of it
     bar = TokenProgress(enabled=not quiet)
-    sal = run_profile(model, list(data), domain=domain, seq_len=seq_len, max_tokens=max_tokens,
-                      batch_size=batch_size, device=device, progress=bar)
-    bar.close()
-    sal.save(out)
+    try:
+        sal = run_profile(model, list(data), domain=domain, seq_len=seq_len, max_tokens=max_tokens,
+                          batch_size=batch_size, streamed=streamed, progress=bar, on_layer=bar.layer, **kw)
+    finally:
+        bar.close()
+    save_saliency(sal, out, force)
+    how = "streamed" if sal.method.get("streamed") else "whole model"
     click.echo(f"wrote {out}: domain {domain}, {sal.tokens:,} tokens, {len(sal.layers)} MoE layers, "
-               f"{sal.method['seconds']:.1f} s ({sal.tokens / max(sal.method['seconds'], 1e-9):,.0f} tokens/s)")
+               f"{sal.method['seconds']:.1f} s ({sal.tokens / max(sal.method['seconds'], 1e-9):,.0f} tokens/s, "
+               f"{how}, {sal.method['dtype']})")
 
 
 class TokenProgress:
-    """Tokens profiled, tokens/s."""
+    """Tokens profiled and tokens/s on stderr: redrawn in place on a terminal, otherwise a plain
+    line every few seconds (as :class:`rewriter.progress.ByteProgress` does for bytes)."""
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, log_every: float = 5.0):
         import time
 
+        from rewriter.progress import _is_terminal
+
         self.enabled, self.done, self.t0, self.last = enabled, 0, time.monotonic(), 0.0
+        self.tty = _is_terminal(sys.stderr)
+        self.every = 0.5 if self.tty else log_every
+        self.drawn = False
+
+    def _say(self, text: str) -> None:
+        click.echo(f"\r{text} " if self.tty else text, err=True, nl=not self.tty)
+        self.drawn = True
 
     def __call__(self, n: int) -> None:
         import time
 
         self.done += n
         now = time.monotonic()
-        if self.enabled and now - self.last > 0.5:
+        if self.enabled and now - self.last >= self.every:
             self.last = now
-            click.echo(f"\rprofile {self.done:,} tokens, {self.done / max(now - self.t0, 1e-9):,.0f} tokens/s ",
-                       err=True, nl=False)
+            self._say(f"profile: {self.done:,} tokens, {self.done / max(now - self.t0, 1e-9):,.0f} tokens/s")
+
+    def layer(self, done: int, total: int) -> None:
+        if self.enabled:
+            self._say(f"profile: decoder layer {done}/{total}")
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and self.tty and self.drawn:
             click.echo("", err=True)
 
 
 @main.command("eval")
 @click.argument("model")
 @click.option("--data", "packs", multiple=True, required=True, help="Evaluation pack (.jsonl/.npy/text; repeat).")
-@click.option("--seq-len", "seq_lens", type=int, multiple=True, help="Block length (repeat; default 1024).")
-@click.option("--blocks", type=int, default=16, show_default=True, help="Blocks per pack and sequence length.")
+@click.option("--seq-len", "seq_lens", type=POSITIVE, multiple=True, help="Block length (repeat; default 1024).")
+@click.option("--blocks", type=POSITIVE, default=16, show_default=True, help="Blocks per pack and sequence length.")
 @click.option("--compare", default=None, help="Base model: report deltas and the near-lossless gates.")
-@click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@engine_options
+@click.option("--batch-size", type=POSITIVE, default=8, show_default=True, help="Blocks per forward pass.")
 @click.option("--gate-ppl-abs", type=float, default=0.25, show_default=True, help="Allowed perplexity rise (absolute).")
 @click.option("--gate-ppl-rel", type=float, default=0.05, show_default=True, help="Allowed perplexity rise (share of base).")
 @click.option("--gate-mean-p", type=float, default=0.02, show_default=True, help="Allowed |Δ mean reference probability|.")
 @click.option("--gate-cc", type=float, default=0.002, show_default=True, help="Allowed |Δ confident-conflict rate|.")
 @click.option("--gate-jsd", type=float, default=0.02, show_default=True, help="Allowed JSD of the (p, entropy) histograms.")
 @click.option("--plot", default=None, help="Write a PNG of the (p, entropy) histograms here.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_fail_cleanly
 def eval_cmd(model: str, packs: tuple[str, ...], seq_lens: tuple[int, ...], blocks: int, compare: str | None,
-             device: str | None, batch_size: int, gate_ppl_abs: float, gate_ppl_rel: float, gate_mean_p: float,
+             device: str | None, dtype: str, streamed: bool | None, gpu_memory: float | None,
+             storage_options: dict[str, Any] | None, batch_size: int, gate_ppl_abs: float, gate_ppl_rel: float, gate_mean_p: float,
              gate_cc: float, gate_jsd: float, plot: str | None, as_json: bool) -> None:
     """Teacher-forced quality of MODEL per pack; with --compare, deltas and near-lossless gates.
 
-    Exit status 1 when --compare is given and any gate fails (rule: docs/eval.md).
+    Exit status 1 when --compare is given and any gate fails (rule: docs/eval.md). Models that
+    do not fit the device are run one decoder layer at a time (--streamed; docs/streaming.md).
     """
-    import torch
-
     from quality.evaluate import evaluate, format_table, plot_histograms
     from quality.gates import Gates
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     gates = Gates(gate_ppl_abs, gate_ppl_rel, gate_mean_p, gate_cc, gate_jsd)
     result = evaluate(model, list(packs), seq_lens=seq_lens or (1024,), blocks=blocks, compare=compare,
-                      device=device, gates=gates, batch_size=batch_size)
+                      gates=gates, batch_size=batch_size, streamed=streamed,
+                      **_engine_kwargs(device, dtype, gpu_memory, storage_options))
     if plot:
         plot_histograms(result, plot)
     if as_json:

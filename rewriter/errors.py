@@ -25,6 +25,10 @@ class SaliencyError(RewriterError):
     """A saliency file or keep list is malformed or does not fit the checkpoint."""
 
 
+class DeviceError(RewriterError):
+    """The compute device asked for cannot be used (no CUDA, unknown device)."""
+
+
 class PolicyError(RewriterError):
     """A keep policy cannot be satisfied (impossible keep count, top-k, multiples)."""
 

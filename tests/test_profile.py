@@ -179,6 +179,14 @@ def test_profile_cli_drives_prune_and_the_pruned_model_loads(tmp_path):
         "--domain", "words", "--device", "cpu", "--quiet")
     sal = json.loads((tmp_path / "s.json").read_text())
     assert sal["domain"] == "words" and sal["tokens"] > 0 and set(sal["layers"]) == {"0", "1"}
+    from planners.saliency import model_identity
+    from rewriter.checkpoint import Checkpoint
+
+    assert {k: sal["model"][k] for k in model_identity(Checkpoint.open(str(tiny)))} == \
+        model_identity(Checkpoint.open(str(tiny)))
+    before = (tmp_path / "s.json").read_bytes()
+    again = cli("profile", tiny, "--data", data, "--out", tmp_path / "s.json", "--device", "cpu", "--quiet", expect=2)
+    assert "--force" in again and (tmp_path / "s.json").read_bytes() == before
     cli("prune", tiny, tmp_path / "dst", "--saliency", tmp_path / "s.json", "--keep-frac", "0.5",
         "--rank", "eaft_reap", "--quiet")
     from transformers import GptOssForCausalLM, Mxfp4Config

@@ -1,0 +1,446 @@
+"""The layer-streamed engine: run a model larger than the device, one decoder layer at a time.
+
+The model is a skeleton on the meta device. Every batch is first embedded, and the model's own
+forward records what it passes each decoder layer (attention masks, rotary embeddings, position
+ids: whatever that family and transformers version use, sliding-window layers included) while
+each layer is replaced by a recorder that returns its input. Then, layer by layer, only that
+layer's tensors are read through the storage layer (a reader thread fetches the next layer while
+the current one computes), put on the device, dequantized there, and every batch's hidden states
+go through it with what its recorder kept. The final norm and ``lm_head`` come last.
+
+Hidden states of all tokens stay on the device within an activation budget; the rest live in
+(pinned) host memory, one tensor per batch. The device holds about two layers of weights plus
+that budget, whatever the number of layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from profiling.weights import Recipes, build, checkpoint_dtype, dense_bytes, fp8_block, read_tensors
+from rewriter.checkpoint import Checkpoint
+from rewriter.errors import DeviceError, RewriterError
+
+log = logging.getLogger(__name__)
+GiB = 1 << 30
+#: Device memory kept free for kernels' workspace and allocator slack when sizing the budget.
+WORKSPACE = 2 * GiB
+#: Tokens per chunk when computing logits from the final hidden states.
+HEAD_CHUNK = 2048
+
+
+@dataclass
+class LayerTiming:
+    """Seconds spent on one decoder layer: reading (reader thread), waiting for the read,
+    moving to the device and dequantizing, and computing every batch."""
+
+    layer: int
+    read_s: float = 0.0
+    wait_s: float = 0.0
+    load_s: float = 0.0
+    compute_s: float = 0.0
+    raw_bytes: int = 0
+    weight_bytes: int = 0
+
+
+@dataclass
+class EngineStats:
+    """What a streamed run measured."""
+
+    layers: list[LayerTiming] = field(default_factory=list)
+    embed_s: float = 0.0
+    head_s: float = 0.0
+    total_s: float = 0.0
+    peak_weight_bytes: int = 0  # layer weights held at once: raw bytes read ahead + built parameters
+    activation_bytes: int = 0
+    activations_on_device: int = 0
+    activation_budget: int = 0
+    peak_device_bytes: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: ([vars(t) for t in v] if k == "layers" else v) for k, v in vars(self).items()}
+
+
+class WeightLedger:
+    """Bytes of layer weights alive (read ahead or built), and their peak; thread-safe (the
+    reader thread adds what it reads)."""
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.peak = 0
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.held += n
+            self.peak = max(self.peak, self.held)
+
+    def drop(self, n: int) -> None:
+        with self._lock:
+            self.held -= n
+
+
+class _Stop(Exception):
+    """Ends the recording forward once the last recorder has run."""
+
+
+def fits(ckpt: Checkpoint, dtype: torch.dtype, device: str, gpu_memory: int | None) -> tuple[bool, int, int]:
+    """Whether the whole model (dequantized to ``dtype``) fits ``device``.
+
+    Returns:
+        (fits, bytes the weights need, bytes available: ``gpu_memory`` or free memory, with a
+        fifth kept for activations).
+    """
+    need = dense_bytes(ckpt, dtype)
+    if gpu_memory is not None:
+        free = gpu_memory
+    elif device.startswith("cuda"):
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return need <= 0.8 * free, need, free
+
+
+def check_device(device: str) -> None:
+    """A clear error for a device torch cannot use, before anything is loaded."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; "
+                          f"use --device cpu, or install a CUDA build of torch on a machine with a GPU")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise DeviceError(f"--device {device}: expected cpu or cuda[:N]")
+
+
+def skeleton(config: dict[str, Any], dtype: torch.dtype):
+    """The causal LM of ``config`` on the meta device (no memory, no initialization)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cfg = {k: v for k, v in config.items() if k not in ("quantization_config", "transformers_version")}
+    model_type = cfg.pop("model_type", None)
+    if model_type not in CONFIG_MAPPING:
+        raise RewriterError(f"config.json: model_type {model_type!r} is not known to this transformers")
+    conf = CONFIG_MAPPING[model_type](**cfg)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(conf)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def fp32_patterns(model, dtype: torch.dtype) -> list[str]:
+    """Parameters transformers keeps in float32 when loading in ``dtype`` (its dtype plan)."""
+    out: list[str] = []
+    if dtype in (torch.float16, torch.bfloat16):
+        out += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    if dtype == torch.float16:
+        out += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    return out
+
+
+class StreamedModel:
+    """A checkpoint run layer by layer on one device.
+
+    Args:
+        ckpt: the opened checkpoint (headers only are read until :meth:`run`).
+        device: ``cpu`` or ``cuda[:N]``.
+        dtype: compute dtype (default: the checkpoint's own).
+        gpu_memory: bytes of device memory to stay within (activations beyond the budget go to
+            host memory); on CUDA it also caps torch's allocator.
+    """
+
+    def __init__(self, ckpt: Checkpoint, *, device: str = "cpu", dtype: torch.dtype | None = None,
+                 gpu_memory: int | None = None):
+        self.ckpt = ckpt
+        self.device = torch.device(device)
+        self.dtype = dtype or checkpoint_dtype(ckpt)
+        self.gpu_memory = gpu_memory
+        self.model = skeleton(ckpt.config, self.dtype)
+        self.base = self.model.base_model
+        self.recipes = Recipes(ckpt, self.dtype, fp32_patterns(self.model, self.dtype))
+        self.block = fp8_block(ckpt.config)
+        self.prefix = {id(m): name for name, m in self.model.named_modules()}
+        self.ledger = WeightLedger()
+        self.stats = EngineStats()
+        self._pin = self.device.type == "cuda"
+        self._rotary()
+
+    def _rotary(self) -> None:
+        """Rotary buffers are computed, not stored: rebuild them as transformers does (on the CPU,
+        then moved), so they are bit-identical to a normally loaded model's."""
+        rot = getattr(self.base, "rotary_emb", None)
+        if rot is not None:
+            self.base.rotary_emb = type(rot)(config=self.model.config).to(self.device)
+
+    # --- weights -----------------------------------------------------------------------------
+
+    def _keys(self, module: torch.nn.Module) -> list[str]:
+        persistent = list(module.state_dict().keys())
+        buffers = {n for n, _ in module.named_buffers()}
+        missing = buffers - set(persistent)
+        if missing:
+            raise RewriterError(f"{type(module).__name__} has computed buffers {sorted(missing)} that the "
+                                f"streamed engine cannot restore; run without --streamed")
+        return persistent
+
+    def plan(self, module: torch.nn.Module) -> list:
+        prefix = self.prefix[id(module)]
+        return [self.recipes.recipe(f"{prefix}.{k}") for k in self._keys(module)]
+
+    def read(self, module: torch.nn.Module) -> tuple[list, dict[str, torch.Tensor], float]:
+        """Read ``module``'s tensors (the reader thread runs this); the ledger counts them until
+        the caller drops them."""
+        t0 = time.perf_counter()
+        recipes = self.plan(module)
+        stored = read_tensors(self.ckpt.storage, self.recipes.sources(recipes), pin=self._pin)
+        self.ledger.add(sum(t.nbytes for t in stored.values()))
+        return recipes, stored, time.perf_counter() - t0
+
+    def load(self, module: torch.nn.Module, recipes: list, stored: dict[str, torch.Tensor]) -> int:
+        """Build ``module``'s parameters on the device; returns their bytes."""
+        prefix = self.prefix[id(module)] + "."
+        state = {r.key[len(prefix):]: build(r, stored, self.device, self.block) for r in recipes}
+        try:
+            module.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as e:
+            raise RewriterError(f"{self.ckpt.url}: tensors of {prefix[:-1]} do not fit the model that "
+                                f"config.json describes: {str(e).splitlines()[-1].strip()}") from None
+        n = sum(t.nbytes for t in state.values())
+        self.ledger.add(n)
+        return n
+
+    def free(self, module: torch.nn.Module, nbytes: int) -> None:
+        module.to_empty(device="meta")
+        self.ledger.drop(nbytes)
+
+    def _load_now(self, module: torch.nn.Module) -> int:
+        recipes, stored, _ = self.read(module)
+        n = self.load(module, recipes, stored)
+        self.ledger.drop(sum(t.nbytes for t in stored.values()))
+        return n
+
+    # --- running -----------------------------------------------------------------------------
+
+    def _record(self, ids: torch.Tensor, want_args: bool) -> tuple[torch.Tensor, list | None]:
+        """Layer 0's input for ``ids`` and, when ``want_args``, every layer's call arguments
+        (everything but the hidden states) as the model's own forward passes them."""
+        layers = self.base.layers
+        calls: list[tuple[tuple, dict]] = []
+        first: list[torch.Tensor] = []
+
+        def recorder(i: int) -> Callable[..., Any]:
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                hidden = args[0] if args else kwargs.pop("hidden_states")
+                if i == 0:
+                    first.append(hidden)
+                calls.append((tuple(args[1:]), dict(kwargs)))
+                if i == len(layers) - 1 or not want_args:
+                    raise _Stop
+                return hidden
+            return forward
+
+        for i, layer in enumerate(layers):
+            layer.forward = recorder(i)
+        try:
+            self.base(input_ids=ids, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            for layer in layers:
+                del layer.forward
+        return first[0], (calls if want_args else None)
+
+    def run(self, batches: Sequence[np.ndarray], head: Callable[[torch.Tensor, torch.Tensor], Any], *,
+            on_layer: Callable[[int, int], None] | None = None,
+            progress: Callable[[str, int, int], None] | None = None) -> list[Any]:
+        """Every batch (``[B, T]`` token ids) through the whole model.
+
+        Args:
+            head: called per batch with the final hidden states (after the model's norm) and
+                the ids; its results are returned in batch order. ``self.model.lm_head`` is
+                loaded while it runs.
+            on_layer: called after each (layer, batch) forward (the observer reads its slots).
+            progress: ``(stage, done, total)`` after each layer.
+        """
+        t_start = time.perf_counter()
+        self.stats, self.ledger = EngineStats(), WeightLedger()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            with torch.no_grad():
+                store, args = self._embed(batches)
+                self._layers(batches, store, args, on_layer, progress)
+                out = self._head(batches, store, head)
+        finally:
+            if self.device.type == "cuda" and self.gpu_memory is not None:
+                torch.cuda.set_per_process_memory_fraction(1.0, self._index())
+        self.stats.total_s = time.perf_counter() - t_start
+        if self.device.type == "cuda":
+            self.stats.peak_device_bytes = torch.cuda.max_memory_allocated(self.device)
+        return out
+
+    def _embed(self, batches: Sequence[np.ndarray]) -> tuple[ActivationStore, dict[tuple[int, ...], list]]:
+        t0 = time.perf_counter()
+        embed = self.base.get_input_embeddings()
+        n = self._load_now(embed)
+        layer_bytes = max(self._layer_bytes(i) for i in range(len(self.base.layers)))
+        store = ActivationStore(self.device, self._activation_budget(layer_bytes), self._pin)
+        args: dict[tuple[int, ...], list] = {}
+        for i, b in enumerate(batches):
+            ids = torch.as_tensor(b, device=self.device)
+            shape = tuple(ids.shape)
+            hidden, calls = self._record(ids, shape not in args)
+            if calls is not None:
+                args[shape] = calls
+            store.put(i, hidden)
+        self.free(embed, n)
+        self.stats.embed_s = time.perf_counter() - t0
+        self.stats.activation_budget = store.budget
+        self.stats.activation_bytes = store.total
+        self.stats.activations_on_device = store.on_device
+        return store, args
+
+    def _layer_bytes(self, i: int) -> int:
+        """Bytes of layer ``i``'s parameters once built (from the skeleton's shapes)."""
+        layer = self.base.layers[i]
+        size = torch.tensor([], dtype=self.dtype).element_size()
+        return sum(p.numel() * size for p in layer.parameters())
+
+    def _activation_budget(self, layer_bytes: int) -> int:
+        """Device bytes for hidden states: the memory cap (or free memory) less what the layer
+        phase or the head phase needs at most, and a workspace."""
+        if self.device.type != "cuda":
+            return 1 << 62
+        cap = self.gpu_memory
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        if cap is not None:
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), self._index())
+        else:
+            cap = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_allocated(self.device)
+        size = torch.tensor([], dtype=self.dtype).element_size()
+        head = self.base.get_input_embeddings().weight.numel() * size
+        # The layer phase holds one built layer, its raw bytes and dequantization temporaries;
+        # the head phase the output embedding and float32 logits of one chunk (several copies).
+        layer_phase = layer_bytes + layer_bytes // 2
+        head_phase = head + HEAD_CHUNK * self.model.config.vocab_size * 4 * 4
+        return max(0, cap - torch.cuda.memory_allocated(self.device) - max(layer_phase, head_phase) - WORKSPACE)
+
+    def _layers(self, batches: Sequence[np.ndarray], store: ActivationStore, args: dict,
+                on_layer: Callable[[int, int], None] | None,
+                progress: Callable[[str, int, int], None] | None) -> None:
+        layers = self.base.layers
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-reader") as reader:
+            ahead: Future | None = reader.submit(self.read, layers[0])
+            for i, layer in enumerate(layers):
+                timing = LayerTiming(i)
+                t0 = time.perf_counter()
+                assert ahead is not None
+                recipes, stored, timing.read_s = ahead.result()
+                timing.wait_s = time.perf_counter() - t0
+                timing.raw_bytes = sum(t.nbytes for t in stored.values())
+                ahead = reader.submit(self.read, layers[i + 1]) if i + 1 < len(layers) else None
+                t1 = time.perf_counter()
+                timing.weight_bytes = self.load(layer, recipes, stored)
+                del stored
+                self.ledger.drop(timing.raw_bytes)
+                self._sync()
+                timing.load_s = time.perf_counter() - t1
+                t2 = time.perf_counter()
+                for b in range(len(batches)):
+                    x = store.get(b)
+                    rest, kwargs = args[tuple(batches[b].shape)][i]
+                    y = layer(x, *rest, **kwargs)
+                    store.put(b, y[0] if isinstance(y, tuple) else y)
+                    if on_layer is not None:
+                        on_layer(i, b)
+                self._sync()
+                timing.compute_s = time.perf_counter() - t2
+                self.free(layer, timing.weight_bytes)
+                self.stats.layers.append(timing)
+                self.stats.peak_weight_bytes = self.ledger.peak
+                if progress is not None:
+                    progress("layer", i + 1, len(layers))
+
+    def _head(self, batches: Sequence[np.ndarray], store: ActivationStore, head) -> list[Any]:
+        t0 = time.perf_counter()
+        norm, lm_head = self.base.norm, self.model.get_output_embeddings()
+        n_norm = self._load_now(norm)
+        n_head = self._load_now(lm_head) if not self._tied() else self._load_tied(lm_head)
+        out = []
+        for b in range(len(batches)):
+            ids = torch.as_tensor(batches[b], device=self.device)
+            out.append(head(norm(store.get(b)), ids))
+            store.drop(b)
+        self.free(norm, n_norm)
+        self.free(lm_head, n_head)
+        self.stats.head_s = time.perf_counter() - t0
+        return out
+
+    def _tied(self) -> bool:
+        prefix = self.prefix[id(self.model.get_output_embeddings())]
+        return prefix + ".weight" not in self.ckpt.tensors and bool(
+            getattr(self.model.config, "tie_word_embeddings", False))
+
+    def _load_tied(self, lm_head: torch.nn.Module) -> int:
+        embed = self.base.get_input_embeddings()
+        recipe = self.recipes.recipe(self.prefix[id(embed)] + ".weight")
+        stored = read_tensors(self.ckpt.storage, self.recipes.sources([recipe]), pin=self._pin)
+        w = build(recipe, stored, self.device, self.block)
+        lm_head.load_state_dict({"weight": w}, strict=False, assign=True)
+        self.ledger.add(w.nbytes)
+        return w.nbytes
+
+    def _index(self) -> int:
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class ActivationStore:
+    """Hidden states of every batch: on the device within ``budget`` bytes, else in host memory
+    (pinned for CUDA, so copies in both directions are asynchronous)."""
+
+    def __init__(self, device: torch.device, budget: int, pin: bool):
+        self.device, self.budget, self.pin = device, budget, pin
+        self.used = 0
+        self.total = 0
+        self.on_device = 0
+        self._items: dict[int, torch.Tensor] = {}
+
+    def put(self, i: int, x: torch.Tensor) -> None:
+        old = self._items.get(i)
+        if old is None:
+            self.total += x.nbytes
+            if self.used + x.nbytes <= self.budget or self.device.type == "cpu":
+                self.used += x.nbytes
+                self.on_device += x.nbytes
+                self._items[i] = x
+            else:
+                host = torch.empty(x.shape, dtype=x.dtype, pin_memory=self.pin)
+                host.copy_(x, non_blocking=self.pin)
+                self._items[i] = host
+        elif old.device == x.device:
+            self._items[i] = x
+        else:
+            old.copy_(x, non_blocking=self.pin)
+
+    def get(self, i: int) -> torch.Tensor:
+        return self._items[i].to(self.device, non_blocking=self.pin)
+
+    def drop(self, i: int) -> None:
+        self._items.pop(i, None)
