@@ -53,30 +53,49 @@ def documents(paths: Sequence[str | Path], tokenizer) -> Iterator[list[int]]:
     """Token ids per document.
 
     Accepted files: ``.jsonl`` with a ``text`` field (tokenized) or an ``input_ids`` field
-    (used as is), ``.npy`` (one 1-D array of ids), anything else as one plain-text document.
+    (used as is), ``.npy`` (one 1-D array of ids), anything else as one plain-text (UTF-8)
+    document. A file that is none of these raises :class:`DataError` naming it.
     """
     for p in map(Path, paths):
-        if not p.exists():
-            raise DataError(f"{p}: file not found")
-        if p.suffix == ".npy":
-            yield np.load(p).astype(np.int64).ravel().tolist()
-        elif p.suffix == ".jsonl":
-            with open(p, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        doc = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{p}:{n}: not valid JSON ({e})") from None
-                    if "input_ids" in doc:
-                        yield [int(i) for i in doc["input_ids"]]
-                    elif "text" in doc:
-                        yield _encode(tokenizer, doc["text"])
-                    else:
-                        raise DataError(f"{p}:{n}: expected a \"text\" or \"input_ids\" field")
-        else:
-            yield _encode(tokenizer, p.read_text(encoding="utf-8"))
+        if not p.is_file():
+            raise DataError(f"{p}: {'is a folder' if p.is_dir() else 'file not found'}; --data takes "
+                            f".jsonl, .npy or UTF-8 text files")
+        try:
+            if p.suffix == ".npy":
+                yield _ids(np.load(p, allow_pickle=False).ravel().tolist(), str(p))
+            elif p.suffix == ".jsonl":
+                yield from _jsonl(p, tokenizer)
+            else:
+                yield _encode(tokenizer, p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{p}: not UTF-8 text (byte {e.start}); --data takes .jsonl, .npy or UTF-8 "
+                            f"text files") from None
+        except (ValueError, OSError) as e:
+            raise DataError(f"{p}: cannot read it as {p.suffix or 'text'} data ({e})") from None
+
+
+def _jsonl(p: Path, tokenizer) -> Iterator[list[int]]:
+    with open(p, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}:{n}: not valid JSON ({e})") from None
+            if isinstance(doc, dict) and "input_ids" in doc:
+                yield _ids(doc["input_ids"], f"{p}:{n}")
+            elif isinstance(doc, dict) and isinstance(doc.get("text"), str):
+                yield _encode(tokenizer, doc["text"])
+            else:
+                raise DataError(f"{p}:{n}: expected an object with a \"text\" string or an \"input_ids\" list")
+
+
+def _ids(values: object, where: str) -> list[int]:
+    if not isinstance(values, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                               for i in values):
+        raise DataError(f"{where}: token ids must be a list of non-negative integers")
+    return values
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -108,6 +127,9 @@ def pack(docs: Iterator[list[int]], seq_len: int, max_tokens: int | None = None,
             yield np.asarray(buf[:seq_len], dtype=np.int64)
             emitted += seq_len
             del buf[:seq_len]
-    if emitted == 0 and buf:
+    if emitted == 0:
         n = len(buf) if max_tokens is None else min(len(buf), max_tokens)
+        if n < 2:
+            raise DataError(f"the data holds {n} token(s); at least 2 are needed (a token and the next one "
+                            f"it predicts): give more text")
         yield np.asarray(buf[:n], dtype=np.int64)
