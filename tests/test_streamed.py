@@ -326,3 +326,19 @@ def test_auto_streams_only_when_the_model_does_not_fit(tiny, tmp_path):
     assert profile(str(tiny), data, seq_len=16).method["streamed"] is False
     assert profile(str(tiny), data, seq_len=16, gpu_memory=need).method["streamed"] is True  # needs 80 % free
     assert profile(str(tiny), data, seq_len=16, gpu_memory=2 * need).method["streamed"] is False
+
+
+@pytest.mark.parametrize("command", ["profile", "eval"])
+def test_data_that_is_not_text_or_too_short_is_one_clear_error(tmp_path, fresh_tiny, command):
+    binary = tmp_path / "bin.dat"
+    binary.write_bytes(bytes(range(128, 256)) * 4)
+    jsonl = tmp_path / "odd.jsonl"
+    jsonl.write_text('[1, 2]\n')
+    short = tmp_path / "short.txt"
+    short.write_text("")
+    out_args = ["--out", tmp_path / "s.json", "--quiet"] if command == "profile" else []
+    for data, says in ((binary, "not UTF-8 text"), (jsonl, "expected an object"), (short, "at least 2 are needed"),
+                       (tmp_path, "is a folder")):
+        out = cli(command, fresh_tiny, "--data", data, "--device", "cpu", *out_args, expect=2)
+        assert out.startswith("error: ") and says in out and "internal error" not in out, out
+    assert not (tmp_path / "s.json").exists()
