@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from bench_io.synth import Geometry, synthetic_saliency, write_checkpoint
+from rewriter.synth import Geometry, synthetic_saliency, write_checkpoint
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -205,7 +205,7 @@ def _dd_command(plan_path: Path, out: Path) -> list[str]:
 
 def bench_planning(work: Path) -> dict[str, Any]:
     """Plan the full 120B geometry (sparse: headers only) in-process and as a CLI process."""
-    from bench_io.synth import PRESETS
+    from rewriter.synth import PRESETS
     from planners.plan import build_plan
     from planners.policies import Domain, KeepPolicy, select_keep
     from rewriter.checkpoint import Checkpoint

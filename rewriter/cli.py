@@ -54,8 +54,8 @@ def main(verbose: int) -> None:
 @_fail_cleanly
 def synth(preset: str, layers: int | None, sparse: bool, force: bool, quiet: bool, out: str) -> None:
     """Write a synthetic gpt-oss checkpoint to OUT (a new or empty folder)."""
-    from bench_io.synth import all_tensors, write_checkpoint
-    from bench_io.synth import preset as get_preset
+    from rewriter.synth import all_tensors, write_checkpoint
+    from rewriter.synth import preset as get_preset
     from rewriter.format import nbytes_of
     from rewriter.progress import ByteProgress
 
@@ -86,7 +86,7 @@ def synth(preset: str, layers: int | None, sparse: bool, force: bool, quiet: boo
 @_fail_cleanly
 def synth_saliency(ckpt: str, out: str, domain: str, seed: int, force: bool) -> None:
     """Write plausible random saliency for CKPT (for trying the planner without a GPU)."""
-    from bench_io.synth import synthetic_saliency
+    from rewriter.synth import synthetic_saliency
     from planners.saliency import model_identity
     from rewriter.checkpoint import Checkpoint
 

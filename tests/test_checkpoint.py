@@ -9,7 +9,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from bench_io.synth import PRESETS, write_checkpoint
+from rewriter.synth import PRESETS, write_checkpoint
 from rewriter.checkpoint import Checkpoint
 from rewriter.errors import CheckpointError, FormatError
 from tests.conftest import REFERENCE, cli

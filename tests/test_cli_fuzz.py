@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bench_io.synth import PRESETS, synthetic_saliency, write_checkpoint
+from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
 from rewriter.cli import main
 from tests.conftest import cli, source_digest
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bench_io.synth import PRESETS, synthetic_saliency, write_checkpoint
+from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
 from planners.saliency import load_saliency, model_identity
 from rewriter.checkpoint import Checkpoint
 from rewriter.cli import main

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from bench_io.synth import Geometry, synthetic_saliency, write_checkpoint
+from rewriter.synth import Geometry, synthetic_saliency, write_checkpoint
 from rewriter.checkpoint import Checkpoint
 from tests.conftest import cli
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from bench_io.synth import PRESETS, Geometry, synthetic_saliency, write_checkpoint
+from rewriter.synth import PRESETS, Geometry, synthetic_saliency, write_checkpoint
 from planners.plan import Plan
 from rewriter.checkpoint import Checkpoint
 from rewriter.executor import execute

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench_io.synth import PRESETS, synthetic_saliency, write_checkpoint
+from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
 from rewriter.checkpoint import Checkpoint
 from tests.conftest import cli
 

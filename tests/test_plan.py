@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from bench_io.synth import PRESETS, synthetic_saliency, write_checkpoint
+from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
 from planners.cost import estimate
 from planners.layouts import GPT_OSS
 from planners.plan import Plan, assign_shards, build_plan

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from bench_io.synth import PRESETS, synthetic_saliency, write_checkpoint
+from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
 from planners.plan import Plan
 from planners.saliency import model_identity
 from rewriter.checkpoint import Checkpoint

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from bench_io.synth import PRESETS, synthetic_saliency, write_checkpoint
+from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
 from planners.plan import Plan
 from rewriter.errors import ExecutionError
 from rewriter.executor import execute

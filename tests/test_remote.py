@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bench_io.synth import PRESETS, synthetic_saliency, write_checkpoint
+from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
 from planners.plan import Plan
 from rewriter.checkpoint import Checkpoint
 from rewriter.executor import execute
