@@ -205,10 +205,10 @@ def _dd_command(plan_path: Path, out: Path) -> list[str]:
 
 def bench_planning(work: Path) -> dict[str, Any]:
     """Plan the full 120B geometry (sparse: headers only) in-process and as a CLI process."""
-    from rewriter.synth import PRESETS
     from planners.plan import build_plan
     from planners.policies import Domain, KeepPolicy, select_keep
-    from rewriter.checkpoint import Checkpoint
+    from rewriter.core.checkpoint import Checkpoint
+    from rewriter.synth import PRESETS
 
     src = work / "120b-sparse"
     if not (src / "model.safetensors.index.json").exists():
@@ -230,7 +230,7 @@ def bench_s3(g: Geometry, work: Path) -> dict[str, Any]:
     """A rewrite sourced from the loopback S3 server: bytes fetched vs written."""
     from bench_io.s3server import start_s3
     from planners.plan import Plan
-    from rewriter.executor import execute
+    from rewriter.exec.executor import execute
 
     src, sal = _source(work, "s3-src", g)
     server = start_s3(work / "moto.log")

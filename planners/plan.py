@@ -17,19 +17,18 @@ from functools import cached_property
 from typing import Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
-from planners.layouts import Layout
 from planners.policies import KeepDecision
-from rewriter.checkpoint import (
+from rewriter.core.checkpoint import (
     CONFIG_NAME,
     INDEX_NAME,
     Checkpoint,
     TensorInfo,
     relative_name_problem,
 )
-from rewriter.errors import PlanError
-from rewriter.format import PREFIX_BYTES, encode_header, parse_header
+from rewriter.core.errors import PlanError
+from rewriter.core.format import PREFIX_BYTES, encode_header, parse_header
+from rewriter.core.layouts import Layout
 
 PLAN_FORMAT = "moe-rewriter-plan"
 PLAN_VERSION = 1
@@ -326,7 +325,7 @@ def _without_paths(entry: Any) -> Any:
 def source_location(storage: Any) -> str:
     """The URL a plan records for a source: local paths made absolute (so a plan, and the
     ``pruning.json`` that carries it, works from any folder and on shared storage)."""
-    if isinstance(storage.fs, LocalFileSystem):
+    if storage.is_local:
         return os.path.abspath(storage.root)
     return str(storage.url)
 

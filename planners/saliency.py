@@ -35,10 +35,10 @@ from typing import TYPE_CHECKING, Any
 
 import fsspec
 
-from rewriter.errors import SaliencyError
+from rewriter.core.errors import SaliencyError
 
 if TYPE_CHECKING:
-    from rewriter.checkpoint import Checkpoint
+    from rewriter.core.checkpoint import Checkpoint
 
 FORMAT = "moe-rewriter-saliency"
 VERSION = 1

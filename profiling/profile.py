@@ -182,7 +182,7 @@ def profile(
     progress: Callable[[int], None] | None = None,
 ) -> Saliency:
     """Load ``model_path``, profile it on ``data`` and return the saliency (one domain)."""
-    from planners.layouts import layout_for_config
+    from rewriter.core.layouts import layout_for_config
 
     model = load_model(model_path, device)
     cfg = model.config

@@ -59,8 +59,8 @@ def run(scale_name: str = "full", device: str = "cuda", work: Path = Path("quali
     from planners.saliency import load_saliency
     from profiling.profile import load_model, profile
     from quality.evaluate import evaluate
-    from rewriter.checkpoint import Checkpoint
-    from rewriter.executor import execute
+    from rewriter.core.checkpoint import Checkpoint
+    from rewriter.exec.executor import execute
 
     scale = SCALES[scale_name]
     t_start = time.perf_counter()

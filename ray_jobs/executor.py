@@ -19,23 +19,12 @@ from typing import Any
 import ray
 
 from planners.plan import OutputShard, Plan
-from rewriter.copy import abort_multipart, begin_multipart, complete_multipart, supports_multipart
-from rewriter.errors import ExecutionError, RewriterError
-from rewriter.executor import (
-    DEFAULT_BUFFER_BYTES,
-    Part,
-    RunResult,
-    ShardResult,
-    begin_parts,
-    commit_parts,
-    execute,
-    hash_file,
-    split_parts,
-    write_output_shard,
-    write_part,
-    write_part_multipart,
-)
-from rewriter.storage import Storage
+from rewriter.core.errors import ExecutionError, RewriterError
+from rewriter.core.storage import Storage
+from rewriter.exec.copy import DEFAULT_BUFFER_BYTES
+from rewriter.exec.destination import Destination, open_destination
+from rewriter.exec.executor import RunResult, ShardResult, execute, write_output_shard
+from rewriter.exec.parts import Part, split_parts, write_part
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +46,7 @@ class _Assembly:
     parts_left: int
     result: ShardResult
     t0: float
-    path: str | None = None
-    upload_id: str | None = None
+    handle: str
     uploaded: list[dict[str, Any]] = field(default_factory=list)
     done: bool = False
 
@@ -83,7 +71,7 @@ class ShardWriter:
     def __init__(self, src_url: str, src_options: Mapping[str, Any], dst_url: str, dst_options: Mapping[str, Any],
                  buffer_bytes: int, zero_copy: bool, drop_cache: bool, board_name: str):
         self.src = Storage(src_url, src_options)
-        self.dst = Storage(dst_url, dst_options)
+        self.dst = open_destination(dst_url, dst_options)
         self.buffer_bytes = buffer_bytes
         self.zero_copy = zero_copy
         self.drop_cache = drop_cache
@@ -109,19 +97,13 @@ class ShardWriter:
         self.board.report.remote(out.name, r.size)
         return asdict(r)
 
-    def write_part_multipart(self, part: Part, upload_id: str, upload_part_bytes: int) -> dict[str, Any]:
+    def write_part(self, part: Part, handle: str, upload_part_bytes: int) -> dict[str, Any]:
         key = f"{part.shard}#{part.index}"
-        stats, parts = write_part_multipart(part, self.src, self.dst, upload_id, upload_part_bytes,
-                                            buffer_bytes=self.buffer_bytes, progress=self._progress(key))
+        stats, parts = write_part(part, handle, self.src, self.dst, upload_part_bytes=upload_part_bytes,
+                                  buffer_bytes=self.buffer_bytes, progress=self._progress(key),
+                                  zero_copy=self.zero_copy)
         self.board.report.remote(key, part.length)
         return {"stats": asdict(stats), "parts": parts}
-
-    def write_part(self, part: Part, path: str) -> dict[str, Any]:
-        key = f"{part.shard}#{part.index}"
-        stats = write_part(part, path, self.src, buffer_bytes=self.buffer_bytes,
-                           progress=self._progress(key), zero_copy=self.zero_copy)
-        self.board.report.remote(key, part.length)
-        return {"stats": asdict(stats), "parts": []}
 
 
 @dataclass
@@ -129,7 +111,7 @@ class _Driver:
     """Hands shards and parts to free actors, one task each, and publishes finished shards."""
 
     plan: Plan
-    dst: Storage
+    dst: Destination
     actors: list[Any]
     board: Any
     part_bytes: int
@@ -142,7 +124,7 @@ class _Driver:
 
     def run(self, todo: list[OutputShard], record: Callable[[ShardResult], None]) -> None:
         """The executor's runner: write ``todo``, reporting each shard as it is published."""
-        splittable = self.dst.is_local or supports_multipart(self.dst)
+        splittable = self.dst.takes_parts
         tasks: list[tuple[str, Any]] = []  # ("shard", OutputShard) or ("part", Part)
         try:
             for out in todo:
@@ -153,26 +135,20 @@ class _Driver:
             self._drive(tasks, record)
         finally:
             for asm in self.assemblies.values():
-                if asm.upload_id and not asm.done:
-                    abort_multipart(self.dst, asm.out.name, asm.upload_id)
+                if not asm.done:
+                    self.dst.abort_parts(asm.out.name, asm.handle)
 
     def _begin(self, out: OutputShard) -> list[Part]:
         parts = split_parts(out, self.part_bytes)
-        asm = _Assembly(out, len(parts), ShardResult(out.name, out.size, ""), time.perf_counter())
-        if self.dst.is_local:
-            asm.path = begin_parts(self.dst, out, self.plan.digest)
-        else:
-            asm.upload_id = begin_multipart(self.dst, out.name)
+        handle = self.dst.begin_parts(out.name, out.size, self.plan.digest)
+        asm = _Assembly(out, len(parts), ShardResult(out.name, out.size, ""), time.perf_counter(), handle)
         self.assemblies[out.name] = asm
         return parts
 
     def _submit(self, actor: Any, kind: str, payload: Any) -> Any:
         if kind == "shard":
             return actor.write_shard.remote(payload)
-        asm = self.assemblies[payload.shard]
-        if asm.upload_id:
-            return actor.write_part_multipart.remote(payload, asm.upload_id, self.upload_part_bytes)
-        return actor.write_part.remote(payload, asm.path)
+        return actor.write_part.remote(payload, self.assemblies[payload.shard].handle, self.upload_part_bytes)
 
     def _drive(self, tasks: list[tuple[str, Any]], record: Callable[[ShardResult], None]) -> None:
         free = list(self.actors)
@@ -215,12 +191,8 @@ class _Driver:
 
     def _finish(self, asm: _Assembly) -> ShardResult:
         """Publish a shard whose parts are all written; its sha256 is read back once."""
-        if asm.path:
-            asm.result.sha256 = commit_parts(self.dst, asm.out, asm.path, self.buffer_bytes, self.drop_cache)
-        else:
-            assert asm.upload_id
-            complete_multipart(self.dst, asm.out.name, asm.upload_id, asm.uploaded)
-            asm.result.sha256 = hash_file(self.dst, asm.out.name, self.buffer_bytes)
+        asm.result.sha256 = self.dst.commit_parts(asm.out.name, asm.out.size, asm.handle, asm.uploaded,
+                                                  self.buffer_bytes, self.drop_cache)
         asm.done = True
         asm.result.seconds = time.perf_counter() - asm.t0
         return asm.result
@@ -249,7 +221,7 @@ def execute_on_ray(
 ) -> RunResult:
     """Carry out ``plan`` into ``dst_url`` with ``workers`` Ray actors.
 
-    Same destination protocol as :func:`rewriter.executor.execute` (journal, atomic shards,
+    Same destination protocol as :func:`rewriter.exec.executor.execute` (journal, atomic shards,
     index last, resume), so a Ray run and a local run of one plan produce identical bytes.
     ``address`` connects to a running cluster (``"auto"`` inside ``ray job submit``); without
     it a local Ray instance is started (or the one already initialised is used).
@@ -273,7 +245,7 @@ def execute_on_ray(
     )
     actors = [actor_cls.remote(plan.source_url, src_options, dst_url, dst_options, buffer_bytes, zero_copy,
                                drop_cache, board_name) for _ in range(max(1, workers))]
-    driver = _Driver(plan, Storage(dst_url, dst_options), actors, board, part_bytes, upload_part_bytes,
+    driver = _Driver(plan, open_destination(dst_url, dst_options), actors, board, part_bytes, upload_part_bytes,
                      buffer_bytes, drop_cache, max_task_retries, progress)
     try:
         return execute(plan, dst_url, src_options=src_options, dst_options=dst_options, buffer_bytes=buffer_bytes,

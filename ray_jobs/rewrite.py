@@ -17,7 +17,7 @@ import sys
 
 from planners.plan import Plan
 from ray_jobs.executor import DEFAULT_PART_BYTES, execute_on_ray
-from rewriter.errors import RewriterError
+from rewriter.core.errors import RewriterError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,10 +54,10 @@ def main(verbose: int) -> None:
 @_fail_cleanly
 def synth(preset: str, layers: int | None, sparse: bool, force: bool, quiet: bool, out: str) -> None:
     """Write a synthetic gpt-oss checkpoint to OUT (a new or empty folder)."""
+    from rewriter.core.format import nbytes_of
+    from rewriter.progress import ByteProgress
     from rewriter.synth import all_tensors, write_checkpoint
     from rewriter.synth import preset as get_preset
-    from rewriter.format import nbytes_of
-    from rewriter.progress import ByteProgress
 
     try:
         g = get_preset(preset, layers)
@@ -86,9 +86,9 @@ def synth(preset: str, layers: int | None, sparse: bool, force: bool, quiet: boo
 @_fail_cleanly
 def synth_saliency(ckpt: str, out: str, domain: str, seed: int, force: bool) -> None:
     """Write plausible random saliency for CKPT (for trying the planner without a GPU)."""
-    from rewriter.synth import synthetic_saliency
     from planners.saliency import model_identity
-    from rewriter.checkpoint import Checkpoint
+    from rewriter.core.checkpoint import Checkpoint
+    from rewriter.synth import synthetic_saliency
 
     refuse_existing_file(out, "--out", force)
     c = Checkpoint.open(ckpt)
@@ -189,7 +189,7 @@ def _load_domains(kw: dict[str, Any], ckpt: Any, n_exp: int, moe: list[int]) -> 
     """Saliency files as weighted domains, checked against the model they claim to score."""
     from planners.policies import Domain
     from planners.saliency import has_identity, identity_mismatch, load_saliency, model_identity
-    from rewriter.errors import SaliencyError
+    from rewriter.core.errors import SaliencyError
 
     weights = {}
     for w in kw["weights"]:
@@ -222,7 +222,7 @@ def make_plan(src: str, *, layers_only: list[int] | None = None, layers_option: 
     from planners.plan import build_plan
     from planners.policies import KeepPolicy, select_keep, validate_keep_list
     from planners.saliency import load_keep_list
-    from rewriter.checkpoint import Checkpoint
+    from rewriter.core.checkpoint import Checkpoint
 
     if kw["keep_list"] and kw["saliency"]:
         raise click.UsageError("give --saliency or --keep-list, not both")
@@ -341,7 +341,7 @@ def plan(src: str, layers: str | None, buffer_mib: int, out: str | None, as_json
 def _bandwidths(read_mbps: float | None, write_mbps: float | None, measure_dir: str | None) -> tuple[float, float]:
     read_bw, write_bw = 1e9, 1e9
     if measure_dir:
-        from rewriter.probe import measure_disk
+        from rewriter.exec.probe import measure_disk
 
         read_bw, write_bw = measure_disk(measure_dir)
     if read_mbps:
@@ -372,7 +372,7 @@ def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bo
              dst_options: dict[str, Any] | None, use_ray: bool, address: str | None, ray_workers: int, quiet: bool,
              as_json: bool, allow_nonuniform: bool, src_options: dict[str, Any] | None) -> None:
     from planners.cost import human_bytes
-    from rewriter.executor import execute
+    from rewriter.exec.executor import execute
     from rewriter.progress import ByteProgress
 
     bar = ByteProgress(enabled=not quiet and not as_json)
@@ -495,7 +495,7 @@ def verify(paths: tuple[str, ...], buffer_mib: int, src_options: dict[str, Any] 
         raise click.UsageError("give [SRC] DST")
     src, dst = (None, paths[0]) if len(paths) == 1 else paths
     from planners.cost import human_bytes
-    from rewriter.verify import verify as do_verify
+    from rewriter.exec.verify import verify as do_verify
 
     report = do_verify(src, dst, src_options=src_options or {}, dst_options=dst_options or {},
                        buffer_bytes=buffer_mib * MiB)
@@ -526,7 +526,7 @@ def dry_run_cmd(src: str, layer_ids: tuple[int, ...], scratch: str | None, buffe
                 as_json: bool, **kw: Any) -> None:
     """Rewrite only the given layers' expert tensors and report time, bytes and peak RSS per layer."""
     from planners.cost import human_bytes, shard_label
-    from rewriter.dryrun import dry_run
+    from rewriter.exec.dryrun import dry_run
 
     p, _ = make_plan(src, layers_only=sorted(set(layer_ids)), layers_option="--layer", **kw)
     on_interrupt(f"the probe's scratch files are removed{f' from {scratch}' if scratch else ''}")
@@ -660,7 +660,7 @@ def import_reap_cmd(observer_file: str, out: str, domain: str, force: bool, mode
     """
     from planners.saliency import model_identity
     from profiling.reap_import import import_reap
-    from rewriter.checkpoint import Checkpoint
+    from rewriter.core.checkpoint import Checkpoint
 
     refuse_existing_file(out, "--out", force)
     identity = model_identity(Checkpoint.open(model_ckpt)) if model_ckpt else None
@@ -691,7 +691,7 @@ def check(ckpt: str, targets: tuple[str, ...], ep: int | None, as_json: bool, st
     warnings do not fail.
     """
     from planners.serving import TARGETS, check_facts, checkpoint_facts, failures, format_verdicts
-    from rewriter.checkpoint import Checkpoint
+    from rewriter.core.checkpoint import Checkpoint
 
     c = Checkpoint.open(ckpt, storage_options or {})
     facts = checkpoint_facts(c)
@@ -721,18 +721,18 @@ def card(dst: str, base_model: str | None, eval_json: str | None, run_verify: bo
 
     Each run renders the whole card, so give every extra you want in it.
     """
-    from rewriter.modelcard import load_eval, update_card
-    from rewriter.storage import Storage
+    from rewriter.exec.destination import open_destination
+    from rewriter.exec.modelcard import load_eval, update_card
 
-    storage = Storage(dst, (dst_options or {}))
+    destination = open_destination(dst, (dst_options or {}))
     report = None
     if run_verify:
-        from rewriter.verify import verify as do_verify
+        from rewriter.exec.verify import verify as do_verify
 
         report = do_verify(None, dst, src_options=(src_options or {}), dst_options=(dst_options or {})).to_json()
     result = load_eval(eval_json) if eval_json else None
-    update_card(storage, base_model=base_model, verify=report, eval_result=result)
-    click.echo(f"wrote {storage.describe('README.md')}" + (f" (verify: {'OK' if report['ok'] else 'FAILED'})" if report else ""))
+    update_card(destination, base_model=base_model, verify=report, eval_result=result)
+    click.echo(f"wrote {destination.describe('README.md')}" + (f" (verify: {'OK' if report['ok'] else 'FAILED'})" if report else ""))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rewriter.format import encode_header, nbytes_of, reference_order
+from rewriter.core.format import encode_header, nbytes_of, reference_order
 
 _TILE_BYTES = 1 << 16
 

@@ -115,7 +115,7 @@ def test_soft_prune_equals_structural_prune(sources, tmp_path, top_k):
     cli("soft-prune", src, tmp_path / "soft", "--keep-list", tmp_path / "keep.json", "--quiet", *extra)
     cli("prune", src, tmp_path / "hard", "--keep-list", tmp_path / "keep.json", "--quiet", *extra)
     assert "OK" in cli("verify", src, tmp_path / "soft")
-    from rewriter.checkpoint import Checkpoint
+    from rewriter.core.checkpoint import Checkpoint
 
     s_ck, o_ck = Checkpoint.open(str(tmp_path / "soft")), Checkpoint.open(str(src))
     assert set(s_ck.tensors) == set(o_ck.tensors)

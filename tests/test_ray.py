@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
 from planners.plan import Plan
-from rewriter.errors import ExecutionError
-from rewriter.executor import execute
+from rewriter.core.errors import ExecutionError
+from rewriter.exec.executor import execute
+from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
 from tests.conftest import cli, tree_digest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -113,8 +113,8 @@ def test_ray_to_s3_in_multipart_parts(ray_cluster, s3, medium_plan, tmp_path):
     import hashlib
 
     from ray_jobs.executor import execute_on_ray
-    from rewriter.executor import split_parts
-    from rewriter.verify import verify
+    from rewriter.exec.parts import split_parts
+    from rewriter.exec.verify import verify
 
     src, plan, expected = medium_plan
     assert any(len(split_parts(o, 5 << 20)) > 1 for o in plan.outputs)

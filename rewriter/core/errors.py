@@ -41,12 +41,6 @@ class CardError(RewriterError):
     """A model card cannot be written: no complete output, or an unreadable eval result."""
 
 
-class VerificationError(RewriterError):
-    """Output bytes differ from their planned source slices."""
-
-    exit_code = 1
-
-
 class DestinationLockedError(ExecutionError):
     """Another run holds the destination's lock (``DST/.rewriter/lock``).
 

@@ -10,15 +10,16 @@ import hashlib
 import json
 import posixpath
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from rewriter.errors import CheckpointError, FormatError
-from rewriter.format import PREFIX_BYTES, Header, parse_header, read_prefix
-from rewriter.storage import Storage
+from rewriter.core.errors import CheckpointError, FormatError
+from rewriter.core.format import PREFIX_BYTES, Header, parse_header, read_prefix
+from rewriter.core.layouts import Layout, detect_layout
+from rewriter.core.storage import Storage
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -120,7 +121,6 @@ class Checkpoint:
         shards: shard name -> :class:`ShardInfo`, sorted by name.
         tensors: tensor name -> :class:`TensorInfo`, in the index's order.
         files: every other file of the checkpoint (tokenizer, generation config, …).
-        index_total_size: ``metadata.total_size`` of the index, when it has one.
     """
 
     def __init__(
@@ -130,14 +130,12 @@ class Checkpoint:
         shards: dict[str, ShardInfo],
         tensors: dict[str, TensorInfo],
         files: list[str],
-        index_total_size: int | None,
     ):
         self.storage = storage
         self.config = config
         self.shards = shards
         self.tensors = tensors
         self.files = files
-        self.index_total_size = index_total_size
 
     @classmethod
     def open(
@@ -156,7 +154,7 @@ class Checkpoint:
             FormatError: a shard whose header breaks the safetensors rules.
         """
         storage = storage or Storage(url, storage_options)
-        files = storage.list_files() if storage.fs.isdir(storage.root) else []
+        files = storage.list_files() if storage.isdir() else []
         if INDEX_NAME not in files and SINGLE_NAME not in files:
             mixup = _usual_mixup(storage)
             if mixup:
@@ -225,7 +223,7 @@ class Checkpoint:
                 f"hold {data_total:,} bytes of tensor data"
             )
         others = [f for f in files if f not in shards and f != INDEX_NAME]
-        return cls(storage, config, shards, tensors, others, total)
+        return cls(storage, config, shards, tensors, others)
 
     @property
     def url(self) -> str:
@@ -241,19 +239,13 @@ class Checkpoint:
         return self.config.get("model_type")
 
     @cached_property
-    def layout(self):  # -> planners.layouts.Layout (planners builds on this module)
+    def layout(self) -> Layout:
         """The model family's expert layout, detected from the config and tensor names."""
-        from planners.layouts import detect_layout
-
         return detect_layout(self)
 
     @property
     def family(self) -> str:
         return self.layout.family
-
-    def physical_order(self) -> Iterator[TensorInfo]:
-        """Tensors in the order their bytes sit on storage (shard by shard, by offset)."""
-        return iter(sorted(self.tensors.values(), key=lambda t: (t.shard, t.begin)))
 
     def fingerprint(self) -> dict[str, dict[str, Any]]:
         """Per shard: size and header digest. A plan stores it to refuse a changed source."""
@@ -263,12 +255,12 @@ class Checkpoint:
 def _usual_mixup(storage: Storage) -> str | None:
     """What to pass instead, when ``storage`` is a file or a Hugging Face cache folder."""
     root = storage.root
-    if storage.fs.isfile(root):
+    if storage.isfile():
         folder = posixpath.dirname(root.rstrip("/")) or "."
         return (f"{storage.url} is a file; a checkpoint is the folder holding config.json, the "
                 f"index and the shards: pass {folder}")
-    if posixpath.basename(root.rstrip("/")).startswith("models--") and storage.fs.isdir(f"{root}/snapshots"):
-        revs = sorted(posixpath.basename(str(p).rstrip("/")) for p in storage.fs.ls(f"{root}/snapshots", detail=False))
+    if posixpath.basename(root.rstrip("/")).startswith("models--") and storage.isdir("snapshots"):
+        revs = sorted(storage.listdir("snapshots"))
         return (f"{storage.url} is a Hugging Face cache folder; pass one of its snapshots: "
                 f"{storage.url.rstrip('/')}/snapshots/<revision> (found: {', '.join(revs) or 'none'})")
     return None
