@@ -176,98 +176,46 @@ def _parse_layers(text: str | None, option: str) -> list[int] | None:
     return sorted(set(layers))
 
 
-def _check_layers(layers: list[int] | None, moe: list[int], option: str, src: str) -> None:
-    bad = sorted(set(layers or ()) - set(moe))
-    if bad:
-        raise click.BadParameter(
-            f"{', '.join(map(str, bad))}: not {'an MoE layer' if len(bad) == 1 else 'MoE layers'} of {src} "
-            f"(its MoE layers are {moe[0]}..{moe[-1]})" if moe else f"{src} has no MoE layers",
-            param_hint=option)
-
-
-def _load_domains(kw: dict[str, Any], ckpt: Any, n_exp: int, moe: list[int]) -> list[Any]:
-    """Saliency files as weighted domains, checked against the model they claim to score."""
-    from planners.policies import Domain
-    from planners.saliency import has_identity, identity_mismatch, load_saliency, model_identity
-    from rewriter.core.errors import SaliencyError
-
+def _weights(texts: tuple[str, ...]) -> dict[str, float]:
     weights = {}
-    for w in kw["weights"]:
+    for w in texts:
         name, _, val = w.partition("=")
         try:
             weights[name] = float(val)
         except ValueError:
             raise click.BadParameter(f"{w!r}: expected DOMAIN=WEIGHT", param_hint="--weight") from None
-    sal = [load_saliency(p, n_exp, moe) for p in kw["saliency"]]
-    identity = model_identity(ckpt) if sal else {}
-    for s in sal:
-        if not has_identity(s):
-            log.warning("%s records no model identity (written before saliency files carried one); "
-                        "cannot check it was profiled on %s", s.source, ckpt.url)
-        elif not kw["allow_foreign_saliency"] and (why := identity_mismatch(s, identity, ckpt.url)):
-            raise SaliencyError(why)
-    unknown = set(weights) - {s.domain for s in sal}
-    if unknown:
-        raise click.BadParameter(f"no saliency file has domain {sorted(unknown)}", param_hint="--weight")
-    return [Domain(s, weights.get(s.domain, 1.0)) for s in sal]
+    return weights
 
 
 def make_plan(src: str, *, layers_only: list[int] | None = None, layers_option: str = "--layers",
               soft: bool = False, **kw: Any) -> tuple[Any, int]:
-    """Open SRC, choose keep sets from saliency or a keep list, and build the plan.
+    """Plan SRC from the command's policy options (:func:`planners.plan_prune`).
 
     Returns:
         The plan and the source's experts per layer.
     """
-    from planners.plan import build_plan
-    from planners.policies import KeepPolicy, select_keep, validate_keep_list
-    from planners.saliency import load_keep_list
-    from rewriter.core.checkpoint import Checkpoint
+    from planners import PlanOptions, plan_prune
+    from rewriter.core.errors import OptionError
 
-    if kw["keep_list"] and kw["saliency"]:
-        raise click.UsageError("give --saliency or --keep-list, not both")
-    ckpt = Checkpoint.open(src, kw.get("storage_options") or {})
-    layout = ckpt.layout
-    moe = sorted(layout.moe_layers(ckpt))
-    _check_layers(layers_only, moe, layers_option, src)
-    n_exp, top_k = layout.num_experts(ckpt.config), layout.top_k(ckpt.config)
-    policy = KeepPolicy(rank=kw["rank"], keep_n=kw["keep_n"], keep_frac=kw["keep_frac"],
-                        keep_multiple=kw["keep_multiple"], core_top_m=kw["core_top_m"],
-                        coverage=kw["coverage"], top_k=kw["top_k"], budget=kw["budget"])
-    prov: dict[str, Any]
-    groups = layout.num_groups(ckpt.config)
-    topk_group = ckpt.config.get("topk_group") if groups > 1 else None
-    targets, ep, fit_note = tuple(kw.get("targets") or ()), kw.get("ep"), None
-    if targets and kw.get("fit_targets") and not (kw["keep_list"] or policy.budget is not None or soft):
-        from planners.serving import facts_from, fit_policy
-
-        facts = facts_from(ckpt.config, ((t.name, t.dtype, t.shape) for t in ckpt.tensors.values()), layout)
-        policy, fit_note = fit_policy(policy, facts, n_exp, top_k, targets, ep)
-        if fit_note:
-            click.echo(fit_note, err=True)
-    if kw["keep_list"]:
-        keep, digest = load_keep_list(kw["keep_list"], n_exp, moe)
-        decision = validate_keep_list(keep, top_k, kw["top_k"], kw["allow_nonuniform"], groups, topk_group, n_exp)
-        prov = {"keep_list": {"path": kw["keep_list"], "sha256": digest}, "policy": {"top_k": kw["top_k"]}}
-    else:
-        domains = _load_domains(kw, ckpt, n_exp, moe)
-        decision = select_keep(domains, moe, n_exp, top_k, policy, groups, topk_group)
-        if not decision.uniform and not kw["allow_nonuniform"] and policy.budget is None:
-            raise click.UsageError("non-uniform keep counts need --allow-nonuniform")
-        prov = {
-            "saliency": [{"path": d.saliency.source, "sha256": d.saliency.digest, "domain": d.name,
-                          "weight": d.weight, "tokens": d.saliency.tokens} for d in domains],
-            "policy": policy.to_json(),
-        }
-    if fit_note:
-        prov["fit_targets"] = fit_note
-    plan = build_plan(ckpt, decision, max_shard_bytes=kw["max_shard_size"], layers_only=layers_only,
-                      provenance=prov, soft=soft)
-    if targets and layers_only is None:
-        from planners.serving import apply_targets
-
-        plan = apply_targets(plan, layout, targets, ep)
-    return plan, n_exp
+    options = PlanOptions(
+        # A keep list takes no weights (nor checks them).
+        saliency=tuple(kw["saliency"]), weights={} if kw["keep_list"] else _weights(kw["weights"]),
+        keep_list=kw["keep_list"],
+        rank=kw["rank"], keep_n=kw["keep_n"], keep_frac=kw["keep_frac"], keep_multiple=kw["keep_multiple"],
+        core_top_m=kw["core_top_m"], coverage=kw["coverage"], top_k=kw["top_k"], budget=kw["budget"],
+        allow_nonuniform=kw["allow_nonuniform"], allow_foreign_saliency=kw["allow_foreign_saliency"],
+        max_shard_bytes=kw["max_shard_size"], storage_options=kw.get("storage_options") or {},
+        targets=tuple(kw.get("targets") or ()), ep=kw.get("ep"), fit_targets=bool(kw.get("fit_targets")),
+        layers_only=tuple(layers_only) if layers_only is not None else None, soft=soft,
+    )
+    try:
+        plan = plan_prune(src, options, notify=lambda note: click.echo(note, err=True))
+    except OptionError as e:
+        flag = {"layers_only": layers_option, "weights": "--weight"}.get(e.option or "")
+        if flag:
+            raise click.BadParameter(str(e), param_hint=flag) from None
+        raise click.UsageError(str(e)) from None
+    return plan, int(plan.provenance["source_experts_per_layer"])
 
 
 def keep_summary(p: Any, num_experts: int, ids: bool = False) -> list[str]:
