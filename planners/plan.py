@@ -28,6 +28,7 @@ from rewriter.core.checkpoint import (
 )
 from rewriter.core.errors import PlanError
 from rewriter.core.format import PREFIX_BYTES, encode_header, parse_header
+from rewriter.core.jsonfile import parse_json, read_url
 from rewriter.core.layouts import Layout
 
 PLAN_FORMAT = "moe-rewriter-plan"
@@ -274,13 +275,7 @@ class Plan:
 
     @classmethod
     def load(cls, url: str) -> Plan:
-        try:
-            with fsspec.open(url, "r") as f:
-                doc = json.load(f)
-        except FileNotFoundError:
-            raise PlanError(f"{url}: plan file not found") from None
-        except json.JSONDecodeError as e:
-            raise PlanError(f"{url}: not valid JSON ({e})") from None
+        doc = parse_json(read_url(url, PlanError, missing="plan file not found"), url, PlanError)
         return cls.from_json(doc, url)
 
     def check_source(self, ckpt: Checkpoint) -> None:

@@ -25,6 +25,7 @@ from rewriter.exec.copy import DEFAULT_BUFFER_BYTES
 from rewriter.exec.destination import Destination, open_destination
 from rewriter.exec.executor import RunResult, ShardResult, execute, write_output_shard
 from rewriter.exec.parts import Part, split_parts, write_part
+from rewriter.exec.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +80,13 @@ class ShardWriter:
         self.board = ray.get_actor(board_name)
 
     def _progress(self, key: str) -> Callable[[int], None]:
-        state = {"n": 0, "last": 0.0}
+        done = [0]
+        throttle = Throttle(0.2)
 
         def report(n: int) -> None:
-            state["n"] += n
-            now = time.monotonic()
-            if now - state["last"] > 0.2:
-                state["last"] = now
-                self.board.report.remote(key, state["n"])
+            done[0] += n
+            if throttle.due(time.monotonic()):
+                self.board.report.remote(key, done[0])
 
         return report
 

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -532,17 +533,14 @@ class TokenProgress:
     """Tokens profiled, tokens/s."""
 
     def __init__(self, enabled: bool = True):
-        import time
+        from rewriter.exec.throttle import Throttle
 
-        self.enabled, self.done, self.t0, self.last = enabled, 0, time.monotonic(), 0.0
+        self.enabled, self.done, self.t0, self.throttle = enabled, 0, time.monotonic(), Throttle(0.5)
 
     def __call__(self, n: int) -> None:
-        import time
-
         self.done += n
         now = time.monotonic()
-        if self.enabled and now - self.last > 0.5:
-            self.last = now
+        if self.enabled and self.throttle.due(now):
             click.echo(f"\rprofile {self.done:,} tokens, {self.done / max(now - self.t0, 1e-9):,.0f} tokens/s ",
                        err=True, nl=False)
 

@@ -7,7 +7,6 @@ reads per shard) and never any tensor data. Inconsistencies between index and sh
 from __future__ import annotations
 
 import hashlib
-import json
 import posixpath
 import re
 from collections.abc import Mapping
@@ -18,6 +17,7 @@ from typing import Any
 
 from rewriter.core.errors import CheckpointError, FormatError
 from rewriter.core.format import PREFIX_BYTES, Header, parse_header, read_prefix
+from rewriter.core.jsonfile import parse_json
 from rewriter.core.layouts import Layout, detect_layout
 from rewriter.core.storage import Storage
 
@@ -267,11 +267,7 @@ def _usual_mixup(storage: Storage) -> str | None:
 
 
 def _load_json(storage: Storage, name: str) -> Any:
-    raw = storage.read_all(name)
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{storage.describe(name)}: not valid JSON ({e})") from None
+    return parse_json(storage.read_all(name), storage.describe(name), CheckpointError)
 
 
 def _load_index(storage: Storage) -> tuple[dict[str, str], int | None]:
