@@ -154,17 +154,8 @@ class Checkpoint:
             FormatError: a shard whose header breaks the safetensors rules.
         """
         storage = storage or Storage(url, storage_options)
-        files = storage.list_files() if storage.isdir() else []
-        if INDEX_NAME not in files and SINGLE_NAME not in files:
-            mixup = _usual_mixup(storage)
-            if mixup:
-                raise CheckpointError(mixup)
-        if not files:
-            raise CheckpointError(f"{storage.url}: no such checkpoint directory, or it is empty")
-        config: dict[str, Any] = {}
-        if CONFIG_NAME in files:
-            config = _load_json(storage, CONFIG_NAME)
-
+        files = _checkpoint_files(storage)
+        config: dict[str, Any] = _load_json(storage, CONFIG_NAME) if CONFIG_NAME in files else {}
         if INDEX_NAME in files:
             weight_map, total = _load_index(storage)
         elif SINGLE_NAME in files:
@@ -183,39 +174,8 @@ class Checkpoint:
                 )
         with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(shard_names)))) as pool:
             headers = dict(zip(shard_names, pool.map(lambda s: read_shard_header(storage, s), shard_names)))
-
-        shards: dict[str, ShardInfo] = {}
-        located: dict[str, TensorInfo] = {}
-        for s in shard_names:
-            header, digest, size = headers[s]
-            shards[s] = ShardInfo(s, size, header.header_len, digest, tuple(t.name for t in header.tensors))
-            for t in header.tensors:
-                info = TensorInfo(t.name, t.dtype, t.shape, s, header.data_start + t.start, header.data_start + t.end)
-                if t.name in located:
-                    raise CheckpointError(
-                        f"{storage.url}: tensor {t.name!r} is stored in both "
-                        f"'{located[t.name].shard}' and '{s}'"
-                    )
-                located[t.name] = info
-
-        if weight_map is None:
-            tensors = located
-        else:
-            tensors = {}
-            for name, s in weight_map.items():
-                found = located.get(name)
-                if found is None or found.shard != s:
-                    raise CheckpointError(
-                        f"{storage.describe(INDEX_NAME)} lists tensor {name!r} in shard '{s}', "
-                        f"but that shard's header has no such tensor"
-                    )
-                tensors[name] = found
-            unlisted = [n for n in located if n not in weight_map]
-            if unlisted:
-                raise CheckpointError(
-                    f"shard '{located[unlisted[0]].shard}' holds tensor {unlisted[0]!r} "
-                    f"(and {len(unlisted) - 1} more) not listed in {storage.describe(INDEX_NAME)}"
-                )
+        shards, located = _locate_tensors(storage, headers)
+        tensors = located if weight_map is None else _indexed_tensors(storage, weight_map, located)
         data_total = sum(t.nbytes for t in tensors.values())
         if total is not None and total != data_total:
             raise CheckpointError(
@@ -250,6 +210,57 @@ class Checkpoint:
     def fingerprint(self) -> dict[str, dict[str, Any]]:
         """Per shard: size and header digest. A plan stores it to refuse a changed source."""
         return {name: s.fingerprint() for name, s in self.shards.items()}
+
+
+def _checkpoint_files(storage: Storage) -> list[str]:
+    """The files of the checkpoint folder; a clear error for a file, a Hub cache or nothing."""
+    files = storage.list_files() if storage.isdir() else []
+    if INDEX_NAME not in files and SINGLE_NAME not in files:
+        mixup = _usual_mixup(storage)
+        if mixup:
+            raise CheckpointError(mixup)
+    if not files:
+        raise CheckpointError(f"{storage.url}: no such checkpoint directory, or it is empty")
+    return files
+
+
+def _locate_tensors(storage: Storage, headers: Mapping[str, tuple[Header, str, int]],
+                    ) -> tuple[dict[str, ShardInfo], dict[str, TensorInfo]]:
+    """Shard identities and every tensor's absolute byte range, from the shards' headers."""
+    shards: dict[str, ShardInfo] = {}
+    located: dict[str, TensorInfo] = {}
+    for s, (header, digest, size) in headers.items():
+        shards[s] = ShardInfo(s, size, header.header_len, digest, tuple(t.name for t in header.tensors))
+        for t in header.tensors:
+            info = TensorInfo(t.name, t.dtype, t.shape, s, header.data_start + t.start, header.data_start + t.end)
+            if t.name in located:
+                raise CheckpointError(
+                    f"{storage.url}: tensor {t.name!r} is stored in both "
+                    f"'{located[t.name].shard}' and '{s}'"
+                )
+            located[t.name] = info
+    return shards, located
+
+
+def _indexed_tensors(storage: Storage, weight_map: Mapping[str, str],
+                     located: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """The tensors in the index's order, each where the index says; none left unlisted."""
+    tensors = {}
+    for name, s in weight_map.items():
+        found = located.get(name)
+        if found is None or found.shard != s:
+            raise CheckpointError(
+                f"{storage.describe(INDEX_NAME)} lists tensor {name!r} in shard '{s}', "
+                f"but that shard's header has no such tensor"
+            )
+        tensors[name] = found
+    unlisted = [n for n in located if n not in weight_map]
+    if unlisted:
+        raise CheckpointError(
+            f"shard '{located[unlisted[0]].shard}' holds tensor {unlisted[0]!r} "
+            f"(and {len(unlisted) - 1} more) not listed in {storage.describe(INDEX_NAME)}"
+        )
+    return tensors
 
 
 def _usual_mixup(storage: Storage) -> str | None:
