@@ -22,6 +22,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
+from fsspec.spec import AbstractBufferedFile
+
 from rewriter.core.storage import Storage
 from rewriter.exec.copy import OUTPUT_MODE, fsync_dir, pwrite_all, write_errors_are_clear
 
@@ -217,10 +219,12 @@ class RemoteOutput:
         discard = getattr(self.f, "discard", None)
         try:
             if discard is not None:
-                discard()
-                self.f.closed = True  # type: ignore[misc]  # discarded: nothing left to flush or complete
+                discard()  # s3fs, gcsfs: the upload is dropped and never becomes an object
+            if isinstance(self.f, AbstractBufferedFile):
+                self.f.closed = True  # discarded: nothing left to flush or complete
             else:
                 self.f.close()
+            if self.dst.exists(self.name):  # stores that show an object while it is written (memory://)
                 self.dst.remove(self.name)
         except Exception as e:  # the object was never completed; the error being handled matters more
             log.warning("could not discard the unfinished upload of %s (%s: %s); the object store "
