@@ -100,7 +100,7 @@ def ours_ray(plan: Plan, dst: Path, workers: int) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from ray_jobs.executor import execute_on_ray
+    from rewriter.exec.ray_executor import execute_on_ray
 
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, object_store_memory=100 << 20)
     execute_on_ray(plan, str(dst), workers=workers)

@@ -332,7 +332,7 @@ def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bo
     )
     on_interrupt(f"the shards finished so far are kept in {dst}; run the same command again to resume")
     if use_ray:
-        from ray_jobs.executor import execute_on_ray
+        from rewriter.exec.ray_executor import execute_on_ray
 
         result = execute_on_ray(p, dst, address=address, workers=ray_workers, **kwargs)
     else:

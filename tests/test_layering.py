@@ -18,12 +18,12 @@ PACKAGES = ("rewriter", "planners", "ray_jobs", "bench_io", "profiling", "qualit
 LAYERS = {
     "rewriter.core": 0,  # errors, format, storage, layouts, checkpoint model
     "planners": 1,  # saliency, policies, plan, cost, serving, the planning API
-    "rewriter.exec": 2,  # copying, destinations, journal, the run, verify, dry run, model card
+    "rewriter.exec": 2,  # copying, destinations, journal, the runs (local, Ray), verify, dry run, card
     "profiling": 2,  # saliency measured with transformers
-    "ray_jobs": 3,  # the Ray executor
     "quality": 3,  # eval and the reference-MoE benchmark
     "rewriter": 4,  # the CLI and what only commands use (synth, inspect, progress bars)
     "bench_io": 5,  # benchmarks: use the product, never used by it
+    "ray_jobs": 5,  # the Ray job entry point: the CLI's run command on a cluster
 }
 
 

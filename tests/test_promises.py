@@ -376,9 +376,9 @@ def test_object_store_lock_refuses_a_live_owner_and_takes_over_stale_ones(tiny, 
 
 @pytest.mark.ray
 def test_ray_executor_honours_the_lock_and_digest(ray_cluster, small, tmp_path):
-    from ray_jobs.executor import execute_on_ray
     from rewriter.core.storage import Storage
     from rewriter.exec.lock import DestinationLock
+    from rewriter.exec.ray_executor import execute_on_ray
 
     src, sal = small
     plan = Plan.load(str(plan_file(src, sal, tmp_path / "plan.json")))

@@ -2,8 +2,9 @@
 
 Ray is the engine: actors declare their memory so a node is not overcommitted, a worker process
 that dies is restarted and its task retried (``max_restarts``/``max_task_retries``), and
-application errors are not retried. The driver keeps a bounded number of tasks in flight, owns
-the journal, aggregates progress, and receives only small results; tensor bytes go from storage
+application errors are not retried. The driver hands tasks to free actors through
+``ray.util.ActorPool`` (one task per actor in flight), owns the journal, aggregates progress, and
+receives only small results; tensor bytes go from storage
 to storage inside the actors and never through Ray's object store.
 """
 
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import ray
+from ray.util import ActorPool
 
 from planners.plan import OutputShard, Plan
 from rewriter.core.errors import ExecutionError, RewriterError
@@ -52,7 +54,6 @@ class _Assembly:
     done: bool = False
 
 
-@ray.remote
 class ProgressBoard:
     """Latest bytes done per task; a retried task starts its count again."""
 
@@ -79,6 +80,10 @@ class ShardWriter:
         # By name, not handle: a restarted actor looks the board up again.
         self.board = ray.get_actor(board_name)
 
+    def actor_id(self) -> str:
+        """This actor's id, as Ray's errors name it (unchanged by restarts)."""
+        return str(ray.get_runtime_context().get_actor_id())
+
     def _progress(self, key: str) -> Callable[[int], None]:
         done = [0]
         throttle = Throttle(0.2)
@@ -95,7 +100,7 @@ class ShardWriter:
                                progress=self._progress(out.name), zero_copy=self.zero_copy,
                                drop_cache=self.drop_cache)
         self.board.report.remote(out.name, r.size)
-        return asdict(r)
+        return {"shard": asdict(r)}
 
     def write_part(self, part: Part, handle: str, upload_part_bytes: int) -> dict[str, Any]:
         key = f"{part.shard}#{part.index}"
@@ -103,12 +108,16 @@ class ShardWriter:
                                   buffer_bytes=self.buffer_bytes, progress=self._progress(key),
                                   zero_copy=self.zero_copy)
         self.board.report.remote(key, part.length)
-        return {"stats": asdict(stats), "parts": parts}
+        return {"part_of": part.shard, "stats": asdict(stats), "parts": parts}
+
+
+#: One unit of work for an actor: a whole output shard, or a part of a large one.
+Task = OutputShard | Part
 
 
 @dataclass
 class _Driver:
-    """Hands shards and parts to free actors, one task each, and publishes finished shards."""
+    """Hands shards and parts to free actors (``ray.util.ActorPool``) and publishes finished shards."""
 
     plan: Plan
     dst: Destination
@@ -121,17 +130,17 @@ class _Driver:
     max_task_retries: int
     progress: Callable[[int], None] | None
     assemblies: dict[str, _Assembly] = field(default_factory=dict)
+    shown: int = 0
 
     def run(self, todo: list[OutputShard], record: Callable[[ShardResult], None]) -> None:
         """The executor's runner: write ``todo``, reporting each shard as it is published."""
-        splittable = self.dst.takes_parts
-        tasks: list[tuple[str, Any]] = []  # ("shard", OutputShard) or ("part", Part)
+        tasks: list[Task] = []
         try:
             for out in todo:
-                if len(self.actors) > 1 and out.size > self.part_bytes and splittable:
-                    tasks += [("part", p) for p in self._begin(out)]
+                if len(self.actors) > 1 and out.size > self.part_bytes and self.dst.takes_parts:
+                    tasks += self._begin(out)
                 else:
-                    tasks.append(("shard", out))
+                    tasks.append(out)
             self._drive(tasks, record)
         finally:
             for asm in self.assemblies.values():
@@ -141,53 +150,57 @@ class _Driver:
     def _begin(self, out: OutputShard) -> list[Part]:
         parts = split_parts(out, self.part_bytes)
         handle = self.dst.begin_parts(out.name, out.size, self.plan.digest)
-        asm = _Assembly(out, len(parts), ShardResult(out.name, out.size, ""), time.perf_counter(), handle)
-        self.assemblies[out.name] = asm
+        self.assemblies[out.name] = _Assembly(out, len(parts), ShardResult(out.name, out.size, ""),
+                                              time.perf_counter(), handle)
         return parts
 
-    def _submit(self, actor: Any, kind: str, payload: Any) -> Any:
-        if kind == "shard":
-            return actor.write_shard.remote(payload)
-        return actor.write_part.remote(payload, self.assemblies[payload.shard].handle, self.upload_part_bytes)
+    def _drive(self, tasks: list[Task], record: Callable[[ShardResult], None]) -> None:
+        pool = ActorPool(self.actors)
+        ids = dict(zip(self.actors, ray.get([a.actor_id.remote() for a in self.actors])))
+        running: dict[str, Task] = {}  # actor id -> the task it runs (one at a time)
 
-    def _drive(self, tasks: list[tuple[str, Any]], record: Callable[[ShardResult], None]) -> None:
-        free = list(self.actors)
-        in_flight: dict[Any, tuple[Any, str, Any]] = {}
-        shown = 0
-        while tasks or in_flight:
-            while tasks and free:
-                actor = free.pop()
-                kind, payload = tasks.pop(0)
-                in_flight[self._submit(actor, kind, payload)] = (actor, kind, payload)
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.25)
-            if self.progress:
-                total = ray.get(self.board.total.remote())
-                if total > shown:
-                    self.progress(total - shown)
-                    shown = total
-            for ref in ready:
-                actor, kind, payload = in_flight.pop(ref)
-                free.append(actor)
-                res = self._result(ref, payload)
-                if kind == "shard":
-                    record(ShardResult(**res))
-                    continue
-                asm = self.assemblies[payload.shard]
-                asm.result.bytes_read += res["stats"]["bytes_read"]
-                asm.result.zero_copy_bytes += res["stats"]["zero_copy_bytes"]
-                asm.uploaded += res["parts"]
-                asm.parts_left -= 1
-                if asm.parts_left == 0:
-                    record(self._finish(asm))
+        def start(actor: Any, task: Task) -> Any:
+            running[ids[actor]] = task
+            if isinstance(task, OutputShard):
+                return actor.write_shard.remote(task)
+            return actor.write_part.remote(task, self.assemblies[task.shard].handle, self.upload_part_bytes)
 
-    def _result(self, ref: Any, payload: Any) -> dict[str, Any]:
-        try:
-            return ray.get(ref)
-        except ray.exceptions.RayTaskError as e:
-            raise _unwrap(e) from None
-        except ray.exceptions.RayActorError as e:
-            what = payload.name if isinstance(payload, OutputShard) else f"part {payload.index} of {payload.shard}"
-            raise ExecutionError(f"a Ray worker died {self.max_task_retries + 1} times writing {what}: {e}") from None
+        for task in tasks:
+            pool.submit(start, task)
+        while pool.has_next():
+            try:
+                res = pool.get_next_unordered(timeout=0.25)
+            except TimeoutError:
+                self._show_progress()
+                continue
+            except ray.exceptions.RayTaskError as e:
+                raise _unwrap(e) from None
+            except ray.exceptions.RayActorError as e:
+                failed = running.get(e.actor_id or "")
+                what = failed.name if isinstance(failed, OutputShard) else \
+                    f"part {failed.index} of {failed.shard}" if failed else "a task"
+                raise ExecutionError(f"a Ray worker died {self.max_task_retries + 1} times writing {what}: {e}") from None
+            self._show_progress()
+            self._collect(res, record)
+
+    def _show_progress(self) -> None:
+        if self.progress:
+            total = ray.get(self.board.total.remote())
+            if total > self.shown:
+                self.progress(total - self.shown)
+                self.shown = total
+
+    def _collect(self, res: dict[str, Any], record: Callable[[ShardResult], None]) -> None:
+        if "shard" in res:
+            record(ShardResult(**res["shard"]))
+            return
+        asm = self.assemblies[res["part_of"]]
+        asm.result.bytes_read += res["stats"]["bytes_read"]
+        asm.result.zero_copy_bytes += res["stats"]["zero_copy_bytes"]
+        asm.uploaded += res["parts"]
+        asm.parts_left -= 1
+        if asm.parts_left == 0:
+            record(self._finish(asm))
 
     def _finish(self, asm: _Assembly) -> ShardResult:
         """Publish a shard whose parts are all written; its sha256 is read back once."""
@@ -238,12 +251,13 @@ def execute_on_ray(
         raise ExecutionError(f"part size {part_bytes:,} must be at least 5 MiB and a multiple of "
                              f"{upload_part_bytes:,} (the multipart-upload part size)")
     board_name = f"rewriter-progress-{uuid.uuid4().hex[:12]}"
-    board = ProgressBoard.options(name=board_name).remote()
+    # Handles as Any: Ray's type stubs do not follow .options(...).remote(...).
+    board: Any = ray.remote(ProgressBoard).options(name=board_name).remote()
     actor_cls = ray.remote(ShardWriter).options(
         num_cpus=1, memory=ACTOR_BASE_BYTES + buffer_bytes + upload_part_bytes,
         max_restarts=-1, max_task_retries=max_task_retries,
     )
-    actors = [actor_cls.remote(plan.source_url, src_options, dst_url, dst_options, buffer_bytes, zero_copy,
+    actors: list[Any] = [actor_cls.remote(plan.source_url, src_options, dst_url, dst_options, buffer_bytes, zero_copy,
                                drop_cache, board_name) for _ in range(max(1, workers))]
     driver = _Driver(plan, open_destination(dst_url, dst_options), actors, board, part_bytes, upload_part_bytes,
                      buffer_bytes, drop_cache, max_task_retries, progress)
