@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 
 from planners import PlanOptions, plan_prune
+from planners.policies import KeepPolicy
 from rewriter.synth import Geometry, synthetic_saliency, write_checkpoint
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -210,7 +211,8 @@ def bench_planning(work: Path) -> dict[str, Any]:
     sal.save(work / "120b-saliency.json")
     t = time.perf_counter()
     ckpt = Checkpoint.open(str(src))
-    plan = plan_prune(ckpt, PlanOptions(saliency=(str(work / "120b-saliency.json"),), keep_frac=0.5))
+    plan = plan_prune(ckpt, PlanOptions(saliency=(str(work / "120b-saliency.json"),),
+                                        policy=KeepPolicy(keep_frac=0.5)))
     in_process = time.perf_counter() - t
     m = measure([sys.executable, "-m", "rewriter.cli", "plan", str(src), "--saliency", str(work / "120b-saliency.json"),
                  "--keep-frac", "0.5", "--out", str(work / "120b-plan.json")], work, "plan-120b", "rewriter plan")
@@ -229,7 +231,7 @@ def bench_s3(g: Geometry, work: Path) -> dict[str, Any]:
         server.make_bucket("bench")
         server.upload_dir(src, "bench/src")
         plan = plan_prune("s3://bench/src", PlanOptions(storage_options=server.options, saliency=(str(sal),),
-                                                        keep_frac=0.5))
+                                                        policy=KeepPolicy(keep_frac=0.5)))
         dst = work / "s3-dst"
         shutil.rmtree(dst, ignore_errors=True)
         t = time.perf_counter()
@@ -270,13 +272,14 @@ def run(size: str = "default", work: Path | None = None, results: Path = RESULTS
 
     layer_src, layer_sal = _source(work, f"layer-{size}", sizes.layer_geometry, log)
     keep = sizes.layer_geometry.num_experts // 2
-    layer_plan = _plan(layer_src, work, "layer-plan", PlanOptions(saliency=(str(layer_sal),), keep_n=keep,
+    layer_plan = _plan(layer_src, work, "layer-plan", PlanOptions(saliency=(str(layer_sal),), policy=KeepPolicy(keep_n=keep),
                                                                   layers_only=(sizes.keep_layer,)))
     measurements += run_workload("layer", layer_src, layer_plan, work,
                                  tuple(c for c in contenders if c != "ours-ray"), log, repeat)
 
     full_src, full_sal = _source(work, f"full-{size}", sizes.full_geometry, log)
-    full_plan = _plan(full_src, work, "full-plan", PlanOptions(saliency=(str(full_sal),), keep_frac=0.5))
+    full_plan = _plan(full_src, work, "full-plan", PlanOptions(saliency=(str(full_sal),),
+                                                                policy=KeepPolicy(keep_frac=0.5)))
     measurements += run_workload("full", full_src, full_plan, work, contenders, log, repeat)
 
     planning = bench_planning(work)

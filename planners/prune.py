@@ -4,7 +4,8 @@ Example::
 
     from planners import PlanOptions, plan_prune
 
-    plan = plan_prune("/models/gpt-oss-20b", PlanOptions(saliency=("code.json",), keep_frac=0.5))
+    plan = plan_prune("/models/gpt-oss-20b",
+                      PlanOptions(saliency=("code.json",), policy=KeepPolicy(keep_frac=0.5)))
     plan.save("plan.json")
 
 The command line, the benchmarks and the tests plan through :func:`plan_prune`; it reads only
@@ -45,8 +46,8 @@ class PlanOptions:
         saliency: saliency files, one per calibration domain (or give ``keep_list``).
         weights: domain name -> weight in the union (default 1 each).
         keep_list: a JSON file ``{"<layer>": [expert ids]}`` instead of saliency.
-        rank, keep_n, keep_frac, keep_multiple, core_top_m, coverage, top_k, budget: the keep
-            policy (:class:`planners.policies.KeepPolicy`).
+        policy: rank, keep count or share, multiple, core, coverage, top-k and budget
+            (:class:`planners.policies.KeepPolicy`); with a keep list only its ``top_k`` counts.
         allow_nonuniform: accept keep sets with different counts per layer.
         allow_foreign_saliency: use saliency recorded for another model.
         max_shard_bytes: output shard size limit.
@@ -60,14 +61,7 @@ class PlanOptions:
     saliency: tuple[str, ...] = ()
     weights: Mapping[str, float] = field(default_factory=dict)
     keep_list: str | None = None
-    rank: str = "reap"
-    keep_n: int | None = None
-    keep_frac: float | None = None
-    keep_multiple: int = 1
-    core_top_m: int = 0
-    coverage: float = 0.9
-    top_k: int | None = None
-    budget: int | None = None
+    policy: KeepPolicy = KeepPolicy()
     allow_nonuniform: bool = False
     allow_foreign_saliency: bool = False
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
@@ -77,12 +71,6 @@ class PlanOptions:
     fit_targets: bool = False
     layers_only: tuple[int, ...] | None = None
     soft: bool = False
-
-    @property
-    def policy(self) -> KeepPolicy:
-        return KeepPolicy(rank=self.rank, keep_n=self.keep_n, keep_frac=self.keep_frac,
-                          keep_multiple=self.keep_multiple, core_top_m=self.core_top_m,
-                          coverage=self.coverage, top_k=self.top_k, budget=self.budget)
 
 
 def plan_prune(source: str | Checkpoint, options: PlanOptions, *,
@@ -147,10 +135,10 @@ def _decide(ckpt: Checkpoint, layout: Layout, moe: list[int], options: PlanOptio
     topk_group = ckpt.config.get("topk_group") if groups > 1 else None
     if options.keep_list:
         keep, digest = load_keep_list(options.keep_list, n_exp, moe)
-        decision = validate_keep_list(keep, top_k, options.top_k, options.allow_nonuniform, groups,
+        decision = validate_keep_list(keep, top_k, policy.top_k, options.allow_nonuniform, groups,
                                       topk_group, n_exp)
         return decision, {"keep_list": {"path": options.keep_list, "sha256": digest},
-                          "policy": {"top_k": options.top_k}}
+                          "policy": {"top_k": policy.top_k}}
     domains = load_domains(ckpt, options, n_exp, moe)
     decision = select_keep(domains, moe, n_exp, top_k, policy, groups, topk_group)
     if not decision.uniform and not options.allow_nonuniform and policy.budget is None:

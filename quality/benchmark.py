@@ -56,7 +56,7 @@ def run(scale_name: str = "full", device: str = "cuda", work: Path = Path("quali
         results: Path = RESULTS, log=print, steps: int | None = None) -> dict[str, Any]:
     from planners import PlanOptions, plan_prune
     from planners.plan import Plan, build_plan
-    from planners.policies import KeepDecision
+    from planners.policies import KeepDecision, KeepPolicy
     from profiling.profile import load_model, profile
     from quality.evaluate import evaluate
     from rewriter.core.checkpoint import Checkpoint
@@ -116,7 +116,7 @@ def run(scale_name: str = "full", device: str = "cuda", work: Path = Path("quali
             names = DOMAINS if calib == "union" else (calib,)
             saliency = tuple(str(sal_paths[d]) for d in names)
             for rank in RANKS:
-                evaluate_plan(plan_prune(ckpt, PlanOptions(saliency=saliency, rank=rank, keep_n=n)),
+                evaluate_plan(plan_prune(ckpt, PlanOptions(saliency=saliency, policy=KeepPolicy(rank=rank, keep_n=n))),
                               {"rank": rank, "keep": n, "keep_frac": n / n_exp, "calibration": calib})
         label = {"rank": "random", "keep": n, "keep_frac": n / n_exp, "calibration": "-"}
         evaluate_plan(build_plan(ckpt, KeepDecision(_keep_random(layers, n_exp, n, seed=n), {}, top_k),

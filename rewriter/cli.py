@@ -196,14 +196,16 @@ def make_plan(src: str, *, layers_only: list[int] | None = None, layers_option: 
         The plan and the source's experts per layer.
     """
     from planners import PlanOptions, plan_prune
+    from planners.policies import KeepPolicy
     from rewriter.core.errors import OptionError
 
     options = PlanOptions(
         # A keep list takes no weights (nor checks them).
         saliency=tuple(kw["saliency"]), weights={} if kw["keep_list"] else _weights(kw["weights"]),
         keep_list=kw["keep_list"],
-        rank=kw["rank"], keep_n=kw["keep_n"], keep_frac=kw["keep_frac"], keep_multiple=kw["keep_multiple"],
-        core_top_m=kw["core_top_m"], coverage=kw["coverage"], top_k=kw["top_k"], budget=kw["budget"],
+        policy=KeepPolicy(rank=kw["rank"], keep_n=kw["keep_n"], keep_frac=kw["keep_frac"],
+                          keep_multiple=kw["keep_multiple"], core_top_m=kw["core_top_m"], coverage=kw["coverage"],
+                          top_k=kw["top_k"], budget=kw["budget"]),
         allow_nonuniform=kw["allow_nonuniform"], allow_foreign_saliency=kw["allow_foreign_saliency"],
         max_shard_bytes=kw["max_shard_size"], storage_options=kw.get("storage_options") or {},
         targets=tuple(kw.get("targets") or ()), ep=kw.get("ep"), fit_targets=bool(kw.get("fit_targets")),

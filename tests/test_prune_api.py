@@ -9,6 +9,7 @@ import pytest
 
 from planners import PlanOptions, plan_prune
 from planners.plan import Plan
+from planners.policies import KeepPolicy
 from rewriter.core.checkpoint import Checkpoint
 from rewriter.core.errors import OptionError, PolicyError, SaliencyError
 from tests.conftest import cli
@@ -17,7 +18,7 @@ from tests.conftest import cli
 def test_same_plan_as_the_cli(tiny, tiny_saliency, tmp_path):
     cli("plan", tiny, "--saliency", tiny_saliency, "--keep-frac", "0.5", "--keep-multiple", "2",
         "--max-shard-size", "1MB", "--out", tmp_path / "cli.json")
-    plan = plan_prune(str(tiny), PlanOptions(saliency=(str(tiny_saliency),), keep_frac=0.5, keep_multiple=2,
+    plan = plan_prune(str(tiny), PlanOptions(saliency=(str(tiny_saliency),), policy=KeepPolicy(keep_frac=0.5, keep_multiple=2),
                                              max_shard_bytes=10**6))
     assert plan.digest == Plan.load(str(tmp_path / "cli.json")).digest
     assert {len(k) for k in plan.keep.values()} == {4}
@@ -26,14 +27,14 @@ def test_same_plan_as_the_cli(tiny, tiny_saliency, tmp_path):
 def test_an_open_checkpoint_is_planned_without_reopening(tiny, tiny_saliency):
     ckpt = Checkpoint.open(str(tiny))
     read = ckpt.storage.counter.bytes
-    plan = plan_prune(ckpt, PlanOptions(saliency=(str(tiny_saliency),), keep_n=4))
+    plan = plan_prune(ckpt, PlanOptions(saliency=(str(tiny_saliency),), policy=KeepPolicy(keep_n=4)))
     assert ckpt.storage.counter.bytes == read  # headers were read once, by open
     assert plan.provenance["source_experts_per_layer"] == 8
 
 
 def test_options_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
-        PlanOptions().keep_n = 3  # type: ignore[misc]
+        PlanOptions().keep_list = "k.json"  # type: ignore[misc]
 
 
 def test_keep_list_with_weights_of_each_domain(tiny, tiny_saliency, tmp_path):
@@ -41,7 +42,8 @@ def test_keep_list_with_weights_of_each_domain(tiny, tiny_saliency, tmp_path):
     keep.write_text(json.dumps({"0": [0, 1, 2, 3], "1": [4, 5, 6, 7]}))
     plan = plan_prune(str(tiny), PlanOptions(keep_list=str(keep)))
     assert plan.keep == {0: (0, 1, 2, 3), 1: (4, 5, 6, 7)}
-    weighted = plan_prune(str(tiny), PlanOptions(saliency=(str(tiny_saliency),), weights={"code": 2.0}, keep_n=4))
+    weighted = plan_prune(str(tiny), PlanOptions(saliency=(str(tiny_saliency),), weights={"code": 2.0},
+                                                     policy=KeepPolicy(keep_n=4)))
     assert weighted.provenance["saliency"][0]["weight"] == 2.0
 
 
@@ -49,10 +51,10 @@ def test_keep_list_with_weights_of_each_domain(tiny, tiny_saliency, tmp_path):
     (dict(saliency=("s.json",), keep_list="k.json"), OptionError, None, "not both"),
     (dict(weights={"prose": 1.0}), OptionError, "weights", "no saliency file has domain ['prose']"),
     (dict(layers_only=(7,)), OptionError, "layers_only", "7: not an MoE layer"),
-    (dict(budget=3), PolicyError, None, "budget"),
+    (dict(policy=KeepPolicy(budget=3)), PolicyError, None, "budget"),
 ])
 def test_bad_options_raise_the_projects_errors(tiny, tiny_saliency, options, error, option, text):
-    opts = PlanOptions(**{"saliency": (str(tiny_saliency),), "keep_n": 4, **options})
+    opts = PlanOptions(**{"saliency": (str(tiny_saliency),), "policy": KeepPolicy(keep_n=4), **options})
     with pytest.raises(error) as e:
         plan_prune(str(tiny), opts)
     assert text in str(e.value)
@@ -68,13 +70,14 @@ def test_foreign_saliency_is_refused_unless_allowed(tiny, tmp_path):
     identity = {**model_identity(Checkpoint.open(str(tiny))), "fingerprint": "0" * 64}
     synthetic_saliency(2, 8, 2, domain="code", model=identity).save(other)
     with pytest.raises(SaliencyError):
-        plan_prune(str(tiny), PlanOptions(saliency=(str(other),), keep_n=4))
-    assert plan_prune(str(tiny), PlanOptions(saliency=(str(other),), keep_n=4, allow_foreign_saliency=True))
+        plan_prune(str(tiny), PlanOptions(saliency=(str(other),), policy=KeepPolicy(keep_n=4)))
+    assert plan_prune(str(tiny), PlanOptions(saliency=(str(other),), policy=KeepPolicy(keep_n=4),
+                                             allow_foreign_saliency=True))
 
 
 def test_fit_targets_notifies_and_records(tiny, tiny_saliency):
     notes: list[str] = []
-    plan = plan_prune(str(tiny), PlanOptions(saliency=(str(tiny_saliency),), keep_n=5, targets=("vllm",),
+    plan = plan_prune(str(tiny), PlanOptions(saliency=(str(tiny_saliency),), policy=KeepPolicy(keep_n=5), targets=("vllm",),
                                              fit_targets=True), notify=notes.append)
     assert len(notes) == 1 and notes[0].startswith("--fit-targets: keeping 4")
     assert plan.provenance["fit_targets"] == notes[0]
