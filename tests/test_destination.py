@@ -192,5 +192,5 @@ def test_storage_kinds_are_known_only_to_storage_and_destinations():
     assert reaching == []
     s3_calls = [str(f.relative_to(REPO)) for f in files if "call_s3" in f.read_text()]
     assert s3_calls == ["rewriter/exec/destination.py"]
-    runners = [REPO / "rewriter" / "exec" / n for n in ("executor.py", "journal.py", "parts.py")]
-    assert [f.name for f in [*runners, REPO / "ray_jobs" / "executor.py"] if "is_local" in _attributes(f)] == []
+    runners = [REPO / "rewriter" / "exec" / n for n in ("executor.py", "journal.py", "parts.py", "ray_executor.py")]
+    assert [f.name for f in runners if "is_local" in _attributes(f)] == []
