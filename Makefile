@@ -37,7 +37,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check rewriter planners ray_jobs bench_io profiling quality tests
 
 typecheck: $(STAMP)
-	$(BIN)/mypy rewriter planners
+	$(BIN)/mypy rewriter planners ray_jobs
 
 bench: $(STAMP)
 	$(BIN)/python -m bench_io run

@@ -22,7 +22,9 @@ from typing import Any
 
 import psutil
 
-from bench_io.synth import Geometry, synthetic_saliency, write_checkpoint
+from planners import PlanOptions, plan_prune
+from planners.policies import KeepPolicy
+from rewriter.synth import Geometry, synthetic_saliency, write_checkpoint
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -140,16 +142,10 @@ def _source(work: Path, name: str, g: Geometry, log=print) -> tuple[Path, Path]:
     return src, sal
 
 
-def _plan(src: Path | str, work: Path, name: str, *extra: str) -> Path:
-    from click.testing import CliRunner
-
-    from rewriter.cli import main
-
-    plan = work / f"{name}.json"
-    r = CliRunner().invoke(main, ["plan", str(src), "--out", str(plan), "--json", *extra])
-    if r.exit_code:
-        raise RuntimeError(r.output)
-    return plan
+def _plan(src: Path | str, work: Path, name: str, options: PlanOptions) -> Path:
+    path = work / f"{name}.json"
+    plan_prune(str(src), options).save(str(path))
+    return path
 
 
 def run_workload(workload: str, src: Path, plan: Path, work: Path, contenders: tuple[str, ...],
@@ -205,10 +201,8 @@ def _dd_command(plan_path: Path, out: Path) -> list[str]:
 
 def bench_planning(work: Path) -> dict[str, Any]:
     """Plan the full 120B geometry (sparse: headers only) in-process and as a CLI process."""
-    from bench_io.synth import PRESETS
-    from planners.plan import build_plan
-    from planners.policies import Domain, KeepPolicy, select_keep
-    from rewriter.checkpoint import Checkpoint
+    from rewriter.core.checkpoint import Checkpoint
+    from rewriter.synth import PRESETS
 
     src = work / "120b-sparse"
     if not (src / "model.safetensors.index.json").exists():
@@ -217,8 +211,8 @@ def bench_planning(work: Path) -> dict[str, Any]:
     sal.save(work / "120b-saliency.json")
     t = time.perf_counter()
     ckpt = Checkpoint.open(str(src))
-    decision = select_keep([Domain(sal)], list(range(36)), 128, 4, KeepPolicy(keep_frac=0.5))
-    plan = build_plan(ckpt, decision)
+    plan = plan_prune(ckpt, PlanOptions(saliency=(str(work / "120b-saliency.json"),),
+                                        policy=KeepPolicy(keep_frac=0.5)))
     in_process = time.perf_counter() - t
     m = measure([sys.executable, "-m", "rewriter.cli", "plan", str(src), "--saliency", str(work / "120b-saliency.json"),
                  "--keep-frac", "0.5", "--out", str(work / "120b-plan.json")], work, "plan-120b", "rewriter plan")
@@ -229,16 +223,15 @@ def bench_planning(work: Path) -> dict[str, Any]:
 def bench_s3(g: Geometry, work: Path) -> dict[str, Any]:
     """A rewrite sourced from the loopback S3 server: bytes fetched vs written."""
     from bench_io.s3server import start_s3
-    from planners.plan import Plan
-    from rewriter.executor import execute
+    from rewriter.exec.executor import execute
 
     src, sal = _source(work, "s3-src", g)
     server = start_s3(work / "moto.log")
     try:
         server.make_bucket("bench")
         server.upload_dir(src, "bench/src")
-        plan = Plan.load(str(_plan("s3://bench/src", work, "s3-plan", "--storage-options", json.dumps(server.options),
-                                   "--saliency", str(sal), "--keep-frac", "0.5")))
+        plan = plan_prune("s3://bench/src", PlanOptions(storage_options=server.options, saliency=(str(sal),),
+                                                        policy=KeepPolicy(keep_frac=0.5)))
         dst = work / "s3-dst"
         shutil.rmtree(dst, ignore_errors=True)
         t = time.perf_counter()
@@ -278,14 +271,15 @@ def run(size: str = "default", work: Path | None = None, results: Path = RESULTS
     measurements: list[Measurement] = []
 
     layer_src, layer_sal = _source(work, f"layer-{size}", sizes.layer_geometry, log)
-    keep = str(sizes.layer_geometry.num_experts // 2)
-    layer_plan = _plan(layer_src, work, "layer-plan", "--saliency", str(layer_sal), "--keep-n", keep,
-                       "--layers", str(sizes.keep_layer))
+    keep = sizes.layer_geometry.num_experts // 2
+    layer_plan = _plan(layer_src, work, "layer-plan", PlanOptions(saliency=(str(layer_sal),), policy=KeepPolicy(keep_n=keep),
+                                                                  layers_only=(sizes.keep_layer,)))
     measurements += run_workload("layer", layer_src, layer_plan, work,
                                  tuple(c for c in contenders if c != "ours-ray"), log, repeat)
 
     full_src, full_sal = _source(work, f"full-{size}", sizes.full_geometry, log)
-    full_plan = _plan(full_src, work, "full-plan", "--saliency", str(full_sal), "--keep-frac", "0.5")
+    full_plan = _plan(full_src, work, "full-plan", PlanOptions(saliency=(str(full_sal),),
+                                                                policy=KeepPolicy(keep_frac=0.5)))
     measurements += run_workload("full", full_src, full_plan, work, contenders, log, repeat)
 
     planning = bench_planning(work)

@@ -26,7 +26,7 @@ from planners.plan import Plan
 
 def _source_rows(plan: Plan, t) -> list[int] | None:
     """Kept rows of a tensor sliced along the expert dim (None: copied whole)."""
-    from planners.layouts import GPT_OSS
+    from rewriter.core.layouts import GPT_OSS
 
     role = GPT_OSS.classify(t.source)
     if role is None or role.role == "expert":
@@ -87,8 +87,8 @@ def lazy(plan: Plan, dst: Path) -> None:
 
 
 def ours(plan: Plan, dst: Path, zero_copy: bool = True) -> None:
-    from rewriter.dryrun import dry_run
-    from rewriter.executor import execute
+    from rewriter.exec.dryrun import dry_run
+    from rewriter.exec.executor import execute
 
     if plan.is_dry_run:
         dry_run(plan, scratch=str(dst), zero_copy=zero_copy, keep_output=True)
@@ -100,7 +100,7 @@ def ours_ray(plan: Plan, dst: Path, workers: int) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from ray_jobs.executor import execute_on_ray
+    from rewriter.exec.ray_executor import execute_on_ray
 
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, object_store_memory=100 << 20)
     execute_on_ray(plan, str(dst), workers=workers)

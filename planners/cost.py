@@ -78,31 +78,12 @@ def estimate(
         A :class:`CostReport`. ``bytes_read`` counts tensor bytes fetched; headers are counted
         apart in ``header_bytes_read`` (two small reads per source shard).
     """
-    per_layer: dict[int | None, dict[str, Any]] = {}
-    for o in plan.outputs:
-        for t in o.tensors:
-            d = per_layer.setdefault(t.layer, {"src": set(), "out": set(), "read": 0, "segs": 0})
-            d["src"].update(s.shard for s in t.segments if s.data is None)
-            d["out"].add(o.name)
-            d["read"] += sum(s.length for s in t.segments if s.data is None)
-            d["segs"] += len(t.segments)
-    written: dict[int | None, int] = {}
-    for o in plan.outputs:
-        for t in o.tensors:
-            written[t.layer] = written.get(t.layer, 0) + t.nbytes
-    layers = tuple(
-        LayerCost(k, tuple(sorted(v["src"])), tuple(sorted(v["out"])), v["read"], written[k], v["segs"])
-        for k, v in sorted(per_layer.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
-    )
+    layers = _layer_costs(plan)
     ops = [op for o in plan.outputs for op in o.copy_ops() if op.data is None]
     requests = sum(-(-op.length // buffer_bytes) for op in ops)
     header_bytes = sum(8 + int(fp.get("header_len", 0)) for fp in plan.source_shards.values())
     workers = max(1, workers)
     per_shard = [o.data_bytes / read_bytes_per_s + o.size / write_bytes_per_s for o in plan.outputs]
-    load = [0.0] * workers
-    heapq.heapify(load)
-    for cost in sorted(per_shard, reverse=True):
-        heapq.heappush(load, heapq.heappop(load) + cost)
     notes = []
     if workers > len(plan.outputs):
         notes.append(f"only {len(plan.outputs)} output shards: at most that many workers are busy")
@@ -119,10 +100,37 @@ def estimate(
         read_bytes_per_s=read_bytes_per_s,
         write_bytes_per_s=write_bytes_per_s,
         buffer_bytes=buffer_bytes,
-        est_seconds=max(load),
+        est_seconds=_longest_first(per_shard, workers),
         peak_rss_per_worker=BASE_RSS_BYTES + buffer_bytes,
         notes=tuple(notes),
     )
+
+
+def _layer_costs(plan: Plan) -> tuple[LayerCost, ...]:
+    """Per layer (``None``: tensors outside the layers): shards touched, bytes, segments."""
+    per_layer: dict[int | None, dict[str, Any]] = {}
+    written: dict[int | None, int] = {}
+    for o in plan.outputs:
+        for t in o.tensors:
+            d = per_layer.setdefault(t.layer, {"src": set(), "out": set(), "read": 0, "segs": 0})
+            d["src"].update(s.shard for s in t.segments if s.data is None)
+            d["out"].add(o.name)
+            d["read"] += sum(s.length for s in t.segments if s.data is None)
+            d["segs"] += len(t.segments)
+            written[t.layer] = written.get(t.layer, 0) + t.nbytes
+    return tuple(
+        LayerCost(k, tuple(sorted(v["src"])), tuple(sorted(v["out"])), v["read"], written[k], v["segs"])
+        for k, v in sorted(per_layer.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
+    )
+
+
+def _longest_first(costs: list[float], workers: int) -> float:
+    """Time to finish ``costs`` on ``workers``, each job going to the least loaded worker."""
+    load = [0.0] * workers
+    heapq.heapify(load)
+    for cost in sorted(costs, reverse=True):
+        heapq.heappush(load, heapq.heappop(load) + cost)
+    return max(load)
 
 
 def human_bytes(n: float) -> str:

@@ -17,19 +17,19 @@ from functools import cached_property
 from typing import Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
-from planners.layouts import Layout
 from planners.policies import KeepDecision
-from rewriter.checkpoint import (
+from rewriter.core.checkpoint import (
     CONFIG_NAME,
     INDEX_NAME,
     Checkpoint,
     TensorInfo,
     relative_name_problem,
 )
-from rewriter.errors import PlanError
-from rewriter.format import PREFIX_BYTES, encode_header, parse_header
+from rewriter.core.errors import PlanError
+from rewriter.core.format import PREFIX_BYTES, encode_header, parse_header
+from rewriter.core.jsonfile import parse_json, read_url
+from rewriter.core.layouts import Layout
 
 PLAN_FORMAT = "moe-rewriter-plan"
 PLAN_VERSION = 1
@@ -275,13 +275,7 @@ class Plan:
 
     @classmethod
     def load(cls, url: str) -> Plan:
-        try:
-            with fsspec.open(url, "r") as f:
-                doc = json.load(f)
-        except FileNotFoundError:
-            raise PlanError(f"{url}: plan file not found") from None
-        except json.JSONDecodeError as e:
-            raise PlanError(f"{url}: not valid JSON ({e})") from None
+        doc = parse_json(read_url(url, PlanError, missing="plan file not found"), url, PlanError)
         return cls.from_json(doc, url)
 
     def check_source(self, ckpt: Checkpoint) -> None:
@@ -326,7 +320,7 @@ def _without_paths(entry: Any) -> Any:
 def source_location(storage: Any) -> str:
     """The URL a plan records for a source: local paths made absolute (so a plan, and the
     ``pruning.json`` that carries it, works from any folder and on shared storage)."""
-    if isinstance(storage.fs, LocalFileSystem):
+    if storage.is_local:
         return os.path.abspath(storage.root)
     return str(storage.url)
 
@@ -520,6 +514,55 @@ def shard_names(n: int, zero_based: bool, prefix: str = "model") -> list[str]:
     return [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
+def _check_layers(url: str, moe: list[int], decision: KeepDecision, layers_only: Sequence[int] | None) -> None:
+    """Keep sets for exactly the MoE layers; dry-run layers among them."""
+    if sorted(decision.keep) != moe:
+        raise PlanError(f"keep sets cover layers {sorted(decision.keep)}, but the MoE layers of {url} are {moe}")
+    bad = sorted(set(layers_only or ()) - set(moe))
+    if bad:
+        raise PlanError(f"--layer {bad}: not MoE layers of {url} (MoE layers: 0..{max(moe)})")
+
+
+def _output_shards(ckpt: Checkpoint, tensors: list[PlannedTensor], max_shard_bytes: int,
+                   layers_only: Sequence[int] | None) -> tuple[OutputShard, ...]:
+    """Tensors grouped into named output shards with their headers (one per layer for a dry run)."""
+    if layers_only is not None:
+        groups = [[t for t in tensors if t.layer == layer] for layer in sorted(set(layers_only))]
+        names = [f"layer-{layer:05d}.safetensors" for layer in sorted(set(layers_only))]
+    else:
+        groups = assign_shards(tensors, max_shard_bytes)
+        zero_based = any(re.search(r"-00000-of-\d+\.safetensors$", s) for s in ckpt.shards)
+        names = shard_names(len(groups), zero_based)
+    return tuple(
+        OutputShard(name, encode_header([(t.name, t.dtype, t.shape) for t in grp], {"format": "pt"}), tuple(grp))
+        for name, grp in zip(names, groups)
+    )
+
+
+def _config_patch(config: Mapping[str, Any], layout: Layout, decision: KeepDecision, uniform: bool,
+                  soft: bool) -> dict[str, Any]:
+    """The config fields that change: counts (when one count fits every layer) and top-k."""
+    patch = layout.config_patch(config, max(len(v) for v in decision.keep.values()), decision.top_k)
+    if soft:
+        return {k: v for k, v in patch.items() if k in layout.topk_fields}
+    if not uniform:
+        return {k: v for k, v in patch.items() if k not in layout.count_fields}
+    return patch
+
+
+def _other_files(files: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The source's non-tensor files to copy, and those left out (other layouts, hidden files)."""
+    copy_files, skipped = [], []
+    for f in files:
+        if f.startswith(SKIPPED_DIRS) or f.split("/")[0].startswith("."):
+            skipped.append(f)
+        elif f == CONFIG_NAME or f == INDEX_NAME or f.endswith(".safetensors"):
+            continue
+        else:
+            copy_files.append(f)
+    return copy_files, skipped
+
+
 def build_plan(
     ckpt: Checkpoint,
     decision: KeepDecision,
@@ -545,45 +588,14 @@ def build_plan(
         PlanError: keep sets that do not cover the MoE layers, or name unknown layers.
     """
     layout = ckpt.layout
-    moe = layout.moe_layers(ckpt)
-    if sorted(decision.keep) != sorted(moe):
-        raise PlanError(
-            f"keep sets cover layers {sorted(decision.keep)}, but the MoE layers of {ckpt.url} are {sorted(moe)}"
-        )
-    if layers_only is not None:
-        bad = sorted(set(layers_only) - set(moe))
-        if bad:
-            raise PlanError(f"--layer {bad}: not MoE layers of {ckpt.url} (MoE layers: 0..{max(moe)})")
+    _check_layers(ckpt.url, sorted(layout.moe_layers(ckpt)), decision, layers_only)
     num_experts = layout.num_experts(ckpt.config)
     tensors = plan_tensors(ckpt, layout, decision.keep, layers_only, soft)
-    zero_based = any(re.search(r"-00000-of-\d+\.safetensors$", s) for s in ckpt.shards)
-    if layers_only is not None:
-        groups = [[t for t in tensors if t.layer == layer] for layer in sorted(set(layers_only))]
-        names = [f"layer-{layer:05d}.safetensors" for layer in sorted(set(layers_only))]
-    else:
-        groups = assign_shards(tensors, max_shard_bytes)
-        names = shard_names(len(groups), zero_based)
-    outputs = tuple(
-        OutputShard(name, encode_header([(t.name, t.dtype, t.shape) for t in grp], {"format": "pt"}), tuple(grp))
-        for name, grp in zip(names, groups)
-    )
-    counts = {len(v) for v in decision.keep.values()}
-    uniform = len(counts) == 1
-    kept = max(counts)
-    patch = layout.config_patch(ckpt.config, kept, decision.top_k)
-    if soft:
-        patch = {k: v for k, v in patch.items() if k in layout.topk_fields}
-    elif not uniform:
-        patch = {k: v for k, v in patch.items() if k not in layout.count_fields}
+    outputs = _output_shards(ckpt, tensors, max_shard_bytes, layers_only)
+    uniform = len({len(v) for v in decision.keep.values()}) == 1
+    patch = _config_patch(ckpt.config, layout, decision, uniform, soft)
     config = {**ckpt.config, **patch}
-    copy_files, skipped = [], []
-    for f in ckpt.files:
-        if f.startswith(SKIPPED_DIRS) or f.split("/")[0].startswith("."):
-            skipped.append(f)
-        elif f == CONFIG_NAME or f == INDEX_NAME or f.endswith(".safetensors"):
-            continue
-        else:
-            copy_files.append(f)
+    copy_files, skipped = _other_files(ckpt.files)
     # No creation time: a plan is a function of its inputs, so the same command makes the same
     # plan (and resumes an interrupted run of it) and its output is reproducible byte for byte.
     prov = {

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from planners.saliency import Saliency
-from rewriter.errors import PolicyError
+from rewriter.core.errors import PolicyError
 
 
 @dataclass(frozen=True)

@@ -33,12 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import fsspec
-
-from rewriter.errors import SaliencyError
+from rewriter.core.errors import SaliencyError
+from rewriter.core.jsonfile import parse_json, read_url
 
 if TYPE_CHECKING:
-    from rewriter.checkpoint import Checkpoint
+    from rewriter.core.checkpoint import Checkpoint
 
 FORMAT = "moe-rewriter-saliency"
 VERSION = 1
@@ -82,15 +81,10 @@ class Saliency:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
 
 
-def _read(path: str) -> tuple[bytes, str]:
-    try:
-        with fsspec.open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise SaliencyError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise SaliencyError(f"{path}: is a folder; expected a JSON file") from None
-    return raw, hashlib.sha256(raw).hexdigest()
+def _read(path: str) -> tuple[Any, str]:
+    """The file's JSON document and the sha256 of its bytes."""
+    raw = read_url(path, SaliencyError, folder="is a folder; expected a JSON file")
+    return parse_json(raw, path, SaliencyError), hashlib.sha256(raw).hexdigest()
 
 
 def load_saliency(path: str, num_experts: int | None = None, layers: Sequence[int] | None = None) -> Saliency:
@@ -105,11 +99,7 @@ def load_saliency(path: str, num_experts: int | None = None, layers: Sequence[in
         SaliencyError: wrong format/version, NaN or infinite scores, negative counts or REAP,
             a layer or expert count that does not match the checkpoint.
     """
-    raw, digest = _read(path)
-    try:
-        doc = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SaliencyError(f"{path}: not valid JSON ({e})") from None
+    doc, digest = _read(path)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise SaliencyError(f"{path}: not a saliency file (expected \"format\": \"{FORMAT}\")")
     if doc.get("version") != VERSION:
@@ -183,11 +173,7 @@ def load_keep_list(path: str, num_experts: int, layers: Sequence[int]) -> tuple[
     Returns:
         The keep set per layer (sorted ids) and the file's sha256.
     """
-    raw, digest = _read(path)
-    try:
-        doc = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SaliencyError(f"{path}: not valid JSON ({e})") from None
+    doc, digest = _read(path)
     if not isinstance(doc, dict):
         raise SaliencyError(f"{path}: expected an object {{\"<layer>\": [expert ids]}}")
     keep: dict[int, tuple[int, ...]] = {}

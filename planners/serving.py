@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from planners.layouts import Layout
 from planners.plan import Plan
 from planners.policies import KeepPolicy, keep_count
-from rewriter.checkpoint import Checkpoint
-from rewriter.errors import PlanError, PolicyError
+from rewriter.core.checkpoint import Checkpoint
+from rewriter.core.errors import PlanError, PolicyError
+from rewriter.core.layouts import Layout
 
 TARGETS = ("vllm", "sglang", "trtllm", "llamacpp", "transformers")
 

@@ -34,8 +34,8 @@ from profiling.observer import ExpertObserver
 from profiling.spill import Spill
 from profiling.streamed import HEAD_CHUNK, StreamedModel, check_device, fits
 from profiling.weights import checkpoint_dtype
-from rewriter.checkpoint import Checkpoint
-from rewriter.errors import RewriterError
+from rewriter.core.checkpoint import Checkpoint
+from rewriter.core.errors import RewriterError
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from planners.saliency import Saliency
-from rewriter.errors import SaliencyError
+from rewriter.core.errors import SaliencyError
 
 
 def _floats(v, where: str) -> list[float]:

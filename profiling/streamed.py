@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from profiling.weights import Recipes, build, checkpoint_dtype, dense_bytes, fp8_block, read_tensors
-from rewriter.checkpoint import Checkpoint
-from rewriter.errors import DeviceError, RewriterError
+from rewriter.core.checkpoint import Checkpoint
+from rewriter.core.errors import DeviceError, RewriterError
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30

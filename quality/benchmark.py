@@ -5,7 +5,7 @@ several keep fractions and calibrations, and evaluate every pruned model against
 
 Everything runs through the project's own code: :func:`profiling.profile.profile` (saliency),
 :func:`planners.policies.select_keep` and :func:`planners.plan.build_plan` (planning),
-:func:`rewriter.executor.execute` (the rewrite) and :func:`quality.evaluate.evaluate` (the
+:func:`rewriter.exec.executor.execute` (the rewrite) and :func:`quality.evaluate.evaluate` (the
 harness and its gates). ``random`` keeps a seeded random set of the same size per layer.
 """
 
@@ -54,13 +54,13 @@ def _keep_random(layers: list[int], n_experts: int, n: int, seed: int) -> dict[i
 
 def run(scale_name: str = "full", device: str = "cuda", work: Path = Path("quality-work"),
         results: Path = RESULTS, log=print, steps: int | None = None) -> dict[str, Any]:
-    from planners.plan import build_plan
-    from planners.policies import Domain, KeepDecision, KeepPolicy, select_keep
-    from planners.saliency import load_saliency
+    from planners import PlanOptions, plan_prune
+    from planners.plan import Plan, build_plan
+    from planners.policies import KeepDecision, KeepPolicy
     from profiling.profile import load_model, profile
     from quality.evaluate import evaluate
-    from rewriter.checkpoint import Checkpoint
-    from rewriter.executor import execute
+    from rewriter.core.checkpoint import Checkpoint
+    from rewriter.exec.executor import execute
 
     scale = SCALES[scale_name]
     t_start = time.perf_counter()
@@ -93,8 +93,7 @@ def run(scale_name: str = "full", device: str = "cuda", work: Path = Path("quali
     cache: dict = {}
     runs = []
 
-    def evaluate_keep(keep: dict[int, tuple[int, ...]], label: dict[str, Any]) -> None:
-        plan = build_plan(ckpt, KeepDecision(keep, {}, top_k), provenance={"benchmark": label})
+    def evaluate_plan(plan: Plan, label: dict[str, Any]) -> None:
         dst = work / "pruned"
         shutil.rmtree(dst, ignore_errors=True)
         execute(plan, str(dst))
@@ -115,13 +114,13 @@ def run(scale_name: str = "full", device: str = "cuda", work: Path = Path("quali
         n = max(top_k, round(frac * n_exp))
         for calib in scale.calibrations:
             names = DOMAINS if calib == "union" else (calib,)
-            domains = [Domain(load_saliency(str(sal_paths[d]), n_exp, layers)) for d in names]
+            saliency = tuple(str(sal_paths[d]) for d in names)
             for rank in RANKS:
-                decision = select_keep(domains, layers, n_exp, top_k, KeepPolicy(rank=rank, keep_n=n))
-                evaluate_keep(dict(decision.keep), {"rank": rank, "keep": n, "keep_frac": n / n_exp,
-                                                    "calibration": calib})
-        evaluate_keep(_keep_random(layers, n_exp, n, seed=n),
-                      {"rank": "random", "keep": n, "keep_frac": n / n_exp, "calibration": "-"})
+                evaluate_plan(plan_prune(ckpt, PlanOptions(saliency=saliency, policy=KeepPolicy(rank=rank, keep_n=n))),
+                              {"rank": rank, "keep": n, "keep_frac": n / n_exp, "calibration": calib})
+        label = {"rank": "random", "keep": n, "keep_frac": n / n_exp, "calibration": "-"}
+        evaluate_plan(build_plan(ckpt, KeepDecision(_keep_random(layers, n_exp, n, seed=n), {}, top_k),
+                                 provenance={"benchmark": label}), label)
     prune_eval_seconds = time.perf_counter() - t
     shutil.rmtree(work / "pruned", ignore_errors=True)
 

@@ -36,7 +36,7 @@ from profiling.profile import (
 from profiling.streamed import StreamedModel, check_device
 from profiling.weights import checkpoint_dtype
 from quality.gates import Gates, check, histogram
-from rewriter.checkpoint import Checkpoint
+from rewriter.core.checkpoint import Checkpoint
 
 UNION = "union"
 

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -56,10 +57,10 @@ def main(verbose: int) -> None:
 @_fail_cleanly
 def synth(preset: str, layers: int | None, sparse: bool, computing: bool, force: bool, quiet: bool, out: str) -> None:
     """Write a synthetic gpt-oss checkpoint to OUT (a new or empty folder)."""
-    from bench_io.synth import all_tensors, computing_chunks, write_checkpoint
-    from bench_io.synth import preset as get_preset
-    from rewriter.format import nbytes_of
+    from rewriter.core.format import nbytes_of
     from rewriter.progress import ByteProgress
+    from rewriter.synth import all_tensors, computing_chunks, write_checkpoint
+    from rewriter.synth import preset as get_preset
 
     try:
         g = get_preset(preset, layers)
@@ -90,9 +91,9 @@ def synth(preset: str, layers: int | None, sparse: bool, computing: bool, force:
 @_fail_cleanly
 def synth_saliency(ckpt: str, out: str, domain: str, seed: int, force: bool) -> None:
     """Write plausible random saliency for CKPT (for trying the planner without a GPU)."""
-    from bench_io.synth import synthetic_saliency
     from planners.saliency import model_identity
-    from rewriter.checkpoint import Checkpoint
+    from rewriter.core.checkpoint import Checkpoint
+    from rewriter.synth import synthetic_saliency
 
     refuse_existing_file(out, "--out", force)
     c = Checkpoint.open(ckpt)
@@ -180,98 +181,48 @@ def _parse_layers(text: str | None, option: str) -> list[int] | None:
     return sorted(set(layers))
 
 
-def _check_layers(layers: list[int] | None, moe: list[int], option: str, src: str) -> None:
-    bad = sorted(set(layers or ()) - set(moe))
-    if bad:
-        raise click.BadParameter(
-            f"{', '.join(map(str, bad))}: not {'an MoE layer' if len(bad) == 1 else 'MoE layers'} of {src} "
-            f"(its MoE layers are {moe[0]}..{moe[-1]})" if moe else f"{src} has no MoE layers",
-            param_hint=option)
-
-
-def _load_domains(kw: dict[str, Any], ckpt: Any, n_exp: int, moe: list[int]) -> list[Any]:
-    """Saliency files as weighted domains, checked against the model they claim to score."""
-    from planners.policies import Domain
-    from planners.saliency import has_identity, identity_mismatch, load_saliency, model_identity
-    from rewriter.errors import SaliencyError
-
+def _weights(texts: tuple[str, ...]) -> dict[str, float]:
     weights = {}
-    for w in kw["weights"]:
+    for w in texts:
         name, _, val = w.partition("=")
         try:
             weights[name] = float(val)
         except ValueError:
             raise click.BadParameter(f"{w!r}: expected DOMAIN=WEIGHT", param_hint="--weight") from None
-    sal = [load_saliency(p, n_exp, moe) for p in kw["saliency"]]
-    identity = model_identity(ckpt) if sal else {}
-    for s in sal:
-        if not has_identity(s):
-            log.warning("%s records no model identity (written before saliency files carried one); "
-                        "cannot check it was profiled on %s", s.source, ckpt.url)
-        elif not kw["allow_foreign_saliency"] and (why := identity_mismatch(s, identity, ckpt.url)):
-            raise SaliencyError(why)
-    unknown = set(weights) - {s.domain for s in sal}
-    if unknown:
-        raise click.BadParameter(f"no saliency file has domain {sorted(unknown)}", param_hint="--weight")
-    return [Domain(s, weights.get(s.domain, 1.0)) for s in sal]
+    return weights
 
 
 def make_plan(src: str, *, layers_only: list[int] | None = None, layers_option: str = "--layers",
               soft: bool = False, **kw: Any) -> tuple[Any, int]:
-    """Open SRC, choose keep sets from saliency or a keep list, and build the plan.
+    """Plan SRC from the command's policy options (:func:`planners.plan_prune`).
 
     Returns:
         The plan and the source's experts per layer.
     """
-    from planners.plan import build_plan
-    from planners.policies import KeepPolicy, select_keep, validate_keep_list
-    from planners.saliency import load_keep_list
-    from rewriter.checkpoint import Checkpoint
+    from planners import PlanOptions, plan_prune
+    from planners.policies import KeepPolicy
+    from rewriter.core.errors import OptionError
 
-    if kw["keep_list"] and kw["saliency"]:
-        raise click.UsageError("give --saliency or --keep-list, not both")
-    ckpt = Checkpoint.open(src, kw.get("storage_options") or {})
-    layout = ckpt.layout
-    moe = sorted(layout.moe_layers(ckpt))
-    _check_layers(layers_only, moe, layers_option, src)
-    n_exp, top_k = layout.num_experts(ckpt.config), layout.top_k(ckpt.config)
-    policy = KeepPolicy(rank=kw["rank"], keep_n=kw["keep_n"], keep_frac=kw["keep_frac"],
-                        keep_multiple=kw["keep_multiple"], core_top_m=kw["core_top_m"],
-                        coverage=kw["coverage"], top_k=kw["top_k"], budget=kw["budget"])
-    prov: dict[str, Any]
-    groups = layout.num_groups(ckpt.config)
-    topk_group = ckpt.config.get("topk_group") if groups > 1 else None
-    targets, ep, fit_note = tuple(kw.get("targets") or ()), kw.get("ep"), None
-    if targets and kw.get("fit_targets") and not (kw["keep_list"] or policy.budget is not None or soft):
-        from planners.serving import facts_from, fit_policy
-
-        facts = facts_from(ckpt.config, ((t.name, t.dtype, t.shape) for t in ckpt.tensors.values()), layout)
-        policy, fit_note = fit_policy(policy, facts, n_exp, top_k, targets, ep)
-        if fit_note:
-            click.echo(fit_note, err=True)
-    if kw["keep_list"]:
-        keep, digest = load_keep_list(kw["keep_list"], n_exp, moe)
-        decision = validate_keep_list(keep, top_k, kw["top_k"], kw["allow_nonuniform"], groups, topk_group, n_exp)
-        prov = {"keep_list": {"path": kw["keep_list"], "sha256": digest}, "policy": {"top_k": kw["top_k"]}}
-    else:
-        domains = _load_domains(kw, ckpt, n_exp, moe)
-        decision = select_keep(domains, moe, n_exp, top_k, policy, groups, topk_group)
-        if not decision.uniform and not kw["allow_nonuniform"] and policy.budget is None:
-            raise click.UsageError("non-uniform keep counts need --allow-nonuniform")
-        prov = {
-            "saliency": [{"path": d.saliency.source, "sha256": d.saliency.digest, "domain": d.name,
-                          "weight": d.weight, "tokens": d.saliency.tokens} for d in domains],
-            "policy": policy.to_json(),
-        }
-    if fit_note:
-        prov["fit_targets"] = fit_note
-    plan = build_plan(ckpt, decision, max_shard_bytes=kw["max_shard_size"], layers_only=layers_only,
-                      provenance=prov, soft=soft)
-    if targets and layers_only is None:
-        from planners.serving import apply_targets
-
-        plan = apply_targets(plan, layout, targets, ep)
-    return plan, n_exp
+    options = PlanOptions(
+        # A keep list takes no weights (nor checks them).
+        saliency=tuple(kw["saliency"]), weights={} if kw["keep_list"] else _weights(kw["weights"]),
+        keep_list=kw["keep_list"],
+        policy=KeepPolicy(rank=kw["rank"], keep_n=kw["keep_n"], keep_frac=kw["keep_frac"],
+                          keep_multiple=kw["keep_multiple"], core_top_m=kw["core_top_m"], coverage=kw["coverage"],
+                          top_k=kw["top_k"], budget=kw["budget"]),
+        allow_nonuniform=kw["allow_nonuniform"], allow_foreign_saliency=kw["allow_foreign_saliency"],
+        max_shard_bytes=kw["max_shard_size"], storage_options=kw.get("storage_options") or {},
+        targets=tuple(kw.get("targets") or ()), ep=kw.get("ep"), fit_targets=bool(kw.get("fit_targets")),
+        layers_only=tuple(layers_only) if layers_only is not None else None, soft=soft,
+    )
+    try:
+        plan = plan_prune(src, options, notify=lambda note: click.echo(note, err=True))
+    except OptionError as e:
+        flag = {"layers_only": layers_option, "weights": "--weight"}.get(e.option or "")
+        if flag:
+            raise click.BadParameter(str(e), param_hint=flag) from None
+        raise click.UsageError(str(e)) from None
+    return plan, int(plan.provenance["source_experts_per_layer"])
 
 
 def keep_summary(p: Any, num_experts: int, ids: bool = False) -> list[str]:
@@ -345,7 +296,7 @@ def plan(src: str, layers: str | None, buffer_mib: int, out: str | None, as_json
 def _bandwidths(read_mbps: float | None, write_mbps: float | None, measure_dir: str | None) -> tuple[float, float]:
     read_bw, write_bw = 1e9, 1e9
     if measure_dir:
-        from rewriter.probe import measure_disk
+        from rewriter.exec.probe import measure_disk
 
         read_bw, write_bw = measure_disk(measure_dir)
     if read_mbps:
@@ -376,7 +327,7 @@ def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bo
              dst_options: dict[str, Any] | None, use_ray: bool, address: str | None, ray_workers: int, quiet: bool,
              as_json: bool, allow_nonuniform: bool, src_options: dict[str, Any] | None) -> None:
     from planners.cost import human_bytes
-    from rewriter.executor import execute
+    from rewriter.exec.executor import execute
     from rewriter.progress import ByteProgress
 
     bar = ByteProgress(enabled=not quiet and not as_json)
@@ -387,7 +338,7 @@ def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bo
     )
     on_interrupt(f"the shards finished so far are kept in {dst}; run the same command again to resume")
     if use_ray:
-        from ray_jobs.executor import execute_on_ray
+        from rewriter.exec.ray_executor import execute_on_ray
 
         result = execute_on_ray(p, dst, address=address, workers=ray_workers, **kwargs)
     else:
@@ -499,7 +450,7 @@ def verify(paths: tuple[str, ...], buffer_mib: int, src_options: dict[str, Any] 
         raise click.UsageError("give [SRC] DST")
     src, dst = (None, paths[0]) if len(paths) == 1 else paths
     from planners.cost import human_bytes
-    from rewriter.verify import verify as do_verify
+    from rewriter.exec.verify import verify as do_verify
 
     report = do_verify(src, dst, src_options=src_options or {}, dst_options=dst_options or {},
                        buffer_bytes=buffer_mib * MiB)
@@ -530,7 +481,7 @@ def dry_run_cmd(src: str, layer_ids: tuple[int, ...], scratch: str | None, buffe
                 as_json: bool, **kw: Any) -> None:
     """Rewrite only the given layers' expert tensors and report time, bytes and peak RSS per layer."""
     from planners.cost import human_bytes, shard_label
-    from rewriter.dryrun import dry_run
+    from rewriter.exec.dryrun import dry_run
 
     p, _ = make_plan(src, layers_only=sorted(set(layer_ids)), layers_option="--layer", **kw)
     on_interrupt(f"the probe's scratch files are removed{f' from {scratch}' if scratch else ''}")
@@ -622,13 +573,12 @@ class TokenProgress:
     line every few seconds (as :class:`rewriter.progress.ByteProgress` does for bytes)."""
 
     def __init__(self, enabled: bool = True, log_every: float = 5.0):
-        import time
-
+        from rewriter.exec.throttle import Throttle
         from rewriter.progress import _is_terminal
 
-        self.enabled, self.done, self.t0, self.last = enabled, 0, time.monotonic(), 0.0
+        self.enabled, self.done, self.t0 = enabled, 0, time.monotonic()
         self.tty = _is_terminal(sys.stderr)
-        self.every = 0.5 if self.tty else log_every
+        self.throttle = Throttle(0.5 if self.tty else log_every)
         self.drawn = False
 
     def _say(self, text: str) -> None:
@@ -636,12 +586,9 @@ class TokenProgress:
         self.drawn = True
 
     def __call__(self, n: int) -> None:
-        import time
-
         self.done += n
         now = time.monotonic()
-        if self.enabled and now - self.last >= self.every:
-            self.last = now
+        if self.enabled and self.throttle.due(now):
             self._say(f"profile: {self.done:,} tokens, {self.done / max(now - self.t0, 1e-9):,.0f} tokens/s")
 
     def layer(self, done: int, total: int) -> None:
@@ -710,7 +657,7 @@ def import_reap_cmd(observer_file: str, out: str, domain: str, force: bool, mode
     """
     from planners.saliency import model_identity
     from profiling.reap_import import import_reap
-    from rewriter.checkpoint import Checkpoint
+    from rewriter.core.checkpoint import Checkpoint
 
     refuse_existing_file(out, "--out", force)
     identity = model_identity(Checkpoint.open(model_ckpt)) if model_ckpt else None
@@ -741,7 +688,7 @@ def check(ckpt: str, targets: tuple[str, ...], ep: int | None, as_json: bool, st
     warnings do not fail.
     """
     from planners.serving import TARGETS, check_facts, checkpoint_facts, failures, format_verdicts
-    from rewriter.checkpoint import Checkpoint
+    from rewriter.core.checkpoint import Checkpoint
 
     c = Checkpoint.open(ckpt, storage_options or {})
     facts = checkpoint_facts(c)
@@ -771,18 +718,18 @@ def card(dst: str, base_model: str | None, eval_json: str | None, run_verify: bo
 
     Each run renders the whole card, so give every extra you want in it.
     """
-    from rewriter.modelcard import load_eval, update_card
-    from rewriter.storage import Storage
+    from rewriter.exec.destination import open_destination
+    from rewriter.exec.modelcard import load_eval, update_card
 
-    storage = Storage(dst, (dst_options or {}))
+    destination = open_destination(dst, (dst_options or {}))
     report = None
     if run_verify:
-        from rewriter.verify import verify as do_verify
+        from rewriter.exec.verify import verify as do_verify
 
         report = do_verify(None, dst, src_options=(src_options or {}), dst_options=(dst_options or {})).to_json()
     result = load_eval(eval_json) if eval_json else None
-    update_card(storage, base_model=base_model, verify=report, eval_result=result)
-    click.echo(f"wrote {storage.describe('README.md')}" + (f" (verify: {'OK' if report['ok'] else 'FAILED'})" if report else ""))
+    update_card(destination, base_model=base_model, verify=report, eval_result=result)
+    click.echo(f"wrote {destination.describe('README.md')}" + (f" (verify: {'OK' if report['ok'] else 'FAILED'})" if report else ""))
 
 
 if __name__ == "__main__":

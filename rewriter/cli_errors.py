@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from rewriter.errors import RewriterError
+from rewriter.core.errors import RewriterError
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from rewriter.checkpoint import Checkpoint
+from rewriter.core.checkpoint import Checkpoint
 
 
 def describe(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -18,16 +18,18 @@ def describe(url: str, storage_options: Mapping[str, Any] | None = None) -> dict
     moe = layout.moe_layers(ckpt)
     n = layout.num_experts(ckpt.config)
     layers = []
+    sizes: set[int] = set()
     for idx, layer in moe.items():
         infos = [ckpt.tensors[t.name] for t in layer.tensors]
         expert_bytes = sum(i.nbytes for i in infos)
+        sizes.add(expert_bytes // n)
         layers.append({
             "layer": idx,
             "shards": sorted({i.shard for i in infos}),
             "expert_bytes": expert_bytes,
             "bytes_per_expert": expert_bytes // n,
         })
-    per_expert = sorted({entry["bytes_per_expert"] for entry in layers})
+    per_expert = sorted(sizes)
     return {
         "url": ckpt.url,
         "family": layout.family,

@@ -13,6 +13,7 @@ import time
 from typing import TextIO
 
 from planners.cost import human_bytes
+from rewriter.exec.throttle import Throttle
 
 
 class ByteProgress:
@@ -34,22 +35,20 @@ class ByteProgress:
         self.stream = stream or sys.stderr
         self.enabled = enabled
         self.tty = _is_terminal(self.stream)
-        self._every = 0.2 if self.tty else log_every
         self._t0 = time.monotonic()
-        self._last = self._t0
+        self._throttle = Throttle(0.2 if self.tty else log_every, since=self._t0)
         self._drawn = False
         self._lock = threading.Lock()
 
     def start(self, total: int) -> None:
         self.total = total
-        self._t0 = self._last = time.monotonic()
+        self._t0 = self._throttle.last = time.monotonic()
 
     def __call__(self, n: int) -> None:
         with self._lock:
             self.done += n
             now = time.monotonic()
-            if self.enabled and self.total and now - self._last >= self._every:
-                self._last = now
+            if self.enabled and self.total and self._throttle.due(now):
                 self._draw(now)
 
     def _line(self, now: float) -> str:

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bench_io.synth import PRESETS, synthetic_saliency, write_checkpoint
 from planners.saliency import model_identity
-from rewriter.checkpoint import Checkpoint
 from rewriter.cli import main
+from rewriter.core.checkpoint import Checkpoint
+from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 #: Copies of the real gpt-oss-20b config.json and index (from shared/reference).

@@ -9,9 +9,9 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from bench_io.synth import PRESETS, write_checkpoint
-from rewriter.checkpoint import Checkpoint
-from rewriter.errors import CheckpointError, FormatError
+from rewriter.core.checkpoint import Checkpoint
+from rewriter.core.errors import CheckpointError, FormatError
+from rewriter.synth import PRESETS, write_checkpoint
 from tests.conftest import REFERENCE, cli
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from bench_io.synth import PRESETS, write_checkpoint
 from rewriter.cli import EXIT_STATUS_HELP, main
+from rewriter.synth import PRESETS, write_checkpoint
 from tests.conftest import cli, source_digest, tree_digest
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bench_io.synth import PRESETS, synthetic_saliency, write_checkpoint
 from rewriter.cli import main
+from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
 from tests.conftest import cli, source_digest
 
 CASES = int(os.environ.get("REWRITER_FUZZ_CASES", "600"))

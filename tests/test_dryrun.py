@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from bench_io.synth import Geometry, synthetic_saliency, write_checkpoint
-from rewriter.checkpoint import Checkpoint
+from rewriter.core.checkpoint import Checkpoint
+from rewriter.synth import Geometry, synthetic_saliency, write_checkpoint
 from tests.conftest import cli
 
 

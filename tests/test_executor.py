@@ -14,11 +14,11 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from bench_io.synth import PRESETS, Geometry, synthetic_saliency, write_checkpoint
 from planners.plan import Plan
-from rewriter.checkpoint import Checkpoint
-from rewriter.executor import execute
-from rewriter.verify import verify
+from rewriter.core.checkpoint import Checkpoint
+from rewriter.exec.executor import execute
+from rewriter.exec.verify import verify
+from rewriter.synth import PRESETS, Geometry, synthetic_saliency, write_checkpoint
 from tests.conftest import cli, source_digest, tree_digest
 
 
@@ -100,9 +100,10 @@ def test_memory_source_reads_only_kept_bytes(tiny, tmp_path):
     synthetic_saliency(2, 8, 2, seed=2).save(sal)
     cli("plan", "memory://mem-src", "--saliency", sal, "--keep-frac", "0.5", "--out", tmp_path / "p.json")
     p = Plan.load(str(tmp_path / "p.json"))
-    from rewriter.executor import write_output_shard
-    from rewriter.storage import Storage
-    src, dst = Storage("memory://mem-src"), Storage(str(tmp_path / "o"))
+    from rewriter.core.storage import Storage
+    from rewriter.exec.destination import open_destination
+    from rewriter.exec.executor import write_output_shard
+    src, dst = Storage("memory://mem-src"), open_destination(str(tmp_path / "o"))
     os.makedirs(tmp_path / "o")
     total = 0
     for out in p.outputs:
@@ -360,7 +361,7 @@ def test_memory_bounded_whatever_the_shard_size(tmp_path, mode):
 
 
 def test_drop_cache_and_measured_bandwidth(tiny, tmp_path):
-    from rewriter.probe import measure_disk
+    from rewriter.exec.probe import measure_disk
 
     read_bw, write_bw = measure_disk(str(tmp_path), nbytes=16 << 20, block=4 << 20)
     assert read_bw > 0 and write_bw > 0

@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from rewriter.checkpoint import Checkpoint  # noqa: E402
+from rewriter.core.checkpoint import Checkpoint  # noqa: E402
 from tests.conftest import cli  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
@@ -149,7 +149,7 @@ def test_deepseek_group_balance_is_enforced(tmp_path):
     (tmp_path / "keep.json").write_text(json.dumps({"1": [0, 1, 2, 4], "2": [0, 1, 2, 4]}))
     out = cli("plan", src, "--keep-list", tmp_path / "keep.json", expect=2)
     assert "same number in every group" in out
-    from bench_io.synth import synthetic_saliency
+    from rewriter.synth import synthetic_saliency
 
     s = synthetic_saliency(3, 8, 2).to_json()
     s["layers"] = {k: v for k, v in s["layers"].items() if k in ("1", "2")}
@@ -237,7 +237,7 @@ def test_deepseek_soft_prune_equals_structural(tmp_path):
 def test_fp8_expert_scales_move_with_their_weights(tmp_path):
     """A DeepSeek/GLM-style FP8 checkpoint, written header by header: per-expert weight and
     weight_scale_inv tensors are kept, renamed and dropped together; the router bias is sliced."""
-    from rewriter.format import encode_header, nbytes_of
+    from rewriter.core.format import encode_header, nbytes_of
 
     items = [("model.layers.0.mlp.gate.weight", "BF16", (8, 16)),
              ("model.layers.0.mlp.gate.e_score_correction_bias", "F32", (8,)),

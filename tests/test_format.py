@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save
 
-from rewriter.errors import FormatError
-from rewriter.format import (
+from rewriter.core.errors import FormatError
+from rewriter.core.format import (
     MAX_HEADER_BYTES,
     encode_header,
     nbytes_of,

@@ -10,8 +10,8 @@ import pytest
 
 from planners.policies import Domain, KeepPolicy, select_keep
 from planners.saliency import Saliency
-from rewriter.dryrun import RssSampler
-from rewriter.probe import measure_disk
+from rewriter.exec.dryrun import RssSampler
+from rewriter.exec.probe import measure_disk
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from bench_io.synth import PRESETS, write_checkpoint  # noqa: E402
+from rewriter.synth import PRESETS, write_checkpoint  # noqa: E402
 from tests.conftest import cli  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
@@ -96,7 +96,7 @@ def test_pruned_equals_masked_original(sources, tmp_path, kind, top_k):
 
 
 def test_saliency_driven_prune_loads(sources, tmp_path):
-    from bench_io.synth import synthetic_saliency
+    from rewriter.synth import synthetic_saliency
 
     synthetic_saliency(2, 8, 2, seed=4).save(tmp_path / "s.json")
     cli("prune", sources["mxfp4"], tmp_path / "dst", "--saliency", tmp_path / "s.json", "--keep-frac", "0.5",
@@ -115,7 +115,7 @@ def test_soft_prune_equals_structural_prune(sources, tmp_path, top_k):
     cli("soft-prune", src, tmp_path / "soft", "--keep-list", tmp_path / "keep.json", "--quiet", *extra)
     cli("prune", src, tmp_path / "hard", "--keep-list", tmp_path / "keep.json", "--quiet", *extra)
     assert "OK" in cli("verify", src, tmp_path / "soft")
-    from rewriter.checkpoint import Checkpoint
+    from rewriter.core.checkpoint import Checkpoint
 
     s_ck, o_ck = Checkpoint.open(str(tmp_path / "soft")), Checkpoint.open(str(src))
     assert set(s_ck.tensors) == set(o_ck.tensors)

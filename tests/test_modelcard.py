@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench_io.synth import PRESETS, synthetic_saliency, write_checkpoint
-from rewriter.checkpoint import Checkpoint
+from rewriter.core.checkpoint import Checkpoint
+from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
 from tests.conftest import cli
 
 SOURCE_CARD = "---\nlicense: apache-2.0\n---\n\n# The source model\n\nIts own card.\n"
@@ -139,9 +139,9 @@ def test_card_bad_input(pruned, tmp_path):
 def test_base_model_from_an_hf_source(pruned):
     import dataclasses
 
-    from rewriter.modelcard import render_card
-    from rewriter.storage import Storage
-    from rewriter.verify import load_provenance_plan
+    from rewriter.core.storage import Storage
+    from rewriter.exec.modelcard import render_card
+    from rewriter.exec.verify import load_provenance_plan
 
     plan = load_provenance_plan(Storage(str(pruned)))
     hub = dataclasses.replace(plan, source_url="hf://openai/gpt-oss-120b", config={**plan.config, "_name_or_path": "/x"})

@@ -7,14 +7,14 @@ import math
 
 import pytest
 
-from bench_io.synth import PRESETS, synthetic_saliency, write_checkpoint
 from planners.cost import estimate
-from planners.layouts import GPT_OSS
 from planners.plan import Plan, assign_shards, build_plan
 from planners.policies import Domain, KeepPolicy, select_keep
 from planners.saliency import load_keep_list, load_saliency
-from rewriter.checkpoint import Checkpoint
-from rewriter.errors import PlanError, SaliencyError
+from rewriter.core.checkpoint import Checkpoint
+from rewriter.core.errors import PlanError, SaliencyError
+from rewriter.core.layouts import GPT_OSS
+from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
 from tests.conftest import cli
 
 

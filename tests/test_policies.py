@@ -17,7 +17,7 @@ from planners.policies import (
     validate_keep_list,
 )
 from planners.saliency import Saliency
-from rewriter.errors import PolicyError
+from rewriter.core.errors import PolicyError
 
 scores_st = st.lists(st.floats(0, 1000, allow_nan=False), min_size=4, max_size=64)
 

@@ -165,7 +165,7 @@ def test_packing_and_data_formats(tmp_path):
 def test_profile_cli_drives_prune_and_the_pruned_model_loads(tmp_path):
     import random
 
-    from bench_io.synth import PRESETS, write_checkpoint
+    from rewriter.synth import PRESETS, write_checkpoint
 
     tiny = tmp_path / "tiny"
     write_checkpoint(tiny, PRESETS["tiny"])  # no tokenizer: byte-level
@@ -180,7 +180,7 @@ def test_profile_cli_drives_prune_and_the_pruned_model_loads(tmp_path):
     sal = json.loads((tmp_path / "s.json").read_text())
     assert sal["domain"] == "words" and sal["tokens"] > 0 and set(sal["layers"]) == {"0", "1"}
     from planners.saliency import model_identity
-    from rewriter.checkpoint import Checkpoint
+    from rewriter.core.checkpoint import Checkpoint
 
     assert {k: sal["model"][k] for k in model_identity(Checkpoint.open(str(tiny)))} == \
         model_identity(Checkpoint.open(str(tiny)))

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from bench_io.synth import PRESETS, synthetic_saliency, write_checkpoint
 from planners.plan import Plan
 from planners.saliency import model_identity
-from rewriter.checkpoint import Checkpoint
-from rewriter.errors import CheckpointError, DestinationLockedError, ExecutionError, PlanError
-from rewriter.executor import execute
-from rewriter.lock import LOCK_NAME, LockOwner
-from rewriter.verify import verify
+from rewriter.core.checkpoint import Checkpoint
+from rewriter.core.errors import CheckpointError, DestinationLockedError, ExecutionError, PlanError
+from rewriter.exec.executor import execute
+from rewriter.exec.lock import LOCK_NAME, LockOwner
+from rewriter.exec.verify import verify
+from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
 from tests.conftest import REPO, source_digest, tree_digest
 
 LOCKED = DestinationLockedError.exit_code
@@ -349,7 +349,7 @@ def _memory_plan(tiny, tiny_saliency, tmp_path) -> Plan:
 def test_object_store_lock_refuses_a_live_owner_and_takes_over_stale_ones(tiny, tiny_saliency, tmp_path):
     import fsspec
 
-    from rewriter.lock import STALE_AFTER_S
+    from rewriter.exec.lock import STALE_AFTER_S
 
     plan = _memory_plan(tiny, tiny_saliency, tmp_path)
     fs = fsspec.filesystem("memory")
@@ -376,9 +376,9 @@ def test_object_store_lock_refuses_a_live_owner_and_takes_over_stale_ones(tiny, 
 
 @pytest.mark.ray
 def test_ray_executor_honours_the_lock_and_digest(ray_cluster, small, tmp_path):
-    from ray_jobs.executor import execute_on_ray
-    from rewriter.lock import DestinationLock
-    from rewriter.storage import Storage
+    from rewriter.core.storage import Storage
+    from rewriter.exec.lock import DestinationLock
+    from rewriter.exec.ray_executor import execute_on_ray
 
     src, sal = small
     plan = Plan.load(str(plan_file(src, sal, tmp_path / "plan.json")))
@@ -484,13 +484,12 @@ def test_failing_commit_shows_the_real_error_and_leaves_no_part(tiny, tiny_salie
 
 @pytest.mark.s3
 def test_failed_multipart_abort_is_logged(s3, caplog):
-    from rewriter.copy import abort_multipart
-    from rewriter.storage import Storage
+    from rewriter.exec.destination import open_destination
 
     s3.make_bucket("aborts")
-    dst = Storage("s3://aborts/x", s3.options)
-    with caplog.at_level("WARNING", logger="rewriter.copy"):
-        abort_multipart(dst, "model.safetensors", "no-such-upload")
+    dst = open_destination("s3://aborts/x", s3.options)
+    with caplog.at_level("WARNING", logger="rewriter.exec.destination"):
+        dst.abort_parts("model.safetensors", "no-such-upload")
     assert any("could not abort multipart upload no-such-upload" in r.getMessage() for r in caplog.records)
 
 

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from bench_io.synth import PRESETS, synthetic_saliency, write_checkpoint
 from planners.plan import Plan
-from rewriter.errors import ExecutionError
-from rewriter.executor import execute
+from rewriter.core.errors import ExecutionError
+from rewriter.exec.executor import execute
+from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
 from tests.conftest import cli, tree_digest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -33,7 +33,7 @@ def medium_plan(tmp_path_factory):
 
 
 def test_ray_matches_local_byte_for_byte(ray_cluster, medium_plan, tmp_path):
-    from ray_jobs.executor import execute_on_ray
+    from rewriter.exec.ray_executor import execute_on_ray
 
     _, plan, expected = medium_plan
     seen = []
@@ -54,8 +54,31 @@ def test_cli_ray_flag(ray_cluster, medium_plan, tmp_path):
     assert tree_digest(tmp_path / "dst") == expected
 
 
+def test_job_entry_point_is_the_run_command(ray_cluster, medium_plan, tmp_path, capsys):
+    """`python -m ray_jobs.rewrite` is `rewriter run --ray`: same options, defaults and output."""
+    from ray_jobs.rewrite import main as job
+
+    _, plan, expected = medium_plan
+    plan.save(str(tmp_path / "p.json"))
+    with pytest.raises(SystemExit) as e:
+        job([str(tmp_path / "p.json"), "--out", str(tmp_path / "dst"), "--workers", "2", "--quiet"])
+    assert e.value.code == 0, capsys.readouterr()
+    assert "wrote" in capsys.readouterr().out
+    assert tree_digest(tmp_path / "dst") == expected
+    with pytest.raises(SystemExit):
+        job(["--help"])
+    job_help = capsys.readouterr().out
+    run_help = cli("run", "--help")
+    assert job_help.startswith("Usage: python -m ray_jobs.rewrite run [OPTIONS] PLAN")
+    def options(text: str) -> str:
+        return " ".join(text.split("Options:")[1].split())  # line wrapping depends on the width
+
+    assert options(job_help) == options(run_help)  # same options, help and defaults
+    assert "Ray actors. [default: 2; x>=1]" in options(job_help)
+
+
 def test_killed_worker_is_retried_and_output_identical(ray_cluster, medium_plan, tmp_path):
-    from ray_jobs.executor import execute_on_ray
+    from rewriter.exec.ray_executor import execute_on_ray
 
     _, plan, expected = medium_plan
     dst = tmp_path / "dst"
@@ -83,7 +106,7 @@ def test_killed_worker_is_retried_and_output_identical(ray_cluster, medium_plan,
 
 
 def test_application_errors_surface_unwrapped(ray_cluster, tmp_path):
-    from ray_jobs.executor import execute_on_ray
+    from rewriter.exec.ray_executor import execute_on_ray
 
     src = tmp_path / "src"
     write_checkpoint(src, PRESETS["tiny"])
@@ -112,9 +135,9 @@ def test_ray_to_s3_in_multipart_parts(ray_cluster, s3, medium_plan, tmp_path):
     send; the objects equal the local run's files."""
     import hashlib
 
-    from ray_jobs.executor import execute_on_ray
-    from rewriter.executor import split_parts
-    from rewriter.verify import verify
+    from rewriter.exec.parts import split_parts
+    from rewriter.exec.ray_executor import execute_on_ray
+    from rewriter.exec.verify import verify
 
     src, plan, expected = medium_plan
     assert any(len(split_parts(o, 5 << 20)) > 1 for o in plan.outputs)

@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from bench_io.synth import PRESETS, synthetic_saliency, write_checkpoint
 from planners.plan import Plan
-from rewriter.checkpoint import Checkpoint
-from rewriter.executor import execute
-from rewriter.verify import verify
+from rewriter.core.checkpoint import Checkpoint
+from rewriter.exec.executor import execute
+from rewriter.exec.verify import verify
+from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
 from tests.conftest import cli, tree_digest
 
 pytestmark = pytest.mark.s3
@@ -54,8 +54,9 @@ def test_s3_source_counts_every_byte_fetched(s3, s3_source, tmp_path):
     """Count at the storage layer across the whole job: open, plan, run."""
     from planners.plan import build_plan
     from planners.policies import Domain, KeepPolicy, select_keep
-    from rewriter.executor import write_output_shard
-    from rewriter.storage import Storage
+    from rewriter.core.storage import Storage
+    from rewriter.exec.destination import open_destination
+    from rewriter.exec.executor import write_output_shard
 
     _, url = s3_source
     storage = Storage(url, s3.options)
@@ -63,7 +64,7 @@ def test_s3_source_counts_every_byte_fetched(s3, s3_source, tmp_path):
     opened = storage.counter.bytes
     decision = select_keep([Domain(synthetic_saliency(4, 32, 4, seed=7))], [0, 1, 2, 3], 32, 4, KeepPolicy(keep_frac=0.5))
     plan = build_plan(c, decision)
-    dst = Storage(str(tmp_path / "d"))
+    dst = open_destination(str(tmp_path / "d"))
     (tmp_path / "d").mkdir()
     for out in plan.outputs:
         write_output_shard(out, storage, dst, buffer_bytes=1 << 20)
@@ -97,13 +98,12 @@ def test_s3_destination_whole_objects(s3, tiny, tmp_path):
 
 def test_failed_s3_upload_leaves_no_object(s3, tiny, tmp_path):
     """A shard whose source turns out short is aborted: no partial object, no index."""
-    from rewriter.copy import RemoteOutput
-    from rewriter.storage import Storage
+    from rewriter.exec.destination import open_destination
 
     fs = s3.fs()
     s3.make_bucket("abort-bucket")
-    dst = Storage("s3://abort-bucket/x", s3.options)
-    out = RemoteOutput(dst, "model-00000-of-00000.safetensors", 5 << 20)
+    dst = open_destination("s3://abort-bucket/x", s3.options)
+    out = dst.create_output("model-00000-of-00000.safetensors", 5 << 20)
     out.write(b"\0" * (6 << 20))  # one multipart part is uploaded
     out.abort()
     fs.invalidate_cache()
@@ -115,7 +115,7 @@ def test_hf_urls_resolve_to_the_hub_filesystem():
     the Hub itself cannot be reached from the test machines)."""
     from huggingface_hub import HfFileSystem
 
-    from rewriter.storage import Storage
+    from rewriter.core.storage import Storage
 
     s = Storage("hf://openai/gpt-oss-20b")
     assert isinstance(s.fs, HfFileSystem) and not s.is_local

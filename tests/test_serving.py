@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bench_io.synth import PRESETS, synthetic_saliency, write_checkpoint
 from planners.serving import RULES, TARGETS
 from rewriter.cli import main
-from rewriter.format import encode_header, nbytes_of
+from rewriter.core.format import encode_header, nbytes_of
+from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
 from tests.conftest import cli
 
 ARCH = {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "mixtral": "MixtralForCausalLM",

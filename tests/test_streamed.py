@@ -12,11 +12,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from bench_io.synth import PRESETS, write_checkpoint  # noqa: E402
 from profiling.profile import batched, profile, profile_streamed  # noqa: E402
 from profiling.streamed import StreamedModel  # noqa: E402
 from quality.evaluate import evaluate  # noqa: E402
-from rewriter.checkpoint import Checkpoint  # noqa: E402
+from rewriter.core.checkpoint import Checkpoint  # noqa: E402
+from rewriter.synth import PRESETS, write_checkpoint  # noqa: E402
 from tests.conftest import cli  # noqa: E402
 from tests.test_families import FAMILIES, KEEP, _build  # noqa: E402
 from tests.test_model_truth import _bf16_model  # noqa: E402

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from rewriter.errors import CheckpointError
+from rewriter.core.errors import CheckpointError
 
 
 @dataclass
@@ -61,8 +62,50 @@ class Storage:
         assert self.is_local
         return os.path.join(self.root, *name.split("/"))
 
-    def exists(self, name: str) -> bool:
-        return bool(self.fs.exists(self.path(name)))
+    @property
+    def protocols(self) -> tuple[str, ...]:
+        """The filesystem's protocol names (``("s3", "s3a")``, ``("file", "local")``…)."""
+        p = self.fs.protocol
+        return tuple(p) if isinstance(p, (tuple, list)) else (str(p),)
+
+    def exists(self, name: str = "") -> bool:
+        """Whether ``name`` (default: this location itself) exists."""
+        return bool(self.fs.exists(self.path(name) if name else self.root))
+
+    def isdir(self, name: str = "") -> bool:
+        return bool(self.fs.isdir(self.path(name) if name else self.root))
+
+    def isfile(self, name: str = "") -> bool:
+        return bool(self.fs.isfile(self.path(name) if name else self.root))
+
+    def listdir(self, name: str) -> list[str]:
+        """Base names of the entries of folder ``name``."""
+        return [posixpath.basename(str(p).rstrip("/")) for p in self.fs.ls(self.path(name), detail=False)]
+
+    def open(self, name: str, mode: str = "rb", **kwargs: Any) -> Any:
+        """An fsspec file object of ``name``."""
+        return self.fs.open(self.path(name), mode, **kwargs)
+
+    def pipe(self, name: str, data: bytes) -> None:
+        """Write ``data`` as the whole of ``name`` (one object on object stores)."""
+        self.fs.pipe_file(self.path(name), data)
+
+    def remove(self, name: str, recursive: bool = False) -> None:
+        self.fs.rm(self.path(name), recursive=recursive)
+
+    def invalidate_cache(self) -> None:
+        """Forget cached listings: another process (or a completed upload) changed the store."""
+        self.fs.invalidate_cache()
+
+    def is_within(self, other: Storage) -> bool:
+        """Whether this location is ``other`` or lies inside it (same kind of filesystem)."""
+        if self.is_local and other.is_local:
+            a, b = os.path.realpath(self.root), os.path.realpath(other.root)
+            return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+        if type(self.fs) is not type(other.fs):
+            return False
+        a, b = self.root.rstrip("/"), other.root.rstrip("/")
+        return a == b or a.startswith(b + "/")
 
     @contextlib.contextmanager
     def _found(self, name: str) -> Iterator[None]:

@@ -18,10 +18,12 @@ from typing import Any
 import psutil
 
 from planners.plan import Plan
-from rewriter.checkpoint import Checkpoint
-from rewriter.errors import PlanError
-from rewriter.executor import DEFAULT_BUFFER_BYTES, write_output_shard
-from rewriter.storage import Storage
+from rewriter.core.checkpoint import Checkpoint
+from rewriter.core.errors import PlanError
+from rewriter.core.storage import Storage
+from rewriter.exec.copy import DEFAULT_BUFFER_BYTES
+from rewriter.exec.destination import open_destination
+from rewriter.exec.executor import write_output_shard
 
 
 @dataclass
@@ -113,7 +115,7 @@ def dry_run(
     made = scratch is None
     scratch = scratch or tempfile.mkdtemp(prefix="rewriter-dryrun-")
     os.makedirs(scratch, exist_ok=True)
-    dst = Storage(scratch)
+    dst = open_destination(scratch)
     probes = []
     try:
         with RssSampler() as rss:

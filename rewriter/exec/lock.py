@@ -26,9 +26,9 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from rewriter.copy import OUTPUT_MODE, write_errors_are_clear
-from rewriter.errors import CheckpointError, DestinationLockedError
-from rewriter.storage import Storage
+from rewriter.core.errors import CheckpointError, DestinationLockedError
+from rewriter.core.storage import Storage
+from rewriter.exec.copy import OUTPUT_MODE, write_errors_are_clear
 
 log = logging.getLogger(__name__)
 
@@ -156,13 +156,13 @@ class DestinationLock:
             log.warning("taking over the stale lock %s (%s)", self.dst.describe(LOCK_NAME),
                         held.describe() if held else "unreadable")
         self._write_object()
-        self.dst.fs.invalidate_cache()
+        self.dst.invalidate_cache()
         now = LockOwner.parse(self.dst.read_all(LOCK_NAME))
         if now is None or now.token != self.owner.token:
             raise _locked(self.dst, now)
 
     def _write_object(self) -> None:
-        self.dst.fs.pipe_file(self.dst.path(LOCK_NAME), self.owner.to_bytes())
+        self.dst.pipe(LOCK_NAME, self.owner.to_bytes())
 
     def refresh(self) -> None:
         """Show an object-store lock's owner is alive (local locks need nothing)."""
@@ -182,4 +182,4 @@ class DestinationLock:
         with contextlib.suppress(CheckpointError):  # already gone: nothing to release
             held = LockOwner.parse(self.dst.read_all(LOCK_NAME))
             if held is not None and held.token == self.owner.token:
-                self.dst.fs.rm(self.dst.path(LOCK_NAME))
+                self.dst.remove(LOCK_NAME)

@@ -1,15 +1,13 @@
-"""Moving byte ranges from source shards to an output file with bounded memory.
+"""Where copied bytes go: output files and uploads, each hashed (sha256) as it is written.
 
-Two paths:
+* :class:`LocalOutput`: a temporary file renamed into place when complete; on the zero-copy path
+  a trailing thread re-reads what was just written from the page cache, so hashing overlaps
+  copying.
+* :class:`RemoteOutput`: an object written through fsspec, published only when complete.
+* :class:`PartOutput` and :class:`MultipartPart`: one worker's share of a large shard that
+  several workers write at once (positioned writes, or numbered parts of a multipart upload).
 
-* **zero-copy** (source and destination local): ``os.copy_file_range`` in a loop; the data never
-  enters this process. A kernel that refuses (EXDEV, EOPNOTSUPP, ENOSYS, EINVAL, EBADF) switches
-  the rest of the run to the buffered path.
-* **buffered** (anything else): ranged reads of at most ``buffer_bytes`` into one reused
-  buffer, written sequentially.
-
-Output files are hashed (sha256) as they are written; on the zero-copy path a trailing thread
-re-reads what was just written from the page cache, so hashing overlaps copying.
+Destinations (:mod:`rewriter.exec.destination`) choose and create them.
 """
 
 from __future__ import annotations
@@ -20,64 +18,19 @@ import hashlib
 import logging
 import os
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from rewriter.errors import CheckpointError, ExecutionError
-from rewriter.storage import Storage
+from fsspec.spec import AbstractBufferedFile
+
+from rewriter.core.storage import Storage
+from rewriter.exec.copy import OUTPUT_MODE, fsync_dir, pwrite_all, write_errors_are_clear
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int], None]
-_ZERO_COPY_REFUSALS = {errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF}
-_COPY_CHUNK = 64 << 20
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-_UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR)
-#: Mode of every output file (before the umask): readable by all, like files ``cp`` makes.
-OUTPUT_MODE = 0o644
-
-
-@dataclass
-class CopyStats:
-    bytes_read: int = 0
-    read_seconds: float = 0.0
-    write_seconds: float = 0.0
-    copy_seconds: float = 0.0
-    zero_copy_bytes: int = 0
-
-
-@contextlib.contextmanager
-def write_errors_are_clear(where: str) -> Iterator[None]:
-    """Turn "no space", "quota", "read-only" and "permission denied" OS errors inside the block
-    into an ExecutionError that names ``where`` and says what to do."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno in _DISK_FULL:
-            raise ExecutionError(
-                f"{where}: no space left on the destination ({e.strerror}); nothing was published: "
-                f"free space and run the same command again to resume"
-            ) from None
-        if e.errno in _UNWRITABLE:
-            raise ExecutionError(
-                f"{where}: cannot write to the destination ({e.strerror}); choose a destination "
-                f"folder this user can write"
-            ) from None
-        raise
-
-
-def pwrite_all(fd: int, data: bytes | memoryview, pos: int, where: str) -> int:
-    """Write all of ``data`` at ``pos`` (short writes happen); returns the position after it."""
-    view = memoryview(data)
-    with write_errors_are_clear(where):
-        while view:
-            n = os.pwrite(fd, view, pos)
-            view = view[n:]
-            pos += n
-    return pos
+#: Sends one numbered part of a multipart upload; returns its ``{"PartNumber", "ETag"}``.
+SendPart = Callable[[int, bytes], dict[str, Any]]
 
 
 def _libc_sync_file_range():
@@ -242,13 +195,10 @@ class RemoteOutput:
 
     zero_copy_capable = False
 
-    def __init__(self, dst: Storage, name: str, block_bytes: int):
+    def __init__(self, dst: Storage, name: str, open_options: dict[str, Any]):
         self.dst = dst
         self.name = name
-        kwargs: dict[str, Any] = {}
-        if "s3" in (dst.fs.protocol if isinstance(dst.fs.protocol, tuple) else (dst.fs.protocol,)):
-            kwargs["block_size"] = max(block_bytes, 5 << 20)
-        self.f: BinaryIO = dst.fs.open(dst.path(name), "wb", **kwargs)
+        self.f: BinaryIO = dst.open(name, "wb", **open_options)
         self.pos = 0
         self._h = hashlib.sha256()
 
@@ -269,11 +219,13 @@ class RemoteOutput:
         discard = getattr(self.f, "discard", None)
         try:
             if discard is not None:
-                discard()
-                self.f.closed = True  # type: ignore[misc]  # discarded: nothing left to flush or complete
+                discard()  # s3fs, gcsfs: the upload is dropped and never becomes an object
+            if isinstance(self.f, AbstractBufferedFile):
+                self.f.closed = True  # discarded: nothing left to flush or complete
             else:
                 self.f.close()
-                self.dst.fs.rm(self.dst.path(self.name))
+            if self.dst.exists(self.name):  # stores that show an object while it is written (memory://)
+                self.dst.remove(self.name)
         except Exception as e:  # the object was never completed; the error being handled matters more
             log.warning("could not discard the unfinished upload of %s (%s: %s); the object store "
                         "may keep its parts until its lifecycle rules remove them",
@@ -294,6 +246,7 @@ class PartOutput:
         self.final = path
         self.fd = os.open(path, os.O_WRONLY)
         self.pos = start
+        self.parts: list[dict[str, Any]] = []  # positioned writes send no upload parts
 
     def write(self, data: bytes | memoryview) -> None:
         self.pos = pwrite_all(self.fd, data, self.pos, self.final)
@@ -314,15 +267,13 @@ class MultipartPart:
 
     Several workers fill one object: each takes a range starting at a multiple of ``part_bytes``
     and sends parts ``start // part_bytes + 1``, ... The object appears only when the upload is
-    completed (:func:`complete_multipart`), so a shard stays whole or absent. Memory: one part.
+    completed (by the destination), so a shard stays whole or absent. Memory: one part.
     """
 
     zero_copy_capable = False
 
-    def __init__(self, dst: Storage, name: str, upload_id: str, start: int, part_bytes: int):
-        self.dst = dst
-        self.bucket, self.key, _ = dst.fs.split_path(dst.path(name))
-        self.upload_id = upload_id
+    def __init__(self, send: SendPart, start: int, part_bytes: int):
+        self.send = send
         self.part_bytes = part_bytes
         self.number = start // part_bytes + 1
         self.buf = bytearray()
@@ -337,9 +288,7 @@ class MultipartPart:
             del self.buf[: self.part_bytes]
 
     def _send(self, body: bytes) -> None:
-        r = self.dst.fs.call_s3("upload_part", Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
-                                PartNumber=self.number, Body=body)
-        self.parts.append({"PartNumber": self.number, "ETag": r["ETag"]})
+        self.parts.append(self.send(self.number, body))
         self.number += 1
 
     def copied(self, n: int) -> None:
@@ -353,117 +302,3 @@ class MultipartPart:
 
     def abort(self) -> None:
         self.buf.clear()
-
-
-def begin_multipart(dst: Storage, name: str) -> str:
-    bucket, key, _ = dst.fs.split_path(dst.path(name))
-    return str(dst.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"])
-
-
-def complete_multipart(dst: Storage, name: str, upload_id: str, parts: list[dict[str, Any]]) -> None:
-    bucket, key, _ = dst.fs.split_path(dst.path(name))
-    dst.fs.call_s3("complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id,
-                   MultipartUpload={"Parts": sorted(parts, key=lambda p: p["PartNumber"])})
-    dst.fs.invalidate_cache()
-
-
-def abort_multipart(dst: Storage, name: str, upload_id: str) -> None:
-    bucket, key, _ = dst.fs.split_path(dst.path(name))
-    try:
-        dst.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
-    except Exception as e:  # an unfinished upload never becomes an object; the error being handled matters more
-        log.warning("could not abort multipart upload %s of %s (%s: %s); the object store may keep "
-                    "its parts until its lifecycle rules remove them", upload_id, dst.describe(name),
-                    type(e).__name__, e)
-
-
-def supports_multipart(dst: Storage) -> bool:
-    """Whether the destination is an S3-compatible store whose uploads can be sent in parts."""
-    return hasattr(dst.fs, "call_s3") and hasattr(dst.fs, "split_path")
-
-
-Output = LocalOutput | RemoteOutput | PartOutput | MultipartPart
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class RangeCopier:
-    """Copies source byte ranges into an output, choosing zero-copy when both ends are local."""
-
-    def __init__(self, src: Storage, buffer_bytes: int, stats: CopyStats, progress: Progress | None, zero_copy: bool = True):
-        self.src = src
-        self.buffer = bytearray(buffer_bytes)
-        self.stats = stats
-        self.progress = progress
-        self.zero_copy = zero_copy and src.is_local
-
-    def close(self) -> None:
-        self.src.close()
-
-    def prefetch(self, shard: str, offset: int, length: int) -> None:
-        """Ask for a range that will be copied soon (local sources only; no-op elsewhere)."""
-        self.src.prefetch(shard, offset, length)
-
-    def copy(self, shard: str, offset: int, length: int, out: Output) -> None:
-        done = 0
-        if self.zero_copy and out.zero_copy_capable:
-            done = self._copy_kernel(shard, offset, length, out)
-        if done < length:
-            self._copy_buffered(shard, offset + done, length - done, out)
-
-    def _short(self, shard: str, offset: int) -> ExecutionError:
-        return ExecutionError(
-            f"{self.src.describe(shard)}: ends at byte {offset:,}, before the planned range; "
-            f"the file is truncated or changed since planning"
-        )
-
-    def _copy_kernel(self, shard: str, offset: int, length: int, out: Output) -> int:
-        assert isinstance(out, (LocalOutput, PartOutput))
-        fd = self.src.fd(shard)
-        done = 0
-        while done < length:
-            chunk = min(_COPY_CHUNK, length - done)
-            t = time.perf_counter()
-            try:
-                with write_errors_are_clear(out.final):
-                    n = os.copy_file_range(fd, out.fd, chunk, offset + done, out.pos)
-            except OSError as e:
-                if e.errno not in _ZERO_COPY_REFUSALS:
-                    raise
-                self.zero_copy = False
-                return done
-            self.stats.copy_seconds += time.perf_counter() - t
-            if n == 0:
-                raise self._short(shard, offset + done)
-            done += n
-            out.copied(n)
-            self.stats.bytes_read += n
-            self.stats.zero_copy_bytes += n
-            self.src.counter.add(n)
-            if self.progress:
-                self.progress(n)
-        return done
-
-    def _copy_buffered(self, shard: str, offset: int, length: int, out: Output) -> None:
-        chunks = self.src.iter_range(shard, offset, offset + length, self.buffer)
-        while True:
-            t = time.perf_counter()
-            try:
-                chunk = next(chunks)
-            except StopIteration:
-                return
-            except CheckpointError as e:
-                raise ExecutionError(str(e)) from None
-            t2 = time.perf_counter()
-            self.stats.read_seconds += t2 - t
-            out.write(chunk)
-            self.stats.write_seconds += time.perf_counter() - t2
-            self.stats.bytes_read += len(chunk)
-            if self.progress:
-                self.progress(len(chunk))

@@ -6,7 +6,7 @@ below 127 so dequantized weights stay small. ``sparse=True`` writes real headers
 20B/120B geometry for the cost of the headers.
 
 Example:
-    >>> from bench_io.synth import PRESETS, write_checkpoint
+    >>> from rewriter.synth import PRESETS, write_checkpoint
     >>> write_checkpoint("/tmp/tiny", PRESETS["tiny"])  # doctest: +SKIP
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rewriter.format import encode_header, nbytes_of, reference_order
+from rewriter.core.format import encode_header, nbytes_of, reference_order
 
 _TILE_BYTES = 1 << 16
 
@@ -382,4 +382,4 @@ def synthetic_saliency(num_layers: int, num_experts: int, top_k: int, domain: st
     return Saliency(domain=domain, layers=layers, tokens=tokens,
                     model=model or {"family": "gpt_oss", "num_layers": num_layers, "num_experts": num_experts,
                                     "top_k": top_k},
-                    method={"generator": "bench_io.synth.synthetic_saliency", "seed": seed})
+                    method={"generator": "rewriter.synth.synthetic_saliency", "seed": seed})

@@ -18,12 +18,39 @@ import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
-from rewriter.errors import CheckpointError
+from rewriter.core.errors import CheckpointError
 
-if TYPE_CHECKING:
-    from rewriter.checkpoint import Checkpoint
+
+# What a layout reads of a checkpoint. Structural types, so that the checkpoint model can detect
+# its own layout without this module importing it.
+class _Tensor(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+
+class _Describes(Protocol):
+    def describe(self, name: str) -> str: ...
+
+
+class CheckpointView(Protocol):
+    """The parts of :class:`rewriter.core.checkpoint.Checkpoint` a layout reads."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def config(self) -> Mapping[str, Any]: ...
+
+    @property
+    def tensors(self) -> Mapping[str, _Tensor]: ...
+
+    @property
+    def storage(self) -> _Describes: ...
 
 Role = Literal["fused", "router", "expert"]
 
@@ -117,7 +144,7 @@ class Layout:
             patch.update({f: value for f in present})
         return patch
 
-    def moe_layers(self, ckpt: Checkpoint) -> dict[int, MoELayer]:
+    def moe_layers(self, ckpt: CheckpointView) -> dict[int, MoELayer]:
         """Every MoE layer of ``ckpt`` with its expert tensors, checked against the config.
 
         Raises:
@@ -224,7 +251,7 @@ def layout_for_config(config: Mapping[str, Any]) -> Layout | None:
     return None
 
 
-def detect_layout(ckpt: Checkpoint) -> Layout:
+def detect_layout(ckpt: CheckpointView) -> Layout:
     """The layout of ``ckpt``'s family, from ``config.json`` (``model_type``, architectures).
 
     Raises:

@@ -7,18 +7,19 @@ reads per shard) and never any tensor data. Inconsistencies between index and sh
 from __future__ import annotations
 
 import hashlib
-import json
 import posixpath
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from rewriter.errors import CheckpointError, FormatError
-from rewriter.format import PREFIX_BYTES, Header, parse_header, read_prefix
-from rewriter.storage import Storage
+from rewriter.core.errors import CheckpointError, FormatError
+from rewriter.core.format import PREFIX_BYTES, Header, parse_header, read_prefix
+from rewriter.core.jsonfile import parse_json
+from rewriter.core.layouts import Layout, detect_layout
+from rewriter.core.storage import Storage
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -120,7 +121,6 @@ class Checkpoint:
         shards: shard name -> :class:`ShardInfo`, sorted by name.
         tensors: tensor name -> :class:`TensorInfo`, in the index's order.
         files: every other file of the checkpoint (tokenizer, generation config, …).
-        index_total_size: ``metadata.total_size`` of the index, when it has one.
     """
 
     def __init__(
@@ -130,14 +130,12 @@ class Checkpoint:
         shards: dict[str, ShardInfo],
         tensors: dict[str, TensorInfo],
         files: list[str],
-        index_total_size: int | None,
     ):
         self.storage = storage
         self.config = config
         self.shards = shards
         self.tensors = tensors
         self.files = files
-        self.index_total_size = index_total_size
 
     @classmethod
     def open(
@@ -156,17 +154,8 @@ class Checkpoint:
             FormatError: a shard whose header breaks the safetensors rules.
         """
         storage = storage or Storage(url, storage_options)
-        files = storage.list_files() if storage.fs.isdir(storage.root) else []
-        if INDEX_NAME not in files and SINGLE_NAME not in files:
-            mixup = _usual_mixup(storage)
-            if mixup:
-                raise CheckpointError(mixup)
-        if not files:
-            raise CheckpointError(f"{storage.url}: no such checkpoint directory, or it is empty")
-        config: dict[str, Any] = {}
-        if CONFIG_NAME in files:
-            config = _load_json(storage, CONFIG_NAME)
-
+        files = _checkpoint_files(storage)
+        config: dict[str, Any] = _load_json(storage, CONFIG_NAME) if CONFIG_NAME in files else {}
         if INDEX_NAME in files:
             weight_map, total = _load_index(storage)
         elif SINGLE_NAME in files:
@@ -185,39 +174,8 @@ class Checkpoint:
                 )
         with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(shard_names)))) as pool:
             headers = dict(zip(shard_names, pool.map(lambda s: read_shard_header(storage, s), shard_names)))
-
-        shards: dict[str, ShardInfo] = {}
-        located: dict[str, TensorInfo] = {}
-        for s in shard_names:
-            header, digest, size = headers[s]
-            shards[s] = ShardInfo(s, size, header.header_len, digest, tuple(t.name for t in header.tensors))
-            for t in header.tensors:
-                info = TensorInfo(t.name, t.dtype, t.shape, s, header.data_start + t.start, header.data_start + t.end)
-                if t.name in located:
-                    raise CheckpointError(
-                        f"{storage.url}: tensor {t.name!r} is stored in both "
-                        f"'{located[t.name].shard}' and '{s}'"
-                    )
-                located[t.name] = info
-
-        if weight_map is None:
-            tensors = located
-        else:
-            tensors = {}
-            for name, s in weight_map.items():
-                found = located.get(name)
-                if found is None or found.shard != s:
-                    raise CheckpointError(
-                        f"{storage.describe(INDEX_NAME)} lists tensor {name!r} in shard '{s}', "
-                        f"but that shard's header has no such tensor"
-                    )
-                tensors[name] = found
-            unlisted = [n for n in located if n not in weight_map]
-            if unlisted:
-                raise CheckpointError(
-                    f"shard '{located[unlisted[0]].shard}' holds tensor {unlisted[0]!r} "
-                    f"(and {len(unlisted) - 1} more) not listed in {storage.describe(INDEX_NAME)}"
-                )
+        shards, located = _locate_tensors(storage, headers)
+        tensors = located if weight_map is None else _indexed_tensors(storage, weight_map, located)
         data_total = sum(t.nbytes for t in tensors.values())
         if total is not None and total != data_total:
             raise CheckpointError(
@@ -225,7 +183,7 @@ class Checkpoint:
                 f"hold {data_total:,} bytes of tensor data"
             )
         others = [f for f in files if f not in shards and f != INDEX_NAME]
-        return cls(storage, config, shards, tensors, others, total)
+        return cls(storage, config, shards, tensors, others)
 
     @property
     def url(self) -> str:
@@ -241,45 +199,86 @@ class Checkpoint:
         return self.config.get("model_type")
 
     @cached_property
-    def layout(self):  # -> planners.layouts.Layout (planners builds on this module)
+    def layout(self) -> Layout:
         """The model family's expert layout, detected from the config and tensor names."""
-        from planners.layouts import detect_layout
-
         return detect_layout(self)
 
     @property
     def family(self) -> str:
         return self.layout.family
 
-    def physical_order(self) -> Iterator[TensorInfo]:
-        """Tensors in the order their bytes sit on storage (shard by shard, by offset)."""
-        return iter(sorted(self.tensors.values(), key=lambda t: (t.shard, t.begin)))
-
     def fingerprint(self) -> dict[str, dict[str, Any]]:
         """Per shard: size and header digest. A plan stores it to refuse a changed source."""
         return {name: s.fingerprint() for name, s in self.shards.items()}
 
 
+def _checkpoint_files(storage: Storage) -> list[str]:
+    """The files of the checkpoint folder; a clear error for a file, a Hub cache or nothing."""
+    files = storage.list_files() if storage.isdir() else []
+    if INDEX_NAME not in files and SINGLE_NAME not in files:
+        mixup = _usual_mixup(storage)
+        if mixup:
+            raise CheckpointError(mixup)
+    if not files:
+        raise CheckpointError(f"{storage.url}: no such checkpoint directory, or it is empty")
+    return files
+
+
+def _locate_tensors(storage: Storage, headers: Mapping[str, tuple[Header, str, int]],
+                    ) -> tuple[dict[str, ShardInfo], dict[str, TensorInfo]]:
+    """Shard identities and every tensor's absolute byte range, from the shards' headers."""
+    shards: dict[str, ShardInfo] = {}
+    located: dict[str, TensorInfo] = {}
+    for s, (header, digest, size) in headers.items():
+        shards[s] = ShardInfo(s, size, header.header_len, digest, tuple(t.name for t in header.tensors))
+        for t in header.tensors:
+            info = TensorInfo(t.name, t.dtype, t.shape, s, header.data_start + t.start, header.data_start + t.end)
+            if t.name in located:
+                raise CheckpointError(
+                    f"{storage.url}: tensor {t.name!r} is stored in both "
+                    f"'{located[t.name].shard}' and '{s}'"
+                )
+            located[t.name] = info
+    return shards, located
+
+
+def _indexed_tensors(storage: Storage, weight_map: Mapping[str, str],
+                     located: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """The tensors in the index's order, each where the index says; none left unlisted."""
+    tensors = {}
+    for name, s in weight_map.items():
+        found = located.get(name)
+        if found is None or found.shard != s:
+            raise CheckpointError(
+                f"{storage.describe(INDEX_NAME)} lists tensor {name!r} in shard '{s}', "
+                f"but that shard's header has no such tensor"
+            )
+        tensors[name] = found
+    unlisted = [n for n in located if n not in weight_map]
+    if unlisted:
+        raise CheckpointError(
+            f"shard '{located[unlisted[0]].shard}' holds tensor {unlisted[0]!r} "
+            f"(and {len(unlisted) - 1} more) not listed in {storage.describe(INDEX_NAME)}"
+        )
+    return tensors
+
+
 def _usual_mixup(storage: Storage) -> str | None:
     """What to pass instead, when ``storage`` is a file or a Hugging Face cache folder."""
     root = storage.root
-    if storage.fs.isfile(root):
+    if storage.isfile():
         folder = posixpath.dirname(root.rstrip("/")) or "."
         return (f"{storage.url} is a file; a checkpoint is the folder holding config.json, the "
                 f"index and the shards: pass {folder}")
-    if posixpath.basename(root.rstrip("/")).startswith("models--") and storage.fs.isdir(f"{root}/snapshots"):
-        revs = sorted(posixpath.basename(str(p).rstrip("/")) for p in storage.fs.ls(f"{root}/snapshots", detail=False))
+    if posixpath.basename(root.rstrip("/")).startswith("models--") and storage.isdir("snapshots"):
+        revs = sorted(storage.listdir("snapshots"))
         return (f"{storage.url} is a Hugging Face cache folder; pass one of its snapshots: "
                 f"{storage.url.rstrip('/')}/snapshots/<revision> (found: {', '.join(revs) or 'none'})")
     return None
 
 
 def _load_json(storage: Storage, name: str) -> Any:
-    raw = storage.read_all(name)
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{storage.describe(name)}: not valid JSON ({e})") from None
+    return parse_json(storage.read_all(name), storage.describe(name), CheckpointError)
 
 
 def _load_index(storage: Storage) -> tuple[dict[str, str], int | None]:

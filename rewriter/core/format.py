@@ -17,7 +17,7 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from rewriter.errors import FormatError
+from rewriter.core.errors import FormatError
 
 #: Largest header the reference loader accepts.
 MAX_HEADER_BYTES = 100_000_000

@@ -33,6 +33,15 @@ class PolicyError(RewriterError):
     """A keep policy cannot be satisfied (impossible keep count, top-k, multiples)."""
 
 
+class OptionError(RewriterError):
+    """Planning options that conflict or do not fit the checkpoint. ``option`` names the
+    :class:`planners.prune.PlanOptions` field concerned (None when options conflict)."""
+
+    def __init__(self, message: str, option: str | None = None):
+        super().__init__(message)
+        self.option = option
+
+
 class PlanError(RewriterError):
     """A plan is malformed, of an unknown version, or does not match its source."""
 
@@ -43,12 +52,6 @@ class ExecutionError(RewriterError):
 
 class CardError(RewriterError):
     """A model card cannot be written: no complete output, or an unreadable eval result."""
-
-
-class VerificationError(RewriterError):
-    """Output bytes differ from their planned source slices."""
-
-    exit_code = 1
 
 
 class DestinationLockedError(ExecutionError):

@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from planners.plan import PROVENANCE_NAME, Plan, Segment
-from rewriter.checkpoint import CONFIG_NAME, Checkpoint
-from rewriter.errors import CheckpointError, PlanError, RewriterError
-from rewriter.executor import DEFAULT_BUFFER_BYTES
-from rewriter.storage import Storage
+from rewriter.core.checkpoint import CONFIG_NAME, Checkpoint
+from rewriter.core.errors import CheckpointError, PlanError, RewriterError
+from rewriter.core.storage import Storage
+from rewriter.exec.copy import DEFAULT_BUFFER_BYTES
 
 
 @dataclass

@@ -17,8 +17,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from planners.plan import PROVENANCE_NAME, Plan
-from rewriter.errors import CardError
-from rewriter.storage import Storage
+from rewriter.core.checkpoint import INDEX_NAME
+from rewriter.core.errors import CardError
+from rewriter.core.storage import Storage
+from rewriter.exec.destination import Destination
+from rewriter.exec.verify import load_provenance_plan
 
 CARD_NAME = "README.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -191,8 +194,8 @@ def render_card(plan: Plan, *, base_model: str | None = None, verify: Mapping[st
     if isinstance(serving, dict) and isinstance(serving.get("verdicts"), list):
         verdicts, checked = serving["verdicts"], True
     else:
-        from planners.layouts import LAYOUTS
         from planners.serving import TARGETS, check_facts, plan_facts
+        from rewriter.core.layouts import LAYOUTS
 
         layout = next(lay for lay in LAYOUTS if lay.family == plan.family)
         verdicts, checked = [v.to_json() for v in check_facts(plan_facts(plan, layout), TARGETS)], False
@@ -215,14 +218,12 @@ def check_eval(doc: Any, where: str) -> Mapping[str, Any]:
     return doc
 
 
-def write_model_card(plan: Plan, src: Storage, dst: Storage, buffer_bytes: int) -> None:
+def write_model_card(plan: Plan, src: Storage, dst: Destination, buffer_bytes: int) -> None:
     """Keep the source's card under its base name, then write this checkpoint's ``README.md``."""
-    from rewriter.executor import copy_small_file, put_bytes
-
     base = source_card(plan)
     if base:
-        copy_small_file(src, dst, CARD_NAME, buffer_bytes, dst_name=base)
-    put_bytes(dst, CARD_NAME, render_card(plan).encode())
+        dst.copy_small_file(src, CARD_NAME, buffer_bytes, dst_name=base)
+    dst.put_bytes(CARD_NAME, render_card(plan).encode())
 
 
 def load_eval(path: str) -> Mapping[str, Any]:
@@ -237,7 +238,7 @@ def load_eval(path: str) -> Mapping[str, Any]:
     return check_eval(doc, path)
 
 
-def update_card(dst: Storage, *, base_model: str | None = None, verify: Mapping[str, Any] | None = None,
+def update_card(dst: Destination, *, base_model: str | None = None, verify: Mapping[str, Any] | None = None,
                 eval_result: Mapping[str, Any] | None = None) -> Plan:
     """Render ``README.md`` of a complete output again from its ``pruning.json``, with the extras given.
 
@@ -245,12 +246,8 @@ def update_card(dst: Storage, *, base_model: str | None = None, verify: Mapping[
         CardError: ``dst`` holds no complete output of this tool.
         PlanError: its ``pruning.json`` is unreadable.
     """
-    from rewriter.checkpoint import INDEX_NAME
-    from rewriter.executor import put_bytes
-    from rewriter.verify import load_provenance_plan
-
     if not dst.exists(INDEX_NAME):
         raise CardError(f"{dst.url}: no {INDEX_NAME}, so no complete output to describe; finish the run first")
-    plan = load_provenance_plan(dst)
-    put_bytes(dst, CARD_NAME, render_card(plan, base_model=base_model, verify=verify, eval_result=eval_result).encode())
+    plan = load_provenance_plan(dst.storage)
+    dst.put_bytes(CARD_NAME, render_card(plan, base_model=base_model, verify=verify, eval_result=eval_result).encode())
     return plan

@@ -2,8 +2,9 @@
 
 Ray is the engine: actors declare their memory so a node is not overcommitted, a worker process
 that dies is restarted and its task retried (``max_restarts``/``max_task_retries``), and
-application errors are not retried. The driver keeps a bounded number of tasks in flight, owns
-the journal, aggregates progress, and receives only small results; tensor bytes go from storage
+application errors are not retried. The driver hands tasks to free actors through
+``ray.util.ActorPool`` (one task per actor in flight), owns the journal, aggregates progress, and
+receives only small results; tensor bytes go from storage
 to storage inside the actors and never through Ray's object store.
 """
 
@@ -17,25 +18,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import ray
+from ray.util import ActorPool
 
 from planners.plan import OutputShard, Plan
-from rewriter.copy import abort_multipart, begin_multipart, complete_multipart, supports_multipart
-from rewriter.errors import ExecutionError, RewriterError
-from rewriter.executor import (
-    DEFAULT_BUFFER_BYTES,
-    Part,
-    RunResult,
-    ShardResult,
-    begin_parts,
-    commit_parts,
-    execute,
-    hash_file,
-    split_parts,
-    write_output_shard,
-    write_part,
-    write_part_multipart,
-)
-from rewriter.storage import Storage
+from rewriter.core.errors import ExecutionError, RewriterError
+from rewriter.core.storage import Storage
+from rewriter.exec.copy import DEFAULT_BUFFER_BYTES
+from rewriter.exec.destination import Destination, open_destination
+from rewriter.exec.executor import RunResult, ShardResult, execute, write_output_shard
+from rewriter.exec.parts import Part, split_parts, write_part
+from rewriter.exec.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +49,11 @@ class _Assembly:
     parts_left: int
     result: ShardResult
     t0: float
-    path: str | None = None
-    upload_id: str | None = None
+    handle: str
     uploaded: list[dict[str, Any]] = field(default_factory=list)
     done: bool = False
 
 
-@ray.remote
 class ProgressBoard:
     """Latest bytes done per task; a retried task starts its count again."""
 
@@ -83,22 +73,25 @@ class ShardWriter:
     def __init__(self, src_url: str, src_options: Mapping[str, Any], dst_url: str, dst_options: Mapping[str, Any],
                  buffer_bytes: int, zero_copy: bool, drop_cache: bool, board_name: str):
         self.src = Storage(src_url, src_options)
-        self.dst = Storage(dst_url, dst_options)
+        self.dst = open_destination(dst_url, dst_options)
         self.buffer_bytes = buffer_bytes
         self.zero_copy = zero_copy
         self.drop_cache = drop_cache
         # By name, not handle: a restarted actor looks the board up again.
         self.board = ray.get_actor(board_name)
 
+    def actor_id(self) -> str:
+        """This actor's id, as Ray's errors name it (unchanged by restarts)."""
+        return str(ray.get_runtime_context().get_actor_id())
+
     def _progress(self, key: str) -> Callable[[int], None]:
-        state = {"n": 0, "last": 0.0}
+        done = [0]
+        throttle = Throttle(0.2)
 
         def report(n: int) -> None:
-            state["n"] += n
-            now = time.monotonic()
-            if now - state["last"] > 0.2:
-                state["last"] = now
-                self.board.report.remote(key, state["n"])
+            done[0] += n
+            if throttle.due(time.monotonic()):
+                self.board.report.remote(key, done[0])
 
         return report
 
@@ -107,29 +100,27 @@ class ShardWriter:
                                progress=self._progress(out.name), zero_copy=self.zero_copy,
                                drop_cache=self.drop_cache)
         self.board.report.remote(out.name, r.size)
-        return asdict(r)
+        return {"shard": asdict(r)}
 
-    def write_part_multipart(self, part: Part, upload_id: str, upload_part_bytes: int) -> dict[str, Any]:
+    def write_part(self, part: Part, handle: str, upload_part_bytes: int) -> dict[str, Any]:
         key = f"{part.shard}#{part.index}"
-        stats, parts = write_part_multipart(part, self.src, self.dst, upload_id, upload_part_bytes,
-                                            buffer_bytes=self.buffer_bytes, progress=self._progress(key))
+        stats, parts = write_part(part, handle, self.src, self.dst, upload_part_bytes=upload_part_bytes,
+                                  buffer_bytes=self.buffer_bytes, progress=self._progress(key),
+                                  zero_copy=self.zero_copy)
         self.board.report.remote(key, part.length)
-        return {"stats": asdict(stats), "parts": parts}
+        return {"part_of": part.shard, "stats": asdict(stats), "parts": parts}
 
-    def write_part(self, part: Part, path: str) -> dict[str, Any]:
-        key = f"{part.shard}#{part.index}"
-        stats = write_part(part, path, self.src, buffer_bytes=self.buffer_bytes,
-                           progress=self._progress(key), zero_copy=self.zero_copy)
-        self.board.report.remote(key, part.length)
-        return {"stats": asdict(stats), "parts": []}
+
+#: One unit of work for an actor: a whole output shard, or a part of a large one.
+Task = OutputShard | Part
 
 
 @dataclass
 class _Driver:
-    """Hands shards and parts to free actors, one task each, and publishes finished shards."""
+    """Hands shards and parts to free actors (``ray.util.ActorPool``) and publishes finished shards."""
 
     plan: Plan
-    dst: Storage
+    dst: Destination
     actors: list[Any]
     board: Any
     part_bytes: int
@@ -139,88 +130,82 @@ class _Driver:
     max_task_retries: int
     progress: Callable[[int], None] | None
     assemblies: dict[str, _Assembly] = field(default_factory=dict)
+    shown: int = 0
 
     def run(self, todo: list[OutputShard], record: Callable[[ShardResult], None]) -> None:
         """The executor's runner: write ``todo``, reporting each shard as it is published."""
-        splittable = self.dst.is_local or supports_multipart(self.dst)
-        tasks: list[tuple[str, Any]] = []  # ("shard", OutputShard) or ("part", Part)
+        tasks: list[Task] = []
         try:
             for out in todo:
-                if len(self.actors) > 1 and out.size > self.part_bytes and splittable:
-                    tasks += [("part", p) for p in self._begin(out)]
+                if len(self.actors) > 1 and out.size > self.part_bytes and self.dst.takes_parts:
+                    tasks += self._begin(out)
                 else:
-                    tasks.append(("shard", out))
+                    tasks.append(out)
             self._drive(tasks, record)
         finally:
             for asm in self.assemblies.values():
-                if asm.upload_id and not asm.done:
-                    abort_multipart(self.dst, asm.out.name, asm.upload_id)
+                if not asm.done:
+                    self.dst.abort_parts(asm.out.name, asm.handle)
 
     def _begin(self, out: OutputShard) -> list[Part]:
         parts = split_parts(out, self.part_bytes)
-        asm = _Assembly(out, len(parts), ShardResult(out.name, out.size, ""), time.perf_counter())
-        if self.dst.is_local:
-            asm.path = begin_parts(self.dst, out, self.plan.digest)
-        else:
-            asm.upload_id = begin_multipart(self.dst, out.name)
-        self.assemblies[out.name] = asm
+        handle = self.dst.begin_parts(out.name, out.size, self.plan.digest)
+        self.assemblies[out.name] = _Assembly(out, len(parts), ShardResult(out.name, out.size, ""),
+                                              time.perf_counter(), handle)
         return parts
 
-    def _submit(self, actor: Any, kind: str, payload: Any) -> Any:
-        if kind == "shard":
-            return actor.write_shard.remote(payload)
-        asm = self.assemblies[payload.shard]
-        if asm.upload_id:
-            return actor.write_part_multipart.remote(payload, asm.upload_id, self.upload_part_bytes)
-        return actor.write_part.remote(payload, asm.path)
+    def _drive(self, tasks: list[Task], record: Callable[[ShardResult], None]) -> None:
+        pool = ActorPool(self.actors)
+        ids = dict(zip(self.actors, ray.get([a.actor_id.remote() for a in self.actors])))
+        running: dict[str, Task] = {}  # actor id -> the task it runs (one at a time)
 
-    def _drive(self, tasks: list[tuple[str, Any]], record: Callable[[ShardResult], None]) -> None:
-        free = list(self.actors)
-        in_flight: dict[Any, tuple[Any, str, Any]] = {}
-        shown = 0
-        while tasks or in_flight:
-            while tasks and free:
-                actor = free.pop()
-                kind, payload = tasks.pop(0)
-                in_flight[self._submit(actor, kind, payload)] = (actor, kind, payload)
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.25)
-            if self.progress:
-                total = ray.get(self.board.total.remote())
-                if total > shown:
-                    self.progress(total - shown)
-                    shown = total
-            for ref in ready:
-                actor, kind, payload = in_flight.pop(ref)
-                free.append(actor)
-                res = self._result(ref, payload)
-                if kind == "shard":
-                    record(ShardResult(**res))
-                    continue
-                asm = self.assemblies[payload.shard]
-                asm.result.bytes_read += res["stats"]["bytes_read"]
-                asm.result.zero_copy_bytes += res["stats"]["zero_copy_bytes"]
-                asm.uploaded += res["parts"]
-                asm.parts_left -= 1
-                if asm.parts_left == 0:
-                    record(self._finish(asm))
+        def start(actor: Any, task: Task) -> Any:
+            running[ids[actor]] = task
+            if isinstance(task, OutputShard):
+                return actor.write_shard.remote(task)
+            return actor.write_part.remote(task, self.assemblies[task.shard].handle, self.upload_part_bytes)
 
-    def _result(self, ref: Any, payload: Any) -> dict[str, Any]:
-        try:
-            return ray.get(ref)
-        except ray.exceptions.RayTaskError as e:
-            raise _unwrap(e) from None
-        except ray.exceptions.RayActorError as e:
-            what = payload.name if isinstance(payload, OutputShard) else f"part {payload.index} of {payload.shard}"
-            raise ExecutionError(f"a Ray worker died {self.max_task_retries + 1} times writing {what}: {e}") from None
+        for task in tasks:
+            pool.submit(start, task)
+        while pool.has_next():
+            try:
+                res = pool.get_next_unordered(timeout=0.25)
+            except TimeoutError:
+                self._show_progress()
+                continue
+            except ray.exceptions.RayTaskError as e:
+                raise _unwrap(e) from None
+            except ray.exceptions.RayActorError as e:
+                failed = running.get(e.actor_id or "")
+                what = failed.name if isinstance(failed, OutputShard) else \
+                    f"part {failed.index} of {failed.shard}" if failed else "a task"
+                raise ExecutionError(f"a Ray worker died {self.max_task_retries + 1} times writing {what}: {e}") from None
+            self._show_progress()
+            self._collect(res, record)
+
+    def _show_progress(self) -> None:
+        if self.progress:
+            total = ray.get(self.board.total.remote())
+            if total > self.shown:
+                self.progress(total - self.shown)
+                self.shown = total
+
+    def _collect(self, res: dict[str, Any], record: Callable[[ShardResult], None]) -> None:
+        if "shard" in res:
+            record(ShardResult(**res["shard"]))
+            return
+        asm = self.assemblies[res["part_of"]]
+        asm.result.bytes_read += res["stats"]["bytes_read"]
+        asm.result.zero_copy_bytes += res["stats"]["zero_copy_bytes"]
+        asm.uploaded += res["parts"]
+        asm.parts_left -= 1
+        if asm.parts_left == 0:
+            record(self._finish(asm))
 
     def _finish(self, asm: _Assembly) -> ShardResult:
         """Publish a shard whose parts are all written; its sha256 is read back once."""
-        if asm.path:
-            asm.result.sha256 = commit_parts(self.dst, asm.out, asm.path, self.buffer_bytes, self.drop_cache)
-        else:
-            assert asm.upload_id
-            complete_multipart(self.dst, asm.out.name, asm.upload_id, asm.uploaded)
-            asm.result.sha256 = hash_file(self.dst, asm.out.name, self.buffer_bytes)
+        asm.result.sha256 = self.dst.commit_parts(asm.out.name, asm.out.size, asm.handle, asm.uploaded,
+                                                  self.buffer_bytes, self.drop_cache)
         asm.done = True
         asm.result.seconds = time.perf_counter() - asm.t0
         return asm.result
@@ -249,7 +234,7 @@ def execute_on_ray(
 ) -> RunResult:
     """Carry out ``plan`` into ``dst_url`` with ``workers`` Ray actors.
 
-    Same destination protocol as :func:`rewriter.executor.execute` (journal, atomic shards,
+    Same destination protocol as :func:`rewriter.exec.executor.execute` (journal, atomic shards,
     index last, resume), so a Ray run and a local run of one plan produce identical bytes.
     ``address`` connects to a running cluster (``"auto"`` inside ``ray job submit``); without
     it a local Ray instance is started (or the one already initialised is used).
@@ -266,14 +251,15 @@ def execute_on_ray(
         raise ExecutionError(f"part size {part_bytes:,} must be at least 5 MiB and a multiple of "
                              f"{upload_part_bytes:,} (the multipart-upload part size)")
     board_name = f"rewriter-progress-{uuid.uuid4().hex[:12]}"
-    board = ProgressBoard.options(name=board_name).remote()
+    # Handles as Any: Ray's type stubs do not follow .options(...).remote(...).
+    board: Any = ray.remote(ProgressBoard).options(name=board_name).remote()
     actor_cls = ray.remote(ShardWriter).options(
         num_cpus=1, memory=ACTOR_BASE_BYTES + buffer_bytes + upload_part_bytes,
         max_restarts=-1, max_task_retries=max_task_retries,
     )
-    actors = [actor_cls.remote(plan.source_url, src_options, dst_url, dst_options, buffer_bytes, zero_copy,
+    actors: list[Any] = [actor_cls.remote(plan.source_url, src_options, dst_url, dst_options, buffer_bytes, zero_copy,
                                drop_cache, board_name) for _ in range(max(1, workers))]
-    driver = _Driver(plan, Storage(dst_url, dst_options), actors, board, part_bytes, upload_part_bytes,
+    driver = _Driver(plan, open_destination(dst_url, dst_options), actors, board, part_bytes, upload_part_bytes,
                      buffer_bytes, drop_cache, max_task_retries, progress)
     try:
         return execute(plan, dst_url, src_options=src_options, dst_options=dst_options, buffer_bytes=buffer_bytes,

@@ -1,0 +1,166 @@
+"""The planning API: from a source checkpoint and options to a :class:`~planners.plan.Plan`.
+
+Example::
+
+    from planners import PlanOptions, plan_prune
+
+    plan = plan_prune("/models/gpt-oss-20b",
+                      PlanOptions(saliency=("code.json",), policy=KeepPolicy(keep_frac=0.5)))
+    plan.save("plan.json")
+
+The command line, the benchmarks and the tests plan through :func:`plan_prune`; it reads only
+the checkpoint's config, index and headers, and the saliency or keep-list files.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from planners.plan import Plan, build_plan
+from planners.policies import Domain, KeepDecision, KeepPolicy, select_keep, validate_keep_list
+from planners.saliency import (
+    has_identity,
+    identity_mismatch,
+    load_keep_list,
+    load_saliency,
+    model_identity,
+)
+from planners.serving import apply_targets, facts_from, fit_policy
+from rewriter.core.checkpoint import Checkpoint
+from rewriter.core.errors import OptionError, SaliencyError
+from rewriter.core.layouts import Layout
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """What to keep and how to lay out the output. Every field has the CLI option's default.
+
+    Attributes:
+        saliency: saliency files, one per calibration domain (or give ``keep_list``).
+        weights: domain name -> weight in the union (default 1 each).
+        keep_list: a JSON file ``{"<layer>": [expert ids]}`` instead of saliency.
+        policy: rank, keep count or share, multiple, core, coverage, top-k and budget
+            (:class:`planners.policies.KeepPolicy`); with a keep list only its ``top_k`` counts.
+        allow_nonuniform: accept keep sets with different counts per layer.
+        allow_foreign_saliency: use saliency recorded for another model.
+        max_shard_bytes: output shard size limit.
+        storage_options: fsspec options for the source.
+        targets, ep, fit_targets: serving engines the output must load in
+            (:mod:`planners.serving`); ``fit_targets`` moves the kept count to one they accept.
+        layers_only: a per-layer dry-run plan of these layers' expert tensors.
+        soft: a soft prune (only router biases change).
+    """
+
+    saliency: tuple[str, ...] = ()
+    weights: Mapping[str, float] = field(default_factory=dict)
+    keep_list: str | None = None
+    policy: KeepPolicy = KeepPolicy()
+    allow_nonuniform: bool = False
+    allow_foreign_saliency: bool = False
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    targets: tuple[str, ...] = ()
+    ep: int | None = None
+    fit_targets: bool = False
+    layers_only: tuple[int, ...] | None = None
+    soft: bool = False
+
+
+def plan_prune(source: str | Checkpoint, options: PlanOptions, *,
+               notify: Callable[[str], None] | None = None) -> Plan:
+    """Open ``source``, choose keep sets from saliency or a keep list, and build the plan.
+
+    Args:
+        source: a checkpoint URL (local path or fsspec URL), or one already opened.
+        options: what to keep (:class:`PlanOptions`).
+        notify: called with a note the user should see (``fit_targets`` moving the count);
+            the note is also recorded in the plan's provenance.
+
+    Raises:
+        OptionError: options that conflict or do not fit the checkpoint (``option`` names the field).
+        CheckpointError, SaliencyError, PolicyError, PlanError: bad input, naming the file.
+    """
+    if options.keep_list and options.saliency:
+        raise OptionError("give --saliency or --keep-list, not both")
+    ckpt = source if isinstance(source, Checkpoint) else Checkpoint.open(source, dict(options.storage_options))
+    layout = ckpt.layout
+    moe = sorted(layout.moe_layers(ckpt))
+    _check_layers(options.layers_only, moe, ckpt.url)
+    policy, fit_note = _fitted_policy(ckpt, layout, options)
+    if fit_note and notify:
+        notify(fit_note)
+    decision, prov = _decide(ckpt, layout, moe, options, policy)
+    if fit_note:
+        prov["fit_targets"] = fit_note
+    layers_only = list(options.layers_only) if options.layers_only is not None else None
+    plan = build_plan(ckpt, decision, max_shard_bytes=options.max_shard_bytes, layers_only=layers_only,
+                      provenance=prov, soft=options.soft)
+    if options.targets and layers_only is None:
+        plan = apply_targets(plan, layout, options.targets, options.ep)
+    return plan
+
+
+def _check_layers(layers: tuple[int, ...] | None, moe: list[int], src: str) -> None:
+    bad = sorted(set(layers or ()) - set(moe))
+    if bad:
+        raise OptionError(
+            f"{', '.join(map(str, bad))}: not {'an MoE layer' if len(bad) == 1 else 'MoE layers'} of {src} "
+            f"(its MoE layers are {moe[0]}..{moe[-1]})" if moe else f"{src} has no MoE layers",
+            option="layers_only")
+
+
+def _fitted_policy(ckpt: Checkpoint, layout: Layout, options: PlanOptions) -> tuple[KeepPolicy, str | None]:
+    """The keep policy, with its count moved to one every target accepts when asked to."""
+    policy = options.policy
+    if not (options.targets and options.fit_targets) or options.keep_list or policy.budget is not None \
+            or options.soft:
+        return policy, None
+    facts = facts_from(ckpt.config, ((t.name, t.dtype, t.shape) for t in ckpt.tensors.values()), layout)
+    return fit_policy(policy, facts, layout.num_experts(ckpt.config), layout.top_k(ckpt.config),
+                      options.targets, options.ep)
+
+
+def _decide(ckpt: Checkpoint, layout: Layout, moe: list[int], options: PlanOptions,
+            policy: KeepPolicy) -> tuple[KeepDecision, dict[str, Any]]:
+    """The keep sets and the provenance recording where they came from."""
+    n_exp, top_k = layout.num_experts(ckpt.config), layout.top_k(ckpt.config)
+    groups = layout.num_groups(ckpt.config)
+    topk_group = ckpt.config.get("topk_group") if groups > 1 else None
+    if options.keep_list:
+        keep, digest = load_keep_list(options.keep_list, n_exp, moe)
+        decision = validate_keep_list(keep, top_k, policy.top_k, options.allow_nonuniform, groups,
+                                      topk_group, n_exp)
+        return decision, {"keep_list": {"path": options.keep_list, "sha256": digest},
+                          "policy": {"top_k": policy.top_k}}
+    domains = load_domains(ckpt, options, n_exp, moe)
+    decision = select_keep(domains, moe, n_exp, top_k, policy, groups, topk_group)
+    if not decision.uniform and not options.allow_nonuniform and policy.budget is None:
+        raise OptionError("non-uniform keep counts need --allow-nonuniform")
+    return decision, {
+        "saliency": [{"path": d.saliency.source, "sha256": d.saliency.digest, "domain": d.name,
+                      "weight": d.weight, "tokens": d.saliency.tokens} for d in domains],
+        "policy": policy.to_json(),
+    }
+
+
+def load_domains(ckpt: Checkpoint, options: PlanOptions, n_exp: int, moe: list[int]) -> list[Domain]:
+    """Saliency files as weighted domains, checked against the model they claim to score."""
+    sal = [load_saliency(p, n_exp, moe) for p in options.saliency]
+    identity = model_identity(ckpt) if sal else {}
+    for s in sal:
+        if not has_identity(s):
+            log.warning("%s records no model identity (written before saliency files carried one); "
+                        "cannot check it was profiled on %s", s.source, ckpt.url)
+        elif not options.allow_foreign_saliency and (why := identity_mismatch(s, identity, ckpt.url)):
+            raise SaliencyError(why)
+    unknown = set(options.weights) - {s.domain for s in sal}
+    if unknown:
+        raise OptionError(f"no saliency file has domain {sorted(unknown)}", option="weights")
+    return [Domain(s, options.weights.get(s.domain, 1.0)) for s in sal]

@@ -1,0 +1,153 @@
+"""The destination's run state: which plan it belongs to and which shards are done.
+
+``DST/.rewriter/journal.json`` names the plan and records each finished shard's size and sha256.
+A destination holding another plan's journal or output is refused (unless ``force``); a run of
+the same plan resumes from the shards its journal vouches for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from planners.plan import PROVENANCE_NAME, OutputShard, Plan
+from rewriter.core.checkpoint import INDEX_NAME
+from rewriter.core.errors import ExecutionError
+from rewriter.core.storage import Storage
+from rewriter.exec.destination import Destination
+from rewriter.exec.lock import STATE_DIR, DestinationLock
+
+log = logging.getLogger(__name__)
+
+JOURNAL = f"{STATE_DIR}/journal.json"
+
+
+@dataclass
+class ShardResult:
+    """What writing one output shard did; small enough to pass between processes."""
+
+    name: str
+    size: int
+    sha256: str
+    bytes_read: int = 0
+    seconds: float = 0.0
+    read_seconds: float = 0.0
+    write_seconds: float = 0.0
+    copy_seconds: float = 0.0
+    zero_copy_bytes: int = 0
+    resumed: bool = False
+
+
+class Journal:
+    """Finished shards of one plan in one destination; written by the driving process only."""
+
+    def __init__(self, dst: Destination, plan_digest: str, lock: DestinationLock | None = None):
+        self.dst = dst
+        self.plan_digest = plan_digest
+        self.shards: dict[str, dict[str, Any]] = {}
+        self.lock = lock
+
+    @classmethod
+    def read(cls, dst: Destination) -> dict[str, Any] | None:
+        if not dst.exists(JOURNAL):
+            return None
+        try:
+            return json.loads(dst.read_all(JOURNAL))
+        except json.JSONDecodeError:
+            return None  # torn by a crash before its rename: treat as absent
+
+    def record(self, result: ShardResult) -> None:
+        self.shards[result.name] = {"size": result.size, "sha256": result.sha256}
+        self.flush()
+        if self.lock:
+            self.lock.refresh()
+
+    def flush(self) -> None:
+        doc = {"plan": self.plan_digest, "shards": self.shards}
+        self.dst.put_bytes(JOURNAL, json.dumps(doc, indent=1, sort_keys=True).encode())
+
+
+def check_destination(src: Storage, dst: Destination) -> None:
+    """Refuse a destination that overlaps the source or is not a folder, before writing anything.
+
+    Raises:
+        ExecutionError: destination equal to, inside, or containing the source; a destination
+            that is a file, or lies below one.
+    """
+    if dst.storage.is_within(src) or src.is_within(dst.storage):
+        raise ExecutionError(
+            f"destination {dst.url} is the source {src.url}, inside it, or contains it; the source "
+            f"is never modified: choose another destination"
+        )
+    dst.check_folder()
+
+
+def prepare_destination(plan: Plan, dst: Destination, *, force: bool = False,
+                        lock: DestinationLock | None = None) -> tuple[Journal, bool]:
+    """Check the destination against the plan and load the journal of an interrupted run.
+    Call with the destination's lock held.
+
+    Returns:
+        The journal, and whether the destination already holds this plan's complete output.
+
+    Raises:
+        ExecutionError: a destination holding another plan's output or unrelated files (unless
+            ``force``).
+    """
+    digest = plan.digest
+    journal = Journal(dst, digest, lock)
+    files = dst.list_files()
+    state = Journal.read(dst) if files else None
+    if state is None and all(f.startswith(STATE_DIR + "/") for f in files):
+        return journal, False  # empty, or only the state of a run killed before its journal
+    prov_digest = _provenance_digest(dst)
+    ours = (state and state.get("plan") == digest) or prov_digest == digest
+    if ours:
+        if prov_digest == digest and dst.exists(INDEX_NAME) and not dst.exists(JOURNAL):
+            return journal, True
+        if state and state.get("plan") == digest:
+            journal.shards = dict(state.get("shards", {}))
+        return journal, False
+    if not force:
+        what = "output of another plan" if (state or prov_digest) else "files this tool did not write"
+        raise ExecutionError(
+            f"destination {dst.url} is not empty: it holds {what}; choose an empty destination, "
+            f"or pass --force to overwrite it"
+        )
+    log.warning("--force: clearing earlier output in %s", dst.url)
+    _clear_output(dst)
+    return journal, False
+
+
+def _provenance_digest(dst: Destination) -> str | None:
+    if not dst.exists(PROVENANCE_NAME):
+        return None
+    try:
+        return json.loads(dst.read_all(PROVENANCE_NAME)).get("plan_digest")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+def _clear_output(dst: Destination) -> None:
+    """Remove what marks a destination complete or belongs to an earlier run (``--force``)."""
+    for name in (INDEX_NAME, PROVENANCE_NAME, JOURNAL):
+        if dst.exists(name):
+            dst.remove(name)
+    for name in dst.list_files():
+        if name.endswith(".safetensors") and "/" not in name:
+            dst.remove(name)
+
+
+def pending_shards(plan: Plan, journal: Journal, buffer_bytes: int) -> tuple[list[OutputShard], list[ShardResult]]:
+    """Split the plan's shards into those still to write and those the journal vouches for."""
+    todo, done = [], []
+    for out in plan.outputs:
+        entry = journal.shards.get(out.name)
+        if entry and journal.dst.shard_done(out.name, entry.get("size"), entry.get("sha256"), buffer_bytes):
+            done.append(ShardResult(out.name, out.size, entry["sha256"], resumed=True))
+        else:
+            journal.shards.pop(out.name, None)
+            todo.append(out)
+    return todo, done
