@@ -1,17 +1,17 @@
 """Measure the layer-streamed engine at real gpt-oss geometry on one GPU; one call, one JSON.
 
-``python -m profiling.streamed_bench --stage 20b --work /tmp/w --out result.json``
+``python -m bench_io.streamed --stage 20b --work /tmp/w --out result.json``
     writes a 20B-geometry checkpoint with weights that compute (``synth --computing``) and
     profiles the same tokens with the whole model and with the streamed engine: tokens/s of
     each and how far their saliency differs.
 
-``python -m profiling.streamed_bench --stage 120b --layers 14 --small-layers 4 ...``
+``python -m bench_io.streamed --stage 120b --layers 14 --small-layers 4 ...``
     writes a 120B-geometry checkpoint with ``--layers`` layers and profiles it streamed: with
     ``--small-layers`` and all layers (peak GPU memory must not grow), with ``--gpu-memory 24``
     and a tighter cap (hidden states spilled to host memory), then runs ``rewriter eval`` on it.
     Per-layer read, dequantize and compute times are extrapolated to 36 layers and 1 M tokens.
 
-``python -m profiling.streamed_bench --stage long --tokens 1048576 ...``
+``python -m bench_io.streamed --stage long --tokens 1048576 ...``
     1 M calibration tokens through the 120B-geometry layers (uncapped and within 24 GiB), and
     streamed against whole model with deterministic kernels (``CUBLAS_WORKSPACE_CONFIG`` must
     be set before CUDA starts), where the saliency must be identical.
