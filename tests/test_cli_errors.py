@@ -343,3 +343,16 @@ def test_an_unexpected_exception_is_reported_as_a_bug_with_status_3():
     message, status = _describe_error(ZeroDivisionError("division by zero"))
     assert status == EXIT_BUG == 3
     assert message.startswith("internal error (ZeroDivisionError: division by zero)") and "rewriter -vv" in message
+
+
+def test_python_dash_m_knows_every_command():
+    """`python -m rewriter.cli` (how the CLI runs where no console script is installed) registers
+    every command before it parses the arguments."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "rewriter.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    commands = r.stdout.split("Commands:", 1)[1].split("\n\n", 1)[0]
+    listed = {line.split()[0] for line in commands.splitlines() if line.strip()}
+    assert listed == set(main.commands), sorted(set(main.commands) - listed)
