@@ -666,10 +666,6 @@ def import_reap_cmd(observer_file: str, out: str, domain: str, force: bool, mode
     click.echo(f"wrote {out}: {len(sal.layers)} layers from {observer_file}")
 
 
-if __name__ == "__main__":
-    main()
-
-
 # --- serving targets and the model card ------------------------------------------------------------
 
 @main.command()

@@ -21,6 +21,7 @@ from rewriter.core.checkpoint import INDEX_NAME
 from rewriter.core.errors import CardError
 from rewriter.core.storage import Storage
 from rewriter.exec.destination import Destination
+from rewriter.exec.lock import DestinationLock
 from rewriter.exec.verify import load_provenance_plan
 
 CARD_NAME = "README.md"
@@ -249,5 +250,12 @@ def update_card(dst: Destination, *, base_model: str | None = None, verify: Mapp
     if not dst.exists(INDEX_NAME):
         raise CardError(f"{dst.url}: no {INDEX_NAME}, so no complete output to describe; finish the run first")
     plan = load_provenance_plan(dst.storage)
-    dst.put_bytes(CARD_NAME, render_card(plan, base_model=base_model, verify=verify, eval_result=eval_result).encode())
+    card = render_card(plan, base_model=base_model, verify=verify, eval_result=eval_result).encode()
+    # Written like a run writes (under the lock, through a temporary file), and like a finished
+    # run it leaves no state behind: the output stays exactly what the Hub expects.
+    with DestinationLock(dst.storage):
+        try:
+            dst.put_bytes(CARD_NAME, card)
+        finally:
+            dst.drop_empty_state(created=False)
     return plan

@@ -1,0 +1,87 @@
+"""A finished output stays finished: `card` leaves no tool state in it, `verify` refuses a source
+the output was not made from before reading any tensor, and `run --ray` gives up on a cluster it
+cannot reach."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from rewriter.synth import PRESETS, write_checkpoint
+from tests.test_promises import plan_file, rewriter
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, tiny, tiny_saliency) -> tuple[Path, Path]:
+    """A plan of `tiny` and its finished output."""
+    d = tmp_path_factory.mktemp("made")
+    plan = plan_file(tiny, tiny_saliency, d / "plan.json")
+    rewriter("run", plan, "--out", d / "out", "--quiet")
+    return plan, d / "out"
+
+
+def files_under(root: Path) -> set[str]:
+    return {str(Path(d, n).relative_to(root)) for d, dirs, fs in os.walk(root) for n in (*dirs, *fs)}
+
+
+@pytest.mark.parametrize("extra", [(), ("--verify",)])
+def test_card_leaves_no_state_in_a_finished_output(made, tmp_path, extra):
+    out = tmp_path / "out"
+    shutil.copytree(made[1], out)
+    before = files_under(out)
+    assert not any(f.startswith(".rewriter") for f in before)
+    rewriter("card", out, *extra)
+    assert files_under(out) == before
+
+
+def test_card_keeps_the_journal_of_an_unfinished_forced_run(made, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(made[1], out)
+    (out / ".rewriter").mkdir()
+    (out / ".rewriter" / "journal.json").write_text("{}")
+    rewriter("card", out)
+    left = files_under(out / ".rewriter")
+    assert "journal.json" in left and not [f for f in left if f.startswith("tmp/")]
+    assert (out / ".rewriter" / "journal.json").read_text() == "{}"
+
+
+def test_card_waits_for_a_run_that_holds_the_destination(made, tmp_path):
+    import fcntl
+
+    out = tmp_path / "out"
+    shutil.copytree(made[1], out)
+    (out / ".rewriter").mkdir()
+    with open(out / ".rewriter" / "lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = rewriter("card", out, expect=75)
+    assert "is in use" in r.stderr and r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("which", ["bf16", "bigger", "itself"])
+def test_verify_names_the_recorded_source_when_given_another(made, tiny, tmp_path, which):
+    out = made[1]
+    if which == "itself":
+        other = out
+    else:
+        other = tmp_path / which
+        write_checkpoint(other, PRESETS["tiny-bf16"] if which == "bf16" else PRESETS["small"])
+    r = rewriter("verify", other, out, expect=2)
+    assert not r.stdout and r.stderr.count("\n") == 1, r.stderr
+    assert f"error: {other} is not the source of {out}: that was made from {tiny}" in r.stderr
+    assert f"{out / 'pruning.json'}" in r.stderr and "file not found" not in r.stderr
+    r = rewriter("verify", other, out, "--json", expect=2)
+    assert "is not the source of" in r.stdout
+
+
+def test_verify_accepts_a_copy_of_the_source_elsewhere(made, tiny, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny, copy)
+    assert rewriter("verify", copy, made[1]).stdout.strip().endswith("OK")
+    other = tmp_path / "other"
+    write_checkpoint(other, dataclasses.replace(PRESETS["tiny"], vocab=320))
+    r = rewriter("verify", other, made[1], expect=2)
+    assert "has a different shard" in r.stderr
