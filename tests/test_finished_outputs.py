@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,23 @@ def test_verify_accepts_a_copy_of_the_source_elsewhere(made, tiny, tmp_path):
     write_checkpoint(other, dataclasses.replace(PRESETS["tiny"], vocab=320))
     r = rewriter("verify", other, made[1], expect=2)
     assert "has a different shard" in r.stderr
+
+
+@pytest.mark.parametrize("address, says", [
+    ("127.0.0.1:1", "no answer within 3 s"),  # nothing listens on port 1
+    ("not-an-address", "Invalid address format"),
+])
+def test_ray_run_gives_up_on_a_cluster_it_cannot_reach(made, tmp_path, address, says):
+    pytest.importorskip("ray")
+    t0 = time.monotonic()
+    r = rewriter("run", made[0], "--out", tmp_path / "out", "--ray", "--address", address, "--ray-timeout", "3",
+                 expect=2)
+    assert time.monotonic() - t0 < 60
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"the Ray cluster at {address}" in errors[0] and says in errors[0], r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_ray_timeout_must_be_positive(made, tmp_path):
+    r = rewriter("run", made[0], "--out", tmp_path / "out", "--ray", "--ray-timeout", "0", expect=2)
+    assert "--ray-timeout" in r.stderr and r.stderr.count("\n") == 1
