@@ -704,7 +704,7 @@ def check(ckpt: str, targets: tuple[str, ...], ep: int | None, as_json: bool, st
 
 @main.command()
 @click.argument("dst")
-@click.option("--base-model", default=None, help="Hub id of the source (default: from an hf:// source or the config).")
+@click.option("--base-model", default=None, help="Hub repo id ORG/NAME of the source (default: from an hf:// source, a Hugging Face cache folder or the config).")
 @click.option("--eval", "eval_json", default=None, help="A `rewriter eval --json` result to include.")
 @click.option("--verify", "run_verify", is_flag=True, help="Run `rewriter verify` against the recorded source and include it.")
 @click.option("--src-options", type=JSON_OBJECT, default=None, help="fsspec options for the source as JSON (with --verify).")
@@ -717,8 +717,10 @@ def card(dst: str, base_model: str | None, eval_json: str | None, run_verify: bo
     Each run renders the whole card, so give every extra you want in it.
     """
     from rewriter.exec.destination import open_destination
-    from rewriter.exec.modelcard import load_eval, update_card
+    from rewriter.exec.modelcard import check_base_model, load_eval, update_card
 
+    if base_model is not None:
+        check_base_model(base_model)  # before a long --verify
     destination = open_destination(dst, (dst_options or {}))
     report = None
     if run_verify:
