@@ -7,13 +7,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from rewriter.synth import PRESETS, write_checkpoint
-from tests.test_promises import plan_file, rewriter
+from tests.test_promises import mounts, plan_file, prune_args, rewriter, small  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +107,46 @@ def test_ray_run_gives_up_on_a_cluster_it_cannot_reach(made, tmp_path, address, 
 def test_ray_timeout_must_be_positive(made, tmp_path):
     r = rewriter("run", made[0], "--out", tmp_path / "out", "--ray", "--ray-timeout", "0", expect=2)
     assert "--ray-timeout" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_force_over_a_foreign_checkpoint_says_what_it_removes(made, tiny, tmp_path):
+    dst = tmp_path / "dst"
+    shutil.copytree(tiny, dst)
+    (dst / "notes.txt").write_text("mine\n")
+    r = rewriter("run", made[0], "--out", dst, "--force", "--quiet")
+    assert "clearing earlier output" not in r.stderr
+    line = next(x for x in r.stderr.splitlines() if "--force" in x)
+    assert f"{dst} holds files this tool did not write; removing 4 of its files" in line
+    assert "model-00002-of-00002.safetensors, model.safetensors.index.json" in line
+    assert "left in place: config.json, generation_config.json, notes.txt" in line
+    assert (dst / "notes.txt").read_text() == "mine\n"
+    assert rewriter("verify", dst).stdout.strip().endswith("OK")
+    other = tmp_path / "other.json"
+    rewriter("plan", tiny, "--keep-list", _keep_list(tmp_path), "--out", other)
+    r = rewriter("run", other, "--out", dst, "--force", "--quiet")
+    assert f"{dst} holds the output of another plan; removing 3 of its files" in r.stderr
+
+
+def _keep_list(tmp_path: Path) -> Path:
+    keep = tmp_path / "keep.json"
+    keep.write_text('{"0": [0, 1], "1": [2, 3]}')
+    return keep
+
+
+def test_a_full_disk_says_which_shards_are_kept_for_the_resume(small, tmp_path, mounts):
+    from tests.conftest import tree_digest
+
+    src, sal = small
+    rewriter(*prune_args(src, sal, tmp_path / "ref"))
+    disk = mounts("disk", "size=12m")
+    r = rewriter(*prune_args(src, sal, disk / "dst"), expect=2)
+    kept = sorted(p.name for p in (disk / "dst").glob("*.safetensors"))
+    total = len(list((tmp_path / "ref").glob("*.safetensors")))
+    assert 0 < len(kept) < total
+    assert "nothing was published" not in r.stderr and r.stderr.count("\n") == 1
+    assert (f"no space left on the destination (No space left on device); {len(kept)} of {total} shards are "
+            f"finished and kept in {disk / 'dst'}: free space and run the same command again to resume") in r.stderr
+    subprocess.run(["mount", "-o", "remount,size=128m", str(disk)], check=True)
+    r = rewriter(*prune_args(src, sal, disk / "dst")[:-1])
+    assert f"({len(kept)} resumed)" in r.stdout
+    assert tree_digest(disk / "dst") == tree_digest(tmp_path / "ref")
