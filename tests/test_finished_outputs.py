@@ -133,7 +133,7 @@ def _keep_list(tmp_path: Path) -> Path:
     return keep
 
 
-def test_a_full_disk_says_which_shards_are_kept_for_the_resume(small, tmp_path, mounts):
+def test_a_full_disk_says_which_shards_are_kept_for_the_resume(small, tmp_path, mounts):  # noqa: F811
     from tests.conftest import tree_digest
 
     src, sal = small
