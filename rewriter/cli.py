@@ -717,7 +717,8 @@ def card(dst: str, base_model: str | None, eval_json: str | None, run_verify: bo
     Each run renders the whole card, so give every extra you want in it.
     """
     from rewriter.exec.destination import open_destination
-    from rewriter.exec.modelcard import check_base_model, load_eval, update_card
+    from rewriter.exec.hubmeta import check_base_model
+    from rewriter.exec.modelcard import load_eval, update_card
 
     if base_model is not None:
         check_base_model(base_model)  # before a long --verify

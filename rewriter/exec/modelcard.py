@@ -12,7 +12,6 @@ A source model card is never overwritten: the source's ``README.md`` is kept as
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -21,41 +20,18 @@ from rewriter.core.checkpoint import INDEX_NAME
 from rewriter.core.errors import CardError
 from rewriter.core.storage import Storage
 from rewriter.exec.destination import Destination
+from rewriter.exec.hubmeta import (
+    check_base_model,
+    file_name,
+    hub_id,
+    read_head,
+    source_license,
+    source_name,
+)
 from rewriter.exec.lock import DestinationLock
 from rewriter.exec.verify import load_provenance_plan
 
 CARD_NAME = "README.md"
-#: A source folder in a Hugging Face cache: ``.../models--OWNER--NAME/snapshots/REVISION``.
-_HF_CACHE_SNAPSHOT = re.compile(r"(?:^|/)models--([^/]+?)--([^/]+)/snapshots/[^/]+/?$")
-#: YAML front matter, as huggingface_hub's ``REGEX_YAML_BLOCK`` finds it.
-_YAML_BLOCK = re.compile(r"^(\s*---[\r\n]+)([\S\s]*?)([\r\n]+---(\r\n|\n|$))")
-#: The source card's front-matter fields the new card carries: the weights keep their licence.
-LICENSE_FIELDS = ("license", "license_name", "license_link")
-#: Only the top of a source card is read for its front matter.
-_FRONT_MATTER_BYTES = 1 << 20
-
-
-def is_hub_id(value: object) -> bool:
-    """Whether ``value`` is a Hub model repo id ``OWNER/NAME`` by the Hub's own rules."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    if not isinstance(value, str) or value.count("/") != 1:
-        return False
-    try:
-        validate_repo_id(value)
-    except HFValidationError:
-        return False
-    return True
-
-
-def check_base_model(value: str) -> str:
-    """``--base-model``: a Hub repo id, or a clear error (the Hub reads it as a link to that repo)."""
-    if not is_hub_id(value):
-        raise CardError(f"--base-model {json.dumps(value)} is not a Hub repo id: expected OWNER/NAME of letters, "
-                        f"digits, '-', '_' and '.' (no '--' or '..', at most 96 characters), like "
-                        f"openai/gpt-oss-20b; leave it out when the source is not on the Hub")
-    return value
 
 
 def base_card_name(taken: Iterable[str]) -> str:
@@ -70,48 +46,6 @@ def base_card_name(taken: Iterable[str]) -> str:
 def source_card(plan: Plan) -> str | None:
     """The name the source's model card gets in the output, when the source has one."""
     return base_card_name(plan.copy_files) if CARD_NAME in plan.copy_files else None
-
-
-def hub_id(plan: Plan) -> str | None:
-    """The source's Hub repo id: from an ``hf://`` source URL or a Hugging Face cache folder,
-    else a config ``_name_or_path`` that is one."""
-    m = re.match(r"^hf://(?:models/)?([^/@]+/[^/@]+)", plan.source_url)
-    cache = _HF_CACHE_SNAPSHOT.search(plan.source_url)
-    for name in (m and m.group(1), cache and f"{cache.group(1)}/{cache.group(2)}", plan.config.get("_name_or_path")):
-        if is_hub_id(name):
-            return str(name)
-    return None
-
-
-def _file_name(path: object) -> str:
-    """The last component of a path or URL: a card is published, the paths of this machine are not."""
-    return str(path).rstrip("/").rsplit("/", 1)[-1] if path else ""
-
-
-def _source_name(plan: Plan, base_model: str | None, url: object = None) -> str:
-    """How the card names a source: by Hub id when it is the plan's source and the id is known,
-    else by its folder name."""
-    if base_model and (url is None or url == plan.source_url):
-        return base_model
-    return _file_name(url or plan.source_url)
-
-
-def source_license(card_text: str | None) -> dict[str, str]:
-    """The licence fields of a source card's YAML front matter (none when absent or unreadable)."""
-    import yaml
-
-    m = _YAML_BLOCK.search(card_text or "")
-    try:
-        meta = yaml.safe_load(m.group(2)) if m else None
-    except yaml.YAMLError:
-        return {}
-    if not isinstance(meta, dict):
-        return {}
-    return {k: meta[k] for k in LICENSE_FIELDS if isinstance(meta.get(k), str) and meta[k].strip()}
-
-
-def _read_head(storage: Storage, name: str) -> str:
-    return storage.read_range(name, 0, min(storage.size(name), _FRONT_MATTER_BYTES)).decode("utf-8", "replace")
 
 
 def _yaml_scalar(v: str) -> str:
@@ -152,7 +86,7 @@ def _summary(plan: Plan, base_model: str | None, base_card: str | None) -> list[
             "never selected" if plan.soft else "a structural prune: dropped experts' tensors are removed and the "
             "kept ones renumbered 0..k-1 in order of their original ids")
     lines = [f"# {(base_model or 'MoE checkpoint').split('/')[-1]}, experts pruned", "",
-             f"Made from `{_source_name(plan, base_model)}` by moe-rewriter: {what}.", "",
+             f"Made from `{source_name(plan, base_model)}` by moe-rewriter: {what}.", "",
              *_table(("", "source", "this checkpoint"), [
                  ("family", plan.family, plan.family),
                  ("experts per MoE layer", src_n, src_n if plan.soft else kept),
@@ -180,11 +114,11 @@ def _policy(plan: Plan) -> list[str]:
     sal = prov.get("saliency")
     if isinstance(sal, list) and sal:
         lines += _table(("saliency file", "domain", "weight", "tokens", "sha256"),
-                        [(_file_name(s.get("path")), s.get("domain"), s.get("weight"), s.get("tokens"), f"`{s.get('sha256')}`")
+                        [(file_name(s.get("path")), s.get("domain"), s.get("weight"), s.get("tokens"), f"`{s.get('sha256')}`")
                          for s in sal if isinstance(s, dict)]) + [""]
     kl = prov.get("keep_list")
     if isinstance(kl, dict):
-        lines += [f"Experts chosen by an explicit keep list `{_file_name(kl.get('path'))}` (sha256 `{kl.get('sha256')}`).", ""]
+        lines += [f"Experts chosen by an explicit keep list `{file_name(kl.get('path'))}` (sha256 `{kl.get('sha256')}`).", ""]
     lines += [f"Plan digest: `{plan.digest}`. `{PROVENANCE_NAME}` holds the whole plan, the expert mapping and every "
               f"shard's sha256.", ""]
     return lines
@@ -230,7 +164,7 @@ def _eval(result: Mapping[str, Any] | None) -> list[str]:
             c = r.get("check") or {}
             row += [_num(c.get("d_ppl")), "pass" if c.get("pass") else "fail"]
         rows.append(row)
-    lines = ["## Evaluation", "", "`rewriter eval` of this checkpoint" + (f" against `{_file_name(base)}`" if base else "") + ":",
+    lines = ["## Evaluation", "", "`rewriter eval` of this checkpoint" + (f" against `{file_name(base)}`" if base else "") + ":",
              "", *_table(head, rows), ""]
     if base and "pass" in result:
         lines += [f"Near-lossless gates: **{'pass' if result['pass'] else 'fail'}** (docs/eval.md).", ""]
@@ -263,7 +197,7 @@ def render_card(plan: Plan, *, base_model: str | None = None, verify: Mapping[st
         layout = next(lay for lay in LAYOUTS if lay.family == plan.family)
         verdicts, checked = [v.to_json() for v in check_facts(plan_facts(plan, layout), TARGETS)], False
     body = [*_summary(plan, base_model, source_card(plan)), *_kept_experts(plan), *_policy(plan),
-            *_serving(plan, verdicts, checked), *_verify(verify, _source_name(plan, base_model, verify and verify.get("src"))), *_eval(eval_result),
+            *_serving(plan, verdicts, checked), *_verify(verify, source_name(plan, base_model, verify and verify.get("src"))), *_eval(eval_result),
             "## Publishing", "", "This folder is what the Hub expects; upload it with huggingface_hub's CLI:", "",
             "```bash", "hf upload OWNER/NAME .", "```", ""]
     return front_matter(plan, base_model, source_license(source_card_text)) + "\n\n" + "\n".join(body)
@@ -286,7 +220,7 @@ def write_model_card(plan: Plan, src: Storage, dst: Destination, buffer_bytes: i
     base = source_card(plan)
     if base:
         dst.copy_small_file(src, CARD_NAME, buffer_bytes, dst_name=base)
-    text = _read_head(src, CARD_NAME) if base else None
+    text = read_head(src, CARD_NAME) if base else None
     dst.put_bytes(CARD_NAME, render_card(plan, source_card_text=text).encode())
 
 
@@ -314,7 +248,7 @@ def update_card(dst: Destination, *, base_model: str | None = None, verify: Mapp
         raise CardError(f"{dst.url}: no {INDEX_NAME}, so no complete output to describe; finish the run first")
     plan = load_provenance_plan(dst.storage)
     base = source_card(plan)
-    text = _read_head(dst.storage, base) if base and dst.exists(base) else None
+    text = read_head(dst.storage, base) if base and dst.exists(base) else None
     card = render_card(plan, base_model=base_model and check_base_model(base_model), verify=verify,
                        eval_result=eval_result, source_card_text=text).encode()
     # Written like a run writes (under the lock, through a temporary file), and like a finished
