@@ -318,13 +318,15 @@ run_options = _options(
         click.option("--ray", "use_ray", is_flag=True, help="Run on Ray CPU actors (pip install '.[ray]')."),
         click.option("--address", default=None, help="Ray cluster address (default: start a local one)."),
         click.option("--workers", "ray_workers", type=POSITIVE, default=2, show_default=True, help="Ray actors."),
+        click.option("--ray-timeout", type=click.FloatRange(min=0, min_open=True, max=86400), default=30,
+                     show_default=True, help="Seconds to wait for the Ray cluster at --address to answer."),
         click.option("--quiet", is_flag=True, help="No progress."),
     click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
 )
 
 
 def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bool, drop_cache: bool,
-             dst_options: dict[str, Any] | None, use_ray: bool, address: str | None, ray_workers: int, quiet: bool,
+             dst_options: dict[str, Any] | None, use_ray: bool, address: str | None, ray_workers: int, ray_timeout: float, quiet: bool,
              as_json: bool, allow_nonuniform: bool, src_options: dict[str, Any] | None) -> None:
     from planners.cost import human_bytes
     from rewriter.exec.executor import execute
@@ -340,7 +342,7 @@ def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bo
     if use_ray:
         from rewriter.exec.ray_executor import execute_on_ray
 
-        result = execute_on_ray(p, dst, address=address, workers=ray_workers, **kwargs)
+        result = execute_on_ray(p, dst, address=address, workers=ray_workers, connect_timeout_s=ray_timeout, **kwargs)
     else:
         result = execute(p, dst, **kwargs)
     bar.close()
@@ -407,7 +409,7 @@ def prune(src: str, dst: str, plan_out: str | None, verbose: bool, **kw: Any) ->
 
 def _plan_and_run(src: str, dst: str, plan_out: str | None, verbose: bool, soft: bool, kw: dict[str, Any]) -> None:
     run_keys = ("buffer_mib", "force", "no_zero_copy", "drop_cache", "dst_options", "use_ray", "address",
-                "ray_workers", "quiet", "as_json")
+                "ray_workers", "ray_timeout", "quiet", "as_json")
     run_kw = {k: kw.pop(k) for k in run_keys}
     p, n_exp = make_plan(src, soft=soft, **kw)
     if plan_out:
@@ -666,7 +668,6 @@ def import_reap_cmd(observer_file: str, out: str, domain: str, force: bool, mode
     click.echo(f"wrote {out}: {len(sal.layers)} layers from {observer_file}")
 
 
-
 # --- serving targets and the model card ------------------------------------------------------------
 
 @main.command()
@@ -703,7 +704,7 @@ def check(ckpt: str, targets: tuple[str, ...], ep: int | None, as_json: bool, st
 
 @main.command()
 @click.argument("dst")
-@click.option("--base-model", default=None, help="Hub id of the source (default: from an hf:// source or the config).")
+@click.option("--base-model", default=None, help="Hub repo id ORG/NAME of the source (default: from an hf:// source, a Hugging Face cache folder or the config).")
 @click.option("--eval", "eval_json", default=None, help="A `rewriter eval --json` result to include.")
 @click.option("--verify", "run_verify", is_flag=True, help="Run `rewriter verify` against the recorded source and include it.")
 @click.option("--src-options", type=JSON_OBJECT, default=None, help="fsspec options for the source as JSON (with --verify).")
@@ -716,8 +717,11 @@ def card(dst: str, base_model: str | None, eval_json: str | None, run_verify: bo
     Each run renders the whole card, so give every extra you want in it.
     """
     from rewriter.exec.destination import open_destination
+    from rewriter.exec.hubmeta import check_base_model
     from rewriter.exec.modelcard import load_eval, update_card
 
+    if base_model is not None:
+        check_base_model(base_model)  # before a long --verify
     destination = open_destination(dst, (dst_options or {}))
     report = None
     if run_verify:

@@ -515,9 +515,10 @@ def test_verify_against_another_source_names_both(tiny, tiny_saliency, tmp_path)
     rewriter("run", plan, "--out", tmp_path / "dst", "--quiet")
     other = tmp_path / "other"
     write_checkpoint(other, dataclasses.replace(PRESETS["tiny"], vocab=320))
-    r = rewriter("verify", other, tmp_path / "dst", expect=1)
-    assert f"the source given, {other}, is not the one the plan was made from, {tiny}" in r.stdout
-    assert "changed since" not in r.stdout
+    r = rewriter("verify", other, tmp_path / "dst", expect=2)
+    assert r.stderr.count("\n") == 1 and not r.stdout
+    assert f"{other} is not the source of {tmp_path / 'dst'}: that was made from {tiny}" in r.stderr
+    assert "changed since" not in r.stderr
 
 
 def test_nonuniform_keep_list_on_mixtral_does_not_speak_of_gpt_oss(tmp_path):
@@ -570,13 +571,24 @@ def test_failing_verify_leaves_no_open_files(tiny, tiny_saliency, tmp_path):
 
     plan = plan_file(tiny, tiny_saliency, tmp_path / "p.json")
     rewriter("run", plan, "--out", tmp_path / "dst", "--quiet")
-    # Same shard names, smaller shards: the planned ranges run past their ends mid-verify.
     other = tmp_path / "other"
     write_checkpoint(other, dataclasses.replace(PRESETS["tiny"], vocab=128))
     me = psutil.Process()
     before = me.num_fds()
-    with pytest.raises(CheckpointError, match="truncated or changed"):
+    with pytest.raises(PlanError, match="is not the source of"):
         verify(str(other), str(tmp_path / "dst"))
+    assert me.num_fds() == before
+    # The planned source itself, its shards then made smaller: the planned ranges run past their
+    # ends mid-verify.
+    src = tmp_path / "src"
+    shutil.copytree(tiny, src)
+    plan2 = plan_file(src, tiny_saliency, tmp_path / "p2.json")
+    rewriter("run", plan2, "--out", tmp_path / "dst2", "--quiet")
+    shutil.rmtree(src)
+    write_checkpoint(src, dataclasses.replace(PRESETS["tiny"], vocab=128))
+    before = me.num_fds()
+    with pytest.raises(CheckpointError, match="truncated or changed"):
+        verify(None, str(tmp_path / "dst2"))
     assert me.num_fds() == before
     (tmp_path / "dst" / "pruning.json").write_text("{not json")
     with pytest.raises(PlanError):

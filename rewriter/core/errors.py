@@ -50,6 +50,18 @@ class ExecutionError(RewriterError):
     """A rewrite could not be carried out (destination, disk space, short source)."""
 
 
+class DestinationFullError(ExecutionError):
+    """The destination ran out of space (or quota). ``kept`` says what a resume starts from."""
+
+    def __init__(self, where: str, reason: str, kept: str = "this file was not published"):
+        super().__init__(f"{where}: no space left on the destination ({reason}); {kept}: free space and run "
+                         f"the same command again to resume")
+        self.where, self.reason, self.kept = where, reason, kept
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:  # crosses process boundaries (Ray)
+        return type(self), (self.where, self.reason, self.kept)
+
+
 class CardError(RewriterError):
     """A model card cannot be written: no complete output, or an unreadable eval result."""
 

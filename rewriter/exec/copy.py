@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from planners.plan import Segment
-from rewriter.core.errors import CheckpointError, ExecutionError
+from rewriter.core.errors import CheckpointError, DestinationFullError, ExecutionError
 from rewriter.core.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -77,10 +77,7 @@ def write_errors_are_clear(where: str) -> Iterator[None]:
         yield
     except OSError as e:
         if e.errno in _DISK_FULL:
-            raise ExecutionError(
-                f"{where}: no space left on the destination ({e.strerror}); nothing was published: "
-                f"free space and run the same command again to resume"
-            ) from None
+            raise DestinationFullError(where, e.strerror or "disk full") from None
         if e.errno in _UNWRITABLE:
             raise ExecutionError(
                 f"{where}: cannot write to the destination ({e.strerror}); choose a destination "

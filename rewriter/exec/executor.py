@@ -31,7 +31,7 @@ from typing import Any
 
 from planners.plan import PROVENANCE_NAME, OutputShard, Plan
 from rewriter.core.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
-from rewriter.core.errors import ExecutionError, PlanError
+from rewriter.core.errors import DestinationFullError, ExecutionError, PlanError
 from rewriter.core.storage import Storage
 from rewriter.exec.copy import DEFAULT_BUFFER_BYTES, CopyStats, Progress, RangeCopier, copy_segments
 from rewriter.exec.destination import Destination, open_destination
@@ -224,6 +224,18 @@ def execute(
         src.close()
 
 
+def _what_is_kept(e: DestinationFullError, plan: Plan, dst: Destination, finished: int) -> DestinationFullError:
+    """A full disk's message, saying which shards the same command will not write again."""
+    total = len(plan.outputs)
+    if finished == 0:
+        kept = f"no shard of {total} was finished"
+    elif finished == total:
+        kept = f"all {total} shards are finished and kept in {dst.url}, but the output is not complete"
+    else:
+        kept = f"{finished} of {total} shards are finished and kept in {dst.url}"
+    return DestinationFullError(e.where, e.reason, kept)
+
+
 def _execute_locked(plan: Plan, src: Storage, dst: Destination, lock: DestinationLock, t0: float,
                     opts: RunOptions) -> RunResult:
     journal, complete = prepare_destination(plan, dst, force=opts.force, lock=lock)
@@ -245,13 +257,16 @@ def _execute_locked(plan: Plan, src: Storage, dst: Destination, lock: Destinatio
         journal.record(r)
         result.shards.append(r)
 
-    if opts.runner is None:
-        for out in todo:
-            record(write_output_shard(out, src, dst, buffer_bytes=opts.buffer_bytes, progress=opts.progress,
-                                      zero_copy=opts.zero_copy, drop_cache=opts.drop_cache))
-    else:
-        opts.runner(todo, record)
-    finalize(plan, src, dst, result.shards, opts.buffer_bytes)
+    try:
+        if opts.runner is None:
+            for out in todo:
+                record(write_output_shard(out, src, dst, buffer_bytes=opts.buffer_bytes, progress=opts.progress,
+                                          zero_copy=opts.zero_copy, drop_cache=opts.drop_cache))
+        else:
+            opts.runner(todo, record)
+        finalize(plan, src, dst, result.shards, opts.buffer_bytes)
+    except DestinationFullError as e:
+        raise _what_is_kept(e, plan, dst, len(result.shards)) from None
     order = {o.name: i for i, o in enumerate(plan.outputs)}
     result.shards.sort(key=lambda r: order[r.name])
     result.seconds = time.perf_counter() - t0

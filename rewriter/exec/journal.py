@@ -116,8 +116,7 @@ def prepare_destination(plan: Plan, dst: Destination, *, force: bool = False,
             f"destination {dst.url} is not empty: it holds {what}; choose an empty destination, "
             f"or pass --force to overwrite it"
         )
-    log.warning("--force: clearing earlier output in %s", dst.url)
-    _clear_output(dst)
+    _clear_output(dst, files, "the output of another plan" if (state or prov_digest) else "files this tool did not write")
     return journal, False
 
 
@@ -130,14 +129,22 @@ def _provenance_digest(dst: Destination) -> str | None:
         return None
 
 
-def _clear_output(dst: Destination) -> None:
-    """Remove what marks a destination complete or belongs to an earlier run (``--force``)."""
-    for name in (INDEX_NAME, PROVENANCE_NAME, JOURNAL):
-        if dst.exists(name):
-            dst.remove(name)
-    for name in dst.list_files():
-        if name.endswith(".safetensors") and "/" not in name:
-            dst.remove(name)
+def _clear_output(dst: Destination, files: list[str], held: str) -> None:
+    """``--force``: remove what marks a destination complete or could pass for shards of the new
+    output (index, provenance, journal, top-level ``*.safetensors``), saying what goes and what stays."""
+    removed = [f for f in files if f in (INDEX_NAME, PROVENANCE_NAME, JOURNAL)
+               or (f.endswith(".safetensors") and "/" not in f)]
+    stays = [f for f in files if f not in removed and not f.startswith(STATE_DIR + "/")]
+    log.warning("--force: %s holds %s; removing %d of its files so that none is taken for part of the new "
+                "output: %s%s", dst.url, held, len(removed), _some(removed),
+                f"; left in place: {_some(stays)} (those the new output also writes are replaced; the others "
+                f"stay in the folder and would be uploaded with it)" if stays else "")
+    for name in removed:
+        dst.remove(name)
+
+
+def _some(names: list[str], n: int = 6) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def pending_shards(plan: Plan, journal: Journal, buffer_bytes: int) -> tuple[list[OutputShard], list[ShardResult]]:

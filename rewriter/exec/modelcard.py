@@ -12,7 +12,6 @@ A source model card is never overwritten: the source's ``README.md`` is kept as
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -21,10 +20,18 @@ from rewriter.core.checkpoint import INDEX_NAME
 from rewriter.core.errors import CardError
 from rewriter.core.storage import Storage
 from rewriter.exec.destination import Destination
+from rewriter.exec.hubmeta import (
+    check_base_model,
+    file_name,
+    hub_id,
+    read_head,
+    source_license,
+    source_name,
+)
+from rewriter.exec.lock import DestinationLock
 from rewriter.exec.verify import load_provenance_plan
 
 CARD_NAME = "README.md"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def base_card_name(taken: Iterable[str]) -> str:
@@ -41,23 +48,11 @@ def source_card(plan: Plan) -> str | None:
     return base_card_name(plan.copy_files) if CARD_NAME in plan.copy_files else None
 
 
-def hub_id(plan: Plan) -> str | None:
-    """The source's Hub repo id: from an ``hf://`` source URL, else a config ``_name_or_path`` that
-    looks like ``owner/name``."""
-    m = re.match(r"^hf://(?:models/)?([^/@]+/[^/@]+)", plan.source_url)
-    if m:
-        return m.group(1)
-    name = plan.config.get("_name_or_path")
-    if isinstance(name, str) and _HUB_ID.match(name) and not name.startswith((".", "/")):
-        return name
-    return None
-
-
 def _yaml_scalar(v: str) -> str:
     return json.dumps(v)  # a JSON string is a valid YAML double-quoted scalar
 
 
-def front_matter(plan: Plan, base_model: str | None) -> str:
+def front_matter(plan: Plan, base_model: str | None, license_fields: Mapping[str, str] | None = None) -> str:
     tags = ["moe", "expert-pruning", "moe-rewriter", plan.family]
     quant = plan.config.get("quantization_config")
     if isinstance(quant, dict) and isinstance(quant.get("quant_method"), str):
@@ -65,6 +60,7 @@ def front_matter(plan: Plan, base_model: str | None) -> str:
     lines = ["---"]
     if base_model:
         lines.append(f"base_model: {_yaml_scalar(base_model)}")
+    lines += [f"{k}: {_yaml_scalar(v)}" for k, v in (license_fields or {}).items()]
     lines.append("library_name: transformers")
     archs = plan.config.get("architectures") or []
     if any(isinstance(a, str) and a.endswith("ForCausalLM") for a in archs):
@@ -90,7 +86,7 @@ def _summary(plan: Plan, base_model: str | None, base_card: str | None) -> list[
             "never selected" if plan.soft else "a structural prune: dropped experts' tensors are removed and the "
             "kept ones renumbered 0..k-1 in order of their original ids")
     lines = [f"# {(base_model or 'MoE checkpoint').split('/')[-1]}, experts pruned", "",
-             f"Made from `{base_model or plan.source_url}` by moe-rewriter: {what}.", "",
+             f"Made from `{source_name(plan, base_model)}` by moe-rewriter: {what}.", "",
              *_table(("", "source", "this checkpoint"), [
                  ("family", plan.family, plan.family),
                  ("experts per MoE layer", src_n, src_n if plan.soft else kept),
@@ -118,11 +114,11 @@ def _policy(plan: Plan) -> list[str]:
     sal = prov.get("saliency")
     if isinstance(sal, list) and sal:
         lines += _table(("saliency file", "domain", "weight", "tokens", "sha256"),
-                        [(s.get("path"), s.get("domain"), s.get("weight"), s.get("tokens"), f"`{s.get('sha256')}`")
+                        [(file_name(s.get("path")), s.get("domain"), s.get("weight"), s.get("tokens"), f"`{s.get('sha256')}`")
                          for s in sal if isinstance(s, dict)]) + [""]
     kl = prov.get("keep_list")
     if isinstance(kl, dict):
-        lines += [f"Experts chosen by an explicit keep list `{kl.get('path')}` (sha256 `{kl.get('sha256')}`).", ""]
+        lines += [f"Experts chosen by an explicit keep list `{file_name(kl.get('path'))}` (sha256 `{kl.get('sha256')}`).", ""]
     lines += [f"Plan digest: `{plan.digest}`. `{PROVENANCE_NAME}` holds the whole plan, the expert mapping and every "
               f"shard's sha256.", ""]
     return lines
@@ -144,13 +140,13 @@ def _serving(plan: Plan, verdicts: Sequence[Mapping[str, Any]] | None, checked: 
     return lines + [f"Rules of docs/serving.md, {how}.", "", *_table(("target", "verdict", "notes"), rows), ""]
 
 
-def _verify(verify: Mapping[str, Any] | None) -> list[str]:
+def _verify(verify: Mapping[str, Any] | None, source: str) -> list[str]:
     lines = ["## Verification", ""]
     if verify is None:
         return lines + ["Not recorded here. `rewriter verify SRC .` re-reads every tensor and compares it with its "
                         "planned source bytes; `rewriter card . --verify` records the result in this card.", ""]
     status = "OK" if verify.get("ok") else "FAILED"
-    return lines + [f"`rewriter verify` against `{verify.get('src')}`: {verify.get('tensors_checked')} tensors, "
+    return lines + [f"`rewriter verify` against `{source}`: {verify.get('tensors_checked')} tensors, "
                     f"{verify.get('bytes_checked'):,} bytes, {len(verify.get('mismatches') or [])} mismatches, "
                     f"{len(verify.get('problems') or [])} problems -> **{status}**.", ""]
 
@@ -168,7 +164,7 @@ def _eval(result: Mapping[str, Any] | None) -> list[str]:
             c = r.get("check") or {}
             row += [_num(c.get("d_ppl")), "pass" if c.get("pass") else "fail"]
         rows.append(row)
-    lines = ["## Evaluation", "", "`rewriter eval` of this checkpoint" + (f" against `{base}`" if base else "") + ":",
+    lines = ["## Evaluation", "", "`rewriter eval` of this checkpoint" + (f" against `{file_name(base)}`" if base else "") + ":",
              "", *_table(head, rows), ""]
     if base and "pass" in result:
         lines += [f"Near-lossless gates: **{'pass' if result['pass'] else 'fail'}** (docs/eval.md).", ""]
@@ -180,7 +176,7 @@ def _num(v: Any) -> str:
 
 
 def render_card(plan: Plan, *, base_model: str | None = None, verify: Mapping[str, Any] | None = None,
-                eval_result: Mapping[str, Any] | None = None) -> str:
+                eval_result: Mapping[str, Any] | None = None, source_card_text: str | None = None) -> str:
     """The whole ``README.md`` for ``plan``'s output.
 
     Args:
@@ -188,6 +184,7 @@ def render_card(plan: Plan, *, base_model: str | None = None, verify: Mapping[st
             when unknown, since the Hub expects a repo id there.
         verify: a ``rewriter verify --json`` report to record.
         eval_result: a ``rewriter eval --json`` result (checked with :func:`check_eval`).
+        source_card_text: the source's model card, whose licence fields the new card carries.
     """
     base_model = base_model or hub_id(plan)
     serving = plan.provenance.get("serving")
@@ -200,10 +197,10 @@ def render_card(plan: Plan, *, base_model: str | None = None, verify: Mapping[st
         layout = next(lay for lay in LAYOUTS if lay.family == plan.family)
         verdicts, checked = [v.to_json() for v in check_facts(plan_facts(plan, layout), TARGETS)], False
     body = [*_summary(plan, base_model, source_card(plan)), *_kept_experts(plan), *_policy(plan),
-            *_serving(plan, verdicts, checked), *_verify(verify), *_eval(eval_result),
+            *_serving(plan, verdicts, checked), *_verify(verify, source_name(plan, base_model, verify and verify.get("src"))), *_eval(eval_result),
             "## Publishing", "", "This folder is what the Hub expects; upload it with huggingface_hub's CLI:", "",
             "```bash", "hf upload OWNER/NAME .", "```", ""]
-    return front_matter(plan, base_model) + "\n\n" + "\n".join(body)
+    return front_matter(plan, base_model, source_license(source_card_text)) + "\n\n" + "\n".join(body)
 
 
 def check_eval(doc: Any, where: str) -> Mapping[str, Any]:
@@ -223,7 +220,8 @@ def write_model_card(plan: Plan, src: Storage, dst: Destination, buffer_bytes: i
     base = source_card(plan)
     if base:
         dst.copy_small_file(src, CARD_NAME, buffer_bytes, dst_name=base)
-    dst.put_bytes(CARD_NAME, render_card(plan).encode())
+    text = read_head(src, CARD_NAME) if base else None
+    dst.put_bytes(CARD_NAME, render_card(plan, source_card_text=text).encode())
 
 
 def load_eval(path: str) -> Mapping[str, Any]:
@@ -249,5 +247,15 @@ def update_card(dst: Destination, *, base_model: str | None = None, verify: Mapp
     if not dst.exists(INDEX_NAME):
         raise CardError(f"{dst.url}: no {INDEX_NAME}, so no complete output to describe; finish the run first")
     plan = load_provenance_plan(dst.storage)
-    dst.put_bytes(CARD_NAME, render_card(plan, base_model=base_model, verify=verify, eval_result=eval_result).encode())
+    base = source_card(plan)
+    text = read_head(dst.storage, base) if base and dst.exists(base) else None
+    card = render_card(plan, base_model=base_model and check_base_model(base_model), verify=verify,
+                       eval_result=eval_result, source_card_text=text).encode()
+    # Written like a run writes (under the lock, through a temporary file), and like a finished
+    # run it leaves no state behind: the output stays exactly what the Hub expects.
+    with DestinationLock(dst.storage):
+        try:
+            dst.put_bytes(CARD_NAME, card)
+        finally:
+            dst.drop_empty_state(created=False)
     return plan

@@ -11,6 +11,8 @@ to storage inside the actors and never through Ray's object store.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -31,6 +33,8 @@ from rewriter.exec.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
+#: How long to wait for a Ray cluster given by address to answer.
+CONNECT_TIMEOUT_S = 30.0
 #: Memory a Ray actor process needs besides its copy buffer and upload part: an idle actor with
 #: this package imported measured 89 MiB of RSS.
 ACTOR_BASE_BYTES = 128 << 20
@@ -216,6 +220,39 @@ def _unwrap(err: Exception) -> Exception:
     return cause if isinstance(cause, RewriterError) else err
 
 
+def connect(address: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Join the Ray cluster at ``address`` (or ``RAY_ADDRESS``), or start a local instance.
+
+    ``ray.init`` waits without end for a cluster that is not there, so it runs in a daemon
+    thread that is given up after ``timeout_s`` seconds (the process is about to report the
+    error and exit; the stuck thread does not hold it).
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        ray.init(include_dashboard=False, log_to_driver=False)
+        return
+    failed: list[Exception] = []
+
+    def init() -> None:
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+        except Exception as e:  # reported by the caller's thread, which names the address
+            failed.append(e)
+
+    thread = threading.Thread(target=init, name="ray-connect", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    where = (f"check that the cluster's head node is running and that {address} is its address (HOST:PORT of "
+             f"its GCS, 6379 by default, or 'auto' on a node of the cluster)")
+    if thread.is_alive():
+        raise ExecutionError(f"cannot reach the Ray cluster at {address}: no answer within {timeout_s:g} s; "
+                             f"{where}, or wait longer with --ray-timeout")
+    if failed:
+        raise ExecutionError(f"cannot connect to the Ray cluster at {address} ({failed[0]}); {where}")
+
+
 def execute_on_ray(
     plan: Plan,
     dst_url: str,
@@ -230,6 +267,7 @@ def execute_on_ray(
     dst_options: Mapping[str, Any] | None = None,
     zero_copy: bool = True,
     drop_cache: bool = False,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
     **kwargs: Any,
 ) -> RunResult:
     """Carry out ``plan`` into ``dst_url`` with ``workers`` Ray actors.
@@ -237,13 +275,10 @@ def execute_on_ray(
     Same destination protocol as :func:`rewriter.exec.executor.execute` (journal, atomic shards,
     index last, resume), so a Ray run and a local run of one plan produce identical bytes.
     ``address`` connects to a running cluster (``"auto"`` inside ``ray job submit``); without
-    it a local Ray instance is started (or the one already initialised is used).
+    it a local Ray instance is started (or the one already initialised is used). A cluster that
+    does not answer within ``connect_timeout_s`` seconds is an :class:`ExecutionError`.
     """
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(include_dashboard=False, log_to_driver=False)
+    connect(address, connect_timeout_s)
     src_options = dict(src_options or {})
     dst_options = dict(dst_options or {})
     upload_part_bytes = min(part_bytes, MAX_UPLOAD_PART_BYTES)

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from planners.plan import PROVENANCE_NAME, Plan, Segment
+from planners.plan import PROVENANCE_NAME, Plan, Segment, source_location
 from rewriter.core.checkpoint import CONFIG_NAME, Checkpoint
 from rewriter.core.errors import CheckpointError, PlanError, RewriterError
 from rewriter.core.storage import Storage
@@ -84,6 +84,24 @@ def verify(
             return _verify(plan, src_store, dst_store, buffer_bytes)
 
 
+def _refuse_other_source(plan: Plan, src: Checkpoint, dst: Storage) -> None:
+    """Stop before reading any tensor when SRC is another checkpoint than the one DST was made
+    from: its bytes say nothing about DST (a changed source at the same place is a problem found)."""
+    if source_location(src.storage) == plan.source_url:
+        return
+    now = src.fingerprint()
+    differ = [name for name, fp in plan.source_shards.items() if dict(now.get(name) or {}) != dict(fp)]
+    if not differ:
+        return  # the same shards, copied or mounted elsewhere
+    what = "has no shard" if differ[0] not in now else "has a different shard"
+    raise PlanError(
+        f"{src.url} is not the source of {dst.url}: that was made from {plan.source_url} (recorded in "
+        f"{dst.describe(PROVENANCE_NAME)}), and {src.url} {what} '{differ[0]}' of it"
+        f"{f' ({len(differ)} shards differ)' if len(differ) > 1 else ''}; pass the source the output "
+        f"was made from, or give only DST to verify against the recorded one"
+    )
+
+
 def _verify(plan: Plan, src_store: Storage, dst_store: Storage, buffer_bytes: int) -> VerifyReport:
     report = VerifyReport(dst_store.url, src_store.url)
     try:
@@ -92,6 +110,7 @@ def _verify(plan: Plan, src_store: Storage, dst_store: Storage, buffer_bytes: in
         report.problems.append(str(e))
         return report
     src = Checkpoint.open(src_store.url, storage=src_store)
+    _refuse_other_source(plan, src, dst_store)
     try:
         plan.check_source(src)
     except PlanError as e:
