@@ -87,3 +87,18 @@ def test_unedited_plan_still_runs(tmp_path: Path, plan_doc):
     cli("run", good, "--out", tmp_path / "dst")
     written = json.loads((tmp_path / "dst" / "pruning.json").read_text())
     assert written["plan"]["expert_mapping"] == plan_doc["expert_mapping"]
+
+
+def test_verify_finds_an_edited_mapping_in_pruning_json(tmp_path: Path, tiny, plan_doc):
+    """pruning.json carries the plan; a mapping edited there no longer matches the bytes."""
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(plan_doc))
+    dst = tmp_path / "dst"
+    cli("run", good, "--out", dst)
+    cli("verify", tiny, dst)
+    record = json.loads((dst / "pruning.json").read_text())
+    kept = record["plan"]["expert_mapping"]["0"]
+    record["plan"]["expert_mapping"]["0"] = [e for e in range(8) if e not in kept][: len(kept)]
+    (dst / "pruning.json").write_text(json.dumps(record))
+    out = cli("verify", tiny, dst, expect=1)
+    assert f"{dst / 'pruning.json'}: expert_mapping does not match its tensors" in out, out
