@@ -147,8 +147,9 @@ class Plan:
     layers_only: tuple[int, ...] | None = None
     soft: bool = False
     version: int = PLAN_VERSION
-    #: Where the plan was read from, for messages about it (not part of the plan).
-    origin: str = field(default="the plan", compare=False)
+    #: The file the plan was read from (not part of the plan); ``None`` for a plan built here.
+    #: A plan read from a file is untrusted input: :meth:`check_source` also checks its mapping.
+    origin: str | None = field(default=None, compare=False)
 
     @property
     def total_size(self) -> int:
@@ -286,13 +287,15 @@ class Plan:
 
     def check_source(self, ckpt: Checkpoint) -> None:
         """Refuse a source whose shards differ from the ones the plan was made from, and a plan
-        whose tensors are not the ones its expert mapping takes from that source.
+        read from a file whose tensors are not the ones its expert mapping takes from that source
+        (a plan built here by :func:`build_plan` is consistent by construction).
 
         When ``ckpt`` is not at the plan's source URL, the message says that the source given
         differs from the plan's (naming both) rather than that the source changed.
         """
         self._check_shards(ckpt)
-        check_mapping(self, ckpt)
+        if self.origin is not None:
+            check_mapping(self, ckpt, self.origin)
 
     def _check_shards(self, ckpt: Checkpoint) -> None:
         now = ckpt.fingerprint()
@@ -379,7 +382,7 @@ def check_plan(plan: Plan, where: str) -> None:
         raise PlanError(f"{where}: top_k {plan.top_k!r} must be a positive integer")
 
 
-def check_mapping(plan: Plan, ckpt: Checkpoint) -> None:
+def check_mapping(plan: Plan, ckpt: Checkpoint, where: str) -> None:
     """Refuse a plan whose expert mapping is not what its tensors take from ``ckpt``.
 
     The mapping is what users read (in ``pruning.json`` and the model card) to learn which
@@ -389,16 +392,16 @@ def check_mapping(plan: Plan, ckpt: Checkpoint) -> None:
     layout = ckpt.layout
     what = "Refusing this plan: make it again with `rewriter plan`"
     if layout.family != plan.family:
-        raise PlanError(f"{plan.origin}: the plan is for family {plan.family!r}, but its source {ckpt.url} is "
+        raise PlanError(f"{where}: the plan is for family {plan.family!r}, but its source {ckpt.url} is "
                         f"{layout.family!r}. {what}")
     moe = sorted(layout.moe_layers(ckpt))
     n = layout.num_experts(ckpt.config, ckpt.storage.describe(CONFIG_NAME))
     if sorted(plan.keep) != moe:
-        raise PlanError(f"{plan.origin}: expert_mapping covers layers {sorted(plan.keep)}, but the MoE "
+        raise PlanError(f"{where}: expert_mapping covers layers {sorted(plan.keep)}, but the MoE "
                         f"layers of {ckpt.url} are {moe}. {what}")
     for layer, ids in sorted(plan.keep.items()):
         if any(e >= n for e in ids):
-            raise PlanError(f"{plan.origin}: expert_mapping for layer {layer} names expert "
+            raise PlanError(f"{where}: expert_mapping for layer {layer} names expert "
                             f"{max(ids)}, but {ckpt.url} has {n} experts per layer. {what}")
     expected = {t.name: t for t in plan_tensors(ckpt, layout, plan.keep, plan.layers_only, plan.soft)}
     planned = {t.name: t for o in plan.outputs for t in o.tensors}
@@ -406,7 +409,7 @@ def check_mapping(plan: Plan, ckpt: Checkpoint) -> None:
         if expected.get(name) != planned.get(name):
             found = "is missing" if name not in planned else (
                 "is not among the tensors it implies" if name not in expected else "takes other bytes")
-            raise PlanError(f"{plan.origin}: expert_mapping does not match its tensors: tensor {name!r} "
+            raise PlanError(f"{where}: expert_mapping does not match its tensors: tensor {name!r} "
                             f"{found} (mode {'soft' if plan.soft else 'structural'}). {what}")
 
 

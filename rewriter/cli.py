@@ -610,11 +610,11 @@ class TokenProgress:
 @click.option("--compare", default=None, help="Base model: report deltas and the near-lossless gates.")
 @engine_options
 @click.option("--batch-size", type=POSITIVE, default=8, show_default=True, help="Blocks per forward pass.")
-@click.option("--gate-ppl-abs", type=finite(min=0), default=0.25, show_default=True, help="Allowed perplexity rise (absolute).")
-@click.option("--gate-ppl-rel", type=finite(min=0), default=0.05, show_default=True, help="Allowed perplexity rise (share of base).")
-@click.option("--gate-mean-p", type=finite(min=0), default=0.02, show_default=True, help="Allowed |Δ mean reference probability|.")
-@click.option("--gate-cc", type=finite(min=0), default=0.002, show_default=True, help="Allowed |Δ confident-conflict rate|.")
-@click.option("--gate-jsd", type=finite(min=0), default=0.02, show_default=True, help="Allowed JSD of the (p, entropy) histograms.")
+@click.option("--gate-ppl-abs", type=finite(), default=0.25, show_default=True, help="Allowed perplexity rise (absolute).")
+@click.option("--gate-ppl-rel", type=finite(), default=0.05, show_default=True, help="Allowed perplexity rise (share of base).")
+@click.option("--gate-mean-p", type=finite(), default=0.02, show_default=True, help="Allowed |Δ mean reference probability|.")
+@click.option("--gate-cc", type=finite(), default=0.002, show_default=True, help="Allowed |Δ confident-conflict rate|.")
+@click.option("--gate-jsd", type=finite(), default=0.02, show_default=True, help="Allowed JSD of the (p, entropy) histograms.")
 @click.option("--plot", default=None, help="Write a PNG of the (p, entropy) histograms here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_fail_cleanly
