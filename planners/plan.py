@@ -18,6 +18,7 @@ from typing import Any
 
 import fsspec
 
+from planners.plan_schema import check_document
 from planners.policies import KeepDecision
 from rewriter.core.checkpoint import (
     CONFIG_NAME,
@@ -146,6 +147,9 @@ class Plan:
     layers_only: tuple[int, ...] | None = None
     soft: bool = False
     version: int = PLAN_VERSION
+    #: The file the plan was read from (not part of the plan); ``None`` for a plan built here.
+    #: A plan read from a file is untrusted input: :meth:`check_source` also checks its mapping.
+    origin: str | None = field(default=None, compare=False)
 
     @property
     def total_size(self) -> int:
@@ -244,6 +248,7 @@ class Plan:
             raise PlanError(f"{where}: not a plan (expected \"format\": \"{PLAN_FORMAT}\")")
         if doc.get("version") != PLAN_VERSION:
             raise PlanError(f"{where}: plan version {doc.get('version')!r}; this tool reads version {PLAN_VERSION}")
+        check_document(doc, where)
         try:
             outputs = tuple(_output_from_json(o, where) for o in doc["outputs"])
             keep = {int(k): tuple(v) for k, v in doc["expert_mapping"].items()}
@@ -267,11 +272,13 @@ class Plan:
                 loadable=bool(doc.get("loadable_by_transformers", True)),
                 layers_only=tuple(layers_only) if layers_only is not None else None,
                 soft=doc.get("mode", "structural") == "soft",
+                origin=where,
             )
             check_plan(plan, where)
             return plan
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise PlanError(f"{where}: malformed plan ({type(e).__name__}: {e})") from None
+            raise PlanError(f"{where}: malformed plan ({type(e).__name__}: {e}); make the plan again "
+                            f"with `rewriter plan`") from None
 
     @classmethod
     def load(cls, url: str) -> Plan:
@@ -279,11 +286,18 @@ class Plan:
         return cls.from_json(doc, url)
 
     def check_source(self, ckpt: Checkpoint) -> None:
-        """Refuse a source whose shards differ from the ones the plan was made from.
+        """Refuse a source whose shards differ from the ones the plan was made from, and a plan
+        read from a file whose tensors are not the ones its expert mapping takes from that source
+        (a plan built here by :func:`build_plan` is consistent by construction).
 
         When ``ckpt`` is not at the plan's source URL, the message says that the source given
         differs from the plan's (naming both) rather than that the source changed.
         """
+        self._check_shards(ckpt)
+        if self.origin is not None:
+            check_mapping(self, ckpt, self.origin)
+
+    def _check_shards(self, ckpt: Checkpoint) -> None:
         now = ckpt.fingerprint()
         elsewhere = source_location(ckpt.storage) != self.source_url
         for name, fp in self.source_shards.items():
@@ -366,6 +380,37 @@ def check_plan(plan: Plan, where: str) -> None:
                             f"(or its state folder). Refusing this plan: make it again")
     if not _is_count(plan.top_k) or plan.top_k == 0:
         raise PlanError(f"{where}: top_k {plan.top_k!r} must be a positive integer")
+
+
+def check_mapping(plan: Plan, ckpt: Checkpoint, where: str) -> None:
+    """Refuse a plan whose expert mapping is not what its tensors take from ``ckpt``.
+
+    The mapping is what users read (in ``pruning.json`` and the model card) to learn which
+    experts they got, so it must be exactly what the plan's bytes hold: the plan's tensors are
+    rebuilt from the source and its mapping and compared.
+    """
+    layout = ckpt.layout
+    what = "Refusing this plan: make it again with `rewriter plan`"
+    if layout.family != plan.family:
+        raise PlanError(f"{where}: the plan is for family {plan.family!r}, but its source {ckpt.url} is "
+                        f"{layout.family!r}. {what}")
+    moe = sorted(layout.moe_layers(ckpt))
+    n = layout.num_experts(ckpt.config, ckpt.storage.describe(CONFIG_NAME))
+    if sorted(plan.keep) != moe:
+        raise PlanError(f"{where}: expert_mapping covers layers {sorted(plan.keep)}, but the MoE "
+                        f"layers of {ckpt.url} are {moe}. {what}")
+    for layer, ids in sorted(plan.keep.items()):
+        if any(e >= n for e in ids):
+            raise PlanError(f"{where}: expert_mapping for layer {layer} names expert "
+                            f"{max(ids)}, but {ckpt.url} has {n} experts per layer. {what}")
+    expected = {t.name: t for t in plan_tensors(ckpt, layout, plan.keep, plan.layers_only, plan.soft)}
+    planned = {t.name: t for o in plan.outputs for t in o.tensors}
+    for name in sorted(expected.keys() | planned.keys()):
+        if expected.get(name) != planned.get(name):
+            found = "is missing" if name not in planned else (
+                "is not among the tensors it implies" if name not in expected else "takes other bytes")
+            raise PlanError(f"{where}: expert_mapping does not match its tensors: tensor {name!r} "
+                            f"{found} (mode {'soft' if plan.soft else 'structural'}). {what}")
 
 
 def _check_segment(plan: Plan, s: Segment, where: str) -> None:

@@ -125,33 +125,54 @@ def check_top_k(kept: int, config_top_k: int, new_top_k: int | None, num_experts
     return k
 
 
-def check_groups(kept: int, groups: int, top_k: int, topk_group: int | None) -> None:
+def group_counts(groups: int, top_k: int, topk_group: int | None, num_experts: int | None) -> list[int]:
+    """Every per-layer expert count that group-limited routing accepts (see :func:`check_groups`)."""
+    most = num_experts if num_experts else 64 * groups
+    reach = topk_group or groups
+    return [n for n in range(groups, most + 1, groups)
+            if n // groups >= 2 and reach * (n // groups) >= top_k and n >= top_k]
+
+
+def _suggest(kept: int, accepted: Sequence[int], num_experts: int | None) -> str:
+    """'keep A or B': the accepted counts nearest ``kept`` below and above it."""
+    below = [n for n in accepted if n < kept][-1:]
+    above = [n for n in accepted if n > kept][:1]
+    if not below and not above:
+        return "no expert count per layer satisfies it for this checkpoint; lower --top-k"
+    words = [f"keep {' or '.join(str(n) for n in below + above)}"]
+    if above and above[0] == num_experts:
+        words.append(f"({num_experts} is every expert: no pruning)")
+    return " ".join(words)
+
+
+def check_groups(kept: int, groups: int, top_k: int, topk_group: int | None, num_experts: int | None = None) -> None:
     """Group-limited routing (DeepSeek-V3, GLM-4.5) needs balanced groups; explain a refusal.
 
     Routing first picks ``topk_group`` of the ``groups`` expert groups by the sum of each group's
     two best scores, then the top-k experts inside them. Group ``g`` of the pruned model holds
     the kept experts of original group ``g``, so every group must keep the same number, at least
-    two, and the chosen groups must still hold ``top_k`` experts.
+    two, and the chosen groups must still hold ``top_k`` experts. A refusal suggests only counts
+    that pass every one of these rules.
     """
     if groups <= 1:
         return
+    hint = _suggest(kept, group_counts(groups, top_k, topk_group, num_experts), num_experts)
     if kept % groups:
-        lo, hi = (kept // groups) * groups, -(-kept // groups) * groups
         raise PolicyError(
             f"keeping {kept} experts per layer is not divisible by n_group = {groups}: group-limited "
-            f"routing needs the same number of experts in every group; keep {lo or groups} or {hi}"
+            f"routing needs the same number of experts in every group; {hint}"
         )
     per = kept // groups
     if per < 2:
         raise PolicyError(
             f"keeping {kept} experts in {groups} groups leaves {per} per group; group-limited routing "
-            f"scores a group by its two best experts, so keep at least {2 * groups}"
+            f"scores a group by its two best experts, so every group needs at least 2; {hint}"
         )
     if topk_group is not None and topk_group * per < top_k:
         raise PolicyError(
             f"with {per} experts per group and topk_group = {topk_group}, a token can reach only "
-            f"{topk_group * per} experts, fewer than top-k {top_k}; keep at least "
-            f"{-(-top_k // topk_group) * groups} experts or lower --top-k"
+            f"{topk_group * per} experts, fewer than top-k {top_k}; {hint}"
+            + (", or lower --top-k" if hint.startswith("keep") else "")
         )
 
 
@@ -266,7 +287,7 @@ def select_keep(
             raise PolicyError("--budget (different counts per layer) is not supported with group-limited routing")
         return _select_budget(domains, layers, num_experts, config_top_k, policy)
     n = keep_count(policy, num_experts, config_top_k)
-    check_groups(n, groups, policy.top_k or config_top_k, topk_group)
+    check_groups(n, groups, policy.top_k or config_top_k, topk_group, num_experts)
     keep, reasons = {}, {}
     for layer in layers:
         keep[layer], reasons[layer] = select_layer(domains, layer, n, policy, groups)
@@ -312,7 +333,7 @@ def validate_keep_list(
     k = new_top_k or config_top_k
     for c in counts:
         check_top_k(c, config_top_k, new_top_k, num_experts)
-        check_groups(c, groups, k, topk_group)
+        check_groups(c, groups, k, topk_group, num_experts)
     if groups > 1 and num_experts:
         size = num_experts // groups
         for layer, ids in keep.items():

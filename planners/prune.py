@@ -15,6 +15,7 @@ the checkpoint's config, index and headers, and the saliency or keep-list files.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,8 +88,7 @@ def plan_prune(source: str | Checkpoint, options: PlanOptions, *,
         OptionError: options that conflict or do not fit the checkpoint (``option`` names the field).
         CheckpointError, SaliencyError, PolicyError, PlanError: bad input, naming the file.
     """
-    if options.keep_list and options.saliency:
-        raise OptionError("give --saliency or --keep-list, not both")
+    _check_options(options)
     ckpt = source if isinstance(source, Checkpoint) else Checkpoint.open(source, dict(options.storage_options))
     layout = ckpt.layout
     moe = sorted(layout.moe_layers(ckpt))
@@ -104,7 +104,25 @@ def plan_prune(source: str | Checkpoint, options: PlanOptions, *,
                       provenance=prov, soft=options.soft)
     if options.targets and layers_only is None:
         plan = apply_targets(plan, layout, options.targets, options.ep)
+        for v in plan.provenance["serving"]["verdicts"]:
+            if v["status"] == "warn" and notify:
+                notify(f"warning: {v['target']} {v['rule']}: {v['message']}")
     return plan
+
+
+def _check_options(options: PlanOptions) -> None:
+    """Options that conflict, or that would be silently ignored."""
+    if options.keep_list and options.saliency:
+        raise OptionError("give --saliency or --keep-list, not both")
+    for flag, given in (("--ep", options.ep is not None), ("--fit-targets", options.fit_targets)):
+        if given and not options.targets:
+            raise OptionError(f"{flag} describes how a serving engine runs the output; it needs --target "
+                              f"ENGINE (vllm, sglang, trtllm, llamacpp, transformers)",
+                              option=flag.lstrip("-").replace("-", "_"))
+    bad = {d: w for d, w in options.weights.items() if not (math.isfinite(w) and w >= 0)}
+    if bad:
+        domain, w = next(iter(bad.items()))
+        raise OptionError(f"{domain}={w}: a domain weight is a finite number >= 0", option="weights")
 
 
 def _check_layers(layers: tuple[int, ...] | None, moe: list[int], src: str) -> None:

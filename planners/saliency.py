@@ -131,10 +131,15 @@ def load_saliency(path: str, num_experts: int | None = None, layers: Sequence[in
     model, method, tokens = doc.get("model") or {}, doc.get("method") or {}, doc.get("tokens") or 0
     if not isinstance(model, dict) or not isinstance(method, dict):
         raise SaliencyError(f"{path}: \"model\" and \"method\" must be JSON objects")
+    if "fingerprint" in model and not isinstance(model["fingerprint"], str):
+        # A file with no fingerprint is an old one (warned about); a fingerprint of another type
+        # is an edited one, and treating it as absent would skip the identity check.
+        raise SaliencyError(f"{path}: \"model.fingerprint\" is {model['fingerprint']!r}; expected the "
+                            f"sha256 string the profiler records. Restore it, or re-profile")
     if not isinstance(tokens, (int, float)) or isinstance(tokens, bool) or not 0 <= tokens < math.inf:
         raise SaliencyError(f"{path}: \"tokens\" is {tokens!r}; expected a count >= 0")
     return Saliency(
-        domain=str(doc.get("domain") or Path(path).stem),
+        domain=_domain(doc, path),
         layers=parsed,
         tokens=int(tokens),
         model=model,
@@ -142,6 +147,32 @@ def load_saliency(path: str, num_experts: int | None = None, layers: Sequence[in
         source=path,
         digest=digest,
     )
+
+
+#: Characters a domain name may not hold: it is written into model-card table rows (Markdown).
+_DOMAIN_FORBIDDEN = "|`<>\\"
+
+
+def domain_problem(name: Any) -> str | None:
+    """Why ``name`` cannot be a calibration domain name (``None`` when it can): a domain is
+    printed in model-card tables and named by ``--weight DOMAIN=W``, so it is a short string of
+    printable characters without Markdown table or HTML syntax, ``=`` or outer spaces."""
+    if not isinstance(name, str):
+        return f"is a {type(name).__name__}; a domain name is a string"
+    if not name or len(name) > 100 or name != name.strip():
+        return "must be 1 to 100 characters without leading or trailing spaces"
+    if not name.isprintable() or any(c in _DOMAIN_FORBIDDEN or c == "=" for c in name):
+        return f"holds a control character or one of {_DOMAIN_FORBIDDEN!r} or '='; use letters, digits, '-', '_' or '.'"
+    return None
+
+
+def _domain(doc: Mapping[str, Any], path: str) -> str:
+    name = doc["domain"] if doc.get("domain") not in (None, "") else Path(path).stem
+    problem = domain_problem(name)
+    if problem:
+        raise SaliencyError(f"{path}: \"domain\" {name!r} {problem}; fix it in the file (or re-profile "
+                            f"with a --domain of that kind)")
+    return str(name)
 
 
 def _span(layers: Any) -> str:

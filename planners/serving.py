@@ -49,8 +49,13 @@ class ServingFacts:
         layer_counts: experts per MoE layer, as the tensors hold them.
         count_fields / topk_fields: those of :data:`COUNT_FIELDS` / :data:`TOPK_FIELDS` present
             in the config, with their values.
-        n_group / topk_group: group-limited routing (DeepSeek-V3, GLM-4.5); ``None`` when absent.
+        group_field: the family's config field of group-limited routing (``None``: the family
+            routes without groups, whatever its config says).
+        n_group / topk_group: group-limited routing (DeepSeek-V3, GLM-4.5) as the config holds
+            them (``None`` when absent; any other value is judged by the ``n-group`` rule).
         quant_method: ``quantization_config.quant_method`` of the config, if any.
+        quant_problem: what is wrong with a ``quantization_config`` that is not an object with a
+            string ``quant_method`` (``None`` when absent or well-formed).
         expert_dtypes: dtypes of the expert tensors (``U8`` blocks for MXFP4, ``F8_E4M3`` …).
         mxfp4_blocks: whether the expert weights are MXFP4 ``*_blocks``/``*_scales`` tensors.
     """
@@ -59,9 +64,11 @@ class ServingFacts:
     layer_counts: Mapping[int, int]
     count_fields: Mapping[str, Any]
     topk_fields: Mapping[str, Any]
-    n_group: int | None = None
-    topk_group: int | None = None
+    n_group: Any = None
+    topk_group: Any = None
     quant_method: str | None = None
+    quant_problem: str | None = None
+    group_field: str | None = "n_group"
     expert_dtypes: frozenset[str] = frozenset()
     mxfp4_blocks: bool = False
 
@@ -76,7 +83,7 @@ class ServingFacts:
 
     @property
     def top_k(self) -> int | None:
-        ints = [v for v in self.topk_fields.values() if _is_int(v)]
+        ints = [v for v in self.topk_fields.values() if _is_int(v) and v > 0]
         return ints[0] if ints else None
 
     def with_count(self, n: int) -> ServingFacts:
@@ -115,15 +122,23 @@ def facts_from(config: Mapping[str, Any], tensors: Iterable[tuple[str, str, Sequ
     for layer, v in ids.items():
         counts[layer] = len(v)
     quant = config.get("quantization_config")
-    groups = config.get(layout.group_field) if layout.group_field else None
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    quant_problem = None
+    if quant is not None and not (isinstance(quant, dict) and isinstance(method, str)):
+        quant_problem = (f"config.json's quantization_config is {quant!r:.60}; expected an object with a "
+                         f"string quant_method (copy the source's quantization_config)")
+        method = None
+    grouped = layout.group_field is not None
     return ServingFacts(
         family=layout.family,
         layer_counts=dict(sorted(counts.items())),
         count_fields={f: config[f] for f in COUNT_FIELDS if f in config},
         topk_fields={f: config[f] for f in TOPK_FIELDS if f in config},
-        n_group=groups if _is_int(groups) else None,
-        topk_group=config.get("topk_group") if _is_int(config.get("topk_group")) else None,
-        quant_method=quant.get("quant_method") if isinstance(quant, dict) else None,
+        n_group=config.get(layout.group_field) if grouped and layout.group_field else None,
+        topk_group=config.get("topk_group") if grouped else None,
+        quant_method=method,
+        quant_problem=quant_problem,
+        group_field=layout.group_field,
         expert_dtypes=frozenset(dtypes),
         mxfp4_blocks=blocks,
     )
@@ -174,6 +189,8 @@ def _short(v: Sequence[int]) -> str:
 
 
 def _count_fields(f: ServingFacts, target: str, ep: int | None) -> tuple[str, str]:
+    if len(f.counts) > 1:
+        return "skip", "expert counts differ between layers (see the uniform rule); no one count to compare"
     if not f.count_fields:
         return "fail", f"config.json has none of {', '.join(COUNT_FIELDS)}; the engine cannot size the expert layers"
     bad = {k: v for k, v in f.count_fields.items() if v != f.count}
@@ -190,7 +207,8 @@ def _topk_fields(f: ServingFacts, target: str, ep: int | None) -> tuple[str, str
     values = set(map(repr, f.topk_fields.values()))
     if len(values) > 1 or f.top_k is None:
         shown = ", ".join(f"{k} = {v!r}" for k, v in f.topk_fields.items())
-        return "fail", f"config.json's top-k fields disagree or are not integers ({shown}); make them one integer"
+        return "fail", (f"config.json's top-k fields disagree or are not positive integers ({shown}); "
+                        f"make them one integer >= 1")
     return "pass", ", ".join(f"{k} = {v}" for k, v in f.topk_fields.items())
 
 
@@ -205,10 +223,22 @@ def _topk_le_count(f: ServingFacts, target: str, ep: int | None) -> tuple[str, s
     return "pass", f"{f.count} experts {'>' if strict else '>='} top-k {k}"
 
 
+def _group_fields_problem(f: ServingFacts) -> str | None:
+    for name, v in ((f.group_field, f.n_group), ("topk_group", f.topk_group)):
+        if v is not None and not (_is_int(v) and v >= 1):
+            return f"config.json's {name} is {v!r}; expected an integer >= 1"
+    return None
+
+
 def _groups(f: ServingFacts, target: str, ep: int | None) -> tuple[str, str]:
+    if f.group_field is None:
+        return "skip", f"{f.family} routes without expert groups"
+    problem = _group_fields_problem(f)
+    if problem:
+        return "fail", problem
     g = f.n_group
-    if g is None or g <= 1:
-        return "skip", "no group-limited routing (n_group absent or 1)"
+    if g is None or g == 1:
+        return "skip", f"no group-limited routing ({f.group_field} {'absent' if g is None else '= 1'})"
     if f.count % g:
         return "fail", f"{f.count} experts are not divisible by n_group = {g}; keep a multiple of {g}"
     per = f.count // g
@@ -241,7 +271,7 @@ def _flashinfer_routing(f: ServingFacts, target: str, ep: int | None) -> tuple[s
 
 
 def _vllm_topk_softmax(f: ServingFacts, target: str, ep: int | None) -> tuple[str, str]:
-    if f.n_group and f.n_group > 1:
+    if _is_int(f.n_group) and f.n_group > 1:
         return "skip", "group-limited routing uses vLLM's grouped top-k, not the top-k softmax kernel"
     if f.count in VLLM_TOPK_SOFTMAX_FAST:
         return "pass", f"{f.count} experts has a fused top-k softmax kernel"
@@ -252,6 +282,9 @@ def _vllm_topk_softmax(f: ServingFacts, target: str, ep: int | None) -> tuple[st
 def _expert_parallel(f: ServingFacts, target: str, ep: int | None) -> tuple[str, str]:
     if ep is None or ep <= 1:
         return "skip", "no --ep given"
+    if ep > f.count:
+        return "fail", (f"--ep {ep} ranks for {f.count} experts per layer: {ep - f.count} ranks would hold no "
+                        f"expert; use at most {f.count} ranks")
     if f.count % ep == 0:
         return "pass", f"{f.count} experts split into {ep} ranks of {f.count // ep}"
     base, rem = divmod(f.count, ep)
@@ -268,6 +301,8 @@ def _llamacpp_max(f: ServingFacts, target: str, ep: int | None) -> tuple[str, st
 
 
 def _quantization(f: ServingFacts, target: str, ep: int | None) -> tuple[str, str]:
+    if f.quant_problem:
+        return "fail", f.quant_problem
     if f.mxfp4_blocks and f.quant_method != "mxfp4":
         return "fail", ("expert weights are MXFP4 blocks/scales but config.json's quantization_config is "
                         f"{f.quant_method or 'missing'}; restore quantization_config with quant_method mxfp4")
@@ -365,26 +400,55 @@ def failures(verdicts: Iterable[Verdict]) -> list[Verdict]:
 
 def fit_count(facts: ServingFacts, wanted: int, total: int, targets: Sequence[str], ep: int | None,
               multiple: int = 1) -> int | None:
-    """The count nearest to ``wanted`` (up first) in ``1..total`` that every target accepts.
+    """The count nearest to ``wanted`` (up first, on a tie) in ``1..total`` that every target accepts.
 
     With ``ep`` the count must also split evenly over the ranks, even for an engine that would
-    only warn: asking for expert parallelism means asking for an even split.
+    only warn: asking for expert parallelism means asking for an even split. When ``wanted``
+    prunes, keeping every expert (``total``) is suggested only when no smaller count passes.
     """
-    for delta in range(total + 1):
-        for n in (wanted + delta, wanted - delta):
-            if not 1 <= n <= total or n % multiple or (ep and n % ep):
-                continue
-            if not failures(check_facts(facts.with_count(n), targets, ep)):
-                return n
+    candidates = sorted(range(1, total + 1),
+                        key=lambda n: (n == total != wanted, abs(n - wanted), n < wanted))
+    for n in candidates:
+        if n % multiple or (ep and n % ep):
+            continue
+        if not failures(check_facts(facts.with_count(n), targets, ep)):
+            return n
     return None
 
 
-def refusal(verdicts: Sequence[Verdict], suggestion: int | None) -> PlanError:
-    """The error a plan refuses with: every failing rule, and what to do."""
-    lines = [f"  {v.target} {v.rule}: {v.message} ({v.source})" for v in failures(verdicts)]
-    hint = (f"keep {suggestion} experts per layer (--keep-n {suggestion}), or pass --fit-targets to adjust the count"
-            if suggestion is not None else "no expert count satisfies every target; drop a --target")
+def refusal(verdicts: Sequence[Verdict], suggestion: int | None, ep: int | None = None,
+            soft_count: int | None = None, multiple: int = 1) -> PlanError:
+    """The error a plan refuses with: every failing rule, and what to do.
+
+    ``soft_count``: the plan is a soft prune, which keeps all ``soft_count`` experts.
+    """
+    bad = failures(verdicts)
+    lines = [f"  {v.target} {v.rule}: {v.message} ({v.source})" for v in bad]
+    targets = list(dict.fromkeys(v.target for v in verdicts))
+    if soft_count is not None:
+        hint = (f"a soft prune keeps all {soft_count} experts, so the count cannot move: drop the --target "
+                f"that rejects it, or prune structurally (prune) to a count it accepts")
+    elif any(v.rule == "uniform" for v in bad):
+        hint = ("these engines build every layer with one expert count: plan with --keep-n or --keep-frac "
+                "instead of different counts per layer (--budget, a non-uniform keep list), or drop --target")
+    elif suggestion is not None:
+        hint = f"keep {suggestion} experts per layer (--keep-n {suggestion}), or pass --fit-targets to adjust the count"
+    else:
+        hint = _no_count_hint(targets, ep, multiple)
     return PlanError("the serving targets would reject this output:\n" + "\n".join(lines) + f"\n{hint}")
+
+
+def _no_count_hint(targets: Sequence[str], ep: int | None, multiple: int) -> str:
+    """What to do when no expert count passes: relax what narrows the counts tried, or the targets."""
+    which = "every target" if len(targets) > 1 else targets[0]
+    limits = {flag: v for flag, v in (("--ep", ep or 1), ("--keep-multiple", multiple)) if v > 1}
+    if limits:
+        given = " and ".join(f"{flag} {v}" for flag, v in limits.items())
+        return (f"no expert count satisfies {which} together with {given}; change {' or '.join(limits)}"
+                + (", or drop a --target" if len(targets) > 1 else ""))
+    if len(targets) > 1:
+        return "no expert count satisfies every target; drop a --target"
+    return f"no expert count per layer satisfies {which}; fix the failing rules above, or drop --target {which}"
 
 
 def format_verdicts(verdicts: Sequence[Verdict]) -> str:
@@ -423,7 +487,7 @@ def fit_policy(policy: KeepPolicy, facts: ServingFacts, num_experts: int, top_k:
     facts = with_top_k(facts, policy.top_k)
     fitted = fit_count(facts, n, num_experts, targets, ep, policy.keep_multiple)
     if fitted is None:
-        raise refusal(check_facts(facts.with_count(n), targets, ep), None)
+        raise refusal(check_facts(facts.with_count(n), targets, ep), None, ep, multiple=policy.keep_multiple)
     if fitted == n:
         return policy, None
     why = "; ".join(f"{v.target} {v.rule}: {v.message}" for v in failures(check_facts(facts.with_count(n), targets, ep)))
@@ -450,7 +514,9 @@ def apply_targets(plan: Plan, layout: Layout, targets: Sequence[str], ep: int | 
     verdicts = check_facts(facts, targets, ep)
     if failures(verdicts):
         total = int(plan.provenance.get("source_experts_per_layer") or facts.count)
-        raise refusal(verdicts, None if plan.soft else fit_count(facts, facts.count, total, targets, ep))
+        if plan.soft:
+            raise refusal(verdicts, None, ep, soft_count=facts.count)
+        raise refusal(verdicts, fit_count(facts, facts.count, total, targets, ep), ep)
     serving = {"targets": list(targets), "ep": ep, "verdicts": [v.to_json() for v in verdicts]}
     return dataclasses.replace(plan, provenance={**plan.provenance, "serving": serving})
 

@@ -14,6 +14,7 @@ dicts, so a crafted file cannot run code, and anything else is refused as "not a
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from planners.saliency import Saliency
@@ -24,9 +25,14 @@ def _floats(v, where: str) -> list[float]:
     try:
         if hasattr(v, "detach"):
             v = v.detach().cpu().double().reshape(-1).tolist()
-        return [float(x) for x in v]
+        out = [float(x) for x in v]
     except (TypeError, ValueError):
         raise SaliencyError(f"{where}: expected a list or 1-D tensor of numbers, got {type(v).__name__}") from None
+    bad = [i for i, x in enumerate(out) if not math.isfinite(x) or x < 0]
+    if bad:
+        raise SaliencyError(f"{where}: expert {bad[0]} is {out[bad[0]]}; expected a finite number >= 0. "
+                            f"The observer file is damaged or from a failed run: profile again")
+    return out
 
 
 def _load(path: str | Path) -> dict:

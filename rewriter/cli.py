@@ -16,10 +16,12 @@ import click
 from rewriter.cli_errors import EXIT_FOUND, EXIT_OK, EXIT_STATUS_HELP, RewriterGroup, on_interrupt
 from rewriter.cli_errors import fail_cleanly as _fail_cleanly
 from rewriter.cli_params import (
+    DOMAIN,
     JSON_OBJECT,
     NON_NEGATIVE,
     POSITIVE,
     SIZE,
+    finite,
     refuse_existing_file,
     save_plan,
     save_saliency,
@@ -84,7 +86,7 @@ def synth(preset: str, layers: int | None, sparse: bool, computing: bool, force:
 @main.command("synth-saliency")
 @click.argument("ckpt")
 @click.option("--out", required=True, help="Saliency file to write (an existing file needs --force).")
-@click.option("--domain", default="synthetic", show_default=True,
+@click.option("--domain", type=DOMAIN, default="synthetic", show_default=True,
               help="Calibration domain name recorded in the file (what --weight DOMAIN=W refers to).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed of the scores.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
@@ -139,13 +141,13 @@ policy_options = _options(
         click.option("--keep-list", default=None, help='JSON {"<layer>": [expert ids]} instead of saliency.'),
         click.option("--rank", type=click.Choice(["freq", "reap", "eaft_reap"]), default="reap", show_default=True,
                      help="Saliency metric to rank experts by."),
-        click.option("--keep-frac", type=float, default=None, help="Share of experts kept per layer, in (0, 1]."),
+        click.option("--keep-frac", type=finite(), default=None, help="Share of experts kept per layer, in (0, 1]."),
         click.option("--keep-n", type=POSITIVE, default=None, help="Experts kept per layer."),
         click.option("--keep-multiple", type=POSITIVE, default=1, show_default=True,
                      help="Round the kept count up to a multiple of M."),
         click.option("--core-top-m", type=NON_NEGATIVE, default=0, show_default=True,
                      help="Always keep each layer's M highest-ranked experts."),
-        click.option("--coverage", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
+        click.option("--coverage", type=finite(0, 1, min_open=True), default=0.9, show_default=True,
                      help="Share of each domain's saliency mass its experts must cover (union), in (0, 1]."),
         click.option("--top-k", type=POSITIVE, default=None, help="New routing top-k (default: unchanged)."),
         click.option("--budget", type=POSITIVE, default=None,
@@ -247,9 +249,9 @@ def keep_summary(p: Any, num_experts: int, ids: bool = False) -> list[str]:
 
 cost_options = _options(
         click.option("--workers", type=POSITIVE, default=1, show_default=True, help="Workers for the time estimate."),
-        click.option("--read-mbps", type=click.FloatRange(min=0, min_open=True), default=None,
+        click.option("--read-mbps", type=finite(min=0, min_open=True), default=None,
                      help="Per-worker read bandwidth, MB/s (default 1000)."),
-        click.option("--write-mbps", type=click.FloatRange(min=0, min_open=True), default=None,
+        click.option("--write-mbps", type=finite(min=0, min_open=True), default=None,
                      help="Per-worker write bandwidth, MB/s (default 1000)."),
     click.option("--measure-bandwidth", type=click.Path(exists=True, file_okay=False), default=None, metavar="DIR",
                  help="Measure read/write bandwidth of the disk holding DIR first (writes 256 MiB there)."),
@@ -512,7 +514,7 @@ engine_options = _options(
                  show_default=True, help="Compute dtype; auto: the checkpoint's own (MXFP4 experts: bfloat16)."),
     click.option("--streamed/--no-streamed", default=None,
                  help="Run one decoder layer at a time (default: when the model does not fit the device)."),
-    click.option("--gpu-memory", type=float, default=None, metavar="GB",
+    click.option("--gpu-memory", type=finite(), default=None, metavar="GB",
                  help="Device memory to stay within (GiB); hidden states beyond it go to host memory."),
     click.option("--storage-options", type=JSON_OBJECT, default=None,
                  help="fsspec options for MODEL as JSON (endpoint_url, key…)."),
@@ -536,7 +538,7 @@ def _engine_kwargs(device: str | None, dtype: str, gpu_memory: float | None,
 @click.option("--data", "data", multiple=True, required=True,
               help="Calibration file: .jsonl (text or input_ids), .npy ids, or plain text (repeat).")
 @click.option("--out", required=True, help="Saliency file to write.")
-@click.option("--domain", default="default", show_default=True, help="Name of this calibration domain.")
+@click.option("--domain", type=DOMAIN, default="default", show_default=True, help="Name of this calibration domain.")
 @click.option("--seq-len", type=POSITIVE, default=2048, show_default=True, help="Tokens per packed sequence.")
 @click.option("--max-tokens", type=POSITIVE, default=None, help="Stop after this many tokens.")
 @click.option("--batch-size", type=POSITIVE, default=1, show_default=True, help="Sequences per forward pass.")
@@ -610,11 +612,11 @@ class TokenProgress:
 @click.option("--compare", default=None, help="Base model: report deltas and the near-lossless gates.")
 @engine_options
 @click.option("--batch-size", type=POSITIVE, default=8, show_default=True, help="Blocks per forward pass.")
-@click.option("--gate-ppl-abs", type=float, default=0.25, show_default=True, help="Allowed perplexity rise (absolute).")
-@click.option("--gate-ppl-rel", type=float, default=0.05, show_default=True, help="Allowed perplexity rise (share of base).")
-@click.option("--gate-mean-p", type=float, default=0.02, show_default=True, help="Allowed |Δ mean reference probability|.")
-@click.option("--gate-cc", type=float, default=0.002, show_default=True, help="Allowed |Δ confident-conflict rate|.")
-@click.option("--gate-jsd", type=float, default=0.02, show_default=True, help="Allowed JSD of the (p, entropy) histograms.")
+@click.option("--gate-ppl-abs", type=finite(), default=0.25, show_default=True, help="Allowed perplexity rise (absolute).")
+@click.option("--gate-ppl-rel", type=finite(), default=0.05, show_default=True, help="Allowed perplexity rise (share of base).")
+@click.option("--gate-mean-p", type=finite(), default=0.02, show_default=True, help="Allowed |Δ mean reference probability|.")
+@click.option("--gate-cc", type=finite(), default=0.002, show_default=True, help="Allowed |Δ confident-conflict rate|.")
+@click.option("--gate-jsd", type=finite(), default=0.02, show_default=True, help="Allowed JSD of the (p, entropy) histograms.")
 @click.option("--plot", default=None, help="Write a PNG of the (p, entropy) histograms here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_fail_cleanly
@@ -646,7 +648,7 @@ def eval_cmd(model: str, packs: tuple[str, ...], seq_lens: tuple[int, ...], bloc
 @main.command("import-reap")
 @click.argument("observer_file")
 @click.option("--out", required=True, help="Saliency file to write (an existing file needs --force).")
-@click.option("--domain", default="reap-import", show_default=True, help="Calibration domain name to record.")
+@click.option("--domain", type=DOMAIN, default="reap-import", show_default=True, help="Calibration domain name to record.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--model", "model_ckpt", default=None, metavar="CKPT",
               help="The checkpoint REAP observed: record its identity, so plan can check the file fits.")

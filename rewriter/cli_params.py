@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -48,7 +49,37 @@ class _Size(click.ParamType):
         return n
 
 
-JSON_OBJECT, SIZE = _JsonObject(), _Size()
+class _FiniteFloat(click.FloatRange):
+    """A float in a range that is also finite: ``nan`` passes every comparison of a range, and
+    ``inf`` one without an upper bound, so both are refused before the range is checked."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        v = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(v, param, ctx)
+
+
+class _DomainName(click.ParamType):
+    """A calibration domain name that is safe to write in a model card and a JSON file."""
+
+    name = "NAME"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+        from planners.saliency import domain_problem
+
+        problem = domain_problem(value)
+        if problem:
+            self.fail(f"{value!r} {problem}", param, ctx)
+        return str(value)
+
+
+def finite(min: float | None = None, max: float | None = None, min_open: bool = False) -> click.FloatRange:
+    """A finite float option, optionally bounded."""
+    return _FiniteFloat(min, max, min_open=min_open)
+
+
+JSON_OBJECT, SIZE, DOMAIN = _JsonObject(), _Size(), _DomainName()
 POSITIVE, NON_NEGATIVE = click.IntRange(min=1), click.IntRange(min=0)
 
 

@@ -114,13 +114,15 @@ def test_application_errors_surface_unwrapped(ray_cluster, tmp_path):
     cli("plan", src, "--saliency", tmp_path / "s.json", "--keep-n", "4", "--out", tmp_path / "p.json")
     plan = Plan.load(str(tmp_path / "p.json"))
     # A segment that runs past the end of its source shard: the actor's copy fails. (A plan file
-    # saying so is refused when read, so the plan is changed in memory.)
+    # saying so is refused when read or run, so the plan is changed in memory, where it is no
+    # longer the file's plan: origin None.)
     out = plan.outputs[0]
     t = out.tensors[-1]
     seg = t.segments[-1]
     seg = dataclasses.replace(seg, offset=plan.source_shards[seg.shard]["size"] - seg.length // 2)
     t = dataclasses.replace(t, segments=(*t.segments[:-1], seg))
-    plan = dataclasses.replace(plan, outputs=(dataclasses.replace(out, tensors=(*out.tensors[:-1], t)), *plan.outputs[1:]))
+    plan = dataclasses.replace(plan, outputs=(dataclasses.replace(out, tensors=(*out.tensors[:-1], t)), *plan.outputs[1:]),
+                               origin=None)
     t0 = time.monotonic()
     with pytest.raises(ExecutionError, match="ends at byte") as e:
         execute_on_ray(plan, str(tmp_path / "dst"), workers=1, zero_copy=False)

@@ -1,0 +1,142 @@
+"""Type checks of a plan read from JSON, before any of it is used.
+
+Plans are untrusted input: they travel between machines and users and are edited by hand. Each
+field is checked for its type and range here, so that a bad one is one clear error naming the
+plan file and the field, never a crash deep inside a run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from rewriter.core.errors import PlanError
+from rewriter.core.layouts import LAYOUTS
+
+_REMAKE = "make the plan again with `rewriter plan` (or restore the field)"
+_MODES = ("structural", "soft")
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _layer_key(k: Any) -> bool:
+    return isinstance(k, str) and k.isascii() and k.isdigit()
+
+
+class _Doc:
+    """Reads fields of one plan document, refusing missing or mistyped ones by name."""
+
+    def __init__(self, doc: Mapping[str, Any], where: str):
+        self.doc, self.where = doc, where
+
+    def fail(self, field: str, expected: str, found: Any) -> PlanError:
+        shown = repr(found)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return PlanError(f"{self.where}: plan field {field!r} is {shown}; expected {expected}. "
+                         f"Refusing this plan: {_REMAKE}")
+
+    def get(self, obj: Mapping[str, Any], key: str, field: str, expected: str, ok: Any,
+            default: Any = ..., ) -> Any:
+        if key not in obj:
+            if default is not ...:
+                return default
+            raise PlanError(f"{self.where}: the plan has no {field!r} field ({expected}). "
+                            f"Refusing this plan: {_REMAKE}")
+        v = obj[key]
+        if not ok(v):
+            raise self.fail(field, expected, v)
+        return v
+
+
+def check_document(doc: Mapping[str, Any], where: str) -> None:
+    """Refuse a plan document whose fields are missing or of the wrong type or range.
+
+    Consistency between fields (headers and segments, the expert mapping and the tensors) is
+    checked once the plan is built (:func:`planners.plan.check_plan`, ``Plan.check_source``).
+    """
+    d = _Doc(doc, where)
+    source = d.get(doc, "source", "source", "an object with \"url\" and \"shards\"",
+                   lambda v: isinstance(v, dict))
+    url = d.get(source, "url", "source.url", "the source checkpoint's absolute path or URL",
+                lambda v: isinstance(v, str) and v.strip() != "")
+    if "://" not in url and not os.path.isabs(url):
+        raise d.fail("source.url", "an absolute path or a URL (plans record where their source is, "
+                     "so they run from any folder)", url)
+    d.get(source, "shards", "source.shards", "an object of shard name -> fingerprint",
+          lambda v: isinstance(v, dict) and all(isinstance(fp, dict) for fp in v.values()))
+    families = sorted(layout.family for layout in LAYOUTS)
+    d.get(doc, "family", "family", f"one of {families}", lambda v: v in families)
+    for key in ("config", "config_patch"):
+        d.get(doc, key, key, "a JSON object", lambda v: isinstance(v, dict))
+    d.get(doc, "provenance", "provenance", "a JSON object", lambda v: isinstance(v, dict), {})
+    d.get(doc, "mode", "mode", f"one of {list(_MODES)}", lambda v: v in _MODES, "structural")
+    d.get(doc, "top_k", "top_k", "a positive integer", lambda v: _int(v) and v > 0)
+    d.get(doc, "loadable_by_transformers", "loadable_by_transformers", "true or false",
+          lambda v: isinstance(v, bool), True)
+    d.get(doc, "layers_only", "layers_only", "null or a list of layer numbers",
+          lambda v: v is None or (isinstance(v, list) and all(_int(x) and x >= 0 for x in v)), None)
+    for key in ("copy_files", "skipped_files"):
+        d.get(doc, key, key, "a list of file names",
+              lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), [])
+    _check_mapping(d)
+    _check_reasons(d)
+    _check_outputs(d)
+
+
+def _check_mapping(d: _Doc) -> None:
+    mapping = d.get(d.doc, "expert_mapping", "expert_mapping",
+                    "an object of layer -> kept original expert ids", lambda v: isinstance(v, dict))
+    if not mapping:
+        raise d.fail("expert_mapping", "at least one MoE layer", mapping)
+    for layer, ids in mapping.items():
+        if not _layer_key(layer):
+            raise d.fail(f"expert_mapping[{layer!r}]", "a layer number as the key", layer)
+        ok = (isinstance(ids, list) and ids and all(_int(e) and e >= 0 for e in ids)
+              and all(a < b for a, b in zip(ids, ids[1:])))
+        if not ok:
+            raise d.fail(f"expert_mapping[{layer!r}]", "a non-empty, increasing list of distinct "
+                         "original expert ids (non-negative integers)", ids)
+
+
+def _check_reasons(d: _Doc) -> None:
+    reasons = d.get(d.doc, "keep_reasons", "keep_reasons", "an object of layer -> expert -> reasons",
+                    lambda v: isinstance(v, dict), {})
+    for layer, rs in reasons.items():
+        field = f"keep_reasons[{layer!r}]"
+        if not _layer_key(layer) or not isinstance(rs, dict):
+            raise d.fail(field, "a layer number mapped to an object of expert -> reasons", rs)
+        for e, r in rs.items():
+            if not _layer_key(e) or not isinstance(r, list) or not all(isinstance(x, str) for x in r):
+                raise d.fail(f"{field}[{e!r}]", "an expert number mapped to a list of strings", r)
+
+
+def _check_outputs(d: _Doc) -> None:
+    outputs = d.get(d.doc, "outputs", "outputs", "a non-empty list of output shards",
+                    lambda v: isinstance(v, list) and len(v) > 0)
+    for i, o in enumerate(outputs):
+        if not isinstance(o, dict):
+            raise d.fail(f"outputs[{i}]", "an object with name, size, header and tensors", o)
+        d.get(o, "name", f"outputs[{i}].name", "a file name", lambda v: isinstance(v, str))
+        d.get(o, "header", f"outputs[{i}].header", "the shard's JSON header as a string",
+              lambda v: isinstance(v, str))
+        d.get(o, "size", f"outputs[{i}].size", "a byte count", lambda v: _int(v) and v >= 0)
+        tensors = d.get(o, "tensors", f"outputs[{i}].tensors", "a list of tensors",
+                        lambda v: isinstance(v, list))
+        for j, t in enumerate(tensors):
+            _check_tensor(d, t, f"outputs[{i}].tensors[{j}]")
+
+
+def _check_tensor(d: _Doc, t: Any, field: str) -> None:
+    if not isinstance(t, dict):
+        raise d.fail(field, "an object with name, source, layer, dtype, shape and segments", t)
+    for key in ("name", "source", "dtype"):
+        d.get(t, key, f"{field}.{key}", "a string", lambda v: isinstance(v, str))
+    d.get(t, "layer", f"{field}.layer", "null or a layer number", lambda v: v is None or (_int(v) and v >= 0),
+          None)
+    d.get(t, "shape", f"{field}.shape", "a list of non-negative integers",
+          lambda v: isinstance(v, list) and all(_int(x) and x >= 0 for x in v))
+    d.get(t, "segments", f"{field}.segments", "a list of [shard, offset, length] segments",
+          lambda v: isinstance(v, list) and all(isinstance(s, list) for s in v))
