@@ -27,6 +27,24 @@ from rewriter.cli_params import (
 
 MiB = 1 << 20
 log = logging.getLogger(__name__)
+#: Largest --buffer-mib: far past where copies get faster, and every worker allocates one.
+MAX_BUFFER_MIB = 1024
+
+
+class _BufferMiB(click.ParamType):
+    name = "MIB"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        n: int = click.INT.convert(value, param, ctx)
+        if n < 1:
+            self.fail(f"{n} is not a positive number of MiB; give 16-256", param, ctx)
+        if n > MAX_BUFFER_MIB:
+            self.fail(f"{n} MiB is more than the {MAX_BUFFER_MIB} MiB allowed: each worker allocates this much "
+                      f"and copies are no faster past a few tens of MiB; give 16-256", param, ctx)
+        return n
+
+
+BUFFER_MIB = _BufferMiB()
 
 
 @click.group(cls=RewriterGroup, epilog=EXIT_STATUS_HELP)
@@ -262,7 +280,7 @@ cost_options = _options(
 @serving_options
 @cost_options
 @click.option("--layers", default=None, help="Comma-separated layers: a per-layer dry-run plan of their expert tensors.")
-@click.option("--buffer-mib", type=POSITIVE, default=16, show_default=True, help="Executor buffer (for request counts).")
+@click.option("--buffer-mib", type=BUFFER_MIB, default=16, show_default=True, help="Executor buffer (for request counts).")
 @click.option("--out", "out", default=None,
               help="Write the plan JSON here (replaces an existing plan file, never another file).")
 @click.option("--json", "as_json", is_flag=True, help="Print the cost report, keep sets and mapping as JSON.")
@@ -309,7 +327,7 @@ def _bandwidths(read_mbps: float | None, write_mbps: float | None, measure_dir: 
 # --- execution ----------------------------------------------------------------------------------
 
 run_options = _options(
-        click.option("--buffer-mib", type=POSITIVE, default=16, show_default=True,
+        click.option("--buffer-mib", type=BUFFER_MIB, default=16, show_default=True,
                      help="Copy buffer in MiB; bounds the data path's memory."),
         click.option("--force", is_flag=True, help="Overwrite a destination holding other output."),
         click.option("--no-zero-copy", is_flag=True, help="Never use copy_file_range (always buffered)."),
@@ -434,7 +452,7 @@ def soft_prune(src: str, dst: str, plan_out: str | None, verbose: bool, **kw: An
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, metavar="[SRC] DST")
-@click.option("--buffer-mib", type=POSITIVE, default=16, show_default=True, help="Read buffer in MiB per side.")
+@click.option("--buffer-mib", type=BUFFER_MIB, default=16, show_default=True, help="Read buffer in MiB per side.")
 @click.option("--src-options", type=JSON_OBJECT, default=None, help="fsspec options for SRC as JSON.")
 @click.option("--dst-options", type=JSON_OBJECT, default=None, help="fsspec options for DST as JSON.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report (tensors, bytes, mismatches, problems) as JSON.")
@@ -473,7 +491,7 @@ def verify(paths: tuple[str, ...], buffer_mib: int, src_options: dict[str, Any] 
 @click.option("--layer", "layer_ids", type=NON_NEGATIVE, multiple=True, required=True, help="Layer to probe (repeat).")
 @policy_options
 @click.option("--scratch", default=None, help="Scratch directory (default: a temporary one).")
-@click.option("--buffer-mib", type=POSITIVE, default=16, show_default=True, help="Copy buffer in MiB.")
+@click.option("--buffer-mib", type=BUFFER_MIB, default=16, show_default=True, help="Copy buffer in MiB.")
 @click.option("--no-zero-copy", is_flag=True, help="Probe the buffered path instead of copy_file_range.")
 @click.option("--json", "as_json", is_flag=True, help="Print one record per layer as JSON.")
 @_fail_cleanly

@@ -50,6 +50,9 @@ def _describe_error(e: BaseException) -> tuple[str, int]:
     if isinstance(e, ModuleNotFoundError):
         return (f"this command needs the Python package {e.name!r}, which is not installed; install the "
                 f"extra that brings it: pip install 'moe-rewriter[torch]' (or [ray], [s3])"), EXIT_ERROR
+    if isinstance(e, MemoryError):
+        return ("out of memory; free memory or lower the memory this command asks for (--buffer-mib, "
+                "--workers, --batch-size), then run the same command again"), EXIT_ERROR
     if isinstance(e, OSError):
         where = f"{e.filename}: " if e.filename else ""
         what = e.strerror or str(e) or type(e).__name__

@@ -86,3 +86,41 @@ def test_index_that_is_not_an_object_of_strings_is_refused(fresh_tiny, doc, says
     (fresh_tiny / "model.safetensors.index.json").write_text(doc)
     for cmd in ("check", "inspect"):
         assert_error(invoke(cmd, fresh_tiny), contains=says)
+
+
+# --- --buffer-mib bounds ----------------------------------------------------------------------------
+
+def _buffer_commands(m: dict[str, Path], tmp: Path) -> list[list[object]]:
+    policy = ["--saliency", m["sal"], "--keep-frac", "0.5"]
+    return [["run", m["plan"], "--out", tmp / "d1"], ["prune", m["src"], tmp / "d2", *policy],
+            ["soft-prune", m["src"], tmp / "d3", *policy], ["plan", m["src"], *policy],
+            ["verify", m["out"]], ["dry-run", m["src"], "--layer", "0", *policy]]
+
+
+@pytest.mark.parametrize("value, says", [("999999999", "999999999 MiB is more than the 1024 MiB allowed"),
+                                         ("1025", "more than the 1024 MiB allowed"),
+                                         ("0", "0 is not a positive number of MiB"), ("-3", "not a positive")])
+def test_buffer_mib_is_bounded_on_every_command(tmp_path, made, value, says):
+    for args in _buffer_commands(made, tmp_path):
+        line = assert_error(invoke(*args, "--buffer-mib", value), contains=says)
+        assert "--buffer-mib" in line
+    assert not any((tmp_path / d).exists() for d in ("d1", "d2", "d3"))
+
+
+def test_out_of_memory_is_an_error_not_a_bug(tmp_path, made):
+    import resource
+    import subprocess
+    import sys
+
+    def small_address_space() -> None:  # room for Python and the tool, not for a 1 GiB buffer
+        resource.setrlimit(resource.RLIMIT_AS, (900 << 20, 900 << 20))
+
+    args = [sys.executable, "-m", "rewriter.cli", "run", str(made["plan"]), "--out", str(tmp_path / "d"), "--quiet"]
+    big = subprocess.run([*args, "--buffer-mib", "1024"], capture_output=True, text=True, timeout=120,
+                         preexec_fn=small_address_space)
+    assert big.returncode == 2, big.stderr
+    assert big.stderr.startswith("error: out of memory") and "--buffer-mib" in big.stderr
+    assert "Traceback" not in big.stderr and len(big.stderr.splitlines()) == 1
+    small = subprocess.run([*args, "--buffer-mib", "16"], capture_output=True, text=True, timeout=120,
+                           preexec_fn=small_address_space)
+    assert small.returncode == 0, small.stderr  # the same command with a sane buffer finishes
