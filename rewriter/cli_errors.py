@@ -78,7 +78,7 @@ def fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (click.exceptions.Exit, BrokenPipeError):
+        except click.exceptions.Exit:
             raise
         except (Exception, KeyboardInterrupt) as e:  # every failure ends in one line, never a traceback
             _exit_with(e, bool(kwargs.get("as_json")))
@@ -101,23 +101,56 @@ class RewriterGroup(click.Group):
              standalone_mode: bool = True, **extra: Any) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
         _interrupt_hint.clear()
+        sys.stdout, sys.stderr = QuietWhenClosed.wrap(sys.stdout), QuietWhenClosed.wrap(sys.stderr)
         try:
             status = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as e:
             click.echo(e.format_message())  # plain `rewriter` asks for help: not an error
-            sys.exit(EXIT_OK)
-        except BrokenPipeError:
-            _silence_stdout()  # the reader (`| head`) stopped reading: nothing to report
             sys.exit(EXIT_OK)
         except (Exception, KeyboardInterrupt) as e:
             _exit_with(e, "--json" in argv)
         sys.exit(status if isinstance(status, int) else EXIT_OK)
 
 
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null so that the interpreter's last flush does not fail again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError, io.UnsupportedOperation):
-        pass
+class QuietWhenClosed:
+    """stdout or stderr that, once its reader has gone (`rewriter check X | head -1`), sends the
+    rest of the output to /dev/null instead of failing.
+
+    So a reader that stops early never changes what a command does or its exit status: the work
+    finishes and the status is the work's own, whenever the reader stopped. (Dying of SIGPIPE,
+    as many Unix tools do, would make the status depend on whether the reader left before the
+    last write: 0 one time, 141 the next.)
+    """
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    @classmethod
+    def wrap(cls, stream: Any) -> Any:
+        return stream if isinstance(stream, cls) or stream is None else cls(stream)
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except BrokenPipeError:
+            self._drop_the_rest()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._drop_the_rest()
+
+    def _drop_the_rest(self) -> None:
+        """Point the file descriptor at /dev/null: what is still buffered, and all later output,
+        including the interpreter's last flush, goes there without error."""
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)

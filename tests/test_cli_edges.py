@@ -124,3 +124,151 @@ def test_out_of_memory_is_an_error_not_a_bug(tmp_path, made):
     small = subprocess.run([*args, "--buffer-mib", "16"], capture_output=True, text=True, timeout=120,
                            preexec_fn=small_address_space)
     assert small.returncode == 0, small.stderr  # the same command with a sane buffer finishes
+
+
+# --- a reader that stops early (`| head`) -------------------------------------------------------------
+
+def _piped(args: list[object], read_lines: int, linger: float = 0.0) -> tuple[int, str]:
+    """Run the CLI with stdout into a real pipe whose reader closes it after ``read_lines`` lines
+    (0: before the command writes anything) and ``linger`` seconds; the exit status and stderr."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    read_end, write_end = os.pipe()
+    p = subprocess.Popen([sys.executable, "-m", "rewriter.cli", *map(str, args)], stdout=write_end,
+                         stderr=subprocess.PIPE, text=True)
+    os.close(write_end)
+    with os.fdopen(read_end) as reader:
+        for _ in range(read_lines):
+            reader.readline()
+        time.sleep(linger)
+    return p.wait(timeout=120), p.stderr.read() if p.stderr else ""
+
+
+@pytest.mark.slow
+def test_a_closed_stdout_never_changes_the_exit_status(tmp_path):
+    big = tmp_path / "120b"
+    cli("synth", "--preset", "120b", "--sparse", big)
+    cli("synth-saliency", big, "--out", tmp_path / "s.json")
+    failing = tmp_path / "failing"
+    cli("synth", "--preset", "tiny", failing)
+    config = json.loads((failing / "config.json").read_text())
+    (failing / "config.json").write_text(json.dumps({**config, "num_experts_per_tok": 99}))
+    plan = ["plan", big, "--saliency", tmp_path / "s.json", "--keep-frac", "0.5"]
+    cases = [(["check", big], 0), (["check", failing], 1), (plan, 0), ([*plan, "--json"], 0),
+             (["inspect", big, "--json"], 0)]
+    seen = []
+    for i in range(8):  # the reader leaves at different moments: before, during, after the output
+        for args, status in cases:
+            got, stderr = _piped(args, read_lines=i % 3, linger=0.05 * (i % 4))
+            seen.append((args[0], got))
+            assert got == status, f"{args[0]}: exit {got}, expected {status} (reader left after {i % 3} lines):\n{stderr}"
+            assert stderr == "" or (status == 1 and "error" not in stderr), stderr
+    assert len(seen) == 8 * len(cases)
+
+
+# --- Ctrl-C however early -------------------------------------------------------------------------
+
+# What pip writes as the `rewriter` console script (pyproject [project.scripts]), with an audit
+# hook that says "ready" when the entry point starts importing the CLI: from there on no moment
+# may show a traceback. (Before it run the interpreter's start-up and the two lines of the
+# script, which no program can guard.)
+CONSOLE_SCRIPT = """import re
+import sys
+def ready(event, args):
+    if event == "import" and args[0] == "rewriter.cli":
+        sys.stderr.write("ready\\n"); sys.stderr.flush()
+sys.addaudithook(ready)
+from rewriter.entry import main
+if __name__ == "__main__":
+    sys.argv[0] = re.sub(r"(-script\\.pyw|\\.exe)?$", "", sys.argv[0])
+    sys.exit(main())
+"""
+
+
+def test_the_console_script_is_the_entry_point():
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["rewriter"] == "rewriter.entry:main"
+
+
+def _interrupted_at(script: Path, args: list[object], delay: float) -> tuple[int | None, str, str]:
+    """Start the console script, interrupt it ``delay`` s after it is ready; status, stdout, stderr
+    (status None: it had ended before the interrupt)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    p = subprocess.Popen([sys.executable, str(script), *map(str, args)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert p.stderr is not None and p.stderr.readline() == "ready\n"
+    time.sleep(delay)
+    os.kill(p.pid, signal.SIGSTOP)  # where it is now is where the interrupt lands
+    finished = p.poll() is not None
+    if not finished:
+        os.kill(p.pid, signal.SIGINT)
+        os.kill(p.pid, signal.SIGCONT)
+    stdout, stderr = p.communicate(timeout=120)
+    return (None if finished else p.returncode), stdout, stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("as_json", [False, True])
+def test_ctrl_c_at_any_early_moment_is_one_line_and_130(tmp_path, as_json):
+    script = tmp_path / "rewriter"
+    script.write_text(CONSOLE_SCRIPT)
+    src, sal = tmp_path / "src", tmp_path / "s.json"
+    if as_json:
+        cli("synth", "--preset", "small", "--layers", "12", "--quiet", src)
+        cli("synth-saliency", src, "--out", sal)
+    moments = [0, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
+    for i, delay in enumerate(moments):
+        out = tmp_path / f"o{i}"
+        args: list[object] = ["synth", "--preset", "small", "--layers", "12", out]
+        if as_json:
+            args = ["prune", src, out, "--saliency", sal, "--keep-frac", "0.5", "--no-zero-copy", "--json"]
+        status, stdout, stderr = _interrupted_at(script, args, delay)
+        finished = (out / "model.safetensors.index.json").exists()
+        shutil.rmtree(out, ignore_errors=True)
+        assert "Traceback" not in stderr, f"at {delay} s:\n{stderr}"
+        if finished:  # the work was done before the interrupt came: nothing to interrupt
+            assert delay > 0.1, f"a {args[0]} cannot finish {delay} s after it starts"
+            continue
+        assert status == 130, f"at {delay} s: exit {status}:\n{stderr}"
+        if as_json:
+            doc = json.loads(stdout)
+            assert doc["exit_status"] == 130 and doc["error"].startswith("interrupted"), stdout
+            assert not [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+        else:
+            lines = stderr.strip().splitlines()
+            assert lines[-1].startswith("error: interrupted"), f"at {delay} s:\n{stderr}"
+            assert [ln for ln in lines if ln.startswith("error:")] == lines[-1:]
+
+
+def test_an_interrupted_synth_leaves_no_temporary_and_can_be_run_again(tmp_path, monkeypatch):
+    import _thread
+
+    from rewriter import synth
+
+    out = tmp_path / "t"
+    real = synth.tensor_chunks
+
+    def interrupted_midway(name, dtype, shape):  # Ctrl-C while the first shard is being written
+        yield from real(name, dtype, shape)
+        _thread.interrupt_main()
+
+    monkeypatch.setattr(synth, "tensor_chunks", interrupted_midway)
+    assert_error(invoke("synth", "--preset", "tiny", out), 130, contains="interrupted")
+    monkeypatch.undo()
+    assert list(out.iterdir()) == []
+    # A folder holding only the temporaries of a killed synth counts as empty.
+    (out / "model-00000-of-00002.safetensors.tmp").write_bytes(b"half")
+    cli("synth", "--preset", "tiny", out)
+    assert not list(out.glob("*.tmp")) and (out / "model.safetensors.index.json").exists()
+    assert_error(invoke("synth", "--preset", "tiny", out), contains="not empty")
