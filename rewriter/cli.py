@@ -77,7 +77,7 @@ def synth(preset: str, layers: int | None, sparse: bool, computing: bool, force:
     """Write a synthetic gpt-oss checkpoint to OUT (a new or empty folder)."""
     from rewriter.core.format import nbytes_of
     from rewriter.progress import ByteProgress
-    from rewriter.synth import all_tensors, computing_chunks, write_checkpoint
+    from rewriter.synth import all_tensors, computing_chunks, holds_only_temporaries, write_checkpoint
     from rewriter.synth import preset as get_preset
 
     try:
@@ -86,7 +86,7 @@ def synth(preset: str, layers: int | None, sparse: bool, computing: bool, force:
         raise click.BadParameter(str(e.args[0]), param_hint="--preset") from None
     if computing and sparse:
         raise click.BadParameter("a sparse checkpoint has no weights to compute with", param_hint="--computing")
-    if os.path.isdir(out) and os.listdir(out) and not force:
+    if os.path.isdir(out) and not holds_only_temporaries(out) and not force:
         raise click.BadParameter(f"{out} is not empty; refusing to mix two checkpoints in one folder: choose "
                                  f"a new folder or pass --force to write into it anyway", param_hint="OUT")
     on_interrupt(f"{out} holds a partial checkpoint; run the same command with --force to write it again")
@@ -682,10 +682,6 @@ def import_reap_cmd(observer_file: str, out: str, domain: str, force: bool, mode
     sal = import_reap(observer_file, domain, model=identity)
     save_saliency(sal, out, force)
     click.echo(f"wrote {out}: {len(sal.layers)} layers from {observer_file}")
-
-
-if __name__ == "__main__":
-    main()
 
 
 # --- serving targets and the model card ------------------------------------------------------------
