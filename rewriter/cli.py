@@ -77,7 +77,12 @@ def synth(preset: str, layers: int | None, sparse: bool, computing: bool, force:
     """Write a synthetic gpt-oss checkpoint to OUT (a new or empty folder)."""
     from rewriter.core.format import nbytes_of
     from rewriter.progress import ByteProgress
-    from rewriter.synth import all_tensors, computing_chunks, holds_only_temporaries, write_checkpoint
+    from rewriter.synth import (
+        all_tensors,
+        computing_chunks,
+        holds_only_temporaries,
+        write_checkpoint,
+    )
     from rewriter.synth import preset as get_preset
 
     try:

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from rewriter.core.errors import RewriterError
+from rewriter.core.errors import RewriterError, StorageAccessError
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,23 @@ def fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except click.exceptions.Exit:
             raise
+        except StorageAccessError as e:
+            _exit_with(e.for_option(_storage_option(e.url, kwargs)), bool(kwargs.get("as_json")))
         except (Exception, KeyboardInterrupt) as e:  # every failure ends in one line, never a traceback
             _exit_with(e, bool(kwargs.get("as_json")))
 
     return wrapper
+
+
+def _storage_option(url: str, params: dict[str, Any]) -> str:
+    """The option of the command that carries fsspec options for ``url``: the destination's, the
+    source's (``run``, ``verify``, ``card``) or the one location's (``--storage-options``)."""
+    if "dst_options" in params:
+        paths = params.get("paths") or (None,)
+        dst = str(params.get("dst") or paths[-1] or "").rstrip("/")
+        if dst and (url.rstrip("/") == dst or url.startswith(dst + "/")):
+            return "--dst-options"
+    return "--src-options" if "src_options" in params else "--storage-options"
 
 
 class RewriterCommand(click.Command):

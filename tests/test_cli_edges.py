@@ -272,3 +272,59 @@ def test_an_interrupted_synth_leaves_no_temporary_and_can_be_run_again(tmp_path,
     cli("synth", "--preset", "tiny", out)
     assert not list(out.glob("*.tmp")) and (out / "model.safetensors.index.json").exists()
     assert_error(invoke("synth", "--preset", "tiny", out), contains="not empty")
+
+
+# --- object storage without credentials, or out of reach ---------------------------------------------
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_object_storage_without_credentials_or_out_of_reach_names_url_and_option(s3, made, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from bench_io.s3server import free_port
+
+    s3.make_bucket("edges")
+    s3.upload_dir(made["src"], "edges/src")
+    s3.upload_dir(made["out"], "edges/out")
+    plan = json.loads(made["plan"].read_text())
+    plan["source"]["url"] = "s3://edges/src"
+    remote_plan = tmp_path / "remote-plan.json"
+    remote_plan.write_text(json.dumps(plan))
+    # The user's environment holds no credentials at all (nor a metadata server to ask).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true")
+    no_keys = json.dumps({"client_kwargs": {"endpoint_url": s3.endpoint}})
+    closed = json.dumps({**s3.options, "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{free_port()}"}})
+    policy = ["--saliency", made["sal"], "--keep-frac", "0.5"]
+    cases = [
+        (["plan", "s3://edges/src", *policy, "--storage-options", no_keys], "s3://edges/src", "--storage-options"),
+        (["plan", "s3://edges/src", *policy], "s3://edges/src", "--storage-options"),
+        (["run", remote_plan, "--out", tmp_path / "d1", "--src-options", no_keys], "s3://edges/src", "--src-options"),
+        (["run", made["plan"], "--out", "s3://edges/d2", "--dst-options", no_keys], "s3://edges/d2", "--dst-options"),
+        (["prune", made["src"], "s3://edges/d3", *policy], "s3://edges/d3", "--dst-options"),
+        (["check", "s3://edges/out"], "s3://edges/out", "--storage-options"),
+        (["inspect", "s3://edges/out", "--storage-options", no_keys], "s3://edges/out", "--storage-options"),
+        (["card", "s3://edges/out"], "s3://edges/out", "--dst-options"),
+        (["verify", "s3://edges/out", "--dst-options", no_keys], "s3://edges/out", "--dst-options"),
+        (["verify", "s3://edges/src", made["out"]], "s3://edges/src", "--src-options"),
+    ]
+    for args, url, option in cases:
+        r = subprocess.run([sys.executable, "-m", "rewriter", *map(str, args)], env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 2, f"{args[0]}: exit {r.returncode}:\n{r.stderr}"
+        assert r.stderr.startswith(f"error: {url}: no credentials for this object store; pass {option} "), r.stderr
+        assert len(r.stderr.splitlines()) == 1 and "AWS_ACCESS_KEY_ID" in r.stderr
+    unreachable = [(["plan", "s3://edges/src", *policy, "--storage-options", closed], "--storage-options"),
+                   (["run", made["plan"], "--out", "s3://edges/d4", "--dst-options", closed], "--dst-options"),
+                   (["check", "s3://edges/out", "--storage-options", closed], "--storage-options"),
+                   (["card", "s3://edges/out", "--dst-options", closed], "--dst-options")]
+    for args, option in unreachable:
+        r = subprocess.run([sys.executable, "-m", "rewriter", *map(str, args)], env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 2, f"{args[0]}: exit {r.returncode}:\n{r.stderr}"
+        assert "cannot connect to the object store" in r.stderr and f"pass {option} " in r.stderr, r.stderr
+        assert r.stderr.startswith("error: s3://edges/") and len(r.stderr.splitlines()) == 1
+    assert not (tmp_path / "d1").exists()
