@@ -472,6 +472,7 @@ def verify(paths: tuple[str, ...], buffer_mib: int, src_options: dict[str, Any] 
     if len(paths) > 2:
         raise click.UsageError("give [SRC] DST")
     src, dst = (None, paths[0]) if len(paths) == 1 else paths
+    _refuse_file_as_output(dst, "DST")
     from planners.cost import human_bytes
     from rewriter.exec.verify import verify as do_verify
 
@@ -489,6 +490,13 @@ def verify(paths: tuple[str, ...], buffer_mib: int, src_options: dict[str, Any] 
         click.echo(f"mismatches: {len(report.mismatches)}, problems: {len(report.problems)} -> "
                    f"{'OK' if report.ok else 'FAILED'}")
     sys.exit(EXIT_OK if report.ok else EXIT_FOUND)
+
+
+def _refuse_file_as_output(path: str, param: str) -> None:
+    """An output of `run` is a folder: a local file given for one is named as such."""
+    if "://" not in path and os.path.isfile(path):
+        raise click.BadParameter(f"{path} is a file; give the folder `rewriter run`/`prune` wrote (it holds "
+                                 f"pruning.json and the index)", param_hint=param)
 
 
 @main.command("dry-run")
@@ -740,6 +748,7 @@ def card(dst: str, base_model: str | None, eval_json: str | None, run_verify: bo
     from rewriter.exec.destination import open_destination
     from rewriter.exec.modelcard import load_eval, update_card
 
+    _refuse_file_as_output(dst, "DST")
     destination = open_destination(dst, (dst_options or {}))
     report = None
     if run_verify:

@@ -24,7 +24,7 @@ EXIT_STATUS_HELP = (
     "Exit status: 0 done; 1 the checks ran and found a problem (verify: mismatches or problems; eval "
     "--compare: a gate failed); 2 error: bad usage or input, or the work could not be done (one "
     "'error:' line says which and what to do); 3 internal error (a bug: please report it with the "
-    "output of -vv); 75 the destination is in use by another run (wait for it to end); 130 "
+    "output of `rewriter -vv COMMAND ...`); 75 the destination is in use by another run (wait for it to end); 130 "
     "interrupted (Ctrl-C). With --json an error is printed to stdout as "
     '{"error": MESSAGE, "exit_status": N}.'
 )
@@ -58,8 +58,10 @@ def _describe_error(e: BaseException) -> tuple[str, int]:
         what = e.strerror or str(e) or type(e).__name__
         return f"{where}{what}; check the path, its permissions and free space, then run again", EXIT_ERROR
     log.debug("internal error", exc_info=e)
+    ctx = click.get_current_context(silent=True)
+    command = ctx.info_name if ctx and ctx.parent else "COMMAND"
     return (f"internal error ({type(e).__name__}: {e}); this is a bug: please report it with the output of "
-            f"the same command run with `rewriter -vv`"), EXIT_BUG
+            f"the same command run with -vv right after `rewriter`: `rewriter -vv {command} ...`"), EXIT_BUG
 
 
 def _exit_with(e: BaseException, as_json: bool) -> None:

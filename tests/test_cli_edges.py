@@ -328,3 +328,39 @@ def test_object_storage_without_credentials_or_out_of_reach_names_url_and_option
         assert "cannot connect to the object store" in r.stderr and f"pass {option} " in r.stderr, r.stderr
         assert r.stderr.startswith("error: s3://edges/") and len(r.stderr.splitlines()) == 1
     assert not (tmp_path / "d1").exists()
+
+
+# --- wording: what the messages suggest must work -------------------------------------------------------
+
+def test_the_internal_error_hint_is_a_command_line_that_parses(made, monkeypatch):
+    import rewriter.inspect
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(rewriter.inspect, "describe", broken)
+    r = invoke("inspect", made["src"])
+    assert r.exit_code == 3 and "this is a bug" in r.output
+    suggested = r.output.split("`rewriter -vv inspect ...`")
+    assert len(suggested) == 2, r.output
+    again = invoke("-vv", "inspect", made["src"])  # what the hint says to run
+    assert again.exit_code == 3 and "No such option" not in again.output
+    assert "ZeroDivisionError" in again.output
+
+
+@pytest.mark.parametrize("name", ["bin.dat", "s.json"])
+def test_a_file_given_as_checkpoint_suggests_its_folder_only_when_that_is_a_checkpoint(tmp_path, made, name):
+    f = tmp_path / name
+    if not f.exists():
+        f.write_bytes(b"\x00" * 64)
+    line = assert_error(invoke("plan", f, "--saliency", made["sal"], "--keep-frac", "0.5"), contains="is a file")
+    assert f"pass {tmp_path}" not in line and "pass such a folder" in line
+    shard = sorted(made["src"].glob("*.safetensors"))[0]
+    line = assert_error(invoke("plan", shard, "--saliency", made["sal"], "--keep-frac", "0.5"), contains="is a file")
+    assert line.endswith(f"pass {made['src']}")
+
+
+def test_verify_and_card_name_a_file_given_as_output(tmp_path, made):
+    for args in (["verify", made["src"], made["plan"]], ["verify", made["plan"]], ["card", made["plan"]]):
+        line = assert_error(invoke(*args), contains=f"{made['plan']} is a file; give the folder")
+        assert "pruning.json not found" not in line and "finish the run" not in line

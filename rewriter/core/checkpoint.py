@@ -269,8 +269,12 @@ def _usual_mixup(storage: Storage) -> str | None:
     root = storage.root
     if storage.isfile():
         folder = posixpath.dirname(root.rstrip("/")) or "."
-        return (f"{storage.url} is a file; a checkpoint is the folder holding config.json, the "
-                f"index and the shards: pass {folder}")
+        what = (f"{storage.url} is a file; a checkpoint is the folder holding config.json, the "
+                f"index and the shards")
+        # Only a folder that is a checkpoint is worth suggesting (a shard's, not a plan's).
+        if storage.fs.exists(f"{folder}/{CONFIG_NAME}"):
+            return f"{what}: pass {folder}"
+        return f"{what}; pass such a folder"
     if posixpath.basename(root.rstrip("/")).startswith("models--") and storage.isdir("snapshots"):
         revs = sorted(storage.listdir("snapshots"))
         return (f"{storage.url} is a Hugging Face cache folder; pass one of its snapshots: "
