@@ -272,7 +272,7 @@ def _usual_mixup(storage: Storage) -> str | None:
         what = (f"{storage.url} is a file; a checkpoint is the folder holding config.json, the "
                 f"index and the shards")
         # Only a folder that is a checkpoint is worth suggesting (a shard's, not a plan's).
-        if storage.fs.exists(f"{folder}/{CONFIG_NAME}"):
+        if storage.exists_beside(CONFIG_NAME):
             return f"{what}: pass {folder}"
         return f"{what}; pass such a folder"
     if posixpath.basename(root.rstrip("/")).startswith("models--") and storage.isdir("snapshots"):

@@ -80,6 +80,11 @@ class Storage:
         """Whether ``name`` (default: this location itself) exists."""
         return bool(self.fs.exists(self.path(name) if name else self.root))
 
+    def exists_beside(self, name: str) -> bool:
+        """Whether ``name`` exists in the folder that holds this location."""
+        folder = posixpath.dirname(self.root.rstrip("/"))
+        return bool(self.fs.exists(f"{folder}/{name}" if folder else name))
+
     def isdir(self, name: str = "") -> bool:
         return bool(self.fs.isdir(self.path(name) if name else self.root))
 
