@@ -29,6 +29,24 @@ from rewriter.cli_params import (
 
 MiB = 1 << 20
 log = logging.getLogger(__name__)
+#: Largest --buffer-mib: far past where copies get faster, and every worker allocates one.
+MAX_BUFFER_MIB = 1024
+
+
+class _BufferMiB(click.ParamType):
+    name = "MIB"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        n: int = click.INT.convert(value, param, ctx)
+        if n < 1:
+            self.fail(f"{n} is not a positive number of MiB; give 16-256", param, ctx)
+        if n > MAX_BUFFER_MIB:
+            self.fail(f"{n} MiB is more than the {MAX_BUFFER_MIB} MiB allowed: each worker allocates this much "
+                      f"and copies are no faster past a few tens of MiB; give 16-256", param, ctx)
+        return n
+
+
+BUFFER_MIB = _BufferMiB()
 
 
 @click.group(cls=RewriterGroup, epilog=EXIT_STATUS_HELP)
@@ -61,7 +79,12 @@ def synth(preset: str, layers: int | None, sparse: bool, computing: bool, force:
     """Write a synthetic gpt-oss checkpoint to OUT (a new or empty folder)."""
     from rewriter.core.format import nbytes_of
     from rewriter.progress import ByteProgress
-    from rewriter.synth import all_tensors, computing_chunks, write_checkpoint
+    from rewriter.synth import (
+        all_tensors,
+        computing_chunks,
+        holds_only_temporaries,
+        write_checkpoint,
+    )
     from rewriter.synth import preset as get_preset
 
     try:
@@ -70,7 +93,7 @@ def synth(preset: str, layers: int | None, sparse: bool, computing: bool, force:
         raise click.BadParameter(str(e.args[0]), param_hint="--preset") from None
     if computing and sparse:
         raise click.BadParameter("a sparse checkpoint has no weights to compute with", param_hint="--computing")
-    if os.path.isdir(out) and os.listdir(out) and not force:
+    if os.path.isdir(out) and not holds_only_temporaries(out) and not force:
         raise click.BadParameter(f"{out} is not empty; refusing to mix two checkpoints in one folder: choose "
                                  f"a new folder or pass --force to write into it anyway", param_hint="OUT")
     on_interrupt(f"{out} holds a partial checkpoint; run the same command with --force to write it again")
@@ -264,7 +287,7 @@ cost_options = _options(
 @serving_options
 @cost_options
 @click.option("--layers", default=None, help="Comma-separated layers: a per-layer dry-run plan of their expert tensors.")
-@click.option("--buffer-mib", type=POSITIVE, default=16, show_default=True, help="Executor buffer (for request counts).")
+@click.option("--buffer-mib", type=BUFFER_MIB, default=16, show_default=True, help="Executor buffer (for request counts).")
 @click.option("--out", "out", default=None,
               help="Write the plan JSON here (replaces an existing plan file, never another file).")
 @click.option("--json", "as_json", is_flag=True, help="Print the cost report, keep sets and mapping as JSON.")
@@ -311,7 +334,7 @@ def _bandwidths(read_mbps: float | None, write_mbps: float | None, measure_dir: 
 # --- execution ----------------------------------------------------------------------------------
 
 run_options = _options(
-        click.option("--buffer-mib", type=POSITIVE, default=16, show_default=True,
+        click.option("--buffer-mib", type=BUFFER_MIB, default=16, show_default=True,
                      help="Copy buffer in MiB; bounds the data path's memory."),
         click.option("--force", is_flag=True, help="Overwrite a destination holding other output."),
         click.option("--no-zero-copy", is_flag=True, help="Never use copy_file_range (always buffered)."),
@@ -438,7 +461,7 @@ def soft_prune(src: str, dst: str, plan_out: str | None, verbose: bool, **kw: An
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, metavar="[SRC] DST")
-@click.option("--buffer-mib", type=POSITIVE, default=16, show_default=True, help="Read buffer in MiB per side.")
+@click.option("--buffer-mib", type=BUFFER_MIB, default=16, show_default=True, help="Read buffer in MiB per side.")
 @click.option("--src-options", type=JSON_OBJECT, default=None, help="fsspec options for SRC as JSON.")
 @click.option("--dst-options", type=JSON_OBJECT, default=None, help="fsspec options for DST as JSON.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report (tensors, bytes, mismatches, problems) as JSON.")
@@ -453,6 +476,7 @@ def verify(paths: tuple[str, ...], buffer_mib: int, src_options: dict[str, Any] 
     if len(paths) > 2:
         raise click.UsageError("give [SRC] DST")
     src, dst = (None, paths[0]) if len(paths) == 1 else paths
+    _refuse_file_as_output(dst, "DST")
     from planners.cost import human_bytes
     from rewriter.exec.verify import verify as do_verify
 
@@ -472,12 +496,19 @@ def verify(paths: tuple[str, ...], buffer_mib: int, src_options: dict[str, Any] 
     sys.exit(EXIT_OK if report.ok else EXIT_FOUND)
 
 
+def _refuse_file_as_output(path: str, param: str) -> None:
+    """An output of `run` is a folder: a local file given for one is named as such."""
+    if "://" not in path and os.path.isfile(path):
+        raise click.BadParameter(f"{path} is a file; give the folder `rewriter run`/`prune` wrote (it holds "
+                                 f"pruning.json and the index)", param_hint=param)
+
+
 @main.command("dry-run")
 @click.argument("src")
 @click.option("--layer", "layer_ids", type=NON_NEGATIVE, multiple=True, required=True, help="Layer to probe (repeat).")
 @policy_options
 @click.option("--scratch", default=None, help="Scratch directory (default: a temporary one).")
-@click.option("--buffer-mib", type=POSITIVE, default=16, show_default=True, help="Copy buffer in MiB.")
+@click.option("--buffer-mib", type=BUFFER_MIB, default=16, show_default=True, help="Copy buffer in MiB.")
 @click.option("--no-zero-copy", is_flag=True, help="Probe the buffered path instead of copy_file_range.")
 @click.option("--json", "as_json", is_flag=True, help="Print one record per layer as JSON.")
 @_fail_cleanly
@@ -722,6 +753,7 @@ def card(dst: str, base_model: str | None, eval_json: str | None, run_verify: bo
     from rewriter.exec.hubmeta import check_base_model
     from rewriter.exec.modelcard import load_eval, update_card
 
+    _refuse_file_as_output(dst, "DST")
     if base_model is not None:
         check_base_model(base_model)  # before a long --verify
     destination = open_destination(dst, (dst_options or {}))

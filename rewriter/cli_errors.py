@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from rewriter.core.errors import RewriterError
+from rewriter.core.errors import RewriterError, StorageAccessError
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ EXIT_STATUS_HELP = (
     "Exit status: 0 done; 1 the checks ran and found a problem (verify: mismatches or problems; eval "
     "--compare: a gate failed); 2 error: bad usage or input, or the work could not be done (one "
     "'error:' line says which and what to do); 3 internal error (a bug: please report it with the "
-    "output of -vv); 75 the destination is in use by another run (wait for it to end); 130 "
+    "output of `rewriter -vv COMMAND ...`); 75 the destination is in use by another run (wait for it to end); 130 "
     "interrupted (Ctrl-C). With --json an error is printed to stdout as "
     '{"error": MESSAGE, "exit_status": N}.'
 )
@@ -50,13 +50,18 @@ def _describe_error(e: BaseException) -> tuple[str, int]:
     if isinstance(e, ModuleNotFoundError):
         return (f"this command needs the Python package {e.name!r}, which is not installed; install the "
                 f"extra that brings it: pip install 'moe-rewriter[torch]' (or [ray], [s3])"), EXIT_ERROR
+    if isinstance(e, MemoryError):
+        return ("out of memory; free memory or lower the memory this command asks for (--buffer-mib, "
+                "--workers, --batch-size), then run the same command again"), EXIT_ERROR
     if isinstance(e, OSError):
         where = f"{e.filename}: " if e.filename else ""
         what = e.strerror or str(e) or type(e).__name__
         return f"{where}{what}; check the path, its permissions and free space, then run again", EXIT_ERROR
     log.debug("internal error", exc_info=e)
+    ctx = click.get_current_context(silent=True)
+    command = ctx.info_name if ctx and ctx.parent else "COMMAND"
     return (f"internal error ({type(e).__name__}: {e}); this is a bug: please report it with the output of "
-            f"the same command run with `rewriter -vv`"), EXIT_BUG
+            f"the same command run with -vv right after `rewriter`: `rewriter -vv {command} ...`"), EXIT_BUG
 
 
 def _exit_with(e: BaseException, as_json: bool) -> None:
@@ -75,12 +80,25 @@ def fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (click.exceptions.Exit, BrokenPipeError):
+        except click.exceptions.Exit:
             raise
+        except StorageAccessError as e:
+            _exit_with(e.for_option(_storage_option(e.url, kwargs)), bool(kwargs.get("as_json")))
         except (Exception, KeyboardInterrupt) as e:  # every failure ends in one line, never a traceback
             _exit_with(e, bool(kwargs.get("as_json")))
 
     return wrapper
+
+
+def _storage_option(url: str, params: dict[str, Any]) -> str:
+    """The option of the command that carries fsspec options for ``url``: the destination's, the
+    source's (``run``, ``verify``, ``card``) or the one location's (``--storage-options``)."""
+    if "dst_options" in params:
+        paths = params.get("paths") or (None,)
+        dst = str(params.get("dst") or paths[-1] or "").rstrip("/")
+        if dst and (url.rstrip("/") == dst or url.startswith(dst + "/")):
+            return "--dst-options"
+    return "--src-options" if "src_options" in params else "--storage-options"
 
 
 class RewriterCommand(click.Command):
@@ -98,23 +116,56 @@ class RewriterGroup(click.Group):
              standalone_mode: bool = True, **extra: Any) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
         _interrupt_hint.clear()
+        sys.stdout, sys.stderr = QuietWhenClosed.wrap(sys.stdout), QuietWhenClosed.wrap(sys.stderr)
         try:
             status = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as e:
             click.echo(e.format_message())  # plain `rewriter` asks for help: not an error
-            sys.exit(EXIT_OK)
-        except BrokenPipeError:
-            _silence_stdout()  # the reader (`| head`) stopped reading: nothing to report
             sys.exit(EXIT_OK)
         except (Exception, KeyboardInterrupt) as e:
             _exit_with(e, "--json" in argv)
         sys.exit(status if isinstance(status, int) else EXIT_OK)
 
 
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null so that the interpreter's last flush does not fail again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError, io.UnsupportedOperation):
-        pass
+class QuietWhenClosed:
+    """stdout or stderr that, once its reader has gone (`rewriter check X | head -1`), sends the
+    rest of the output to /dev/null instead of failing.
+
+    So a reader that stops early never changes what a command does or its exit status: the work
+    finishes and the status is the work's own, whenever the reader stopped. (Dying of SIGPIPE,
+    as many Unix tools do, would make the status depend on whether the reader left before the
+    last write: 0 one time, 141 the next.)
+    """
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    @classmethod
+    def wrap(cls, stream: Any) -> Any:
+        return stream if isinstance(stream, cls) or stream is None else cls(stream)
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except BrokenPipeError:
+            self._drop_the_rest()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._drop_the_rest()
+
+    def _drop_the_rest(self) -> None:
+        """Point the file descriptor at /dev/null: what is still buffered, and all later output,
+        including the interpreter's last flush, goes there without error."""
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)

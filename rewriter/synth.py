@@ -26,6 +26,8 @@ import numpy as np
 from rewriter.core.format import encode_header, nbytes_of, reference_order
 
 _TILE_BYTES = 1 << 16
+#: Suffix of a shard being written; renamed to its name once whole.
+TMP_SUFFIX = ".tmp"
 
 
 @dataclass(frozen=True)
@@ -302,18 +304,27 @@ def write_shard(path: Path, items: list[tuple[str, str, tuple[int, ...]]], spars
     ordered = reference_order(items)
     head = encode_header(ordered, {"format": "pt"})
     total = len(head) + sum(nbytes_of(d, s) for _, d, s in ordered)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(head)
-        if sparse:
-            f.truncate(total)
-        else:
-            for name, dtype, shape in ordered:
-                for chunk in (values or tensor_chunks)(name, dtype, shape):
-                    f.write(chunk)
-                    if progress:
-                        progress(len(chunk))
-    os.replace(tmp, path)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(head)
+            if sparse:
+                f.truncate(total)
+            else:
+                for name, dtype, shape in ordered:
+                    for chunk in (values or tensor_chunks)(name, dtype, shape):
+                        f.write(chunk)
+                        if progress:
+                            progress(len(chunk))
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C included: leave no half-written shard behind
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def holds_only_temporaries(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds nothing but shards a killed ``synth`` left half-written."""
+    return all(name.endswith(".safetensors" + TMP_SUFFIX) for name in os.listdir(folder))
 
 
 def write_checkpoint(out: str | os.PathLike, g: Geometry, sparse: bool = False,

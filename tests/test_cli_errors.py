@@ -214,27 +214,37 @@ def test_ctrl_c_says_what_was_kept_and_the_same_command_resumes(tmp_path, comman
 
 @pytest.mark.slow
 def test_ctrl_c_in_a_real_process_exits_130(tmp_path):
+    import os
     import signal
     import subprocess
     import sys
 
     out = tmp_path / "big"
-    # Generating tensor data is slow enough (tens of MB/s) to be caught in the middle. A shell
-    # may start background jobs with SIGINT ignored; a user's terminal does not.
-    p = subprocess.Popen([sys.executable, "-m", "rewriter.cli", "synth", "--preset", "small", "--layers", "40",
+    # A shell may start background jobs with SIGINT ignored; a user's terminal does not.
+    p = subprocess.Popen([sys.executable, "-m", "rewriter.cli", "synth", "--preset", "small", "--layers", "12",
                           str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 30
-    while not any(out.glob("*.tmp")) and p.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert p.poll() is None, "synth ended before it could be interrupted"
-    p.send_signal(signal.SIGINT)
+    # Freeze the process while it is writing a shard (a .tmp file exists while it is stopped), so
+    # the interrupt lands in the middle of the work however slow or loaded the machine is.
+    deadline = time.monotonic() + 60
+    while True:
+        assert p.poll() is None and time.monotonic() < deadline, "synth ended before it could be interrupted"
+        if any(out.glob("*.tmp")):
+            os.kill(p.pid, signal.SIGSTOP)
+            if any(out.glob("*.tmp")):
+                break
+            os.kill(p.pid, signal.SIGCONT)
+        time.sleep(0.005)
+    os.kill(p.pid, signal.SIGINT)
+    os.kill(p.pid, signal.SIGCONT)
     stdout, stderr = p.communicate(timeout=60)
-    shutil.rmtree(out, ignore_errors=True)
     assert p.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1].startswith("error: interrupted; ")
     assert "--force" in stderr
+    assert not (out / "model.safetensors.index.json").exists()
+    assert not list(out.glob("*.tmp")), "the shard being written when interrupted is removed"
+    shutil.rmtree(out, ignore_errors=True)
 
 
 # --- 3. misleading messages, exit statuses, JSON errors ------------------------------------------

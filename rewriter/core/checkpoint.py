@@ -17,7 +17,7 @@ from typing import Any
 
 from rewriter.core.errors import CheckpointError, FormatError
 from rewriter.core.format import PREFIX_BYTES, Header, parse_header, read_prefix
-from rewriter.core.jsonfile import parse_json
+from rewriter.core.jsonfile import parse_json_object
 from rewriter.core.layouts import Layout, detect_layout
 from rewriter.core.storage import Storage
 
@@ -88,7 +88,8 @@ def relative_name_problem(name: object, strict: bool = True) -> str | None:
 def check_shard_name(name: object, where: str) -> str:
     """Reject shard names that could escape the checkpoint directory."""
     if not isinstance(name, str) or not name:
-        raise CheckpointError(f"Invalid shard filename {name!r} in index file '{where}'.")
+        raise CheckpointError(f"Invalid shard filename {name!r} in index file '{where}': each weight_map "
+                              f"value must be a shard file name (a non-empty string); fix or rewrite the index")
     if relative_name_problem(name, strict=False):
         raise CheckpointError(
             f"Invalid shard filename '{name}' in index file '{where}'. Shard filenames must be "
@@ -268,8 +269,12 @@ def _usual_mixup(storage: Storage) -> str | None:
     root = storage.root
     if storage.isfile():
         folder = posixpath.dirname(root.rstrip("/")) or "."
-        return (f"{storage.url} is a file; a checkpoint is the folder holding config.json, the "
-                f"index and the shards: pass {folder}")
+        what = (f"{storage.url} is a file; a checkpoint is the folder holding config.json, the "
+                f"index and the shards")
+        # Only a folder that is a checkpoint is worth suggesting (a shard's, not a plan's).
+        if storage.exists_beside(CONFIG_NAME):
+            return f"{what}: pass {folder}"
+        return f"{what}; pass such a folder"
     if posixpath.basename(root.rstrip("/")).startswith("models--") and storage.isdir("snapshots"):
         revs = sorted(storage.listdir("snapshots"))
         return (f"{storage.url} is a Hugging Face cache folder; pass one of its snapshots: "
@@ -277,14 +282,15 @@ def _usual_mixup(storage: Storage) -> str | None:
     return None
 
 
-def _load_json(storage: Storage, name: str) -> Any:
-    return parse_json(storage.read_all(name), storage.describe(name), CheckpointError)
+def _load_json(storage: Storage, name: str) -> dict[str, Any]:
+    """``config.json`` or the index: JSON objects, refused naming the file when they are not."""
+    return parse_json_object(storage.read_all(name), storage.describe(name), CheckpointError)
 
 
 def _load_index(storage: Storage) -> tuple[dict[str, str], int | None]:
     where = storage.describe(INDEX_NAME)
     doc = _load_json(storage, INDEX_NAME)
-    wm = doc.get("weight_map") if isinstance(doc, dict) else None
+    wm = doc.get("weight_map")
     if not isinstance(wm, dict) or not wm:
         raise CheckpointError(f"{where}: expected a non-empty 'weight_map' object")
     weight_map = {}

@@ -25,6 +25,23 @@ class SaliencyError(RewriterError):
     """A saliency file or keep list is malformed or does not fit the checkpoint."""
 
 
+class StorageAccessError(RewriterError):
+    """An object store cannot be reached, or refuses the credentials (or their absence).
+
+    ``option`` is the command-line option that carries the store's options; the CLI sets it
+    (:meth:`for_option`), since the same store is ``--storage-options`` to one command and
+    ``--src-options`` or ``--dst-options`` to another.
+    """
+
+    def __init__(self, url: str, problem: str, remedy: str, option: str | None = None):
+        self.url, self.problem, self.remedy, self.option = url, problem, remedy, option
+        how = option or "the storage options of this URL (--storage-options, --src-options or --dst-options)"
+        super().__init__(f"{url}: {problem}; pass {how} {remedy}")
+
+    def for_option(self, option: str) -> StorageAccessError:
+        return StorageAccessError(self.url, self.problem, self.remedy, option)
+
+
 class DeviceError(RewriterError):
     """The compute device asked for cannot be used (no CUDA, unknown device)."""
 

@@ -18,6 +18,11 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from rewriter.core.errors import CheckpointError
+from rewriter.core.remote import GuardedFileSystem
+
+
+def _unwrapped(fs: Any) -> Any:
+    return fs.wrapped if isinstance(fs, GuardedFileSystem) else fs
 
 
 @dataclass
@@ -44,7 +49,10 @@ class Storage:
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
         self.url = str(url)
-        self.fs, root = fsspec.core.url_to_fs(self.url, **dict(storage_options or {}))
+        fs, root = fsspec.core.url_to_fs(self.url, **dict(storage_options or {}))
+        # A remote store that cannot be reached or refuses the credentials is named, with the
+        # options to pass, by whichever call finds it out.
+        self.fs = fs if isinstance(fs, LocalFileSystem) else GuardedFileSystem(fs, self.url)
         self.root = root.rstrip("/") if root != "/" else root
         self.counter = IOCounter()
         self._fds: dict[str, int] = {}
@@ -71,6 +79,11 @@ class Storage:
     def exists(self, name: str = "") -> bool:
         """Whether ``name`` (default: this location itself) exists."""
         return bool(self.fs.exists(self.path(name) if name else self.root))
+
+    def exists_beside(self, name: str) -> bool:
+        """Whether ``name`` exists in the folder that holds this location."""
+        folder = posixpath.dirname(self.root.rstrip("/"))
+        return bool(self.fs.exists(f"{folder}/{name}" if folder else name))
 
     def isdir(self, name: str = "") -> bool:
         return bool(self.fs.isdir(self.path(name) if name else self.root))
@@ -102,7 +115,7 @@ class Storage:
         if self.is_local and other.is_local:
             a, b = os.path.realpath(self.root), os.path.realpath(other.root)
             return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
-        if type(self.fs) is not type(other.fs):
+        if type(_unwrapped(self.fs)) is not type(_unwrapped(other.fs)):
             return False
         a, b = self.root.rstrip("/"), other.root.rstrip("/")
         return a == b or a.startswith(b + "/")

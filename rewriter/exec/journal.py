@@ -55,7 +55,7 @@ class Journal:
             return None
         try:
             return json.loads(dst.read_all(JOURNAL))
-        except json.JSONDecodeError:
+        except ValueError:  # not JSON, or not even UTF-8
             return None  # torn by a crash before its rename: treat as absent
 
     def record(self, result: ShardResult) -> None:
@@ -125,7 +125,7 @@ def _provenance_digest(dst: Destination) -> str | None:
         return None
     try:
         return json.loads(dst.read_all(PROVENANCE_NAME)).get("plan_digest")
-    except (json.JSONDecodeError, AttributeError):
+    except (ValueError, AttributeError):  # not JSON (or not UTF-8), or not an object
         return None
 
 

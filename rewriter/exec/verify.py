@@ -8,7 +8,6 @@ bounded buffer.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from planners.plan import PROVENANCE_NAME, Plan, Segment, source_location
 from rewriter.core.checkpoint import CONFIG_NAME, Checkpoint
 from rewriter.core.errors import CheckpointError, PlanError, RewriterError
+from rewriter.core.jsonfile import parse_json_object
 from rewriter.core.storage import Storage
 from rewriter.exec.copy import DEFAULT_BUFFER_BYTES
 
@@ -41,10 +41,12 @@ def load_provenance_plan(dst: Storage) -> Plan:
     """The plan recorded in ``pruning.json`` of a checkpoint this tool wrote."""
     if not dst.exists(PROVENANCE_NAME):
         raise PlanError(f"{dst.describe(PROVENANCE_NAME)} not found: {dst.url} was not written by this tool")
+    doc = parse_json_object(dst.read_all(PROVENANCE_NAME), dst.describe(PROVENANCE_NAME), PlanError,
+                            ("this tool's record of the plan", f"{dst.url} is damaged: write it again with "
+                             "`rewriter run PLAN --out DST --force`"))
     try:
-        doc = json.loads(dst.read_all(PROVENANCE_NAME))
         return Plan.from_json(doc["plan"], dst.describe(PROVENANCE_NAME))
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise PlanError(f"{dst.describe(PROVENANCE_NAME)}: unreadable provenance ({e})") from None
 
 
