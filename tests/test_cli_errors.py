@@ -366,3 +366,14 @@ def test_python_dash_m_knows_every_command():
     commands = r.stdout.split("Commands:", 1)[1].split("\n\n", 1)[0]
     listed = {line.split()[0] for line in commands.splitlines() if line.strip()}
     assert listed == set(main.commands), sorted(set(main.commands) - listed)
+
+
+@pytest.mark.parametrize("url, says", [
+    ("ftp://nowhere.invalid/ckpt", "cannot connect to the store"),
+    ("gs://bucket/ckpt", "needs a package that is not installed"),
+    ("nosuch://x/ckpt", "not a storage URL this tool can open"),
+])
+def test_a_store_that_cannot_be_opened_is_named(url, says):
+    for args in (("inspect", url), ("check", url)):
+        line = assert_error(invoke(*args), 2, contains=says)
+        assert url in line and "internal error" not in line

@@ -17,7 +17,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from rewriter.core.errors import CheckpointError
+from rewriter.core.errors import CheckpointError, RewriterError, StorageAccessError
 from rewriter.core.remote import GuardedFileSystem
 
 
@@ -49,7 +49,7 @@ class Storage:
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
         self.url = str(url)
-        fs, root = fsspec.core.url_to_fs(self.url, **dict(storage_options or {}))
+        fs, root = _open_fs(self.url, storage_options)
         # A remote store that cannot be reached or refuses the credentials is named, with the
         # options to pass, by whichever call finds it out.
         self.fs = fs if isinstance(fs, LocalFileSystem) else GuardedFileSystem(fs, self.url)
@@ -217,3 +217,18 @@ class Storage:
         if self.is_local:
             return self.local_path(name)
         return f"{self.url.rstrip('/')}/{name}"
+
+
+def _open_fs(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
+    """fsspec's filesystem for ``url``; a protocol without its package, an unknown protocol or a
+    store that cannot be reached while connecting is one error naming the URL."""
+    try:
+        return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    except ImportError as e:
+        raise RewriterError(f"{url}: this kind of storage needs a package that is not installed ({e})") from None
+    except ValueError as e:
+        raise RewriterError(f"{url}: not a storage URL this tool can open ({e}); give a local path or "
+                            f"an fsspec URL such as s3://bucket/path or hf://org/name") from None
+    except OSError as e:
+        raise StorageAccessError(url, f"cannot connect to the store ({e.strerror or e})",
+                                 "options that reach it") from None
