@@ -59,6 +59,10 @@ class _FiniteFloat(click.FloatRange):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return super().convert(v, param, ctx)
 
+    def _describe_range(self) -> str:
+        # click would print an unbounded range as "x<=None" in --help.
+        return "" if self.min is None and self.max is None else super()._describe_range()
+
 
 class _DomainName(click.ParamType):
     """A calibration domain name that is safe to write in a model card and a JSON file."""
