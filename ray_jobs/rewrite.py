@@ -13,6 +13,7 @@ an object store).
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from rewriter.cli import main as rewriter
@@ -21,7 +22,9 @@ from rewriter.cli import main as rewriter
 def main(argv: list[str] | None = None) -> None:
     """Run ``rewriter run --ray`` with ``argv`` (default: this process's arguments); exits."""
     args = sys.argv[1:] if argv is None else argv
-    rewriter.main(["run", "--ray", *args], prog_name="python -m ray_jobs.rewrite")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # The run command itself (not the group), so its usage line reads as this entry point is typed.
+    rewriter.commands["run"].main(["--ray", *args], prog_name="python -m ray_jobs.rewrite")
 
 
 if __name__ == "__main__":

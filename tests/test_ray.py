@@ -69,7 +69,7 @@ def test_job_entry_point_is_the_run_command(ray_cluster, medium_plan, tmp_path, 
         job(["--help"])
     job_help = capsys.readouterr().out
     run_help = cli("run", "--help")
-    assert job_help.startswith("Usage: python -m ray_jobs.rewrite run [OPTIONS] PLAN")
+    assert job_help.startswith("Usage: python -m ray_jobs.rewrite [OPTIONS] PLAN")
     def options(text: str) -> str:
         return " ".join(text.split("Options:")[1].split())  # line wrapping depends on the width
 
