@@ -130,6 +130,8 @@ def pack(docs: Iterator[list[int]], seq_len: int, max_tokens: int | None = None,
     if emitted == 0:
         n = len(buf) if max_tokens is None else min(len(buf), max_tokens)
         if n < 2:
-            raise DataError(f"the data holds {n} token(s); at least 2 are needed (a token and the next one "
-                            f"it predicts): give more text")
+            why = (f"--max-tokens {max_tokens} leaves {n}" if max_tokens is not None and len(buf) >= 2
+                   else f"the data holds {n} token(s)")
+            raise DataError(f"{why}; at least 2 are needed (a token and the next one it predicts): give "
+                            f"more text or a larger --max-tokens")
         yield np.asarray(buf[:n], dtype=np.int64)

@@ -556,8 +556,9 @@ def _engine_kwargs(device: str | None, dtype: str, gpu_memory: float | None,
                    storage_options: dict[str, Any] | None) -> dict[str, Any]:
     import torch
 
-    if gpu_memory is not None and gpu_memory <= 0:
-        raise click.BadParameter(f"{gpu_memory} is not a positive number of GiB", param_hint="--gpu-memory")
+    if gpu_memory is not None and not 0 < gpu_memory <= 1 << 20:
+        raise click.BadParameter(f"{gpu_memory} is not a number of GiB between 0 and {1 << 20:,}",
+                                 param_hint="--gpu-memory")
     return {"device": device or ("cuda" if torch.cuda.is_available() else "cpu"),
             "dtype": None if dtype == "auto" else getattr(torch, dtype),
             "gpu_memory": None if gpu_memory is None else int(gpu_memory * (1 << 30)),
@@ -570,7 +571,8 @@ def _engine_kwargs(device: str | None, dtype: str, gpu_memory: float | None,
               help="Calibration file: .jsonl (text or input_ids), .npy ids, or plain text (repeat).")
 @click.option("--out", required=True, help="Saliency file to write.")
 @click.option("--domain", type=DOMAIN, default="default", show_default=True, help="Name of this calibration domain.")
-@click.option("--seq-len", type=POSITIVE, default=2048, show_default=True, help="Tokens per packed sequence.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=2048, show_default=True,
+              help="Tokens per packed sequence (at least 2: a token and the next one it predicts).")
 @click.option("--max-tokens", type=POSITIVE, default=None, help="Stop after this many tokens.")
 @click.option("--batch-size", type=POSITIVE, default=1, show_default=True, help="Sequences per forward pass.")
 @engine_options
@@ -590,6 +592,10 @@ def profile(model: str, data: tuple[str, ...], out: str, domain: str, seq_len: i
 
     kw = _engine_kwargs(device, dtype, gpu_memory, storage_options)
     refuse_existing_file(out, "--out", force)  # before the profile, not after hours of it
+    folder = os.path.dirname(os.path.abspath(out))
+    if "://" not in out and not os.path.isdir(folder):
+        raise click.BadParameter(f"cannot write {out}: {folder} is not an existing folder; create it first",
+                                 param_hint="--out")
     bar = TokenProgress(enabled=not quiet)
     try:
         sal = run_profile(model, list(data), domain=domain, seq_len=seq_len, max_tokens=max_tokens,
@@ -631,6 +637,10 @@ class TokenProgress:
             self._say(f"profile: decoder layer {done}/{total}")
 
     def close(self) -> None:
+        """The final count (throttled lines may have stopped short of it)."""
+        if self.enabled and self.done:
+            self._say(f"profile: {self.done:,} tokens, "
+                      f"{self.done / max(time.monotonic() - self.t0, 1e-9):,.0f} tokens/s")
         if self.enabled and self.tty and self.drawn:
             click.echo("", err=True)
 
@@ -638,7 +648,8 @@ class TokenProgress:
 @main.command("eval")
 @click.argument("model")
 @click.option("--data", "packs", multiple=True, required=True, help="Evaluation pack (.jsonl/.npy/text; repeat).")
-@click.option("--seq-len", "seq_lens", type=POSITIVE, multiple=True, help="Block length (repeat; default 1024).")
+@click.option("--seq-len", "seq_lens", type=click.IntRange(min=2), multiple=True,
+              help="Block length, at least 2 (repeat; default 1024).")
 @click.option("--blocks", type=POSITIVE, default=16, show_default=True, help="Blocks per pack and sequence length.")
 @click.option("--compare", default=None, help="Base model: report deltas and the near-lossless gates.")
 @engine_options

@@ -342,3 +342,17 @@ def test_data_that_is_not_text_or_too_short_is_one_clear_error(tmp_path, fresh_t
         out = cli(command, fresh_tiny, "--data", data, "--device", "cpu", *out_args, expect=2)
         assert out.startswith("error: ") and says in out and "internal error" not in out, out
     assert not (tmp_path / "s.json").exists()
+
+
+def test_profile_and_eval_refuse_what_cannot_run_before_any_work(tmp_path, fresh_tiny):
+    data = tmp_path / "ids.jsonl"
+    data.write_text(json.dumps({"input_ids": list(range(200))}) + "\n")
+    for args, says in ((["profile", fresh_tiny, "--data", data, "--out", tmp_path / "no" / "s.json"], "not an existing folder"),
+                       (["profile", fresh_tiny, "--data", data, "--out", tmp_path / "s.json", "--seq-len", "1"], "--seq-len"),
+                       (["eval", fresh_tiny, "--data", data, "--seq-len", "1"], "--seq-len"),
+                       (["eval", fresh_tiny, "--data", data, "--gpu-memory", "1e308"], "--gpu-memory"),
+                       (["profile", fresh_tiny, "--data", data, "--out", tmp_path / "s.json", "--max-tokens", "1"],
+                        "--max-tokens 1 leaves 1")):
+        out = cli(*args, "--device", "cpu", expect=2)
+        assert out.startswith("error: ") and says in out and "internal error" not in out, out
+    assert not (tmp_path / "no").exists() and not (tmp_path / "s.json").exists()
