@@ -49,12 +49,13 @@ class LazyTokenizer:
         return self._tok
 
 
-def documents(paths: Sequence[str | Path], tokenizer) -> Iterator[list[int]]:
+def documents(paths: Sequence[str | Path], tokenizer, vocab_size: int | None = None) -> Iterator[list[int]]:
     """Token ids per document.
 
     Accepted files: ``.jsonl`` with a ``text`` field (tokenized) or an ``input_ids`` field
     (used as is), ``.npy`` (one 1-D array of ids), anything else as one plain-text (UTF-8)
-    document. A file that is none of these raises :class:`DataError` naming it.
+    document. A file that is none of these, or holds ids at or above ``vocab_size``, raises
+    :class:`DataError` naming it.
     """
     for p in map(Path, paths):
         if not p.is_file():
@@ -62,9 +63,9 @@ def documents(paths: Sequence[str | Path], tokenizer) -> Iterator[list[int]]:
                             f".jsonl, .npy or UTF-8 text files")
         try:
             if p.suffix == ".npy":
-                yield _ids(np.load(p, allow_pickle=False).ravel().tolist(), str(p))
+                yield _in_vocab(_ids(np.load(p, allow_pickle=False).ravel().tolist(), str(p)), vocab_size, str(p))
             elif p.suffix == ".jsonl":
-                yield from _jsonl(p, tokenizer)
+                yield from _jsonl(p, tokenizer, vocab_size)
             else:
                 yield _encode(tokenizer, p.read_text(encoding="utf-8"))
         except UnicodeDecodeError as e:
@@ -74,7 +75,7 @@ def documents(paths: Sequence[str | Path], tokenizer) -> Iterator[list[int]]:
             raise DataError(f"{p}: cannot read it as {p.suffix or 'text'} data ({e})") from None
 
 
-def _jsonl(p: Path, tokenizer) -> Iterator[list[int]]:
+def _jsonl(p: Path, tokenizer, vocab_size: int | None) -> Iterator[list[int]]:
     with open(p, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -84,11 +85,17 @@ def _jsonl(p: Path, tokenizer) -> Iterator[list[int]]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{p}:{n}: not valid JSON ({e})") from None
             if isinstance(doc, dict) and "input_ids" in doc:
-                yield _ids(doc["input_ids"], f"{p}:{n}")
+                yield _in_vocab(_ids(doc["input_ids"], f"{p}:{n}"), vocab_size, f"{p}:{n}")
             elif isinstance(doc, dict) and isinstance(doc.get("text"), str):
                 yield _encode(tokenizer, doc["text"])
             else:
                 raise DataError(f"{p}:{n}: expected an object with a \"text\" string or an \"input_ids\" list")
+
+
+def _in_vocab(ids: list[int], vocab_size: int | None, where: str) -> list[int]:
+    if vocab_size is not None and ids and max(ids) >= vocab_size:
+        raise DataError(f"{where}: token id {max(ids)} is outside the model's vocabulary of {vocab_size}")
+    return ids
 
 
 def _ids(values: object, where: str) -> list[int]:

@@ -301,7 +301,7 @@ def _profile_open(ckpt: Checkpoint, data: Sequence[str], *, domain: str, seq_len
         stream = use_streamed(ckpt, dtype, device, streamed, gpu_memory)
         vocab = int(cfg["vocab_size"])
         tok = LazyTokenizer(tokenizer_dir(ckpt, work), vocab)
-        docs = documents(data, tok)
+        docs = documents(data, tok, vocab)
         try:  # a data error leaves the file open in the suspended generator until closed
             seqs = pack(docs, seq_len, max_tokens, eos_of(cfg), vocab)
             if stream:

@@ -56,7 +56,7 @@ def load_blocks(tokenizer_path: str, packs: Sequence[str], seq_len: int, blocks:
     out = {}
     for p in packs:
         limit = None if blocks is None else blocks * seq_len
-        docs = documents([p], tok)
+        docs = documents([p], tok, vocab)
         try:
             out[Path(p).stem] = list(pack(docs, seq_len, limit, eos, vocab))
         finally:

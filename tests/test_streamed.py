@@ -179,7 +179,9 @@ def test_weights_held_do_not_grow_with_layers(tmp_path):
         assert max(live) - computed == timings[0].weight_bytes  # one decoder layer built at a time
         # The ledger: the built layer, its raw bytes and the next layer's raw bytes read ahead.
         assert engine.stats.peak_weight_bytes <= timings[0].weight_bytes + 2 * timings[0].raw_bytes
-        measured[n] = (max(live), engine.stats.peak_weight_bytes)
+        # The ledger's peak depends on how far the reader thread got (bounded above); the weights
+        # alive on the model are deterministic.
+        measured[n] = max(live)
     assert measured[2] == measured[8]
 
 
@@ -197,9 +199,10 @@ def test_profile_errors_are_clean_and_leave_nothing(tmp_path, monkeypatch):
     for mode in ("--streamed", "--no-streamed"):
         out = cli("profile", src, "--data", bad, "--out", tmp_path / "s.json", "--device", "cpu", "--quiet", mode,
                   expect=2)
-        assert "error: token id 999 is outside the model's vocabulary of 256" in out and "Traceback" not in out
+        assert f"error: {bad}:1: token id 999 is outside the model's vocabulary of 256" in out
+        assert "Traceback" not in out
         out = cli("eval", src, "--data", bad, "--seq-len", "2", "--device", "cpu", mode, expect=2)
-        assert out.startswith("error: token id 999 is outside")
+        assert out.startswith(f"error: {bad}:1: token id 999 is outside")
     assert list(tmp.iterdir()) == [] and len(os.listdir("/proc/self/fd")) == fds
     assert not (tmp_path / "s.json").exists()
 
