@@ -13,6 +13,7 @@ base's 15th percentiles on the same tokens, and :mod:`quality.gates` decides nea
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import tempfile
 from collections.abc import Callable, Sequence
@@ -37,8 +38,10 @@ from profiling.streamed import StreamedModel, check_device
 from profiling.weights import checkpoint_dtype
 from quality.gates import Gates, check, histogram
 from rewriter.core.checkpoint import Checkpoint
+from rewriter.core.errors import RewriterError
 
 UNION = "union"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -204,6 +207,7 @@ def evaluate(
                     base_scored = base_cache[key]
                 else:
                     base = base or open_subject(compare, stack, **opts)
+                    _check_comparable(cfg, base.config, model_path, compare)
                     base_scored = _with_union(base.score(data))
                     if base_cache is not None:
                         base_cache[key] = base_scored
@@ -213,6 +217,20 @@ def evaluate(
     if subject.engine is not None:  # measurements of the model's last streamed pass
         result["engine"] = subject.engine.stats.to_json()
     return result
+
+
+def _check_comparable(cfg: dict[str, Any], base_cfg: dict[str, Any], model_path: str, compare: str) -> None:
+    """Perplexities are comparable only over one tokenizer: a base with another vocabulary is
+    refused; one of another family is compared with a warning."""
+    if cfg.get("vocab_size") != base_cfg.get("vocab_size"):
+        raise RewriterError(
+            f"--compare {compare} has a vocabulary of {base_cfg.get('vocab_size')} tokens and {model_path} "
+            f"of {cfg.get('vocab_size')}: their perplexities cannot be compared; compare a pruned model "
+            f"with the model it was pruned from")
+    if cfg.get("model_type") != base_cfg.get("model_type"):
+        log.warning("--compare %s is a %s model and %s a %s model; the gates assume a model and the "
+                    "checkpoint it was pruned from", compare, base_cfg.get("model_type"), model_path,
+                    cfg.get("model_type"))
 
 
 def _with_union(scored: dict[str, Tokens]) -> dict[str, Tokens]:

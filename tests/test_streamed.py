@@ -359,3 +359,14 @@ def test_profile_and_eval_refuse_what_cannot_run_before_any_work(tmp_path, fresh
         out = cli(*args, "--device", "cpu", expect=2)
         assert out.startswith("error: ") and says in out and "internal error" not in out, out
     assert not (tmp_path / "no").exists() and not (tmp_path / "s.json").exists()
+
+
+def test_eval_refuses_a_base_with_another_vocabulary(tmp_path, fresh_tiny):
+    cfg = transformers.Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(str(tmp_path / "dense"))
+    data = tmp_path / "ids.jsonl"
+    data.write_text(json.dumps({"input_ids": list(range(100))}) + "\n")
+    out = cli("eval", fresh_tiny, "--data", data, "--seq-len", "16", "--blocks", "2", "--device", "cpu",
+              "--compare", tmp_path / "dense", expect=2)
+    assert out.startswith("error: --compare ") and "cannot be compared" in out and "internal error" not in out
