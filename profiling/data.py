@@ -67,7 +67,7 @@ def documents(paths: Sequence[str | Path], tokenizer, vocab_size: int | None = N
             elif p.suffix == ".jsonl":
                 yield from _jsonl(p, tokenizer, vocab_size)
             else:
-                yield _encode(tokenizer, p.read_text(encoding="utf-8"))
+                yield _in_vocab(_encode(tokenizer, p.read_text(encoding="utf-8")), vocab_size, str(p))
         except UnicodeDecodeError as e:
             raise DataError(f"{p}: not UTF-8 text (byte {e.start}); --data takes .jsonl, .npy or UTF-8 "
                             f"text files") from None
@@ -87,7 +87,7 @@ def _jsonl(p: Path, tokenizer, vocab_size: int | None) -> Iterator[list[int]]:
             if isinstance(doc, dict) and "input_ids" in doc:
                 yield _in_vocab(_ids(doc["input_ids"], f"{p}:{n}"), vocab_size, f"{p}:{n}")
             elif isinstance(doc, dict) and isinstance(doc.get("text"), str):
-                yield _encode(tokenizer, doc["text"])
+                yield _in_vocab(_encode(tokenizer, doc["text"]), vocab_size, f"{p}:{n}")
             else:
                 raise DataError(f"{p}:{n}: expected an object with a \"text\" string or an \"input_ids\" list")
 
@@ -113,8 +113,8 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def pack(docs: Iterator[list[int]], seq_len: int, max_tokens: int | None = None, eos: int | None = None,
-         vocab_size: int | None = None) -> Iterator[np.ndarray]:
+def pack(docs: Iterator[list[int]], seq_len: int, max_tokens: int | None = None,
+         eos: int | None = None) -> Iterator[np.ndarray]:
     """Concatenate documents (``eos`` between them) and cut blocks of ``seq_len`` tokens.
 
     A final partial block is yielded only when it is the first block (tiny data sets). Stops once
@@ -123,8 +123,6 @@ def pack(docs: Iterator[list[int]], seq_len: int, max_tokens: int | None = None,
     buf: list[int] = []
     emitted = 0
     for doc in docs:
-        if vocab_size is not None and doc and max(doc) >= vocab_size:
-            raise DataError(f"token id {max(doc)} is outside the model's vocabulary of {vocab_size}")
         buf.extend(doc)
         if eos is not None:
             buf.append(eos)

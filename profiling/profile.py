@@ -303,7 +303,7 @@ def _profile_open(ckpt: Checkpoint, data: Sequence[str], *, domain: str, seq_len
         tok = LazyTokenizer(tokenizer_dir(ckpt, work), vocab)
         docs = documents(data, tok, vocab)
         try:  # a data error leaves the file open in the suspended generator until closed
-            seqs = pack(docs, seq_len, max_tokens, eos_of(cfg), vocab)
+            seqs = pack(docs, seq_len, max_tokens, eos_of(cfg))
             if stream:
                 engine = StreamedModel(ckpt, device=device, dtype=dtype, gpu_memory=gpu_memory)
                 layers, stats = profile_streamed(engine, list(batched(seqs, batch_size)), progress=progress,

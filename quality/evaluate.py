@@ -61,7 +61,7 @@ def load_blocks(tokenizer_path: str, packs: Sequence[str], seq_len: int, blocks:
         limit = None if blocks is None else blocks * seq_len
         docs = documents([p], tok, vocab)
         try:
-            out[Path(p).stem] = list(pack(docs, seq_len, limit, eos, vocab))
+            out[Path(p).stem] = list(pack(docs, seq_len, limit, eos))
         finally:
             docs.close()  # pack stops early: close the file now, not when collected
     return out

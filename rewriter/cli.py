@@ -23,6 +23,7 @@ from rewriter.cli_params import (
     SIZE,
     finite,
     refuse_existing_file,
+    refuse_missing_folder,
     save_plan,
     save_saliency,
 )
@@ -592,10 +593,7 @@ def profile(model: str, data: tuple[str, ...], out: str, domain: str, seq_len: i
 
     kw = _engine_kwargs(device, dtype, gpu_memory, storage_options)
     refuse_existing_file(out, "--out", force)  # before the profile, not after hours of it
-    folder = os.path.dirname(os.path.abspath(out))
-    if "://" not in out and not os.path.isdir(folder):
-        raise click.BadParameter(f"cannot write {out}: {folder} is not an existing folder; create it first",
-                                 param_hint="--out")
+    refuse_missing_folder(out, "--out")
     bar = TokenProgress(enabled=not quiet)
     try:
         sal = run_profile(model, list(data), domain=domain, seq_len=seq_len, max_tokens=max_tokens,

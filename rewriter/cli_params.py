@@ -128,11 +128,16 @@ def save_saliency(sal: Any, out: str, force: bool) -> None:
     _write_out(sal.save, out, "--out")
 
 
-def _write_out(save: Callable[[str], None], out: str, option: str) -> None:
+def refuse_missing_folder(out: str, option: str) -> None:
+    """Refuse a local ``out`` whose folder does not exist (checked before long work, not after)."""
     folder = os.path.dirname(os.path.abspath(out))
     if "://" not in out and not os.path.isdir(folder):
         raise click.BadParameter(f"cannot write {out}: {folder} is not an existing folder; create it first",
                                  param_hint=option)
+
+
+def _write_out(save: Callable[[str], None], out: str, option: str) -> None:
+    refuse_missing_folder(out, option)
     try:
         save(out)
     except OSError as e:

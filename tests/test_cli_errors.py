@@ -16,6 +16,7 @@ from click.testing import CliRunner, Result
 from rewriter.cli import EXIT_STATUS_HELP, main
 from rewriter.synth import PRESETS, write_checkpoint
 from tests.conftest import cli, source_digest, tree_digest
+from tests.test_promises import journal_shards
 
 
 def invoke(*args: object) -> Result:
@@ -170,13 +171,6 @@ def _interrupt_when(condition, stop: threading.Event) -> threading.Thread:
     return t
 
 
-def _journaled_shards(dst) -> int:
-    try:
-        return len(json.loads((dst / ".rewriter" / "journal.json").read_text())["shards"])
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
 @pytest.mark.parametrize("command", ["run", "prune", "soft-prune"])
 def test_ctrl_c_says_what_was_kept_and_the_same_command_resumes(tmp_path, command):
     src = tmp_path / "src"
@@ -198,7 +192,7 @@ def test_ctrl_c_says_what_was_kept_and_the_same_command_resumes(tmp_path, comman
         dst = tmp_path / f"dst{attempt}"
         stop = threading.Event()
         # Interrupt once the journal vouches for a finished shard: the run is well under way.
-        _interrupt_when(lambda d=dst: _journaled_shards(d) > 0, stop)
+        _interrupt_when(lambda d=dst: journal_shards(d) > 0, stop)
         r = invoke(*args(dst))
         stop.set()
         if r.exit_code != 0:
