@@ -613,10 +613,10 @@ class TokenProgress:
 
     def __init__(self, enabled: bool = True, log_every: float = 5.0):
         from rewriter.exec.throttle import Throttle
-        from rewriter.progress import _is_terminal
+        from rewriter.progress import is_terminal
 
         self.enabled, self.done, self.t0 = enabled, 0, time.monotonic()
-        self.tty = _is_terminal(sys.stderr)
+        self.tty = is_terminal(sys.stderr)
         self.throttle = Throttle(0.5 if self.tty else log_every)
         self.drawn = False
 

@@ -34,7 +34,7 @@ class ByteProgress:
         self.label = label
         self.stream = stream or sys.stderr
         self.enabled = enabled
-        self.tty = _is_terminal(self.stream)
+        self.tty = is_terminal(self.stream)
         self._t0 = time.monotonic()
         self._throttle = Throttle(0.2 if self.tty else log_every, since=self._t0)
         self._drawn = False
@@ -87,7 +87,7 @@ class ByteProgress:
             self.stream.flush()
 
 
-def _is_terminal(stream: TextIO) -> bool:
+def is_terminal(stream: TextIO) -> bool:
     try:
         return stream.isatty()
     except (AttributeError, ValueError):
