@@ -119,11 +119,10 @@ class DestinationContract:
         for start in sorted(range(0, len(data), part_bytes), reverse=True):
             out = dst.part_output("big.safetensors", handle, start, part_bytes)
             out.write(data[start:start + part_bytes])
-            out.commit()
+            assert out.commit() == hashlib.sha256(data[start:start + part_bytes]).hexdigest()  # hashed as written
             uploaded += out.parts
         assert not dst.exists("big.safetensors")
-        digest = dst.commit_parts("big.safetensors", len(data), handle, uploaded, MiB)
-        assert digest == hashlib.sha256(data).hexdigest()
+        dst.commit_parts("big.safetensors", len(data), handle, uploaded, MiB)
         assert dst.read_all("big.safetensors") == data
 
     def test_aborting_parts_never_raises(self, dst):

@@ -6,7 +6,7 @@ deciding whether a journaled shard is really done. The executors ask; they never
 the kind of storage. :func:`open_destination` picks the class from the URL:
 
 * :class:`LocalDestination`: temporary names under ``DST/.rewriter/tmp``, fsync, rename; large
-  shards can be written in parts with positioned writes into one preallocated file.
+  shards in parts: :mod:`rewriter.exec.localparts`.
 * :class:`ObjectDestination` (``memory://``, ``gs://``…): an object appears whole when its
   upload completes, so there is nothing to rename and nothing half-written to remove.
 * :class:`S3Destination`: as above, with multipart uploads whose parts several workers send.
@@ -32,6 +32,7 @@ from rewriter.exec.copy import (
     sha256_fd,
     write_errors_are_clear,
 )
+from rewriter.exec.localparts import LocalParts
 from rewriter.exec.lock import LOCK_NAME, STATE_DIR
 from rewriter.exec.outputs import LocalOutput, MultipartPart, PartOutput, RemoteOutput
 
@@ -127,8 +128,9 @@ class Destination:
     def drop_empty_state(self, created: bool) -> None:
         """After a failed or nothing-to-do run, remove run state that holds nothing to resume."""
 
-    # Large shards in parts (only where ``takes_parts``): begin returns a handle for the shard,
-    # each worker writes into part_output(handle, ...), commit publishes the whole shard.
+    # Large shards in parts (only where ``takes_parts``): begin returns a handle for this attempt
+    # at the shard (a uniquely named file, or an upload id), each worker writes and hashes its
+    # part_output(handle, ...), commit publishes the whole shard without reading it back.
     def begin_parts(self, name: str, size: int, plan_digest: str) -> str:
         raise NotImplementedError
 
@@ -136,11 +138,26 @@ class Destination:
         raise NotImplementedError
 
     def commit_parts(self, name: str, size: int, handle: str, uploaded: list[dict[str, Any]],
-                     buffer_bytes: int, drop_cache: bool = False) -> str:
+                     buffer_bytes: int, drop_cache: bool = False) -> None:
         raise NotImplementedError
 
     def abort_parts(self, name: str, handle: str) -> None:
         """Discard a shard whose parts will not all be written; never raises."""
+
+    def parts_kept(self, name: str, handle: str, size: int) -> dict[int, str] | None:
+        """What survives of attempt ``handle`` (None: nothing): upload part number -> ETag, or {} (a file)."""
+        return None
+
+    def leftover_parts(self) -> list[tuple[str, str]]:
+        """``(name, handle)`` of every unfinished attempt at a shard in parts (any run's)."""
+        return []
+
+    def parts_done(self, name: str, size: object, parts: list[Any], buffer_bytes: int) -> bool:
+        """:meth:`shard_done` for a shard journaled as its parts' hashes (object stores: size)."""
+        return self.exists(name) and self.storage.size(name) == size
+
+    def part_sha256(self, handle: str, start: int, length: int, buffer_bytes: int) -> str | None:
+        return None  # sha256 of bytes already in attempt ``handle``, where they can be read back
 
 
 def open_destination(url: str, options: Mapping[str, Any] | None = None) -> Destination:
@@ -153,7 +170,7 @@ def open_destination(url: str, options: Mapping[str, Any] | None = None) -> Dest
     return ObjectDestination(storage)
 
 
-class LocalDestination(Destination):
+class LocalDestination(LocalParts, Destination):
     zero_copy = True
     takes_parts = True
 
@@ -230,40 +247,6 @@ class LocalDestination(Destination):
             with contextlib.suppress(OSError):
                 os.rmdir(self.storage.root)
 
-    def begin_parts(self, name: str, size: int, plan_digest: str) -> str:
-        """Create the shard's temporary file at full size (part 0 writes the header)."""
-        path = self._path(f"{TMP_DIR}/{name}.{plan_digest[:12]}.parts")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, OUTPUT_MODE)
-        try:
-            with write_errors_are_clear(path):
-                os.ftruncate(fd, size)
-        finally:
-            os.close(fd)
-        return path
-
-    def part_output(self, name: str, handle: str, start: int, upload_part_bytes: int) -> PartOutput | MultipartPart:
-        return PartOutput(handle, start)
-
-    def commit_parts(self, name: str, size: int, handle: str, uploaded: list[dict[str, Any]],
-                     buffer_bytes: int, drop_cache: bool = False) -> str:
-        """fsync, hash and publish a shard whose parts are all written; returns its sha256."""
-        fd = os.open(handle, os.O_RDONLY)
-        try:
-            with write_errors_are_clear(handle):
-                os.fsync(fd)
-            if os.fstat(fd).st_size != size:
-                raise ExecutionError(f"{name}: assembled {os.fstat(fd).st_size:,} bytes, planned {size:,}")
-            digest = sha256_fd(fd, buffer_bytes)
-            if drop_cache:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-        final = self._path(name)
-        os.replace(handle, final)
-        fsync_dir(os.path.dirname(final))
-        return digest
-
 
 class ObjectDestination(Destination):
     def _open_options(self, buffer_bytes: int) -> dict[str, Any]:
@@ -296,19 +279,18 @@ class S3Destination(ObjectDestination):
         return str(self._s3("create_multipart_upload", name)["UploadId"])
 
     def part_output(self, name: str, handle: str, start: int, upload_part_bytes: int) -> PartOutput | MultipartPart:
-        def send(number: int, body: bytes) -> dict[str, Any]:
+        def send(number: int, body: bytearray) -> dict[str, Any]:
             r = self._s3("upload_part", name, UploadId=handle, PartNumber=number, Body=body)
             return {"PartNumber": number, "ETag": r["ETag"]}
 
         return MultipartPart(send, start, upload_part_bytes)
 
     def commit_parts(self, name: str, size: int, handle: str, uploaded: list[dict[str, Any]],
-                     buffer_bytes: int, drop_cache: bool = False) -> str:
-        """Complete the upload (the object appears whole), then read its sha256 back once."""
+                     buffer_bytes: int, drop_cache: bool = False) -> None:
+        """Complete the upload: the object appears whole (each writer hashed its part)."""
         self._s3("complete_multipart_upload", name, UploadId=handle,
                  MultipartUpload={"Parts": sorted(uploaded, key=lambda p: p["PartNumber"])})
         self.storage.invalidate_cache()
-        return self.hash(name, buffer_bytes)
 
     def abort_parts(self, name: str, handle: str) -> None:
         try:
@@ -317,3 +299,21 @@ class S3Destination(ObjectDestination):
             log.warning("could not abort multipart upload %s of %s (%s: %s); the object store may keep "
                         "its parts until its lifecycle rules remove them", handle, self.describe(name),
                         type(e).__name__, e)
+
+    def parts_kept(self, name: str, handle: str, size: int) -> dict[int, str] | None:
+        try:
+            got = self._s3("list_parts", name, UploadId=handle, MaxParts=10000).get("Parts", [])
+        except Exception:  # the upload was completed or aborted since
+            return None
+        return {int(p["PartNumber"]): str(p["ETag"]) for p in got}
+
+    def leftover_parts(self) -> list[tuple[str, str]]:
+        """Every open multipart upload below the destination: parts, or s3fs uploads of whole shards."""
+        bucket, prefix, _ = self.storage.fs.split_path(self.storage.path("x"))
+        prefix, out, marks = prefix[:-1], [], {}  # type: ignore[var-annotated]
+        while True:
+            page = self.storage.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **marks)
+            out += [(u["Key"][len(prefix):], u["UploadId"]) for u in page.get("Uploads", [])]
+            if not page.get("IsTruncated"):
+                return out
+            marks = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}

@@ -140,7 +140,7 @@ def finalize(plan: Plan, src: Storage, dst: Destination, results: Iterable[Shard
         "expert_mapping": plan.expert_mapping(),
         "top_k": plan.top_k,
         "skipped_files": list(plan.skipped_files),
-        "shards": {o.name: {"size": o.size, "sha256": by_name[o.name].sha256} for o in plan.outputs},
+        "shards": {o.name: by_name[o.name].record() for o in plan.outputs},
         "plan": plan.to_json(),
     }
     dst.put_bytes(PROVENANCE_NAME, (json.dumps(provenance, indent=1, sort_keys=True) + "\n").encode())

@@ -38,6 +38,16 @@ class ShardResult:
     copy_seconds: float = 0.0
     zero_copy_bytes: int = 0
     resumed: bool = False
+    #: A shard written in parts: ``[{"start", "length", "sha256"}, ...]`` (``sha256`` is then empty).
+    parts: list[dict[str, Any]] | None = None
+    #: Peak RSS of the process that wrote it (Ray actors report theirs).
+    peak_rss_bytes: int = 0
+
+    def record(self) -> dict[str, Any]:
+        """What the journal and ``pruning.json`` keep: size, and sha256 or the parts' hashes."""
+        if self.parts:
+            return {"size": self.size, "parts": [{k: p[k] for k in ("start", "length", "sha256")} for p in self.parts]}
+        return {"size": self.size, "sha256": self.sha256}
 
 
 class Journal:
@@ -59,7 +69,7 @@ class Journal:
             return None  # torn by a crash before its rename: treat as absent
 
     def record(self, result: ShardResult) -> None:
-        self.shards[result.name] = {"size": result.size, "sha256": result.sha256}
+        self.shards[result.name] = result.record()
         self.flush()
         if self.lock:
             self.lock.refresh()
@@ -152,9 +162,60 @@ def pending_shards(plan: Plan, journal: Journal, buffer_bytes: int) -> tuple[lis
     todo, done = [], []
     for out in plan.outputs:
         entry = journal.shards.get(out.name)
-        if entry and journal.dst.shard_done(out.name, entry.get("size"), entry.get("sha256"), buffer_bytes):
-            done.append(ShardResult(out.name, out.size, entry["sha256"], resumed=True))
+        if entry and _still_there(journal.dst, out.name, entry, buffer_bytes):
+            parts = entry.get("parts")
+            done.append(ShardResult(out.name, out.size, "" if parts else entry["sha256"], resumed=True, parts=parts))
         else:
             journal.shards.pop(out.name, None)
             todo.append(out)
     return todo, done
+
+
+def _still_there(dst: Destination, name: str, entry: dict[str, Any], buffer_bytes: int) -> bool:
+    parts = entry.get("parts")
+    if isinstance(parts, list):
+        return dst.parts_done(name, entry.get("size"), parts, buffer_bytes)
+    return dst.shard_done(name, entry.get("size"), entry.get("sha256"), buffer_bytes)
+
+
+PARTS_JOURNAL = f"{STATE_DIR}/parts.json"
+
+
+class PartJournal:
+    """Large shards being written in parts: each one's attempt (its file, or upload id) and the
+    parts finished so far with their sha256 (and upload parts). Written by the driver only, so
+    a killed run's successor resumes part by part and aborts what it does not reuse."""
+
+    def __init__(self, dst: Destination, plan_digest: str):
+        self.dst = dst
+        self.plan_digest = plan_digest
+        self.shards: dict[str, dict[str, Any]] = {}
+
+    @classmethod
+    def load(cls, dst: Destination, plan_digest: str) -> PartJournal:
+        """This plan's part journal in ``dst`` (empty when absent, torn or another plan's)."""
+        journal = cls(dst, plan_digest)
+        try:
+            doc = json.loads(dst.read_all(PARTS_JOURNAL)) if dst.exists(PARTS_JOURNAL) else {}
+        except ValueError:
+            doc = {}
+        if isinstance(doc, dict) and doc.get("plan") == plan_digest and isinstance(doc.get("shards"), dict):
+            journal.shards = {k: v for k, v in doc["shards"].items()
+                              if isinstance(v, dict) and isinstance(v.get("parts"), dict) and isinstance(v.get("handle"), str)}
+        return journal
+
+    def begin(self, name: str, handle: str, size: int) -> None:
+        self.shards[name] = {"handle": handle, "size": size, "parts": {}}
+        self.flush()
+
+    def record(self, name: str, index: int, entry: dict[str, Any]) -> None:
+        self.shards[name]["parts"][str(index)] = entry
+        self.flush()
+
+    def finish(self, name: str) -> None:
+        self.shards.pop(name, None)
+        self.flush()
+
+    def flush(self) -> None:
+        doc = {"plan": self.plan_digest, "shards": self.shards}
+        self.dst.put_bytes(PARTS_JOURNAL, json.dumps(doc, indent=1, sort_keys=True).encode())

@@ -30,7 +30,7 @@ from rewriter.exec.copy import OUTPUT_MODE, fsync_dir, pwrite_all, write_errors_
 log = logging.getLogger(__name__)
 
 #: Sends one numbered part of a multipart upload; returns its ``{"PartNumber", "ETag"}``.
-SendPart = Callable[[int, bytes], dict[str, Any]]
+SendPart = Callable[[int, bytearray], dict[str, Any]]
 
 
 def _libc_sync_file_range():
@@ -233,33 +233,42 @@ class RemoteOutput:
 
 
 class PartOutput:
-    """A byte range of a preallocated file, written with positioned writes by one worker.
-
-    Several workers fill disjoint parts of one large output shard (part 0 holds the header);
-    whoever created the file at its full size fsyncs, hashes and renames it once every part is
-    done.
-    """
+    """A byte range of a preallocated file, written with positioned writes by one worker, who
+    hashes it as it writes (bytes the kernel copied, from the page cache right after)."""
 
     zero_copy_capable = True
 
     def __init__(self, path: str, start: int):
         self.final = path
         self.fd = os.open(path, os.O_WRONLY)
+        self._rfd = os.open(path, os.O_RDONLY)
         self.pos = start
+        self._h = hashlib.sha256()
         self.parts: list[dict[str, Any]] = []  # positioned writes send no upload parts
 
     def write(self, data: bytes | memoryview) -> None:
         self.pos = pwrite_all(self.fd, data, self.pos, self.final)
+        self._h.update(data)
 
     def copied(self, n: int) -> None:
-        self.pos += n
+        at, self.pos = self.pos, self.pos + n
+        while at < self.pos:
+            chunk = os.pread(self._rfd, min(self.pos - at, 8 << 20), at)
+            if not chunk:
+                raise OSError(errno.EIO, f"{self.final}: shorter than written")
+            self._h.update(chunk)
+            at += len(chunk)
 
     def commit(self, drop_cache: bool = False) -> str:
-        os.close(self.fd)
-        return ""
+        """Close; returns the sha256 of this part's bytes."""
+        self.abort()
+        return self._h.hexdigest()
 
     def abort(self) -> None:
-        os.close(self.fd)
+        for fd in (self.fd, self._rfd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fd = self._rfd = -1
 
 
 class MultipartPart:
@@ -267,7 +276,8 @@ class MultipartPart:
 
     Several workers fill one object: each takes a range starting at a multiple of ``part_bytes``
     and sends parts ``start // part_bytes + 1``, ... The object appears only when the upload is
-    completed (by the destination), so a shard stays whole or absent. Memory: one part.
+    completed (by the destination), so a shard stays whole or absent. Memory: one part (the
+    buffer is sent as it is, never copied). The range is hashed as it is written.
     """
 
     zero_copy_capable = False
@@ -279,15 +289,21 @@ class MultipartPart:
         self.buf = bytearray()
         self.parts: list[dict[str, Any]] = []
         self.pos = start
+        self._h = hashlib.sha256()
 
     def write(self, data: bytes | memoryview) -> None:
-        self.buf += data
-        self.pos += len(data)
-        while len(self.buf) >= self.part_bytes:
-            self._send(bytes(self.buf[: self.part_bytes]))
-            del self.buf[: self.part_bytes]
+        view = memoryview(data)
+        self._h.update(view)
+        self.pos += len(view)
+        while len(view):
+            take = min(len(view), self.part_bytes - len(self.buf))
+            self.buf += view[:take]
+            view = view[take:]
+            if len(self.buf) == self.part_bytes:
+                self._send()
 
-    def _send(self, body: bytes) -> None:
+    def _send(self) -> None:
+        body, self.buf = self.buf, bytearray()
         self.parts.append(self.send(self.number, body))
         self.number += 1
 
@@ -295,10 +311,10 @@ class MultipartPart:
         raise AssertionError("multipart uploads have no zero-copy path")
 
     def commit(self, drop_cache: bool = False) -> str:
+        """Send what is left; returns the sha256 of this range's bytes."""
         if self.buf:
-            self._send(bytes(self.buf))
-            self.buf.clear()
-        return ""
+            self._send()
+        return self._h.hexdigest()
 
     def abort(self) -> None:
-        self.buf.clear()
+        self.buf = bytearray()

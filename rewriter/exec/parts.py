@@ -2,13 +2,14 @@
 
 Only the Ray executor uses this. A destination that takes parts
 (:attr:`rewriter.exec.destination.Destination.takes_parts`) begins the shard, every worker
-writes its :class:`Part` into the destination's part output, and the shard is published once
-every part is in.
+writes its :class:`Part` into the destination's part output, hashing it as it goes, and the
+shard is published once every part is in. The journal keeps each finished part's sha256, so a
+killed run's successor writes only the parts that are missing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from planners.plan import OutputShard, Segment
@@ -25,10 +26,16 @@ class Part:
     index: int
     start: int
     ops: tuple[Segment, ...]
+    #: The sha256 a killed run journaled for this part: the bytes already there are checked
+    #: against it and written again only when they differ.
+    expect_sha256: str = ""
 
     @property
     def length(self) -> int:
         return sum(op.length for op in self.ops)
+
+    def describe(self) -> str:
+        return f"part {self.index} (bytes {self.start:,}-{self.start + self.length:,}) of {self.shard}"
 
 
 def split_parts(out: OutputShard, part_bytes: int) -> list[Part]:
@@ -62,22 +69,29 @@ def split_parts(out: OutputShard, part_bytes: int) -> list[Part]:
 def write_part(
     part: Part, handle: str, src: Storage, dst: Destination, *, upload_part_bytes: int,
     buffer_bytes: int = DEFAULT_BUFFER_BYTES, progress: Progress | None = None, zero_copy: bool = True,
-) -> tuple[CopyStats, list[dict[str, Any]]]:
-    """Write one part of the shard begun as ``handle``. Idempotent: a retry writes the same
-    bytes to the same places (or sends the same upload part numbers).
+) -> dict[str, Any]:
+    """Write one part of the shard begun as ``handle``, hashing it as it is written. Idempotent:
+    a retry writes the same bytes to the same places (or sends the same upload part numbers).
 
     Returns:
-        What was copied, and the upload parts sent (multipart destinations; else empty).
+        The part's journal entry (``start``, ``length``, ``sha256``, the upload parts sent on
+        multipart destinations, ``resumed`` when the bytes already there were right) and the
+        copy's statistics (``stats``).
     """
+    entry = {"start": part.start, "length": part.length}
+    if part.expect_sha256 and dst.part_sha256(handle, part.start, part.length, buffer_bytes) == part.expect_sha256:
+        if progress:
+            progress(part.length)
+        return {**entry, "sha256": part.expect_sha256, "uploaded": [], "resumed": True, "stats": asdict(CopyStats())}
     stats = CopyStats()
     copier = RangeCopier(src, buffer_bytes, stats, progress, zero_copy=zero_copy and dst.zero_copy)
     sink = dst.part_output(part.shard, handle, part.start, upload_part_bytes)
     try:
         copy_segments(copier, part.ops, sink)
-        sink.commit()
+        digest = sink.commit()
     except BaseException:
         sink.abort()
         raise
     finally:
         copier.close()
-    return stats, sink.parts
+    return {**entry, "sha256": digest, "uploaded": sink.parts, "resumed": False, "stats": asdict(stats)}
