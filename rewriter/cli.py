@@ -346,13 +346,17 @@ run_options = _options(
         click.option("--workers", "ray_workers", type=POSITIVE, default=2, show_default=True, help="Ray actors."),
         click.option("--ray-timeout", type=click.FloatRange(min=0, min_open=True, max=86400), default=30,
                      show_default=True, help="Seconds to wait for the Ray cluster at --address to answer."),
+        click.option("--ray-pending-timeout", type=click.FloatRange(min=0, min_open=True, max=86400), default=600,
+                     show_default=True, help="Seconds to wait for a Ray actor the cluster cannot place (no free "
+                     "CPU or memory, a lost node) before its work goes to the others, or the run stops if none runs."),
         click.option("--quiet", is_flag=True, help="No progress."),
     click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
 )
 
 
 def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bool, drop_cache: bool,
-             dst_options: dict[str, Any] | None, use_ray: bool, address: str | None, ray_workers: int, ray_timeout: float, quiet: bool,
+             dst_options: dict[str, Any] | None, use_ray: bool, address: str | None, ray_workers: int, ray_timeout: float,
+             ray_pending_timeout: float, quiet: bool,
              as_json: bool, allow_nonuniform: bool, src_options: dict[str, Any] | None) -> None:
     from planners.cost import human_bytes
     from rewriter.exec.executor import execute
@@ -368,7 +372,8 @@ def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bo
     if use_ray:
         from rewriter.exec.ray_executor import execute_on_ray
 
-        result = execute_on_ray(p, dst, address=address, workers=ray_workers, connect_timeout_s=ray_timeout, **kwargs)
+        result = execute_on_ray(p, dst, address=address, workers=ray_workers, connect_timeout_s=ray_timeout,
+                                pending_timeout_s=ray_pending_timeout, **kwargs)
     else:
         result = execute(p, dst, **kwargs)
     bar.close()
@@ -435,7 +440,7 @@ def prune(src: str, dst: str, plan_out: str | None, verbose: bool, **kw: Any) ->
 
 def _plan_and_run(src: str, dst: str, plan_out: str | None, verbose: bool, soft: bool, kw: dict[str, Any]) -> None:
     run_keys = ("buffer_mib", "force", "no_zero_copy", "drop_cache", "dst_options", "use_ray", "address",
-                "ray_workers", "ray_timeout", "quiet", "as_json")
+                "ray_workers", "ray_timeout", "ray_pending_timeout", "quiet", "as_json")
     run_kw = {k: kw.pop(k) for k in run_keys}
     p, n_exp = make_plan(src, soft=soft, **kw)
     if plan_out:
@@ -466,10 +471,14 @@ def soft_prune(src: str, dst: str, plan_out: str | None, verbose: bool, **kw: An
 @click.option("--src-options", type=JSON_OBJECT, default=None, help="fsspec options for SRC as JSON.")
 @click.option("--dst-options", type=JSON_OBJECT, default=None, help="fsspec options for DST as JSON.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report (tensors, bytes, mismatches, problems) as JSON.")
+@click.option("--ray", "use_ray", is_flag=True, help="Check the shards in Ray tasks (pip install '.[ray]').")
+@click.option("--address", default=None, help="Ray cluster address, with --ray (default: start a local one).")
+@click.option("--workers", "ray_workers", type=POSITIVE, default=2, show_default=True, help="Ray tasks at a time, with --ray.")
 @_fail_cleanly
 def verify(paths: tuple[str, ...], buffer_mib: int, src_options: dict[str, Any] | None,
-           dst_options: dict[str, Any] | None, as_json: bool) -> None:
-    """Prove DST: every byte of every output tensor equals its planned slice of SRC.
+           dst_options: dict[str, Any] | None, as_json: bool, use_ray: bool, address: str | None, ray_workers: int) -> None:
+    """Prove DST: every byte of every output tensor equals its planned slice of SRC, and every
+    shard hashes to the sha256 (of the shard, or of each part) DST/pruning.json records.
 
     SRC defaults to the source recorded in DST/pruning.json. Exits 1 when it finds a mismatch or
     a problem, 2 when it cannot verify (DST is not an output of this tool, SRC cannot be read).
@@ -481,8 +490,14 @@ def verify(paths: tuple[str, ...], buffer_mib: int, src_options: dict[str, Any] 
     from planners.cost import human_bytes
     from rewriter.exec.verify import verify as do_verify
 
-    report = do_verify(src, dst, src_options=src_options or {}, dst_options=dst_options or {},
-                       buffer_bytes=buffer_mib * MiB)
+    if use_ray:
+        from rewriter.exec.ray_verify import verify_on_ray
+
+        report = verify_on_ray(src, dst, address=address, workers=ray_workers, src_options=src_options or {},
+                               dst_options=dst_options or {}, buffer_bytes=buffer_mib * MiB)
+    else:
+        report = do_verify(src, dst, src_options=src_options or {}, dst_options=dst_options or {},
+                           buffer_bytes=buffer_mib * MiB)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=1))
     else:
@@ -774,6 +789,25 @@ def card(dst: str, base_model: str | None, eval_json: str | None, run_verify: bo
     result = load_eval(eval_json) if eval_json else None
     update_card(destination, base_model=base_model, verify=report, eval_result=result)
     click.echo(f"wrote {destination.describe('README.md')}" + (f" (verify: {'OK' if report['ok'] else 'FAILED'})" if report else ""))
+
+
+@main.command()
+@click.argument("dst")
+@click.option("--dst-options", type=JSON_OBJECT, default=None, help="fsspec options for DST as JSON.")
+@click.option("--dry-run", is_flag=True, help="Only list what would be aborted or removed.")
+@_fail_cleanly
+def cleanup(dst: str, dst_options: dict[str, Any] | None, dry_run: bool) -> None:
+    """Abort the multipart uploads and remove the part files and temporaries killed runs left in DST.
+
+    Takes DST's lock first (a run still writing is never disturbed). Finished shards stay
+    journaled: `rewriter run` resumes from them; unfinished shards are written again.
+    """
+    from rewriter.exec.cleanup import cleanup as do_cleanup
+
+    lines = do_cleanup(dst, dst_options or {}, dry_run=dry_run)
+    for line in lines:
+        click.echo(line)
+    click.echo(f"{dst}: {len(lines)} leftovers of killed runs {'found' if dry_run else 'cleaned up'}")
 
 
 if __name__ == "__main__":

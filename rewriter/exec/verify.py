@@ -1,18 +1,21 @@
 """Verify a rewritten checkpoint: every byte of every output tensor equals its planned source slice.
 
 The plan travels in the destination's ``pruning.json``, so any checkpoint this tool wrote can be
-verified against its source. Tensors are compared by streaming both sides through sha256 with a
-bounded buffer.
+verified against its source. Each shard is read once, in order, with a bounded buffer: its
+header against the plan, its bytes against the sha256 ``pruning.json`` records for it (the whole
+shard's, or each part's where it was written in parts), and every tensor against its planned
+source slice. :mod:`rewriter.exec.ray_verify` runs the same check per shard on Ray actors.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from planners.plan import PROVENANCE_NAME, Plan, Segment, source_location
+from planners.plan import PROVENANCE_NAME, OutputShard, Plan, Segment, source_location
 from rewriter.core.checkpoint import CONFIG_NAME, Checkpoint
 from rewriter.core.errors import CheckpointError, PlanError, RewriterError
 from rewriter.core.jsonfile import parse_json_object
@@ -33,8 +36,24 @@ class VerifyReport:
     def ok(self) -> bool:
         return not self.mismatches and not self.problems
 
+    def add(self, check: ShardCheck) -> None:
+        self.tensors_checked += check.tensors
+        self.bytes_checked += check.bytes
+        self.mismatches += check.mismatches
+        self.problems += check.problems
+
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok}
+
+
+@dataclass
+class ShardCheck:
+    """What checking one shard found; small enough to pass between processes."""
+
+    tensors: int = 0
+    bytes: int = 0
+    mismatches: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
 
 
 def load_provenance_plan(dst: Storage) -> Plan:
@@ -106,11 +125,24 @@ def _refuse_other_source(plan: Plan, src: Checkpoint, dst: Storage) -> None:
 
 def _verify(plan: Plan, src_store: Storage, dst_store: Storage, buffer_bytes: int) -> VerifyReport:
     report = VerifyReport(dst_store.url, src_store.url)
+    opened = open_both(plan, src_store, dst_store, report)
+    if opened is not None:
+        dst, src = opened
+        recorded = recorded_shards(dst_store)
+        for out in plan.outputs:
+            if out.name in dst.shards:
+                report.add(check_shard(out, recorded.get(out.name), shard_tensors(dst, out.name), src.storage,
+                                       dst_store, buffer_bytes))
+    return report
+
+
+def open_both(plan: Plan, src_store: Storage, dst_store: Storage, report: VerifyReport) -> tuple[Checkpoint, Checkpoint] | None:
+    """Open both checkpoints and check what is not a shard's bytes (config, source, shard names)."""
     try:
         dst = Checkpoint.open(dst_store.url, storage=dst_store)
     except RewriterError as e:
         report.problems.append(str(e))
-        return report
+        return None
     src = Checkpoint.open(src_store.url, storage=src_store)
     _refuse_other_source(plan, src, dst_store)
     try:
@@ -124,26 +156,102 @@ def _verify(plan: Plan, src_store: Storage, dst_store: Storage, buffer_bytes: in
             dst.layout.moe_layers(dst)
         except CheckpointError as e:
             report.problems.append(str(e))
-    planned = {o.name: o for o in plan.outputs}
-    if set(planned) != set(dst.shards):
+    planned = {o.name for o in plan.outputs}
+    if planned != set(dst.shards):
         report.problems.append(f"shards {sorted(dst.shards)} differ from the planned {sorted(planned)}")
-    buf_a, buf_b = bytearray(buffer_bytes), bytearray(buffer_bytes)
-    for name, out in planned.items():
-        if name not in dst.shards:
-            continue
-        head = dst_store.read_range(name, 0, len(out.header))
-        if head != out.header:
-            report.problems.append(f"{dst_store.describe(name)}: header differs from the plan")
-            continue
-        for t in out.tensors:
-            info = dst.tensors.get(t.name)
-            if info is None or info.shard != name:
-                report.mismatches.append(t.name)
-                continue
-            got = _planned_digest(dst_store, (Segment(name, info.begin, info.nbytes),), buf_a)
-            want = _planned_digest(src.storage, t.segments, buf_b)
-            report.tensors_checked += 1
-            report.bytes_checked += info.nbytes
-            if got != want:
-                report.mismatches.append(t.name)
-    return report
+    return dst, src
+
+
+def recorded_shards(dst: Storage) -> dict[str, Any]:
+    """Each shard's record in ``pruning.json`` (size, and sha256 or its parts' hashes)."""
+    doc = json.loads(dst.read_all(PROVENANCE_NAME))
+    shards = doc.get("shards") if isinstance(doc, dict) else None
+    return shards if isinstance(shards, dict) else {}
+
+
+def shard_tensors(dst: Checkpoint, name: str) -> dict[str, tuple[int, int]]:
+    """``tensor -> (begin, end)`` of the tensors the destination's index puts in shard ``name``."""
+    return {t.name: (t.begin, t.end) for t in dst.tensors.values() if t.shard == name}
+
+
+def _ranges(out: OutputShard, recorded: Any, where: str, problems: list[str]) -> list[tuple[int, int, str, str]]:
+    """``(start, end, label, sha256)`` the recorded hashes cover; a missing or malformed record is a problem."""
+    rec = recorded if isinstance(recorded, dict) else {}
+    if isinstance(rec.get("sha256"), str) and rec["sha256"]:
+        return [(0, out.size, "", rec["sha256"])]
+    ranges, pos = [], 0
+    for i, p in enumerate(rec.get("parts") or []):
+        try:
+            start, length, digest = int(p["start"]), int(p["length"]), str(p["sha256"])
+        except (KeyError, TypeError, ValueError):
+            break
+        if start != pos or length <= 0:
+            break
+        ranges.append((start, start + length, f"part {i} (bytes {start:,}-{start + length:,}) ", digest))
+        pos += length
+    if not ranges or pos != out.size:
+        problems.append(f"{where}: {PROVENANCE_NAME} records no valid sha256 for it (neither the shard's nor "
+                        f"parts that cover it); its bytes are checked tensor by tensor only")
+        return []
+    return ranges
+
+
+def check_shard(out: OutputShard, recorded: Any, tensors: Mapping[str, tuple[int, int]], src: Storage,
+                dst: Storage, buffer_bytes: int) -> ShardCheck:
+    """One pass over shard ``out``: its header, the hashes ``pruning.json`` records for it, and every
+    tensor's bytes against its planned source slice."""
+    check = ShardCheck()
+    where = dst.describe(out.name)
+    ranges = _ranges(out, recorded, where, check.problems)
+    hashers = RangeHashes([(s, e) for s, e, _, _ in ranges])
+    planned = {t.name: t for t in out.tensors}
+    spans = sorted((b, e, n) for n, (b, e) in tensors.items() if n in planned)
+    check.mismatches += [n for n in planned if n not in tensors]
+    tensor_hashes = RangeHashes([(b, e) for b, e, _ in spans])
+    try:
+        head = b""
+        pos = 0
+        for chunk in dst.iter_range(out.name, 0, out.size, bytearray(buffer_bytes)):
+            if len(head) < len(out.header):
+                head += bytes(chunk[: len(out.header) - len(head)])
+            hashers.feed(pos, chunk)
+            tensor_hashes.feed(pos, chunk)
+            pos += len(chunk)
+    except RewriterError as e:
+        check.problems.append(str(e))
+        return check
+    if head != out.header:
+        check.problems.append(f"{where}: header differs from the plan")
+        return check
+    for (_, _, label, want), got in zip(ranges, hashers.digests()):
+        if got != want:
+            check.problems.append(f"{where}: {label}sha256 {got} differs from the {want} recorded in {PROVENANCE_NAME}")
+    buf = bytearray(buffer_bytes)
+    for (begin, end, name), got in zip(spans, tensor_hashes.digests()):
+        check.tensors += 1
+        check.bytes += end - begin
+        if got != _planned_digest(src, planned[name].segments, buf):
+            check.mismatches.append(name)
+    return check
+
+
+class RangeHashes:
+    """sha256 of each of several disjoint, sorted byte ranges of a stream read in order."""
+
+    def __init__(self, ranges: list[tuple[int, int]]):
+        self.ranges = ranges
+        self.hashes = [hashlib.sha256() for _ in ranges]
+        self.i = 0
+
+    def feed(self, pos: int, chunk: memoryview | bytes) -> None:
+        end = pos + len(chunk)
+        while self.i < len(self.ranges) and self.ranges[self.i][1] <= pos:
+            self.i += 1
+        j = self.i
+        while j < len(self.ranges) and self.ranges[j][0] < end:
+            s, e = self.ranges[j]
+            self.hashes[j].update(chunk[max(s, pos) - pos : min(e, end) - pos])
+            j += 1
+
+    def digests(self) -> list[str]:
+        return [h.hexdigest() for h in self.hashes]

@@ -1,0 +1,89 @@
+"""`verify` checks the sha256 `pruning.json` records for each shard (whole, or per part), and
+`cleanup` lists and removes what a killed run left (no Ray needed for these)."""
+
+from __future__ import annotations
+
+import json
+
+from planners.plan import Plan
+from rewriter.exec.destination import open_destination
+from rewriter.exec.executor import execute
+from rewriter.exec.verify import verify
+from tests.conftest import cli
+
+
+def _run(tiny, tiny_saliency, tmp_path):
+    cli("plan", tiny, "--saliency", tiny_saliency, "--keep-n", "4", "--out", tmp_path / "p.json")
+    plan = Plan.load(str(tmp_path / "p.json"))
+    dst = tmp_path / "dst"
+    execute(plan, str(dst))
+    return plan, dst
+
+
+def test_verify_fails_when_a_recorded_hash_disagrees(tiny, tiny_saliency, tmp_path):
+    plan, dst = _run(tiny, tiny_saliency, tmp_path)
+    assert verify(None, str(dst)).ok
+    doc = json.loads((dst / "pruning.json").read_text())
+    name = plan.outputs[-1].name
+    good = doc["shards"][name]["sha256"]
+    doc["shards"][name]["sha256"] = "0" * 64
+    (dst / "pruning.json").write_text(json.dumps(doc))
+    report = verify(None, str(dst))
+    assert not report.ok and not report.mismatches  # the bytes are right; the record is not
+    assert len(report.problems) == 1 and name in report.problems[0] and good in report.problems[0]
+    out = cli("verify", dst, expect=1)
+    assert f"{name}: sha256 {good} differs from the {'0' * 64} recorded in pruning.json" in out
+    # Parts records are checked part by part; a record that covers nothing is a problem too.
+    size = plan.outputs[-1].size
+    half = size // 2
+    import hashlib
+
+    data = (dst / name).read_bytes()
+    doc["shards"][name] = {"size": size, "parts": [
+        {"start": 0, "length": half, "sha256": hashlib.sha256(data[:half]).hexdigest()},
+        {"start": half, "length": size - half, "sha256": "1" * 64}]}
+    (dst / "pruning.json").write_text(json.dumps(doc))
+    report = verify(None, str(dst))
+    assert [p for p in report.problems if f"part 1 (bytes {half:,}-{size:,})" in p and name in p]
+    assert len(report.problems) == 1
+    doc["shards"][name]["parts"][1]["sha256"] = hashlib.sha256(data[half:]).hexdigest()
+    (dst / "pruning.json").write_text(json.dumps(doc))
+    assert verify(None, str(dst)).ok
+    doc["shards"][name] = {"size": size, "parts": [{"start": 0, "length": "x"}]}
+    (dst / "pruning.json").write_text(json.dumps(doc))
+    assert any("records no valid sha256" in p for p in verify(None, str(dst)).problems)
+
+
+def test_verify_still_finds_a_changed_tensor(tiny, tiny_saliency, tmp_path):
+    plan, dst = _run(tiny, tiny_saliency, tmp_path)
+    out = plan.outputs[0]
+    t = out.tensors[-1]
+    with open(dst / out.name, "r+b") as f:
+        f.seek(out.size - 1)
+        last = f.read(1)
+        f.seek(out.size - 1)
+        f.write(bytes([last[0] ^ 1]))
+    report = verify(None, str(dst))
+    assert t.name in report.mismatches
+    assert any(out.name in p and "recorded in pruning.json" in p for p in report.problems)
+
+
+def test_cleanup_lists_then_removes_part_files_and_temporaries(tiny, tiny_saliency, tmp_path):
+    cli("plan", tiny, "--saliency", tiny_saliency, "--keep-n", "4", "--out", tmp_path / "p.json")
+    plan = Plan.load(str(tmp_path / "p.json"))
+    dst = open_destination(str(tmp_path / "dst"))
+    # What a killed run leaves: an attempt at a shard in parts, a temporary, a part journal.
+    handle = dst.begin_parts(plan.outputs[0].name, 1000, plan.digest)
+    dst.put_bytes(".rewriter/tmp/x.safetensors.123.part", b"half")
+    dst.put_bytes(".rewriter/parts.json", b"{}")
+    dst.put_bytes(".rewriter/journal.json", json.dumps({"plan": plan.digest, "shards": {}}).encode())
+    out = cli("cleanup", tmp_path / "dst", "--dry-run")
+    assert f"would remove part file {handle}" in out and "would remove" in out and "3 leftovers" in out
+    assert (tmp_path / "dst" / ".rewriter" / "parts.json").exists()
+    out = cli("cleanup", tmp_path / "dst")
+    assert f"removed part file {handle}" in out
+    left = sorted(p.relative_to(tmp_path / "dst").as_posix() for p in (tmp_path / "dst").rglob("*") if p.is_file())
+    assert left == [".rewriter/journal.json", ".rewriter/lock"]  # the journal stays: a run resumes from it
+    execute(plan, str(tmp_path / "dst"))
+    assert verify(None, str(tmp_path / "dst")).ok
+    assert "0 leftovers" in cli("cleanup", tmp_path / "dst")
