@@ -349,6 +349,9 @@ run_options = _options(
         click.option("--ray-pending-timeout", type=click.FloatRange(min=0, min_open=True, max=86400), default=600,
                      show_default=True, help="Seconds to wait for a Ray actor the cluster cannot place (no free "
                      "CPU or memory, a lost node) before its work goes to the others, or the run stops if none runs."),
+        click.option("--part-mib", type=click.IntRange(min=5), default=1024, show_default=True,
+                     help="With --ray: shards larger than this are written in parts of this size by several "
+                     "actors and resumed part by part (a multiple of 64 above 64)."),
         click.option("--quiet", is_flag=True, help="No progress."),
     click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
 )
@@ -356,7 +359,7 @@ run_options = _options(
 
 def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bool, drop_cache: bool,
              dst_options: dict[str, Any] | None, use_ray: bool, address: str | None, ray_workers: int, ray_timeout: float,
-             ray_pending_timeout: float, quiet: bool,
+             ray_pending_timeout: float, part_mib: int, quiet: bool,
              as_json: bool, allow_nonuniform: bool, src_options: dict[str, Any] | None) -> None:
     from planners.cost import human_bytes
     from rewriter.exec.executor import execute
@@ -373,7 +376,7 @@ def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bo
         from rewriter.exec.ray_executor import execute_on_ray
 
         result = execute_on_ray(p, dst, address=address, workers=ray_workers, connect_timeout_s=ray_timeout,
-                                pending_timeout_s=ray_pending_timeout, **kwargs)
+                                pending_timeout_s=ray_pending_timeout, part_bytes=part_mib * MiB, **kwargs)
     else:
         result = execute(p, dst, **kwargs)
     bar.close()
@@ -440,7 +443,7 @@ def prune(src: str, dst: str, plan_out: str | None, verbose: bool, **kw: Any) ->
 
 def _plan_and_run(src: str, dst: str, plan_out: str | None, verbose: bool, soft: bool, kw: dict[str, Any]) -> None:
     run_keys = ("buffer_mib", "force", "no_zero_copy", "drop_cache", "dst_options", "use_ray", "address",
-                "ray_workers", "ray_timeout", "ray_pending_timeout", "quiet", "as_json")
+                "ray_workers", "ray_timeout", "ray_pending_timeout", "part_mib", "quiet", "as_json")
     run_kw = {k: kw.pop(k) for k in run_keys}
     p, n_exp = make_plan(src, soft=soft, **kw)
     if plan_out:

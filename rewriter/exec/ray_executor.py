@@ -106,8 +106,8 @@ def execute_on_ray(
     connect(address, connect_timeout_s)
     upload_part_bytes = min(part_bytes, MAX_UPLOAD_PART_BYTES)
     if part_bytes % upload_part_bytes or upload_part_bytes < 5 << 20:
-        raise ExecutionError(f"part size {part_bytes:,} must be at least 5 MiB and a multiple of "
-                             f"{upload_part_bytes:,} (the multipart-upload part size)")
+        raise ExecutionError(f"part size {part_bytes:,} bytes (--part-mib) must be at least 5 MiB and a multiple of "
+                             f"{upload_part_bytes >> 20} MiB (the multipart-upload part size)")
     src_options, dst_options = dict(src_options or {}), dict(dst_options or {})
     actor_args = (plan.source_url, src_options, dst_url, dst_options, buffer_bytes, zero_copy, drop_cache)
 
