@@ -119,10 +119,13 @@ def test_killed_worker_is_retried_and_output_identical(ray_cluster, medium_plan,
 
     t = threading.Thread(target=killer)
     t.start()
-    execute_on_ray(plan, str(dst), workers=2, buffer_bytes=1 << 20, zero_copy=False)
+    seen: list[int] = []
+    execute_on_ray(plan, str(dst), workers=2, buffer_bytes=1 << 20, zero_copy=False, progress=seen.append)
     t.join()
     assert killed, "no worker was caught mid-shard"
     assert tree_digest(dst) == expected
+    # Progress comes from polling the actors: a dead one costs the run nothing.
+    assert plan.total_size <= sum(seen) <= plan.total_size + sum(o.size for o in plan.outputs)
 
 
 def test_application_errors_surface_unwrapped(ray_cluster, tmp_path):
@@ -171,3 +174,124 @@ def test_ray_to_s3_in_multipart_parts(ray_cluster, s3, medium_plan, tmp_path):
             assert hashlib.sha256(fs.cat_file(f"ray-parts/pruned/{name}")).hexdigest() == digest, name
     assert verify(str(src), "s3://ray-parts/pruned", dst_options=s3.options).ok
     assert not fs.call_s3("list_multipart_uploads", Bucket="ray-parts").get("Uploads")
+
+
+def _blockers(ray, n):
+    """``n`` real actors holding one CPU each of the 2-CPU test cluster."""
+    blocker = ray.remote(num_cpus=1)(type("Blocker", (), {"ready": lambda self: True}))
+    actors = [blocker.remote() for _ in range(n)]
+    ray.get([a.ready.remote() for a in actors])
+    return actors
+
+
+def test_actors_that_cannot_be_placed_are_reported_and_given_up(ray_cluster, medium_plan, tmp_path, caplog):
+    from rewriter.exec.ray_executor import execute_on_ray
+
+    _, plan, expected = medium_plan
+    held = _blockers(ray_cluster, 1)
+    try:
+        # Two actors asked for, one CPU free: the placed one does all the work.
+        with caplog.at_level("WARNING", logger="rewriter.exec.ray_driver"):
+            execute_on_ray(plan, str(tmp_path / "one"), workers=2, pending_timeout_s=3)
+        assert tree_digest(tmp_path / "one") == expected
+        said = " ".join(r.getMessage() for r in caplog.records)
+        assert "waiting" in said and "for 1 of 2 Ray actors to be placed" in said and "--ray-pending-timeout" in said
+        assert "gave up a Ray actor not placed within 3 s; 1 running actors take its work" in said
+        held += _blockers(ray_cluster, 1)
+        # No CPU free at all: a clear error after the timeout, nothing written.
+        t0 = time.monotonic()
+        with pytest.raises(ExecutionError, match=r"no Ray actor could be placed within 2 s: 1 actors each need 1 CPU"):
+            execute_on_ray(plan, str(tmp_path / "none"), workers=1, pending_timeout_s=2)
+        assert time.monotonic() - t0 < 30
+        assert not list((tmp_path / "none").glob("*.safetensors"))
+    finally:
+        for a in held:
+            ray_cluster.kill(a)
+
+
+def test_a_worker_that_dies_too_often_loses_no_finished_shard(ray_cluster, medium_plan, tmp_path):
+    """The error names the shard and how often its worker really died; finished shards stay
+    journaled and the same run resumes them."""
+    import json
+
+    from rewriter.exec.ray_executor import execute_on_ray
+
+    _, plan, expected = medium_plan
+    dst = tmp_path / "dst"
+    killed = _kill_a_writer_when_seen(dst)
+    with pytest.raises(ExecutionError, match=r"the Ray worker writing it died 1 time \(last on node ") as e:
+        execute_on_ray(plan, str(dst), workers=2, buffer_bytes=1 << 20, zero_copy=False, max_task_retries=0)
+    killed.join()
+    assert str(e.value).startswith("shard model-") and "run the same command again to resume" in str(e.value)
+    finished = json.loads((dst / ".rewriter" / "journal.json").read_text())["shards"]
+    result = execute_on_ray(plan, str(dst), workers=2)
+    assert sorted(s.name for s in result.shards if s.resumed) == sorted(finished)
+    assert tree_digest(dst) == expected
+
+
+def _kill_a_writer_when_seen(dst):
+    """A thread that SIGKILLs the first actor seen writing a shard (its temporary names its pid)."""
+    def killer():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for p in (dst / ".rewriter" / "tmp").glob("*.part"):
+                try:
+                    os.kill(int(p.name.split(".")[-3]), signal.SIGKILL)
+                    return
+                except ProcessLookupError:
+                    continue
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    return t
+
+
+@pytest.mark.s3
+def test_actors_stay_within_the_memory_they_declare(ray_cluster, s3, medium_plan, tmp_path):
+    """Peak RSS (VmHWM) of every actor, local and S3 paths, against what it declared to Ray."""
+    from rewriter.exec.destination import open_destination
+    from rewriter.exec.ray_actors import actor_memory_bytes
+    from rewriter.exec.ray_executor import execute_on_ray
+
+    _, plan, _ = medium_plan
+    s3.make_bucket("memory")
+    for url, opts in ((str(tmp_path / "local"), {}), ("s3://memory/out", s3.options)):
+        for part_bytes in (5 << 20, 1 << 30):
+            dst = f"{url}-{part_bytes}"
+            result = execute_on_ray(plan, dst, workers=2, part_bytes=part_bytes, dst_options=opts)
+            peak = max(s.peak_rss_bytes for s in result.shards)
+            declared = actor_memory_bytes(open_destination(dst, opts), 16 << 20, min(part_bytes, 64 << 20))
+            print(f"{url.split(':')[0]} part {part_bytes >> 20} MiB: actor peak RSS {peak / 2**20:.0f} MiB, "
+                  f"declared {declared / 2**20:.0f} MiB")
+            assert 0 < peak < declared
+
+
+@pytest.mark.s3
+def test_verify_on_ray_reports_what_local_verify_does(ray_cluster, s3, medium_plan, tmp_path):
+    import json
+
+    from rewriter.exec.ray_executor import execute_on_ray
+    from rewriter.exec.ray_verify import verify_on_ray
+    from rewriter.exec.verify import verify
+
+    src, plan, _ = medium_plan
+    dst = tmp_path / "dst"
+    execute_on_ray(plan, str(dst), workers=2, part_bytes=5 << 20)
+    good = verify(None, str(dst))
+    assert good.ok and verify_on_ray(None, str(dst), workers=2).to_json() == good.to_json()
+    doc = json.loads((dst / "pruning.json").read_text())
+    big = next(o for o in plan.outputs if o.size > 5 << 20)
+    doc["shards"][big.name]["parts"][1]["sha256"] = "0" * 64
+    (dst / "pruning.json").write_text(json.dumps(doc))
+    small = plan.outputs[-1]
+    with open(dst / small.name, "r+b") as f:
+        f.seek(small.size - 1)
+        last = f.read(1)
+        f.seek(small.size - 1)
+        f.write(b"\xff" if last != b"\xff" else b"\x00")
+    bad = verify(None, str(dst))
+    assert not bad.ok and any(big.name in p and "part 1 " in p for p in bad.problems) and bad.mismatches
+    assert verify_on_ray(str(src), str(dst), workers=2).to_json() == verify(str(src), str(dst)).to_json()
+    out = cli("verify", dst, "--ray", "--workers", "2", expect=1)
+    assert f"{big.name}: part 1 (bytes" in out and "FAILED" in out

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from planners.plan import Plan
 from rewriter.exec.destination import open_destination
@@ -87,3 +88,19 @@ def test_cleanup_lists_then_removes_part_files_and_temporaries(tiny, tiny_salien
     execute(plan, str(tmp_path / "dst"))
     assert verify(None, str(tmp_path / "dst")).ok
     assert "0 leftovers" in cli("cleanup", tmp_path / "dst")
+
+
+def test_every_attempt_writes_under_its_own_name(tmp_path):
+    """Two writers of one shard (two drivers, or a retry beside a stuck attempt) never share a
+    temporary: each attempt at a shard in parts, and each whole-shard output, has its own file."""
+    dst = open_destination(str(tmp_path / "dst"))
+    a = dst.begin_parts("m.safetensors", 10 << 20, "f" * 64)
+    b = dst.begin_parts("m.safetensors", 10 << 20, "f" * 64)
+    assert a != b and os.path.getsize(a) == os.path.getsize(b) == 10 << 20
+    outs = [dst.create_output("m.safetensors", 1 << 20) for _ in range(2)]
+    try:
+        assert outs[0].tmp != outs[1].tmp  # type: ignore[attr-defined]
+    finally:
+        for o in outs:
+            o.abort()
+    assert sorted(h for _, h in dst.leftover_parts()) == sorted([a, b])

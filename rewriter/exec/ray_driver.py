@@ -39,8 +39,10 @@ log = logging.getLogger(__name__)
 
 #: One unit of work for an actor: a whole output shard, or a part of a large one.
 Task = OutputShard | Part
-#: How often a wait for actors to be placed is reported.
+#: How often a wait for actors to be placed is reported (at least three times per timeout).
 PENDING_REPORT_S = 10.0
+#: How long work waits for every actor to answer its probe before starting with those that have.
+START_GRACE_S = 10.0
 
 
 def describe(task: Task) -> str:
@@ -99,7 +101,9 @@ class Driver:
         now = time.monotonic()
         self.slots = [Slot(a, now, a.probe.remote(self.token)) for a in self.actors]
         self.queue.extend(tasks)
-        grace = now + min(self.pending_timeout_s, 30.0)
+        # Actors placed at once all prove they see the destination before any of them writes; one
+        # that takes longer does not hold the others back.
+        grace = now + min(self.pending_timeout_s, START_GRACE_S)
         while self.queue or any(s.task for s in self.slots):
             if self.failure is not None and not any(s.task for s in self.slots):
                 break
@@ -230,7 +234,7 @@ class Driver:
         if not waiting:
             return
         oldest = min(s.since for s in waiting)
-        if now - max(oldest, max(s.reported for s in waiting)) >= PENDING_REPORT_S:
+        if now - max(oldest, max(s.reported for s in waiting)) >= min(PENDING_REPORT_S, self.pending_timeout_s / 3):
             for s in waiting:
                 s.reported = now
             log.warning("waiting %.0f s for %d of %d Ray actors to be placed (each needs 1 CPU and %d MiB of "
