@@ -223,6 +223,7 @@ def test_a_worker_that_dies_too_often_loses_no_finished_shard(ray_cluster, mediu
         execute_on_ray(plan, str(dst), workers=2, buffer_bytes=1 << 20, zero_copy=False, max_task_retries=0)
     killed.join()
     assert str(e.value).startswith("shard model-") and "run the same command again to resume" in str(e.value)
+    assert not list((dst / ".rewriter" / "tmp").glob("*.part"))  # the dead attempt's temporary is gone
     finished = json.loads((dst / ".rewriter" / "journal.json").read_text())["shards"]
     result = execute_on_ray(plan, str(dst), workers=2)
     assert sorted(s.name for s in result.shards if s.resumed) == sorted(finished)

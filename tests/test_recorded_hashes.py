@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from planners.plan import Plan
 from rewriter.exec.destination import open_destination
 from rewriter.exec.executor import execute
@@ -104,3 +106,22 @@ def test_every_attempt_writes_under_its_own_name(tmp_path):
         for o in outs:
             o.abort()
     assert sorted(h for _, h in dst.leftover_parts()) == sorted([a, b])
+
+
+@pytest.mark.s3
+def test_cleanup_aborts_open_multipart_uploads(s3):
+    s3.make_bucket("leftovers")
+    opts = json.dumps(s3.options)
+    dst = open_destination("s3://leftovers/out", s3.options)
+    upload = dst.begin_parts("model-00001-of-00002.safetensors", 20 << 20, "f" * 64)
+    dst.part_output("model-00001-of-00002.safetensors", upload, 0, 5 << 20).write(b"x" * (5 << 20))
+    dst.put_bytes(".rewriter/parts.json", b"{}")
+    other = open_destination("s3://leftovers/elsewhere", s3.options).begin_parts("m.safetensors", 1, "f" * 64)
+    out = cli("cleanup", "s3://leftovers/out", "--dst-options", opts, "--dry-run")
+    assert f"would abort multipart upload {upload} of s3://leftovers/out/model-00001-of-00002.safetensors" in out
+    assert other not in out  # below another destination: not this one's to abort
+    out = cli("cleanup", "s3://leftovers/out", "--dst-options", opts)
+    assert f"aborted multipart upload {upload}" in out
+    left = s3.fs().call_s3("list_multipart_uploads", Bucket="leftovers").get("Uploads", [])
+    assert [u["UploadId"] for u in left] == [other]
+    assert not dst.exists(".rewriter/parts.json")

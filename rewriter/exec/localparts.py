@@ -94,7 +94,7 @@ class LocalParts:
     def leftover_parts(self) -> list[tuple[str, str]]:
         folder = self._path(PARTS_DIR)
         names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-        return [(f.split(".")[0], os.path.join(folder, f)) for f in names if f.endswith(".parts")]
+        return [(f.rsplit(".", 3)[0], os.path.join(folder, f)) for f in names if f.endswith(".parts")]
 
 
 def range_sha256(storage: Storage, name: str, part: Any, buffer_bytes: int) -> str | None:

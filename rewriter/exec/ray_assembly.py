@@ -19,7 +19,7 @@ from typing import Any
 
 from planners.plan import OutputShard, Plan
 from rewriter.core.errors import ExecutionError
-from rewriter.exec.destination import Destination
+from rewriter.exec.destination import TMP_DIR, Destination
 from rewriter.exec.journal import PartJournal, ShardResult
 from rewriter.exec.parts import Part, split_parts
 
@@ -65,6 +65,8 @@ class Assemblies:
         for name in [n for n in self.journal.shards if n not in self.shards or not self.shards[n].handle]:
             self.journal.shards.pop(name)
         self.journal.flush()
+        for asm in [a for a in self.shards.values() if a.left == 0]:  # every part kept: nothing to hand out
+            self._publish(asm, "the driver's node")
         return tasks
 
     def _parts_of(self, out: OutputShard, parts: list[Part]) -> list[Part]:
@@ -148,7 +150,17 @@ class Assemblies:
             log.warning("the Ray actor on %s used %d MiB, more than the %d MiB it declared", where, rss >> 20,
                         self.declared_bytes >> 20)
 
-    def abandon(self) -> None:
-        """After a failure: unfinished shards stay journaled with their finished parts (the same
-        command resumes them; `rewriter cleanup DST` discards them)."""
-        self.journal.flush()
+    def discard_attempt(self, task: OutputShard | Part, pid: str | None) -> None:
+        """Before a whole shard is written again: remove what the dead attempt (process ``pid``)
+        left, its temporary file or its open upload. (A part's retry rewrites the same range of
+        the same attempt.)"""
+        if isinstance(task, Part):
+            return
+        base = f"{TMP_DIR}/{task.name.rsplit('/', 1)[-1]}.{pid}."
+        for f in self.dst.list_files() if pid else []:
+            if f.startswith(base) and f.endswith(".part"):
+                self.dst.remove(f)
+        keep = {a.handle for a in self.shards.values()}
+        for name, handle in self.dst.leftover_parts():
+            if name == task.name and handle not in keep:
+                self.dst.abort_parts(name, handle)

@@ -201,6 +201,10 @@ class Driver:
             self.failure = self.failure or e
 
     def _died(self, s: Slot, task: Task, e: BaseException) -> None:
+        try:
+            self.asm.discard_attempt(task, (s.where or {}).get("pid"))
+        except Exception as err:  # the next run, or `rewriter cleanup`, removes it
+            log.warning("could not remove what the dead attempt at %s left: %s", describe(task), err)
         key = describe(task)
         self.deaths[key] = n = self.deaths.get(key, 0) + 1
         self.last_death = _first_line(e)

@@ -123,9 +123,10 @@ def execute_on_ray(
             # Handles as Any: Ray's type stubs do not follow .options(...).remote(...).
             cls: Any = ray.remote(ShardWriter).options(num_cpus=1, memory=memory, max_restarts=-1,
                                                       max_task_retries=0, max_concurrency=2)
-            actors = [cls.remote(*actor_args) for _ in range(max(1, min(workers, len(tasks))))]
-            Driver(asm, actors, token, upload_part_bytes, max_task_retries, pending_timeout_s, memory,
-                   progress).run(tasks)
+            actors = [cls.remote(*actor_args) for _ in range(min(workers, len(tasks)))]
+            if tasks:
+                Driver(asm, actors, token, upload_part_bytes, max_task_retries, pending_timeout_s, memory,
+                       progress).run(tasks)
             for name, handle in dst.leftover_parts():  # uploads of actors killed mid-shard
                 dst.abort_parts(name, handle)
         finally:
