@@ -119,8 +119,8 @@ class _suppress:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    if not RAY.exists() or not shutil.which("unshare"):
-        pytest.skip("needs the ray CLI and unshare")
+    if not RAY.exists() or not shutil.which("unshare") or os.geteuid() != 0:
+        pytest.skip("needs the ray CLI, and root for unshare -m (a node with a private mount namespace)")
     c = Cluster(tmp_path_factory.mktemp("cluster", numbered=True))
     try:
         c.start("head")
