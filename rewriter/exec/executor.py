@@ -197,8 +197,7 @@ def execute(
         runner: executes the pending shards and reports each result (the Ray executor passes
             one); by default they run here, one after another.
         on_start: called with the bytes still to write once the journal has been checked.
-        observer: told when the run starts writing, of each shard recorded and of a failure
-            (:class:`rewriter.exec.runstatus.StatusWriter` keeps the status document).
+        observer: told when the run starts writing, of each shard and of a failure (:mod:`.runstatus`).
 
     Raises:
         PlanError: the source changed since planning; a non-uniform plan without permission.
@@ -222,9 +221,7 @@ def execute(
         with lock:
             try:
                 return _execute_locked(plan, src, dst, lock, t0, opts)
-            except BaseException as e:
-                if observer:
-                    observer.failed(e)
+            except BaseException:
                 dst.drop_empty_state(created)
                 raise
     finally:
@@ -276,8 +273,13 @@ def _execute_locked(plan: Plan, src: Storage, dst: Destination, lock: Destinatio
         else:
             opts.runner(todo, record)
         finalize(plan, src, dst, result.shards, opts.buffer_bytes)
-    except DestinationFullError as e:
-        raise _what_is_kept(e, plan, dst, len(result.shards)) from None
+    except BaseException as e:
+        err = _what_is_kept(e, plan, dst, len(result.shards)) if isinstance(e, DestinationFullError) else e
+        if opts.observer:
+            opts.observer.failed(err)
+        if err is e:
+            raise
+        raise err from None
     order = {o.name: i for i, o in enumerate(plan.outputs)}
     result.shards.sort(key=lambda r: order[r.name])
     result.seconds = time.perf_counter() - t0
