@@ -113,6 +113,7 @@ class ScaleEstimate:
     nodes: int
     node_bytes_per_s: float
     total_bytes_per_s: float | None
+    serial_bytes_per_s: float | None
     bytes_written: int
     tasks: int
     busy_nodes: int
@@ -131,6 +132,7 @@ def estimate_nodes(
     part_bytes: int = 1 << 30,
     startup_s: float = 0.0,
     total_bytes_per_s: float | None = None,
+    serial_bytes_per_s: float | None = None,
 ) -> ScaleEstimate:
     """Wall time of ``plan`` on ``nodes`` nodes that each rewrite ``node_bytes_per_s`` output bytes
     per second (read and write together, as a one-node run measures it).
@@ -138,8 +140,10 @@ def estimate_nodes(
     The units of work are the Ray executor's: whole output shards, and with more than one node,
     shards over ``part_bytes`` split into parts of at most that size; they go longest first to
     the least loaded node. ``total_bytes_per_s`` caps the whole cluster (the shared storage's
-    aggregate bandwidth); ``startup_s`` is the fixed cost of starting the run (actors, plan,
-    journal, finishing files).
+    aggregate bandwidth); ``serial_bytes_per_s`` is the rate of work one process does on every
+    byte of the shards written in parts, one shard after another (a driver that re-reads each
+    assembled shard for its hash; ``None`` when the writers hash what they write);
+    ``startup_s`` is the fixed cost of starting the run (actors, plan, journal, finishing files).
     """
     nodes = max(1, nodes)
     sizes: list[int] = []
@@ -153,8 +157,11 @@ def estimate_nodes(
     seconds = _longest_first([n / node_bytes_per_s for n in sizes], nodes)
     if total_bytes_per_s:
         seconds = max(seconds, written / total_bytes_per_s)
-    return ScaleEstimate(nodes, node_bytes_per_s, total_bytes_per_s, written, len(sizes), min(nodes, len(sizes)),
-                         startup_s, startup_s + seconds)
+    in_parts = sum(o.size for o in plan.outputs if nodes > 1 and o.size > part_bytes)
+    if serial_bytes_per_s:
+        seconds = max(seconds, in_parts / serial_bytes_per_s)
+    return ScaleEstimate(nodes, node_bytes_per_s, total_bytes_per_s, serial_bytes_per_s, written, len(sizes),
+                         min(nodes, len(sizes)), startup_s, startup_s + seconds)
 
 
 def _layer_costs(plan: Plan) -> tuple[LayerCost, ...]:

@@ -40,3 +40,12 @@ def test_scaling_is_bounded_by_the_largest_task_and_the_storage(plan):
     assert part.tasks > len(plan.outputs) and part.est_seconds <= (64 << 20) / 500e6 + 1e-9
     capped = estimate_nodes(plan, 64, 500e6, part_bytes=64 << 20, total_bytes_per_s=2e9)
     assert capped.est_seconds == pytest.approx(capped.bytes_written / 2e9)
+
+
+def test_a_serial_driver_step_that_grows_with_bytes_caps_the_speedup(plan):
+    """A driver re-reading every assembled shard at 1 GB/s: more nodes stop helping."""
+    in_parts = sum(o.size for o in plan.outputs if o.size > 64 << 20)
+    times = [estimate_nodes(plan, n, 500e6, part_bytes=64 << 20, serial_bytes_per_s=1e9).est_seconds
+             for n in (1, 8, 64)]
+    assert times[1] == times[2] == pytest.approx(in_parts / 1e9)
+    assert times[0] == pytest.approx(sum(o.size for o in plan.outputs) / 500e6)  # one node writes whole shards
