@@ -17,8 +17,9 @@ call, and reports:
   ``copy_s`` (a local run's own copying), and ``other_s``: everything else;
 * ``driver_cpu_s``: CPU time of the driver process (its own threads; actors are other processes).
 
-Rounds alternate the contenders (local, ray-1, ray-2, ray-4, local, ...) so that load from other
-work on the machine falls on all of them; every round is kept in the JSON, the tables show the
+Rounds alternate the contenders, each round starting one further along (local, ray-1, ray-2,
+ray-4; then ray-1, ray-2, ray-4, local; ...), so that load from other work on the machine and the
+position in a round fall on all of them; every run is kept in the JSON, the tables show the
 fastest. Results: ``bench_io/results/ray-latest.{json,md}``, with the machine, its load and the
 date. The scaling model (:func:`planners.cost.estimate_nodes`) is fitted to the one-worker run
 and checked against the others, then applied to the full 120B plan.
@@ -148,6 +149,7 @@ def contender_run(name: str, plan: Path, work: Path, log: Any = print) -> dict[s
     from planners.plan import Plan
 
     drop_cache(Path(Plan.load(str(plan)).source_url))
+    os.sync()  # the previous run's deleted output is not written back during this one
     cmd = [sys.executable, "-m", "bench_io.raybench", "one", mode, str(plan), str(dst), "--workers", n or "1",
            "--report", str(report)]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -226,8 +228,9 @@ def run(size: str = "default", work: Path | None = None, results: Path = RESULTS
     started = time.time()
     runs = []
     for i in range(rounds):
-        log(f"round {i + 1} of {rounds}")
-        runs += [contender_run(name, plan, work, log) for name in names]
+        order = names[i % len(names):] + names[:i % len(names)]  # each contender in each position in turn
+        log(f"round {i + 1} of {rounds}: {', '.join(order)}")
+        runs += [contender_run(name, plan, work, log) for name in order]
     best = {}
     for name in names:
         ok = [r for r in runs if r["name"] == name and r["ok"]]

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -64,6 +65,7 @@ class StatusWriter:
         self.base = 0  # bytes already in place when the run started (resumed shards)
         self.copied = 0
         self.warned = False
+        self.lock = threading.Lock()  # progress may come from several threads
 
     def started(self, dst: Destination, plan: Plan, done: list[ShardResult]) -> None:
         """The run checked its journal; ``done`` are the shards it vouches for."""
@@ -77,8 +79,7 @@ class StatusWriter:
 
     def __call__(self, n: int) -> None:
         """Progress: ``n`` more bytes copied."""
-        self.copied += n
-        self._write()
+        self._write(n)
 
     def shard_done(self, result: ShardResult) -> None:
         if self.dst is not None:
@@ -91,10 +92,15 @@ class StatusWriter:
             self.doc["error"] = str(err) or type(err).__name__
             self._write(force=True)
 
-    def _write(self, force: bool = False) -> None:
-        now = self.clock()
-        if self.dst is None or not (self.throttle.due(now) or force):
-            return
+    def _write(self, copied: int = 0, force: bool = False) -> None:
+        with self.lock:
+            self.copied += copied
+            now = self.clock()
+            if self.dst is not None and (self.throttle.due(now) or force):
+                self._publish(now)
+
+    def _publish(self, now: float) -> None:
+        assert self.dst is not None
         elapsed = max(now - self.t0, 1e-9)
         total = self.doc["bytes_total"]
         done = min(total, self.base + self.copied)
