@@ -20,8 +20,8 @@ call, and reports:
 Rounds alternate the contenders, each round starting one further along (local, ray-1, ray-2,
 ray-4; then ray-1, ray-2, ray-4, local; ...), so that load from other work on the machine and the
 position in a round fall on all of them; every run is kept in the JSON, the tables show the
-fastest. Results: ``bench_io/results/ray-latest.{json,md}``, with the machine, its load and the
-date. The scaling model (:func:`planners.cost.estimate_nodes`) is fitted to the one-worker run
+fastest. Results: ``bench_io/results/ray-latest.{json,md}`` and a dated copy
+(``ray-YYYYMMDD-HHMM.*``), with the machine, its load and the date. The scaling model (:func:`planners.cost.estimate_nodes`) is fitted to the one-worker run
 and checked against the others, then applied to the full 120B plan.
 """
 
@@ -247,8 +247,10 @@ def run(size: str = "default", work: Path | None = None, results: Path = RESULTS
         "rounds": rounds, "runs": runs, "best": best, "scaling": scaling(plan, best, work),
     }
     results.mkdir(parents=True, exist_ok=True)
-    (results / "ray-latest.json").write_text(json.dumps(doc, indent=1) + "\n")
-    (results / "ray-latest.md").write_text(markdown(doc))
+    stamp = time.strftime("%Y%m%d-%H%M", time.gmtime(started))
+    for name in ("ray-latest", f"ray-{stamp}"):  # the latest, and every run kept by its date
+        (results / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+        (results / f"{name}.md").write_text(markdown(doc))
     return doc
 
 

@@ -47,9 +47,13 @@ class JobService:
     def __init__(self, address: str | None, timeout_s: float = DEFAULT_TIMEOUT_S):
         self.address = job_service_address(address)
         self.timeout_s = timeout_s
-        for name in ("ray", "ray.dashboard", "ray._private.runtime_env.packaging"):
-            logging.getLogger(name).setLevel(logging.WARNING)  # "Uploading package ..." on every submit
         from ray.job_submission import JobSubmissionClient
+
+        # Ray's job client logs "Uploading package ..." at INFO on every submit (its modules set
+        # their own level when imported, so this comes after the import).
+        for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
+                     "ray._private.runtime_env.packaging"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
         self.client: Any = self._call(lambda: JobSubmissionClient(self.address), "connect")
 

@@ -2,8 +2,8 @@
 
 A run keeps ``DST/.rewriter/status.json`` up to date (published whole, at most every
 :data:`WRITE_EVERY_S` seconds, and at once when it starts or fails): its state (``running``,
-``failed``), bytes and shards done and in all, when it started, its rate, an ETA and the last
-error. The state folder is removed when the output is complete, so a finished run is read from
+``failed``), bytes and shards done and in all, when it started, its rate (since the first bytes
+were reported), an ETA and the last error. The state folder is removed when the output is complete, so a finished run is read from
 the output itself: its index and ``pruning.json``.
 
 :class:`StatusWriter` is the run's observer (``execute(observer=...)``) and a progress callback;
@@ -64,6 +64,9 @@ class StatusWriter:
         self.t0 = 0.0
         self.base = 0  # bytes already in place when the run started (resumed shards)
         self.copied = 0
+        # The rate counts from the first progress report (workers may take a while to start, and
+        # report in lumps): bytes after it over the time since it.
+        self.first: tuple[float, int] | None = None
         self.warned = False
         self.lock = threading.Lock()  # progress may come from several threads
 
@@ -96,6 +99,8 @@ class StatusWriter:
         with self.lock:
             self.copied += copied
             now = self.clock()
+            if copied and self.first is None:
+                self.first = (now, self.copied)
             if self.dst is not None and (self.throttle.due(now) or force):
                 self._publish(now)
 
@@ -104,10 +109,12 @@ class StatusWriter:
         elapsed = max(now - self.t0, 1e-9)
         total = self.doc["bytes_total"]
         done = min(total, self.base + self.copied)
-        rate = self.copied / elapsed
+        rate = None
+        if self.first is not None and now > self.first[0] and self.copied > self.first[1]:
+            rate = (self.copied - self.first[1]) / (now - self.first[0])
         self.doc.update(bytes_done=done, updated=_iso(now), updated_unix=round(now, 3), seconds=round(elapsed, 3),
-                        rate_bytes_per_s=round(rate),
-                        eta_s=round((total - done) / rate, 1) if rate > 0 and self.doc["state"] == "running" else None)
+                        rate_bytes_per_s=round(rate) if rate else None,
+                        eta_s=round((total - done) / rate, 1) if rate and self.doc["state"] == "running" else None)
         try:
             self.dst.put_bytes(STATUS_NAME, (json.dumps(self.doc, indent=1, sort_keys=True) + "\n").encode())
         except Exception as e:  # the run matters more than its status document
@@ -189,10 +196,10 @@ def format_status(doc: Mapping[str, Any]) -> list[str]:
     if doc.get("started"):
         lines.append(f"started:    {doc['started']} on {doc.get('host', '?')} (pid {doc.get('pid', '?')}), "
                      f"updated {doc.get('updated')}")
-    if doc["state"] == "running" and doc.get("rate_bytes_per_s") is not None:
-        eta = doc.get("eta_s")
-        lines.append(f"rate:       {human_bytes(doc['rate_bytes_per_s'])}/s, ETA "
-                     + (f"{eta:.0f} s" if isinstance(eta, (int, float)) else "unknown"))
+    if doc["state"] == "running":
+        rate, eta = doc.get("rate_bytes_per_s"), doc.get("eta_s")
+        lines.append(f"rate:       {human_bytes(rate)}/s, ETA {eta:.0f} s" if isinstance(rate, int) and isinstance(eta, (int, float))
+                     else "rate:       not known yet (too few bytes written), ETA unknown")
     if doc.get("stale_s"):
         lines.append(f"warning:    no update for {doc['stale_s']} s: the run may have stopped (a killed driver "
                      f"cannot say so); run the same command again to resume it")
