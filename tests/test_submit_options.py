@@ -32,3 +32,21 @@ def test_forwarded_options_parse_back_to_the_same_values():
         if name in seen and name not in NOT_FORWARDED:
             assert seen[name] == value, name
     assert "--ray" not in args and "--address" not in args
+
+
+def test_a_job_service_that_never_answers_is_given_up_after_timeout():
+    """A port that accepts connections but never answers (a hung head node): bounded by --timeout."""
+    import socket
+
+    import pytest
+
+    pytest.importorskip("ray")
+    from tests.conftest import cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)  # connections complete in the kernel; nothing ever reads them
+        address = f"http://127.0.0.1:{s.getsockname()[1]}"
+        out = cli("status", "raysubmit_x", "--address", address, "--timeout", "1", expect=2)
+    assert f"error: the Ray job service at {address} did not answer within 1 s" in out
+    assert "--timeout" in out
