@@ -107,3 +107,23 @@ def test_clear_errors(jobs, plan_file, tmp_path):
     assert "relative path" in out
     out = cli("status", "raysubmit_x", expect=2)
     assert "--address" in out
+
+
+def test_killed_driver_shows_failed_and_the_same_submit_completes(jobs, plan_file, tmp_path):
+    dst = tmp_path / "out"
+    args = ["submit", plan_file, "--out", dst, "--address", jobs, "--workers", "1", "--no-zero-copy", "--buffer-mib", "1"]
+    job = cli(*args).splitlines()[0]
+    while True:
+        doc = _status(jobs, job)
+        if doc["run"] and doc["run"]["state"] == "running":
+            os.kill(doc["run"]["pid"], signal.SIGKILL)  # the driver, as a lost head node would
+            break
+        assert doc["job"]["status"] in ("PENDING", "RUNNING"), doc
+        time.sleep(0.05)
+    doc = _wait_ended(jobs, job)
+    assert doc["job"]["status"] == "FAILED" and doc["run"]["state"] == "running"
+    out = cli("status", job, "--address", jobs, expect=1)
+    assert "the job ended while the run was writing" in out and "FAILED" in out
+    again = cli(*args).splitlines()[0]
+    assert _wait_ended(jobs, again)["job"]["status"] == "SUCCEEDED"
+    assert "mismatches: 0, problems: 0 -> OK" in cli("verify", dst)
