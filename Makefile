@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := demo-out
 
-.PHONY: venv demo test test-fast lint typecheck bench bench-quality clean
+.PHONY: venv demo test test-fast lint typecheck bench bench-ray bench-quality clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench_io run
+
+# Local executor vs run --ray with 1, 2 and 4 workers, and where the driver's time goes.
+bench-ray: $(STAMP)
+	$(BIN)/python -m bench_io.raybench
 
 # Trains the reference MoE (minutes on a GPU; SIZE=toy runs anywhere in seconds).
 SIZE ?= full

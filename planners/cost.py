@@ -106,6 +106,64 @@ def estimate(
     )
 
 
+@dataclass(frozen=True)
+class ScaleEstimate:
+    """Expected wall time of a plan on ``nodes`` nodes (see :func:`estimate_nodes`)."""
+
+    nodes: int
+    node_bytes_per_s: float
+    total_bytes_per_s: float | None
+    serial_bytes_per_s: float | None
+    bytes_written: int
+    tasks: int
+    busy_nodes: int
+    startup_s: float
+    est_seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def estimate_nodes(
+    plan: Plan,
+    nodes: int,
+    node_bytes_per_s: float,
+    *,
+    part_bytes: int = 1 << 30,
+    startup_s: float = 0.0,
+    total_bytes_per_s: float | None = None,
+    serial_bytes_per_s: float | None = None,
+) -> ScaleEstimate:
+    """Wall time of ``plan`` on ``nodes`` nodes that each rewrite ``node_bytes_per_s`` output bytes
+    per second (read and write together, as a one-node run measures it).
+
+    The units of work are the Ray executor's: whole output shards, and with more than one node,
+    shards over ``part_bytes`` split into parts of at most that size; they go longest first to
+    the least loaded node. ``total_bytes_per_s`` caps the whole cluster (the shared storage's
+    aggregate bandwidth); ``serial_bytes_per_s`` is the rate of work one process does on every
+    byte of the shards written in parts, one shard after another (a driver that re-reads each
+    assembled shard for its hash; ``None`` when the writers hash what they write);
+    ``startup_s`` is the fixed cost of starting the run (actors, plan, journal, finishing files).
+    """
+    nodes = max(1, nodes)
+    sizes: list[int] = []
+    for o in plan.outputs:
+        if nodes > 1 and o.size > part_bytes:
+            full, rest = divmod(o.size, part_bytes)
+            sizes += [part_bytes] * full + ([rest] if rest else [])
+        else:
+            sizes.append(o.size)
+    written = sum(o.size for o in plan.outputs)
+    seconds = _longest_first([n / node_bytes_per_s for n in sizes], nodes)
+    if total_bytes_per_s:
+        seconds = max(seconds, written / total_bytes_per_s)
+    in_parts = sum(o.size for o in plan.outputs if nodes > 1 and o.size > part_bytes)
+    if serial_bytes_per_s:
+        seconds = max(seconds, in_parts / serial_bytes_per_s)
+    return ScaleEstimate(nodes, node_bytes_per_s, total_bytes_per_s, serial_bytes_per_s, written, len(sizes),
+                         min(nodes, len(sizes)), startup_s, startup_s + seconds)
+
+
 def _layer_costs(plan: Plan) -> tuple[LayerCost, ...]:
     """Per layer (``None``: tensors outside the layers): shards touched, bytes, segments."""
     per_layer: dict[int | None, dict[str, Any]] = {}

@@ -1,14 +1,16 @@
-"""Entry point for ``ray job submit``: ``rewriter run --ray`` on the cluster the job runs in.
+"""Entry point of a Ray Job: ``rewriter run --ray`` on the cluster the job runs in.
 
-Example::
+``rewriter submit PLAN --out DST --address http://HEAD:8265 [run options]`` submits a job that
+runs this module with the plan sent along (see :mod:`rewriter.jobs`); by hand it is::
 
-    ray job submit --address http://HEAD:8265 --working-dir . -- \\
+    ray job submit --address http://HEAD:8265 -- \\
         python -m ray_jobs.rewrite s3://bucket/plans/120b-keep64.json --out s3://bucket/pruned/120b-keep64 --workers 16
 
 It is the same command as ``rewriter run PLAN --out DST --ray``, with the same options and
 defaults (``python -m ray_jobs.rewrite --help`` lists them); inside a job Ray connects to the
-job's cluster. Plan and destination live on storage every node reaches (a shared filesystem or
-an object store).
+job's cluster. The package is installed on every node; the destination (and the plan, when
+not sent with the job) live on storage every node reaches (a shared filesystem or an object
+store). The run keeps its status document in ``DST/.rewriter/status.json`` (``rewriter status``).
 """
 
 from __future__ import annotations

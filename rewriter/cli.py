@@ -363,13 +363,20 @@ def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bo
              as_json: bool, allow_nonuniform: bool, src_options: dict[str, Any] | None) -> None:
     from planners.cost import human_bytes
     from rewriter.exec.executor import execute
+    from rewriter.exec.runstatus import StatusWriter
     from rewriter.progress import ByteProgress
 
     bar = ByteProgress(enabled=not quiet and not as_json)
+    status = StatusWriter()  # DST/.rewriter/status.json, what `rewriter status` reads
+
+    def progress(n: int) -> None:
+        bar(n)
+        status(n)
+
     kwargs: dict[str, Any] = dict(
         src_options=src_options or {}, dst_options=dst_options or {}, buffer_bytes=buffer_mib * MiB,
-        progress=bar, force=force, allow_nonuniform=allow_nonuniform, zero_copy=not no_zero_copy,
-        drop_cache=drop_cache, on_start=bar.start,
+        progress=progress, force=force, allow_nonuniform=allow_nonuniform, zero_copy=not no_zero_copy,
+        drop_cache=drop_cache, on_start=bar.start, observer=status,
     )
     on_interrupt(f"the shards finished so far are kept in {dst}; run the same command again to resume")
     if use_ray:
@@ -811,6 +818,12 @@ def cleanup(dst: str, dst_options: dict[str, Any] | None, dry_run: bool) -> None
     for line in lines:
         click.echo(line)
     click.echo(f"{dst}: {len(lines)} leftovers of killed runs {'found' if dry_run else 'cleaned up'}")
+
+
+# --- Ray Jobs: submit, status, logs (rewriter/cli_ray.py) ---------------------------------------
+from rewriter.cli_ray import register as _register_ray_commands  # noqa: E402
+
+_register_ray_commands(main)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from rewriter.exec.journal import (
 )
 from rewriter.exec.lock import DestinationLock
 from rewriter.exec.modelcard import CARD_NAME, write_model_card
+from rewriter.exec.runstatus import RunObserver
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ class RunOptions:
     drop_cache: bool = False
     runner: ShardRunner | None = None
     on_start: Callable[[int], None] | None = None
+    observer: RunObserver | None = None
 
 
 def execute(
@@ -179,6 +181,7 @@ def execute(
     drop_cache: bool = False,
     runner: ShardRunner | None = None,
     on_start: Callable[[int], None] | None = None,
+    observer: RunObserver | None = None,
 ) -> RunResult:
     """Carry out ``plan`` into ``dst_url``.
 
@@ -194,6 +197,7 @@ def execute(
         runner: executes the pending shards and reports each result (the Ray executor passes
             one); by default they run here, one after another.
         on_start: called with the bytes still to write once the journal has been checked.
+        observer: told when the run starts writing, of each shard and of a failure (:mod:`.runstatus`).
 
     Raises:
         PlanError: the source changed since planning; a non-uniform plan without permission.
@@ -205,7 +209,7 @@ def execute(
             "this plan keeps different expert counts per layer, which stock transformers cannot "
             "load; pass --allow-nonuniform to write it anyway"
         )
-    opts = RunOptions(buffer_bytes, progress, force, zero_copy, drop_cache, runner, on_start)
+    opts = RunOptions(buffer_bytes, progress, force, zero_copy, drop_cache, runner, on_start, observer)
     src = Storage(plan.source_url, src_options)
     dst = open_destination(dst_url, dst_options)
     try:
@@ -252,10 +256,14 @@ def _execute_locked(plan: Plan, src: Storage, dst: Destination, lock: Destinatio
     result.shards.extend(done)
     if opts.on_start:
         opts.on_start(sum(o.size for o in todo))
+    if opts.observer:
+        opts.observer.started(dst, plan, done)
 
     def record(r: ShardResult) -> None:
         journal.record(r)
         result.shards.append(r)
+        if opts.observer:
+            opts.observer.shard_done(r)
 
     try:
         if opts.runner is None:
@@ -265,8 +273,13 @@ def _execute_locked(plan: Plan, src: Storage, dst: Destination, lock: Destinatio
         else:
             opts.runner(todo, record)
         finalize(plan, src, dst, result.shards, opts.buffer_bytes)
-    except DestinationFullError as e:
-        raise _what_is_kept(e, plan, dst, len(result.shards)) from None
+    except BaseException as e:
+        err = _what_is_kept(e, plan, dst, len(result.shards)) if isinstance(e, DestinationFullError) else e
+        if opts.observer:
+            opts.observer.failed(err)
+        if err is e:
+            raise
+        raise err from None
     order = {o.name: i for i, o in enumerate(plan.outputs)}
     result.shards.sort(key=lambda r: order[r.name])
     result.seconds = time.perf_counter() - t0
