@@ -103,6 +103,19 @@ def comparisons(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def forced_outliers(doc: dict[str, Any]) -> dict[tuple[str, int], float]:
+    """Per (outlier rank, keep): mean experts per layer that ``--keep-outliers`` kept and the plain
+    ranking dropped (same seed, calibration draw and keep count)."""
+    plain = {(sd["seed"], r["calib_seed"], r["rank"], r["keep"]): r["keep_sets"]
+             for sd in doc["seeds"] for r in sd["runs"] if r["calibration"] == "union"}
+    acc: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for (seed, c, rank, keep), sets in plain.items():
+        base = plain.get((seed, c, rank.removesuffix("+outliers"), keep))
+        if rank.endswith("+outliers") and base is not None:
+            acc[(rank, keep)] += [len(set(v) - set(base[k])) for k, v in sets.items()]
+    return {k: statistics.fmean(v) for k, v in acc.items()}
+
+
 def stability_table(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """Mean Jaccard overlap of the A/B keep sets per (domain, rank, keep), interval over training seeds."""
     acc: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -164,6 +177,15 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| {c['rank']} | {c['keep']} ({c['keep'] / n_exp:.1%}) | {c['calibration']} | "
                      + " | ".join(_pm(m[f"ppl_{p}"]) for p in PACKS) + " | "
                      + " | ".join(f"{_pm(m[f'acc_{t}'])} | {_pm(m[f'rec_{t}'], 2)}" for t in TASKS) + " |")
+    forced = forced_outliers(doc)
+    if forced:
+        lines += ["", "Experts per layer that `--keep-outliers` kept although the plain ranking dropped them: "
+                  + ", ".join(f"{r} keep {k}: {v:.2f}" for (r, k), v in forced.items()) + "."]
+    short = [sd for sd in doc["seeds"] if len(sd["calib_seeds_done"]) < len(st["calib_seeds"])]
+    if short:
+        lines += ["", f"The run stopped at its deadline: {len(short)} training seed(s) finished fewer than the "
+                  f"{len(st['calib_seeds'])} calibration draws asked for ({draws}); their cells average the draws "
+                  f"that finished."]
     lines += ["", *_comparison_lines(doc), "", *_stability_lines(doc, n_exp), "", "Corpora (sha256, bytes):", ""]
     lines += [f"- `{k}`: {v['bytes']:,} bytes, {v['documents']} documents, `{v['sha256'][:16]}`"
               for k, v in doc["corpora"].items()]
