@@ -614,9 +614,7 @@ def build_plan(
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     layers_only: Sequence[int] | None = None,
-    provenance: Mapping[str, Any] | None = None,
-    soft: bool = False,
-    config_extra: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None, soft: bool = False, config_extra: Mapping[str, Any] | None = None,
 ) -> Plan:
     """Turn keep sets into a plan for ``ckpt``.
 

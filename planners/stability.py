@@ -52,11 +52,11 @@ def stability(a: Saliency, b: Saliency, policy: KeepPolicy, top_k: int | None = 
     k = top_k or (recorded if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0 else 1)
     keep_a = select_keep([Domain(a)], layers, n_exp, k, policy).keep
     keep_b = select_keep([Domain(b)], layers, n_exp, k, policy).keep
-    rows = [{"layer": layer, "jaccard": jaccard(keep_a[layer], keep_b[layer]),
+    rows: list[dict[str, Any]] = [{"layer": layer, "jaccard": jaccard(keep_a[layer], keep_b[layer]),
              "common": sorted(set(keep_a[layer]) & set(keep_b[layer])),
              "only_a": sorted(set(keep_a[layer]) - set(keep_b[layer])),
              "only_b": sorted(set(keep_b[layer]) - set(keep_a[layer]))} for layer in layers]
-    values = [r["jaccard"] for r in rows]
+    values: list[float] = [r["jaccard"] for r in rows]
     worst = min(rows, key=lambda r: (r["jaccard"], r["layer"]))
     return {"a": a.source, "b": b.source, "rank": policy.rank, "num_experts": n_exp,
             "kept": len(keep_a[layers[0]]), "layers": rows,

@@ -62,8 +62,8 @@ class Scale:
 SCALES = {
     "full": Scale(ModelSize(), 4_000_000, 800, 512, 32, (0.5, 0.375, 0.25), ("union", *DOMAINS), 32768, 24),
     "toy": Scale(ModelSize(layers=2, experts=8, top_k=2, hidden=64, intermediate=64, heads=2, kv_heads=1, head_dim=32),
-                 60_000, 4, 64, 4, (0.5,), ("union", "code"), 1024, 2, seeds=(0, 1), calib_seeds=(0, 1),
-                 arith_problems=16, code_problems=8, task_context=48),
+                 60_000, 4, 64, 4, (0.5,), ("union",), 1024, 2, seeds=(0, 1), calib_seeds=(0, 1),
+                 outlier_ranks=("eaft_reap",), arith_problems=16, code_problems=8, task_context=48),
 }
 
 
