@@ -2,7 +2,7 @@
 several calibration draws, prune with each ranking at several keep fractions and calibrations,
 and evaluate every pruned model against its original: perplexity and task accuracy.
 
-``python -m quality.benchmark [--size full|toy] [--device cuda] [--jobs N] [--work DIR] [--results DIR]``
+``python -m quality.benchmark [--size full|toy] [--device cuda] [--jobs N] [--deadline S] [--work DIR] [--results DIR]``
 
 Per training seed (one process each; ``--jobs`` run at once, sharing one GPU) and calibration
 seed: each domain's calibration documents are shuffled with the calibration seed and cut into
