@@ -614,8 +614,7 @@ def build_plan(
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     layers_only: Sequence[int] | None = None,
-    provenance: Mapping[str, Any] | None = None,
-    soft: bool = False,
+    provenance: Mapping[str, Any] | None = None, soft: bool = False, config_extra: Mapping[str, Any] | None = None,
 ) -> Plan:
     """Turn keep sets into a plan for ``ckpt``.
 
@@ -628,6 +627,7 @@ def build_plan(
         provenance: saliency digests, policy and parameters to record.
         soft: a soft prune: nothing is removed; dropped experts' router bias entries are set so
             they are never selected (and the top-k patched). Expert ids keep their numbers.
+        config_extra: further config fields to set (``norm_topk_prob``), recorded in the patch.
 
     Raises:
         PlanError: keep sets that do not cover the MoE layers, or name unknown layers.
@@ -638,7 +638,7 @@ def build_plan(
     tensors = plan_tensors(ckpt, layout, decision.keep, layers_only, soft)
     outputs = _output_shards(ckpt, tensors, max_shard_bytes, layers_only)
     uniform = len({len(v) for v in decision.keep.values()}) == 1
-    patch = _config_patch(ckpt.config, layout, decision, uniform, soft)
+    patch = {**_config_patch(ckpt.config, layout, decision, uniform, soft), **dict(config_extra or {})}
     config = {**ckpt.config, **patch}
     copy_files, skipped = _other_files(ckpt.files)
     # No creation time: a plan is a function of its inputs, so the same command makes the same

@@ -28,6 +28,9 @@ class KeepPolicy:
         top_k: new routing top-k (``None`` keeps the config's).
         budget: total experts over all layers; makes a non-uniform plan (not loadable by stock
             transformers).
+        keep_outliers: always keep each layer's outlier ("super") experts: those whose maximum
+            output norm (the saliency files' ``max_act``, the largest over the domains) lies more
+            than this many standard deviations above the layer's mean (``None``: off).
     """
 
     rank: str = "reap"
@@ -38,6 +41,7 @@ class KeepPolicy:
     coverage: float = 0.9
     top_k: int | None = None
     budget: int | None = None
+    keep_outliers: float | None = None
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -218,18 +222,46 @@ def covering_set(normalized: Sequence[float], coverage: float, order: Sequence[i
     return out
 
 
+def outliers(domains: Sequence[Domain], layer: int, z: float) -> list[int]:
+    """Experts of ``layer`` whose maximum output norm has a z-score above ``z`` (population
+    standard deviation over the layer's experts), highest first; the norm of an expert is its
+    largest over the domains.
+
+    Raises:
+        PolicyError: a saliency file without ``max_act`` (older files, REAP imports).
+    """
+    per_domain = []
+    for d in domains:
+        values = d.saliency.max_act(layer)
+        if values is None:
+            raise PolicyError(
+                f"{d.saliency.source or d.name}: layer {layer} records no maximum activation norms "
+                f"(max_act; files profiled before it existed and REAP imports have none): profile "
+                f"again with `rewriter profile`, or drop --keep-outliers")
+        per_domain.append(values)
+    peak = [max(v[e] for v in per_domain) for e in range(len(per_domain[0]))]
+    mean = sum(peak) / len(peak)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in peak) / len(peak))
+    if sd == 0:
+        return []
+    scores = [(v - mean) / sd for v in peak]
+    return [e for e in ranking(scores) if scores[e] > z]
+
+
 def select_layer(
     domains: Sequence[Domain], layer: int, n: int, policy: KeepPolicy, groups: int = 1
 ) -> tuple[tuple[int, ...], dict[int, tuple[str, ...]]]:
-    """Keep ``n`` experts of one layer: core, then the union of covering sets, cut or filled.
+    """Keep ``n`` experts of one layer: outliers and core, then the union of covering sets, cut
+    or filled.
 
     With ``groups`` > 1 the same happens inside each contiguous expert group with a quota of
-    ``n / groups``.
+    ``n / groups``. More outliers than ``n`` keep the ``n`` with the highest z-scores.
     """
     combined, normalized = _combined(domains, layer, policy.rank)
     order = combined_ranking(domains, layer, policy.rank, combined)
-    core = order[: policy.core_top_m]
-    wanted: dict[int, list[str]] = {e: ["core"] for e in core}
+    forced = outliers(domains, layer, policy.keep_outliers)[:n] if policy.keep_outliers is not None else []
+    core = forced + [e for e in order if e not in forced][: max(0, min(policy.core_top_m, n - len(forced)))]
+    wanted: dict[int, list[str]] = {e: ["outlier" if e in forced else "core"] for e in core}
     for d, norm in zip(domains, normalized):
         for e in covering_set(norm, policy.coverage, ranking(d.saliency.scores(layer, policy.rank))):
             wanted.setdefault(e, []).append(d.name)
@@ -283,6 +315,8 @@ def select_keep(
     if not domains:
         raise PolicyError("no saliency given: pass --saliency FILE (one per domain) or --keep-list FILE")
     if policy.budget is not None:
+        if policy.keep_outliers is not None:
+            raise PolicyError("--keep-outliers works with a uniform count (--keep-n/--keep-frac), not with --budget")
         if groups > 1:
             raise PolicyError("--budget (different counts per layer) is not supported with group-limited routing")
         return _select_budget(domains, layers, num_experts, config_top_k, policy)

@@ -57,6 +57,9 @@ class PlanOptions:
             (:mod:`planners.serving`); ``fit_targets`` moves the kept count to one they accept.
         layers_only: a per-layer dry-run plan of these layers' expert tensors.
         soft: a soft prune (only router biases change).
+        renormalize_topk: set ``norm_topk_prob`` in the output config, so the kept top-k
+            routing weights sum to 1 (families whose router has that switch; see
+            :data:`RENORMALIZE_FIELD`).
     """
 
     saliency: tuple[str, ...] = ()
@@ -72,6 +75,14 @@ class PlanOptions:
     fit_targets: bool = False
     layers_only: tuple[int, ...] | None = None
     soft: bool = False
+    renormalize_topk: bool = False
+
+
+#: Families whose router renormalizes the top-k weights only when a config switch says so, and
+#: that switch. gpt-oss and Mixtral take the softmax over the chosen k logits: their weights
+#: always sum to 1.
+RENORMALIZE_FIELD = {"qwen2_moe": "norm_topk_prob", "qwen3_moe": "norm_topk_prob", "olmoe": "norm_topk_prob",
+                     "deepseek_v3": "norm_topk_prob"}
 
 
 def plan_prune(source: str | Checkpoint, options: PlanOptions, *,
@@ -101,7 +112,7 @@ def plan_prune(source: str | Checkpoint, options: PlanOptions, *,
         prov["fit_targets"] = fit_note
     layers_only = list(options.layers_only) if options.layers_only is not None else None
     plan = build_plan(ckpt, decision, max_shard_bytes=options.max_shard_bytes, layers_only=layers_only,
-                      provenance=prov, soft=options.soft)
+                      provenance=prov, soft=options.soft, config_extra=_renormalize(layout, options, notify))
     if options.targets and layers_only is None:
         plan = apply_targets(plan, layout, options.targets, options.ep)
         for v in plan.provenance["serving"]["verdicts"]:
@@ -110,10 +121,27 @@ def plan_prune(source: str | Checkpoint, options: PlanOptions, *,
     return plan
 
 
+def _renormalize(layout: Layout, options: PlanOptions, notify: Callable[[str], None] | None) -> dict[str, Any]:
+    """The config fields ``renormalize_topk`` sets for this family (none where weights always
+    sum to 1 over the top-k, with a note saying so)."""
+    if not options.renormalize_topk:
+        return {}
+    field_name = RENORMALIZE_FIELD.get(layout.family)
+    if field_name is None:
+        if notify:
+            notify(f"note: --renormalize-topk changes nothing for {layout.family}: its router takes the softmax "
+                   f"over the chosen top-k logits, so the kept experts' weights already sum to 1")
+        return {}
+    return {field_name: True}
+
+
 def _check_options(options: PlanOptions) -> None:
     """Options that conflict, or that would be silently ignored."""
     if options.keep_list and options.saliency:
         raise OptionError("give --saliency or --keep-list, not both")
+    if options.keep_list and options.policy.keep_outliers is not None:
+        raise OptionError("--keep-outliers chooses from saliency files; a --keep-list is kept as given",
+                          option="keep_outliers")
     for flag, given in (("--ep", options.ep is not None), ("--fit-targets", options.fit_targets)):
         if given and not options.targets:
             raise OptionError(f"{flag} describes how a serving engine runs the output; it needs --target "

@@ -12,13 +12,16 @@ Saliency file, version 1 (JSON)::
       "tokens": 1048576,
       "method": {"seq_len": 2048, "eaft": {"p_quantile": 0.15, "h_quantile": 0.15}},
       "layers": {
-        "0": {"freq": [..E ints..], "reap": [..E floats..], "eaft_reap": [..E floats..]},
+        "0": {"freq": [..E ints..], "reap": [..E floats..], "eaft_reap": [..E floats..],
+              "max_act": [..E floats..]},
         ...
       }
     }
 
 ``freq`` is the routed-token count, ``reap`` the mean of routing weight x expert output norm over
-routed tokens, ``eaft_reap`` the correctness-weighted sum (may be negative). See docs/saliency.md.
+routed tokens, ``eaft_reap`` the correctness-weighted sum (may be negative), ``max_act`` the
+largest output norm any routed token drew from the expert (optional: files written before it
+existed, and REAP imports, have none; only ``--keep-outliers`` needs it). See docs/saliency.md.
 
 Keep list (JSON): ``{"<layer>": [expert ids to keep], ...}``.
 """
@@ -42,6 +45,8 @@ if TYPE_CHECKING:
 FORMAT = "moe-rewriter-saliency"
 VERSION = 1
 METRICS = ("freq", "reap", "eaft_reap")
+#: Per-expert fields a file may carry besides the rank metrics.
+FIELDS = (*METRICS, "max_act")
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,10 @@ class Saliency:
             raise SaliencyError(
                 f"{self.source or 'saliency'}: layer {layer} has no {metric!r} scores"
             ) from None
+
+    def max_act(self, layer: int) -> tuple[float, ...] | None:
+        """The layer's per-expert maximum output norms; ``None`` when the file records none."""
+        return self.layers.get(layer, {}).get("max_act")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -117,7 +126,7 @@ def load_saliency(path: str, num_experts: int | None = None, layers: Sequence[in
             raise SaliencyError(f"{path}: layer {layer}: expected an object of metrics")
         parsed[layer] = {}
         for metric, values in metrics.items():
-            if metric not in METRICS:
+            if metric not in FIELDS:
                 continue
             parsed[layer][metric] = _check_values(path, layer, metric, values, num_experts)
     if layers is not None and sorted(parsed) != sorted(layers):
@@ -192,7 +201,7 @@ def _check_values(path: str, layer: int, metric: str, values: Any, n: int | None
     for e, v in enumerate(values):
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
             raise SaliencyError(f"{path}: layer {layer} expert {e} {metric} is {v!r}; expected a finite number")
-        if metric in ("freq", "reap") and v < 0:
+        if metric in ("freq", "reap", "max_act") and v < 0:
             raise SaliencyError(f"{path}: layer {layer} expert {e} {metric} is {v}; expected >= 0")
         out.append(float(v))
     return tuple(out)

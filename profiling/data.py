@@ -113,26 +113,51 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def block_prefix(tokenizer) -> list[int]:
+    """The special tokens ``tokenizer`` puts before a text of its own (a BOS for Llama-style and
+    Mixtral tokenizers; none for GPT-2-style, Qwen and byte-level ones), found by encoding a
+    probe text with and without them."""
+    if isinstance(tokenizer, LazyTokenizer):
+        tokenizer = tokenizer.get()
+    if isinstance(tokenizer, ByteTokenizer):
+        return []
+    probe = "Hello world"
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe)["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
 def pack(docs: Iterator[list[int]], seq_len: int, max_tokens: int | None = None,
-         eos: int | None = None) -> Iterator[np.ndarray]:
-    """Concatenate documents (``eos`` between them) and cut blocks of ``seq_len`` tokens.
+         eos: int | None = None, prefix: Sequence[int] = ()) -> Iterator[np.ndarray]:
+    """Concatenate documents (``eos`` between them) and cut blocks of ``seq_len`` tokens; each
+    block starts with ``prefix`` (a BOS: see :func:`block_prefix`) and then ``seq_len - len(prefix)``
+    tokens of text.
 
     A final partial block is yielded only when it is the first block (tiny data sets). Stops once
     ``max_tokens`` tokens have been yielded.
     """
     buf: list[int] = []
     emitted = 0
+    head = list(prefix)
+    take = seq_len - len(head)
+    if take < 1:
+        raise DataError(f"a block of {seq_len} tokens leaves no room for text after the tokenizer's "
+                        f"{len(head)} leading special token(s); use a longer --seq-len")
     for doc in docs:
         buf.extend(doc)
         if eos is not None:
             buf.append(eos)
-        while len(buf) >= seq_len:
+        while len(buf) >= take:
             if max_tokens is not None and emitted + seq_len > max_tokens:
                 return
-            yield np.asarray(buf[:seq_len], dtype=np.int64)
+            yield np.asarray(head + buf[:take], dtype=np.int64)
             emitted += seq_len
-            del buf[:seq_len]
+            del buf[:take]
     if emitted == 0:
+        buf = head + buf
         n = len(buf) if max_tokens is None else min(len(buf), max_tokens)
         if n < 2:
             why = (f"--max-tokens {max_tokens} leaves {n}" if max_tokens is not None and len(buf) >= 2

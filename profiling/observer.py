@@ -1,4 +1,5 @@
-"""Observing MoE experts: routed-token counts, REAP sums, and per-pair contributions.
+"""Observing MoE experts: routed-token counts, REAP sums, maximum output norms, and per-pair
+contributions.
 
 The observer registers its own experts implementation with transformers' experts interface and
 switches the model to it: it computes what the eager implementation computes, only for routed
@@ -24,6 +25,7 @@ class LayerSlot:
     index: int
     freq: torch.Tensor
     reap_sum: torch.Tensor
+    max_norm: torch.Tensor | None = None  # largest expert output norm seen per expert
     last_ids: torch.Tensor | None = None  # [tokens, k] experts of the last forward
     last_contrib: torch.Tensor | None = None  # [tokens, k] g * ||f|| of the last forward
 
@@ -101,8 +103,11 @@ def observed_experts_forward(self, hidden_states: torch.Tensor, top_k_index: tor
     g = weights[order]
     if slot is not None:
         with torch.no_grad():
-            contrib = g.float() * out.float().norm(dim=-1)
+            norms = out.float().norm(dim=-1)
+            contrib = g.float() * norms
             slot.freq += counts.to(torch.float64)
+            if slot.max_norm is not None:
+                slot.max_norm.scatter_reduce_(0, sorted_ids, norms.to(torch.float64), reduce="amax")
             slot.reap_sum.index_add_(0, sorted_ids, contrib.to(torch.float64))
             per_pair = torch.empty_like(contrib)
             per_pair[order] = contrib
@@ -147,6 +152,7 @@ class ExpertObserver:
         for i, experts in modules:
             n = experts.num_experts
             slot = LayerSlot(i, torch.zeros(n, dtype=torch.float64, device=device),
+                             torch.zeros(n, dtype=torch.float64, device=device),
                              torch.zeros(n, dtype=torch.float64, device=device))
             experts._rewriter_slot = slot
             self._previous.setdefault(id(experts.config), getattr(experts.config, "_experts_implementation", None))

@@ -133,7 +133,8 @@ def _record_pairs(spill: Spill, slot) -> None:
 
 
 def _saliency_layers(spill: Spill, obs: ExpertObserver) -> tuple[dict[int, dict[str, tuple[float, ...]]], float, float]:
-    """freq, REAP and EAFT-REAP per MoE layer, from the observer's sums and the spill."""
+    """freq, REAP, EAFT-REAP and the largest expert output norm (``max_act``) per MoE layer, from
+    the observer's sums and the spill."""
     if spill.tokens == 0:
         raise ValueError("no calibration tokens")
     p_lo, h_lo = spill.thresholds(P_QUANTILE, H_QUANTILE)
@@ -144,6 +145,8 @@ def _saliency_layers(spill: Spill, obs: ExpertObserver) -> tuple[dict[int, dict[
         eaft = spill.eaft(s.index, len(freq), p_lo, h_lo)
         out[s.index] = {"freq": tuple(float(x) for x in freq), "reap": tuple(float(x) for x in reap),
                         "eaft_reap": tuple(float(x) for x in eaft)}
+        if s.max_norm is not None:
+            out[s.index]["max_act"] = tuple(float(x) for x in s.max_norm.cpu().numpy())
     return out, p_lo, h_lo
 
 

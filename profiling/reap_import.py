@@ -3,7 +3,8 @@
 A REAP observer file maps each layer index to a dict of per-expert tensors. This reads
 ``expert_frequency`` (routed-token counts) and ``reap`` (mean of routing weight x expert output
 norm); where ``reap`` is absent but ``weighted_ean_sum`` is present, REAP is that sum divided by
-the frequency. Other keys (``ean_sum``, ``ean_mean``, …) are kept in the method record only by
+the frequency. ``total_tokens`` (tokens the layer observed) becomes the file's token count, the
+largest over the layers (0 when no layer has it). Other keys (``ean_sum``, ``ean_mean``, …) are kept in the method record only by
 name. EAFT-REAP is not part of REAP's observations, so imported files rank by ``freq`` or
 ``reap``.
 
@@ -55,9 +56,25 @@ def _load(path: str | Path) -> dict:
     return state
 
 
+def _tokens(obs: dict, where: str) -> int:
+    """A layer's ``total_tokens`` (a number or one-element tensor); 0 when absent."""
+    if "total_tokens" not in obs:
+        return 0
+    v = obs["total_tokens"]
+    try:
+        n = float(v.item() if hasattr(v, "item") else v)
+    except (TypeError, ValueError, RuntimeError):
+        raise SaliencyError(f"{where}: total_tokens is {type(v).__name__}; expected a count") from None
+    if not math.isfinite(n) or n < 0 or n != int(n):
+        raise SaliencyError(f"{where}: total_tokens is {n}; expected a whole count >= 0. The observer file is "
+                            f"damaged or from a failed run: profile again")
+    return int(n)
+
+
 def import_reap(path: str | Path, domain: str = "reap-import", model: dict | None = None) -> Saliency:
     state = _load(path)
     layers = {}
+    tokens = 0
     extra: set[str] = set()
     for key, obs in state.items():
         try:
@@ -77,9 +94,10 @@ def import_reap(path: str | Path, domain: str = "reap-import", model: dict | Non
             raise SaliencyError(f"{path}: layer {layer} has neither 'reap' nor 'weighted_ean_sum'")
         if len(reap) != len(freq):
             raise SaliencyError(f"{path}: layer {layer}: {len(freq)} frequencies but {len(reap)} REAP scores")
-        extra |= set(obs) - {"expert_frequency", "reap", "weighted_ean_sum"}
+        tokens = max(tokens, _tokens(obs, where))
+        extra |= set(obs) - {"expert_frequency", "reap", "weighted_ean_sum", "total_tokens"}
         layers[layer] = {"freq": tuple(freq), "reap": tuple(reap)}
     n = {len(v["freq"]) for v in layers.values()}
-    return Saliency(domain=domain, layers=layers, tokens=0,
+    return Saliency(domain=domain, layers=layers, tokens=tokens,
                     model=model or {"num_layers": len(layers), "num_experts": max(n)},
                     method={"imported_from": str(path), "tool": "REAP observer", "other_keys": sorted(extra)})

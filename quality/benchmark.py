@@ -1,12 +1,22 @@
-"""The quality benchmark: train the reference MoE, profile per domain, prune with each ranking at
-several keep fractions and calibrations, and evaluate every pruned model against the original.
+"""The quality benchmark: train the reference MoE with several seeds, profile per domain on
+several calibration draws, prune with each ranking at several keep fractions and calibrations,
+and evaluate every pruned model against its original: perplexity and task accuracy.
 
-``python -m quality.benchmark [--size full|toy] [--device cuda] [--work DIR] [--results DIR]``
+``python -m quality.benchmark [--size full|toy] [--device cuda] [--jobs N] [--deadline S] [--work DIR] [--results DIR]``
+
+Per training seed (one process each; ``--jobs`` run at once, sharing one GPU) and calibration
+seed: each domain's calibration documents are shuffled with the calibration seed and cut into
+two disjoint halves A and B. Saliency profiled on A plans the pruning; the keep sets planned
+from A and from B measure keep-set stability (:mod:`planners.stability`). The same calibration
+seed draws the same halves for every training seed, and every model answers the same task
+problems, so differences between rankings are paired. :mod:`quality.report` aggregates the
+seeds: means, 95 % t-intervals and paired differences.
 
 Everything runs through the project's own code: :func:`profiling.profile.profile` (saliency),
-:func:`planners.policies.select_keep` and :func:`planners.plan.build_plan` (planning),
-:func:`rewriter.exec.executor.execute` (the rewrite) and :func:`quality.evaluate.evaluate` (the
-harness and its gates). ``random`` keeps a seeded random set of the same size per layer.
+:func:`planners.plan_prune` (planning), :func:`rewriter.exec.executor.execute` (the rewrite),
+:func:`quality.evaluate.evaluate` (perplexity and the gates) and :mod:`quality.tasks` (exact-match
+accuracy). ``random`` keeps a seeded random set of the same size per layer; ``+outliers`` rows
+plan with ``--keep-outliers``.
 """
 
 from __future__ import annotations
@@ -16,8 +26,10 @@ import json
 import platform
 import random
 import shutil
+import subprocess
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +50,20 @@ class Scale:
     calibrations: tuple[str, ...]
     calib_tokens: int
     eval_blocks: int
+    seeds: tuple[int, ...] = (0, 1, 2)
+    calib_seeds: tuple[int, ...] = (0, 1, 2)
+    outlier_z: float = 2.5
+    outlier_ranks: tuple[str, ...] = ("reap", "eaft_reap")
+    arith_problems: int = 256
+    code_problems: int = 128
+    task_context: int = 256
 
 
 SCALES = {
-    "full": Scale(ModelSize(), 4_000_000, 3000, 512, 32, (0.5, 0.375, 0.25), ("union", *DOMAINS), 65536, 24),
+    "full": Scale(ModelSize(), 4_000_000, 800, 512, 32, (0.5, 0.375, 0.25), ("union", *DOMAINS), 32768, 24),
     "toy": Scale(ModelSize(layers=2, experts=8, top_k=2, hidden=64, intermediate=64, heads=2, kv_heads=1, head_dim=32),
-                 60_000, 4, 64, 4, (0.5,), ("union", "code"), 2048, 4),
+                 60_000, 4, 64, 4, (0.5,), ("union",), 1024, 2, seeds=(0, 1), calib_seeds=(0, 1),
+                 outlier_ranks=("eaft_reap",), arith_problems=16, code_problems=8, task_context=48),
 }
 
 
@@ -52,155 +72,250 @@ def _keep_random(layers: list[int], n_experts: int, n: int, seed: int) -> dict[i
     return {layer: tuple(sorted(rng.sample(range(n_experts), n))) for layer in layers}
 
 
-def run(scale_name: str = "full", device: str = "cuda", work: Path = Path("quality-work"),
-        results: Path = RESULTS, log=print, steps: int | None = None) -> dict[str, Any]:
-    from planners import PlanOptions, plan_prune
-    from planners.plan import Plan, build_plan
-    from planners.policies import KeepDecision, KeepPolicy
-    from profiling.profile import load_model, profile
-    from quality.evaluate import evaluate
-    from rewriter.core.checkpoint import Checkpoint
-    from rewriter.exec.executor import execute
-
-    scale = SCALES[scale_name]
-    t_start = time.perf_counter()
-    work.mkdir(parents=True, exist_ok=True)
-    corpora_dir = work / "corpora"
-    log("corpora")
-    corpora = build_corpora(corpora_dir, scale.corpus_bytes)
-    model_dir = work / "reference-moe"
-    log("train")
-    shutil.rmtree(model_dir, ignore_errors=True)
-    training = train(corpora_dir, model_dir, size=scale.size, steps=steps or scale.steps, seq_len=scale.seq_len,
-                     batch_size=scale.batch_size, device=device, log=log)
-
-    log("profile")
-    sal_paths = {}
-    t = time.perf_counter()
+def calibration_halves(corpora: Path, out: Path, calib_seed: int) -> dict[str, tuple[Path, Path]]:
+    """Each domain's calibration documents, shuffled with ``calib_seed`` and cut into two
+    disjoint halves (``{domain}-A.jsonl``, ``{domain}-B.jsonl``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    halves = {}
     for d in DOMAINS:
-        sal = profile(str(model_dir), [str(corpora_dir / f"{d}-calib.jsonl")], domain=d, seq_len=scale.seq_len,
-                      max_tokens=scale.calib_tokens, batch_size=8, device=device)
-        sal_paths[d] = work / f"saliency-{d}.json"
-        sal.save(sal_paths[d])
-    profile_seconds = time.perf_counter() - t
+        lines = (corpora / f"{d}-calib.jsonl").read_text().splitlines(keepends=True)
+        random.Random(calib_seed).shuffle(lines)
+        a, b = out / f"{d}-A.jsonl", out / f"{d}-B.jsonl"
+        a.write_text("".join(lines[: len(lines) // 2]))
+        b.write_text("".join(lines[len(lines) // 2 :]))
+        halves[d] = (a, b)
+    return halves
 
-    ckpt = Checkpoint.open(str(model_dir))
+
+def _stability_rows(sal: dict[str, tuple[Any, Any]], keeps: list[int]) -> list[dict[str, Any]]:
+    from planners.policies import KeepPolicy
+    from planners.stability import stability
+
+    rows = []
+    for d, (a, b) in sal.items():
+        for rank in RANKS:
+            for n in keeps:
+                rep = stability(a, b, KeepPolicy(rank=rank, keep_n=n))
+                rows.append({"domain": d, "rank": rank, "keep": n, **rep["summary"]})
+    return rows
+
+
+class _Evaluator:
+    """Rewrites plans into one scratch folder and scores each output against the base model."""
+
+    def __init__(self, scale: Scale, model_dir: Path, corpora: Path, work: Path, device: str, log):
+        from profiling.profile import load_model
+        from quality.tasks import build_tasks, score_tasks
+
+        self.scale, self.model_dir, self.work, self.device, self.log = scale, model_dir, work, device, log
+        self.packs = [str(corpora / f"{d}-eval.jsonl") for d in DOMAINS]
+        self.tasks = build_tasks(corpora, scale.arith_problems, scale.code_problems, scale.task_context)
+        self.base_model = load_model(str(model_dir), device)
+        self.base_tasks = score_tasks(self.base_model, self.tasks)
+        self.cache: dict = {}
+        self.runs: list[dict[str, Any]] = []
+
+    def __call__(self, plan, label: dict[str, Any]) -> None:
+        from profiling.profile import load_model
+        from quality.evaluate import evaluate
+        from quality.tasks import score_tasks
+        from rewriter.exec.executor import execute
+
+        dst = self.work / "pruned"
+        shutil.rmtree(dst, ignore_errors=True)
+        execute(plan, str(dst))
+        model = load_model(str(dst), self.device)
+        res = evaluate(str(dst), self.packs, seq_lens=(self.scale.seq_len,), blocks=self.scale.eval_blocks,
+                       compare=str(self.model_dir), device=self.device, model=model, base_model=self.base_model,
+                       base_cache=self.cache)
+        tasks = score_tasks(model, self.tasks)
+        del model
+        rows = {r["pack"].replace("-eval", ""): r for r in res["rows"]}
+        self.runs.append({**label, "pass": res["pass"], "keep_sets": {str(k): list(v) for k, v in plan.keep.items()},
+                          "tasks": {k: v["accuracy"] for k, v in tasks.items()},
+                          "packs": {k: {"ppl": r["ppl"], "base_ppl": r["base"]["ppl"], "d_mean_p": r["check"]["d_mean_p"],
+                                        "jsd": r["check"]["jsd"], "pass": r["check"]["pass"]} for k, r in rows.items()}})
+        self.log(f"  seed {label['seed']} calib {label['calib_seed']} {label['rank']:<18} keep {label['keep']:>2} "
+                 f"calib {label['calibration']:<6} "
+                 + "  ".join(f"{k} {v['ppl']:.3f}" for k, v in self.runs[-1]["packs"].items())
+                 + "  " + "  ".join(f"{k} acc {v:.3f}" for k, v in self.runs[-1]["tasks"].items()))
+
+
+def _profile_halves(scale: Scale, model_dir: Path, halves: dict[str, tuple[Path, Path]], out: Path,
+                    device: str) -> dict[str, tuple[Any, Any]]:
+    from planners.saliency import load_saliency
+    from profiling.profile import profile
+
+    sal = {}
+    for d, pair in halves.items():
+        loaded = []
+        for half, data in zip("AB", pair):
+            s = profile(str(model_dir), [str(data)], domain=d, seq_len=scale.seq_len, max_tokens=scale.calib_tokens,
+                        batch_size=8, device=device)
+            path = out / f"saliency-{d}-{half}.json"
+            s.save(path)
+            loaded.append(load_saliency(str(path)))
+        sal[d] = (loaded[0], loaded[1])
+    return sal
+
+
+def _prune_grid(scale: Scale, ckpt, sal: dict[str, tuple[Any, Any]], evaluate_plan: _Evaluator,
+                label: dict[str, Any]) -> None:
+    from planners import PlanOptions, plan_prune
+    from planners.plan import build_plan
+    from planners.policies import KeepDecision, KeepPolicy
+
     layout = ckpt.layout
     layers = sorted(layout.moe_layers(ckpt))
     n_exp, top_k = layout.num_experts(ckpt.config), layout.top_k(ckpt.config)
-    packs = [str(corpora_dir / f"{d}-eval.jsonl") for d in DOMAINS]
-    base_model = load_model(str(model_dir), device)
-    cache: dict = {}
-    runs = []
-
-    def evaluate_plan(plan: Plan, label: dict[str, Any]) -> None:
-        dst = work / "pruned"
-        shutil.rmtree(dst, ignore_errors=True)
-        execute(plan, str(dst))
-        res = evaluate(str(dst), packs, seq_lens=(scale.seq_len,), blocks=scale.eval_blocks, compare=str(model_dir),
-                       device=device, base_model=base_model, base_cache=cache)
-        rows = {r["pack"].replace("-eval", ""): r for r in res["rows"]}
-        runs.append({**label, "pass": res["pass"],
-                     "packs": {k: {"ppl": r["ppl"], "base_ppl": r["base"]["ppl"], "d_ppl": r["check"]["d_ppl"],
-                                   "mean_p": r["mean_p"], "d_mean_p": r["check"]["d_mean_p"],
-                                   "d_cc_rate": r["check"]["d_cc_rate"], "jsd": r["check"]["jsd"],
-                                   "pass": r["check"]["pass"]} for k, r in rows.items()}})
-        log(f"  {label['rank']:<9} keep {label['keep']:>2}/{n_exp} calib {label['calibration']:<6} "
-            + "  ".join(f"{k} {v['ppl']:.3f}" for k, v in runs[-1]["packs"].items()))
-
-    log("prune and evaluate")
-    t = time.perf_counter()
     for frac in scale.keep_fracs:
         n = max(top_k, round(frac * n_exp))
+        cell = {**label, "keep": n, "keep_frac": n / n_exp, "outliers": None}
         for calib in scale.calibrations:
             names = DOMAINS if calib == "union" else (calib,)
-            saliency = tuple(str(sal_paths[d]) for d in names)
+            files = tuple(sal[d][0].source for d in names)
             for rank in RANKS:
-                evaluate_plan(plan_prune(ckpt, PlanOptions(saliency=saliency, policy=KeepPolicy(rank=rank, keep_n=n))),
-                              {"rank": rank, "keep": n, "keep_frac": n / n_exp, "calibration": calib})
-        label = {"rank": "random", "keep": n, "keep_frac": n / n_exp, "calibration": "-"}
-        evaluate_plan(build_plan(ckpt, KeepDecision(_keep_random(layers, n_exp, n, seed=n), {}, top_k),
-                                 provenance={"benchmark": label}), label)
-    prune_eval_seconds = time.perf_counter() - t
-    shutil.rmtree(work / "pruned", ignore_errors=True)
+                policy = KeepPolicy(rank=rank, keep_n=n)
+                evaluate_plan(plan_prune(ckpt, PlanOptions(saliency=files, policy=policy)),
+                              {**cell, "rank": rank, "calibration": calib})
+                if calib == "union" and rank in scale.outlier_ranks:
+                    policy = replace(policy, keep_outliers=scale.outlier_z)
+                    evaluate_plan(plan_prune(ckpt, PlanOptions(saliency=files, policy=policy)),
+                                  {**cell, "rank": f"{rank}+outliers", "calibration": calib,
+                                   "outliers": scale.outlier_z})
+        rnd = {**cell, "rank": "random", "calibration": "-"}
+        keep = _keep_random(layers, n_exp, n, seed=1000 * label["calib_seed"] + n)
+        evaluate_plan(build_plan(ckpt, KeepDecision(keep, {}, top_k), provenance={"benchmark": rnd}), rnd)
 
+
+def run_seed(scale: Scale, seed: int, corpora: Path, work: Path, device: str, log=print,
+             steps: int | None = None, on_draw=None) -> dict[str, Any]:
+    """Train the reference MoE with ``seed`` and run the whole grid on it, every calibration seed;
+    ``on_draw(result so far)`` after each calibration seed."""
+    from rewriter.core.checkpoint import Checkpoint
+
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = work / "reference-moe"
+    shutil.rmtree(model_dir, ignore_errors=True)
+    log(f"seed {seed}: train")
+    training = train(corpora, model_dir, size=scale.size, steps=steps or scale.steps, seq_len=scale.seq_len,
+                     batch_size=scale.batch_size, seed=seed, device=device, log=log)
+    ckpt = Checkpoint.open(str(model_dir))
+    t = time.perf_counter()
+    evaluate_plan = _Evaluator(scale, model_dir, corpora, work, device, log)
+    log(f"seed {seed}: base task accuracy " + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in evaluate_plan.base_tasks.items()))
+    seconds = {"train": training["train_seconds"], "profile": 0.0}
+    stability_rows: list[dict[str, Any]] = []
+    doc: dict[str, Any] = {}
+    for c in scale.calib_seeds:
+        t_prof = time.perf_counter()
+        out = work / f"calib-{c}"
+        sal = _profile_halves(scale, model_dir, calibration_halves(corpora, out, c), out, device)
+        seconds["profile"] += time.perf_counter() - t_prof
+        keeps = sorted({max(ckpt.layout.top_k(ckpt.config), round(f * ckpt.layout.num_experts(ckpt.config)))
+                        for f in scale.keep_fracs}, reverse=True)
+        stability_rows += [{"seed": seed, "calib_seed": c, **r} for r in _stability_rows(sal, keeps)]
+        _prune_grid(scale, ckpt, sal, evaluate_plan, {"seed": seed, "calib_seed": c})
+        seconds["prune_and_eval"] = time.perf_counter() - t - seconds["profile"]
+        base_packs = {k: v["base_ppl"] for k, v in evaluate_plan.runs[0]["packs"].items()}
+        doc = {"seed": seed, "training": training, "seconds": dict(seconds), "runs": evaluate_plan.runs,
+               "base": {"tasks": {k: v["accuracy"] for k, v in evaluate_plan.base_tasks.items()}, "ppl": base_packs},
+               "task_problems": {k: v["problems"] for k, v in evaluate_plan.base_tasks.items()},
+               "stability": stability_rows, "calib_seeds_done": [r for r in scale.calib_seeds if r <= c]}
+        if on_draw:
+            on_draw(doc)  # what is done so far survives a run stopped at its deadline
+    shutil.rmtree(work / "pruned", ignore_errors=True)
+    return doc
+
+
+def _spawn(args: argparse.Namespace, seed: int, corpora: Path, log) -> tuple[subprocess.Popen, Path, Path]:
+    work = args.work / f"seed-{seed}"
+    work.mkdir(parents=True, exist_ok=True)
+    out, log_path = work / "result.json", work / "log.txt"
+    cmd = [sys.executable, "-m", "quality.benchmark", "--size", args.size, "--device", args.device,
+           "--work", str(work), "--corpora", str(corpora), "--one-seed", str(seed), "--seed-out", str(out)]
+    if args.steps:
+        cmd += ["--steps", str(args.steps)]
+    log(f"seed {seed}: {' '.join(cmd)} (log {log_path})")
+    return subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT), out, log_path
+
+
+def _run_parallel(args: argparse.Namespace, scale: Scale, corpora: Path, t0: float, log) -> list[dict[str, Any]]:
+    """One process per training seed, ``args.jobs`` at once. Past ``args.deadline`` seconds the
+    processes still running are stopped and their finished calibration draws are kept."""
+    pending = list(scale.seeds)
+    running: dict[int, tuple[subprocess.Popen, Path, Path]] = {}
+    docs = []
+
+    def collect(s: int, out: Path) -> None:
+        if out.exists():
+            docs.append(json.loads(out.read_text()))
+
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            s = pending.pop(0)
+            running[s] = _spawn(args, s, corpora, log)
+        time.sleep(1.0)
+        for s, (proc, out, log_path) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[s]
+            if proc.returncode != 0:
+                for p, _, _ in running.values():
+                    p.kill()
+                raise SystemExit(f"seed {s} failed (exit {proc.returncode}); its log:\n"
+                                 + "\n".join(log_path.read_text().splitlines()[-40:]))
+            log(f"seed {s}: done")
+            collect(s, out)
+        if args.deadline and time.perf_counter() - t0 > args.deadline:
+            for s, (proc, out, _) in running.items():
+                proc.kill()
+                proc.wait()
+                log(f"seed {s}: stopped at the {args.deadline:.0f} s deadline")
+                collect(s, out)
+            if pending:
+                log(f"seeds {pending}: not started before the deadline")
+            break
+    if not docs:
+        raise SystemExit("no training seed finished a calibration draw")
+    return docs
+
+
+def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
+    """Every training seed (``args.jobs`` processes at once), then the report."""
+    from quality import report
+
+    scale = SCALES[args.size]
+    t0 = time.perf_counter()
+    corpora_dir = args.work / "corpora"
+    log("corpora")
+    corpora = build_corpora(corpora_dir, scale.corpus_bytes)
+    seed_docs = []
+    if args.jobs <= 1:
+        for s in scale.seeds:
+            seed_docs.append(run_seed(scale, s, corpora_dir, args.work / f"seed-{s}", args.device, log, args.steps))
+            if args.deadline and time.perf_counter() - t0 > args.deadline:
+                break
+    else:
+        seed_docs = _run_parallel(args, scale, corpora_dir, t0, log)
     import torch
     import transformers
 
     doc = {
         "date": time.strftime("%Y-%m-%d"),
-        "scale": scale_name,
-        "hardware": {"device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
-                     "torch": torch.__version__, "transformers": transformers.__version__},
+        "scale": args.size,
+        "hardware": {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+                     "torch": torch.__version__, "transformers": transformers.__version__, "jobs": args.jobs},
         "corpora": corpora,
-        "training": training,
-        "seconds": {"profile": profile_seconds, "prune_and_eval": prune_eval_seconds,
-                    "total": time.perf_counter() - t_start},
-        "runs": runs,
+        "scale_settings": {"seeds": list(scale.seeds), "calib_seeds": list(scale.calib_seeds),
+                           "keep_fracs": list(scale.keep_fracs), "calibrations": list(scale.calibrations),
+                           "calib_tokens_per_half": scale.calib_tokens, "eval_blocks": scale.eval_blocks,
+                           "seq_len": scale.seq_len, "outlier_z": scale.outlier_z},
+        "wall_seconds": time.perf_counter() - t0,
+        "seeds": sorted(seed_docs, key=lambda d: d["seed"]),
     }
-    results.mkdir(parents=True, exist_ok=True)
-    stem = f"quality-{scale_name}"
-    (results / f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
-    (results / f"{stem}.md").write_text(markdown(doc))
-    chart(doc, results / f"{stem}.png")
+    report.write(doc, args.results, f"quality-{args.size}")
     return doc
-
-
-def markdown(doc: dict[str, Any]) -> str:
-    tr = doc["training"]
-    lines = [
-        f"# Pruning quality on the reference MoE ({doc['date']}, scale `{doc['scale']}`)",
-        "",
-        f"Hardware: {doc['hardware']['device']}, torch {doc['hardware']['torch']}, transformers "
-        f"{doc['hardware']['transformers']}. Model: gpt-oss architecture, {tr['size']['layers']} layers x "
-        f"{tr['size']['experts']} experts, top-{tr['size']['top_k']}, hidden {tr['size']['hidden']}, byte-level, "
-        f"{tr['params'] / 1e6:.1f} M parameters; {tr['steps']} steps of {tr['batch_size']} x {tr['seq_len']} "
-        f"tokens in {tr['train_seconds']:.0f} s, final training loss {tr['final_loss']:.3f}. Profiling "
-        f"{doc['seconds']['profile']:.0f} s, pruning + evaluation {doc['seconds']['prune_and_eval']:.0f} s, "
-        f"total {doc['seconds']['total']:.0f} s.",
-        "",
-        "Perplexity per evaluation domain (base in the header); `gates` counts the (pack) rows passing all "
-        "near-lossless gates (docs/eval.md), union included.",
-        "",
-    ]
-    first = doc["runs"][0]["packs"]
-    packs = list(first)
-    lines.append("| rank | keep | calibration | " + " | ".join(f"{p} (base {first[p]['base_ppl']:.3f})" for p in packs)
-                 + " | gates |")
-    lines.append("|---|---:|---|" + "---:|" * len(packs) + "---:|")
-    for r in doc["runs"]:
-        passed = sum(1 for v in r["packs"].values() if v["pass"])
-        lines.append(f"| {r['rank']} | {r['keep']} ({r['keep_frac']:.1%}) | {r['calibration']} | "
-                     + " | ".join(f"{r['packs'][p]['ppl']:.3f}" for p in packs) + f" | {passed}/{len(packs)} |")
-    lines += ["", "Corpora (sha256, bytes):", ""]
-    lines += [f"- `{k}`: {v['bytes']:,} bytes, {v['documents']} documents, `{v['sha256'][:16]}`"
-              for k, v in doc["corpora"].items()]
-    return "\n".join(lines) + "\n"
-
-
-def chart(doc: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    packs = [p for p in doc["runs"][0]["packs"] if p != "union"]
-    fig, axes = plt.subplots(1, len(packs), figsize=(5 * len(packs), 4), squeeze=False)
-    for ax, pack in zip(axes[0], packs):
-        for rank in (*RANKS, "random"):
-            rows = [r for r in doc["runs"] if r["rank"] == rank and r["calibration"] in ("union", "-")]
-            if rows:
-                ax.plot([r["keep_frac"] for r in rows], [r["packs"][pack]["ppl"] for r in rows], marker="o", label=rank)
-        ax.axhline(doc["runs"][0]["packs"][pack]["base_ppl"], color="gray", linestyle="--", label="base")
-        ax.set_xlabel("share of experts kept")
-        ax.set_ylabel("perplexity")
-        ax.set_yscale("log")
-        ax.set_title(f"{pack} (union calibration)")
-        ax.invert_xaxis()
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _flush_print(*a: Any) -> None:
@@ -214,11 +329,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("quality-work"))
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the scale's)")
+    ap.add_argument("--jobs", type=int, default=1, help="training seeds run at once, one process each")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="with --jobs: stop after this many seconds, reporting the calibration draws finished")
+    ap.add_argument("--one-seed", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--corpora", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--seed-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    run(args.size, device, args.work, args.results, log=_flush_print, steps=args.steps)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.one_seed is not None:  # one training seed, in a process of its own (--jobs)
+        def save(doc: dict[str, Any]) -> None:
+            tmp = args.seed_out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(doc) + "\n")
+            tmp.replace(args.seed_out)
+
+        run_seed(SCALES[args.size], args.one_seed, args.corpora, args.work, args.device, _flush_print, args.steps,
+                 on_draw=save)
+        return 0
+    run(args, log=_flush_print)
     return 0
 
 

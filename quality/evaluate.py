@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from profiling.data import LazyTokenizer, documents, pack
+from profiling.data import LazyTokenizer, block_prefix, documents, pack
 from profiling.profile import (
     TOP_ENTROPY,
     batched,
@@ -54,17 +54,33 @@ class Tokens:
 
 def load_blocks(tokenizer_path: str, packs: Sequence[str], seq_len: int, blocks: int | None, vocab: int,
                 eos: int | None) -> dict[str, list[np.ndarray]]:
-    """Packed blocks per pack (named by file stem), at most ``blocks`` each."""
+    """Packed blocks per pack (named by file stem), at most ``blocks`` each. Each block starts as
+    the tokenizer starts a text (its BOS where it adds one, as lm-eval-harness does); the prefix
+    is context, never a scored token (docs/eval.md)."""
     tok = LazyTokenizer(tokenizer_path, vocab)
     out = {}
     for p in packs:
         limit = None if blocks is None else blocks * seq_len
         docs = documents([p], tok, vocab)
         try:
-            out[Path(p).stem] = list(pack(docs, seq_len, limit, eos))
+            prefix = block_prefix(tok) if _has_text(p) else []
+            out[Path(p).stem] = list(pack(docs, seq_len, limit, eos, prefix))
         finally:
             docs.close()  # pack stops early: close the file now, not when collected
     return out
+
+
+def _has_text(path: str) -> bool:
+    """Whether a pack is text the tokenizer encodes (not ``.npy`` or ``input_ids`` lines, which
+    are used as given and need no tokenizer)."""
+    p = Path(path)
+    if p.suffix == ".npy":
+        return False
+    if p.suffix != ".jsonl":
+        return True
+    with open(p, encoding="utf-8", errors="replace") as f:
+        first = next((line for line in f if line.strip()), "")
+    return '"input_ids"' not in first
 
 
 @torch.no_grad()

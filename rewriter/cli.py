@@ -176,6 +176,11 @@ policy_options = _options(
         click.option("--top-k", type=POSITIVE, default=None, help="New routing top-k (default: unchanged)."),
         click.option("--budget", type=POSITIVE, default=None,
                      help="Total experts over all layers: a non-uniform plan (not loadable by stock transformers)."),
+        click.option("--keep-outliers", type=finite(min=0), default=None, metavar="Z",
+                     help="Always keep experts whose maximum activation norm has a z-score above Z in their layer."),
+        click.option("--renormalize-topk", is_flag=True,
+                     help="Set norm_topk_prob in the output config: kept experts' routing weights sum to 1 "
+                          "(Qwen2/3-MoE, OLMoE, DeepSeek-V3)."),
         click.option("--allow-nonuniform", is_flag=True, help="Accept plans with different counts per layer."),
         click.option("--allow-foreign-saliency", is_flag=True,
                      help="Use saliency recorded for another model (family, geometry or tensors differ)."),
@@ -235,7 +240,8 @@ def make_plan(src: str, *, layers_only: list[int] | None = None, layers_option: 
         keep_list=kw["keep_list"],
         policy=KeepPolicy(rank=kw["rank"], keep_n=kw["keep_n"], keep_frac=kw["keep_frac"],
                           keep_multiple=kw["keep_multiple"], core_top_m=kw["core_top_m"], coverage=kw["coverage"],
-                          top_k=kw["top_k"], budget=kw["budget"]),
+                          top_k=kw["top_k"], budget=kw["budget"], keep_outliers=kw["keep_outliers"]),
+        renormalize_topk=kw["renormalize_topk"],
         allow_nonuniform=kw["allow_nonuniform"], allow_foreign_saliency=kw["allow_foreign_saliency"],
         max_shard_bytes=kw["max_shard_size"], storage_options=kw.get("storage_options") or {},
         targets=tuple(kw.get("targets") or ()), ep=kw.get("ep"), fit_targets=bool(kw.get("fit_targets")),
@@ -330,6 +336,37 @@ def _bandwidths(read_mbps: float | None, write_mbps: float | None, measure_dir: 
     if write_mbps:
         write_bw = write_mbps * 1e6
     return read_bw, write_bw
+
+
+@main.command()
+@click.argument("saliency_a", metavar="SAL_A")
+@click.argument("saliency_b", metavar="SAL_B")
+@click.option("--rank", type=click.Choice(["freq", "reap", "eaft_reap"]), default="reap", show_default=True,
+              help="Saliency metric to rank experts by.")
+@click.option("--keep-frac", type=finite(), default=None, help="Share of experts kept per layer, in (0, 1].")
+@click.option("--keep-n", type=POSITIVE, default=None, help="Experts kept per layer.")
+@click.option("--core-top-m", type=NON_NEGATIVE, default=0, show_default=True,
+              help="Always keep each layer's M highest-ranked experts.")
+@click.option("--keep-outliers", type=finite(min=0), default=None, metavar="Z",
+              help="Always keep experts whose maximum activation norm has a z-score above Z.")
+@click.option("--top-k", type=POSITIVE, default=None, help="The model's routing top-k (default: recorded in SAL_A).")
+@click.option("--json", "as_json", is_flag=True, help="Print the per-layer overlaps and the summary as JSON.")
+@_fail_cleanly
+def stability(saliency_a: str, saliency_b: str, rank: str, keep_frac: float | None, keep_n: int | None,
+              core_top_m: int, keep_outliers: float | None, top_k: int | None, as_json: bool) -> None:
+    """Would two calibration samples keep the same experts? Per-layer Jaccard overlap of the keep
+    sets one policy chooses from SAL_A and from SAL_B (two profiles of one model, e.g. on disjoint
+    halves of the calibration data). Low overlap: the calibration data does not yet decide which
+    experts matter."""
+    from planners.policies import KeepPolicy
+    from planners.saliency import load_saliency
+    from planners.stability import format_stability
+    from planners.stability import stability as compare
+
+    policy = KeepPolicy(rank=rank, keep_n=keep_n, keep_frac=keep_frac, core_top_m=core_top_m,
+                        keep_outliers=keep_outliers)
+    report = compare(load_saliency(saliency_a), load_saliency(saliency_b), policy, top_k)
+    click.echo(json.dumps(report, indent=1) if as_json else format_stability(report))
 
 
 # --- execution ----------------------------------------------------------------------------------

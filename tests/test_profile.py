@@ -45,6 +45,7 @@ def _brute_force(model, seqs: list[np.ndarray]):
              for i, layer in enumerate(model.model.layers)]
     freq = np.zeros((n_layers, n_exp))
     reap_sum = np.zeros((n_layers, n_exp))
+    max_norm = np.zeros((n_layers, n_exp))
     pairs = []  # (token global index, layer, expert, contribution)
     ps, hs = [], []
     base = 0
@@ -75,6 +76,7 @@ def _brute_force(model, seqs: list[np.ndarray]):
                         gu = x[t] @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e]
                         f = experts._apply_gate(gu) @ experts.down_proj[e] + experts.down_proj_bias[e]
                         c = float(g[j]) * float(f.double().norm())
+                        max_norm[li, e] = max(max_norm[li, e], float(f.double().norm()))
                         freq[li, e] += 1
                         reap_sum[li, e] += c
                         pairs.append((base + t, li, e, c))
@@ -94,6 +96,7 @@ def _brute_force(model, seqs: list[np.ndarray]):
             w = 0.25
         eaft[li, e] += w * c
     reap = np.divide(reap_sum, freq, out=np.zeros_like(reap_sum), where=freq > 0)
+    _brute_force.max_norm = max_norm  # type: ignore[attr-defined]
     return freq, reap, eaft, p_lo, h_lo
 
 
@@ -116,6 +119,8 @@ def test_hook_statistics_equal_brute_force(tmp_path, monkeypatch, strategy):
         assert np.array_equal(np.array(got[li]["freq"]), freq[li])
         np.testing.assert_allclose(got[li]["reap"], reap[li], rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(got[li]["eaft_reap"], eaft[li], rtol=1e-4, atol=1e-6)
+        # The largest output norm each expert produced (unrouted experts: 0).
+        np.testing.assert_allclose(got[li]["max_act"], _brute_force.max_norm[li], rtol=1e-4, atol=1e-7)
     assert freq.sum() == 2 * 2 * 5 * 24  # every token, k experts, every layer
     assert (eaft < 0).any() or (eaft > 0).any()
 
@@ -199,13 +204,19 @@ def test_profile_cli_drives_prune_and_the_pruned_model_loads(tmp_path):
 def test_reap_import(tmp_path):
     state = {0: {"expert_frequency": torch.tensor([3, 0, 5, 1]), "reap": torch.tensor([0.5, 0.0, 0.2, 0.9]),
                  "ean_sum": torch.ones(4)},
-             1: {"expert_frequency": torch.tensor([1, 2, 3, 4]), "weighted_ean_sum": torch.tensor([1.0, 1.0, 3.0, 2.0])}}
+             1: {"expert_frequency": torch.tensor([1, 2, 3, 4]), "weighted_ean_sum": torch.tensor([1.0, 1.0, 3.0, 2.0]),
+                 "total_tokens": torch.tensor(4096)}}
     torch.save(state, tmp_path / "obs.pt")
     out = cli("import-reap", tmp_path / "obs.pt", "--out", tmp_path / "s.json")
     assert "2 layers" in out
     from planners.saliency import load_saliency
 
     s = load_saliency(str(tmp_path / "s.json"), 4, [0, 1])
+    assert s.tokens == 4096  # REAP's total_tokens, not 0
+    assert "total_tokens" not in s.method["other_keys"]
+    state[1]["total_tokens"] = torch.tensor(-1.0)
+    torch.save(state, tmp_path / "neg.pt")
+    assert "total_tokens is -1.0" in cli("import-reap", tmp_path / "neg.pt", "--out", tmp_path / "n.json", expect=2)
     assert s.layers[0]["freq"] == (3.0, 0.0, 5.0, 1.0)
     assert s.layers[1]["reap"] == (1.0, 0.5, 1.0, 0.5)
     torch.save({0: {"reap": torch.ones(2)}}, tmp_path / "bad.pt")

@@ -91,22 +91,38 @@ def test_eval_cli_self_comparison_passes_and_pruned_fails(tmp_path):
 
 @pytest.mark.slow
 def test_quality_benchmark_toy(tmp_path):
+    import argparse
+
     from quality.benchmark import run
 
-    doc = run("toy", "cpu", tmp_path / "work", tmp_path / "results", log=lambda *a: None)
-    ranks = {(r["rank"], r["calibration"]) for r in doc["runs"]}
-    assert ranks == {("freq", "union"), ("reap", "union"), ("eaft_reap", "union"), ("freq", "code"),
-                     ("reap", "code"), ("eaft_reap", "code"), ("random", "-")}
-    for r in doc["runs"]:
-        assert set(r["packs"]) == {"code", "prose", "arith", "union"}
-        assert all(np.isfinite(v["ppl"]) and v["base_ppl"] > 1 for v in r["packs"].values())
+    args = argparse.Namespace(size="toy", device="cpu", work=tmp_path / "work", results=tmp_path / "results",
+                              steps=None, jobs=1, deadline=None)
+    doc = run(args, log=lambda *a: None)
+    assert [sd["seed"] for sd in doc["seeds"]] == [0, 1]
+    for sd in doc["seeds"]:
+        assert sd["calib_seeds_done"] == [0, 1]
+        ranks = {(r["rank"], r["calibration"]) for r in sd["runs"]}
+        assert ranks == {("freq", "union"), ("reap", "union"), ("eaft_reap", "union"),
+                         ("eaft_reap+outliers", "union"), ("random", "-")}
+        assert len(sd["runs"]) == 2 * len(ranks)  # every cell once per calibration draw
+        for r in sd["runs"]:
+            assert set(r["packs"]) == {"code", "prose", "arith", "union"}
+            assert all(np.isfinite(v["ppl"]) and v["base_ppl"] > 1 for v in r["packs"].values())
+            assert set(r["tasks"]) == {"arith", "code"} and all(0 <= v <= 1 for v in r["tasks"].values())
+        assert {r["domain"] for r in sd["stability"]} == {"code", "prose", "arith"}
+        assert all(0 <= r["mean_jaccard"] <= 1 for r in sd["stability"])
     assert all(v["sha256"] and v["bytes"] > 0 for v in doc["corpora"].values())
     md = (tmp_path / "results" / "quality-toy.md").read_text()
-    assert "| eaft_reap | 4 (50.0%) | union |" in md
+    assert "| eaft_reap | 4 (50.0%) | union |" in md and " ± " in md
+    assert "## Which differences are outside the noise" in md and "## Keep-set stability" in md
+    saved = json.loads((tmp_path / "results" / "quality-toy.json").read_text())
+    assert {c["rank"] for c in saved["cells"]} >= {"eaft_reap", "random"} and saved["comparisons"]
     assert (tmp_path / "results" / "quality-toy.png").stat().st_size > 1000
-    # Calibration and evaluation never share a document.
-    work = tmp_path / "work" / "corpora"
+    work = tmp_path / "work"
     for d in ("code", "prose", "arith"):
-        calib = set((work / f"{d}-calib.jsonl").read_text().splitlines())
-        ev = set((work / f"{d}-eval.jsonl").read_text().splitlines())
-        assert calib and ev and not calib & ev
+        calib = set((work / "corpora" / f"{d}-calib.jsonl").read_text().splitlines())
+        ev = set((work / "corpora" / f"{d}-eval.jsonl").read_text().splitlines())
+        assert calib and ev and not calib & ev  # calibration and evaluation never share a document
+        a = set((work / "seed-0" / "calib-0" / f"{d}-A.jsonl").read_text().splitlines())
+        b = set((work / "seed-0" / "calib-0" / f"{d}-B.jsonl").read_text().splitlines())
+        assert a and b and not a & b and a | b == calib  # the two halves split the calibration documents

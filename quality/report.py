@@ -1,0 +1,287 @@
+"""The quality benchmark's report: means and 95 % intervals over seeds, paired differences.
+
+The unit of replication is the training seed. A cell (rank, keep, calibration) holds one run per
+training seed and calibration seed; each training seed contributes the mean over its
+calibration draws, and the cell reports the mean of those and a two-sided 95 % Student-t
+interval (``t(0.975, n-1) x sd / sqrt(n)``, ``n`` training seeds). Differences between two
+rankings are paired (same model, same calibration halves, same problems): the interval of the
+per-seed differences that excludes 0 marks a difference outside the noise.
+
+Task recovery is the pruned model's accuracy over its own base model's accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+#: Two-sided 95 % quantiles of Student's t by degrees of freedom (1..30); normal beyond.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+PACKS = ("code", "prose", "arith", "union")
+TASKS = ("arith", "code")
+
+
+def t_interval(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the two-sided 95 % t-interval (half-width NaN for one value)."""
+    if any(v != v for v in values):
+        return math.nan, math.nan
+    mean = statistics.fmean(values)
+    n = len(values)
+    if n < 2:
+        return mean, math.nan
+    t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
+    return mean, t * statistics.stdev(values) / math.sqrt(n)
+
+
+def _metrics(run: dict[str, Any], base_tasks: dict[str, float]) -> dict[str, float]:
+    m = {f"ppl_{p}": run["packs"][p]["ppl"] for p in PACKS}
+    for t in TASKS:
+        m[f"acc_{t}"] = run["tasks"][t]
+        m[f"rec_{t}"] = run["tasks"][t] / base_tasks[t] if base_tasks[t] > 0 else math.nan
+    return m
+
+
+def _key(run: dict[str, Any]) -> tuple[str, int, str]:
+    return run["rank"], run["keep"], run["calibration"]
+
+
+def per_seed(doc: dict[str, Any]) -> dict[tuple[str, int, str], dict[int, dict[str, float]]]:
+    """cell -> training seed -> metric -> mean over that seed's calibration draws."""
+    acc: dict[tuple, dict[int, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
+    for sd in doc["seeds"]:
+        for run in sd["runs"]:
+            acc[_key(run)][sd["seed"]].append(_metrics(run, sd["base"]["tasks"]))
+    return {cell: {s: {k: statistics.fmean(r[k] for r in rs) for k in rs[0]} for s, rs in seeds.items()}
+            for cell, seeds in acc.items()}
+
+
+def cells(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each cell's mean and 95 % half-width per metric, in the order the runs were made."""
+    seeds = per_seed(doc)
+    out = []
+    for cell, by_seed in seeds.items():
+        values = list(by_seed.values())
+        stats = {k: t_interval([v[k] for v in values]) for k in values[0]}
+        out.append({"rank": cell[0], "keep": cell[1], "calibration": cell[2], "seeds": len(values), "metrics": stats})
+    return out
+
+
+def paired(doc: dict[str, Any], a: tuple[str, int, str], b: tuple[str, int, str], metric: str) -> tuple[float, float] | None:
+    """Mean and 95 % half-width of ``a - b`` over training seeds (``None`` if a cell is absent)."""
+    seeds = per_seed(doc)
+    if a not in seeds or b not in seeds:
+        return None
+    common = sorted(set(seeds[a]) & set(seeds[b]))
+    return t_interval([seeds[a][s][metric] - seeds[b][s][metric] for s in common])
+
+
+def comparisons(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ranking differences worth asking about, each with its paired interval and verdict."""
+    keeps = sorted({r["keep"] for sd in doc["seeds"] for r in sd["runs"]}, reverse=True)
+    calibs = list(dict.fromkeys(r["calibration"] for sd in doc["seeds"] for r in sd["runs"] if r["calibration"] != "-"))
+    pairs = []
+    for n in keeps:
+        for c in calibs:
+            pairs += [((x, n, c), (y, n, c)) for x, y in (("eaft_reap", "reap"), ("eaft_reap", "freq"), ("reap", "freq"))]
+        pairs += [((x, n, "union"), ("random", n, "-")) for x in ("freq", "reap", "eaft_reap")]
+        pairs += [((f"{x}+outliers", n, "union"), (x, n, "union")) for x in ("reap", "eaft_reap")]
+    out = []
+    for a, b in pairs:
+        for metric in ("ppl_union", "acc_arith", "acc_code"):
+            r = paired(doc, a, b, metric)
+            if r is None:
+                continue
+            mean, half = r
+            out.append({"a": a, "b": b, "metric": metric, "diff": mean, "half": half,
+                        "significant": bool(half == half and abs(mean) > half)})
+    return out
+
+
+def forced_outliers(doc: dict[str, Any]) -> dict[tuple[str, int], float]:
+    """Per (outlier rank, keep): mean experts per layer that ``--keep-outliers`` kept and the plain
+    ranking dropped (same seed, calibration draw and keep count)."""
+    plain = {(sd["seed"], r["calib_seed"], r["rank"], r["keep"]): r["keep_sets"]
+             for sd in doc["seeds"] for r in sd["runs"] if r["calibration"] == "union"}
+    acc: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for (seed, c, rank, keep), sets in plain.items():
+        base = plain.get((seed, c, rank.removesuffix("+outliers"), keep))
+        if rank.endswith("+outliers") and base is not None:
+            acc[(rank, keep)] += [len(set(v) - set(base[k])) for k, v in sets.items()]
+    return {k: statistics.fmean(v) for k, v in acc.items()}
+
+
+def stability_table(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Mean Jaccard overlap of the A/B keep sets per (domain, rank, keep), interval over training seeds."""
+    acc: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for sd in doc["seeds"]:
+        for r in sd["stability"]:
+            acc[(r["domain"], r["rank"], r["keep"])][sd["seed"]].append(r["mean_jaccard"])
+    return [{"domain": k[0], "rank": k[1], "keep": k[2],
+             "jaccard": t_interval([statistics.fmean(v) for v in by_seed.values()])} for k, by_seed in acc.items()]
+
+
+def _pm(stat: tuple[float, float], digits: int = 3) -> str:
+    mean, half = stat
+    if mean != mean:
+        return "-"
+    return f"{mean:.{digits}f} ± {half:.{digits}f}" if half == half else f"{mean:.{digits}f}"
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    first = doc["seeds"][0]
+    tr, sz = first["training"], first["training"]["size"]
+    n_exp = sz["experts"]
+    st = doc["scale_settings"]
+    base = {p: t_interval([sd["base"]["ppl"][p] for sd in doc["seeds"]]) for p in PACKS}
+    base_acc = {t: t_interval([sd["base"]["tasks"][t] for sd in doc["seeds"]]) for t in TASKS}
+    train_s = [sd["seconds"]["train"] for sd in doc["seeds"]]
+    draws = ", ".join(f"seed {sd['seed']}: {len(sd['calib_seeds_done'])}" for sd in doc["seeds"])
+    lines = [
+        f"# Pruning quality on the reference MoE ({doc['date']}, scale `{doc['scale']}`)",
+        "",
+        f"Hardware: {doc['hardware']['device']}, torch {doc['hardware']['torch']}, transformers "
+        f"{doc['hardware']['transformers']}; {len(doc['seeds'])} training seeds run as {doc['hardware']['jobs']} "
+        f"concurrent process(es). Model: gpt-oss architecture, {sz['layers']} layers x {n_exp} experts, "
+        f"top-{sz['top_k']}, hidden {sz['hidden']}, byte-level, {tr['params'] / 1e6:.1f} M parameters; "
+        f"{tr['steps']} steps of {tr['batch_size']} x {tr['seq_len']} tokens per seed, training "
+        f"{min(train_s):.0f}-{max(train_s):.0f} s per seed, final training loss "
+        + ", ".join(f"{sd['training']['final_loss']:.3f}" for sd in doc["seeds"])
+        + f". Whole benchmark: {doc['wall_seconds']:.0f} s wall clock.",
+        "",
+        f"Seeds: training {st['seeds']}, calibration draws {st['calib_seeds']} (each draw: the domain's "
+        f"calibration documents shuffled and halved; half A, at most {st['calib_tokens_per_half']:,} tokens, "
+        f"plans the pruning). Each cell: mean ± half-width of the 95 % Student-t interval over the "
+        f"{len(doc['seeds'])} training seeds, each seed the mean of its calibration draws "
+        f"({draws}). "
+        f"Perplexity on {st['eval_blocks']} blocks of {st['seq_len']} bytes per evaluation domain; `acc` is the "
+        f"exact-match accuracy of greedy generation on held-out problems ({first['task_problems']['arith']} "
+        f"arithmetic answers, {first['task_problems']['code']} next lines of code), `rec` the recovery "
+        f"(pruned / base accuracy of the same seed). `+outliers` keeps experts whose maximum activation norm "
+        f"has a z-score above {st['outlier_z']}.",
+        "",
+        "Base: " + ", ".join(f"{p} ppl {_pm(base[p])}" for p in PACKS) + "; "
+        + ", ".join(f"{t} acc {_pm(base_acc[t])}" for t in TASKS) + ".",
+        "",
+        "| rank | keep | calibration | " + " | ".join(f"{p} ppl" for p in PACKS)
+        + " | arith acc | arith rec | code acc | code rec |",
+        "|---|---:|---|" + "---:|" * (len(PACKS) + 4),
+    ]
+    for c in cells(doc):
+        m = c["metrics"]
+        lines.append(f"| {c['rank']} | {c['keep']} ({c['keep'] / n_exp:.1%}) | {c['calibration']} | "
+                     + " | ".join(_pm(m[f"ppl_{p}"]) for p in PACKS) + " | "
+                     + " | ".join(f"{_pm(m[f'acc_{t}'])} | {_pm(m[f'rec_{t}'], 2)}" for t in TASKS) + " |")
+    forced = forced_outliers(doc)
+    if forced:
+        lines += ["", "Experts per layer that `--keep-outliers` kept although the plain ranking dropped them: "
+                  + ", ".join(f"{r} keep {k}: {v:.2f}" for (r, k), v in forced.items()) + "."]
+    short = [sd for sd in doc["seeds"] if len(sd["calib_seeds_done"]) < len(st["calib_seeds"])]
+    if short:
+        lines += ["", f"The run stopped at its deadline: {len(short)} training seed(s) finished fewer than the "
+                  f"{len(st['calib_seeds'])} calibration draws asked for ({draws}); their cells average the draws "
+                  f"that finished."]
+    lines += ["", *_comparison_lines(doc), "", *_stability_lines(doc, n_exp), "", "Corpora (sha256, bytes):", ""]
+    lines += [f"- `{k}`: {v['bytes']:,} bytes, {v['documents']} documents, `{v['sha256'][:16]}`"
+              for k, v in doc["corpora"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _comparison_lines(doc: dict[str, Any]) -> list[str]:
+    comps = comparisons(doc)
+    metrics = ("ppl_union", "acc_arith", "acc_code")
+    sig = [c for c in comps if c["significant"]]
+    by_pair: dict[tuple, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for c in comps:
+        by_pair[(c["a"], c["b"])][c["metric"]] = c
+    lines = ["## Which differences are outside the noise",
+             "",
+             f"Paired differences a - b (per training seed, 95 % t-interval); **bold**: the interval excludes 0 "
+             f"({len(sig)} of {len(comps)} differences). Lower perplexity and higher accuracy are better.",
+             "",
+             "| a | b | keep | calibration | union ppl | arith acc | code acc |", "|---|---|---:|---|---:|---:|---:|"]
+    for (a, b), row in by_pair.items():
+        cols = []
+        for m in metrics:
+            c = row.get(m)
+            text = "-" if c is None else _pm((c["diff"], c["half"]))
+            cols.append(f"**{text}**" if c is not None and c["significant"] else text)
+        lines.append(f"| {a[0]} | {b[0]} | {a[1]} | {a[2]} | " + " | ".join(cols) + " |")
+    return lines
+
+
+def _stability_lines(doc: dict[str, Any], n_exp: int) -> list[str]:
+    lines = ["## Keep-set stability",
+             "",
+             "Mean per-layer Jaccard overlap of the keep sets planned from calibration halves A and B "
+             "(disjoint documents), 95 % t-interval over training seeds.",
+             "",
+             "| domain | rank | keep | Jaccard |", "|---|---|---:|---:|"]
+    for r in stability_table(doc):
+        lines.append(f"| {r['domain']} | {r['rank']} | {r['keep']} ({r['keep'] / n_exp:.1%}) | {_pm(r['jaccard'])} |")
+    return lines
+
+
+def chart(doc: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_exp = doc["seeds"][0]["training"]["size"]["experts"]
+    panels = [("ppl_union", "union perplexity", True), ("rec_arith", "arithmetic recovery", False),
+              ("rec_code", "code recovery", False)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    table = cells(doc)
+    for ax, (metric, title, log) in zip(axes[0], panels):
+        for rank in ("freq", "reap", "eaft_reap", "eaft_reap+outliers", "random"):
+            rows = sorted((c for c in table if c["rank"] == rank and c["calibration"] in ("union", "-")),
+                          key=lambda c: c["keep"])
+            if not rows:
+                continue
+            ys = [c["metrics"][metric] for c in rows]
+            ax.errorbar([c["keep"] / n_exp for c in rows], [y[0] for y in ys],
+                        yerr=[0 if y[1] != y[1] else y[1] for y in ys], marker="o", capsize=3, label=rank)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("share of experts kept")
+        ax.set_title(f"{title} (union calibration, 95 % CI)")
+        ax.invert_xaxis()
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(doc: dict[str, Any], results: Path, stem: str) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    doc = {**doc, "cells": [{**c, "metrics": {k: list(v) for k, v in c["metrics"].items()}} for c in cells(doc)],
+           "comparisons": comparisons(doc)}
+    (results / f"{stem}.json").write_text(json.dumps(doc, indent=1, allow_nan=True) + "\n")
+    (results / f"{stem}.md").write_text(markdown(doc))
+    try:
+        chart(doc, results / f"{stem}.png")
+    except ImportError:  # matplotlib is optional: `python -m quality.report` draws it later
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m quality.report RESULT.json [--results DIR]``: the report again from a result file."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m quality.report")
+    ap.add_argument("result", type=Path)
+    ap.add_argument("--results", type=Path, default=None)
+    args = ap.parse_args(argv)
+    doc = json.loads(args.result.read_text())
+    write(doc, args.results or args.result.parent, args.result.stem)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

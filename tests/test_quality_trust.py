@@ -1,0 +1,300 @@
+"""Quality you can trust: intervals, paired differences, task accuracy, keep-set stability,
+outlier experts, the eval's BOS convention, and routing renormalization."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from planners.policies import Domain, KeepPolicy, outliers, select_keep
+from planners.saliency import Saliency, load_saliency
+from planners.stability import jaccard, stability
+from rewriter.core.errors import PolicyError, SaliencyError
+from tests.conftest import cli
+
+
+def _sal(reap, max_act=None, domain="d", source="mem.json", model=None):
+    layers = {}
+    for layer, scores in enumerate(reap):
+        layers[layer] = {"freq": tuple(1.0 for _ in scores), "reap": tuple(scores), "eaft_reap": tuple(scores)}
+        if max_act is not None:
+            layers[layer]["max_act"] = tuple(max_act[layer])
+    return Saliency(domain, layers, tokens=10, model=model or {"top_k": 2}, source=source)
+
+
+# --- intervals and paired differences -------------------------------------------------------------
+
+def test_t_interval_is_the_student_t_interval():
+    from quality.report import t_interval
+
+    mean, half = t_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+    assert math.isnan(t_interval([5.0])[1])
+    assert all(math.isnan(v) for v in t_interval([1.0, float("nan")]))
+
+
+def _doc(diffs):
+    """Three training seeds, two calibration draws; ``b`` is ``a`` plus ``diffs[seed]`` in union ppl."""
+    seeds = []
+    for s, d in enumerate(diffs):
+        runs = []
+        for c in (0, 1):
+            for rank, ppl in (("reap", 5.0 + s), ("eaft_reap", 5.0 + s + d)):
+                runs.append({"rank": rank, "keep": 4, "calibration": "union", "calib_seed": c,
+                             "keep_sets": {"0": [0, 1, 2, 3]}, "tasks": {"arith": 0.5, "code": 0.25},
+                             "packs": {p: {"ppl": ppl} for p in ("code", "prose", "arith", "union")}})
+        seeds.append({"seed": s, "runs": runs, "base": {"tasks": {"arith": 0.5, "code": 0.5}}})
+    return {"seeds": seeds}
+
+
+def test_paired_difference_decides_significance():
+    from quality.report import cells, comparisons
+
+    steady = [c for c in comparisons(_doc([-1.0, -1.1, -0.9])) if c["metric"] == "ppl_union"]
+    assert len(steady) == 1 and steady[0]["a"][0] == "eaft_reap" and steady[0]["significant"]
+    assert steady[0]["diff"] == pytest.approx(-1.0)
+    noisy = [c for c in comparisons(_doc([-1.0, 1.2, 0.1])) if c["metric"] == "ppl_union"]
+    assert not noisy[0]["significant"]
+    cell = next(c for c in cells(_doc([0.0, 0.0, 0.0])) if c["rank"] == "reap")
+    assert cell["metrics"]["ppl_union"][0] == pytest.approx(6.0)  # mean of 5, 6, 7
+    assert cell["metrics"]["rec_code"][0] == pytest.approx(0.5)  # 0.25 of a base 0.5
+
+
+# --- outlier experts ------------------------------------------------------------------------------
+
+def test_outliers_by_z_score_are_always_kept():
+    reap = [[8, 7, 6, 5, 4, 3, 2, 1]]
+    peak = [[1, 1, 1, 1, 1, 1, 1, 30]]  # expert 7: low REAP, one huge activation
+    dom = [Domain(_sal(reap, peak))]
+    assert outliers(dom, 0, 2.0) == [7]
+    assert outliers(dom, 0, 3.0) == []  # z of the outlier is sqrt(7) = 2.65
+    plain = select_keep(dom, [0], 8, 2, KeepPolicy(rank="reap", keep_n=4))
+    kept = select_keep(dom, [0], 8, 2, KeepPolicy(rank="reap", keep_n=4, keep_outliers=2.0))
+    assert plain.keep[0] == (0, 1, 2, 3)
+    assert kept.keep[0] == (0, 1, 2, 7) and kept.reasons[0][7] == ("outlier",)
+    # The peak of an expert is its largest over the domains.
+    other = Domain(_sal(reap, [[1, 1, 1, 1, 1, 1, 1, 1]], domain="e"))
+    assert outliers([other, *dom], 0, 2.0) == [7]
+
+
+def test_keep_outliers_needs_max_act_and_a_uniform_count():
+    dom = [Domain(_sal([[3, 2, 1, 0]], source="old.json"))]
+    with pytest.raises(PolicyError, match="old.json: layer 0 records no maximum activation norms"):
+        select_keep(dom, [0], 4, 2, KeepPolicy(keep_n=2, keep_outliers=2.0))
+    with pytest.raises(PolicyError, match="--budget"):
+        select_keep(dom, [0], 4, 2, KeepPolicy(budget=2, keep_outliers=2.0))
+
+
+def test_saliency_files_with_and_without_max_act_load(tmp_path):
+    _sal([[1.0, 2.0]]).save(tmp_path / "old.json")
+    assert load_saliency(str(tmp_path / "old.json")).max_act(0) is None
+    _sal([[1.0, 2.0]], [[0.5, 9.0]]).save(tmp_path / "new.json")
+    assert load_saliency(str(tmp_path / "new.json")).max_act(0) == (0.5, 9.0)
+    doc = json.loads((tmp_path / "new.json").read_text())
+    doc["layers"]["0"]["max_act"] = [0.5, -1.0]
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(SaliencyError, match="expert 1 max_act is -1.0"):
+        load_saliency(str(tmp_path / "bad.json"))
+
+
+def test_keep_outliers_cli_errors(tmp_path, tiny, tiny_saliency):
+    out = cli("plan", tiny, "--saliency", tiny_saliency, "--keep-n", "4", "--keep-outliers", "2", expect=2)
+    assert out.count("error:") == 1 and "max_act" in out and "--keep-outliers" in out
+    keep = tmp_path / "keep.json"
+    keep.write_text(json.dumps({"0": [0, 1, 2, 3], "1": [0, 1, 2, 3]}))
+    out = cli("plan", tiny, "--keep-list", keep, "--keep-outliers", "2", expect=2)
+    assert "--keep-outliers chooses from saliency files" in out
+
+
+# --- keep-set stability ---------------------------------------------------------------------------
+
+def test_stability_matches_the_plans_of_each_half(tmp_path, tiny):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    cli("synth-saliency", tiny, "--out", a, "--seed", "1")
+    cli("synth-saliency", tiny, "--out", b, "--seed", "2")
+    report = json.loads(cli("stability", a, b, "--keep-n", "4", "--rank", "reap", "--json"))
+    plans = [json.loads(cli("plan", tiny, "--saliency", s, "--keep-n", "4", "--rank", "reap", "--json"))["keep"]
+             for s in (a, b)]
+    for row in report["layers"]:
+        ka, kb = plans[0][str(row["layer"])], plans[1][str(row["layer"])]
+        assert row["jaccard"] == jaccard(ka, kb)
+        assert row["common"] == sorted(set(ka) & set(kb)) and row["only_a"] == sorted(set(ka) - set(kb))
+    values = [r["jaccard"] for r in report["layers"]]
+    assert report["summary"]["mean_jaccard"] == pytest.approx(sum(values) / len(values))
+    assert report["summary"]["min_jaccard"] == min(values)
+    same = json.loads(cli("stability", a, a, "--keep-frac", "0.5", "--json"))
+    assert same["summary"]["mean_jaccard"] == 1.0 and same["summary"]["identical_layers"] == 2
+    text = cli("stability", a, b, "--keep-n", "4")
+    assert "mean Jaccard" in text and "layers keep the same experts" in text
+
+
+def test_stability_refuses_files_of_different_models(tmp_path, tiny):
+    a = tmp_path / "a.json"
+    cli("synth-saliency", tiny, "--out", a)
+    doc = json.loads(a.read_text())
+    fewer = {**doc, "layers": {"0": doc["layers"]["0"]}}
+    (tmp_path / "fewer.json").write_text(json.dumps(fewer))
+    out = cli("stability", a, tmp_path / "fewer.json", "--keep-n", "4", expect=2)
+    assert out.count("error:") == 1 and "covers layers [0, 1]" in out and "fewer.json" in out
+    other = {**doc, "model": {**doc["model"], "fingerprint": "0" * 64}}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert "different models" in cli("stability", a, tmp_path / "other.json", "--keep-n", "4", expect=2)
+    wider = {**doc, "layers": {k: {m: v + [0.0] for m, v in d.items()} for k, d in doc["layers"].items()}}
+    (tmp_path / "wider.json").write_text(json.dumps(wider))
+    with pytest.raises(SaliencyError, match="different numbers of experts"):
+        stability(load_saliency(str(a)), load_saliency(str(tmp_path / "wider.json")), KeepPolicy(keep_n=4))
+    out = cli("stability", a, tmp_path / "missing.json", "--keep-n", "4", expect=2)
+    assert out.count("error:") == 1 and "missing.json: file not found" in out
+
+
+# --- task accuracy --------------------------------------------------------------------------------
+
+def _gpt_oss(vocab=256):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GptOssConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+        layer_types=["sliding_attention", "full_attention"], sliding_window=32, eos_token_id=0, pad_token_id=0)
+    return transformers.GptOssForCausalLM(cfg).eval()
+
+
+@pytest.mark.torch
+def test_task_problems_and_exact_match_accuracy(tmp_path):
+    torch = pytest.importorskip("torch")
+    from quality.tasks import accuracy, arith_task, code_task
+
+    lines = [f"{a}{op}{b}={eval(f'{a}{op}{b}')}" for a, b, op in zip(range(10, 90, 3), range(5, 80, 2), "+-*" * 30)]
+    (tmp_path / "arith.jsonl").write_text("".join(json.dumps({"text": "\n".join(lines[i:i + 6]) + "\n"}) + "\n"
+                                                  for i in range(0, len(lines), 6)))
+    code = "def f(x):\n    return x + 1\n\n\nclass Thing:\n    value = 3\n    other_value = 4\n" * 4
+    (tmp_path / "code.jsonl").write_text(json.dumps({"text": code}) + "\n")
+    arith = arith_task(tmp_path / "arith.jsonl", n=8, context=24)
+    assert len(arith.targets) == 8 and arith.prompts.shape == (8, 24)
+    for prompt, target in zip(arith.prompts, arith.targets):
+        expr = bytes(prompt.tolist()).split(b"\n")[-1]
+        assert expr.endswith(b"=") and str(eval(expr[:-1])).encode() == target
+    task = code_task(tmp_path / "code.jsonl", n=5, context=30)
+    assert all(t.decode() in code.splitlines() and len(t) >= 8 for t in task.targets)
+    assert all(bytes(p.tolist()).endswith(b"\n") for p in task.prompts)
+
+    model = _gpt_oss()
+    with torch.no_grad():  # the model's own greedy continuation becomes the target of one problem
+        ids = torch.as_tensor(arith.prompts[:1])
+        for _ in range(3):
+            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+    greedy = bytes(ids[0, -3:].tolist())
+    made = type(arith)("made", arith.prompts[:2], (greedy.split(b"\n")[0], b"\x01\x02\x03"), 4)
+    result = accuracy(model, made)
+    # Solved when greedy generation writes the target and then a newline.
+    assert result["problems"] == 2 and result["solved"] == int(b"\n" in greedy and greedy.index(b"\n") < 3)
+    assert result["solved"] == round(result["accuracy"] * 2)
+
+
+# --- eval follows the tokenizer's BOS convention --------------------------------------------------
+
+def _word_tokenizer(path, bos: bool):
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = "the of and to in is that for it as with was on be by".split()
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(str(path))
+    return fast, words, len(vocab)
+
+
+@pytest.mark.torch
+def test_eval_blocks_start_with_bos_and_match_the_transformers_loss(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import random
+
+    from profiling.data import block_prefix
+    from quality.evaluate import evaluate, load_blocks
+
+    model_dir = tmp_path / "m"
+    tok, words, vocab = _word_tokenizer(model_dir, bos=True)
+    assert block_prefix(tok) == [1]
+    assert block_prefix(_word_tokenizer(tmp_path / "plain", bos=False)[0]) == []
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                                     num_experts_per_tok=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = transformers.MixtralForCausalLM(cfg).float().eval()
+    model.save_pretrained(str(model_dir))
+    rng = random.Random(0)
+    pack = tmp_path / "words.jsonl"
+    pack.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(30))}) + "\n"
+                            for _ in range(10)))
+    result = evaluate(str(model_dir), [str(pack)], seq_lens=(16,), blocks=5, device="cpu")
+    blocks = load_blocks(str(model_dir), [str(pack)], 16, 5, vocab, 2)["words"]
+    assert len(blocks) == 5 and all(b[0] == 1 and len(b) == 16 for b in blocks)
+    assert 2 in np.concatenate(blocks)  # documents are packed with EOS between them
+    # The standard transformers loss of each block: mean NLL of tokens 1..15 given what precedes.
+    with torch.no_grad():
+        losses = [float(model(input_ids=torch.as_tensor(b)[None], labels=torch.as_tensor(b)[None]).loss) for b in blocks]
+    row = next(r for r in result["rows"] if r["pack"] == "words")
+    assert row["tokens"] == 5 * 15
+    assert row["ppl"] == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-5)
+
+
+# --- routing renormalization ----------------------------------------------------------------------
+
+@pytest.mark.torch
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
+def test_renormalize_topk_makes_kept_weights_sum_to_one(tmp_path, family):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from planners import PlanOptions, plan_prune
+    from rewriter.exec.executor import execute
+
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False)
+    if family == "qwen2_moe":
+        cfg = transformers.Qwen2MoeConfig(**common, moe_intermediate_size=16, shared_expert_intermediate_size=16)
+        cls = transformers.Qwen2MoeForCausalLM
+    else:
+        cfg = transformers.OlmoeConfig(**common, eos_token_id=1, pad_token_id=0)
+        cls = transformers.OlmoeForCausalLM
+    torch.manual_seed(0)
+    cls(cfg).float().save_pretrained(str(tmp_path / "src"))
+    keep = tmp_path / "keep.json"
+    keep.write_text(json.dumps({"0": [0, 2, 5, 6], "1": [1, 3, 4, 7]}))
+    ids = torch.randint(0, 64, (1, 12))
+
+    def routing_sums(path):
+        model = cls.from_pretrained(str(path)).eval()
+        sums = []
+        hooks = [layer.mlp.gate.register_forward_hook(lambda mod, args, out: sums.append(out[1].sum(-1)))
+                 for layer in model.model.layers]
+        with torch.no_grad():
+            model(ids)
+        for h in hooks:
+            h.remove()
+        return model.config.norm_topk_prob, torch.cat(sums)
+
+    for renorm, dst in ((False, tmp_path / "plain"), (True, tmp_path / "renorm")):
+        execute(plan_prune(str(tmp_path / "src"), PlanOptions(keep_list=str(keep), renormalize_topk=renorm)), str(dst))
+    flag, sums = routing_sums(tmp_path / "plain")
+    assert flag is False and (sums < 1 - 1e-3).all()  # softmax mass outside the top-k is lost
+    flag, sums = routing_sums(tmp_path / "renorm")
+    assert flag is True and torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
+    assert json.loads((tmp_path / "renorm" / "config.json").read_text())["norm_topk_prob"] is True
+
+
+def test_renormalize_topk_is_a_note_where_weights_already_sum_to_one(tmp_path, tiny, tiny_saliency):
+    out = cli("plan", tiny, "--saliency", tiny_saliency, "--keep-n", "4", "--renormalize-topk",
+              "--out", tmp_path / "p.json")
+    assert "changes nothing for gpt_oss" in out
+    plan = json.loads((tmp_path / "p.json").read_text())
+    assert "norm_topk_prob" not in plan["config"]
