@@ -41,9 +41,20 @@ def test_ray_matches_local_byte_for_byte(ray_cluster, medium_plan, tmp_path):
     assert tree_digest(tmp_path / "whole") == expected
     assert sum(seen) <= plan.total_size + sum(len(o.header) for o in plan.outputs)
     assert result.bytes_read == plan.total_size
-    # Large shards split into parts written by positioned writes on several actors.
-    execute_on_ray(plan, str(tmp_path / "parts"), workers=2, part_bytes=5 << 20)
+    # Large shards split into parts written by positioned writes on several actors; the status
+    # document counts the parts as they come in.
+    from rewriter.exec.runstatus import StatusWriter, format_status
+
+    status = StatusWriter(every_s=0)
+    counts: list[tuple[int, int]] = []
+    parts_seen = status.parts
+    status.parts = lambda done, total: (counts.append((done, total)), parts_seen(done, total))  # type: ignore[method-assign]
+    execute_on_ray(plan, str(tmp_path / "parts"), workers=2, part_bytes=5 << 20, observer=status)
     assert _same_but_records(tmp_path / "parts", expected, plan, 5 << 20)
+    total = sum(-(-o.size // (5 << 20)) for o in plan.outputs if o.size > 5 << 20)
+    assert counts[0] == (0, total) and counts[-1] == (total, total)
+    assert [d for d, _ in counts] == list(range(total + 1))
+    assert f"parts:      {total} of {total} (of the shards written in parts)" in format_status(status.doc)
 
 
 def _same_but_records(dst, expected, plan, part_bytes):

@@ -45,7 +45,11 @@ class Assemblies:
     record: Callable[[ShardResult], None]
     declared_bytes: int
     drop_cache: bool = False
+    #: Told ``(parts done, parts in all)`` of the shards written in parts, as parts come in.
+    on_parts: Callable[[int, int], None] | None = None
     shards: dict[str, Assembly] = field(default_factory=dict)
+    parts_total: int = 0
+    parts_done: int = 0
 
     def tasks(self, todo: list[OutputShard], part_bytes: int, in_parts: bool) -> list[OutputShard | Part]:
         """The tasks for ``todo``; discards what earlier runs left that is not reused."""
@@ -65,9 +69,16 @@ class Assemblies:
         for name in [n for n in self.journal.shards if n not in self.shards or not self.shards[n].handle]:
             self.journal.shards.pop(name)
         self.journal.flush()
+        self.parts_total = sum(len(a.done) + a.left for a in self.shards.values())
+        self.parts_done = sum(len(a.done) for a in self.shards.values())
+        self._tell_parts()
         for asm in [a for a in self.shards.values() if a.left == 0]:  # every part kept: nothing to hand out
             self._publish(asm, "the driver's node")
         return tasks
+
+    def _tell_parts(self) -> None:
+        if self.on_parts is not None and self.parts_total:
+            self.on_parts(self.parts_done, self.parts_total)
 
     def _parts_of(self, out: OutputShard, parts: list[Part]) -> list[Part]:
         old = self.journal.shards.get(out.name) or {}
@@ -113,6 +124,8 @@ class Assemblies:
         asm.done[index] = entry
         self.journal.record(asm.out.name, index, {k: entry[k] for k in ("start", "length", "sha256", "uploaded")})
         asm.left -= 1
+        self.parts_done += 1
+        self._tell_parts()
         if asm.result is None:
             asm.result = ShardResult(asm.out.name, asm.out.size, "")
         asm.result.bytes_read += entry["stats"]["bytes_read"]

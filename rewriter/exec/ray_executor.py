@@ -116,7 +116,8 @@ def execute_on_ray(
         memory = actor_memory_bytes(dst, buffer_bytes, upload_part_bytes)
         token = uuid.uuid4().hex
         dst.put_bytes(f"{PROBE_DIR}/{token}", token.encode())
-        asm = Assemblies(plan, dst, PartJournal.load(dst, plan.digest), record, memory, drop_cache)
+        asm = Assemblies(plan, dst, PartJournal.load(dst, plan.digest), record, memory, drop_cache,
+                         getattr(kwargs.get("observer"), "parts", None))
         actors: list[Any] = []
         try:
             tasks = asm.tasks(todo, part_bytes, in_parts=True)

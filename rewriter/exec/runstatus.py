@@ -2,7 +2,7 @@
 
 A run keeps ``DST/.rewriter/status.json`` up to date (published whole, at most every
 :data:`WRITE_EVERY_S` seconds, and at once when it starts or fails): its state (``running``,
-``failed``), bytes and shards done and in all, when it started, its rate (since the first bytes
+``failed``), bytes, shards and (Ray) parts done and in all, when it started, its rate (since the first bytes
 were reported), an ETA and the last error. The state folder is removed when the output is complete, so a finished run is read from
 the output itself: its index and ``pruning.json``.
 
@@ -83,6 +83,12 @@ class StatusWriter:
     def __call__(self, n: int) -> None:
         """Progress: ``n`` more bytes copied."""
         self._write(n)
+
+    def parts(self, done: int, total: int) -> None:
+        """Shards written in parts (Ray): ``done`` of ``total`` parts are in."""
+        if self.dst is not None:
+            self.doc.update(parts_done=done, parts_total=total)
+            self._write()
 
     def shard_done(self, result: ShardResult) -> None:
         if self.dst is not None:
@@ -193,6 +199,8 @@ def format_status(doc: Mapping[str, Any]) -> list[str]:
                      "bytes:      0 B")
         lines.append(f"shards:     {doc['shards_done']} of {doc['shards_total']}"
                      + (f" ({doc['shards_resumed']} resumed)" if doc.get("shards_resumed") else ""))
+        if isinstance(doc.get("parts_total"), int) and isinstance(doc.get("parts_done"), int) and doc["parts_total"]:
+            lines.append(f"parts:      {doc['parts_done']} of {doc['parts_total']} (of the shards written in parts)")
     if doc.get("started"):
         lines.append(f"started:    {doc['started']} on {doc.get('host', '?')} (pid {doc.get('pid', '?')}), "
                      f"updated {doc.get('updated')}")
