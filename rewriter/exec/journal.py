@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,12 +159,22 @@ def _some(names: list[str], n: int = 6) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
+#: Shards a resumed run checks at once (each reads its file back through one buffer; hashing and
+#: reads release the GIL, so the checks of a large resume run on several cores and disks queues).
+RESUME_CHECKS = min(4, os.cpu_count() or 1)
+
+
 def pending_shards(plan: Plan, journal: Journal, buffer_bytes: int) -> tuple[list[OutputShard], list[ShardResult]]:
     """Split the plan's shards into those still to write and those the journal vouches for."""
+    entries = {o.name: journal.shards.get(o.name) for o in plan.outputs}
+    vouched = [(name, e) for name, e in entries.items() if e]
+    with ThreadPoolExecutor(max_workers=max(1, min(RESUME_CHECKS, len(vouched)))) as pool:
+        there = dict(zip([n for n, _ in vouched],
+                         pool.map(lambda ne: _still_there(journal.dst, ne[0], ne[1], buffer_bytes), vouched)))
     todo, done = [], []
     for out in plan.outputs:
-        entry = journal.shards.get(out.name)
-        if entry and _still_there(journal.dst, out.name, entry, buffer_bytes):
+        entry = entries[out.name]
+        if entry and there[out.name]:
             parts = entry.get("parts")
             done.append(ShardResult(out.name, out.size, "" if parts else entry["sha256"], resumed=True, parts=parts))
         else:
