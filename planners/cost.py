@@ -99,19 +99,17 @@ def estimate(
     ops = [op for o in plan.outputs for op in o.copy_ops() if op.data is None]
     reads = [[r for r in plan_reads(o.copy_ops(), max_gap=max_gap, max_request=buffer_bytes) if r.data is None]
              for o in plan.outputs]
-    header_bytes = sum(8 + int(fp.get("header_len", 0)) for fp in plan.source_shards.values())
     workers = max(1, workers)
     streams = max(1, min(inflight, inflight_bytes // max(1, buffer_bytes)))
     per_shard = [_shard_seconds(rs, o.size, latency_s, read_bytes_per_s, write_bytes_per_s, streams, inflight > 0)
                  for o, rs in zip(plan.outputs, reads)]
-    notes = []
-    if workers > len(plan.outputs):
-        notes.append(f"only {len(plan.outputs)} output shards: at most that many workers are busy")
+    notes = [f"only {len(plan.outputs)} output shards: at most that many workers are busy"] \
+        if workers > len(plan.outputs) else []
     return CostReport(
         layers=layers,
         source_bytes=sum(int(fp["size"]) for fp in plan.source_shards.values()),
         bytes_read=sum(op.length for op in ops),
-        header_bytes_read=header_bytes,
+        header_bytes_read=sum(8 + int(fp.get("header_len", 0)) for fp in plan.source_shards.values()),
         bytes_written=sum(o.size for o in plan.outputs),
         output_shards=len(plan.outputs),
         copy_ops=len(ops),
