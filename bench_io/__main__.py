@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         from bench_io import remote
 
         args.work.mkdir(parents=True, exist_ok=True)
-        remote.run(SIZES[args.size].layer_geometry, args.work, args.results, source_name=f"layer-{args.size}",
+        remote.run(SIZES[args.size].remote_geometry, args.work, args.results, source_name=f"remote-{args.size}",
                    delay_s=args.delay_ms / 1000, conn_bytes_per_s=args.conn_mbps * 1e6, requests=args.requests)
     return 0
 
