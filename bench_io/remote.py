@@ -9,7 +9,9 @@ process (:mod:`bench_io.contenders`):
 * ``ours-1stream``: the concurrent path with one request in flight;
 * ``ours``: the concurrent path (``--max-inflight-requests`` and ``--max-inflight-mib``);
 * ``download``: every source shard downloaded whole with as many ranged requests in flight, then
-  pruned locally (what a user would otherwise do).
+  pruned locally (what a user would otherwise do);
+* ``ours (store unshaped)``: ``ours`` again without the delay and the bandwidth cap, to show how
+  fast the loopback server and the proxy serve at most on this machine.
 
 Per contender: wall time, bytes and requests the store served, the most requests and requested
 bytes in flight at once, peak RSS, the output's shard digests (all equal), and the time
@@ -79,6 +81,10 @@ def run_remote(g: Geometry, work: Path, *, source_name: str, delay_s: float = 0.
         opts = {**server.options, "client_kwargs": {**server.options["client_kwargs"], "endpoint_url": proxy.endpoint}}
         rows = [_one(name, plan, plan_path, work, opts, proxy, delay_s, conn_bytes_per_s, requests, inflight_mib, log)
                 for name in contenders]
+        # The same store without delay or bandwidth cap: what the loopback server and proxy serve at most.
+        proxy.delay_s, proxy.conn_bytes_per_s = 0.0, 1e15
+        row = _one("ours", plan, plan_path, work, opts, proxy, 0.0, 1e15, requests, inflight_mib, log)
+        rows.append(row | {"contender": "ours (store unshaped)", "predicted_s": None})
     finally:
         if proxy is not None:
             proxy.stop()
@@ -90,7 +96,7 @@ def run_remote(g: Geometry, work: Path, *, source_name: str, delay_s: float = 0.
         "geometry": dataclasses.asdict(g), "keep": g.num_experts // 2,
         "source_bytes": sum(int(fp["size"]) for fp in plan.source_shards.values()),
         "bytes_written": written,
-        "identical_outputs": len({json.dumps(r["digests"], sort_keys=True) for r in rows if r["ok"]}) == 1,
+        "identical_outputs": len({json.dumps(r.pop("digests"), sort_keys=True) for r in rows if r["ok"]}) == 1,
         "rows": rows,
     }
 
