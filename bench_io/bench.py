@@ -87,6 +87,10 @@ SIZES = {
 }
 
 
+#: Output shard size of the full workload per size.
+FULL_SHARD_BYTES = {"default": 1_000_000_000, "large": 5_000_000_000, "tiny": 200_000}
+
+
 def drop_cache(*dirs: Path) -> bool:
     """Drop the page cache of every file under ``dirs``; False where the kernel refused."""
     ok = True
@@ -294,8 +298,9 @@ def run(size: str = "default", work: Path | None = None, results: Path = RESULTS
                                  tuple(c for c in contenders if c != "ours-ray"), log, repeat)
 
     full_src, full_sal = _source(work, f"full-{size}", sizes.full_geometry, log)
-    full_plan = _plan(full_src, work, "full-plan", PlanOptions(saliency=(str(full_sal),),
-                                                                policy=KeepPolicy(keep_frac=0.5)))
+    # Output shards of about a gigabyte (one layer each), so that --jobs has shards to share.
+    full_plan = _plan(full_src, work, "full-plan", PlanOptions(saliency=(str(full_sal),), policy=KeepPolicy(keep_frac=0.5),
+                                                                max_shard_bytes=FULL_SHARD_BYTES[size]))
     measurements += run_workload("full", full_src, full_plan, work, contenders, log, repeat)
 
     planning = bench_planning(work)

@@ -10,6 +10,7 @@
   once); ``ours-buffered``: the same through a ring of buffers; ``ours-seq`` and
   ``ours-buffered-seq``: the sequential paths of earlier versions (``--max-inflight-mib 0``);
   ``ours-jobs1``, ``ours-jobs4``, ``ours-jobs8``: ``ours`` with that many output shards at once;
+  ``ours-seg1``, ``ours-seg16``: ``ours`` with that many positioned copies in flight per shard;
   ``ours-ray``: the Ray executor.
 * ``floor``: one ``copy_file_range`` of as many contiguous bytes as the output holds.
 
@@ -169,7 +170,7 @@ def floor(plan: Plan, dst: Path) -> None:
 
 
 NAMES = ("naive", "lazy", "ours", "ours-buffered", "ours-seq", "ours-buffered-seq", "ours-jobs1", "ours-jobs4",
-         "ours-jobs8", "ours-1stream", "ours-ray", "floor", "download")
+         "ours-jobs8", "ours-seg1", "ours-seg16", "ours-1stream", "ours-ray", "floor", "download")
 
 
 def _runner(name: str, plan: Plan, dst: Path, args: argparse.Namespace):
@@ -187,6 +188,8 @@ def _runner(name: str, plan: Plan, dst: Path, args: argparse.Namespace):
         "ours-jobs1": lambda: ours(plan, dst, io=IOOptions(jobs=1)),
         "ours-jobs4": lambda: ours(plan, dst, io=IOOptions(jobs=4)),
         "ours-jobs8": lambda: ours(plan, dst, io=IOOptions(jobs=8)),
+        "ours-seg1": lambda: ours(plan, dst, io=IOOptions(segment_threads=1)),
+        "ours-seg16": lambda: ours(plan, dst, io=IOOptions(segment_threads=16)),
         "ours-1stream": lambda: ours(plan, dst, io=IOOptions(inflight_requests=1), src_options=opts),
         "ours-ray": lambda: ours_ray(plan, dst, args.workers),
         "floor": lambda: floor(plan, dst),

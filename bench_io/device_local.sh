@@ -9,5 +9,5 @@ WORK=${WORK:-/tmp/bench-work}
 mkdir -p "$OUT" "$WORK"
 { nproc; free -g; df -h "$WORK"; uname -r; } > "$OUT/machine.txt" 2>&1 || true
 "$PY" -m bench_io run --size default --only local --work "$WORK" --results "$OUT" --repeat 2 \
-  --contenders naive,ours,ours-buffered,ours-seq,ours-buffered-seq,ours-jobs1,ours-jobs4,ours-jobs8,floor,dd \
+  --contenders naive,ours,ours-buffered,ours-seq,ours-buffered-seq,ours-jobs1,ours-jobs4,ours-jobs8,ours-seg1,ours-seg16,floor,dd \
   2>&1 | tee "$OUT/log.txt"

@@ -139,30 +139,35 @@ class _Handler(BaseHTTPRequestHandler):
                 conn = self._upstream()
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
-            data = resp.read()
+            length = resp.getheader("Content-Length")
+            data = resp.read() if length is None or self.command == "HEAD" else None
             self.send_response(resp.status, resp.reason)
             for k, v in resp.getheaders():
                 if k.lower() not in _HOP and k.lower() != "content-length":
                     self.send_header(k, v)
-            self.send_header("Content-Length", str(len(data)))
+            # A HEAD answer keeps the object's length (clients read the size from it).
+            self.send_header("Content-Length", length if length is not None and (data is None or self.command == "HEAD")
+                             else str(len(data or b"")))
             self.end_headers()
             if self.command != "HEAD":
-                sent = self._paced(data)
+                sent = self._paced(resp, data)
         finally:
             self.shaper._end(wanted, sent)
 
-    def _paced(self, data: bytes) -> int:
-        """Send ``data`` at no more than the connection's bandwidth."""
-        view = memoryview(data)
+    def _paced(self, resp: http.client.HTTPResponse, data: bytes | None) -> int:
+        """Send the body (streamed from upstream as it arrives, or ``data``) at no more than the
+        connection's bandwidth."""
+        view = memoryview(data) if data is not None else None
         t0 = time.perf_counter()
         sent = 0
-        while sent < len(view):
-            n = min(CHUNK, len(view) - sent)
-            self.wfile.write(view[sent:sent + n])
-            sent += n
+        while True:
+            chunk = view[sent:sent + CHUNK] if view is not None else resp.read(CHUNK)
+            if not chunk:
+                return sent
+            self.wfile.write(chunk)
+            sent += len(chunk)
             ahead = t0 + sent / self.shaper.conn_bytes_per_s - time.perf_counter()
             if ahead > 0:
                 time.sleep(ahead)
-        return sent
 
     do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward

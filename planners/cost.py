@@ -6,7 +6,8 @@ executor makes (:func:`planners.reads.plan_reads`); each costs ``latency_s`` plu
 ``read_bytes_per_s`` (one request's stream). With ``inflight`` requests at once (bounded by the
 byte budget: ``inflight_bytes // buffer_bytes``) the reads take ``1/inflight`` of that and the
 writes overlap them (the shard costs the longer of the two); ``inflight=0`` models the sequential
-path (reads, then writes, one request at a time).
+path (reads, then writes, one request at a time). ``link_bytes_per_s`` caps all of one worker's
+requests together (the network card, or what the store serves to one client).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class CostReport:
     max_gap: int
     latency_s: float
     inflight: int
+    link_bytes_per_s: float
     workers: int
     read_bytes_per_s: float
     write_bytes_per_s: float
@@ -79,6 +81,7 @@ def estimate(
     inflight: int = 0,
     inflight_bytes: int = 256 * MiB,
     max_gap: int = DEFAULT_MAX_GAP,
+    link_bytes_per_s: float = 0.0,
 ) -> CostReport:
     """Cost of executing ``plan``.
 
@@ -90,6 +93,7 @@ def estimate(
         inflight: requests in flight per worker (0: the sequential path).
         inflight_bytes: the executors' byte budget in flight (bounds ``inflight``).
         max_gap: neighbouring ranges at most this far apart are one request (gap bytes over-read).
+        link_bytes_per_s: all of one worker's reads together at most this fast (0: no cap).
 
     Returns:
         A :class:`CostReport`. ``bytes_read`` counts tensor bytes fetched; headers are counted
@@ -101,8 +105,8 @@ def estimate(
              for o in plan.outputs]
     workers = max(1, workers)
     streams = max(1, min(inflight, inflight_bytes // max(1, buffer_bytes)))
-    per_shard = [_shard_seconds(rs, o.size, latency_s, read_bytes_per_s, write_bytes_per_s, streams, inflight > 0)
-                 for o, rs in zip(plan.outputs, reads)]
+    per_shard = [_shard_seconds(rs, o.size, latency_s, (read_bytes_per_s, link_bytes_per_s), write_bytes_per_s, streams,
+                                inflight > 0) for o, rs in zip(plan.outputs, reads)]
     notes = [f"only {len(plan.outputs)} output shards: at most that many workers are busy"] \
         if workers > len(plan.outputs) else []
     return CostReport(
@@ -118,6 +122,7 @@ def estimate(
         max_gap=max_gap,
         latency_s=latency_s,
         inflight=inflight,
+        link_bytes_per_s=link_bytes_per_s,
         workers=workers,
         read_bytes_per_s=read_bytes_per_s,
         write_bytes_per_s=write_bytes_per_s,
@@ -129,10 +134,14 @@ def estimate(
     )
 
 
-def _shard_seconds(reads: list[Read], size: int, latency_s: float, read_bw: float, write_bw: float,
+def _shard_seconds(reads: list[Read], size: int, latency_s: float, read_bw: tuple[float, float], write_bw: float,
                    streams: int, overlapped: bool) -> float:
-    """One output shard: its requests spread over ``streams``; writes after or alongside them."""
-    read_s = (len(reads) * latency_s + sum(r.size for r in reads) / read_bw) / streams
+    """One output shard: its requests spread over ``streams`` (each at ``read_bw[0]``, together at
+    most ``read_bw[1]`` when set); writes after or alongside them."""
+    fetched = sum(r.size for r in reads)
+    read_s = (len(reads) * latency_s + fetched / read_bw[0]) / streams
+    if read_bw[1] > 0:
+        read_s = max(read_s, fetched / read_bw[1])
     write_s = size / write_bw
     return max(read_s, write_s) if overlapped else read_s + write_s
 
@@ -205,7 +214,8 @@ def format_report(r: CostReport) -> str:
         f" (ranges up to {human_bytes(r.max_gap)} apart merged: {human_bytes(r.over_read_bytes)} over-read)",
         f"estimate:   {r.est_seconds:.1f} s on {r.workers} worker(s) at {r.read_bytes_per_s / 1e6:.0f} MB/s read "
         f"per request, {r.latency_s * 1000:.0f} ms latency, "
-        f"{'one request at a time' if r.inflight <= 0 else f'{r.inflight} requests in flight'}, "
+        f"{'one request at a time' if r.inflight <= 0 else f'{r.inflight} requests in flight'}"
+        f"{f' (at most {r.link_bytes_per_s / 1e6:.0f} MB/s together)' if r.link_bytes_per_s else ''}, "
         f"{r.write_bytes_per_s / 1e6:.0f} MB/s write per worker",
         f"peak RSS:   ~{human_bytes(r.peak_rss_per_worker)} per worker (base + buffers in flight)",
     ]

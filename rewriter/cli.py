@@ -284,6 +284,9 @@ cost_options = _options(
                           "(0: one at a time, then the writes); a remote run keeps up to --max-inflight-requests."),
         click.option("--max-gap-kib", type=click.IntRange(min=0, max=1 << 20), default=64, show_default=True,
                      help="Ranges of a source shard at most this far apart are read as one request."),
+        click.option("--link-mbps", type=finite(min=0), default=0,
+                     help="All of a worker's read requests together at most this fast, MB/s (the network "
+                          "card, or what the store serves one client; default: no cap)."),
     click.option("--measure-bandwidth", type=click.Path(exists=True, file_okay=False), default=None, metavar="DIR",
                  help="Measure read/write bandwidth of the disk holding DIR first (writes 256 MiB there)."),
 )
@@ -303,7 +306,7 @@ cost_options = _options(
 @_fail_cleanly
 def plan(src: str, layers: str | None, buffer_mib: int, out: str | None, as_json: bool, verbose: bool,
          workers: int, read_mbps: float | None, write_mbps: float | None, measure_bandwidth: str | None,
-         latency_ms: float, inflight: int, max_gap_kib: int, **kw: Any) -> None:
+         latency_ms: float, inflight: int, max_gap_kib: int, link_mbps: float, **kw: Any) -> None:
     """Plan the pruning of SRC and print its I/O cost and what it keeps (nothing is written but --out)."""
     from planners.cost import estimate, format_report
 
@@ -313,7 +316,7 @@ def plan(src: str, layers: str | None, buffer_mib: int, out: str | None, as_json
     read_bw, write_bw = _bandwidths(read_mbps, write_mbps, measure_bandwidth)
     report = estimate(p, workers=workers, read_bytes_per_s=read_bw, write_bytes_per_s=write_bw,
                       buffer_bytes=buffer_mib * MiB, latency_s=latency_ms / 1000, inflight=inflight,
-                      max_gap=max_gap_kib * 1024)
+                      max_gap=max_gap_kib * 1024, link_bytes_per_s=link_mbps * 1e6)
     if as_json:
         click.echo(json.dumps({"plan": out, "plan_digest": p.digest, "num_experts": n_exp, "top_k": p.top_k,
                                "keep": {str(k): list(v) for k, v in sorted(p.keep.items())},

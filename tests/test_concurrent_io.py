@@ -155,3 +155,26 @@ def test_remote_run_from_the_cli_matches_the_sequential_run(shaped, small_plan, 
     assert tree_digest(tmp_path / "after") == tree_digest(tmp_path / "before")
     execute(small_plan, str(tmp_path / "local"))
     assert _shard_digests(tmp_path / "after") == _shard_digests(tmp_path / "local")
+
+
+def test_cost_model_counts_latency_concurrency_and_the_link(small_plan):
+    ops = [o.copy_ops() for o in small_plan.outputs]
+    reads = [[r for r in plan_reads(x, max_gap=0, max_request=MiB) if r.data is None] for x in ops]
+    bw, lat, wbw = 50e6, 0.02, 1e9
+
+    def est(**kw):
+        return estimate(small_plan, read_bytes_per_s=bw, write_bytes_per_s=wbw, buffer_bytes=MiB, max_gap=0,
+                        latency_s=lat, **kw)
+
+    per_shard = [len(rs) * lat + sum(r.size for r in rs) / bw for rs in reads]
+    sequential = est()
+    assert sequential.est_seconds == pytest.approx(sum(t + o.size / wbw for t, o in zip(per_shard, small_plan.outputs)))
+    # Eight requests in flight: an eighth of the reads (the writes overlap them).
+    eight = est(inflight=8)
+    assert eight.est_seconds == pytest.approx(sum(max(t / 8, o.size / wbw) for t, o in zip(per_shard, small_plan.outputs)))
+    # ...unless the byte budget allows fewer (two 1 MiB requests), or the link is slower.
+    assert est(inflight=8, inflight_bytes=2 * MiB).est_seconds == pytest.approx(
+        sum(max(t / 2, o.size / wbw) for t, o in zip(per_shard, small_plan.outputs)))
+    fetched = sum(r.size for rs in reads for r in rs)
+    assert est(inflight=8, link_bytes_per_s=10e6).est_seconds == pytest.approx(fetched / 10e6)
+    assert eight.peak_rss_per_worker > sequential.peak_rss_per_worker
