@@ -107,8 +107,7 @@ def estimate(
     streams = max(1, min(inflight, inflight_bytes // max(1, buffer_bytes)))
     per_shard = [_shard_seconds(rs, o.size, latency_s, (read_bytes_per_s, link_bytes_per_s), write_bytes_per_s, streams,
                                 inflight > 0) for o, rs in zip(plan.outputs, reads)]
-    notes = [f"only {len(plan.outputs)} output shards: at most that many workers are busy"] \
-        if workers > len(plan.outputs) else []
+    notes = [f"only {len(plan.outputs)} output shards: at most that many workers are busy"] * (workers > len(plan.outputs))
     return CostReport(
         layers=layers,
         source_bytes=sum(int(fp["size"]) for fp in plan.source_shards.values()),
@@ -128,8 +127,7 @@ def estimate(
         write_bytes_per_s=write_bytes_per_s,
         buffer_bytes=buffer_bytes,
         est_seconds=_longest_first(per_shard, workers),
-        peak_rss_per_worker=BASE_RSS_BYTES + (buffer_bytes if inflight <= 1 else
-                                               max(buffer_bytes, min(inflight * buffer_bytes, inflight_bytes))),
+        peak_rss_per_worker=BASE_RSS_BYTES + max(buffer_bytes, min(inflight * buffer_bytes, inflight_bytes)),
         notes=tuple(notes),
     )
 

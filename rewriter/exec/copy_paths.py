@@ -3,12 +3,13 @@ in order (buffered), and positioned zero-copy pieces several at once."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -109,8 +110,16 @@ def copy_windowed(copier: Copier, ops: Sequence[Segment], sink: Sink) -> None:
         return data
 
     t = time.perf_counter()
-    for r, data in ordered(reads, fetch, threads=depth, max_items=depth, max_bytes=max(io.inflight_bytes, request),
-                           size=lambda r: r.size if r.data is None else 0, counts=copier.counts):
+    # closing(): on an error the fetches under way finish before the output is aborted.
+    results = ordered(reads, fetch, threads=depth, max_items=depth, max_bytes=max(io.inflight_bytes, request),
+                      size=lambda r: r.size if r.data is None else 0, counts=copier.counts)
+    with contextlib.closing(results):
+        _write_in_order(copier, results, sink, ring if local else None, t)
+
+
+def _write_in_order(copier: Copier, results: Iterable[tuple[Read, memoryview | bytes]], sink: Sink,
+                    ring: queue.SimpleQueue[bytearray] | None, t: float) -> None:
+    for r, data in results:
         t2 = time.perf_counter()
         copier.stats.read_seconds += t2 - t
         for off, n in r.slices:
@@ -119,7 +128,7 @@ def copy_windowed(copier: Copier, ops: Sequence[Segment], sink: Sink) -> None:
         copier.stats.write_seconds += t - t2
         if r.data is None:
             copier.stats.bytes_read += r.size
-            if local:
+            if ring is not None:
                 ring.put(data.obj)  # type: ignore[union-attr,arg-type]  # the ring's buffer, free again
         if copier.progress:
             copier.progress(r.wanted)
@@ -162,10 +171,17 @@ def copy_positioned(copier: Copier, ops: Sequence[Segment], sink: Sink) -> None:
         return n
 
     threads = max(1, copier.io.segment_threads)
-    for i, kernel_bytes in ordered(range(len(reads)), work, threads=threads, max_items=2 * threads,
-                                   max_bytes=2 * threads * PIECE, size=lambda i: reads[i].size,
-                                   on_submit=lambda i: copier.prefetch(reads[i].shard, reads[i].start, reads[i].size)
-                                   if reads[i].data is None else None, counts=copier.counts):
+    results = ordered(range(len(reads)), work, threads=threads, max_items=2 * threads, max_bytes=2 * threads * PIECE,
+                      size=lambda i: reads[i].size, counts=copier.counts,
+                      on_submit=lambda i: copier.prefetch(reads[i].shard, reads[i].start, reads[i].size)
+                      if reads[i].data is None else None)
+    # closing(): on an error no copy into the output is under way once this returns.
+    with contextlib.closing(results):
+        _advance_in_order(copier, reads, results, sink)
+
+
+def _advance_in_order(copier: Copier, reads: list[Read], results: Iterable[tuple[int, int]], sink: Sink) -> None:
+    for i, kernel_bytes in results:
         r = reads[i]
         if r.data is not None:
             sink.write(r.data)  # the prefix ends here, so it is written at its offset
@@ -173,7 +189,7 @@ def copy_positioned(copier: Copier, ops: Sequence[Segment], sink: Sink) -> None:
             sink.copied(r.size)
             copier.stats.bytes_read += r.size
             copier.stats.zero_copy_bytes += kernel_bytes
-            src.counter.add(r.size)
+            copier.src.counter.add(r.size)
         if copier.progress:
             copier.progress(r.size)
 

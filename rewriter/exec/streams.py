@@ -12,7 +12,7 @@ the memory held is at most the byte budget.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -50,7 +50,7 @@ def ordered(
     size: Callable[[T], int],
     on_submit: Callable[[T], None] | None = None,
     counts: InFlight | None = None,
-) -> Iterator[tuple[T, R]]:
+) -> Generator[tuple[T, R], None, None]:
     """``(item, work(item))`` for each item, in order; ``work`` runs on ``threads`` threads.
 
     At most ``max_items`` items and ``max_bytes`` bytes (by ``size``) are started and not yet
