@@ -201,6 +201,8 @@ def chart(doc: dict[str, Any], path: Path) -> None:
     b.bar(names, [r["bytes_fetched"] / 1e6 for r in rows], color="tab:green")
     b.set_ylabel("MB fetched from the store")
     b.set_title("Bytes fetched")
+    for ax in (a, b):
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
     s = doc["shaping"]
     fig.suptitle(f"shaped S3: {s['delay_ms']:.0f} ms/request, {s['conn_mb_per_s']:.0f} MB/s per connection "
                  f"({doc['date']}, {doc['machine']['cores']} cores)")
