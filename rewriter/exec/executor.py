@@ -243,7 +243,7 @@ def run_here(todo: list[OutputShard], src: Storage, dst: Destination, opts: RunO
              record: Callable[[ShardResult], None]) -> None:
     """Write ``todo`` in this process, ``opts.io.jobs`` shards at once (each thread its own source
     descriptors); results are recorded by this thread."""
-    jobs = opts.io.jobs or default_jobs(len(todo), src.is_local and dst.zero_copy)
+    jobs = opts.io.jobs or default_jobs(len(todo), src, dst)
     progress = opts.progress if jobs <= 1 else locked(opts.progress)
     per_thread = threading.local()
 

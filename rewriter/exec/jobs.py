@@ -21,10 +21,11 @@ Progress = Callable[[int], None]
 MAX_DEFAULT_JOBS = 4
 
 
-def default_jobs(shards: int, local: bool) -> int:
-    """Output shards at once when ``--jobs`` is not given: local runs, up to the cores, the shards
-    to write and MAX_DEFAULT_JOBS; one elsewhere (each shard already has many requests in flight)."""
-    if not local:
+def default_jobs(shards: int, src: Any, dst: Any) -> int:
+    """Output shards at once when ``--jobs`` is not given: for a local source and destination, up
+    to the cores, the shards to write and MAX_DEFAULT_JOBS; one elsewhere (each shard already
+    has many requests in flight)."""
+    if not (src.is_local and dst.zero_copy):
         return 1
     return max(1, min(MAX_DEFAULT_JOBS, os.cpu_count() or 1, shards))
 
