@@ -1,4 +1,8 @@
-"""``python -m bench_io run [--size default|large|tiny] [--work DIR] [--results DIR]``"""
+"""``python -m bench_io run [--size default|large|tiny] [--work DIR] [--results DIR] [--only local|remote]``
+
+``local``: every local workload and contender (``latest.*``); ``remote``: the shaped object store
+(``remote.*``, needs the ``s3`` extra). Both by default.
+"""
 
 from __future__ import annotations
 
@@ -18,9 +22,20 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--results", type=Path, default=RESULTS)
     r.add_argument("--contenders", default=None, help="comma-separated subset")
     r.add_argument("--repeat", type=int, default=2, help="runs per contender; the fastest is kept")
+    r.add_argument("--only", choices=("local", "remote"), default=None)
+    r.add_argument("--delay-ms", type=float, default=30, help="shaped store: delay per request")
+    r.add_argument("--conn-mbps", type=float, default=100, help="shaped store: MB/s per connection")
+    r.add_argument("--requests", type=int, default=16, help="remote: requests in flight")
     args = ap.parse_args(argv)
     contenders = tuple(args.contenders.split(",")) if args.contenders else None
-    run(args.size, args.work, args.results, contenders, repeat=args.repeat)
+    if args.only != "remote":
+        run(args.size, args.work, args.results, contenders, repeat=args.repeat)
+    if args.only != "local":
+        from bench_io import remote
+
+        args.work.mkdir(parents=True, exist_ok=True)
+        remote.run(SIZES[args.size].remote_geometry, args.work, args.results, source_name=f"remote-{args.size}",
+                   delay_s=args.delay_ms / 1000, conn_bytes_per_s=args.conn_mbps * 1e6, requests=args.requests)
     return 0
 
 

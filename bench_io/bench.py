@@ -54,7 +54,11 @@ class Sizes:
     full_geometry: Geometry
     keep_layer: int
     s3_geometry: Geometry
-    contenders: tuple[str, ...] = ("naive", "lazy", "ours", "ours-buffered", "ours-ray", "floor", "dd")
+    #: The remote benchmark's source: shards of about a gigabyte (the loopback server holds a
+    #: whole object in memory while completing its upload).
+    remote_geometry: Geometry
+    contenders: tuple[str, ...] = ("naive", "lazy", "ours", "ours-buffered", "ours-seq", "ours-buffered-seq",
+                                   "ours-jobs1", "ours-jobs4", "ours-jobs8", "ours-ray", "floor", "dd")
 
 
 SIZES = {
@@ -64,20 +68,27 @@ SIZES = {
         full_geometry=Geometry(4, 128, 4, 2880, 2880, 1024, 64, 8, 64, 4_800_000_000),
         keep_layer=1,
         s3_geometry=Geometry(4, 32, 4, 512, 512, 4096, 8, 2, 64, 20_000_000),
+        remote_geometry=Geometry(2, 128, 4, 2880, 2880, 1024, 64, 8, 64, 1_100_000_000),
     ),
     "large": Sizes(
         layer_geometry=Geometry(2, 128, 4, 2880, 2880, 1024, 64, 8, 64, 4_800_000_000),
         full_geometry=Geometry(8, 128, 4, 2880, 2880, 201088, 64, 8, 64, 4_800_000_000),
         keep_layer=1,
         s3_geometry=Geometry(2, 32, 4, 2880, 2880, 1024, 64, 8, 64, 4_800_000_000),
+        remote_geometry=Geometry(2, 128, 4, 2880, 2880, 1024, 64, 8, 64, 1_100_000_000),
     ),
     "tiny": Sizes(
         layer_geometry=Geometry(2, 16, 2, 64, 64, 256, 4, 2, 16, 200_000),
         full_geometry=Geometry(2, 16, 2, 64, 64, 256, 4, 2, 16, 100_000),
         keep_layer=1,
         s3_geometry=Geometry(2, 8, 2, 64, 64, 256, 4, 2, 16, 100_000),
+        remote_geometry=Geometry(2, 16, 2, 64, 64, 256, 4, 2, 16, 100_000),
     ),
 }
+
+
+#: Output shard size of the full workload per size.
+FULL_SHARD_BYTES = {"default": 1_000_000_000, "large": 5_000_000_000, "tiny": 200_000}
 
 
 def drop_cache(*dirs: Path) -> bool:
@@ -221,8 +232,10 @@ def bench_planning(work: Path) -> dict[str, Any]:
 
 
 def bench_s3(g: Geometry, work: Path) -> dict[str, Any]:
-    """A rewrite sourced from the loopback S3 server: bytes fetched vs written."""
+    """A rewrite sourced from the loopback S3 server: bytes fetched vs written (no gap merged, so
+    exactly the kept ranges; the remote benchmark measures gap merging)."""
     from bench_io.s3server import start_s3
+    from rewriter.exec.copy import IOOptions
     from rewriter.exec.executor import execute
 
     src, sal = _source(work, "s3-src", g)
@@ -235,7 +248,7 @@ def bench_s3(g: Geometry, work: Path) -> dict[str, Any]:
         dst = work / "s3-dst"
         shutil.rmtree(dst, ignore_errors=True)
         t = time.perf_counter()
-        result = execute(plan, str(dst), src_options=server.options)
+        result = execute(plan, str(dst), src_options=server.options, io=IOOptions(max_gap=0))
         wall = time.perf_counter() - t
         written = sum(o.size for o in plan.outputs)
         headers = sum(8 + int(fp["header_len"]) for fp in plan.source_shards.values())
@@ -245,6 +258,13 @@ def bench_s3(g: Geometry, work: Path) -> dict[str, Any]:
                 "wall_s": wall}
     finally:
         server.stop()
+
+
+def _have_s3() -> bool:
+    """Whether s3fs and moto's server are installed (the loopback S3 workloads need them)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("s3fs", "moto"))
 
 
 def machine() -> dict[str, Any]:
@@ -278,14 +298,16 @@ def run(size: str = "default", work: Path | None = None, results: Path = RESULTS
                                  tuple(c for c in contenders if c != "ours-ray"), log, repeat)
 
     full_src, full_sal = _source(work, f"full-{size}", sizes.full_geometry, log)
-    full_plan = _plan(full_src, work, "full-plan", PlanOptions(saliency=(str(full_sal),),
-                                                                policy=KeepPolicy(keep_frac=0.5)))
+    # Output shards of about a gigabyte (one layer each), so that --jobs has shards to share.
+    full_plan = _plan(full_src, work, "full-plan", PlanOptions(saliency=(str(full_sal),), policy=KeepPolicy(keep_frac=0.5),
+                                                                max_shard_bytes=FULL_SHARD_BYTES[size]))
     measurements += run_workload("full", full_src, full_plan, work, contenders, log, repeat)
 
     planning = bench_planning(work)
     log(f"  plan-120b  in-process {planning['in_process_s']:.3f} s, CLI process {planning['cli_process_s']:.2f} s")
-    s3 = bench_s3(sizes.s3_geometry, work)
-    log(f"  s3         fetched/written {s3['fetched_over_written']:.4f}")
+    s3 = bench_s3(sizes.s3_geometry, work) if _have_s3() else None
+    if s3:
+        log(f"  s3         fetched/written {s3['fetched_over_written']:.4f}")
     doc = {
         "date": time.strftime("%Y-%m-%d"),
         "size": size,
@@ -304,10 +326,14 @@ def run(size: str = "default", work: Path | None = None, results: Path = RESULTS
     return doc
 
 
-def ratios(ms: list[Measurement], s3: dict[str, Any]) -> dict[str, float]:
+def ratios(ms: list[Measurement], s3: dict[str, Any] | None) -> dict[str, float]:
     out: dict[str, float] = {}
     for w in ("layer", "full"):
         by = {m.contender: m for m in ms if m.workload == w and m.ok}
+        for a, b in (("ours-buffered", "ours"), ("ours", "ours-seq"), ("ours-buffered", "ours-buffered-seq"),
+                     ("ours-jobs4", "ours-jobs1"), ("ours-jobs8", "ours-jobs1")):
+            if a in by and b in by:
+                out[f"{w}: {a} / {b} throughput"] = by[a].throughput / by[b].throughput
         if "ours" in by and "floor" in by:
             out[f"{w}: ours / floor throughput"] = by["ours"].throughput / by["floor"].throughput
         if "ours" in by and "dd" in by:
@@ -317,7 +343,8 @@ def ratios(ms: list[Measurement], s3: dict[str, Any]) -> dict[str, float]:
             out[f"{w}: naive / ours peak RSS"] = by["naive"].peak_rss_bytes / by["ours"].peak_rss_bytes
         if "ours" in by and "ours-ray" in by:
             out[f"{w}: ours-ray / ours time"] = by["ours-ray"].wall_s / by["ours"].wall_s
-    out["s3: bytes fetched / bytes written"] = s3["fetched_over_written"]
+    if s3:
+        out["s3: bytes fetched / bytes written"] = s3["fetched_over_written"]
     return out
 
 
@@ -349,7 +376,7 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"S3-sourced rewrite (loopback S3 server): {s['tensor_bytes_fetched']:,} tensor bytes + "
         f"{s['header_bytes_fetched']:,} header bytes fetched of a {s['source_bytes']:,}-byte source, "
-        f"{s['bytes_written']:,} bytes written.",
+        f"{s['bytes_written']:,} bytes written." if s else "S3-sourced rewrite: not run (s3fs or moto not installed).",
         "",
         "| ratio | value |",
         "|---|---:|",

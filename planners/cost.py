@@ -1,8 +1,13 @@
 """I/O cost of a plan: shards touched per layer, bytes read and written, requests, time, memory.
 
 Everything here is arithmetic on the plan. The time estimate schedules output shards (the unit
-of work) over ``workers`` with longest-first assignment; each shard costs its bytes at the read
-bandwidth plus its bytes at the write bandwidth.
+of work) over ``workers`` with longest-first assignment. A shard's reads are the requests the
+executor makes (:func:`planners.reads.plan_reads`); each costs ``latency_s`` plus its bytes at
+``read_bytes_per_s`` (one request's stream). With ``inflight`` requests at once (bounded by the
+byte budget: ``inflight_bytes // buffer_bytes``) the reads take ``1/inflight`` of that and the
+writes overlap them (the shard costs the longer of the two); ``inflight=0`` models the sequential
+path (reads, then writes, one request at a time). ``link_bytes_per_s`` caps all of one worker's
+requests together (the network card, or what the store serves to one client).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from planners.plan import Plan
+from planners.reads import DEFAULT_MAX_GAP, Read, over_read, plan_reads
 
 MiB = 1 << 20
 #: Resident memory of an executor process besides its copy buffer (interpreter, fsspec, numpy):
@@ -41,6 +47,11 @@ class CostReport:
     output_shards: int
     copy_ops: int
     range_requests: int
+    over_read_bytes: int
+    max_gap: int
+    latency_s: float
+    inflight: int
+    link_bytes_per_s: float
     workers: int
     read_bytes_per_s: float
     write_bytes_per_s: float
@@ -66,13 +77,23 @@ def estimate(
     read_bytes_per_s: float = 1e9,
     write_bytes_per_s: float = 1e9,
     buffer_bytes: int = 16 * MiB,
+    latency_s: float = 0.0,
+    inflight: int = 0,
+    inflight_bytes: int = 256 * MiB,
+    max_gap: int = DEFAULT_MAX_GAP,
+    link_bytes_per_s: float = 0.0,
 ) -> CostReport:
     """Cost of executing ``plan``.
 
     Args:
         workers: parallel executors (output shards are distributed over them).
-        read_bytes_per_s / write_bytes_per_s: per-worker bandwidths.
-        buffer_bytes: the executors' copy buffer; a remote read is one request per buffer.
+        read_bytes_per_s: bandwidth of one request's stream; write_bytes_per_s: per worker.
+        buffer_bytes: the executors' copy buffer: the largest request.
+        latency_s: time to the first byte of each request.
+        inflight: requests in flight per worker (0: the sequential path).
+        inflight_bytes: the executors' byte budget in flight (bounds ``inflight``).
+        max_gap: neighbouring ranges at most this far apart are one request (gap bytes over-read).
+        link_bytes_per_s: all of one worker's reads together at most this fast (0: no cap).
 
     Returns:
         A :class:`CostReport`. ``bytes_read`` counts tensor bytes fetched; headers are counted
@@ -80,28 +101,33 @@ def estimate(
     """
     layers = _layer_costs(plan)
     ops = [op for o in plan.outputs for op in o.copy_ops() if op.data is None]
-    requests = sum(-(-op.length // buffer_bytes) for op in ops)
-    header_bytes = sum(8 + int(fp.get("header_len", 0)) for fp in plan.source_shards.values())
+    reads = [[r for r in plan_reads(o.copy_ops(), max_gap=max_gap, max_request=buffer_bytes) if r.data is None]
+             for o in plan.outputs]
     workers = max(1, workers)
-    per_shard = [o.data_bytes / read_bytes_per_s + o.size / write_bytes_per_s for o in plan.outputs]
-    notes = []
-    if workers > len(plan.outputs):
-        notes.append(f"only {len(plan.outputs)} output shards: at most that many workers are busy")
+    streams = max(1, min(inflight, inflight_bytes // max(1, buffer_bytes)))
+    per_shard = [_shard_seconds(rs, o.size, latency_s, (read_bytes_per_s, link_bytes_per_s), write_bytes_per_s, streams,
+                                inflight > 0) for o, rs in zip(plan.outputs, reads)]
+    notes = [f"only {len(plan.outputs)} output shards: at most that many workers are busy"] * (workers > len(plan.outputs))
     return CostReport(
         layers=layers,
         source_bytes=sum(int(fp["size"]) for fp in plan.source_shards.values()),
         bytes_read=sum(op.length for op in ops),
-        header_bytes_read=header_bytes,
+        header_bytes_read=sum(8 + int(fp.get("header_len", 0)) for fp in plan.source_shards.values()),
         bytes_written=sum(o.size for o in plan.outputs),
         output_shards=len(plan.outputs),
         copy_ops=len(ops),
-        range_requests=requests,
+        range_requests=sum(len(rs) for rs in reads),
+        over_read_bytes=sum(over_read(rs) for rs in reads),
+        max_gap=max_gap,
+        latency_s=latency_s,
+        inflight=inflight,
+        link_bytes_per_s=link_bytes_per_s,
         workers=workers,
         read_bytes_per_s=read_bytes_per_s,
         write_bytes_per_s=write_bytes_per_s,
         buffer_bytes=buffer_bytes,
         est_seconds=_longest_first(per_shard, workers),
-        peak_rss_per_worker=BASE_RSS_BYTES + buffer_bytes,
+        peak_rss_per_worker=BASE_RSS_BYTES + max(buffer_bytes, min(inflight * buffer_bytes, inflight_bytes)),
         notes=tuple(notes),
     )
 
@@ -162,6 +188,18 @@ def estimate_nodes(
         seconds = max(seconds, in_parts / serial_bytes_per_s)
     return ScaleEstimate(nodes, node_bytes_per_s, total_bytes_per_s, serial_bytes_per_s, written, len(sizes),
                          min(nodes, len(sizes)), startup_s, startup_s + seconds)
+
+
+def _shard_seconds(reads: list[Read], size: int, latency_s: float, read_bw: tuple[float, float], write_bw: float,
+                   streams: int, overlapped: bool) -> float:
+    """One output shard: its requests spread over ``streams`` (each at ``read_bw[0]``, together at
+    most ``read_bw[1]`` when set); writes after or alongside them."""
+    fetched = sum(r.size for r in reads)
+    read_s = (len(reads) * latency_s + fetched / read_bw[0]) / streams
+    if read_bw[1] > 0:
+        read_s = max(read_s, fetched / read_bw[1])
+    write_s = size / write_bw
+    return max(read_s, write_s) if overlapped else read_s + write_s
 
 
 def _layer_costs(plan: Plan) -> tuple[LayerCost, ...]:
@@ -228,10 +266,14 @@ def format_report(r: CostReport) -> str:
         f"source:     {human_bytes(r.source_bytes)} in {len({s for lc in r.layers for s in lc.source_shards})} shards touched",
         f"read:       {human_bytes(r.bytes_read)} of tensor data ({ratio:.1%} of the source) + {human_bytes(r.header_bytes_read)} of headers",
         f"written:    {human_bytes(r.bytes_written)} in {r.output_shards} output shards",
-        f"requests:   {r.copy_ops} copy ranges; {r.range_requests} range requests at a {human_bytes(r.buffer_bytes)} buffer",
-        f"estimate:   {r.est_seconds:.1f} s on {r.workers} worker(s) at {r.read_bytes_per_s / 1e6:.0f} MB/s read, "
+        f"requests:   {r.copy_ops} copy ranges; {r.range_requests} range requests at a {human_bytes(r.buffer_bytes)} buffer"
+        f" (ranges up to {human_bytes(r.max_gap)} apart merged: {human_bytes(r.over_read_bytes)} over-read)",
+        f"estimate:   {r.est_seconds:.1f} s on {r.workers} worker(s) at {r.read_bytes_per_s / 1e6:.0f} MB/s read "
+        f"per request, {r.latency_s * 1000:.0f} ms latency, "
+        f"{'one request at a time' if r.inflight <= 0 else f'{r.inflight} requests in flight'}"
+        f"{f' (at most {r.link_bytes_per_s / 1e6:.0f} MB/s together)' if r.link_bytes_per_s else ''}, "
         f"{r.write_bytes_per_s / 1e6:.0f} MB/s write per worker",
-        f"peak RSS:   ~{human_bytes(r.peak_rss_per_worker)} per worker (base + buffer)",
+        f"peak RSS:   ~{human_bytes(r.peak_rss_per_worker)} per worker (base + buffers in flight)",
     ]
     lines += [f"note:       {n}" for n in r.notes]
     return "\n".join(lines)

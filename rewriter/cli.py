@@ -283,6 +283,16 @@ cost_options = _options(
                      help="Per-worker read bandwidth, MB/s (default 1000)."),
         click.option("--write-mbps", type=finite(min=0, min_open=True), default=None,
                      help="Per-worker write bandwidth, MB/s (default 1000)."),
+        click.option("--latency-ms", type=finite(min=0), default=0, show_default=True,
+                     help="Time to the first byte of each read request (object stores: tens of ms)."),
+        click.option("--inflight", type=click.IntRange(min=0, max=4096), default=0, show_default=True,
+                     help="Read requests in flight per worker for the estimate, each at --read-mbps "
+                          "(0: one at a time, then the writes); a remote run keeps up to --max-inflight-requests."),
+        click.option("--max-gap-kib", type=click.IntRange(min=0, max=1 << 20), default=64, show_default=True,
+                     help="Ranges of a source shard at most this far apart are read as one request."),
+        click.option("--link-mbps", type=finite(min=0), default=0,
+                     help="All of a worker's read requests together at most this fast, MB/s (the network "
+                          "card, or what the store serves one client; default: no cap)."),
     click.option("--measure-bandwidth", type=click.Path(exists=True, file_okay=False), default=None, metavar="DIR",
                  help="Measure read/write bandwidth of the disk holding DIR first (writes 256 MiB there)."),
 )
@@ -302,7 +312,7 @@ cost_options = _options(
 @_fail_cleanly
 def plan(src: str, layers: str | None, buffer_mib: int, out: str | None, as_json: bool, verbose: bool,
          workers: int, read_mbps: float | None, write_mbps: float | None, measure_bandwidth: str | None,
-         **kw: Any) -> None:
+         latency_ms: float, inflight: int, max_gap_kib: int, link_mbps: float, **kw: Any) -> None:
     """Plan the pruning of SRC and print its I/O cost and what it keeps (nothing is written but --out)."""
     from planners.cost import estimate, format_report
 
@@ -311,7 +321,8 @@ def plan(src: str, layers: str | None, buffer_mib: int, out: str | None, as_json
         save_plan(p, out, "--out")
     read_bw, write_bw = _bandwidths(read_mbps, write_mbps, measure_bandwidth)
     report = estimate(p, workers=workers, read_bytes_per_s=read_bw, write_bytes_per_s=write_bw,
-                      buffer_bytes=buffer_mib * MiB)
+                      buffer_bytes=buffer_mib * MiB, latency_s=latency_ms / 1000, inflight=inflight,
+                      max_gap=max_gap_kib * 1024, link_bytes_per_s=link_mbps * 1e6)
     if as_json:
         click.echo(json.dumps({"plan": out, "plan_digest": p.digest, "num_experts": n_exp, "top_k": p.top_k,
                                "keep": {str(k): list(v) for k, v in sorted(p.keep.items())},
@@ -376,6 +387,16 @@ run_options = _options(
                      help="Copy buffer in MiB; bounds the data path's memory."),
         click.option("--force", is_flag=True, help="Overwrite a destination holding other output."),
         click.option("--no-zero-copy", is_flag=True, help="Never use copy_file_range (always buffered)."),
+        click.option("--max-inflight-mib", type=click.IntRange(min=0, max=1 << 20), default=256, show_default=True,
+                     help="Bytes requested and not yet written per shard, in MiB (bounds memory); "
+                          "0: one request at a time."),
+        click.option("--max-inflight-requests", type=click.IntRange(min=1, max=1024), default=16, show_default=True,
+                     help="Read requests in flight per shard (remote sources)."),
+        click.option("--max-gap-kib", type=click.IntRange(min=0, max=1 << 20), default=64, show_default=True,
+                     help="Remote ranges of a source shard at most this far apart are read as one request."),
+        click.option("--jobs", type=click.IntRange(min=1, max=256), default=None,
+                     help="Output shards written at once by a run here (default: up to 4 for a local "
+                          "source and destination, bounded by the cores and shards; 1 otherwise)."),
         click.option("--drop-cache", is_flag=True, help="Drop written pages from the page cache."),
         click.option("--dst-options", type=JSON_OBJECT, default=None, help="fsspec options for DST as JSON."),
         click.option("--ray", "use_ray", is_flag=True, help="Run on Ray CPU actors (pip install '.[ray]')."),
@@ -397,8 +418,10 @@ run_options = _options(
 def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bool, drop_cache: bool,
              dst_options: dict[str, Any] | None, use_ray: bool, address: str | None, ray_workers: int, ray_timeout: float,
              ray_pending_timeout: float, part_mib: int, quiet: bool,
-             as_json: bool, allow_nonuniform: bool, src_options: dict[str, Any] | None) -> None:
+             as_json: bool, allow_nonuniform: bool, src_options: dict[str, Any] | None, max_inflight_mib: int,
+             max_inflight_requests: int, max_gap_kib: int, jobs: int | None) -> None:
     from planners.cost import human_bytes
+    from rewriter.exec.copy import IOOptions
     from rewriter.exec.executor import execute
     from rewriter.exec.runstatus import StatusWriter
     from rewriter.progress import ByteProgress
@@ -414,6 +437,8 @@ def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bo
         src_options=src_options or {}, dst_options=dst_options or {}, buffer_bytes=buffer_mib * MiB,
         progress=progress, force=force, allow_nonuniform=allow_nonuniform, zero_copy=not no_zero_copy,
         drop_cache=drop_cache, on_start=bar.start, observer=status,
+        io=IOOptions(inflight_bytes=max_inflight_mib * MiB, inflight_requests=max_inflight_requests,
+                     max_gap=max_gap_kib * 1024, jobs=jobs),
     )
     on_interrupt(f"the shards finished so far are kept in {dst}; run the same command again to resume")
     if use_ray:
@@ -487,7 +512,8 @@ def prune(src: str, dst: str, plan_out: str | None, verbose: bool, **kw: Any) ->
 
 def _plan_and_run(src: str, dst: str, plan_out: str | None, verbose: bool, soft: bool, kw: dict[str, Any]) -> None:
     run_keys = ("buffer_mib", "force", "no_zero_copy", "drop_cache", "dst_options", "use_ray", "address",
-                "ray_workers", "ray_timeout", "ray_pending_timeout", "part_mib", "quiet", "as_json")
+                "ray_workers", "ray_timeout", "ray_pending_timeout", "part_mib", "quiet", "as_json",
+                "max_inflight_mib", "max_inflight_requests", "max_gap_kib", "jobs")
     run_kw = {k: kw.pop(k) for k in run_keys}
     p, n_exp = make_plan(src, soft=soft, **kw)
     if plan_out:

@@ -115,7 +115,9 @@ def test_out_of_memory_is_an_error_not_a_bug(tmp_path, made):
     def small_address_space() -> None:  # room for Python and the tool, not for a 1 GiB buffer
         resource.setrlimit(resource.RLIMIT_AS, (900 << 20, 900 << 20))
 
-    args = [sys.executable, "-m", "rewriter.cli", "run", str(made["plan"]), "--out", str(tmp_path / "d"), "--quiet"]
+    # Buffered: the zero-copy path holds no buffer of --buffer-mib.
+    args = [sys.executable, "-m", "rewriter.cli", "run", str(made["plan"]), "--out", str(tmp_path / "d"), "--quiet",
+            "--no-zero-copy"]
     big = subprocess.run([*args, "--buffer-mib", "1024"], capture_output=True, text=True, timeout=120,
                          preexec_fn=small_address_space)
     assert big.returncode == 2, big.stderr

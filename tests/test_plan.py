@@ -97,7 +97,7 @@ def test_plan_refused_against_changed_source(fresh_tiny):
 
 def test_cost_totals_equal_plan_sums(tiny):
     p = _plan(Checkpoint.open(str(tiny)), max_shard_bytes=60_000)
-    r = estimate(p, workers=2, read_bytes_per_s=1e8, write_bytes_per_s=5e7, buffer_bytes=4096)
+    r = estimate(p, workers=2, read_bytes_per_s=1e8, write_bytes_per_s=5e7, buffer_bytes=4096, max_gap=0)
     segs = [s for o in p.outputs for t in o.tensors for s in t.segments]
     assert r.bytes_read == sum(s.length for s in segs) == sum(lc.bytes_read for lc in r.layers)
     assert r.bytes_written == sum(o.size for o in p.outputs)
@@ -165,7 +165,8 @@ def test_planning_sparse_120b_reads_only_headers(tmp_path):
     assert cost["bytes_read"] == c.total_size - expert_bytes
     text = cli("plan", tmp_path, "--saliency", tmp_path / "s.json", "--keep-frac", "0.5", "--workers", "4",
                "--read-mbps", "500", "--write-mbps", "400")
-    assert "estimate:" in text and "4 worker(s) at 500 MB/s read, 400 MB/s write" in text
+    assert "estimate:" in text and "4 worker(s) at 500 MB/s read per request" in text
+    assert "400 MB/s write per worker" in text
     assert "\n18  " in text
 
 

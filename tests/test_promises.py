@@ -140,6 +140,26 @@ def test_killed_prune_resumes_with_the_same_command(small, tmp_path, command):
     assert source_digest(src) == before
 
 
+def test_prune_with_several_jobs_killed_resumes_byte_identical(small, tmp_path):
+    """Several shards in flight when killed: the journal vouches only for whole shards."""
+    src, sal = small
+    rewriter(*prune_args(src, sal, tmp_path / "ref"), "--jobs", "1")
+    expected = tree_digest(tmp_path / "ref")
+    moments = {
+        "two parts": lambda d: len(list((d / ".rewriter" / "tmp").glob("*.part"))) >= 2,
+        "after a shard": lambda d: journal_shards(d) >= 1,
+    }
+    killed = 0
+    for label, ready in moments.items():
+        dst = tmp_path / label.replace(" ", "-")
+        args = [*prune_args(src, sal, dst), "--jobs", "4"]
+        status = kill_when([*args, "--no-zero-copy", "--buffer-mib", "1"], lambda r=ready, d=dst: r(d))
+        killed += status == -signal.SIGKILL
+        rewriter(*args)
+        assert_complete(dst, expected)
+    assert killed >= 1, "the runs finished before they could be killed"
+
+
 @pytest.mark.slow
 def test_prune_killed_at_20_random_moments_resumes_byte_identical(small, tmp_path):
     src, sal = small

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import threading
@@ -277,6 +278,23 @@ def test_actors_stay_within_the_memory_they_declare(ray_cluster, s3, medium_plan
             print(f"{url.split(':')[0]} part {part_bytes >> 20} MiB: actor peak RSS {peak / 2**20:.0f} MiB, "
                   f"declared {declared / 2**20:.0f} MiB")
             assert 0 < peak < declared
+    # A remote source: actors keep requests in flight, within the budget they declare for them.
+    from rewriter.exec.copy import IOOptions
+
+    src, _, _ = medium_plan
+    s3.make_bucket("memory-src")
+    s3.upload_dir(src, "s3://memory-src/src")
+    synthetic_saliency(4, 32, 4, seed=3).save(tmp_path / "s.json")
+    cli("plan", "s3://memory-src/src", "--storage-options", json.dumps(s3.options), "--saliency", tmp_path / "s.json",
+        "--keep-frac", "0.5",
+        "--max-shard-size", "12MB", "--out", tmp_path / "remote.json")
+    remote = Plan.load(str(tmp_path / "remote.json"))
+    io = IOOptions(inflight_bytes=64 << 20)
+    result = execute_on_ray(remote, str(tmp_path / "from-s3"), workers=2, src_options=s3.options, io=io)
+    peak = max(s.peak_rss_bytes for s in result.shards)
+    declared = actor_memory_bytes(open_destination(str(tmp_path / "from-s3")), 16 << 20, 16 << 20, io, src_local=False)
+    print(f"s3 source: actor peak RSS {peak / 2**20:.0f} MiB, declared {declared / 2**20:.0f} MiB")
+    assert 0 < peak < declared
 
 
 @pytest.mark.s3

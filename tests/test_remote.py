@@ -7,8 +7,10 @@ import json
 
 import pytest
 
+from planners.cost import estimate
 from planners.plan import Plan
 from rewriter.core.checkpoint import Checkpoint
+from rewriter.exec.copy import IOOptions
 from rewriter.exec.executor import execute
 from rewriter.exec.verify import verify
 from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
@@ -37,9 +39,11 @@ def test_s3_source_fetches_only_headers_and_kept_ranges(s3, s3_source, tmp_path)
     written = sum(o.size for o in plan.outputs)
     c = Checkpoint.open(url, s3.options)  # headers, config and index of a fresh open
     small_files = c.storage.counter.bytes
-    # Bytes fetched by the rewrite: tensor data exactly, then the small files copied.
-    assert result.bytes_read == plan.total_size
-    assert result.bytes_read <= written
+    # Bytes fetched by the rewrite: tensor data and the gaps merged into its requests, exactly as
+    # the plan's cost report counts them; then the small files copied.
+    cost = estimate(plan, buffer_bytes=1 << 20)
+    assert result.bytes_read == plan.total_size + cost.over_read_bytes
+    assert result.bytes_read <= 1.06 * written
     headers = sum(8 + s.header_len for s in c.shards.values())
     assert headers < small_files
     # Same bytes as a rewrite from the local copy.
@@ -50,8 +54,10 @@ def test_s3_source_fetches_only_headers_and_kept_ranges(s3, s3_source, tmp_path)
     assert verify(url, str(tmp_path / "dst"), src_options=s3.options).ok
 
 
-def test_s3_source_counts_every_byte_fetched(s3, s3_source, tmp_path):
-    """Count at the storage layer across the whole job: open, plan, run."""
+@pytest.mark.parametrize("max_gap", [0, 64 << 10])
+def test_s3_source_counts_every_byte_fetched(s3, s3_source, tmp_path, max_gap):
+    """Count at the storage layer across the whole job: open, plan, run; with and without
+    neighbouring ranges merged into one request."""
     from planners.plan import build_plan
     from planners.policies import Domain, KeepPolicy, select_keep
     from rewriter.core.storage import Storage
@@ -66,14 +72,19 @@ def test_s3_source_counts_every_byte_fetched(s3, s3_source, tmp_path):
     plan = build_plan(c, decision)
     dst = open_destination(str(tmp_path / "d"))
     (tmp_path / "d").mkdir()
+    requests = storage.counter.requests
     for out in plan.outputs:
-        write_output_shard(out, storage, dst, buffer_bytes=1 << 20)
+        write_output_shard(out, storage, dst, buffer_bytes=1 << 20, io=IOOptions(max_gap=max_gap))
     fetched = storage.counter.bytes - opened
     written = sum(o.size for o in plan.outputs)
-    headers = sum(8 + s.header_len for s in c.shards.values())
-    assert fetched == plan.total_size
-    assert fetched + headers <= written + headers
-    assert fetched / written <= 1.0
+    cost = estimate(plan, buffer_bytes=1 << 20, max_gap=max_gap)
+    assert fetched == plan.total_size + cost.over_read_bytes
+    assert storage.counter.requests - requests == cost.range_requests
+    if max_gap == 0:
+        assert cost.over_read_bytes == 0 and fetched <= written
+    else:  # biases and small scales of kept experts merged: fewer requests, a few bytes more
+        assert 0 < cost.over_read_bytes and fetched <= 1.06 * written
+        assert cost.range_requests < estimate(plan, buffer_bytes=1 << 20, max_gap=0).range_requests
 
 
 def test_s3_destination_whole_objects(s3, tiny, tmp_path):

@@ -219,11 +219,22 @@ class Storage:
         return f"{self.url.rstrip('/')}/{name}"
 
 
+#: Connections an S3 client may open (botocore's default is 10): the copy keeps up to
+#: ``--max-inflight-requests`` ranged GETs in flight. A ``config_kwargs`` option given wins.
+S3_POOL_CONNECTIONS = 64
+
+
+def _with_connection_pool(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    if url.split("://", 1)[0] in ("s3", "s3a") and "max_pool_connections" not in options.get("config_kwargs", {}):
+        options["config_kwargs"] = {**options.get("config_kwargs", {}), "max_pool_connections": S3_POOL_CONNECTIONS}
+    return options
+
+
 def _open_fs(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
     """fsspec's filesystem for ``url``; a protocol without its package, an unknown protocol or a
     store that cannot be reached while connecting is one error naming the URL."""
     try:
-        return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+        return fsspec.core.url_to_fs(url, **_with_connection_pool(url, dict(storage_options or {})))
     except ImportError as e:
         raise RewriterError(f"{url}: this kind of storage needs a package that is not installed ({e})") from None
     except ValueError as e:

@@ -1,46 +1,63 @@
 """Moving byte ranges from source shards to an output with bounded memory.
 
-Two paths:
+Two paths, each with several requests in flight (:class:`IOOptions`):
 
-* **zero-copy** (source and destination local): ``os.copy_file_range`` in a loop; the data never
-  enters this process. A kernel that refuses (EXDEV, EOPNOTSUPP, ENOSYS, EINVAL, EBADF) switches
-  the rest of the run to the buffered path.
-* **buffered** (anything else): ranged reads of at most ``buffer_bytes`` into one reused
-  buffer, written sequentially.
+* **zero-copy** (source and destination local): positioned ``os.copy_file_range`` of each piece
+  (at most 32 MiB) straight to its offset in the output, ``segment_threads`` at once; the data
+  never enters this process, and the output's hash follows the contiguous prefix written. A
+  kernel that refuses (EXDEV, EOPNOTSUPP, ENOSYS, EINVAL, EBADF) gets that piece copied through a
+  buffer and switches the rest of the run to the buffered path.
+* **buffered** (anything else): the ranges become requests (:func:`planners.reads.plan_reads`:
+  large ones split, near neighbours merged up to ``max_gap``), fetched by a few threads with at
+  most ``inflight_requests`` requests and ``inflight_bytes`` bytes in flight, and written in
+  order while the next ones are read. Local sources read into a small ring of buffers.
+
+``inflight_bytes=0`` selects the sequential path of earlier versions: one request (or one
+``copy_file_range``) at a time, at most ``buffer_bytes`` each.
 
 Outputs (:mod:`rewriter.exec.outputs`) hash what they are given as it is written.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from planners.plan import Segment
-from rewriter.core.errors import CheckpointError, DestinationFullError, ExecutionError
+from rewriter.core.errors import CheckpointError, ExecutionError
 from rewriter.core.storage import Storage
+from rewriter.exec.copy_paths import (  # IOOptions, CopyStats re-exported
+    COPY_CHUNK,
+    ZERO_COPY_REFUSALS,
+    CopyStats,
+    IOOptions,
+    copy_positioned,
+    copy_windowed,
+)
+from rewriter.exec.fileio import (  # re-exported: the write paths import them from here
+    OUTPUT_MODE,
+    fsync_dir,
+    pwrite_all,
+    sha256_fd,
+    write_errors_are_clear,
+)
+from rewriter.exec.streams import InFlight
+
+__all__ = ["CopyStats", "OUTPUT_MODE", "fsync_dir", "pwrite_all", "sha256_fd", "write_errors_are_clear", "IOOptions",
+           "RangeCopier", "copy_segments"]
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
-_ZERO_COPY_REFUSALS = {errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF}
-_COPY_CHUNK = 64 << 20
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-_UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR)
-#: Mode of every output file (before the umask): readable by all, like files ``cp`` makes.
-OUTPUT_MODE = 0o644
 DEFAULT_BUFFER_BYTES = 16 << 20
 #: How far ahead of the copy the source ranges are requested (page cache, not process memory),
 #: in pieces of at most PREFETCH_PIECE.
 PREFETCH_WINDOW = 128 << 20
 PREFETCH_PIECE = 32 << 20
+MiB = 1 << 20
 
 
 class Output(Protocol):
@@ -60,71 +77,20 @@ class Output(Protocol):
     def abort(self) -> None: ...
 
 
-@dataclass
-class CopyStats:
-    bytes_read: int = 0
-    read_seconds: float = 0.0
-    write_seconds: float = 0.0
-    copy_seconds: float = 0.0
-    zero_copy_bytes: int = 0
-
-
-@contextlib.contextmanager
-def write_errors_are_clear(where: str) -> Iterator[None]:
-    """Turn "no space", "quota", "read-only" and "permission denied" OS errors inside the block
-    into an ExecutionError that names ``where`` and says what to do."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno in _DISK_FULL:
-            raise DestinationFullError(where, e.strerror or "disk full") from None
-        if e.errno in _UNWRITABLE:
-            raise ExecutionError(
-                f"{where}: cannot write to the destination ({e.strerror}); choose a destination "
-                f"folder this user can write"
-            ) from None
-        raise
-
-
-def pwrite_all(fd: int, data: bytes | memoryview, pos: int, where: str) -> int:
-    """Write all of ``data`` at ``pos`` (short writes happen); returns the position after it."""
-    view = memoryview(data)
-    with write_errors_are_clear(where):
-        while view:
-            n = os.pwrite(fd, view, pos)
-            view = view[n:]
-            pos += n
-    return pos
-
-
-def sha256_fd(fd: int, buffer_bytes: int) -> str:
-    """sha256 of an open file, read with positioned reads into one bounded buffer."""
-    h = hashlib.sha256()
-    view = memoryview(bytearray(buffer_bytes))
-    pos = 0
-    while n := os.preadv(fd, [view], pos):
-        h.update(view[:n])
-        pos += n
-    return h.hexdigest()
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class RangeCopier:
     """Copies source byte ranges into an output, choosing zero-copy when both ends are local."""
 
-    def __init__(self, src: Storage, buffer_bytes: int, stats: CopyStats, progress: Progress | None, zero_copy: bool = True):
+    def __init__(self, src: Storage, buffer_bytes: int, stats: CopyStats, progress: Progress | None,
+                 zero_copy: bool = True, io: IOOptions | None = None):
         self.src = src
-        self.buffer = bytearray(buffer_bytes)
+        self.buffer_bytes = buffer_bytes
+        self.io = io or IOOptions()
+        # The sequential path's one buffer; the concurrent paths allocate their own per shard.
+        self.buffer = bytearray(buffer_bytes if self.io.sequential else 0)
         self.stats = stats
         self.progress = progress
         self.zero_copy = zero_copy and src.is_local
+        self.counts = InFlight()  # of the last concurrent copy (tests read its maxima)
 
     def close(self) -> None:
         self.src.close()
@@ -140,7 +106,7 @@ class RangeCopier:
         if done < length:
             self._copy_buffered(shard, offset + done, length - done, out)
 
-    def _short(self, shard: str, offset: int) -> ExecutionError:
+    def short(self, shard: str, offset: int) -> ExecutionError:
         return ExecutionError(
             f"{self.src.describe(shard)}: ends at byte {offset:,}, before the planned range; "
             f"the file is truncated or changed since planning"
@@ -151,19 +117,19 @@ class RangeCopier:
         fd = self.src.fd(shard)
         done = 0
         while done < length:
-            chunk = min(_COPY_CHUNK, length - done)
+            chunk = min(COPY_CHUNK, length - done)
             t = time.perf_counter()
             try:
                 with write_errors_are_clear(where):
                     n = os.copy_file_range(fd, dst_fd, chunk, offset + done, out.pos)
             except OSError as e:
-                if e.errno not in _ZERO_COPY_REFUSALS:
+                if e.errno not in ZERO_COPY_REFUSALS:
                     raise
                 self.zero_copy = False
                 return done
             self.stats.copy_seconds += time.perf_counter() - t
             if n == 0:
-                raise self._short(shard, offset + done)
+                raise self.short(shard, offset + done)
             done += n
             out.copied(n)
             self.stats.bytes_read += n
@@ -193,7 +159,17 @@ class RangeCopier:
 
 
 def copy_segments(copier: RangeCopier, ops: Sequence[Segment], sink: Output) -> None:
-    """Copy ops in order, keeping about PREFETCH_WINDOW bytes of upcoming source ranges requested."""
+    """Copy ops in order into ``sink`` by the path :class:`IOOptions` chooses."""
+    if copier.io.sequential:
+        _copy_sequential(copier, ops, sink)
+    elif copier.zero_copy and sink.zero_copy_capable:
+        copy_positioned(copier, ops, sink)
+    else:
+        copy_windowed(copier, ops, sink)
+
+
+def _copy_sequential(copier: RangeCopier, ops: Sequence[Segment], sink: Output) -> None:
+    """One range at a time, keeping about PREFETCH_WINDOW bytes of upcoming ranges requested."""
     pieces: list[Segment] = []
     for op in ops:
         if op.data is not None or op.length <= PREFETCH_PIECE:
@@ -217,3 +193,5 @@ def copy_segments(copier: RangeCopier, ops: Sequence[Segment], sink: Output) -> 
             sink.write(piece.data)
         else:
             copier.copy(piece.shard, piece.offset, piece.length, sink)
+
+

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -33,8 +34,16 @@ from planners.plan import PROVENANCE_NAME, OutputShard, Plan
 from rewriter.core.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
 from rewriter.core.errors import DestinationFullError, ExecutionError, PlanError
 from rewriter.core.storage import Storage
-from rewriter.exec.copy import DEFAULT_BUFFER_BYTES, CopyStats, Progress, RangeCopier, copy_segments
+from rewriter.exec.copy import (
+    DEFAULT_BUFFER_BYTES,
+    CopyStats,
+    IOOptions,
+    Progress,
+    RangeCopier,
+    copy_segments,
+)
 from rewriter.exec.destination import Destination, open_destination
+from rewriter.exec.jobs import default_jobs, locked, run_jobs
 from rewriter.exec.journal import (
     ShardResult,
     check_destination,
@@ -98,6 +107,7 @@ def write_output_shard(
     progress: Progress | None = None,
     zero_copy: bool = True,
     drop_cache: bool = False,
+    io: IOOptions | None = None,
 ) -> ShardResult:
     """Write one output shard: header, then its segments in order; publish it atomically.
 
@@ -106,7 +116,7 @@ def write_output_shard(
     """
     t0 = time.perf_counter()
     stats = CopyStats()
-    copier = RangeCopier(src, buffer_bytes, stats, progress, zero_copy=zero_copy and dst.zero_copy)
+    copier = RangeCopier(src, buffer_bytes, stats, progress, zero_copy=zero_copy and dst.zero_copy, io=io)
     sink = dst.create_output(out.name, buffer_bytes, hash_trailing=copier.zero_copy)
     try:
         sink.write(out.header)
@@ -165,6 +175,8 @@ class RunOptions:
     runner: ShardRunner | None = None
     on_start: Callable[[int], None] | None = None
     observer: RunObserver | None = None
+    io: IOOptions = IOOptions()
+    src_options: Mapping[str, Any] | None = None
 
 
 def execute(
@@ -182,6 +194,7 @@ def execute(
     runner: ShardRunner | None = None,
     on_start: Callable[[int], None] | None = None,
     observer: RunObserver | None = None,
+    io: IOOptions | None = None,
 ) -> RunResult:
     """Carry out ``plan`` into ``dst_url``.
 
@@ -198,6 +211,7 @@ def execute(
             one); by default they run here, one after another.
         on_start: called with the bytes still to write once the journal has been checked.
         observer: told when the run starts writing, of each shard and of a failure (:mod:`.runstatus`).
+        io: requests in flight per shard, and output shards at once (``jobs``) for a run here.
 
     Raises:
         PlanError: the source changed since planning; a non-uniform plan without permission.
@@ -209,7 +223,8 @@ def execute(
             "this plan keeps different expert counts per layer, which stock transformers cannot "
             "load; pass --allow-nonuniform to write it anyway"
         )
-    opts = RunOptions(buffer_bytes, progress, force, zero_copy, drop_cache, runner, on_start, observer)
+    opts = RunOptions(buffer_bytes, progress, force, zero_copy, drop_cache, runner, on_start, observer,
+                      io or IOOptions(), src_options)
     src = Storage(plan.source_url, src_options)
     dst = open_destination(dst_url, dst_options)
     try:
@@ -226,6 +241,24 @@ def execute(
                 raise
     finally:
         src.close()
+
+
+def run_here(todo: list[OutputShard], src: Storage, dst: Destination, opts: RunOptions,
+             record: Callable[[ShardResult], None]) -> None:
+    """Write ``todo`` in this process, ``opts.io.jobs`` shards at once (each thread its own source
+    descriptors); results are recorded by this thread."""
+    jobs = opts.io.jobs or default_jobs(len(todo), src, dst)
+    progress = opts.progress if jobs <= 1 else locked(opts.progress)
+    per_thread = threading.local()
+
+    def write(out: OutputShard) -> ShardResult:
+        s = src if jobs <= 1 else getattr(per_thread, "src", None)
+        if s is None:
+            s = per_thread.src = Storage(src.url, opts.src_options)
+        return write_output_shard(out, s, dst, buffer_bytes=opts.buffer_bytes, progress=progress,
+                                  zero_copy=opts.zero_copy, drop_cache=opts.drop_cache, io=opts.io)
+
+    run_jobs(todo, write, jobs, record)
 
 
 def _what_is_kept(e: DestinationFullError, plan: Plan, dst: Destination, finished: int) -> DestinationFullError:
@@ -267,9 +300,7 @@ def _execute_locked(plan: Plan, src: Storage, dst: Destination, lock: Destinatio
 
     try:
         if opts.runner is None:
-            for out in todo:
-                record(write_output_shard(out, src, dst, buffer_bytes=opts.buffer_bytes, progress=opts.progress,
-                                          zero_copy=opts.zero_copy, drop_cache=opts.drop_cache))
+            run_here(todo, src, dst, opts, record)
         else:
             opts.runner(todo, record)
         finalize(plan, src, dst, result.shards, opts.buffer_bytes)

@@ -14,7 +14,14 @@ from typing import Any
 
 from planners.plan import OutputShard, Segment
 from rewriter.core.storage import Storage
-from rewriter.exec.copy import DEFAULT_BUFFER_BYTES, CopyStats, Progress, RangeCopier, copy_segments
+from rewriter.exec.copy import (
+    DEFAULT_BUFFER_BYTES,
+    CopyStats,
+    IOOptions,
+    Progress,
+    RangeCopier,
+    copy_segments,
+)
 from rewriter.exec.destination import Destination
 
 
@@ -69,6 +76,7 @@ def split_parts(out: OutputShard, part_bytes: int) -> list[Part]:
 def write_part(
     part: Part, handle: str, src: Storage, dst: Destination, *, upload_part_bytes: int,
     buffer_bytes: int = DEFAULT_BUFFER_BYTES, progress: Progress | None = None, zero_copy: bool = True,
+    io: IOOptions | None = None,
 ) -> dict[str, Any]:
     """Write one part of the shard begun as ``handle``, hashing it as it is written. Idempotent:
     a retry writes the same bytes to the same places (or sends the same upload part numbers).
@@ -84,7 +92,7 @@ def write_part(
             progress(part.length)
         return {**entry, "sha256": part.expect_sha256, "uploaded": [], "resumed": True, "stats": asdict(CopyStats())}
     stats = CopyStats()
-    copier = RangeCopier(src, buffer_bytes, stats, progress, zero_copy=zero_copy and dst.zero_copy)
+    copier = RangeCopier(src, buffer_bytes, stats, progress, zero_copy=zero_copy and dst.zero_copy, io=io)
     sink = dst.part_output(part.shard, handle, part.start, upload_part_bytes)
     try:
         copy_segments(copier, part.ops, sink)

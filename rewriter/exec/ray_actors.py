@@ -20,6 +20,8 @@ import ray
 
 from planners.plan import OutputShard
 from rewriter.core.storage import Storage
+from rewriter.exec.copy import IOOptions
+from rewriter.exec.copy_paths import LOCAL_RING
 from rewriter.exec.destination import Destination, open_destination
 from rewriter.exec.executor import peak_rss_bytes, write_output_shard
 from rewriter.exec.lock import STATE_DIR
@@ -27,20 +29,31 @@ from rewriter.exec.parts import Part, write_part
 
 #: Where the driver and every actor leave the files that prove they see one destination.
 PROBE_DIR = f"{STATE_DIR}/probe"
-#: Resident memory of an actor besides its copy buffer and upload part, from the peak RSS
-#: (``VmHWM``) of actors with a 16 MiB buffer: 138-154 MiB writing to a local folder, 164-178 MiB
-#: (5 MiB upload parts) and 192 MiB (64 MiB parts) to S3 through s3fs and boto; with a margin
-#: of about 30 %. ``test_actors_stay_within_the_memory_they_declare`` holds actors to it.
+#: Resident memory of an actor besides its copy buffers and upload part, from the peak RSS
+#: (``VmHWM``) of actors with 16 MiB buffers (a ring of four reading a local source): 98-154 MiB
+#: writing to a local folder, 278-288 MiB to S3 through s3fs and boto (5 MiB and 1 GiB parts,
+#: uploads overlapping reads), 130 MiB reading from S3 with 64 MiB in flight; with a margin.
+#: ``test_actors_stay_within_the_memory_they_declare`` holds actors to it.
 LOCAL_BASE_BYTES = 192 << 20
-REMOTE_BASE_BYTES = 224 << 20
+REMOTE_BASE_BYTES = 256 << 20
 
 
-def actor_memory_bytes(dst: Destination, buffer_bytes: int, upload_part_bytes: int) -> int:
-    """What a :class:`ShardWriter` declares to Ray: its base, the copy buffer, and on object stores
-    the upload part it fills and the block s3fs buffers for a whole shard."""
+def actor_memory_bytes(dst: Destination, buffer_bytes: int, upload_part_bytes: int, io: IOOptions | None = None,
+                       src_local: bool = True) -> int:
+    """What a :class:`ShardWriter` declares to Ray: its base; the copy buffers (a ring of
+    ``LOCAL_RING`` buffers reading a local source, the ``--max-inflight-mib`` budget plus one
+    request reading a remote one, one buffer on the sequential path); and on object stores the
+    upload part it fills and the block s3fs buffers for a whole shard."""
+    io = io or IOOptions()
+    if io.sequential:
+        data = buffer_bytes
+    elif src_local:
+        data = LOCAL_RING * buffer_bytes
+    else:
+        data = max(io.inflight_bytes, buffer_bytes) + buffer_bytes
     if dst.zero_copy:
-        return LOCAL_BASE_BYTES + buffer_bytes
-    return REMOTE_BASE_BYTES + buffer_bytes + max(upload_part_bytes, buffer_bytes, 5 << 20)
+        return LOCAL_BASE_BYTES + data
+    return REMOTE_BASE_BYTES + data + max(upload_part_bytes, buffer_bytes, 5 << 20)
 
 
 def node_of_this_process() -> dict[str, str]:
@@ -53,8 +66,9 @@ class ShardWriter:
     """A Ray actor that writes output shards and parts, one write at a time."""
 
     def __init__(self, src_url: str, src_options: Mapping[str, Any], dst_url: str, dst_options: Mapping[str, Any],
-                 buffer_bytes: int, zero_copy: bool, drop_cache: bool):
+                 buffer_bytes: int, zero_copy: bool, drop_cache: bool, io: IOOptions | None = None):
         self.src = Storage(src_url, src_options)
+        self.io = io or IOOptions()
         self.dst = open_destination(dst_url, dst_options)
         self.buffer_bytes = buffer_bytes
         self.zero_copy = zero_copy
@@ -91,7 +105,7 @@ class ShardWriter:
         self._done = 0
         t0 = time.perf_counter()
         r = write_output_shard(out, self.src, self.dst, buffer_bytes=self.buffer_bytes, progress=self._count,
-                               zero_copy=self.zero_copy, drop_cache=self.drop_cache)
+                               zero_copy=self.zero_copy, drop_cache=self.drop_cache, io=self.io)
         r.seconds = time.perf_counter() - t0
         r.peak_rss_bytes = peak_rss_bytes()
         return {"shard": asdict(r)}
@@ -99,5 +113,6 @@ class ShardWriter:
     def write_part(self, part: Part, handle: str, upload_part_bytes: int) -> dict[str, Any]:
         self._done = 0
         entry = write_part(part, handle, self.src, self.dst, upload_part_bytes=upload_part_bytes,
-                           buffer_bytes=self.buffer_bytes, progress=self._count, zero_copy=self.zero_copy)
+                           buffer_bytes=self.buffer_bytes, progress=self._count, zero_copy=self.zero_copy,
+                           io=self.io)
         return {"part": {**entry, "shard": part.shard, "index": part.index}, "rss": peak_rss_bytes()}

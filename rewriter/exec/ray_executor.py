@@ -21,7 +21,8 @@ import ray
 
 from planners.plan import OutputShard, Plan
 from rewriter.core.errors import ExecutionError
-from rewriter.exec.copy import DEFAULT_BUFFER_BYTES
+from rewriter.core.storage import Storage
+from rewriter.exec.copy import DEFAULT_BUFFER_BYTES, IOOptions
 from rewriter.exec.destination import open_destination
 from rewriter.exec.executor import RunResult, ShardResult, execute
 from rewriter.exec.journal import PartJournal
@@ -109,11 +110,14 @@ def execute_on_ray(
         raise ExecutionError(f"part size {part_bytes:,} bytes (--part-mib) must be at least 5 MiB and a multiple of "
                              f"{upload_part_bytes >> 20} MiB (the multipart-upload part size)")
     src_options, dst_options = dict(src_options or {}), dict(dst_options or {})
-    actor_args = (plan.source_url, src_options, dst_url, dst_options, buffer_bytes, zero_copy, drop_cache)
+    io = kwargs.get("io") or IOOptions()  # requests in flight per actor, as in a run here
+    actor_args = (plan.source_url, src_options, dst_url, dst_options, buffer_bytes, zero_copy, drop_cache, io)
 
     def runner(todo: list[OutputShard], record: Callable[[ShardResult], None]) -> None:
         dst = open_destination(dst_url, dst_options)
-        memory = actor_memory_bytes(dst, buffer_bytes, upload_part_bytes)
+        src = Storage(plan.source_url, src_options)
+        memory = actor_memory_bytes(dst, buffer_bytes, upload_part_bytes, io, src.is_local)
+        src.close()
         token = uuid.uuid4().hex
         dst.put_bytes(f"{PROBE_DIR}/{token}", token.encode())
         asm = Assemblies(plan, dst, PartJournal.load(dst, plan.digest), record, memory, drop_cache,

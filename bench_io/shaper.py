@@ -1,0 +1,173 @@
+"""A shaped object store: an HTTP proxy in front of the loopback S3 server that makes it behave
+like a distant one, and counts what it is asked for.
+
+Every request waits ``delay_s`` before it is forwarded (time to first byte), and each response
+body is sent at most ``conn_bytes_per_s`` per connection. The proxy counts requests, response
+body bytes, and the most requests and requested bytes (Range lengths) in flight at once (from
+the request's arrival to the end of its response), so tests can assert the client's limits.
+
+    proxy = ShapedProxy("http://127.0.0.1:PORT", delay_s=0.03, conn_bytes_per_s=100e6).start()
+    ... s3fs with endpoint_url=proxy.endpoint ...
+    proxy.stop()
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+_RANGE = re.compile(r"bytes=(\d+)-(\d+)$")
+_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade"}
+#: Body bytes sent per paced write.
+CHUNK = 256 << 10
+
+
+@dataclass
+class Counters:
+    requests: int = 0
+    get_requests: int = 0
+    ranged_gets: int = 0
+    body_bytes: int = 0
+    ranged_bytes: int = 0
+    in_flight: int = 0
+    bytes_in_flight: int = 0
+    max_in_flight: int = 0
+    max_bytes_in_flight: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ShapedProxy:
+    """See the module docstring. ``delay_s`` and ``conn_bytes_per_s`` may be changed between runs;
+    :meth:`reset` zeroes the counters."""
+
+    def __init__(self, upstream: str, delay_s: float = 0.03, conn_bytes_per_s: float = 100e6):
+        u = urlsplit(upstream)
+        self.upstream = (u.hostname or "127.0.0.1", u.port or 80)
+        self.delay_s = delay_s
+        self.conn_bytes_per_s = conn_bytes_per_s
+        self.counters = Counters()
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def endpoint(self) -> str:
+        assert self._server is not None
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def reset(self) -> Counters:
+        with self._lock:
+            old, self.counters = self.counters, Counters()
+        return old
+
+    def start(self) -> ShapedProxy:
+        proxy = self
+
+        class Handler(_Handler):
+            shaper = proxy
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="shaper", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def _begin(self, method: str, wanted: int) -> None:
+        with self._lock:
+            c = self.counters
+            c.requests += 1
+            c.get_requests += method == "GET"
+            c.ranged_gets += method == "GET" and wanted > 0
+            c.in_flight += 1
+            c.bytes_in_flight += wanted
+            c.max_in_flight = max(c.max_in_flight, c.in_flight)
+            c.max_bytes_in_flight = max(c.max_bytes_in_flight, c.bytes_in_flight)
+
+    def _end(self, wanted: int, sent: int) -> None:
+        with self._lock:
+            c = self.counters
+            c.in_flight -= 1
+            c.bytes_in_flight -= wanted
+            c.body_bytes += sent
+            c.ranged_bytes += sent if wanted else 0
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    shaper: ShapedProxy
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+    def _upstream(self) -> http.client.HTTPConnection:
+        conn = getattr(self, "_conn", None)
+        if conn is None:
+            conn = self._conn = http.client.HTTPConnection(*self.shaper.upstream, timeout=300)
+        return conn
+
+    def _forward(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        m = _RANGE.match(self.headers.get("Range", ""))
+        wanted = int(m.group(2)) - int(m.group(1)) + 1 if m and self.command == "GET" else 0
+        self.shaper._begin(self.command, wanted)
+        sent = 0
+        try:
+            time.sleep(self.shaper.delay_s)
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+            conn = self._upstream()
+            try:
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+            except (ConnectionError, http.client.HTTPException):
+                conn.close()
+                self._conn = None
+                conn = self._upstream()
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+            length = resp.getheader("Content-Length")
+            data = resp.read() if length is None or self.command == "HEAD" else None
+            self.send_response(resp.status, resp.reason)
+            for k, v in resp.getheaders():
+                if k.lower() not in _HOP and k.lower() != "content-length":
+                    self.send_header(k, v)
+            # A HEAD answer keeps the object's length (clients read the size from it).
+            self.send_header("Content-Length", length if length is not None and (data is None or self.command == "HEAD")
+                             else str(len(data or b"")))
+            self.end_headers()
+            if self.command != "HEAD":
+                sent = self._paced(resp, data)
+        finally:
+            self.shaper._end(wanted, sent)
+
+    def _paced(self, resp: http.client.HTTPResponse, data: bytes | None) -> int:
+        """Send the body (streamed from upstream as it arrives, or ``data``) at no more than the
+        connection's bandwidth."""
+        view = memoryview(data) if data is not None else None
+        t0 = time.perf_counter()
+        sent = 0
+        while True:
+            chunk = view[sent:sent + CHUNK] if view is not None else resp.read(CHUNK)
+            if not chunk:
+                return sent
+            self.wfile.write(chunk)
+            sent += len(chunk)
+            ahead = t0 + sent / self.shaper.conn_bytes_per_s - time.perf_counter()
+            if ahead > 0:
+                time.sleep(ahead)
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
