@@ -22,6 +22,7 @@ from typing import Any
 
 import psutil
 
+from bench_io.charts import pyplot, ratio_rows
 from planners import PlanOptions, plan_prune
 from planners.policies import KeepPolicy
 from rewriter.synth import Geometry, synthetic_saliency, write_checkpoint
@@ -378,20 +379,14 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{s['header_bytes_fetched']:,} header bytes fetched of a {s['source_bytes']:,}-byte source, "
         f"{s['bytes_written']:,} bytes written." if s else "S3-sourced rewrite: not run (s3fs or moto not installed).",
         "",
-        "| ratio | value |",
-        "|---|---:|",
+        *ratio_rows(doc["ratios"]),
     ]
-    lines += [f"| {k} | {v:.3f} |" for k, v in doc["ratios"].items()]
     return "\n".join(lines) + "\n"
 
 
 def chart(doc: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     rows = [r for r in doc["measurements"] if r["ok"]]
     labels = [f"{r['workload']}\n{r['contender']}" for r in rows]

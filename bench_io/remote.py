@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_io.bench import Measurement, _source, machine, measure
+from bench_io.charts import pyplot, ratio_rows
 from bench_io.s3server import start_s3
 from bench_io.shaper import ShapedProxy
 from planners import PlanOptions, plan_prune
@@ -176,18 +177,13 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| {r['contender']}{'' if r['ok'] else ' (failed)'} | {r['wall_s']:.2f} | {pred} | "
                      f"{r['bytes_fetched'] / 1e6:.0f} | {r['requests']} | {r['max_requests_in_flight']} | "
                      f"{r['max_bytes_in_flight'] / MiB:.0f} | {r['peak_rss_bytes'] / MiB:.0f} |")
-    lines += ["", "| ratio | value |", "|---|---:|"]
-    lines += [f"| {k} | {v:.3f} |" for k, v in doc["ratios"].items()]
+    lines += ["", *ratio_rows(doc["ratios"])]
     return "\n".join(lines) + "\n"
 
 
 def chart(doc: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     rows = [r for r in doc["rows"] if r["ok"]]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
