@@ -61,9 +61,9 @@ class Scale:
 
 
 SCALES = {
-    # 240 steps of 96 x 512 tokens (11.8 M tokens): a step of this model is bound by kernel
+    # 288 steps of 96 x 512 tokens (14.2 M tokens): a step of this model is bound by kernel
     # launches, not FLOPs, so fewer, larger steps train the same tokens sooner.
-    "full": Scale(ModelSize(), 4_000_000, 240, 512, 96, (0.5, 0.375, 0.25), ("union", *DOMAINS), 32768, 24),
+    "full": Scale(ModelSize(), 4_000_000, 288, 512, 96, (0.5, 0.375, 0.25), ("union", *DOMAINS), 32768, 24),
     "toy": Scale(ModelSize(layers=2, experts=8, top_k=2, hidden=64, intermediate=64, heads=2, kv_heads=1, head_dim=32),
                  60_000, 4, 64, 4, (0.5,), ("union",), 1024, 2, seeds=(0, 1), calib_seeds=(0, 1),
                  outlier_ranks=("eaft_reap",), arith_problems=24, code_problems=8, task_context=48, eval_batch=16),
