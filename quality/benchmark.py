@@ -14,9 +14,9 @@ seeds: means, 95 % t-intervals and paired differences.
 
 Everything runs through the project's own code: :func:`profiling.profile.profile` (saliency),
 :func:`planners.plan_prune` (planning), :func:`rewriter.exec.executor.execute` (the rewrite),
-:func:`quality.evaluate.evaluate` (perplexity and the gates) and :mod:`quality.tasks` (exact-match
-accuracy). ``random`` keeps a seeded random set of the same size per layer; ``+outliers`` rows
-plan with ``--keep-outliers``.
+:func:`quality.evaluate.evaluate` (perplexity and the gates) and :mod:`quality.tasks` (exact match
+of greedy generation and answer-byte accuracy). ``random`` keeps a seeded random set of the same
+size per layer; ``+outliers`` rows plan with ``--keep-outliers``.
 """
 
 from __future__ import annotations
