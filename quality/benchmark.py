@@ -14,9 +14,9 @@ seeds: means, 95 % t-intervals and paired differences.
 
 Everything runs through the project's own code: :func:`profiling.profile.profile` (saliency),
 :func:`planners.plan_prune` (planning), :func:`rewriter.exec.executor.execute` (the rewrite),
-:func:`quality.evaluate.evaluate` (perplexity and the gates) and :mod:`quality.tasks` (exact-match
-accuracy). ``random`` keeps a seeded random set of the same size per layer; ``+outliers`` rows
-plan with ``--keep-outliers``.
+:func:`quality.evaluate.evaluate` (perplexity and the gates) and :mod:`quality.tasks` (exact match
+of greedy generation and answer-byte accuracy). ``random`` keeps a seeded random set of the same
+size per layer; ``+outliers`` rows plan with ``--keep-outliers``.
 """
 
 from __future__ import annotations
@@ -54,16 +54,19 @@ class Scale:
     calib_seeds: tuple[int, ...] = (0, 1, 2)
     outlier_z: float = 2.5
     outlier_ranks: tuple[str, ...] = ("reap", "eaft_reap")
-    arith_problems: int = 256
-    code_problems: int = 128
-    task_context: int = 256
+    arith_problems: int = 768
+    code_problems: int = 512
+    task_context: int = 192
+    eval_batch: int = 256
 
 
 SCALES = {
-    "full": Scale(ModelSize(), 4_000_000, 800, 512, 32, (0.5, 0.375, 0.25), ("union", *DOMAINS), 32768, 24),
+    # 288 steps of 96 x 512 tokens (14.2 M tokens): a step of this model is bound by kernel
+    # launches, not FLOPs, so fewer, larger steps train the same tokens sooner.
+    "full": Scale(ModelSize(), 4_000_000, 288, 512, 96, (0.5, 0.375, 0.25), ("union", *DOMAINS), 32768, 24),
     "toy": Scale(ModelSize(layers=2, experts=8, top_k=2, hidden=64, intermediate=64, heads=2, kv_heads=1, head_dim=32),
                  60_000, 4, 64, 4, (0.5,), ("union",), 1024, 2, seeds=(0, 1), calib_seeds=(0, 1),
-                 outlier_ranks=("eaft_reap",), arith_problems=16, code_problems=8, task_context=48),
+                 outlier_ranks=("eaft_reap",), arith_problems=24, code_problems=8, task_context=48, eval_batch=16),
 }
 
 
@@ -101,7 +104,10 @@ def _stability_rows(sal: dict[str, tuple[Any, Any]], keeps: list[int]) -> list[d
 
 
 class _Evaluator:
-    """Rewrites plans into one scratch folder and scores each output against the base model."""
+    """Rewrites plans into one scratch folder and scores each output against the base model.
+
+    The pruned models of one keep count share a config: one model object per config is built
+    once and each rewrite's tensors are loaded into it, instead of building a model per plan."""
 
     def __init__(self, scale: Scale, model_dir: Path, corpora: Path, work: Path, device: str, log):
         from profiling.profile import load_model
@@ -111,12 +117,49 @@ class _Evaluator:
         self.packs = [str(corpora / f"{d}-eval.jsonl") for d in DOMAINS]
         self.tasks = build_tasks(corpora, scale.arith_problems, scale.code_problems, scale.task_context)
         self.base_model = load_model(str(model_dir), device)
-        self.base_tasks = score_tasks(self.base_model, self.tasks)
+        self.base_tasks = score_tasks(self.base_model, self.tasks, scale.eval_batch)
         self.cache: dict = {}
+        self.models: dict[str, Any] = {}
+        self.checked: set[str] = set()
+        self.reuse = True
         self.runs: list[dict[str, Any]] = []
 
-    def __call__(self, plan, label: dict[str, Any]) -> None:
+    def _load(self, path: Path):
+        """The model at ``path``, in the cached model object of its config when there is one. The
+        first reuse of each object is checked against a model built from the folder; a mismatch
+        turns the reuse off."""
+        import safetensors.torch
+        import torch
+
         from profiling.profile import load_model
+
+        key = (path / "config.json").read_text()
+        model = self.models.get(key)
+        if model is None:
+            model = load_model(str(path), self.device)
+            if self.reuse:
+                self.models[key] = model
+            return model
+        state: dict[str, Any] = {}
+        for f in sorted(path.glob("*.safetensors")):
+            state.update(safetensors.torch.load_file(str(f), device=str(self.device)))
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            self.log(f"  cannot reuse the pruned model object ({str(e).splitlines()[0]}); building each model")
+            self.reuse, self.models = False, {}
+            return load_model(str(path), self.device)
+        if key not in self.checked:
+            fresh = load_model(str(path), self.device).state_dict()
+            ours = model.state_dict()
+            if set(fresh) != set(ours) or not all(torch.equal(fresh[k], ours[k]) for k in fresh):
+                self.log("  the reused pruned model differs from one built from its folder; building each model")
+                self.reuse, self.models = False, {}
+                return load_model(str(path), self.device)
+            self.checked.add(key)
+        return model
+
+    def __call__(self, plan, label: dict[str, Any]) -> None:
         from quality.evaluate import evaluate
         from quality.tasks import score_tasks
         from rewriter.exec.executor import execute
@@ -124,21 +167,29 @@ class _Evaluator:
         dst = self.work / "pruned"
         shutil.rmtree(dst, ignore_errors=True)
         execute(plan, str(dst))
-        model = load_model(str(dst), self.device)
+        model = self._load(dst)
         res = evaluate(str(dst), self.packs, seq_lens=(self.scale.seq_len,), blocks=self.scale.eval_blocks,
                        compare=str(self.model_dir), device=self.device, model=model, base_model=self.base_model,
-                       base_cache=self.cache)
-        tasks = score_tasks(model, self.tasks)
-        del model
+                       base_cache=self.cache, batch_size=self.scale.eval_batch // 4)
+        tasks = score_tasks(model, self.tasks, self.scale.eval_batch)
         rows = {r["pack"].replace("-eval", ""): r for r in res["rows"]}
         self.runs.append({**label, "pass": res["pass"], "keep_sets": {str(k): list(v) for k, v in plan.keep.items()},
-                          "tasks": {k: v["accuracy"] for k, v in tasks.items()},
+                          **_task_fields(tasks),
                           "packs": {k: {"ppl": r["ppl"], "base_ppl": r["base"]["ppl"], "d_mean_p": r["check"]["d_mean_p"],
                                         "jsd": r["check"]["jsd"], "pass": r["check"]["pass"]} for k, r in rows.items()}})
+        run = self.runs[-1]
         self.log(f"  seed {label['seed']} calib {label['calib_seed']} {label['rank']:<18} keep {label['keep']:>2} "
                  f"calib {label['calibration']:<6} "
-                 + "  ".join(f"{k} {v['ppl']:.3f}" for k, v in self.runs[-1]["packs"].items())
-                 + "  " + "  ".join(f"{k} acc {v:.3f}" for k, v in self.runs[-1]["tasks"].items()))
+                 + "  ".join(f"{k} {v['ppl']:.3f}" for k, v in run["packs"].items())
+                 + "  " + "  ".join(f"{k} acc {v:.3f} byte {run['task_bytes'][k]:.3f}" for k, v in run["tasks"].items()))
+
+
+def _task_fields(tasks: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A run's task results: exact-match accuracy, answer-byte accuracy, and both per kind."""
+    return {"tasks": {k: v["accuracy"] for k, v in tasks.items()},
+            "task_bytes": {k: v["byte_accuracy"] for k, v in tasks.items()},
+            "task_kinds": {k: {kind: {"accuracy": s["accuracy"], "byte_accuracy": s["byte_accuracy"]}
+                               for kind, s in v["kinds"].items()} for k, v in tasks.items()}}
 
 
 def _profile_halves(scale: Scale, model_dir: Path, halves: dict[str, tuple[Path, Path]], out: Path,
@@ -203,7 +254,10 @@ def run_seed(scale: Scale, seed: int, corpora: Path, work: Path, device: str, lo
     ckpt = Checkpoint.open(str(model_dir))
     t = time.perf_counter()
     evaluate_plan = _Evaluator(scale, model_dir, corpora, work, device, log)
-    log(f"seed {seed}: base task accuracy " + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in evaluate_plan.base_tasks.items()))
+    log(f"seed {seed}: base task accuracy " + ", ".join(
+        f"{k} {v['accuracy']:.3f} (bytes {v['byte_accuracy']:.3f}; "
+        + " ".join(f"{kind} {s['accuracy']:.3f}" for kind, s in v["kinds"].items()) + ")"
+        for k, v in evaluate_plan.base_tasks.items()))
     seconds = {"train": training["train_seconds"], "profile": 0.0}
     stability_rows: list[dict[str, Any]] = []
     doc: dict[str, Any] = {}
@@ -219,8 +273,10 @@ def run_seed(scale: Scale, seed: int, corpora: Path, work: Path, device: str, lo
         seconds["prune_and_eval"] = time.perf_counter() - t - seconds["profile"]
         base_packs = {k: v["base_ppl"] for k, v in evaluate_plan.runs[0]["packs"].items()}
         doc = {"seed": seed, "training": training, "seconds": dict(seconds), "runs": evaluate_plan.runs,
-               "base": {"tasks": {k: v["accuracy"] for k, v in evaluate_plan.base_tasks.items()}, "ppl": base_packs},
+               "base": {**_task_fields(evaluate_plan.base_tasks), "ppl": base_packs},
                "task_problems": {k: v["problems"] for k, v in evaluate_plan.base_tasks.items()},
+               "task_kind_problems": {k: {kind: s["problems"] for kind, s in v["kinds"].items()}
+                                      for k, v in evaluate_plan.base_tasks.items()},
                "stability": stability_rows, "calib_seeds_done": [r for r in scale.calib_seeds if r <= c]}
         if on_draw:
             on_draw(doc)  # what is done so far survives a run stopped at its deadline

@@ -4,7 +4,8 @@ Corpora exist on any machine with Python, and their hashes and sizes are recorde
 
 * ``code``: the standard library's top-level ``*.py`` files, one document each;
 * ``prose``: the Python documentation topics shipped in ``pydoc_data.topics``;
-* ``arith``: generated arithmetic (``417+38=455``), seeded.
+* ``arith``: generated arithmetic (``47+38=85``, ``7*38=266``), seeded; the problems of the
+  calibration and evaluation splits never occur in training (:func:`arith_pools`).
 
 Documents are split by index: 8 of every 10 train, 1 calibrates (profiling), 1 evaluates, so
 calibration and evaluation never share text. Tokens are UTF-8 bytes (vocabulary 256, NUL as the
@@ -66,14 +67,49 @@ def _prose_docs(limit: int) -> list[str]:
     return docs
 
 
+#: Arithmetic problems: ``a+b`` and ``a-b`` with operands below 100, ``a*b`` with a one-digit ``a``
+#: (2..9) and a two-digit ``b``.
+ARITH_KINDS = ("+", "-", "*")
+#: Share of each kind's problems held out of training for calibration and, as many again, evaluation.
+ARITH_HELD_OUT = 0.15
+
+
+def _problems(kind: str) -> list[tuple[int, int]]:
+    if kind == "*":
+        return [(a, b) for a in range(2, 10) for b in range(10, 100)]
+    return [(a, b) for a in range(100) for b in range(100)]
+
+
+def arith_pools(seed: int = 0) -> dict[str, dict[str, list[tuple[int, int]]]]:
+    """Split -> kind -> its problems: each kind's problem set shuffled with ``seed`` and cut into
+    a calibration and an evaluation pool (``ARITH_HELD_OUT`` each) and the training rest, so no
+    calibration or evaluation problem is ever trained on."""
+    pools: dict[str, dict[str, list[tuple[int, int]]]] = {s: {} for s in SPLITS}
+    for kind in ARITH_KINDS:
+        probs = _problems(kind)
+        random.Random(f"{seed}{kind}").shuffle(probs)
+        n = round(ARITH_HELD_OUT * len(probs))
+        pools["calib"][kind], pools["eval"][kind], pools["train"][kind] = probs[:n], probs[n : 2 * n], probs[2 * n :]
+    return pools
+
+
+def _split_of(i: int) -> str:
+    return {8: "calib", 9: "eval"}.get(i % 10, "train")
+
+
 def _arith_docs(limit: int, seed: int = 0) -> list[str]:
+    """Documents of 24 problems each, kinds equally likely; document ``i`` draws from the pool of
+    the split it will land in (:func:`_split_of`)."""
     rng = random.Random(seed)
-    docs, size = [], 0
+    pools = arith_pools(seed)
+    docs: list[str] = []
+    size = 0
     while size < limit:
+        pool = pools[_split_of(len(docs))]
         lines = []
         for _ in range(24):
-            a, b = rng.randint(0, 999), rng.randint(0, 999)
-            op = rng.choice("+-*")
+            op = rng.choice(ARITH_KINDS)
+            a, b = rng.choice(pool[op])
             c = a + b if op == "+" else a - b if op == "-" else a * b
             lines.append(f"{a}{op}{b}={c}")
         docs.append("\n".join(lines) + "\n")
@@ -103,11 +139,11 @@ def build_corpora(out: Path, limit_bytes: int = 4_000_000) -> dict[str, Any]:
     """Write ``out/{domain}-{split}.jsonl`` and return each file's sha256 and size."""
     out.mkdir(parents=True, exist_ok=True)
     sources = {"code": _chunks(_code_docs(limit_bytes)), "prose": _chunks(_prose_docs(limit_bytes)),
-               "arith": _chunks(_arith_docs(limit_bytes))}
+               "arith": _arith_docs(limit_bytes)}  # short documents, split by index as generated
     record = {}
     for domain, docs in sources.items():
         for split in SPLITS:
-            chosen = [d for i, d in enumerate(docs) if {8: "calib", 9: "eval"}.get(i % 10, "train") == split]
+            chosen = [d for i, d in enumerate(docs) if _split_of(i) == split]
             path = out / f"{domain}-{split}.jsonl"
             path.write_text("".join(json.dumps({"text": d}) + "\n" for d in chosen))
             raw = path.read_bytes()
@@ -128,15 +164,18 @@ def train(
     corpora: Path, out: Path, *, size: ModelSize = ModelSize(), steps: int = 3000, seq_len: int = 512,
     batch_size: int = 32, lr: float = 2e-3, seed: int = 0, device: str = "cuda", log=print,
 ) -> dict[str, Any]:
-    """Train the reference gpt-oss MoE on the three training splits (equal mixture); save it."""
+    """Train the reference gpt-oss MoE on the three training splits (equal mixture); save it.
+
+    The seed fixes the initialization and the batches; on CUDA the kernels are left free to
+    choose their (faster, non-deterministic) algorithms, so two runs of one seed agree closely,
+    not bit for bit. The loss is read back only when logged, so the host queues steps ahead of
+    the GPU."""
     import torch
     from transformers import GptOssConfig, GptOssForCausalLM
 
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
     cfg = GptOssConfig(
         vocab_size=256, hidden_size=size.hidden, intermediate_size=size.intermediate,
         num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
@@ -148,7 +187,8 @@ def train(
     model = GptOssForCausalLM(cfg).to(device)
     streams = {d: _stream(corpora / f"{d}-train.jsonl") for d in DOMAINS}
     rng = np.random.default_rng(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    use_amp = device.startswith("cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=use_amp or None)
     warmup = max(1, steps // 20)
 
     def lr_at(step: int) -> float:
@@ -156,9 +196,8 @@ def train(
             return lr * (step + 1) / warmup
         return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
-    use_amp = device.startswith("cuda")
     t0 = time.perf_counter()
-    losses = []
+    losses: list[Any] = []  # loss tensors: reading each one would wait for the GPU every step
     model.train()
     for step in range(steps):
         batch = []
@@ -185,14 +224,15 @@ def train(
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(loss.item())
-        if step % max(1, steps // 20) == 0 or step == steps - 1:
-            log(f"  train step {step:5d}/{steps}  loss {np.mean(losses[-50:]):.4f}  {time.perf_counter() - t0:6.1f} s")
+        losses.append(loss.detach())
+        if step % max(1, steps // 10) == 0 or step == steps - 1:
+            recent = torch.stack(losses[-50:]).float().mean().item()
+            log(f"  train step {step:5d}/{steps}  loss {recent:.4f}  {time.perf_counter() - t0:6.1f} s")
     seconds = time.perf_counter() - t0
     model.config.output_router_logits = False
     model.eval().to(torch.bfloat16).save_pretrained(str(out))
     info = {"size": asdict(size), "steps": steps, "seq_len": seq_len, "batch_size": batch_size, "lr": lr,
-            "seed": seed, "device": device, "train_seconds": seconds, "final_loss": float(np.mean(losses[-50:])),
+            "seed": seed, "device": device, "train_seconds": seconds, "final_loss": torch.stack(losses[-50:]).float().mean().item(),
             "params": sum(p.numel() for p in model.parameters())}
     (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
     return info

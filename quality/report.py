@@ -7,7 +7,8 @@ interval (``t(0.975, n-1) x sd / sqrt(n)``, ``n`` training seeds). Differences b
 rankings are paired (same model, same calibration halves, same problems): the interval of the
 per-seed differences that excludes 0 marks a difference outside the noise.
 
-Task recovery is the pruned model's accuracy over its own base model's accuracy.
+Task recovery is the pruned model's exact-match accuracy over its own base model's accuracy;
+``byte`` is the teacher-forced accuracy of the answer's bytes (:mod:`quality.tasks`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
          2.045, 2.042)
 PACKS = ("code", "prose", "arith", "union")
 TASKS = ("arith", "code")
+#: The metrics whose paired differences are reported.
+METRICS = ("ppl_union", "acc_arith", "byte_arith", "acc_code", "byte_code")
 
 
 def t_interval(values: list[float]) -> tuple[float, float]:
@@ -44,6 +47,8 @@ def _metrics(run: dict[str, Any], base_tasks: dict[str, float]) -> dict[str, flo
     for t in TASKS:
         m[f"acc_{t}"] = run["tasks"][t]
         m[f"rec_{t}"] = run["tasks"][t] / base_tasks[t] if base_tasks[t] > 0 else math.nan
+        if "task_bytes" in run:
+            m[f"byte_{t}"] = run["task_bytes"][t]
     return m
 
 
@@ -78,6 +83,8 @@ def paired(doc: dict[str, Any], a: tuple[str, int, str], b: tuple[str, int, str]
     if a not in seeds or b not in seeds:
         return None
     common = sorted(set(seeds[a]) & set(seeds[b]))
+    if not common or metric not in seeds[a][common[0]]:
+        return None
     return t_interval([seeds[a][s][metric] - seeds[b][s][metric] for s in common])
 
 
@@ -93,7 +100,7 @@ def comparisons(doc: dict[str, Any]) -> list[dict[str, Any]]:
         pairs += [((f"{x}+outliers", n, "union"), (x, n, "union")) for x in ("reap", "eaft_reap")]
     out = []
     for a, b in pairs:
-        for metric in ("ppl_union", "acc_arith", "acc_code"):
+        for metric in METRICS:
             r = paired(doc, a, b, metric)
             if r is None:
                 continue
@@ -140,6 +147,7 @@ def markdown(doc: dict[str, Any]) -> str:
     st = doc["scale_settings"]
     base = {p: t_interval([sd["base"]["ppl"][p] for sd in doc["seeds"]]) for p in PACKS}
     base_acc = {t: t_interval([sd["base"]["tasks"][t] for sd in doc["seeds"]]) for t in TASKS}
+    has_bytes = all("task_bytes" in sd["base"] for sd in doc["seeds"])
     train_s = [sd["seconds"]["train"] for sd in doc["seeds"]]
     draws = ", ".join(f"seed {sd['seed']}: {len(sd['calib_seeds_done'])}" for sd in doc["seeds"])
     lines = [
@@ -161,27 +169,34 @@ def markdown(doc: dict[str, Any]) -> str:
         f"({draws}). "
         f"Perplexity on {st['eval_blocks']} blocks of {st['seq_len']} bytes per evaluation domain; `acc` is the "
         f"exact-match accuracy of greedy generation on held-out problems ({first['task_problems']['arith']} "
-        f"arithmetic answers, {first['task_problems']['code']} next lines of code), `rec` the recovery "
-        f"(pruned / base accuracy of the same seed). `+outliers` keeps experts whose maximum activation norm "
-        f"has a z-score above {st['outlier_z']}.",
+        f"answers of arithmetic problems never trained on, {first['task_problems']['code']} second halves of "
+        f"lines of code), `rec` the recovery (pruned / base accuracy of the same seed)"
+        + (", `byte` the teacher-forced accuracy of the answers' bytes" if has_bytes else "")
+        + f". `+outliers` keeps experts whose maximum activation norm has a z-score above {st['outlier_z']}.",
         "",
         "Base: " + ", ".join(f"{p} ppl {_pm(base[p])}" for p in PACKS) + "; "
         + ", ".join(f"{t} acc {_pm(base_acc[t])}" for t in TASKS) + ".",
+        *([""] + _base_task_lines(doc) if has_bytes else []),
         "",
         "| rank | keep | calibration | " + " | ".join(f"{p} ppl" for p in PACKS)
-        + " | arith acc | arith rec | code acc | code rec |",
-        "|---|---:|---|" + "---:|" * (len(PACKS) + 4),
+        + "".join(f" | {t} acc | {t} rec" + (f" | {t} byte" if has_bytes else "") for t in TASKS) + " |",
+        "|---|---:|---|" + "---:|" * (len(PACKS) + (3 if has_bytes else 2) * len(TASKS)),
     ]
     for c in cells(doc):
         m = c["metrics"]
         lines.append(f"| {c['rank']} | {c['keep']} ({c['keep'] / n_exp:.1%}) | {c['calibration']} | "
                      + " | ".join(_pm(m[f"ppl_{p}"]) for p in PACKS) + " | "
-                     + " | ".join(f"{_pm(m[f'acc_{t}'])} | {_pm(m[f'rec_{t}'], 2)}" for t in TASKS) + " |")
+                     + " | ".join(f"{_pm(m[f'acc_{t}'])} | {_pm(m[f'rec_{t}'], 2)}"
+                                  + (f" | {_pm(m[f'byte_{t}'])}" if has_bytes else "") for t in TASKS) + " |")
     forced = forced_outliers(doc)
     if forced:
         lines += ["", "Experts per layer that `--keep-outliers` kept although the plain ranking dropped them: "
                   + ", ".join(f"{r} keep {k}: {v:.2f}" for (r, k), v in forced.items()) + "."]
     short = [sd for sd in doc["seeds"] if len(sd["calib_seeds_done"]) < len(st["calib_seeds"])]
+    missing = sorted(set(st["seeds"]) - {sd["seed"] for sd in doc["seeds"]})
+    if missing:
+        lines += ["", f"Training seeds {missing} finished no calibration draw before the deadline and are not in "
+                  f"the table; its intervals are over {len(doc['seeds'])} seed(s)."]
     if short:
         lines += ["", f"The run stopped at its deadline: {len(short)} training seed(s) finished fewer than the "
                   f"{len(st['calib_seeds'])} calibration draws asked for ({draws}); their cells average the draws "
@@ -192,9 +207,24 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _base_task_lines(doc: dict[str, Any]) -> list[str]:
+    """The base models' task accuracy, overall and per kind of problem: exact match and answer bytes."""
+    rows = ["| task | kind | problems | base acc | base byte |", "|---|---|---:|---:|---:|"]
+    seeds = doc["seeds"]
+    for t in TASKS:
+        kinds = seeds[0]["base"]["task_kinds"][t]
+        for kind in ["all", *(sorted(kinds) if len(kinds) > 1 else [])]:
+            got = [sd["base"]["task_kinds"][t][kind] if kind != "all" else
+                   {"accuracy": sd["base"]["tasks"][t], "byte_accuracy": sd["base"]["task_bytes"][t]} for sd in seeds]
+            n = seeds[0]["task_problems"][t] if kind == "all" else seeds[0]["task_kind_problems"][t][kind]
+            rows.append(f"| {t} | {kind} | {n} | {_pm(t_interval([g['accuracy'] for g in got]))} | "
+                        f"{_pm(t_interval([g['byte_accuracy'] for g in got]))} |")
+    return rows
+
+
 def _comparison_lines(doc: dict[str, Any]) -> list[str]:
     comps = comparisons(doc)
-    metrics = ("ppl_union", "acc_arith", "acc_code")
+    metrics = METRICS
     sig = [c for c in comps if c["significant"]]
     by_pair: dict[tuple, dict[str, dict[str, Any]]] = defaultdict(dict)
     for c in comps:
@@ -204,7 +234,8 @@ def _comparison_lines(doc: dict[str, Any]) -> list[str]:
              f"Paired differences a - b (per training seed, 95 % t-interval); **bold**: the interval excludes 0 "
              f"({len(sig)} of {len(comps)} differences). Lower perplexity and higher accuracy are better.",
              "",
-             "| a | b | keep | calibration | union ppl | arith acc | code acc |", "|---|---|---:|---|---:|---:|---:|"]
+             "| a | b | keep | calibration | union ppl | arith acc | arith byte | code acc | code byte |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
     for (a, b), row in by_pair.items():
         cols = []
         for m in metrics:

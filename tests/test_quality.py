@@ -108,13 +108,16 @@ def test_quality_benchmark_toy(tmp_path):
         for r in sd["runs"]:
             assert set(r["packs"]) == {"code", "prose", "arith", "union"}
             assert all(np.isfinite(v["ppl"]) and v["base_ppl"] > 1 for v in r["packs"].values())
-            assert set(r["tasks"]) == {"arith", "code"} and all(0 <= v <= 1 for v in r["tasks"].values())
+            assert set(r["tasks"]) == set(r["task_bytes"]) == {"arith", "code"}
+            assert all(0 <= v <= 1 for v in [*r["tasks"].values(), *r["task_bytes"].values()])
+            assert set(r["task_kinds"]["arith"]) <= {"+", "-", "*"} and set(r["task_kinds"]["code"]) == {"line"}
         assert {r["domain"] for r in sd["stability"]} == {"code", "prose", "arith"}
         assert all(0 <= r["mean_jaccard"] <= 1 for r in sd["stability"])
     assert all(v["sha256"] and v["bytes"] > 0 for v in doc["corpora"].values())
     md = (tmp_path / "results" / "quality-toy.md").read_text()
     assert "| eaft_reap | 4 (50.0%) | union |" in md and " ± " in md
     assert "## Which differences are outside the noise" in md and "## Keep-set stability" in md
+    assert "| arith byte |" in md and "| arith | all | 24 |" in md
     saved = json.loads((tmp_path / "results" / "quality-toy.json").read_text())
     assert {c["rank"] for c in saved["cells"]} >= {"eaft_reap", "random"} and saved["comparisons"]
     assert (tmp_path / "results" / "quality-toy.png").stat().st_size > 1000
