@@ -23,6 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+# numpy loads its random generators on first use; a Ctrl-C that lands while that extension
+# initialises is swallowed by it. Loaded here, with this module, it cannot fall in the middle of
+# writing a shard, where an interrupt must stop the command.
+import numpy.random  # noqa: F401
+
 from rewriter.core.format import encode_header, nbytes_of, reference_order
 
 _TILE_BYTES = 1 << 16

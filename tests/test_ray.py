@@ -263,6 +263,7 @@ def _kill_a_writer_when_seen(dst):
 @pytest.mark.s3
 def test_actors_stay_within_the_memory_they_declare(ray_cluster, s3, medium_plan, tmp_path):
     """Peak RSS (VmHWM) of every actor, local and S3 paths, against what it declared to Ray."""
+    from rewriter.core.storage import Storage
     from rewriter.exec.destination import open_destination
     from rewriter.exec.ray_actors import actor_memory_bytes
     from rewriter.exec.ray_executor import execute_on_ray
@@ -274,7 +275,8 @@ def test_actors_stay_within_the_memory_they_declare(ray_cluster, s3, medium_plan
             dst = f"{url}-{part_bytes}"
             result = execute_on_ray(plan, dst, workers=2, part_bytes=part_bytes, dst_options=opts)
             peak = max(s.peak_rss_bytes for s in result.shards)
-            declared = actor_memory_bytes(open_destination(dst, opts), 16 << 20, min(part_bytes, 64 << 20))
+            declared = actor_memory_bytes(open_destination(dst, opts), Storage(plan.source_url), 16 << 20,
+                                          min(part_bytes, 64 << 20))
             print(f"{url.split(':')[0]} part {part_bytes >> 20} MiB: actor peak RSS {peak / 2**20:.0f} MiB, "
                   f"declared {declared / 2**20:.0f} MiB")
             assert 0 < peak < declared
@@ -292,7 +294,8 @@ def test_actors_stay_within_the_memory_they_declare(ray_cluster, s3, medium_plan
     io = IOOptions(inflight_bytes=64 << 20)
     result = execute_on_ray(remote, str(tmp_path / "from-s3"), workers=2, src_options=s3.options, io=io)
     peak = max(s.peak_rss_bytes for s in result.shards)
-    declared = actor_memory_bytes(open_destination(str(tmp_path / "from-s3")), 16 << 20, 16 << 20, io, src_local=False)
+    declared = actor_memory_bytes(open_destination(str(tmp_path / "from-s3")), Storage(remote.source_url, s3.options),
+                                  16 << 20, 16 << 20, io)
     print(f"s3 source: actor peak RSS {peak / 2**20:.0f} MiB, declared {declared / 2**20:.0f} MiB")
     assert 0 < peak < declared
 

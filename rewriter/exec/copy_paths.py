@@ -56,6 +56,16 @@ class IOOptions:
     def sequential(self) -> bool:
         return self.inflight_bytes <= 0
 
+    def buffer_memory(self, buffer_bytes: int, src_is_local: bool) -> int:
+        """The most copy-buffer memory one copy holds: one buffer on the sequential path, a ring
+        of LOCAL_RING buffers reading a local source, the in-flight budget plus one request
+        reading a remote one."""
+        if self.sequential:
+            return buffer_bytes
+        if src_is_local:
+            return LOCAL_RING * buffer_bytes
+        return max(self.inflight_bytes, buffer_bytes) + buffer_bytes
+
 
 @dataclass
 class CopyStats:

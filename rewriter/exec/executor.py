@@ -219,10 +219,8 @@ def execute(
     """
     t0 = time.perf_counter()
     if not plan.loadable and not allow_nonuniform:
-        raise PlanError(
-            "this plan keeps different expert counts per layer, which stock transformers cannot "
-            "load; pass --allow-nonuniform to write it anyway"
-        )
+        raise PlanError("this plan keeps different expert counts per layer, which stock transformers cannot "
+                        "load; pass --allow-nonuniform to write it anyway")
     opts = RunOptions(buffer_bytes, progress, force, zero_copy, drop_cache, runner, on_start, observer,
                       io or IOOptions(), src_options)
     src = Storage(plan.source_url, src_options)

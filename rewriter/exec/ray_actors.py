@@ -21,7 +21,6 @@ import ray
 from planners.plan import OutputShard
 from rewriter.core.storage import Storage
 from rewriter.exec.copy import IOOptions
-from rewriter.exec.copy_paths import LOCAL_RING
 from rewriter.exec.destination import Destination, open_destination
 from rewriter.exec.executor import peak_rss_bytes, write_output_shard
 from rewriter.exec.lock import STATE_DIR
@@ -38,19 +37,13 @@ LOCAL_BASE_BYTES = 192 << 20
 REMOTE_BASE_BYTES = 256 << 20
 
 
-def actor_memory_bytes(dst: Destination, buffer_bytes: int, upload_part_bytes: int, io: IOOptions | None = None,
-                       src_local: bool = True) -> int:
-    """What a :class:`ShardWriter` declares to Ray: its base; the copy buffers (a ring of
-    ``LOCAL_RING`` buffers reading a local source, the ``--max-inflight-mib`` budget plus one
-    request reading a remote one, one buffer on the sequential path); and on object stores the
-    upload part it fills and the block s3fs buffers for a whole shard."""
-    io = io or IOOptions()
-    if io.sequential:
-        data = buffer_bytes
-    elif src_local:
-        data = LOCAL_RING * buffer_bytes
-    else:
-        data = max(io.inflight_bytes, buffer_bytes) + buffer_bytes
+def actor_memory_bytes(dst: Destination, src: Storage, buffer_bytes: int, upload_part_bytes: int,
+                       io: IOOptions | None = None) -> int:
+    """What a :class:`ShardWriter` declares to Ray: its base; the copy buffers
+    (:meth:`IOOptions.buffer_memory`: a ring reading a local source, the ``--max-inflight-mib``
+    budget reading a remote one); and on object stores the upload part it fills and the block
+    s3fs buffers for a whole shard."""
+    data = (io or IOOptions()).buffer_memory(buffer_bytes, src.is_local)
     if dst.zero_copy:
         return LOCAL_BASE_BYTES + data
     return REMOTE_BASE_BYTES + data + max(upload_part_bytes, buffer_bytes, 5 << 20)

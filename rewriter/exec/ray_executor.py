@@ -15,6 +15,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Mapping
+from contextlib import closing
 from typing import Any
 
 import ray
@@ -77,6 +78,15 @@ def connect(address: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         raise ExecutionError(f"cannot connect to the Ray cluster at {address} ({failed[0]}); {where}")
 
 
+def _upload_part_bytes(part_bytes: int) -> int:
+    """The multipart-upload part size for tasks of ``part_bytes`` (a whole number of them)."""
+    upload = min(part_bytes, MAX_UPLOAD_PART_BYTES)
+    if part_bytes % upload or upload < 5 << 20:
+        raise ExecutionError(f"part size {part_bytes:,} bytes (--part-mib) must be at least 5 MiB and a multiple of "
+                             f"{upload >> 20} MiB (the multipart-upload part size)")
+    return upload
+
+
 def execute_on_ray(
     plan: Plan,
     dst_url: str,
@@ -105,19 +115,15 @@ def execute_on_ray(
     placed within ``pending_timeout_s`` seconds, are an :class:`ExecutionError`.
     """
     connect(address, connect_timeout_s)
-    upload_part_bytes = min(part_bytes, MAX_UPLOAD_PART_BYTES)
-    if part_bytes % upload_part_bytes or upload_part_bytes < 5 << 20:
-        raise ExecutionError(f"part size {part_bytes:,} bytes (--part-mib) must be at least 5 MiB and a multiple of "
-                             f"{upload_part_bytes >> 20} MiB (the multipart-upload part size)")
+    upload_part_bytes = _upload_part_bytes(part_bytes)
     src_options, dst_options = dict(src_options or {}), dict(dst_options or {})
     io = kwargs.get("io") or IOOptions()  # requests in flight per actor, as in a run here
     actor_args = (plan.source_url, src_options, dst_url, dst_options, buffer_bytes, zero_copy, drop_cache, io)
 
     def runner(todo: list[OutputShard], record: Callable[[ShardResult], None]) -> None:
         dst = open_destination(dst_url, dst_options)
-        src = Storage(plan.source_url, src_options)
-        memory = actor_memory_bytes(dst, buffer_bytes, upload_part_bytes, io, src.is_local)
-        src.close()
+        with closing(Storage(plan.source_url, src_options)) as src:
+            memory = actor_memory_bytes(dst, src, buffer_bytes, upload_part_bytes, io)
         token = uuid.uuid4().hex
         dst.put_bytes(f"{PROBE_DIR}/{token}", token.encode())
         asm = Assemblies(plan, dst, PartJournal.load(dst, plan.digest), record, memory, drop_cache,
