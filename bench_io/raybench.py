@@ -109,8 +109,9 @@ def driver_breakdown(stats: pstats.Stats, run_s: float) -> dict[str, Any]:
         "journal_s": _ct(stats, ("record",), "rewriter/exec/journal.py"),
         "finalize_s": _ct(stats, ("finalize",), "rewriter/exec/executor.py"),
         "prepare_s": _ct(stats, ("prepare_destination", "pending_shards"), "rewriter/exec/journal.py"),
-        "copy_s": _ct(stats, ("write_output_shard",), "rewriter/exec/executor.py"),
-        "commit_s": _ct(stats, ("commit_parts",), "rewriter/exec/destination.py"),
+        # A local run's copying: its shards, on this thread or on its jobs' threads while this one waits.
+        "copy_s": _ct(stats, ("run_here",), "rewriter/exec/executor.py"),
+        "commit_s": _ct(stats, ("commit_parts",), "rewriter/exec/"),
     }
     inner = _ct(stats, ("execute",), "rewriter/exec/executor.py")
     parts["setup_s"] = max(0.0, run_s - inner) if _ct(stats, ("execute_on_ray",), "ray_executor") else 0.0

@@ -18,6 +18,7 @@ from typing import Any
 
 from planners.plan import Plan
 from planners.reads import DEFAULT_MAX_GAP, Read, over_read, plan_reads
+from rewriter.core.storage import is_local_url
 
 MiB = 1 << 20
 #: Resident memory of an executor process besides its copy buffer (interpreter, fsspec, numpy):
@@ -92,7 +93,8 @@ def estimate(
         latency_s: time to the first byte of each request.
         inflight: requests in flight per worker (0: the sequential path).
         inflight_bytes: the executors' byte budget in flight (bounds ``inflight``).
-        max_gap: neighbouring ranges at most this far apart are one request (gap bytes over-read).
+        max_gap: neighbouring ranges at most this far apart are one request (gap bytes over-read);
+            0 for a local source, which the executors read range by range.
         link_bytes_per_s: all of one worker's reads together at most this fast (0: no cap).
 
     Returns:
@@ -100,6 +102,8 @@ def estimate(
         apart in ``header_bytes_read`` (two small reads per source shard).
     """
     layers = _layer_costs(plan)
+    if is_local_url(plan.source_url):
+        max_gap = 0
     ops = [op for o in plan.outputs for op in o.copy_ops() if op.data is None]
     reads = [[r for r in plan_reads(o.copy_ops(), max_gap=max_gap, max_request=buffer_bytes) if r.data is None]
              for o in plan.outputs]

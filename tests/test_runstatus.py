@@ -9,6 +9,7 @@ import pytest
 
 from planners.plan import Plan
 from rewriter.core.errors import ExecutionError
+from rewriter.exec.copy import IOOptions
 from rewriter.exec.executor import execute
 from rewriter.exec.runstatus import STATUS_NAME, StatusWriter, format_status, read_status
 from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
@@ -39,7 +40,7 @@ def test_running_document_counts_bytes_and_shards_then_complete(small_plan, tmp_
         writer(n)
         seen.append(_doc(dst))
 
-    execute(plan, str(dst), progress=progress, observer=writer)
+    execute(plan, str(dst), progress=progress, observer=writer, io=IOOptions(jobs=1))  # one shard at a time
     total = sum(o.size for o in plan.outputs)
     assert {d["state"] for d in seen} == {"running"}
     assert all(d["bytes_total"] == total and d["shards_total"] == len(plan.outputs) for d in seen)

@@ -39,6 +39,15 @@ class IOCounter:
             self.bytes += nbytes
 
 
+def is_local_url(url: str) -> bool:
+    """Whether ``url`` names the local filesystem (a path, or ``file://``/``local://``), without
+    opening anything."""
+    from fsspec.core import split_protocol
+
+    protocol, _ = split_protocol(str(url))
+    return protocol in (None, "file", "local")
+
+
 class Storage:
     """One fsspec location (a directory or prefix) with counted ranged reads.
 
