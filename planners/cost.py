@@ -101,7 +101,6 @@ def estimate(
         A :class:`CostReport`. ``bytes_read`` counts tensor bytes fetched; headers are counted
         apart in ``header_bytes_read`` (two small reads per source shard).
     """
-    layers = _layer_costs(plan)
     max_gap = 0 if is_local_url(plan.source_url) else max_gap
     ops = [op for o in plan.outputs for op in o.copy_ops() if op.data is None]
     reads = [[r for r in plan_reads(o.copy_ops(), max_gap=max_gap, max_request=buffer_bytes) if r.data is None]
@@ -111,7 +110,7 @@ def estimate(
     per_shard = [_shard_seconds(rs, o.size, latency_s, (read_bytes_per_s, link_bytes_per_s), write_bytes_per_s, streams,
                                 inflight > 0) for o, rs in zip(plan.outputs, reads)]
     notes = [f"only {len(plan.outputs)} output shards: at most that many workers are busy"] * (workers > len(plan.outputs))
-    return CostReport(layers=layers,
+    return CostReport(layers=_layer_costs(plan),
         source_bytes=sum(int(fp["size"]) for fp in plan.source_shards.values()),
         bytes_read=sum(op.length for op in ops),
         header_bytes_read=sum(8 + int(fp.get("header_len", 0)) for fp in plan.source_shards.values()),
