@@ -34,7 +34,8 @@ from rewriter.exec.copy import (
 )
 from rewriter.exec.localparts import LocalParts
 from rewriter.exec.lock import LOCK_NAME, STATE_DIR
-from rewriter.exec.outputs import LocalOutput, MultipartPart, PartOutput, RemoteOutput
+from rewriter.exec.outputs import LocalOutput, RemoteOutput
+from rewriter.exec.partoutputs import MultipartPart, PartOutput
 
 log = logging.getLogger(__name__)
 

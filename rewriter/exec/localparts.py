@@ -17,7 +17,7 @@ from rewriter.core.errors import ExecutionError
 from rewriter.core.storage import Storage
 from rewriter.exec.copy import OUTPUT_MODE, fsync_dir, write_errors_are_clear
 from rewriter.exec.lock import STATE_DIR
-from rewriter.exec.outputs import MultipartPart, PartOutput
+from rewriter.exec.partoutputs import MultipartPart, PartOutput
 
 #: Files of large shards being written in parts (kept across runs, to resume part by part).
 PARTS_DIR = f"{STATE_DIR}/parts"

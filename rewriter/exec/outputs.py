@@ -4,8 +4,8 @@
   a trailing thread re-reads what was just written from the page cache, so hashing overlaps
   copying.
 * :class:`RemoteOutput`: an object written through fsspec, published only when complete.
-* :class:`PartOutput` and :class:`MultipartPart`: one worker's share of a large shard that
-  several workers write at once (positioned writes, or numbered parts of a multipart upload).
+* one worker's share of a large shard that several workers write at once:
+  :mod:`rewriter.exec.partoutputs`.
 
 Destinations (:mod:`rewriter.exec.destination`) choose and create them.
 """
@@ -19,7 +19,6 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from fsspec.spec import AbstractBufferedFile
@@ -28,10 +27,6 @@ from rewriter.core.storage import Storage
 from rewriter.exec.copy import OUTPUT_MODE, fsync_dir, pwrite_all, write_errors_are_clear
 
 log = logging.getLogger(__name__)
-
-#: Sends one numbered part of a multipart upload; returns its ``{"PartNumber", "ETag"}``.
-SendPart = Callable[[int, bytearray], dict[str, Any]]
-
 
 def _libc_sync_file_range():
     """``sync_file_range(2)`` through ctypes (Linux), or None: starts writeback early."""
@@ -47,9 +42,31 @@ def _libc_sync_file_range():
 
 _SYNC_FILE_RANGE = _libc_sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
+_SYNC_FILE_RANGE_WAIT = 1 | 2 | 4  # wait for writes under way, write, wait for those
 #: Start writing back dirty output pages every this many bytes, so the final fsync is short and
 #: disk writes overlap the copy instead of following it.
 WRITEBACK_BYTES = 32 << 20
+
+
+def start_writeback(fd: int, flushed: int, pos: int) -> int:
+    """Start writing back ``[flushed, pos)`` once it is WRITEBACK_BYTES long; returns the new
+    start of what is not yet sent to the disk."""
+    if _SYNC_FILE_RANGE is not None and pos - flushed >= WRITEBACK_BYTES:
+        _SYNC_FILE_RANGE(fd, flushed, pos - flushed, _SYNC_FILE_RANGE_WRITE)
+        return pos
+    return flushed
+
+
+def wait_written(fd: int, start: int, end: int) -> None:
+    """Write ``[start, end)`` of ``fd`` to the disk and wait for it (``fsync`` where the kernel
+    cannot sync one range)."""
+    if _SYNC_FILE_RANGE is None:
+        os.fsync(fd)
+    elif _SYNC_FILE_RANGE(fd, start, end - start, _SYNC_FILE_RANGE_WAIT) != 0:
+        import ctypes
+
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 class TrailingHasher:
@@ -153,9 +170,7 @@ class LocalOutput:
         self._writeback()
 
     def _writeback(self) -> None:
-        if _SYNC_FILE_RANGE is not None and self.pos - self._flushed >= WRITEBACK_BYTES:
-            _SYNC_FILE_RANGE(self.fd, self._flushed, self.pos - self._flushed, _SYNC_FILE_RANGE_WRITE)
-            self._flushed = self.pos
+        self._flushed = start_writeback(self.fd, self._flushed, self.pos)
 
     def commit(self, drop_cache: bool = False) -> str:
         digest = self._hasher.finish() if self._hasher else self._inline.hexdigest()  # type: ignore[union-attr]
@@ -230,91 +245,3 @@ class RemoteOutput:
             log.warning("could not discard the unfinished upload of %s (%s: %s); the object store "
                         "may keep its parts until its lifecycle rules remove them",
                         self.dst.describe(self.name), type(e).__name__, e)
-
-
-class PartOutput:
-    """A byte range of a preallocated file, written with positioned writes by one worker, who
-    hashes it as it writes (bytes the kernel copied, from the page cache right after)."""
-
-    zero_copy_capable = True
-
-    def __init__(self, path: str, start: int):
-        self.final = path
-        self.fd = os.open(path, os.O_WRONLY)
-        self._rfd = os.open(path, os.O_RDONLY)
-        self.pos = start
-        self._h = hashlib.sha256()
-        self.parts: list[dict[str, Any]] = []  # positioned writes send no upload parts
-
-    def write(self, data: bytes | memoryview) -> None:
-        self.pos = pwrite_all(self.fd, data, self.pos, self.final)
-        self._h.update(data)
-
-    def copied(self, n: int) -> None:
-        at, self.pos = self.pos, self.pos + n
-        while at < self.pos:
-            chunk = os.pread(self._rfd, min(self.pos - at, 8 << 20), at)
-            if not chunk:
-                raise OSError(errno.EIO, f"{self.final}: shorter than written")
-            self._h.update(chunk)
-            at += len(chunk)
-
-    def commit(self, drop_cache: bool = False) -> str:
-        """Close; returns the sha256 of this part's bytes."""
-        self.abort()
-        return self._h.hexdigest()
-
-    def abort(self) -> None:
-        for fd in (self.fd, self._rfd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.fd = self._rfd = -1
-
-
-class MultipartPart:
-    """Sends a contiguous run of an object's bytes as numbered parts of a multipart upload.
-
-    Several workers fill one object: each takes a range starting at a multiple of ``part_bytes``
-    and sends parts ``start // part_bytes + 1``, ... The object appears only when the upload is
-    completed (by the destination), so a shard stays whole or absent. Memory: one part (the
-    buffer is sent as it is, never copied). The range is hashed as it is written.
-    """
-
-    zero_copy_capable = False
-
-    def __init__(self, send: SendPart, start: int, part_bytes: int):
-        self.send = send
-        self.part_bytes = part_bytes
-        self.number = start // part_bytes + 1
-        self.buf = bytearray()
-        self.parts: list[dict[str, Any]] = []
-        self.pos = start
-        self._h = hashlib.sha256()
-
-    def write(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        self._h.update(view)
-        self.pos += len(view)
-        while len(view):
-            take = min(len(view), self.part_bytes - len(self.buf))
-            self.buf += view[:take]
-            view = view[take:]
-            if len(self.buf) == self.part_bytes:
-                self._send()
-
-    def _send(self) -> None:
-        body, self.buf = self.buf, bytearray()
-        self.parts.append(self.send(self.number, body))
-        self.number += 1
-
-    def copied(self, n: int) -> None:
-        raise AssertionError("multipart uploads have no zero-copy path")
-
-    def commit(self, drop_cache: bool = False) -> str:
-        """Send what is left; returns the sha256 of this range's bytes."""
-        if self.buf:
-            self._send()
-        return self._h.hexdigest()
-
-    def abort(self) -> None:
-        self.buf = bytearray()
