@@ -11,8 +11,8 @@ call, and reports:
 * ``wall_s``: the whole process; ``init_s``: starting the local Ray instance (``ray.init``), a
   cost a standing cluster does not pay; ``run_s``: the rewrite call itself;
 * the driver's time inside ``run_s`` (main thread, from the profile): ``wait_s`` blocked in
-  ``ray.get``/``ray.wait`` for actors, ``commit_s`` publishing shards written in parts (fsync,
-  and re-reading the shard for its sha256: ``hash_s``, counted within it), ``journal_s``,
+  ``ray.get``/``ray.wait`` for actors, ``commit_s`` publishing shards written in parts (fsync and
+  rename; ``hash_s``: any reading back of a shard for its sha256, counted within it), ``journal_s``,
   ``finalize_s`` (config, provenance, index), ``setup_s`` (actors started and stopped),
   ``copy_s`` (a local run's own copying), and ``other_s``: everything else;
 * ``driver_cpu_s``: CPU time of the driver process (its own threads; actors are other processes).
@@ -282,18 +282,21 @@ def markdown(doc: dict[str, Any]) -> str:
     s = doc.get("scaling")
     if s:
         disk = s.get("disk_bytes_per_s") or 0
+        hashing = any(c["driver_hash_bytes_per_s"] for c in s["check"])
         lines += ["", f"Scaling model fitted to ray-1: {s['fitted_bytes_per_s'] / 1e6:.0f} MB/s per worker, "
-                  f"{s['fixed_s']:.2f} s fixed; one disk: {disk / 1e6:.0f} MB/s (the local run), and the "
-                  f"driver's serial re-hash at the rate measured in each run.", "",
+                  f"{s['fixed_s']:.2f} s fixed; one disk: {disk / 1e6:.0f} MB/s (the local run)"
+                  + (", and the driver's serial re-hash at the rate measured in each run." if hashing else
+                     "; the driver re-reads nothing (actors hash what they write)."), "",
                   "| workers | predicted, independent nodes (s) | predicted, one disk + serial hash (s) | measured run s |",
                   "|---:|---:|---:|---:|"]
         lines += [f"| {c['workers']} | {c['predicted_s']} | {c['predicted_one_disk_s']} | {c['measured_s']} |"
                   for c in s["check"]]
         full = s["full_120b"]
         serial = full[0]["serial_bytes_per_s"] if full else None
-        lines += ["", f"Full 120B (keep half, 5 GB shards, {full[0]['bytes_written'] / 1e9:.1f} GB written), 10 s fixed; "
-                  f"the last column with the driver re-reading each assembled shard for its hash at "
-                  f"{(serial or 0) / 1e6:.0f} MB/s (measured here):", "",
+        lines += ["", f"Full 120B (keep half, 5 GB shards, {full[0]['bytes_written'] / 1e9:.1f} GB written), 10 s fixed"
+                  + (f"; the last column with the driver re-reading each assembled shard for its hash at "
+                     f"{serial / 1e6:.0f} MB/s (measured here):" if serial else
+                     " (no serial driver step was measured, so the last column is empty):"), "",
                   "| nodes | per node | est. s | tasks | busy nodes | est. s, serial driver hash |",
                   "|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['nodes']} | {r['node_bytes_per_s'] / 1e9:.1f} GB/s | {r['est_seconds']} | {r['tasks']} | "
