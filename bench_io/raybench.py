@@ -1,5 +1,6 @@
-"""Ray benchmark: the local executor vs ``run --ray`` with 1, 2 and 4 workers on one plan, and
-where the driver's time goes.
+"""Ray benchmark: the local executor (its default ``--jobs``, and ``--jobs 1``: one shard at a
+time, as one actor writes) vs ``run --ray`` with 1, 2 and 4 workers on one plan, and where the
+driver's time goes.
 
 ``python -m bench_io.raybench [--size default|tiny] [--work DIR] [--rounds 2] [--workers 1,2,4]``
 
@@ -17,8 +18,8 @@ call, and reports:
   ``copy_s`` (a local run's own copying), and ``other_s``: everything else;
 * ``driver_cpu_s``: CPU time of the driver process (its own threads; actors are other processes).
 
-Rounds alternate the contenders, each round starting one further along (local, ray-1, ray-2,
-ray-4; then ray-1, ray-2, ray-4, local; ...), so that load from other work on the machine and the
+Rounds alternate the contenders, each round starting one further along (local, local-1, ray-1,
+ray-2, ray-4; then local-1, ray-1, ray-2, ray-4, local; ...), so that load from other work on the machine and the
 position in a round fall on all of them; every run is kept in the JSON, the tables show the
 fastest. Results: ``bench_io/results/ray-latest.{json,md}`` and a dated copy
 (``ray-YYYYMMDD-HHMM.*``), with the machine, its load and the date. The scaling model (:func:`planners.cost.estimate_nodes`) is fitted to the one-worker run
@@ -74,9 +75,11 @@ def one_run(mode: str, plan_path: str, dst: str, workers: int, report: str) -> N
 
         result = execute_on_ray(plan, dst, workers=workers)
     else:
+        from rewriter.exec.copy import IOOptions
         from rewriter.exec.executor import execute
 
-        result = execute(plan, dst)
+        # workers 0: the local default (--jobs from the cores and the plan); N: --jobs N.
+        result = execute(plan, dst, io=IOOptions(jobs=workers or None))
     prof.disable()
     run_s = time.perf_counter() - t
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -151,7 +154,7 @@ def contender_run(name: str, plan: Path, work: Path, log: Any = print) -> dict[s
 
     drop_cache(Path(Plan.load(str(plan)).source_url))
     os.sync()  # the previous run's deleted output is not written back during this one
-    cmd = [sys.executable, "-m", "bench_io.raybench", "one", mode, str(plan), str(dst), "--workers", n or "1",
+    cmd = [sys.executable, "-m", "bench_io.raybench", "one", mode, str(plan), str(dst), "--workers", n or "0",
            "--report", str(report)]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     t_load = os.getloadavg()[0]
@@ -225,7 +228,7 @@ def run(size: str = "default", work: Path | None = None, results: Path = RESULTS
     work = work or Path("bench-work")
     work.mkdir(parents=True, exist_ok=True)
     plan = prepare(work, size, log)
-    names = ["local", *(f"ray-{n}" for n in workers)]
+    names = ["local", "local-1", *(f"ray-{n}" for n in workers)]
     started = time.time()
     runs = []
     for i in range(rounds):
@@ -311,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("mode", choices=["local", "ray"])
     one.add_argument("plan")
     one.add_argument("dst")
-    one.add_argument("--workers", type=int, default=1)
+    one.add_argument("--workers", type=int, default=1, help="Ray actors; for a local run, --jobs (0: its default)")
     one.add_argument("--report", required=True)
     ap.add_argument("--size", choices=sorted(GEOMETRIES), default="default")
     ap.add_argument("--work", type=Path, default=Path("bench-work"))

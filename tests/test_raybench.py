@@ -16,7 +16,7 @@ def test_ray_bench_harness_tiny(tmp_path):
     lines: list[str] = []
     doc = run("tiny", tmp_path / "work", tmp_path / "results", rounds=1, workers=(1, 2), log=lines.append)
     saved = json.loads((tmp_path / "results" / "ray-latest.json").read_text())
-    assert set(saved["best"]) == {"local", "ray-1", "ray-2"}, [r.get("error") for r in saved["runs"]]
+    assert set(saved["best"]) == {"local", "local-1", "ray-1", "ray-2"}, [r.get("error") for r in saved["runs"]]
     for name, r in saved["best"].items():
         d = r["driver"]
         parts = [d[k] for k in ("wait_s", "journal_s", "finalize_s", "prepare_s", "copy_s", "setup_s", "other_s")]
@@ -25,6 +25,7 @@ def test_ray_bench_harness_tiny(tmp_path):
         assert r["bytes_written"] == saved["plan"]["bytes_written"]
     assert saved["best"]["ray-1"]["driver"]["wait_s"] > 0  # the driver waited for its actor
     assert saved["best"]["local"]["driver"]["copy_s"] > 0
+    assert saved["best"]["local-1"]["driver"]["copy_s"] > 0
     assert [c["workers"] for c in doc["scaling"]["check"]] == [1, 2]
     assert doc["scaling"]["full_120b"][0]["bytes_written"] > 30e9
     table = (tmp_path / "results" / "ray-latest.md").read_text()
