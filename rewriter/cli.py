@@ -285,9 +285,10 @@ cost_options = _options(
                      help="Per-worker write bandwidth, MB/s (default 1000)."),
         click.option("--latency-ms", type=finite(min=0), default=0, show_default=True,
                      help="Time to the first byte of each read request (object stores: tens of ms)."),
-        click.option("--inflight", type=click.IntRange(min=0, max=4096), default=0, show_default=True,
-                     help="Read requests in flight per worker for the estimate, each at --read-mbps "
-                          "(0: one at a time, then the writes); a remote run keeps up to --max-inflight-requests."),
+        click.option("--inflight", type=click.IntRange(min=0, max=4096), default=None,
+                     help="Read requests in flight per worker for the estimate, each at --read-mbps (0: one at "
+                          "a time, then the writes). Default: what a run keeps by default, 16 "
+                          "(--max-inflight-requests), for a remote source; 0 for a local one."),
         click.option("--max-gap-kib", type=click.IntRange(min=0, max=1 << 20), default=64, show_default=True,
                      help="Ranges of a source shard at most this far apart are read as one request."),
         click.option("--link-mbps", type=finite(min=0), default=0,
@@ -312,14 +313,18 @@ cost_options = _options(
 @_fail_cleanly
 def plan(src: str, layers: str | None, buffer_mib: int, out: str | None, as_json: bool, verbose: bool,
          workers: int, read_mbps: float | None, write_mbps: float | None, measure_bandwidth: str | None,
-         latency_ms: float, inflight: int, max_gap_kib: int, link_mbps: float, **kw: Any) -> None:
+         latency_ms: float, inflight: int | None, max_gap_kib: int, link_mbps: float, **kw: Any) -> None:
     """Plan the pruning of SRC and print its I/O cost and what it keeps (nothing is written but --out)."""
     from planners.cost import estimate, format_report
+    from rewriter.core.storage import is_local_url
+    from rewriter.exec.copy import IOOptions
 
     p, n_exp = make_plan(src, layers_only=_parse_layers(layers, "--layers"), **kw)
     if out:
         save_plan(p, out, "--out")
     read_bw, write_bw = _bandwidths(read_mbps, write_mbps, measure_bandwidth)
+    if inflight is None:
+        inflight = 0 if is_local_url(p.source_url) else IOOptions().inflight_requests
     report = estimate(p, workers=workers, read_bytes_per_s=read_bw, write_bytes_per_s=write_bw,
                       buffer_bytes=buffer_mib * MiB, latency_s=latency_ms / 1000, inflight=inflight,
                       max_gap=max_gap_kib * 1024, link_bytes_per_s=link_mbps * 1e6)

@@ -178,3 +178,23 @@ def test_cost_model_counts_latency_concurrency_and_the_link(small_plan):
     fetched = sum(r.size for rs in reads for r in rs)
     assert est(inflight=8, link_bytes_per_s=10e6).est_seconds == pytest.approx(fetched / 10e6)
     assert eight.peak_rss_per_worker > sequential.peak_rss_per_worker
+
+
+@pytest.mark.s3
+def test_plan_estimates_what_a_default_run_does(shaped, small_plan, tmp_path):
+    """`rewriter plan` of a remote source assumes the run's default requests in flight and gap
+    merging; of a local source, one range at a time and no over-read."""
+    _, opts = shaped
+    src = Path(small_plan.source_url)
+    s = tmp_path / "s.json"
+    synthetic_saliency(4, 32, 4, seed=3).save(s)
+    args = ["--saliency", s, "--keep-frac", "0.5", "--max-shard-size", "6MB", "--json"]
+    remote = json.loads(cli("plan", "s3://shaped/small", "--storage-options", json.dumps(opts), *args))["cost"]
+    local = json.loads(cli("plan", src, *args))["cost"]
+    assert remote["inflight"] == IOOptions().inflight_requests and local["inflight"] == 0
+    assert remote["over_read_bytes"] > 0 and local["over_read_bytes"] == 0
+    assert remote["range_requests"] < local["range_requests"]
+    assert remote["est_seconds"] < local["est_seconds"]  # overlapped, 16 streams
+    pinned = json.loads(cli("plan", "s3://shaped/small", "--storage-options", json.dumps(opts), "--inflight", "0",
+                            *args))["cost"]
+    assert pinned["inflight"] == 0 and pinned["est_seconds"] > remote["est_seconds"]
