@@ -268,7 +268,8 @@ def format_report(r: CostReport) -> str:
         f"read:       {human_bytes(r.bytes_read)} of tensor data ({ratio:.1%} of the source) + {human_bytes(r.header_bytes_read)} of headers",
         f"written:    {human_bytes(r.bytes_written)} in {r.output_shards} output shards",
         f"requests:   {r.copy_ops} copy ranges; {r.range_requests} range requests at a {human_bytes(r.buffer_bytes)} buffer"
-        f" (ranges up to {human_bytes(r.max_gap)} apart merged: {human_bytes(r.over_read_bytes)} over-read)",
+        + (f" (ranges up to {human_bytes(r.max_gap)} apart merged: {human_bytes(r.over_read_bytes)} over-read)"
+           if r.max_gap else " (each range read as it is: a local source, or --max-gap-kib 0)"),
         f"estimate:   {r.est_seconds:.1f} s on {r.workers} worker(s) at {r.read_bytes_per_s / 1e6:.0f} MB/s read "
         f"per request, {r.latency_s * 1000:.0f} ms latency, "
         f"{'one request at a time' if r.inflight <= 0 else f'{r.inflight} requests in flight'}"

@@ -385,6 +385,8 @@ def synthetic_saliency(num_layers: int, num_experts: int, top_k: int, domain: st
     from planners.saliency import Saliency
 
     rng = np.random.default_rng(seed)
+    # Its own stream, so the other scores are those of files written before max_act existed.
+    rng_act = np.random.default_rng([seed, 1])
     layers = {}
     for layer in range(num_layers):
         share = rng.dirichlet(np.full(num_experts, 0.7))
@@ -393,8 +395,11 @@ def synthetic_saliency(num_layers: int, num_experts: int, top_k: int, domain: st
         gate = rng.uniform(0.1, 0.5, num_experts)
         reap = np.where(freq > 0, gate * norm, 0.0)
         eaft = freq * reap * rng.uniform(0.2, 1.0, num_experts) - rng.uniform(0, 0.1, num_experts) * freq
+        # Largest output norms: around the typical norm, with now and then a "super" expert far out.
+        act = norm * rng_act.lognormal(1.0, 0.3, num_experts)
+        act[rng_act.random(num_experts) < 2.0 / num_experts] *= 8.0
         layers[layer] = {"freq": tuple(float(x) for x in freq), "reap": tuple(float(x) for x in reap),
-                         "eaft_reap": tuple(float(x) for x in eaft)}
+                         "eaft_reap": tuple(float(x) for x in eaft), "max_act": tuple(float(x) for x in act)}
     return Saliency(domain=domain, layers=layers, tokens=tokens,
                     model=model or {"family": "gpt_oss", "num_layers": num_layers, "num_experts": num_experts,
                                     "top_k": top_k},

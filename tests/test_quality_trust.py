@@ -101,12 +101,29 @@ def test_saliency_files_with_and_without_max_act_load(tmp_path):
 
 
 def test_keep_outliers_cli_errors(tmp_path, tiny, tiny_saliency):
-    out = cli("plan", tiny, "--saliency", tiny_saliency, "--keep-n", "4", "--keep-outliers", "2", expect=2)
+    old = json.loads(tiny_saliency.read_text())
+    for scores in old["layers"].values():
+        del scores["max_act"]  # as files profiled before max_act existed
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    out = cli("plan", tiny, "--saliency", tmp_path / "old.json", "--keep-n", "4", "--keep-outliers", "2", expect=2)
     assert out.count("error:") == 1 and "max_act" in out and "--keep-outliers" in out
     keep = tmp_path / "keep.json"
     keep.write_text(json.dumps({"0": [0, 1, 2, 3], "1": [0, 1, 2, 3]}))
     out = cli("plan", tiny, "--keep-list", keep, "--keep-outliers", "2", expect=2)
     assert "--keep-outliers chooses from saliency files" in out
+
+
+def test_synth_saliency_can_try_keep_outliers(tmp_path, tiny):
+    """`synth-saliency` writes maximum activation norms, so the policy can be tried without a GPU."""
+    sal = tmp_path / "s.json"
+    cli("synth-saliency", tiny, "--out", sal, "--seed", "3")
+    doc = json.loads(sal.read_text())
+    assert all(len(v["max_act"]) == 8 and min(v["max_act"]) > 0 for v in doc["layers"].values())
+    plan = json.loads(cli("plan", tiny, "--saliency", sal, "--keep-n", "4", "--keep-outliers", "1", "--json"))
+    dom = [Domain(load_saliency(str(sal)))]
+    assert any(outliers(dom, int(layer), 1.0) for layer in plan["keep"])
+    for layer, kept in plan["keep"].items():
+        assert set(outliers(dom, int(layer), 1.0)) <= set(kept)
 
 
 # --- keep-set stability ---------------------------------------------------------------------------
@@ -334,6 +351,8 @@ def test_renormalize_topk_makes_kept_weights_sum_to_one(tmp_path, family):
     flag, sums = routing_sums(tmp_path / "renorm")
     assert flag is True and torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
     assert json.loads((tmp_path / "renorm" / "config.json").read_text())["norm_topk_prob"] is True
+    card = (tmp_path / "renorm" / "README.md").read_text()  # the model card says what changed in the config
+    assert "Changed in `config.json`" in card and '"norm_topk_prob": true' in card
 
 
 def test_renormalize_topk_is_a_note_where_weights_already_sum_to_one(tmp_path, tiny, tiny_saliency):

@@ -111,6 +111,9 @@ def _policy(plan: Plan) -> list[str]:
     lines = ["## Policy and saliency", ""]
     if isinstance(prov.get("policy"), dict):
         lines += ["Policy:", "", "```json", json.dumps(prov["policy"], indent=1, sort_keys=True), "```", ""]
+    if plan.config_patch:
+        lines += ["Changed in `config.json` (every other field is the source's):", "", "```json",
+                  json.dumps(dict(plan.config_patch), indent=1, sort_keys=True), "```", ""]
     sal = prov.get("saliency")
     if isinstance(sal, list) and sal:
         lines += _table(("saliency file", "domain", "weight", "tokens", "sha256"),
