@@ -143,3 +143,20 @@ def test_status_with_address_refuses_a_path_and_never_reads_a_folder(tmp_path, m
     # A folder's name without a '/' is a job id there: the job service is asked, not the folder read.
     assert_error(invoke("status", "out1", "--address", address, "--timeout", "2"),
                  contains=f"cannot reach the Ray job service at {address}")
+
+
+# --- verify --ray-timeout: the option its message recommends -------------------------------------------
+
+def test_verify_waits_for_a_cluster_as_long_as_ray_timeout_says(tmp_path, tiny, tiny_saliency):
+    pytest.importorskip("ray")
+    from bench_io.s3server import free_port
+
+    plan, out = tmp_path / "p.json", tmp_path / "out"
+    cli("plan", tiny, "--saliency", tiny_saliency, "--keep-frac", "0.5", "--out", plan)
+    cli("run", plan, "--out", out, "--quiet")
+    address = f"127.0.0.1:{free_port()}"
+    r = _cli_proc("verify", out, "--ray", "--address", address, "--ray-timeout", "1.5")
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+    assert f"cannot reach the Ray cluster at {address}: no answer within 1.5 s" in r.stderr, r.stderr
+    assert "wait longer with --ray-timeout" in r.stderr
