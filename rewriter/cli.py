@@ -451,6 +451,17 @@ run_options = _options(
 )
 
 
+def _start_local_ray_quietly(address: str | None) -> None:
+    """Start the local Ray instance a run without --address uses, without Ray's INFO lines (the
+    executor then finds it started); a cluster at an address is joined at level ERROR already."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        return
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+
+
 def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bool, drop_cache: bool,
              dst_options: dict[str, Any] | None, use_ray: bool, address: str | None, ray_workers: int, ray_timeout: float,
              ray_pending_timeout: float, part_mib: int, quiet: bool,
@@ -480,6 +491,8 @@ def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bo
     if use_ray:
         from rewriter.exec.ray_executor import execute_on_ray
 
+        if quiet:
+            _start_local_ray_quietly(address)
         result = execute_on_ray(p, dst, address=address, workers=ray_workers, connect_timeout_s=ray_timeout,
                                 pending_timeout_s=ray_pending_timeout, part_bytes=part_mib * MiB, **kwargs)
     else:

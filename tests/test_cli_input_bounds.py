@@ -160,3 +160,15 @@ def test_verify_waits_for_a_cluster_as_long_as_ray_timeout_says(tmp_path, tiny, 
     assert len(r.stderr.splitlines()) == 1, r.stderr
     assert f"cannot reach the Ray cluster at {address}: no answer within 1.5 s" in r.stderr, r.stderr
     assert "wait longer with --ray-timeout" in r.stderr
+
+
+def test_a_quiet_ray_run_prints_no_ray_log_lines(tmp_path, tiny, tiny_saliency):
+    pytest.importorskip("ray")
+    plan = tmp_path / "p.json"
+    cli("plan", tiny, "--saliency", tiny_saliency, "--keep-frac", "0.5", "--out", plan)
+    r = subprocess.run([sys.executable, "-m", "rewriter", "run", str(plan), "--out", str(tmp_path / "o"), "--ray",
+                        "--quiet"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""})
+    assert r.returncode == 0, r.stderr
+    assert not [line for line in r.stderr.splitlines() if {"INFO", "WARNING"} & set(line.split())], r.stderr
+    assert "wrote" in r.stdout
