@@ -32,6 +32,8 @@ MiB = 1 << 20
 log = logging.getLogger(__name__)
 #: Largest --buffer-mib: far past where copies get faster, and every worker allocates one.
 MAX_BUFFER_MIB = 1024
+#: Bounds of the estimate's bandwidths (MB/s) and latency (ms): past them it says nothing useful.
+MIN_MBPS, MAX_MBPS, MAX_LATENCY_MS = 0.001, 1e7, 60000.0
 
 
 class _BufferMiB(click.ParamType):
@@ -40,14 +42,41 @@ class _BufferMiB(click.ParamType):
     def convert(self, value: Any, param: Any, ctx: Any) -> int:
         n: int = click.INT.convert(value, param, ctx)
         if n < 1:
-            self.fail(f"{n} is not a positive number of MiB; give 16-256", param, ctx)
+            self.fail(f"{n} is not a positive number of MiB; give 1-{MAX_BUFFER_MIB} (16-256 is usual)", param, ctx)
         if n > MAX_BUFFER_MIB:
             self.fail(f"{n} MiB is more than the {MAX_BUFFER_MIB} MiB allowed: each worker allocates this much "
-                      f"and copies are no faster past a few tens of MiB; give 16-256", param, ctx)
+                      f"and copies are no faster past a few tens of MiB; give 1-{MAX_BUFFER_MIB} (16-256 is usual)", param, ctx)
         return n
 
 
 BUFFER_MIB = _BufferMiB()
+
+
+class _PartMiB(click.ParamType):
+    """--part-mib: the multipart-upload pieces are min(part, 64 MiB), at least 5 MiB, and a part
+    is a whole number of them."""
+
+    name = "MIB"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        n: int = click.INT.convert(value, param, ctx)
+        if n < 5 or (n > 64 and n % 64):
+            self.fail(f"{n} MiB is not a part size: give 5 to 64, or a multiple of 64 (128, 192, 256, ...)",
+                      param, ctx)
+        return n
+
+
+class _LinkMbps(click.FloatRange):
+    """--link-mbps: 0 (no cap) or a bandwidth in MIN_MBPS..MAX_MBPS."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        v = finite(0, MAX_MBPS).convert(value, param, ctx)
+        if 0 < v < MIN_MBPS:
+            self.fail(f"{value!r} MB/s is below {MIN_MBPS}: give 0 (no cap) or {MIN_MBPS}-{MAX_MBPS:g}", param, ctx)
+        return v
+
+
+PART_MIB, LINK_MBPS = _PartMiB(), _LinkMbps(0, MAX_MBPS)
 
 
 @click.group(cls=RewriterGroup, epilog=EXIT_STATUS_HELP)
@@ -279,21 +308,22 @@ def keep_summary(p: Any, num_experts: int, ids: bool = False) -> list[str]:
 
 cost_options = _options(
         click.option("--workers", type=POSITIVE, default=1, show_default=True, help="Workers for the time estimate."),
-        click.option("--read-mbps", type=finite(min=0, min_open=True), default=None,
-                     help="Per-worker read bandwidth, MB/s (default 1000)."),
-        click.option("--write-mbps", type=finite(min=0, min_open=True), default=None,
-                     help="Per-worker write bandwidth, MB/s (default 1000)."),
-        click.option("--latency-ms", type=finite(min=0), default=0, show_default=True,
-                     help="Time to the first byte of each read request (object stores: tens of ms)."),
+        click.option("--read-mbps", type=finite(MIN_MBPS, MAX_MBPS), default=None,
+                     help=f"Per-worker read bandwidth, MB/s, {MIN_MBPS}-{MAX_MBPS:g} (default 1000)."),
+        click.option("--write-mbps", type=finite(MIN_MBPS, MAX_MBPS), default=None,
+                     help=f"Per-worker write bandwidth, MB/s, {MIN_MBPS}-{MAX_MBPS:g} (default 1000)."),
+        click.option("--latency-ms", type=finite(0, MAX_LATENCY_MS), default=0, show_default=True,
+                     help="Time to the first byte of each read request, ms (object stores: tens of ms)."),
         click.option("--inflight", type=click.IntRange(min=0, max=4096), default=None,
                      help="Read requests in flight per worker for the estimate, each at --read-mbps (0: one at "
                           "a time, then the writes). Default: what a run keeps by default, 16 "
                           "(--max-inflight-requests), for a remote source; 0 for a local one."),
         click.option("--max-gap-kib", type=click.IntRange(min=0, max=1 << 20), default=64, show_default=True,
                      help="Ranges of a source shard at most this far apart are read as one request."),
-        click.option("--link-mbps", type=finite(min=0), default=0,
-                     help="All of a worker's read requests together at most this fast, MB/s (the network "
-                          "card, or what the store serves one client; default: no cap)."),
+        click.option("--link-mbps", type=LINK_MBPS, default=0,
+                     help=f"All of a worker's read requests together at most this fast, MB/s, {MIN_MBPS}-"
+                          f"{MAX_MBPS:g} (the network card, or what the store serves one client; 0, the "
+                          f"default: no cap)."),
     click.option("--measure-bandwidth", type=click.Path(exists=True, file_okay=False), default=None, metavar="DIR",
                  help="Measure read/write bandwidth of the disk holding DIR first (writes 256 MiB there)."),
 )
@@ -407,17 +437,29 @@ run_options = _options(
         click.option("--ray", "use_ray", is_flag=True, help="Run on Ray CPU actors (pip install '.[ray]')."),
         click.option("--address", default=None, help="Ray cluster address (default: start a local one)."),
         click.option("--workers", "ray_workers", type=POSITIVE, default=2, show_default=True, help="Ray actors."),
-        click.option("--ray-timeout", type=click.FloatRange(min=0, min_open=True, max=86400), default=30,
+        click.option("--ray-timeout", type=finite(0, 86400, min_open=True), default=30,
                      show_default=True, help="Seconds to wait for the Ray cluster at --address to answer."),
-        click.option("--ray-pending-timeout", type=click.FloatRange(min=0, min_open=True, max=86400), default=600,
+        click.option("--ray-pending-timeout", type=finite(0, 86400, min_open=True), default=600,
                      show_default=True, help="Seconds to wait for a Ray actor the cluster cannot place (no free "
                      "CPU or memory, a lost node) before its work goes to the others, or the run stops if none runs."),
-        click.option("--part-mib", type=click.IntRange(min=5), default=1024, show_default=True,
+        click.option("--part-mib", type=PART_MIB, default=1024, show_default=True,
                      help="With --ray: shards larger than this are written in parts of this size by several "
-                     "actors and resumed part by part (a multiple of 64 above 64)."),
+                     "actors and resumed part by part (5 to 64, or a multiple of 64 above 64: the parts "
+                     "are uploaded in pieces of at most 64 MiB)."),
         click.option("--quiet", is_flag=True, help="No progress."),
     click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
 )
+
+
+def _start_local_ray_quietly(address: str | None) -> None:
+    """Start the local Ray instance a run without --address uses, without Ray's INFO lines (the
+    executor then finds it started); a cluster at an address is joined at level ERROR already."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        return
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
 
 
 def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bool, drop_cache: bool,
@@ -449,6 +491,8 @@ def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bo
     if use_ray:
         from rewriter.exec.ray_executor import execute_on_ray
 
+        if quiet:
+            _start_local_ray_quietly(address)
         result = execute_on_ray(p, dst, address=address, workers=ray_workers, connect_timeout_s=ray_timeout,
                                 pending_timeout_s=ray_pending_timeout, part_bytes=part_mib * MiB, **kwargs)
     else:
@@ -552,9 +596,12 @@ def soft_prune(src: str, dst: str, plan_out: str | None, verbose: bool, **kw: An
 @click.option("--ray", "use_ray", is_flag=True, help="Check the shards in Ray tasks (pip install '.[ray]').")
 @click.option("--address", default=None, help="Ray cluster address, with --ray (default: start a local one).")
 @click.option("--workers", "ray_workers", type=POSITIVE, default=2, show_default=True, help="Ray tasks at a time, with --ray.")
+@click.option("--ray-timeout", type=finite(0, 86400, min_open=True), default=30, show_default=True,
+              help="With --ray: seconds to wait for the Ray cluster at --address to answer.")
 @_fail_cleanly
 def verify(paths: tuple[str, ...], buffer_mib: int, src_options: dict[str, Any] | None,
-           dst_options: dict[str, Any] | None, as_json: bool, use_ray: bool, address: str | None, ray_workers: int) -> None:
+           dst_options: dict[str, Any] | None, as_json: bool, use_ray: bool, address: str | None, ray_workers: int,
+           ray_timeout: float) -> None:
     """Prove DST: every byte of every output tensor equals its planned slice of SRC, and every
     shard hashes to the sha256 (of the shard, or of each part) DST/pruning.json records.
 
@@ -572,7 +619,8 @@ def verify(paths: tuple[str, ...], buffer_mib: int, src_options: dict[str, Any] 
         from rewriter.exec.ray_verify import verify_on_ray
 
         report = verify_on_ray(src, dst, address=address, workers=ray_workers, src_options=src_options or {},
-                               dst_options=dst_options or {}, buffer_bytes=buffer_mib * MiB)
+                               dst_options=dst_options or {}, buffer_bytes=buffer_mib * MiB,
+                               connect_timeout_s=ray_timeout)
     else:
         report = do_verify(src, dst, src_options=src_options or {}, dst_options=dst_options or {},
                            buffer_bytes=buffer_mib * MiB)

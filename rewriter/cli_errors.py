@@ -93,6 +93,8 @@ def fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _storage_option(url: str, params: dict[str, Any]) -> str:
     """The option of the command that carries fsspec options for ``url``: the destination's, the
     source's (``run``, ``verify``, ``card``) or the one location's (``--storage-options``)."""
+    if "dst_options" in params and "src_options" not in params and "storage_options" not in params:
+        return "--dst-options"  # the command's one location option (status)
     if "dst_options" in params:
         paths = params.get("paths") or (None,)
         dst = str(params.get("dst") or paths[-1] or "").rstrip("/")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -88,11 +89,21 @@ POSITIVE, NON_NEGATIVE = click.IntRange(min=1), click.IntRange(min=0)
 
 
 def refuse_existing_file(path: str, option: str, force: bool, replaceable: Callable[[str], bool] | None = None) -> None:
-    """Refuse to write ``path`` over a folder, or over a file unless ``force`` or ``replaceable``."""
+    """Refuse to write ``path`` over a folder, over what is not a regular file (a FIFO, a device),
+    or over a file unless ``force`` or ``replaceable``."""
+    from rewriter.core.jsonfile import file_kind
+
     if "://" in path or not os.path.lexists(path):
         return
     if os.path.isdir(path):
         raise click.BadParameter(f"{path} is a folder; give a file name", param_hint=option)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = stat.S_IFREG  # a dangling link: written through as before
+    if not stat.S_ISREG(mode):
+        raise click.BadParameter(f"{path} is {file_kind(mode)}, not a regular file; give a file name",
+                                 param_hint=option)
     if force or (replaceable is not None and replaceable(path)):
         return
     what = "is not a plan file" if replaceable is not None else "exists"
@@ -105,14 +116,14 @@ def refuse_existing_file(path: str, option: str, force: bool, replaceable: Calla
 
 def _is_plan_file(path: str) -> bool:
     from planners.plan import PLAN_FORMAT
+    from rewriter.core.errors import PlanError
+    from rewriter.core.jsonfile import parse_json, read_url
 
-    # Plans of the largest models are a few MB; a bigger file is something else, left unread.
+    # Plans of the largest models are a few MB; a bigger file, or what is not a regular file, is
+    # something else, left unread (read_url reads no further than its cap, never a FIFO).
     try:
-        if os.path.getsize(path) > 64 * MiB:
-            return False
-        with open(path, "rb") as f:
-            doc = json.loads(f.read())
-    except (OSError, ValueError):
+        doc = parse_json(read_url(path, PlanError, max_bytes=64 * MiB), path, PlanError)
+    except (OSError, PlanError):
         return False
     return isinstance(doc, dict) and doc.get("format") == PLAN_FORMAT
 

@@ -17,7 +17,7 @@ import click
 
 from rewriter.cli_errors import EXIT_FOUND, EXIT_OK, RewriterCommand
 from rewriter.cli_errors import fail_cleanly as _fail_cleanly
-from rewriter.cli_params import JSON_OBJECT
+from rewriter.cli_params import JSON_OBJECT, finite
 
 #: Options of ``run`` that ``submit`` does not forward: the job always runs on Ray, on the
 #: cluster it was submitted to.
@@ -27,7 +27,7 @@ JOB_ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
 
 address_option = click.option("--address", default=None, metavar="URL",
                               help="The cluster's job service, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS).")
-timeout_option = click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=3600), default=30,
+timeout_option = click.option("--timeout", type=finite(0, 3600, min_open=True), default=30,
                               show_default=True, help="Seconds to wait for the job service to answer.")
 
 
@@ -97,6 +97,14 @@ def _is_destination(target: str) -> bool:
     return "://" in target or os.sep in target or os.path.exists(target)
 
 
+def _refuse_non_job_id(target: str) -> None:
+    """A Ray job id (``raysubmit_...`` or one given with --submission-id) holds no ``/``."""
+    if not target or "/" in target or os.sep in target or target.strip() != target:
+        raise click.BadParameter(f"{target!r} is not a Ray job id (raysubmit_... or the --submission-id given to "
+                                 f"`rewriter submit`; ids hold no '/'); for the status of a destination "
+                                 f"folder, leave out --address", param_hint="JOB")
+
+
 def _run_state(dst: str, dst_options: dict[str, Any] | None, job: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str | None]:
     """The run's status document, or why it cannot be had (for a job, reading may fail quietly)."""
     from rewriter.core.errors import RewriterError
@@ -134,6 +142,10 @@ def _failed(job: dict[str, Any] | None, doc: dict[str, Any] | None) -> bool:
 def status(target: str, address: str | None, timeout: float, dst_options: dict[str, Any] | None, as_json: bool) -> None:
     """Progress of a run: a Ray job (with --address) or a destination DST (no cluster needed).
 
+    With --address, the argument is always a job id (raysubmit_... or the --submission-id given to
+    `submit`), never a path. Without it, an argument holding a `/` or `://`, or naming something
+    that exists here, is a destination; anything else is a job id at $RAY_API_SERVER_ADDRESS.
+
     Shows the job's state and the run's status document (DST/.rewriter/status.json): bytes and
     shards done, rate, ETA, the last error; a finished output reads as complete. Exit status 1
     when the job or the run failed.
@@ -142,7 +154,9 @@ def status(target: str, address: str | None, timeout: float, dst_options: dict[s
     from rewriter.jobs import META_DST, JobService, last_error
 
     job: dict[str, Any] | None = None
-    if _is_destination(target):
+    if address is not None:
+        _refuse_non_job_id(target)
+    if address is None and _is_destination(target):
         dst = target
     else:
         service = JobService(address, timeout)

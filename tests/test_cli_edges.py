@@ -312,6 +312,7 @@ def test_object_storage_without_credentials_or_out_of_reach_names_url_and_option
         (["card", "s3://edges/out"], "s3://edges/out", "--dst-options"),
         (["verify", "s3://edges/out", "--dst-options", no_keys], "s3://edges/out", "--dst-options"),
         (["verify", "s3://edges/src", made["out"]], "s3://edges/src", "--src-options"),
+        (["status", "s3://edges/out", "--dst-options", no_keys], "s3://edges/out", "--dst-options"),
     ]
     for args, url, option in cases:
         r = subprocess.run([sys.executable, "-m", "rewriter", *map(str, args)], env=env, capture_output=True,
@@ -322,13 +323,15 @@ def test_object_storage_without_credentials_or_out_of_reach_names_url_and_option
     unreachable = [(["plan", "s3://edges/src", *policy, "--storage-options", closed], "--storage-options"),
                    (["run", made["plan"], "--out", "s3://edges/d4", "--dst-options", closed], "--dst-options"),
                    (["check", "s3://edges/out", "--storage-options", closed], "--storage-options"),
-                   (["card", "s3://edges/out", "--dst-options", closed], "--dst-options")]
+                   (["card", "s3://edges/out", "--dst-options", closed], "--dst-options"),
+                   (["status", "s3://missing-bucket/x", "--dst-options", closed], "--dst-options")]
     for args, option in unreachable:
         r = subprocess.run([sys.executable, "-m", "rewriter", *map(str, args)], env=env, capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 2, f"{args[0]}: exit {r.returncode}:\n{r.stderr}"
         assert "cannot connect to the object store" in r.stderr and f"pass {option} " in r.stderr, r.stderr
-        assert r.stderr.startswith("error: s3://edges/") and len(r.stderr.splitlines()) == 1
+        url = "s3://missing-bucket/x" if args[0] == "status" else "s3://edges/"
+        assert r.stderr.startswith(f"error: {url}") and len(r.stderr.splitlines()) == 1
     assert not (tmp_path / "d1").exists()
 
 
