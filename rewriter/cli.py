@@ -319,7 +319,8 @@ cost_options = _options(
                           "a time, then the writes). Default: what a run keeps by default, 16 "
                           "(--max-inflight-requests), for a remote source; 0 for a local one."),
         click.option("--max-gap-kib", type=click.IntRange(min=0, max=1 << 20), default=64, show_default=True,
-                     help="Ranges of a source shard at most this far apart are read as one request."),
+                     help="Ranges of a remote source shard at most this far apart are read as one request "
+                          "(a local source is read range by range)."),
         click.option("--link-mbps", type=LINK_MBPS, default=0,
                      help=f"All of a worker's read requests together at most this fast, MB/s, {MIN_MBPS}-"
                           f"{MAX_MBPS:g} (the network card, or what the store serves one client; 0, the "
