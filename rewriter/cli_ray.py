@@ -121,7 +121,7 @@ def _job_lines(job: dict[str, Any]) -> list[str]:
 
 
 def _failed(job: dict[str, Any] | None, doc: dict[str, Any] | None) -> bool:
-    return bool((job and job["status"] in ("FAILED", "STOPPED")) or (doc and doc.get("state") == "failed"))
+    return bool((job and job["status"] in ("FAILED", "STOPPED")) or (doc and doc.get("state") in ("failed", "stopped")))
 
 
 @click.command(cls=RewriterCommand)
