@@ -82,6 +82,13 @@ def cleanup(dst_url: str, dst_options: Mapping[str, Any] | None = None, *, dry_r
         DestinationLockedError: a run is using the destination (not with ``dry_run``).
     """
     dst = open_destination(dst_url, dst_options)
+    try:
+        return _cleanup(dst_url, dst, dry_run)
+    finally:
+        dst.storage.invalidate_cache()  # no listing of DST stays cached: a later reader sees what is new
+
+
+def _cleanup(dst_url: str, dst: Destination, dry_run: bool) -> Cleanup:
     _refuse_non_folder(dst_url, dst)
     out = Cleanup()
     if not dst.exists(STATE_DIR):
