@@ -934,7 +934,7 @@ def cleanup(dst: str, dst_options: dict[str, Any] | None, dry_run: bool) -> None
     lines = do_cleanup(dst, dst_options or {}, dry_run=dry_run)
     for line in lines:
         click.echo(line)
-    click.echo(f"{dst}: {len(lines)} leftovers of killed runs {'found' if dry_run else 'cleaned up'}")
+    click.echo(lines.summary)
 
 
 # --- Ray Jobs: submit, status, logs (rewriter/cli_ray.py) ---------------------------------------

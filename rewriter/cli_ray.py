@@ -129,7 +129,7 @@ def _job_lines(job: dict[str, Any]) -> list[str]:
 
 
 def _failed(job: dict[str, Any] | None, doc: dict[str, Any] | None) -> bool:
-    return bool((job and job["status"] in ("FAILED", "STOPPED")) or (doc and doc.get("state") == "failed"))
+    return bool((job and job["status"] in ("FAILED", "STOPPED")) or (doc and doc.get("state") in ("failed", "stopped")))
 
 
 @click.command(cls=RewriterCommand)
@@ -168,7 +168,7 @@ def status(target: str, address: str | None, timeout: float, dst_options: dict[s
             raise click.BadParameter(f"job {target} was not submitted by `rewriter submit` (its metadata names no "
                                      f"destination); see it with `ray job status`", param_hint="JOB")
     doc, problem = _run_state(dst, dst_options, job)
-    if job and doc and job["status"] in ("FAILED", "STOPPED") and doc["state"] == "running":
+    if job and doc and job["status"] in ("FAILED", "STOPPED") and doc["state"] in ("running", "stopped"):
         doc["note"] = ("the job ended while the run was writing; submit the same plan and destination again "
                        "to resume it")
     if as_json:

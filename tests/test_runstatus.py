@@ -101,12 +101,14 @@ def test_status_of_nothing_and_of_a_damaged_document(tmp_path):
 
 def test_stale_running_document_is_flagged(small_plan, tmp_path):
     _, plan = small_plan
-    clock = [1000.0]
+    import time
+
+    clock = [time.time()]  # the driver (this process) started before the run did: not a stopped run
     writer = StatusWriter(clock=lambda: clock[0])
     from rewriter.exec.destination import open_destination
 
     (tmp_path / "d").mkdir()
     writer.started(open_destination(str(tmp_path / "d")), plan, [])
-    doc = read_status(str(tmp_path / "d"), now=1000.0 + 3600)
+    doc = read_status(str(tmp_path / "d"), now=clock[0] + 3600)
     assert doc["state"] == "running" and doc["stale_s"] == 3600
     assert "may have stopped" in "\n".join(format_status(doc))

@@ -57,7 +57,7 @@ def verify_on_ray(
             if opened is None:
                 return report
             dst, _ = opened
-            recorded = recorded_shards(dst_store)
+            recorded = recorded_shards(plan, dst_store, report)
             todo = [o for o in plan.outputs if o.name in dst.shards]
             base = LOCAL_BASE_BYTES if dst_store.is_local and src_store.is_local else REMOTE_BASE_BYTES
     connect(address, connect_timeout_s)
@@ -68,7 +68,7 @@ def verify_on_ray(
     for i, out in enumerate(todo):
         if len(pending) >= max(1, workers):
             _collect(pending, results, checks)
-        ref = task.remote(out, recorded.get(out.name), shard_tensors(dst, out.name), src_url, src_options,
+        ref = task.remote(out, recorded[out.name], shard_tensors(dst, out.name), src_url, src_options,
                           dst_url, dst_options, buffer_bytes)
         results[ref] = i
         pending.append(ref)

@@ -1,10 +1,12 @@
 """The status document: how far a run has got, readable by anyone who can read the destination.
 
 A run keeps ``DST/.rewriter/status.json`` up to date (published whole, at most every
-:data:`WRITE_EVERY_S` seconds, and at once when it starts or fails): its state (``running``,
-``failed``), bytes, shards and (Ray) parts done and in all, when it started, its rate (since the first bytes
+:data:`WRITE_EVERY_S` seconds, and at once when it starts, publishes a shard, fails or is
+interrupted): its state (``running``, ``failed``, ``interrupted``), bytes, shards and (Ray) parts done and in all, when it started, its rate (since the first bytes
 were reported), an ETA and the last error. The state folder is removed when the output is complete, so a finished run is read from
-the output itself: its index and ``pruning.json``.
+the output itself: its index and ``pruning.json``. A driver killed outright cannot say so: a
+``running`` document whose driver ran on this host and is gone (or whose pid is now another
+process's) is read as ``stopped``, with the shards and bytes its journal vouches for.
 
 :class:`StatusWriter` is the run's observer (``execute(observer=...)``) and a progress callback;
 :func:`read_status` is what ``rewriter status`` shows.
@@ -37,6 +39,12 @@ FORMAT = "moe-rewriter-status"
 WRITE_EVERY_S = 2.0
 #: A running run whose document is older than this is reported as possibly stopped.
 STALE_AFTER_S = 120.0
+#: How much later than the run a process may seem to start and still be its driver (the clock of
+#: ``/proc`` start times counts from a boot time rounded to the second, and drifts).
+PID_CLOCK_SLACK_S = 5.0
+INTERRUPTED_NOTE = "interrupted; run the same command again to resume"
+STOPPED_NOTE = ("its driver (process {pid} on this host) is no longer running: it was killed; run the same "
+                "command again to resume")
 
 
 class RunObserver(Protocol):
@@ -76,6 +84,7 @@ class StatusWriter:
         self.base = sum(r.size for r in done)
         self.doc = {"format": FORMAT, "state": "running", "dst": dst.url, "plan_digest": plan.digest,
                     "host": socket.gethostname(), "pid": os.getpid(), "started": _iso(self.t0),
+                    "started_unix": round(self.t0, 3),
                     "bytes_total": sum(o.size for o in plan.outputs), "shards_total": len(plan.outputs),
                     "shards_done": len(done), "shards_resumed": len(done), "error": None}
         self._write(force=True)
@@ -93,12 +102,14 @@ class StatusWriter:
     def shard_done(self, result: ShardResult) -> None:
         if self.dst is not None:
             self.doc["shards_done"] += 1
-            self._write()
+            self._write(force=True)
 
     def failed(self, err: BaseException) -> None:
         if self.dst is not None:
-            self.doc["state"] = "failed"
-            self.doc["error"] = str(err) or type(err).__name__
+            if isinstance(err, KeyboardInterrupt):
+                self.doc.update(state="interrupted", note=INTERRUPTED_NOTE)
+            else:
+                self.doc.update(state="failed", error=str(err) or type(err).__name__)
             self._write(force=True)
 
     def _write(self, copied: int = 0, force: bool = False) -> None:
@@ -141,7 +152,7 @@ def read_status(dst_url: str, options: Mapping[str, Any] | None = None, now: flo
     if dst.exists(INDEX_NAME) and dst.exists(PROVENANCE_NAME) and not dst.exists(JOURNAL):
         return _complete(dst)
     if dst.exists(STATUS_NAME):
-        return _checked(dst, dst.read_all(STATUS_NAME), time.time() if now is None else now)
+        return _stopped(dst, _checked(dst, dst.read_all(STATUS_NAME), time.time() if now is None else now))
     if dst.exists(JOURNAL):
         return {"format": FORMAT, "state": "unknown", "dst": dst.url,
                 "note": "a run's journal is there but no status document: the run was started by a "
@@ -184,6 +195,51 @@ def _checked(dst: Destination, raw: bytes, now: float) -> dict[str, Any]:
     if doc["state"] == "running" and age > STALE_AFTER_S:
         doc["stale_s"] = round(age)
     return dict(doc)
+
+
+def _process_started(pid: int) -> float | None:
+    """When process ``pid`` of this host started (Unix time), or None: no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, IndexError, StopIteration):  # no /proc: only whether it is alive
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return 0.0
+
+
+def _stopped(dst: Destination, doc: dict[str, Any]) -> dict[str, Any]:
+    """A ``running`` document whose driver ran here and is gone (or its pid is another process,
+    started after the run) is ``stopped``; its counts then come from the journal."""
+    pid = doc.get("pid")
+    if doc["state"] != "running" or doc.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return doc
+    started = _process_started(pid)
+    run_started = doc.get("started_unix")
+    if not isinstance(run_started, (int, float)):  # a document of an earlier version: the update time bounds it
+        run_started = doc["updated_unix"]
+    if started is not None and started <= run_started + PID_CLOCK_SLACK_S:
+        return doc  # that process started before the run did: it is the driver
+    doc.update(state="stopped", note=STOPPED_NOTE.format(pid=pid), eta_s=None, rate_bytes_per_s=None)
+    doc.pop("stale_s", None)
+    try:
+        shards = json.loads(dst.read_all(JOURNAL)).get("shards") if dst.exists(JOURNAL) else None
+    except (ValueError, AttributeError):
+        shards = None
+    if isinstance(shards, dict):
+        sizes = [r.get("size") for r in shards.values() if isinstance(r, dict)]
+        doc["shards_done"] = max(doc["shards_done"], len(shards))
+        doc["bytes_done"] = max(doc["bytes_done"], min(doc["bytes_total"], sum(n for n in sizes if isinstance(n, int))))
+    return doc
 
 
 def format_status(doc: Mapping[str, Any]) -> list[str]:

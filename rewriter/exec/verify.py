@@ -2,8 +2,9 @@
 
 The plan travels in the destination's ``pruning.json``, so any checkpoint this tool wrote can be
 verified against its source. Each shard is read once, in order, with a bounded buffer: its
-header against the plan, its bytes against the sha256 ``pruning.json`` records for it (the whole
-shard's, or each part's where it was written in parts), and every tensor against its planned
+header against the plan, its bytes against every sha256 ``pruning.json`` records for it (the whole
+shard's, each part's where it was written in parts; the record itself is checked first, by
+:mod:`rewriter.exec.provenance_record`), and every tensor against its planned
 source slice. :mod:`rewriter.exec.ray_verify` runs the same check per shard on Ray actors.
 """
 
@@ -21,6 +22,7 @@ from rewriter.core.errors import CheckpointError, PlanError, RewriterError
 from rewriter.core.jsonfile import parse_json_object
 from rewriter.core.storage import Storage
 from rewriter.exec.copy import DEFAULT_BUFFER_BYTES
+from rewriter.exec.provenance_record import Range, check_document
 
 
 @dataclass
@@ -128,10 +130,10 @@ def _verify(plan: Plan, src_store: Storage, dst_store: Storage, buffer_bytes: in
     opened = open_both(plan, src_store, dst_store, report)
     if opened is not None:
         dst, src = opened
-        recorded = recorded_shards(dst_store)
+        recorded = recorded_shards(plan, dst_store, report)
         for out in plan.outputs:
             if out.name in dst.shards:
-                report.add(check_shard(out, recorded.get(out.name), shard_tensors(dst, out.name), src.storage,
+                report.add(check_shard(out, recorded[out.name], shard_tensors(dst, out.name), src.storage,
                                        dst_store, buffer_bytes))
     return report
 
@@ -162,11 +164,12 @@ def open_both(plan: Plan, src_store: Storage, dst_store: Storage, report: Verify
     return dst, src
 
 
-def recorded_shards(dst: Storage) -> dict[str, Any]:
-    """Each shard's record in ``pruning.json`` (size, and sha256 or its parts' hashes)."""
-    doc = json.loads(dst.read_all(PROVENANCE_NAME))
-    shards = doc.get("shards") if isinstance(doc, dict) else None
-    return shards if isinstance(shards, dict) else {}
+def recorded_shards(plan: Plan, dst: Storage, report: VerifyReport) -> dict[str, tuple[list[Range], list[Range]]]:
+    """Each planned shard's hash ranges ``pruning.json`` records (checked as untrusted input: its
+    problems go to ``report``)."""
+    problems, ranges = check_document(plan, json.loads(dst.read_all(PROVENANCE_NAME)))
+    report.problems += [p.replace(PROVENANCE_NAME, dst.describe(PROVENANCE_NAME), 1) for p in problems]
+    return ranges
 
 
 def shard_tensors(dst: Checkpoint, name: str) -> dict[str, tuple[int, int]]:
@@ -174,36 +177,14 @@ def shard_tensors(dst: Checkpoint, name: str) -> dict[str, tuple[int, int]]:
     return {t.name: (t.begin, t.end) for t in dst.tensors.values() if t.shard == name}
 
 
-def _ranges(out: OutputShard, recorded: Any, where: str, problems: list[str]) -> list[tuple[int, int, str, str]]:
-    """``(start, end, label, sha256)`` the recorded hashes cover; a missing or malformed record is a problem."""
-    rec = recorded if isinstance(recorded, dict) else {}
-    if isinstance(rec.get("sha256"), str) and rec["sha256"]:
-        return [(0, out.size, "", rec["sha256"])]
-    ranges, pos = [], 0
-    for i, p in enumerate(rec.get("parts") or []):
-        try:
-            start, length, digest = int(p["start"]), int(p["length"]), str(p["sha256"])
-        except (KeyError, TypeError, ValueError):
-            break
-        if start != pos or length <= 0:
-            break
-        ranges.append((start, start + length, f"part {i} (bytes {start:,}-{start + length:,}) ", digest))
-        pos += length
-    if not ranges or pos != out.size:
-        problems.append(f"{where}: {PROVENANCE_NAME} records no valid sha256 for it (neither the shard's nor "
-                        f"parts that cover it); its bytes are checked tensor by tensor only")
-        return []
-    return ranges
-
-
-def check_shard(out: OutputShard, recorded: Any, tensors: Mapping[str, tuple[int, int]], src: Storage,
+def check_shard(out: OutputShard, recorded: tuple[list[Range], list[Range]], tensors: Mapping[str, tuple[int, int]], src: Storage,
                 dst: Storage, buffer_bytes: int) -> ShardCheck:
     """One pass over shard ``out``: its header, the hashes ``pruning.json`` records for it, and every
     tensor's bytes against its planned source slice."""
     check = ShardCheck()
     where = dst.describe(out.name)
-    ranges = _ranges(out, recorded, where, check.problems)
-    hashers = RangeHashes([(s, e) for s, e, _, _ in ranges])
+    whole, parts = recorded
+    hashers = [RangeHashes([(s, e) for s, e, _, _ in rs]) for rs in (whole, parts)]
     planned = {t.name: t for t in out.tensors}
     spans = sorted((b, e, n) for n, (b, e) in tensors.items() if n in planned)
     check.mismatches += [n for n in planned if n not in tensors]
@@ -214,7 +195,8 @@ def check_shard(out: OutputShard, recorded: Any, tensors: Mapping[str, tuple[int
         for chunk in dst.iter_range(out.name, 0, out.size, bytearray(buffer_bytes)):
             if len(head) < len(out.header):
                 head += bytes(chunk[: len(out.header) - len(head)])
-            hashers.feed(pos, chunk)
+            for h in hashers:
+                h.feed(pos, chunk)
             tensor_hashes.feed(pos, chunk)
             pos += len(chunk)
     except RewriterError as e:
@@ -223,7 +205,7 @@ def check_shard(out: OutputShard, recorded: Any, tensors: Mapping[str, tuple[int
     if head != out.header:
         check.problems.append(f"{where}: header differs from the plan")
         return check
-    for (_, _, label, want), got in zip(ranges, hashers.digests()):
+    for (_, _, label, want), got in zip(whole + parts, hashers[0].digests() + hashers[1].digests()):
         if got != want:
             check.problems.append(f"{where}: {label}sha256 {got} differs from the {want} recorded in {PROVENANCE_NAME}")
     buf = bytearray(buffer_bytes)
