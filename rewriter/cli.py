@@ -926,8 +926,10 @@ def card(dst: str, base_model: str | None, eval_json: str | None, run_verify: bo
 def cleanup(dst: str, dst_options: dict[str, Any] | None, dry_run: bool) -> None:
     """Abort the multipart uploads and remove the part files and temporaries killed runs left in DST.
 
-    Takes DST's lock first (a run still writing is never disturbed). Finished shards stay
-    journaled: `rewriter run` resumes from them; unfinished shards are written again.
+    Takes DST's lock first (a run still writing is never disturbed; --dry-run only reads, without
+    the lock, and says when a run is in progress). A missing DST or a file is refused; a folder no
+    run wrote state into is left unchanged. Finished shards stay journaled: `rewriter run` resumes
+    from them; unfinished shards are written again.
     """
     from rewriter.exec.cleanup import cleanup as do_cleanup
 

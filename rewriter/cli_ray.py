@@ -147,8 +147,9 @@ def status(target: str, address: str | None, timeout: float, dst_options: dict[s
     that exists here, is a destination; anything else is a job id at $RAY_API_SERVER_ADDRESS.
 
     Shows the job's state and the run's status document (DST/.rewriter/status.json): bytes and
-    shards done, rate, ETA, the last error; a finished output reads as complete. Exit status 1
-    when the job or the run failed.
+    shards done, rate, ETA, the last error; a finished output reads as complete, a run whose
+    driver is gone from this host as stopped, a Ctrl-C as interrupted. Exit status 1 when the job
+    or the run failed or stopped (0 when interrupted: the same command resumes it).
     """
     from rewriter.exec.runstatus import format_status
     from rewriter.jobs import META_DST, JobService, last_error
