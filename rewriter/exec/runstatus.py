@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from planners.plan import PROVENANCE_NAME, Plan
 from rewriter.core.checkpoint import INDEX_NAME
-from rewriter.core.errors import ExecutionError
+from rewriter.core.errors import DestinationFullError, ExecutionError
 from rewriter.exec.destination import Destination, open_destination
 from rewriter.exec.journal import JOURNAL, ShardResult
 from rewriter.exec.lock import STATE_DIR
@@ -134,6 +134,8 @@ class StatusWriter:
                         eta_s=round((total - done) / rate, 1) if rate and self.doc["state"] == "running" else None)
         try:
             self.dst.put_bytes(STATUS_NAME, (json.dumps(self.doc, indent=1, sort_keys=True) + "\n").encode())
+        except DestinationFullError:
+            pass  # the run's own writes meet the full disk too, and its error says so and what to do
         except Exception as e:  # the run matters more than its status document
             if not self.warned:
                 log.warning("could not write the status document %s (%s); the run goes on",
