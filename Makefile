@@ -34,10 +34,10 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check rewriter planners ray_jobs bench_io profiling quality tests
+	$(BIN)/ruff check core rewriter planners ray_jobs bench_io profiling quality tests
 
 typecheck: $(STAMP)
-	$(BIN)/mypy rewriter planners ray_jobs
+	$(BIN)/mypy core rewriter planners ray_jobs
 
 bench: $(STAMP)
 	$(BIN)/python -m bench_io run

@@ -35,7 +35,7 @@ from planners.plan import Plan
 
 def _source_rows(plan: Plan, t) -> list[int] | None:
     """Kept rows of a tensor sliced along the expert dim (None: copied whole)."""
-    from rewriter.core.layouts import GPT_OSS
+    from core.layouts import GPT_OSS
 
     role = GPT_OSS.classify(t.source)
     if role is None or role.role == "expert":
@@ -96,9 +96,9 @@ def lazy(plan: Plan, dst: Path) -> None:
 
 
 def ours(plan: Plan, dst: Path, zero_copy: bool = True, io=None, src_options: dict | None = None) -> None:
-    from rewriter.core.storage import Storage
-    from rewriter.exec.destination import open_destination
-    from rewriter.exec.executor import execute, write_output_shard
+    from core.storage import Storage
+    from rewriter.exec.dest.destination import open_destination
+    from rewriter.exec.run.executor import execute, write_output_shard
 
     if plan.is_dry_run:  # a per-layer plan: its shards one after another, as `rewriter dry-run` does
         src, out = Storage(plan.source_url, src_options), open_destination(str(dst))
@@ -113,7 +113,7 @@ def download_then_prune(plan: Plan, dst: Path, src_options: dict, requests: int,
     offset), then the plan carried out from the local copy."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from rewriter.core.storage import Storage
+    from core.storage import Storage
 
     src = Storage(plan.source_url, src_options)
     local = dst.parent / (dst.name + "-download")
@@ -142,7 +142,7 @@ def ours_ray(plan: Plan, dst: Path, workers: int) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from rewriter.exec.ray_executor import execute_on_ray
+    from rewriter.exec.distributed.ray_executor import execute_on_ray
 
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, object_store_memory=100 << 20)
     execute_on_ray(plan, str(dst), workers=workers)
@@ -174,7 +174,7 @@ NAMES = ("naive", "lazy", "ours", "ours-buffered", "ours-seq", "ours-buffered-se
 
 
 def _runner(name: str, plan: Plan, dst: Path, args: argparse.Namespace):
-    from rewriter.exec.copy import IOOptions
+    from rewriter.exec.io.copy import IOOptions
 
     io = IOOptions(inflight_bytes=args.inflight_mib << 20, inflight_requests=args.requests)
     opts = args.src_options

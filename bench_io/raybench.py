@@ -71,12 +71,12 @@ def one_run(mode: str, plan_path: str, dst: str, workers: int, report: str) -> N
     t = time.perf_counter()
     prof.enable()
     if mode == "ray":
-        from rewriter.exec.ray_executor import execute_on_ray
+        from rewriter.exec.distributed.ray_executor import execute_on_ray
 
         result = execute_on_ray(plan, dst, workers=workers)
     else:
-        from rewriter.exec.copy import IOOptions
-        from rewriter.exec.executor import execute
+        from rewriter.exec.io.copy import IOOptions
+        from rewriter.exec.run.executor import execute
 
         # workers 0: the local default (--jobs from the cores and the plan); N: --jobs N.
         result = execute(plan, dst, io=IOOptions(jobs=workers or None))
@@ -109,14 +109,14 @@ def driver_breakdown(stats: pstats.Stats, run_s: float) -> dict[str, Any]:
     parts = {
         "wait_s": _ct(stats, ("get", "wait"), "ray/_private/worker.py"),
         "hash_s": _ct(stats, ("sha256_fd",), "rewriter/exec/"),
-        "journal_s": _ct(stats, ("record",), "rewriter/exec/journal.py"),
-        "finalize_s": _ct(stats, ("finalize",), "rewriter/exec/executor.py"),
-        "prepare_s": _ct(stats, ("prepare_destination", "pending_shards"), "rewriter/exec/journal.py"),
+        "journal_s": _ct(stats, ("record",), "rewriter/exec/dest/journal.py"),
+        "finalize_s": _ct(stats, ("finalize",), "rewriter/exec/run/executor.py"),
+        "prepare_s": _ct(stats, ("prepare_destination", "pending_shards"), "rewriter/exec/dest/journal.py"),
         # A local run's copying: its shards, on this thread or on its jobs' threads while this one waits.
-        "copy_s": _ct(stats, ("run_here",), "rewriter/exec/executor.py"),
+        "copy_s": _ct(stats, ("run_here",), "rewriter/exec/run/executor.py"),
         "commit_s": _ct(stats, ("commit_parts",), "rewriter/exec/"),
     }
-    inner = _ct(stats, ("execute",), "rewriter/exec/executor.py")
+    inner = _ct(stats, ("execute",), "rewriter/exec/run/executor.py")
     parts["setup_s"] = max(0.0, run_s - inner) if _ct(stats, ("execute_on_ray",), "ray_executor") else 0.0
     # The hash is counted within the commit where the commit does it (the larger of the two).
     counted = sum(v for k, v in parts.items() if k not in ("hash_s", "commit_s"))

@@ -1,6 +1,6 @@
 """Planning: which experts to keep and the byte ranges that make the output (pure data).
 
-:func:`plan_prune` is the entry point; it builds on :mod:`rewriter.core` only.
+:func:`plan_prune` is the entry point; it builds on :mod:`core` only.
 """
 
 from planners.prune import PlanOptions, plan_prune

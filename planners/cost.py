@@ -16,9 +16,9 @@ import heapq
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from core.storage import is_local_url
 from planners.plan import Plan
 from planners.reads import DEFAULT_MAX_GAP, Read, over_read, plan_reads
-from rewriter.core.storage import is_local_url
 
 MiB = 1 << 20
 #: Resident memory of an executor process besides its copy buffer (interpreter, fsspec, numpy):

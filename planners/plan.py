@@ -18,19 +18,19 @@ from typing import Any
 
 import fsspec
 
-from planners.plan_schema import check_document
-from planners.policies import KeepDecision
-from rewriter.core.checkpoint import (
+from core.checkpoint import (
     CONFIG_NAME,
     INDEX_NAME,
     Checkpoint,
     TensorInfo,
     relative_name_problem,
 )
-from rewriter.core.errors import PlanError
-from rewriter.core.format import PREFIX_BYTES, encode_header, parse_header
-from rewriter.core.jsonfile import parse_json, read_url
-from rewriter.core.layouts import Layout
+from core.errors import PlanError
+from core.format import PREFIX_BYTES, encode_header, parse_header
+from core.jsonfile import parse_json, read_url
+from core.layouts import Layout
+from planners.plan_schema import check_document
+from planners.policies import KeepDecision
 
 PLAN_FORMAT = "moe-rewriter-plan"
 PLAN_VERSION = 1

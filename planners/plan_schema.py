@@ -11,8 +11,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from rewriter.core.errors import PlanError
-from rewriter.core.layouts import LAYOUTS
+from core.errors import PlanError
+from core.layouts import LAYOUTS
 
 _REMAKE = "make the plan again with `rewriter plan` (or restore the field)"
 _MODES = ("structural", "soft")

@@ -11,8 +11,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from core.errors import PolicyError
 from planners.saliency import Saliency
-from rewriter.core.errors import PolicyError
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.checkpoint import Checkpoint
+from core.errors import OptionError, SaliencyError
+from core.layouts import Layout
 from planners.plan import Plan, build_plan
 from planners.policies import Domain, KeepDecision, KeepPolicy, select_keep, validate_keep_list
 from planners.saliency import (
@@ -30,9 +33,6 @@ from planners.saliency import (
     model_identity,
 )
 from planners.serving import apply_targets, facts_from, fit_policy
-from rewriter.core.checkpoint import Checkpoint
-from rewriter.core.errors import OptionError, SaliencyError
-from rewriter.core.layouts import Layout
 
 log = logging.getLogger(__name__)
 

@@ -36,11 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rewriter.core.errors import SaliencyError
-from rewriter.core.jsonfile import parse_json, read_url
+from core.errors import SaliencyError
+from core.jsonfile import parse_json, read_url
 
 if TYPE_CHECKING:
-    from rewriter.core.checkpoint import Checkpoint
+    from core.checkpoint import Checkpoint
 
 FORMAT = "moe-rewriter-saliency"
 VERSION = 1

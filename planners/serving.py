@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from core.checkpoint import Checkpoint
+from core.errors import PlanError, PolicyError
+from core.layouts import Layout
 from planners.plan import Plan
 from planners.policies import KeepPolicy, keep_count
-from rewriter.core.checkpoint import Checkpoint
-from rewriter.core.errors import PlanError, PolicyError
-from rewriter.core.layouts import Layout
 
 TARGETS = ("vllm", "sglang", "trtllm", "llamacpp", "transformers")
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from core.errors import SaliencyError
 from planners.policies import Domain, KeepPolicy, select_keep
 from planners.saliency import Saliency, has_identity
-from rewriter.core.errors import SaliencyError
 
 
 def jaccard(a: Iterable[int], b: Iterable[int]) -> float:

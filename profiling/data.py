@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rewriter.core.errors import RewriterError
+from core.errors import RewriterError
 
 
 class DataError(RewriterError):

@@ -28,14 +28,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.checkpoint import Checkpoint
+from core.errors import RewriterError
 from planners.saliency import Saliency, model_identity
 from profiling.data import LazyTokenizer, documents, pack
 from profiling.observer import ExpertObserver
 from profiling.spill import Spill
 from profiling.streamed import HEAD_CHUNK, StreamedModel, check_device, fits
 from profiling.weights import checkpoint_dtype
-from rewriter.core.checkpoint import Checkpoint
-from rewriter.core.errors import RewriterError
 
 log = logging.getLogger(__name__)
 

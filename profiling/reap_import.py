@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from core.errors import SaliencyError
 from planners.saliency import Saliency
-from rewriter.core.errors import SaliencyError
 
 
 def _floats(v, where: str) -> list[float]:

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.checkpoint import Checkpoint
+from core.errors import DeviceError, RewriterError
 from profiling.weights import Recipes, build, checkpoint_dtype, dense_bytes, fp8_block, read_tensors
-from rewriter.core.checkpoint import Checkpoint
-from rewriter.core.errors import DeviceError, RewriterError
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30

@@ -20,9 +20,9 @@ from typing import Any, Literal
 
 import torch
 
-from rewriter.core.checkpoint import Checkpoint, TensorInfo
-from rewriter.core.errors import CheckpointError
-from rewriter.core.storage import Storage
+from core.checkpoint import Checkpoint, TensorInfo
+from core.errors import CheckpointError
+from core.storage import Storage
 
 #: FP4 (E2M1) values by nibble, as transformers' MXFP4 integration defines them.
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)

@@ -13,7 +13,7 @@ problems, so differences between rankings are paired. :mod:`quality.report` aggr
 seeds: means, 95 % t-intervals and paired differences.
 
 Everything runs through the project's own code: :func:`profiling.profile.profile` (saliency),
-:func:`planners.plan_prune` (planning), :func:`rewriter.exec.executor.execute` (the rewrite),
+:func:`planners.plan_prune` (planning), :func:`rewriter.exec.run.executor.execute` (the rewrite),
 :func:`quality.evaluate.evaluate` (perplexity and the gates) and :mod:`quality.tasks` (exact match
 of greedy generation and answer-byte accuracy). ``random`` keeps a seeded random set of the same
 size per layer; ``+outliers`` rows plan with ``--keep-outliers``.
@@ -162,7 +162,7 @@ class _Evaluator:
     def __call__(self, plan, label: dict[str, Any]) -> None:
         from quality.evaluate import evaluate
         from quality.tasks import score_tasks
-        from rewriter.exec.executor import execute
+        from rewriter.exec.run.executor import execute
 
         dst = self.work / "pruned"
         shutil.rmtree(dst, ignore_errors=True)
@@ -243,7 +243,7 @@ def run_seed(scale: Scale, seed: int, corpora: Path, work: Path, device: str, lo
              steps: int | None = None, on_draw=None) -> dict[str, Any]:
     """Train the reference MoE with ``seed`` and run the whole grid on it, every calibration seed;
     ``on_draw(result so far)`` after each calibration seed."""
-    from rewriter.core.checkpoint import Checkpoint
+    from core.checkpoint import Checkpoint
 
     work.mkdir(parents=True, exist_ok=True)
     model_dir = work / "reference-moe"

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.checkpoint import Checkpoint
+from core.errors import RewriterError
 from profiling.data import LazyTokenizer, block_prefix, documents, pack
 from profiling.profile import (
     TOP_ENTROPY,
@@ -37,8 +39,6 @@ from profiling.profile import (
 from profiling.streamed import StreamedModel, check_device
 from profiling.weights import checkpoint_dtype
 from quality.gates import Gates, check, histogram
-from rewriter.core.checkpoint import Checkpoint
-from rewriter.core.errors import RewriterError
 
 UNION = "union"
 log = logging.getLogger(__name__)

@@ -107,7 +107,7 @@ def main(verbose: int) -> None:
 @_fail_cleanly
 def synth(preset: str, layers: int | None, sparse: bool, computing: bool, force: bool, quiet: bool, out: str) -> None:
     """Write a synthetic gpt-oss checkpoint to OUT (a new or empty folder)."""
-    from rewriter.core.format import nbytes_of
+    from core.format import nbytes_of
     from rewriter.progress import ByteProgress
     from rewriter.synth import (
         all_tensors,
@@ -146,8 +146,8 @@ def synth(preset: str, layers: int | None, sparse: bool, computing: bool, force:
 @_fail_cleanly
 def synth_saliency(ckpt: str, out: str, domain: str, seed: int, force: bool) -> None:
     """Write plausible random saliency for CKPT (for trying the planner without a GPU)."""
+    from core.checkpoint import Checkpoint
     from planners.saliency import model_identity
-    from rewriter.core.checkpoint import Checkpoint
     from rewriter.synth import synthetic_saliency
 
     refuse_existing_file(out, "--out", force)
@@ -259,9 +259,9 @@ def make_plan(src: str, *, layers_only: list[int] | None = None, layers_option: 
     Returns:
         The plan and the source's experts per layer.
     """
+    from core.errors import OptionError
     from planners import PlanOptions, plan_prune
     from planners.policies import KeepPolicy
-    from rewriter.core.errors import OptionError
 
     options = PlanOptions(
         # A keep list takes no weights (nor checks them).
@@ -346,9 +346,9 @@ def plan(src: str, layers: str | None, buffer_mib: int, out: str | None, as_json
          workers: int, read_mbps: float | None, write_mbps: float | None, measure_bandwidth: str | None,
          latency_ms: float, inflight: int | None, max_gap_kib: int, link_mbps: float, **kw: Any) -> None:
     """Plan the pruning of SRC and print its I/O cost and what it keeps (nothing is written but --out)."""
+    from core.storage import is_local_url
     from planners.cost import estimate, format_report
-    from rewriter.core.storage import is_local_url
-    from rewriter.exec.copy import IOOptions
+    from rewriter.exec.io.copy import IOOptions
 
     p, n_exp = make_plan(src, layers_only=_parse_layers(layers, "--layers"), **kw)
     if out:
@@ -375,7 +375,7 @@ def plan(src: str, layers: str | None, buffer_mib: int, out: str | None, as_json
 def _bandwidths(read_mbps: float | None, write_mbps: float | None, measure_dir: str | None) -> tuple[float, float]:
     read_bw, write_bw = 1e9, 1e9
     if measure_dir:
-        from rewriter.exec.probe import measure_disk
+        from rewriter.exec.io.probe import measure_disk
 
         read_bw, write_bw = measure_disk(measure_dir)
     if read_mbps:
@@ -469,9 +469,9 @@ def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bo
              as_json: bool, allow_nonuniform: bool, src_options: dict[str, Any] | None, max_inflight_mib: int,
              max_inflight_requests: int, max_gap_kib: int, jobs: int | None) -> None:
     from planners.cost import human_bytes
-    from rewriter.exec.copy import IOOptions
-    from rewriter.exec.executor import execute
-    from rewriter.exec.runstatus import StatusWriter
+    from rewriter.exec.dest.runstatus import StatusWriter
+    from rewriter.exec.io.copy import IOOptions
+    from rewriter.exec.run.executor import execute
     from rewriter.progress import ByteProgress
 
     bar = ByteProgress(enabled=not quiet and not as_json)
@@ -490,7 +490,7 @@ def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bo
     )
     on_interrupt(f"the shards finished so far are kept in {dst}; run the same command again to resume")
     if use_ray:
-        from rewriter.exec.ray_executor import execute_on_ray
+        from rewriter.exec.distributed.ray_executor import execute_on_ray
 
         if quiet:
             _start_local_ray_quietly(address)
@@ -614,10 +614,10 @@ def verify(paths: tuple[str, ...], buffer_mib: int, src_options: dict[str, Any] 
     src, dst = (None, paths[0]) if len(paths) == 1 else paths
     _refuse_file_as_output(dst, "DST")
     from planners.cost import human_bytes
-    from rewriter.exec.verify import verify as do_verify
+    from rewriter.exec.publish.verify import verify as do_verify
 
     if use_ray:
-        from rewriter.exec.ray_verify import verify_on_ray
+        from rewriter.exec.distributed.ray_verify import verify_on_ray
 
         report = verify_on_ray(src, dst, address=address, workers=ray_workers, src_options=src_options or {},
                                dst_options=dst_options or {}, buffer_bytes=buffer_mib * MiB,
@@ -659,7 +659,7 @@ def dry_run_cmd(src: str, layer_ids: tuple[int, ...], scratch: str | None, buffe
                 as_json: bool, **kw: Any) -> None:
     """Rewrite only the given layers' expert tensors and report time, bytes and peak RSS per layer."""
     from planners.cost import human_bytes, shard_label
-    from rewriter.exec.dryrun import dry_run
+    from rewriter.exec.run.dryrun import dry_run
 
     p, _ = make_plan(src, layers_only=sorted(set(layer_ids)), layers_option="--layer", **kw)
     on_interrupt(f"the probe's scratch files are removed{f' from {scratch}' if scratch else ''}")
@@ -754,7 +754,7 @@ class TokenProgress:
     line every few seconds (as :class:`rewriter.progress.ByteProgress` does for bytes)."""
 
     def __init__(self, enabled: bool = True, log_every: float = 5.0):
-        from rewriter.exec.throttle import Throttle
+        from rewriter.exec.io.throttle import Throttle
         from rewriter.progress import is_terminal
 
         self.enabled, self.done, self.t0 = enabled, 0, time.monotonic()
@@ -841,9 +841,9 @@ def import_reap_cmd(observer_file: str, out: str, domain: str, force: bool, mode
     The file is read with torch.load(weights_only=True): tensors, numbers and dicts only, so a
     crafted pickle cannot run code.
     """
+    from core.checkpoint import Checkpoint
     from planners.saliency import model_identity
     from profiling.reap_import import import_reap
-    from rewriter.core.checkpoint import Checkpoint
 
     refuse_existing_file(out, "--out", force)
     identity = model_identity(Checkpoint.open(model_ckpt)) if model_ckpt else None
@@ -869,8 +869,8 @@ def check(ckpt: str, targets: tuple[str, ...], ep: int | None, as_json: bool, st
     Rules and their sources: docs/serving.md. Exit status 1 when a rule fails, 2 on bad input;
     warnings do not fail.
     """
+    from core.checkpoint import Checkpoint
     from planners.serving import TARGETS, check_facts, checkpoint_facts, failures, format_verdicts
-    from rewriter.core.checkpoint import Checkpoint
 
     c = Checkpoint.open(ckpt, storage_options or {})
     facts = checkpoint_facts(c)
@@ -900,9 +900,9 @@ def card(dst: str, base_model: str | None, eval_json: str | None, run_verify: bo
 
     Each run renders the whole card, so give every extra you want in it.
     """
-    from rewriter.exec.destination import open_destination
-    from rewriter.exec.hubmeta import check_base_model
-    from rewriter.exec.modelcard import load_eval, update_card
+    from rewriter.exec.dest.destination import open_destination
+    from rewriter.exec.publish.hubmeta import check_base_model
+    from rewriter.exec.publish.modelcard import load_eval, update_card
 
     _refuse_file_as_output(dst, "DST")
     if base_model is not None:
@@ -910,7 +910,7 @@ def card(dst: str, base_model: str | None, eval_json: str | None, run_verify: bo
     destination = open_destination(dst, (dst_options or {}))
     report = None
     if run_verify:
-        from rewriter.exec.verify import verify as do_verify
+        from rewriter.exec.publish.verify import verify as do_verify
 
         report = do_verify(None, dst, src_options=(src_options or {}), dst_options=(dst_options or {})).to_json()
     result = load_eval(eval_json) if eval_json else None
@@ -931,7 +931,7 @@ def cleanup(dst: str, dst_options: dict[str, Any] | None, dry_run: bool) -> None
     run wrote state into is left unchanged. Finished shards stay journaled: `rewriter run` resumes
     from them; unfinished shards are written again.
     """
-    from rewriter.exec.cleanup import cleanup as do_cleanup
+    from rewriter.exec.dest.cleanup import cleanup as do_cleanup
 
     lines = do_cleanup(dst, dst_options or {}, dry_run=dry_run)
     for line in lines:

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from rewriter.core.errors import RewriterError, StorageAccessError
+from core.errors import RewriterError, StorageAccessError
 
 log = logging.getLogger(__name__)
 

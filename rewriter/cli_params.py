@@ -91,7 +91,7 @@ POSITIVE, NON_NEGATIVE = click.IntRange(min=1), click.IntRange(min=0)
 def refuse_existing_file(path: str, option: str, force: bool, replaceable: Callable[[str], bool] | None = None) -> None:
     """Refuse to write ``path`` over a folder, over what is not a regular file (a FIFO, a device),
     or over a file unless ``force`` or ``replaceable``."""
-    from rewriter.core.jsonfile import file_kind
+    from core.jsonfile import file_kind
 
     if "://" in path or not os.path.lexists(path):
         return
@@ -115,9 +115,9 @@ def refuse_existing_file(path: str, option: str, force: bool, replaceable: Calla
 
 
 def _is_plan_file(path: str) -> bool:
+    from core.errors import PlanError
+    from core.jsonfile import parse_json, read_url
     from planners.plan import PLAN_FORMAT
-    from rewriter.core.errors import PlanError
-    from rewriter.core.jsonfile import parse_json, read_url
 
     # Plans of the largest models are a few MB; a bigger file, or what is not a regular file, is
     # something else, left unread (read_url reads no further than its cap, never a FIFO).

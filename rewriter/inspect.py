@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from rewriter.core.checkpoint import Checkpoint
+from core.checkpoint import Checkpoint
 
 
 def describe(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:

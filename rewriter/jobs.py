@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from rewriter.core.errors import ExecutionError
+from core.errors import ExecutionError
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import time
 from typing import TextIO
 
 from planners.cost import human_bytes
-from rewriter.exec.throttle import Throttle
+from rewriter.exec.io.throttle import Throttle
 
 
 class ByteProgress:

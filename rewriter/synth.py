@@ -28,7 +28,7 @@ import numpy as np
 # writing a shard, where an interrupt must stop the command.
 import numpy.random  # noqa: F401
 
-from rewriter.core.format import encode_header, nbytes_of, reference_order
+from core.format import encode_header, nbytes_of, reference_order
 
 _TILE_BYTES = 1 << 16
 #: Suffix of a shard being written; renamed to its name once whole.

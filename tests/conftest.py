@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from core.checkpoint import Checkpoint
 from planners.saliency import model_identity
 from rewriter.cli import main
-from rewriter.core.checkpoint import Checkpoint
 from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent

@@ -12,18 +12,25 @@ from pathlib import Path
 
 from tests.conftest import REPO
 
-PACKAGES = ("rewriter", "planners", "ray_jobs", "bench_io", "profiling", "quality")
+PACKAGES = ("core", "rewriter", "planners", "ray_jobs", "bench_io", "profiling", "quality")
 
-# Bottom to top; a package may import its own layer or any lower one, never a higher one.
+# Bottom to top; a package may import its own layer or any lower one, never a higher one. Every
+# sub-package is a package of its own here: rewriter.exec.dest may import rewriter.exec.io, never
+# the reverse.
 LAYERS = {
-    "rewriter.core": 0,  # errors, format, storage, layouts, checkpoint model
+    "core": 0,  # errors, format, storage, layouts, checkpoint model
     "planners": 1,  # saliency, policies, plan, cost, serving, the planning API
-    "rewriter.exec": 2,  # copying, destinations, journal, the runs (local, Ray), verify, dry run, card
+    "rewriter.exec.io": 2,  # byte movement: copying ranges, output files, parts, throttle
     "profiling": 2,  # saliency measured with transformers
-    "quality": 3,  # eval and the reference-MoE benchmark
-    "rewriter": 4,  # the CLI and what only commands use (synth, inspect, progress bars)
-    "bench_io": 5,  # benchmarks: use the product, never used by it
-    "ray_jobs": 5,  # the Ray job entry point: the CLI's run command on a cluster
+    "rewriter.exec.dest": 3,  # destinations, lock, journal, status document, cleanup
+    "rewriter.exec.publish": 4,  # verify, pruning.json, the model card
+    "rewriter.exec.run": 5,  # the local run, the dry run
+    "rewriter.exec.distributed": 6,  # the run and verify on Ray
+    "quality": 6,  # eval and the reference-MoE benchmark
+    "rewriter.exec": 7,  # the folder's face: names its floors, imports nothing
+    "rewriter": 8,  # the CLI and what only commands use (synth, inspect, progress bars)
+    "bench_io": 9,  # benchmarks: use the product, never used by it
+    "ray_jobs": 9,  # the Ray job entry point: the CLI's run command on a cluster
 }
 
 
@@ -127,7 +134,17 @@ def test_every_package_imports_only_lower_layers():
 
 def test_planners_import_only_the_lowest_layer():
     _, by_package = graphs()
-    assert by_package["planners"] == {"rewriter.core"}
+    assert by_package["planners"] == {"core"}
+
+
+def test_the_exec_folder_face_imports_nothing():
+    # Reaching one floor of rewriter/exec (the CLI's progress bars reach io's throttle) must not
+    # load the others.
+    _, by_package = graphs()
+    assert by_package["rewriter.exec"] == set()
+    assert {p for p in by_package if p.startswith("rewriter.exec.")} == {
+        "rewriter.exec.io", "rewriter.exec.dest", "rewriter.exec.publish", "rewriter.exec.run",
+        "rewriter.exec.distributed"}
 
 
 def test_the_product_never_imports_the_benchmarks():
@@ -140,10 +157,11 @@ def test_imports_inside_functions_and_type_checking_blocks_count(tmp_path: Path)
     src.write_text(
         "from typing import TYPE_CHECKING\n"
         "if TYPE_CHECKING:\n    from planners.plan import Plan\n"
-        "def f():\n    import rewriter.core.storage\n    from rewriter.exec import copy\n"
+        "def f():\n    import core.storage\n    from rewriter.exec.io import copy\n"
     )
-    known = {"planners.plan", "rewriter.core.storage", "rewriter.exec", "rewriter.exec.copy", "rewriter"}
-    assert imported_modules("x", src, known) == {"planners.plan", "rewriter.core.storage", "rewriter.exec.copy"}
+    known = {"planners.plan", "core.storage", "rewriter.exec", "rewriter.exec.io", "rewriter.exec.io.copy",
+             "rewriter"}
+    assert imported_modules("x", src, known) == {"planners.plan", "core.storage", "rewriter.exec.io.copy"}
 
 
 def test_find_cycle_finds_one():

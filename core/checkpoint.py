@@ -1,0 +1,311 @@
+"""The checkpoint model: every tensor's shard, dtype, shape and absolute byte range.
+
+Opening a checkpoint reads ``config.json``, the index and each shard's header (two small range
+reads per shard) and never any tensor data. Inconsistencies between index and shards are errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import re
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from core.errors import CheckpointError, FormatError
+from core.format import PREFIX_BYTES, Header, parse_header, read_prefix
+from core.jsonfile import parse_json_object
+from core.layouts import Layout, detect_layout
+from core.storage import Storage
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor and where its bytes are: ``[begin, end)`` of file ``shard`` (absolute offsets)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    shard: str
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def layer(self) -> int | None:
+        """The decoder layer the tensor belongs to (``model.layers.N.``), if any."""
+        m = _LAYER_RE.search(self.name)
+        return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """A shard's identity: its size and the sha256 of its header bytes (prefix included)."""
+
+    name: str
+    size: int
+    header_len: int
+    header_sha256: str
+    tensors: tuple[str, ...]
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"size": self.size, "header_len": self.header_len, "header_sha256": self.header_sha256}
+
+
+def relative_name_problem(name: object, strict: bool = True) -> str | None:
+    """What makes ``name`` unsafe as a file name inside a folder, or None when it is safe.
+
+    Safe: a non-empty string, relative (no leading ``/`` or ``\\``, no drive letter), no ``..``
+    component whichever separator is used, no NUL byte; ``strict`` also refuses empty and ``.``
+    components (index files written by other tools may hold ``./x``, which normalizes safely).
+    """
+    if not isinstance(name, str) or not name:
+        return "is empty or not a string"
+    if "\0" in name:
+        return "holds a NUL byte"
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        return "is absolute"
+    parts = name.replace("\\", "/").split("/")
+    if ".." in parts:
+        return "has a '..' component"
+    if strict and any(p in ("", ".") for p in parts):
+        return "has an empty or '.' component"
+    return None
+
+
+def check_shard_name(name: object, where: str) -> str:
+    """Reject shard names that could escape the checkpoint directory."""
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"Invalid shard filename {name!r} in index file '{where}': each weight_map "
+                              f"value must be a shard file name (a non-empty string); fix or rewrite the index")
+    if relative_name_problem(name, strict=False):
+        raise CheckpointError(
+            f"Invalid shard filename '{name}' in index file '{where}'. Shard filenames must be "
+            f"relative paths without '..' components."
+        )
+    return posixpath.normpath(name.replace("\\", "/"))
+
+
+def read_shard_header(storage: Storage, name: str) -> tuple[Header, str, int]:
+    """Read and validate one shard's header with two range reads.
+
+    Returns:
+        The header, the sha256 of prefix + header bytes, and the file size.
+    """
+    where = storage.describe(name)
+    size = storage.size(name)
+    prefix = storage.read_range(name, 0, min(PREFIX_BYTES, size))
+    n = read_prefix(prefix, where, size)
+    raw = storage.read_range(name, PREFIX_BYTES, PREFIX_BYTES + n)
+    header = parse_header(raw, where, size)
+    return header, hashlib.sha256(prefix + raw).hexdigest(), size
+
+
+class Checkpoint:
+    """A safetensors checkpoint (sharded with an index, or a single ``model.safetensors``).
+
+    Use :meth:`open`. Attributes:
+        storage: where it lives; its counter shows the bytes read so far.
+        config: ``config.json`` (empty when absent).
+        shards: shard name -> :class:`ShardInfo`, sorted by name.
+        tensors: tensor name -> :class:`TensorInfo`, in the index's order.
+        files: every other file of the checkpoint (tokenizer, generation config, …).
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        config: dict[str, Any],
+        shards: dict[str, ShardInfo],
+        tensors: dict[str, TensorInfo],
+        files: list[str],
+    ):
+        self.storage = storage
+        self.config = config
+        self.shards = shards
+        self.tensors = tensors
+        self.files = files
+
+    @classmethod
+    def open(
+        cls,
+        url: str,
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        storage: Storage | None = None,
+        max_workers: int = 8,
+    ) -> Checkpoint:
+        """Open and validate the checkpoint at ``url`` (a directory or fsspec prefix).
+
+        Raises:
+            CheckpointError: missing index/shard/config, path traversal in the index, tensors
+                missing from or unlisted in their shards, a wrong ``total_size``.
+            FormatError: a shard whose header breaks the safetensors rules.
+        """
+        storage = storage or Storage(url, storage_options)
+        files = _checkpoint_files(storage)
+        config: dict[str, Any] = _load_json(storage, CONFIG_NAME) if CONFIG_NAME in files else {}
+        if INDEX_NAME in files:
+            weight_map, total = _load_index(storage)
+        elif SINGLE_NAME in files:
+            weight_map, total = None, None
+        else:
+            raise CheckpointError(
+                f"{storage.url}: found neither {INDEX_NAME} nor {SINGLE_NAME}; is this a "
+                f"safetensors checkpoint?"
+            )
+        shard_names = sorted(set(weight_map.values())) if weight_map else [SINGLE_NAME]
+        for s in shard_names:
+            if s not in files:
+                raise CheckpointError(
+                    f"{storage.describe(INDEX_NAME)} names shard '{s}', which is not in "
+                    f"{storage.url}"
+                )
+        with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(shard_names)))) as pool:
+            headers = dict(zip(shard_names, pool.map(lambda s: read_shard_header(storage, s), shard_names)))
+        shards, located = _locate_tensors(storage, headers)
+        tensors = located if weight_map is None else _indexed_tensors(storage, weight_map, located)
+        data_total = sum(t.nbytes for t in tensors.values())
+        if total is not None and total != data_total:
+            raise CheckpointError(
+                f"{storage.describe(INDEX_NAME)}: metadata.total_size is {total:,} but the shards "
+                f"hold {data_total:,} bytes of tensor data"
+            )
+        others = [f for f in files if f not in shards and f != INDEX_NAME]
+        return cls(storage, config, shards, tensors, others)
+
+    @property
+    def url(self) -> str:
+        return self.storage.url
+
+    @property
+    def total_size(self) -> int:
+        """Bytes of tensor data (what the index's ``total_size`` counts)."""
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def model_type(self) -> str | None:
+        return self.config.get("model_type")
+
+    @cached_property
+    def layout(self) -> Layout:
+        """The model family's expert layout, detected from the config and tensor names."""
+        return detect_layout(self)
+
+    @property
+    def family(self) -> str:
+        return self.layout.family
+
+    def fingerprint(self) -> dict[str, dict[str, Any]]:
+        """Per shard: size and header digest. A plan stores it to refuse a changed source."""
+        return {name: s.fingerprint() for name, s in self.shards.items()}
+
+
+def _checkpoint_files(storage: Storage) -> list[str]:
+    """The files of the checkpoint folder; a clear error for a file, a Hub cache or nothing."""
+    files = storage.list_files() if storage.isdir() else []
+    if INDEX_NAME not in files and SINGLE_NAME not in files:
+        mixup = _usual_mixup(storage)
+        if mixup:
+            raise CheckpointError(mixup)
+    if not files:
+        raise CheckpointError(f"{storage.url}: no such checkpoint directory, or it is empty")
+    return files
+
+
+def _locate_tensors(storage: Storage, headers: Mapping[str, tuple[Header, str, int]],
+                    ) -> tuple[dict[str, ShardInfo], dict[str, TensorInfo]]:
+    """Shard identities and every tensor's absolute byte range, from the shards' headers."""
+    shards: dict[str, ShardInfo] = {}
+    located: dict[str, TensorInfo] = {}
+    for s, (header, digest, size) in headers.items():
+        shards[s] = ShardInfo(s, size, header.header_len, digest, tuple(t.name for t in header.tensors))
+        for t in header.tensors:
+            info = TensorInfo(t.name, t.dtype, t.shape, s, header.data_start + t.start, header.data_start + t.end)
+            if t.name in located:
+                raise CheckpointError(
+                    f"{storage.url}: tensor {t.name!r} is stored in both "
+                    f"'{located[t.name].shard}' and '{s}'"
+                )
+            located[t.name] = info
+    return shards, located
+
+
+def _indexed_tensors(storage: Storage, weight_map: Mapping[str, str],
+                     located: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """The tensors in the index's order, each where the index says; none left unlisted."""
+    tensors = {}
+    for name, s in weight_map.items():
+        found = located.get(name)
+        if found is None or found.shard != s:
+            raise CheckpointError(
+                f"{storage.describe(INDEX_NAME)} lists tensor {name!r} in shard '{s}', "
+                f"but that shard's header has no such tensor"
+            )
+        tensors[name] = found
+    unlisted = [n for n in located if n not in weight_map]
+    if unlisted:
+        raise CheckpointError(
+            f"shard '{located[unlisted[0]].shard}' holds tensor {unlisted[0]!r} "
+            f"(and {len(unlisted) - 1} more) not listed in {storage.describe(INDEX_NAME)}"
+        )
+    return tensors
+
+
+def _usual_mixup(storage: Storage) -> str | None:
+    """What to pass instead, when ``storage`` is a file or a Hugging Face cache folder."""
+    root = storage.root
+    if storage.isfile():
+        folder = posixpath.dirname(root.rstrip("/")) or "."
+        what = (f"{storage.url} is a file; a checkpoint is the folder holding config.json, the "
+                f"index and the shards")
+        # Only a folder that is a checkpoint is worth suggesting (a shard's, not a plan's).
+        if storage.exists_beside(CONFIG_NAME):
+            return f"{what}: pass {folder}"
+        return f"{what}; pass such a folder"
+    if posixpath.basename(root.rstrip("/")).startswith("models--") and storage.isdir("snapshots"):
+        revs = sorted(storage.listdir("snapshots"))
+        return (f"{storage.url} is a Hugging Face cache folder; pass one of its snapshots: "
+                f"{storage.url.rstrip('/')}/snapshots/<revision> (found: {', '.join(revs) or 'none'})")
+    return None
+
+
+def _load_json(storage: Storage, name: str) -> dict[str, Any]:
+    """``config.json`` or the index: JSON objects, refused naming the file when they are not."""
+    return parse_json_object(storage.read_all(name), storage.describe(name), CheckpointError)
+
+
+def _load_index(storage: Storage) -> tuple[dict[str, str], int | None]:
+    where = storage.describe(INDEX_NAME)
+    doc = _load_json(storage, INDEX_NAME)
+    wm = doc.get("weight_map")
+    if not isinstance(wm, dict) or not wm:
+        raise CheckpointError(f"{where}: expected a non-empty 'weight_map' object")
+    weight_map = {}
+    for name, shard in wm.items():
+        weight_map[name] = check_shard_name(shard, where)
+    total = None
+    meta = doc.get("metadata")
+    if isinstance(meta, dict) and "total_size" in meta:
+        total = meta["total_size"]
+        if not isinstance(total, int) or isinstance(total, bool):
+            try:
+                total = int(total)
+            except (TypeError, ValueError):
+                raise CheckpointError(f"{where}: metadata.total_size {total!r} is not an integer") from None
+    return weight_map, total
+
+
+__all__ = ["Checkpoint", "ShardInfo", "TensorInfo", "FormatError", "check_shard_name", "read_shard_header"]

@@ -1,0 +1,71 @@
+"""Object stores that cannot be reached or that refuse the credentials: one error naming the URL
+and the options to pass, whichever call to the store found it out.
+
+The filesystem of a remote :class:`core.storage.Storage` is wrapped in
+:class:`GuardedFileSystem`, so every command (plan, run, check, inspect, verify, card…) and every
+operation (listing, reading, writing, locking) reports these the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from core.errors import StorageAccessError
+
+# Matched by name, so that botocore and aiohttp stay optional (the s3 extra) and are not imported
+# for local work.
+_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError",
+                "ClientConnectorError", "ServerDisconnectedError", "ClientOSError"}
+
+
+def store_problem(e: BaseException) -> tuple[str, str] | None:
+    """(what went wrong, what to pass) when ``e`` says the store cannot be used, else None."""
+    names = {cls.__name__ for cls in type(e).__mro__}
+    if names & _NO_CREDENTIALS:
+        return ("no credentials for this object store",
+                '\'{"key": "...", "secret": "..."}\' (or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)')
+    if names & _UNREACHABLE:
+        return (f"cannot connect to the object store ({e})",
+                "'{\"client_kwargs\": {\"endpoint_url\": \"http://HOST:PORT\"}}' with an endpoint that is up")
+    if isinstance(e, PermissionError):
+        return (f"the object store refused access ({e})", "credentials that may read (and write) it")
+    return None
+
+
+class GuardedFileSystem:
+    """An fsspec filesystem whose calls raise :class:`StorageAccessError` for ``url`` when the
+    store cannot be reached or refuses the credentials; everything else passes through."""
+
+    def __init__(self, fs: Any, url: str):
+        self._fs, self._url = fs, url
+
+    @property
+    def wrapped(self) -> Any:
+        return self._fs
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # isinstance(storage.fs, S3FileSystem) holds, as for the store itself
+        return type(self._fs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_fs", "_url"):
+            raise AttributeError(name)  # never recurse (copy, pickle) before __init__ has run
+        attr = getattr(self._fs, name)
+        return self._guard(attr) if callable(attr) else attr
+
+    def _guard(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                problem = store_problem(e)
+                if problem is None:
+                    raise
+                raise StorageAccessError(self._url, *problem) from None
+
+        return call
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return GuardedFileSystem, (self._fs, self._url)

@@ -1,0 +1,254 @@
+"""Storage access through fsspec: local paths, ``memory://``, ``s3://``, ``hf://``, ``gs://``.
+
+All tensor reads go through :class:`Storage`, which counts requests and bytes so tests and
+benchmarks can prove that only headers and kept byte ranges were fetched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from core.errors import CheckpointError, RewriterError, StorageAccessError
+from core.remote import GuardedFileSystem
+
+
+def _unwrapped(fs: Any) -> Any:
+    return fs.wrapped if isinstance(fs, GuardedFileSystem) else fs
+
+
+@dataclass
+class IOCounter:
+    """Range requests and bytes fetched; thread-safe."""
+
+    requests: int = 0
+    bytes: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self.requests += 1
+            self.bytes += nbytes
+
+
+def is_local_url(url: str) -> bool:
+    """Whether ``url`` names the local filesystem (a path, or ``file://``/``local://``), without
+    opening anything."""
+    from fsspec.core import split_protocol
+
+    protocol, _ = split_protocol(str(url))
+    return protocol in (None, "file", "local")
+
+
+class Storage:
+    """One fsspec location (a directory or prefix) with counted ranged reads.
+
+    Args:
+        url: a local path or any fsspec URL (``s3://bucket/ckpt``, ``hf://org/repo``…).
+        storage_options: passed to the fsspec filesystem (credentials, endpoint_url…).
+    """
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
+        self.url = str(url)
+        fs, root = _open_fs(self.url, storage_options)
+        # A remote store that cannot be reached or refuses the credentials is named, with the
+        # options to pass, by whichever call finds it out.
+        self.fs = fs if isinstance(fs, LocalFileSystem) else GuardedFileSystem(fs, self.url)
+        self.root = root.rstrip("/") if root != "/" else root
+        self.counter = IOCounter()
+        self._fds: dict[str, int] = {}
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def path(self, name: str) -> str:
+        """Path of ``name`` (relative, ``/``-separated) inside this location."""
+        return f"{self.root}/{name}" if self.root else name
+
+    def local_path(self, name: str) -> str:
+        """OS path of ``name``; only for local storage."""
+        assert self.is_local
+        return os.path.join(self.root, *name.split("/"))
+
+    @property
+    def protocols(self) -> tuple[str, ...]:
+        """The filesystem's protocol names (``("s3", "s3a")``, ``("file", "local")``…)."""
+        p = self.fs.protocol
+        return tuple(p) if isinstance(p, (tuple, list)) else (str(p),)
+
+    def exists(self, name: str = "") -> bool:
+        """Whether ``name`` (default: this location itself) exists."""
+        return bool(self.fs.exists(self.path(name) if name else self.root))
+
+    def exists_beside(self, name: str) -> bool:
+        """Whether ``name`` exists in the folder that holds this location."""
+        folder = posixpath.dirname(self.root.rstrip("/"))
+        return bool(self.fs.exists(f"{folder}/{name}" if folder else name))
+
+    def isdir(self, name: str = "") -> bool:
+        return bool(self.fs.isdir(self.path(name) if name else self.root))
+
+    def isfile(self, name: str = "") -> bool:
+        return bool(self.fs.isfile(self.path(name) if name else self.root))
+
+    def listdir(self, name: str) -> list[str]:
+        """Base names of the entries of folder ``name``."""
+        return [posixpath.basename(str(p).rstrip("/")) for p in self.fs.ls(self.path(name), detail=False)]
+
+    def open(self, name: str, mode: str = "rb", **kwargs: Any) -> Any:
+        """An fsspec file object of ``name``."""
+        return self.fs.open(self.path(name), mode, **kwargs)
+
+    def pipe(self, name: str, data: bytes) -> None:
+        """Write ``data`` as the whole of ``name`` (one object on object stores)."""
+        self.fs.pipe_file(self.path(name), data)
+
+    def remove(self, name: str, recursive: bool = False) -> None:
+        self.fs.rm(self.path(name), recursive=recursive)
+
+    def invalidate_cache(self) -> None:
+        """Forget cached listings: another process (or a completed upload) changed the store."""
+        self.fs.invalidate_cache()
+
+    def is_within(self, other: Storage) -> bool:
+        """Whether this location is ``other`` or lies inside it (same kind of filesystem)."""
+        if self.is_local and other.is_local:
+            a, b = os.path.realpath(self.root), os.path.realpath(other.root)
+            return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+        if type(_unwrapped(self.fs)) is not type(_unwrapped(other.fs)):
+            return False
+        a, b = self.root.rstrip("/"), other.root.rstrip("/")
+        return a == b or a.startswith(b + "/")
+
+    @contextlib.contextmanager
+    def _found(self, name: str) -> Iterator[None]:
+        try:
+            yield
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.describe(name)}: file not found") from None
+
+    def size(self, name: str) -> int:
+        with self._found(name):
+            return int(self.fs.size(self.path(name)))
+
+    def read_range(self, name: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of ``name``; one counted request."""
+        if end <= start:
+            return b""
+        with self._found(name):
+            data = self.fs.cat_file(self.path(name), start=start, end=end)
+        self.counter.add(len(data))
+        return bytes(data)
+
+    def iter_range(self, name: str, start: int, end: int, buffer: bytearray) -> Iterator[memoryview | bytes]:
+        """Bytes ``[start, end)`` of ``name`` in chunks of at most ``len(buffer)``.
+
+        Local files are read into ``buffer`` itself (each chunk is valid until the next one);
+        remote ones with one ranged request per chunk. Raises on a short file.
+        """
+        view = memoryview(buffer)
+        pos = start
+        if self.is_local:
+            self.prefetch(name, pos, min(len(view), end - pos))
+        while pos < end:
+            want = min(len(view), end - pos)
+            if self.is_local:
+                self.prefetch(name, pos + want, min(len(view), end - pos - want))
+                n = os.preadv(self.fd(name), [view[:want]], pos)
+                self.counter.add(n)
+                chunk: memoryview | bytes = view[:n]
+            else:
+                chunk = self.read_range(name, pos, pos + want)
+                n = len(chunk)
+            if n == 0:
+                raise CheckpointError(
+                    f"{self.describe(name)}: ends at byte {pos:,}, before the expected {end:,}; "
+                    f"the file is truncated or changed"
+                )
+            yield chunk
+            pos += n
+
+    def fd(self, name: str) -> int:
+        """A cached read-only descriptor of local file ``name`` (closed by :meth:`close`)."""
+        fd = self._fds.get(name)
+        if fd is None:
+            with self._found(name):
+                fd = self._fds[name] = os.open(self.local_path(name), os.O_RDONLY)
+            # No speculative readahead: it would read dropped experts next to kept ones. The
+            # copier asks for exactly the ranges it needs ahead of time (prefetch).
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        return fd
+
+    def prefetch(self, name: str, start: int, length: int) -> None:
+        """Start reading ``[start, start + length)`` of a local file into the page cache."""
+        if self.is_local and length > 0 and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd(name), start, length, os.POSIX_FADV_WILLNEED)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> Storage:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def read_all(self, name: str) -> bytes:
+        """A small file whole (config, index, tokenizer files); counted."""
+        with self._found(name):
+            data = self.fs.cat_file(self.path(name))
+        self.counter.add(len(data))
+        return bytes(data)
+
+    def list_files(self) -> list[str]:
+        """Every file below this location, as relative ``/``-separated names, sorted."""
+        out = []
+        prefix = self.root.rstrip("/") + "/"
+        for p in self.fs.find(self.root):
+            p = str(p)
+            out.append(p[len(prefix):] if p.startswith(prefix) else p)
+        return sorted(out)
+
+    def describe(self, name: str) -> str:
+        """A user-facing name of ``name`` in this location."""
+        if self.is_local:
+            return self.local_path(name)
+        return f"{self.url.rstrip('/')}/{name}"
+
+
+#: Connections an S3 client may open (botocore's default is 10): the copy keeps up to
+#: ``--max-inflight-requests`` ranged GETs in flight. A ``config_kwargs`` option given wins.
+S3_POOL_CONNECTIONS = 64
+
+
+def _with_connection_pool(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    if url.split("://", 1)[0] in ("s3", "s3a") and "max_pool_connections" not in options.get("config_kwargs", {}):
+        options["config_kwargs"] = {**options.get("config_kwargs", {}), "max_pool_connections": S3_POOL_CONNECTIONS}
+    return options
+
+
+def _open_fs(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
+    """fsspec's filesystem for ``url``; a protocol without its package, an unknown protocol or a
+    store that cannot be reached while connecting is one error naming the URL."""
+    try:
+        return fsspec.core.url_to_fs(url, **_with_connection_pool(url, dict(storage_options or {})))
+    except ImportError as e:
+        raise RewriterError(f"{url}: this kind of storage needs a package that is not installed ({e})") from None
+    except ValueError as e:
+        raise RewriterError(f"{url}: not a storage URL this tool can open ({e}); give a local path or "
+                            f"an fsspec URL such as s3://bucket/path or hf://org/name") from None
+    except OSError as e:
+        raise StorageAccessError(url, f"cannot connect to the store ({e.strerror or e})",
+                                 "options that reach it") from None

@@ -1,0 +1,1 @@
+"""Destinations and the state of a run kept in them: lock, journal, status, cleanup."""

@@ -1,0 +1,233 @@
+"""The destination's run state: which plan it belongs to and which shards are done.
+
+``DST/.rewriter/journal.json`` names the plan and records each finished shard's size and sha256.
+A destination holding another plan's journal or output is refused (unless ``force``); a run of
+the same plan resumes from the shards its journal vouches for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from core.checkpoint import INDEX_NAME
+from core.errors import ExecutionError
+from core.storage import Storage
+from planners.plan import PROVENANCE_NAME, OutputShard, Plan
+from rewriter.exec.dest.destination import Destination
+from rewriter.exec.dest.lock import STATE_DIR, DestinationLock
+
+log = logging.getLogger(__name__)
+
+JOURNAL = f"{STATE_DIR}/journal.json"
+
+
+@dataclass
+class ShardResult:
+    """What writing one output shard did; small enough to pass between processes."""
+
+    name: str
+    size: int
+    sha256: str
+    bytes_read: int = 0
+    seconds: float = 0.0
+    read_seconds: float = 0.0
+    write_seconds: float = 0.0
+    copy_seconds: float = 0.0
+    zero_copy_bytes: int = 0
+    resumed: bool = False
+    #: A shard written in parts: ``[{"start", "length", "sha256"}, ...]`` (``sha256`` is then empty).
+    parts: list[dict[str, Any]] | None = None
+    #: Peak RSS of the process that wrote it (Ray actors report theirs).
+    peak_rss_bytes: int = 0
+
+    def record(self) -> dict[str, Any]:
+        """What the journal and ``pruning.json`` keep: size, and sha256 or the parts' hashes."""
+        if self.parts:
+            return {"size": self.size, "parts": [{k: p[k] for k in ("start", "length", "sha256")} for p in self.parts]}
+        return {"size": self.size, "sha256": self.sha256}
+
+
+class Journal:
+    """Finished shards of one plan in one destination; written by the driving process only."""
+
+    def __init__(self, dst: Destination, plan_digest: str, lock: DestinationLock | None = None):
+        self.dst = dst
+        self.plan_digest = plan_digest
+        self.shards: dict[str, dict[str, Any]] = {}
+        self.lock = lock
+
+    @classmethod
+    def read(cls, dst: Destination) -> dict[str, Any] | None:
+        if not dst.exists(JOURNAL):
+            return None
+        try:
+            return json.loads(dst.read_all(JOURNAL))
+        except ValueError:  # not JSON, or not even UTF-8
+            return None  # torn by a crash before its rename: treat as absent
+
+    def record(self, result: ShardResult) -> None:
+        self.shards[result.name] = result.record()
+        self.flush()
+        if self.lock:
+            self.lock.refresh()
+
+    def flush(self) -> None:
+        doc = {"plan": self.plan_digest, "shards": self.shards}
+        self.dst.put_bytes(JOURNAL, json.dumps(doc, indent=1, sort_keys=True).encode())
+
+
+def check_destination(src: Storage, dst: Destination) -> None:
+    """Refuse a destination that overlaps the source or is not a folder, before writing anything.
+
+    Raises:
+        ExecutionError: destination equal to, inside, or containing the source; a destination
+            that is a file, or lies below one.
+    """
+    if dst.storage.is_within(src) or src.is_within(dst.storage):
+        raise ExecutionError(
+            f"destination {dst.url} is the source {src.url}, inside it, or contains it; the source "
+            f"is never modified: choose another destination"
+        )
+    dst.check_folder()
+
+
+def prepare_destination(plan: Plan, dst: Destination, *, force: bool = False,
+                        lock: DestinationLock | None = None) -> tuple[Journal, bool]:
+    """Check the destination against the plan and load the journal of an interrupted run.
+    Call with the destination's lock held.
+
+    Returns:
+        The journal, and whether the destination already holds this plan's complete output.
+
+    Raises:
+        ExecutionError: a destination holding another plan's output or unrelated files (unless
+            ``force``).
+    """
+    digest = plan.digest
+    journal = Journal(dst, digest, lock)
+    files = dst.list_files()
+    state = Journal.read(dst) if files else None
+    if state is None and all(f.startswith(STATE_DIR + "/") for f in files):
+        return journal, False  # empty, or only the state of a run killed before its journal
+    prov_digest = _provenance_digest(dst)
+    ours = (state and state.get("plan") == digest) or prov_digest == digest
+    if ours:
+        if prov_digest == digest and dst.exists(INDEX_NAME) and not dst.exists(JOURNAL):
+            return journal, True
+        if state and state.get("plan") == digest:
+            journal.shards = dict(state.get("shards", {}))
+        return journal, False
+    if not force:
+        what = "output of another plan" if (state or prov_digest) else "files this tool did not write"
+        raise ExecutionError(
+            f"destination {dst.url} is not empty: it holds {what}; choose an empty destination, "
+            f"or pass --force to overwrite it"
+        )
+    _clear_output(dst, files, "the output of another plan" if (state or prov_digest) else "files this tool did not write")
+    return journal, False
+
+
+def _provenance_digest(dst: Destination) -> str | None:
+    if not dst.exists(PROVENANCE_NAME):
+        return None
+    try:
+        return json.loads(dst.read_all(PROVENANCE_NAME)).get("plan_digest")
+    except (ValueError, AttributeError):  # not JSON (or not UTF-8), or not an object
+        return None
+
+
+def _clear_output(dst: Destination, files: list[str], held: str) -> None:
+    """``--force``: remove what marks a destination complete or could pass for shards of the new
+    output (index, provenance, journal, top-level ``*.safetensors``), saying what goes and what stays."""
+    removed = [f for f in files if f in (INDEX_NAME, PROVENANCE_NAME, JOURNAL)
+               or (f.endswith(".safetensors") and "/" not in f)]
+    stays = [f for f in files if f not in removed and not f.startswith(STATE_DIR + "/")]
+    log.warning("--force: %s holds %s; removing %d of its files so that none is taken for part of the new "
+                "output: %s%s", dst.url, held, len(removed), _some(removed),
+                f"; left in place: {_some(stays)} (those the new output also writes are replaced; the others "
+                f"stay in the folder and would be uploaded with it)" if stays else "")
+    for name in removed:
+        dst.remove(name)
+
+
+def _some(names: list[str], n: int = 6) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+#: Shards a resumed run checks at once (each reads its file back through one buffer; hashing and
+#: reads release the GIL, so the checks of a large resume run on several cores and disks queues).
+RESUME_CHECKS = min(4, os.cpu_count() or 1)
+
+
+def pending_shards(plan: Plan, journal: Journal, buffer_bytes: int) -> tuple[list[OutputShard], list[ShardResult]]:
+    """Split the plan's shards into those still to write and those the journal vouches for."""
+    entries = {o.name: journal.shards.get(o.name) for o in plan.outputs}
+    vouched = [(name, e) for name, e in entries.items() if e]
+    with ThreadPoolExecutor(max_workers=max(1, min(RESUME_CHECKS, len(vouched)))) as pool:
+        there = dict(zip([n for n, _ in vouched],
+                         pool.map(lambda ne: _still_there(journal.dst, ne[0], ne[1], buffer_bytes), vouched)))
+    todo, done = [], []
+    for out in plan.outputs:
+        entry = entries[out.name]
+        if entry and there[out.name]:
+            parts = entry.get("parts")
+            done.append(ShardResult(out.name, out.size, "" if parts else entry["sha256"], resumed=True, parts=parts))
+        else:
+            journal.shards.pop(out.name, None)
+            todo.append(out)
+    return todo, done
+
+
+def _still_there(dst: Destination, name: str, entry: dict[str, Any], buffer_bytes: int) -> bool:
+    parts = entry.get("parts")
+    if isinstance(parts, list):
+        return dst.parts_done(name, entry.get("size"), parts, buffer_bytes)
+    return dst.shard_done(name, entry.get("size"), entry.get("sha256"), buffer_bytes)
+
+
+PARTS_JOURNAL = f"{STATE_DIR}/parts.json"
+
+
+class PartJournal:
+    """Large shards being written in parts: each one's attempt (its file, or upload id) and the
+    parts finished so far with their sha256 (and upload parts). Written by the driver only, so
+    a killed run's successor resumes part by part and aborts what it does not reuse."""
+
+    def __init__(self, dst: Destination, plan_digest: str):
+        self.dst = dst
+        self.plan_digest = plan_digest
+        self.shards: dict[str, dict[str, Any]] = {}
+
+    @classmethod
+    def load(cls, dst: Destination, plan_digest: str) -> PartJournal:
+        """This plan's part journal in ``dst`` (empty when absent, torn or another plan's)."""
+        journal = cls(dst, plan_digest)
+        try:
+            doc = json.loads(dst.read_all(PARTS_JOURNAL)) if dst.exists(PARTS_JOURNAL) else {}
+        except ValueError:
+            doc = {}
+        if isinstance(doc, dict) and doc.get("plan") == plan_digest and isinstance(doc.get("shards"), dict):
+            journal.shards = {k: v for k, v in doc["shards"].items()
+                              if isinstance(v, dict) and isinstance(v.get("parts"), dict) and isinstance(v.get("handle"), str)}
+        return journal
+
+    def begin(self, name: str, handle: str, size: int) -> None:
+        self.shards[name] = {"handle": handle, "size": size, "parts": {}}
+        self.flush()
+
+    def record(self, name: str, index: int, entry: dict[str, Any]) -> None:
+        self.shards[name]["parts"][str(index)] = entry
+        self.flush()
+
+    def finish(self, name: str) -> None:
+        self.shards.pop(name, None)
+        self.flush()
+
+    def flush(self) -> None:
+        doc = {"plan": self.plan_digest, "shards": self.shards}
+        self.dst.put_bytes(PARTS_JOURNAL, json.dumps(doc, indent=1, sort_keys=True).encode())

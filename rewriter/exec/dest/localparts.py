@@ -1,0 +1,109 @@
+"""Large shards in parts on a (shared) filesystem: one preallocated file per attempt, filled by
+positioned writes of several workers, renamed into place once every part is in.
+
+The files live in ``DST/.rewriter/parts/`` (not the temporary folder every run clears), so a run
+killed midway resumes part by part; each attempt's file has its own name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import uuid
+from typing import Any
+
+from core.errors import ExecutionError
+from core.storage import Storage
+from rewriter.exec.dest.lock import STATE_DIR
+from rewriter.exec.io.copy import OUTPUT_MODE, fsync_dir, write_errors_are_clear
+from rewriter.exec.io.partoutputs import MultipartPart, PartOutput
+
+#: Files of large shards being written in parts (kept across runs, to resume part by part).
+PARTS_DIR = f"{STATE_DIR}/parts"
+
+
+class LocalParts:
+    """The parts methods of :class:`rewriter.exec.dest.destination.LocalDestination`."""
+
+    storage: Storage
+
+    def _path(self, name: str) -> str:
+        raise NotImplementedError
+
+    def parts_done(self, name: str, size: object, parts: list[Any], buffer_bytes: int) -> bool:
+        """Whether ``name`` is the shard journaled as ``parts``: its size and every part's sha256
+        (a file can be damaged after its rename)."""
+        path = self._path(name)
+        if not os.path.isfile(path) or os.path.getsize(path) != size:
+            return False
+        return all(range_sha256(self.storage, name, p, buffer_bytes) == p.get("sha256") for p in parts)
+
+    def begin_parts(self, name: str, size: int, plan_digest: str) -> str:
+        """Create this attempt's file at full size (part 0 writes the header), named uniquely."""
+        path = self._path(f"{PARTS_DIR}/{name}.{plan_digest[:12]}.{uuid.uuid4().hex[:12]}.parts")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with write_errors_are_clear(path):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, OUTPUT_MODE)
+            try:
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
+        return path
+
+    def part_output(self, name: str, handle: str, start: int, upload_part_bytes: int) -> PartOutput | MultipartPart:
+        return PartOutput(handle, start)
+
+    def commit_parts(self, name: str, size: int, handle: str, uploaded: list[dict[str, Any]],
+                     buffer_bytes: int, drop_cache: bool = False) -> None:
+        """fsync and publish a shard whose parts are all written (each writer hashed its part)."""
+        fd = os.open(handle, os.O_RDONLY)
+        try:
+            with write_errors_are_clear(handle):
+                os.fsync(fd)
+            if os.fstat(fd).st_size != size:
+                raise ExecutionError(f"{name}: assembled {os.fstat(fd).st_size:,} bytes, planned {size:,}")
+            if drop_cache:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        final = self._path(name)
+        os.replace(handle, final)
+        fsync_dir(os.path.dirname(final))
+
+    def abort_parts(self, name: str, handle: str) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(handle)
+
+    def parts_kept(self, name: str, handle: str, size: int) -> dict[int, str] | None:
+        ok = handle.startswith(self._path(PARTS_DIR)) and os.path.isfile(handle) and os.path.getsize(handle) == size
+        return {} if ok else None
+
+    def part_sha256(self, handle: str, start: int, length: int, buffer_bytes: int) -> str | None:
+        h = hashlib.sha256()
+        with open(handle, "rb", buffering=0) as f:
+            f.seek(start)
+            while length > 0:
+                chunk = f.read(min(length, buffer_bytes))
+                if not chunk:
+                    return None
+                h.update(chunk)
+                length -= len(chunk)
+        return h.hexdigest()
+
+    def leftover_parts(self) -> list[tuple[str, str]]:
+        folder = self._path(PARTS_DIR)
+        names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        return [(f.rsplit(".", 3)[0], os.path.join(folder, f)) for f in names if f.endswith(".parts")]
+
+
+def range_sha256(storage: Storage, name: str, part: Any, buffer_bytes: int) -> str | None:
+    """sha256 of the range ``part`` (``{"start", "length"}``) of file ``name``; None if malformed."""
+    try:
+        start, length = int(part["start"]), int(part["length"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    h = hashlib.sha256()
+    for chunk in storage.iter_range(name, start, start + length, bytearray(min(buffer_bytes, max(length, 1)))):
+        h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,1 @@
+"""Running and verifying a plan on Ray."""

@@ -1,0 +1,1 @@
+"""Publishing and checking an output: verify, pruning.json, the model card."""

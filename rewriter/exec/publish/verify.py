@@ -1,0 +1,239 @@
+"""Verify a rewritten checkpoint: every byte of every output tensor equals its planned source slice.
+
+The plan travels in the destination's ``pruning.json``, so any checkpoint this tool wrote can be
+verified against its source. Each shard is read once, in order, with a bounded buffer: its
+header against the plan, its bytes against every sha256 ``pruning.json`` records for it (the whole
+shard's, each part's where it was written in parts; the record itself is checked first, by
+:mod:`rewriter.exec.publish.provenance_record`), and every tensor against its planned
+source slice. :mod:`rewriter.exec.distributed.ray_verify` runs the same check per shard on Ray actors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from core.checkpoint import CONFIG_NAME, Checkpoint
+from core.errors import CheckpointError, PlanError, RewriterError
+from core.jsonfile import parse_json_object
+from core.storage import Storage
+from planners.plan import PROVENANCE_NAME, OutputShard, Plan, Segment, source_location
+from rewriter.exec.io.copy import DEFAULT_BUFFER_BYTES
+from rewriter.exec.publish.provenance_record import Range, check_document
+
+
+@dataclass
+class VerifyReport:
+    dst: str
+    src: str
+    tensors_checked: int = 0
+    bytes_checked: int = 0
+    mismatches: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches and not self.problems
+
+    def add(self, check: ShardCheck) -> None:
+        self.tensors_checked += check.tensors
+        self.bytes_checked += check.bytes
+        self.mismatches += check.mismatches
+        self.problems += check.problems
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+@dataclass
+class ShardCheck:
+    """What checking one shard found; small enough to pass between processes."""
+
+    tensors: int = 0
+    bytes: int = 0
+    mismatches: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def load_provenance_plan(dst: Storage) -> Plan:
+    """The plan recorded in ``pruning.json`` of a checkpoint this tool wrote."""
+    if not dst.exists(PROVENANCE_NAME):
+        raise PlanError(f"{dst.describe(PROVENANCE_NAME)} not found: {dst.url} was not written by this tool")
+    doc = parse_json_object(dst.read_all(PROVENANCE_NAME), dst.describe(PROVENANCE_NAME), PlanError,
+                            ("this tool's record of the plan", f"{dst.url} is damaged: write it again with "
+                             "`rewriter run PLAN --out DST --force`"))
+    try:
+        return Plan.from_json(doc["plan"], dst.describe(PROVENANCE_NAME))
+    except (KeyError, TypeError) as e:
+        raise PlanError(f"{dst.describe(PROVENANCE_NAME)}: unreadable provenance ({e})") from None
+
+
+def _planned_digest(storage: Storage, segments: tuple[Segment, ...], buffer: bytearray) -> str:
+    """sha256 of what a tensor's segments say: source ranges and literal bytes, in order."""
+    h = hashlib.sha256()
+    for s in segments:
+        if s.data is not None:
+            h.update(s.data)
+        else:
+            for chunk in storage.iter_range(s.shard, s.offset, s.offset + s.length, buffer):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(
+    src_url: str | None,
+    dst_url: str,
+    *,
+    src_options: Mapping[str, Any] | None = None,
+    dst_options: Mapping[str, Any] | None = None,
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+) -> VerifyReport:
+    """Check ``dst_url`` against its plan and source.
+
+    Checks: the destination opens as a valid checkpoint (headers, index, ``total_size``); its
+    shards and headers are the planned ones; ``config.json`` is the planned config and its
+    expert count matches the router and expert tensors; the source still matches the plan's
+    fingerprint; every output tensor's bytes hash to the same value as its source segments.
+
+    Args:
+        src_url: the source; ``None`` uses the source URL recorded in the plan.
+    """
+    with Storage(dst_url, dst_options) as dst_store:
+        plan = load_provenance_plan(dst_store)
+        with Storage(src_url or plan.source_url, src_options) as src_store:
+            return _verify(plan, src_store, dst_store, buffer_bytes)
+
+
+def _refuse_other_source(plan: Plan, src: Checkpoint, dst: Storage) -> None:
+    """Stop before reading any tensor when SRC is another checkpoint than the one DST was made
+    from: its bytes say nothing about DST (a changed source at the same place is a problem found)."""
+    if source_location(src.storage) == plan.source_url:
+        return
+    now = src.fingerprint()
+    differ = [name for name, fp in plan.source_shards.items() if dict(now.get(name) or {}) != dict(fp)]
+    if not differ:
+        return  # the same shards, copied or mounted elsewhere
+    what = "has no shard" if differ[0] not in now else "has a different shard"
+    raise PlanError(
+        f"{src.url} is not the source of {dst.url}: that was made from {plan.source_url} (recorded in "
+        f"{dst.describe(PROVENANCE_NAME)}), and {src.url} {what} '{differ[0]}' of it"
+        f"{f' ({len(differ)} shards differ)' if len(differ) > 1 else ''}; pass the source the output "
+        f"was made from, or give only DST to verify against the recorded one"
+    )
+
+
+def _verify(plan: Plan, src_store: Storage, dst_store: Storage, buffer_bytes: int) -> VerifyReport:
+    report = VerifyReport(dst_store.url, src_store.url)
+    opened = open_both(plan, src_store, dst_store, report)
+    if opened is not None:
+        dst, src = opened
+        recorded = recorded_shards(plan, dst_store, report)
+        for out in plan.outputs:
+            if out.name in dst.shards:
+                report.add(check_shard(out, recorded[out.name], shard_tensors(dst, out.name), src.storage,
+                                       dst_store, buffer_bytes))
+    return report
+
+
+def open_both(plan: Plan, src_store: Storage, dst_store: Storage, report: VerifyReport) -> tuple[Checkpoint, Checkpoint] | None:
+    """Open both checkpoints and check what is not a shard's bytes (config, source, shard names)."""
+    try:
+        dst = Checkpoint.open(dst_store.url, storage=dst_store)
+    except RewriterError as e:
+        report.problems.append(str(e))
+        return None
+    src = Checkpoint.open(src_store.url, storage=src_store)
+    _refuse_other_source(plan, src, dst_store)
+    try:
+        plan.check_source(src)
+    except PlanError as e:
+        report.problems.append(str(e))
+    if dst.config != dict(plan.config):
+        report.problems.append(f"{dst_store.describe(CONFIG_NAME)} differs from the planned config")
+    if plan.loadable:
+        try:
+            dst.layout.moe_layers(dst)
+        except CheckpointError as e:
+            report.problems.append(str(e))
+    planned = {o.name for o in plan.outputs}
+    if planned != set(dst.shards):
+        report.problems.append(f"shards {sorted(dst.shards)} differ from the planned {sorted(planned)}")
+    return dst, src
+
+
+def recorded_shards(plan: Plan, dst: Storage, report: VerifyReport) -> dict[str, tuple[list[Range], list[Range]]]:
+    """Each planned shard's hash ranges ``pruning.json`` records (checked as untrusted input: its
+    problems go to ``report``)."""
+    problems, ranges = check_document(plan, json.loads(dst.read_all(PROVENANCE_NAME)))
+    report.problems += [p.replace(PROVENANCE_NAME, dst.describe(PROVENANCE_NAME), 1) for p in problems]
+    return ranges
+
+
+def shard_tensors(dst: Checkpoint, name: str) -> dict[str, tuple[int, int]]:
+    """``tensor -> (begin, end)`` of the tensors the destination's index puts in shard ``name``."""
+    return {t.name: (t.begin, t.end) for t in dst.tensors.values() if t.shard == name}
+
+
+def check_shard(out: OutputShard, recorded: tuple[list[Range], list[Range]], tensors: Mapping[str, tuple[int, int]], src: Storage,
+                dst: Storage, buffer_bytes: int) -> ShardCheck:
+    """One pass over shard ``out``: its header, the hashes ``pruning.json`` records for it, and every
+    tensor's bytes against its planned source slice."""
+    check = ShardCheck()
+    where = dst.describe(out.name)
+    whole, parts = recorded
+    hashers = [RangeHashes([(s, e) for s, e, _, _ in rs]) for rs in (whole, parts)]
+    planned = {t.name: t for t in out.tensors}
+    spans = sorted((b, e, n) for n, (b, e) in tensors.items() if n in planned)
+    check.mismatches += [n for n in planned if n not in tensors]
+    tensor_hashes = RangeHashes([(b, e) for b, e, _ in spans])
+    try:
+        head = b""
+        pos = 0
+        for chunk in dst.iter_range(out.name, 0, out.size, bytearray(buffer_bytes)):
+            if len(head) < len(out.header):
+                head += bytes(chunk[: len(out.header) - len(head)])
+            for h in hashers:
+                h.feed(pos, chunk)
+            tensor_hashes.feed(pos, chunk)
+            pos += len(chunk)
+    except RewriterError as e:
+        check.problems.append(str(e))
+        return check
+    if head != out.header:
+        check.problems.append(f"{where}: header differs from the plan")
+        return check
+    for (_, _, label, want), got in zip(whole + parts, hashers[0].digests() + hashers[1].digests()):
+        if got != want:
+            check.problems.append(f"{where}: {label}sha256 {got} differs from the {want} recorded in {PROVENANCE_NAME}")
+    buf = bytearray(buffer_bytes)
+    for (begin, end, name), got in zip(spans, tensor_hashes.digests()):
+        check.tensors += 1
+        check.bytes += end - begin
+        if got != _planned_digest(src, planned[name].segments, buf):
+            check.mismatches.append(name)
+    return check
+
+
+class RangeHashes:
+    """sha256 of each of several disjoint, sorted byte ranges of a stream read in order."""
+
+    def __init__(self, ranges: list[tuple[int, int]]):
+        self.ranges = ranges
+        self.hashes = [hashlib.sha256() for _ in ranges]
+        self.i = 0
+
+    def feed(self, pos: int, chunk: memoryview | bytes) -> None:
+        end = pos + len(chunk)
+        while self.i < len(self.ranges) and self.ranges[self.i][1] <= pos:
+            self.i += 1
+        j = self.i
+        while j < len(self.ranges) and self.ranges[j][0] < end:
+            s, e = self.ranges[j]
+            self.hashes[j].update(chunk[max(s, pos) - pos : min(e, end) - pos])
+            j += 1
+
+    def digests(self) -> list[str]:
+        return [h.hexdigest() for h in self.hashes]

@@ -1,0 +1,1 @@
+"""Running a plan on this machine: the local executor and the dry run."""

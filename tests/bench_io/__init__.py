@@ -1,0 +1,1 @@
+"""The benchmarks run end to end at a tiny size."""

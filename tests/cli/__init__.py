@@ -1,0 +1,1 @@
+"""Tests of the CLI: options, errors, output, Ray Jobs commands."""

@@ -1,0 +1,1 @@
+"""Tests of rewriter/exec/: copying, destinations, the runs (local, Ray), verify, card."""

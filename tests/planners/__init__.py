@@ -1,0 +1,1 @@
+"""Tests of planners/: policies, plans, cost, serving rules."""
