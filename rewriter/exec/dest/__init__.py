@@ -1,1 +1,22 @@
-"""Destinations and the state of a run kept in them: lock, journal, status, cleanup."""
+"""Destinations and the state of a run kept in them: writing outputs and small files into a local
+folder or an object store, the lock, the journal of finished shards, the status document.
+
+``cleanup`` (what killed runs left) is :func:`rewriter.exec.dest.cleanup.cleanup`.
+"""
+
+from rewriter.exec.dest.destination import TMP_DIR, Destination, open_destination
+from rewriter.exec.dest.journal import (
+    PartJournal,
+    ShardResult,
+    check_destination,
+    pending_shards,
+    prepare_destination,
+)
+from rewriter.exec.dest.lock import STATE_DIR, DestinationLock
+from rewriter.exec.dest.runstatus import RunObserver, StatusWriter, format_status, read_status
+
+__all__ = [
+    "STATE_DIR", "TMP_DIR", "Destination", "DestinationLock", "PartJournal", "RunObserver",
+    "ShardResult", "StatusWriter", "check_destination", "format_status", "open_destination",
+    "pending_shards", "prepare_destination", "read_status",
+]

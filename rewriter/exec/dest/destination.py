@@ -26,14 +26,8 @@ from core.errors import ExecutionError
 from core.storage import Storage
 from rewriter.exec.dest.localparts import LocalParts
 from rewriter.exec.dest.lock import LOCK_NAME, STATE_DIR
-from rewriter.exec.io.copy import (
-    DEFAULT_BUFFER_BYTES,
-    OUTPUT_MODE,
-    Output,
-    fsync_dir,
-    sha256_fd,
-    write_errors_are_clear,
-)
+from rewriter.exec.io.copy import DEFAULT_BUFFER_BYTES, Output
+from rewriter.exec.io.fileio import OUTPUT_MODE, fsync_dir, sha256_fd, write_errors_are_clear
 from rewriter.exec.io.outputs import LocalOutput, RemoteOutput
 from rewriter.exec.io.partoutputs import MultipartPart, PartOutput
 

@@ -16,7 +16,7 @@ from typing import Any
 from core.errors import ExecutionError
 from core.storage import Storage
 from rewriter.exec.dest.lock import STATE_DIR
-from rewriter.exec.io.copy import OUTPUT_MODE, fsync_dir, write_errors_are_clear
+from rewriter.exec.io.fileio import OUTPUT_MODE, fsync_dir, write_errors_are_clear
 from rewriter.exec.io.partoutputs import MultipartPart, PartOutput
 
 #: Files of large shards being written in parts (kept across runs, to resume part by part).

@@ -28,7 +28,7 @@ from typing import Any
 
 from core.errors import CheckpointError, DestinationLockedError
 from core.storage import Storage
-from rewriter.exec.io.copy import OUTPUT_MODE, write_errors_are_clear
+from rewriter.exec.io.fileio import OUTPUT_MODE, write_errors_are_clear
 
 log = logging.getLogger(__name__)
 

@@ -37,17 +37,10 @@ from rewriter.exec.io.copy_paths import (  # IOOptions, CopyStats re-exported
     copy_positioned,
     copy_windowed,
 )
-from rewriter.exec.io.fileio import (  # re-exported: the write paths import them from here
-    OUTPUT_MODE,
-    fsync_dir,
-    pwrite_all,
-    sha256_fd,
-    write_errors_are_clear,
-)
+from rewriter.exec.io.fileio import write_errors_are_clear
 from rewriter.exec.io.streams import InFlight
 
-__all__ = ["CopyStats", "OUTPUT_MODE", "fsync_dir", "pwrite_all", "sha256_fd", "write_errors_are_clear", "IOOptions",
-           "RangeCopier", "copy_segments"]
+__all__ = ["CopyStats", "IOOptions", "RangeCopier", "copy_segments"]
 
 log = logging.getLogger(__name__)
 

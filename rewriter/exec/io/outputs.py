@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 from fsspec.spec import AbstractBufferedFile
 
 from core.storage import Storage
-from rewriter.exec.io.copy import OUTPUT_MODE, fsync_dir, pwrite_all, write_errors_are_clear
+from rewriter.exec.io.fileio import OUTPUT_MODE, fsync_dir, pwrite_all, write_errors_are_clear
 
 log = logging.getLogger(__name__)
 

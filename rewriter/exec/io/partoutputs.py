@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from rewriter.exec.io.copy import pwrite_all, write_errors_are_clear
+from rewriter.exec.io.fileio import pwrite_all, write_errors_are_clear
 from rewriter.exec.io.outputs import start_writeback, wait_written
 
 #: Sends one numbered part of a multipart upload; returns its ``{"PartNumber", "ETag"}``.
