@@ -1,10 +1,12 @@
 """Destinations and the state of a run kept in them: writing outputs and small files into a local
-folder or an object store, the lock, the journal of finished shards, the status document.
+folder or an object store (the interface: :mod:`.base`; implementations: :mod:`.local`,
+:mod:`.objects`), the lock, the journal of finished shards, the status document.
 
 ``cleanup`` (what killed runs left) is :func:`rewriter.exec.dest.cleanup.cleanup`.
 """
 
-from rewriter.exec.dest.destination import TMP_DIR, Destination, open_destination
+from rewriter.exec.dest.base import TMP_DIR, Destination, ShardParts, abort_parts, leftover_parts
+from rewriter.exec.dest.destination import open_destination
 from rewriter.exec.dest.journal import (
     PartJournal,
     ShardResult,
@@ -17,6 +19,6 @@ from rewriter.exec.dest.runstatus import RunObserver, StatusWriter, format_statu
 
 __all__ = [
     "STATE_DIR", "TMP_DIR", "Destination", "DestinationLock", "PartJournal", "RunObserver",
-    "ShardResult", "StatusWriter", "check_destination", "format_status", "open_destination",
-    "pending_shards", "prepare_destination", "read_status",
+    "ShardParts", "ShardResult", "StatusWriter", "abort_parts", "check_destination", "format_status",
+    "leftover_parts", "open_destination", "pending_shards", "prepare_destination", "read_status",
 ]

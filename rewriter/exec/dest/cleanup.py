@@ -20,7 +20,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from core.errors import ExecutionError
-from rewriter.exec.dest.destination import TMP_DIR, Destination, open_destination
+from rewriter.exec.dest.base import TMP_DIR, Destination, abort_parts, leftover_parts
+from rewriter.exec.dest.destination import open_destination
 from rewriter.exec.dest.journal import PARTS_JOURNAL
 from rewriter.exec.dest.lock import LOCK_NAME, STATE_DIR, DestinationLock, LockOwner
 
@@ -36,7 +37,7 @@ class Cleanup(list[str]):
 def leftovers(dst: Destination) -> tuple[list[tuple[str, str]], list[str]]:
     """Unfinished shard attempts ``(name, upload id or part file)``, and leftover state files."""
     files = [f for f in dst.list_files() if f.startswith((TMP_DIR + "/", PROBE_PREFIX)) or f == PARTS_JOURNAL]
-    return dst.leftover_parts(), files
+    return leftover_parts(dst), files
 
 
 def _refuse_non_folder(dst_url: str, dst: Destination) -> None:
@@ -117,7 +118,7 @@ def _list(dst: Destination, out: Cleanup, would: str, remove: bool = False) -> N
         else:
             out.append(f"{would}abort{'' if would else 'ed'} multipart upload {handle} of {dst.describe(name)}")
         if remove:
-            dst.abort_parts(name, handle)
+            abort_parts(dst, name, handle)
     for f in files:
         out.append(f"{would}remove{done} {dst.describe(f)}")
         if remove:

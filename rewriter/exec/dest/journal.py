@@ -18,7 +18,7 @@ from core.checkpoint import INDEX_NAME
 from core.errors import ExecutionError
 from core.storage import Storage
 from planners.plan import PROVENANCE_NAME, OutputShard, Plan
-from rewriter.exec.dest.destination import Destination
+from rewriter.exec.dest.base import Destination, ShardParts
 from rewriter.exec.dest.lock import STATE_DIR, DestinationLock
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ def pending_shards(plan: Plan, journal: Journal, buffer_bytes: int) -> tuple[lis
 
 def _still_there(dst: Destination, name: str, entry: dict[str, Any], buffer_bytes: int) -> bool:
     parts = entry.get("parts")
-    if isinstance(parts, list):
+    if isinstance(parts, list) and isinstance(dst, ShardParts):
         return dst.parts_done(name, entry.get("size"), parts, buffer_bytes)
     return dst.shard_done(name, entry.get("size"), entry.get("sha256"), buffer_bytes)
 

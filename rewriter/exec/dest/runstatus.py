@@ -26,7 +26,8 @@ from typing import Any, Protocol
 from core.checkpoint import INDEX_NAME
 from core.errors import DestinationFullError, ExecutionError
 from planners.plan import PROVENANCE_NAME, Plan
-from rewriter.exec.dest.destination import Destination, open_destination
+from rewriter.exec.dest.base import Destination
+from rewriter.exec.dest.destination import open_destination
 from rewriter.exec.dest.journal import JOURNAL, ShardResult
 from rewriter.exec.dest.lock import STATE_DIR
 from rewriter.exec.io.throttle import Throttle

@@ -1,7 +1,7 @@
 """Large shards in parts: several workers write disjoint byte ranges of one output shard.
 
 Only the Ray executor uses this. A destination that takes parts
-(:attr:`rewriter.exec.dest.destination.Destination.takes_parts`) begins the shard, every worker
+(:class:`rewriter.exec.dest.ShardParts`) begins the shard, every worker
 writes its :class:`Part` into the destination's part output, hashing it as it goes, and the
 shard is published once every part is in. The journal keeps each finished part's sha256, so a
 killed run's successor writes only the parts that are missing.
@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from core.errors import ExecutionError
 from core.storage import Storage
 from planners.plan import OutputShard, Segment
-from rewriter.exec.dest.destination import Destination
+from rewriter.exec.dest import Destination, ShardParts
 from rewriter.exec.io.copy import (
     DEFAULT_BUFFER_BYTES,
     CopyStats,
@@ -86,6 +87,8 @@ def write_part(
         multipart destinations, ``resumed`` when the bytes already there were right) and the
         copy's statistics (``stats``).
     """
+    if not isinstance(dst, ShardParts):
+        raise ExecutionError(f"{dst.url} takes no shards in parts")
     entry = {"start": part.start, "length": part.length}
     if part.expect_sha256 and dst.part_sha256(handle, part.start, part.length, buffer_bytes) == part.expect_sha256:
         if progress:

@@ -20,7 +20,7 @@ import ray
 
 from core.storage import Storage
 from planners.plan import OutputShard
-from rewriter.exec.dest.destination import Destination, open_destination
+from rewriter.exec.dest import Destination, open_destination
 from rewriter.exec.dest.lock import STATE_DIR
 from rewriter.exec.distributed.parts import Part, write_part
 from rewriter.exec.io.copy import IOOptions

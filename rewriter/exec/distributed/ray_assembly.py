@@ -19,7 +19,7 @@ from typing import Any
 
 from core.errors import ExecutionError
 from planners.plan import OutputShard, Plan
-from rewriter.exec.dest.destination import TMP_DIR, Destination
+from rewriter.exec.dest import TMP_DIR, Destination, ShardParts, abort_parts, leftover_parts
 from rewriter.exec.dest.journal import PartJournal, ShardResult
 from rewriter.exec.distributed.parts import Part, split_parts
 
@@ -55,17 +55,17 @@ class Assemblies:
         """The tasks for ``todo``; discards what earlier runs left that is not reused."""
         tasks: list[OutputShard | Part] = []
         for out in todo:
-            if in_parts and out.size > part_bytes and self.dst.takes_parts:
+            if in_parts and out.size > part_bytes and isinstance(self.dst, ShardParts):
                 tasks += self._parts_of(out, split_parts(out, part_bytes))
             else:
                 tasks.append(out)
         keep = {a.handle for a in self.shards.values() if a.handle}
-        stale = [(n, h) for n, h in self.dst.leftover_parts() if h not in keep]
+        stale = [(n, h) for n, h in leftover_parts(self.dst) if h not in keep]
         if stale:
             log.warning("discarding %d unfinished writes a previous run left in %s (%s)", len(stale), self.dst.url,
                         ", ".join(n for n, _ in stale[:4]) + (" ..." if len(stale) > 4 else ""))
         for name, handle in stale:
-            self.dst.abort_parts(name, handle)
+            abort_parts(self.dst, name, handle)
         for name in [n for n in self.journal.shards if n not in self.shards or not self.shards[n].handle]:
             self.journal.shards.pop(name)
         self.journal.flush()
@@ -82,7 +82,7 @@ class Assemblies:
 
     def _parts_of(self, out: OutputShard, parts: list[Part]) -> list[Part]:
         old = self.journal.shards.get(out.name) or {}
-        kept = self.dst.parts_kept(out.name, old["handle"], out.size) if old.get("size") == out.size else None
+        kept = self._parts().parts_kept(out.name, old["handle"], out.size) if old.get("size") == out.size else None
         if kept is None:
             self.shards[out.name] = Assembly(out, None, len(parts))
             return parts
@@ -103,11 +103,17 @@ class Assemblies:
             log.info("%s: %d of %d parts kept from the previous run", out.name, len(asm.done), len(parts))
         return todo
 
+    def _parts(self) -> ShardParts:
+        # Only shards of a destination that takes parts are ever split into parts (tasks()).
+        if not isinstance(self.dst, ShardParts):
+            raise ExecutionError(f"{self.dst.url} takes no shards in parts")
+        return self.dst
+
     def handle(self, name: str) -> str:
         """The shard's attempt, begun (and journaled) when its first part is handed out."""
         asm = self.shards[name]
         if asm.handle is None:
-            asm.handle = self.dst.begin_parts(name, asm.out.size, self.plan.digest)
+            asm.handle = self._parts().begin_parts(name, asm.out.size, self.plan.digest)
             self.journal.begin(name, asm.handle, asm.out.size)
         return asm.handle
 
@@ -138,7 +144,7 @@ class Assemblies:
         assert asm.handle is not None
         parts = [asm.done[i] for i in sorted(asm.done)]
         uploaded = [u for p in parts for u in p.get("uploaded", [])]
-        self.dst.commit_parts(asm.out.name, asm.out.size, asm.handle, uploaded, 1 << 20, self.drop_cache)
+        self._parts().commit_parts(asm.out.name, asm.out.size, asm.handle, uploaded, 1 << 20, self.drop_cache)
         self._check_visible(asm.out.name, asm.out.size, where)
         r = asm.result or ShardResult(asm.out.name, asm.out.size, "")
         r.parts = [{k: p[k] for k in ("start", "length", "sha256")} | {"resumed": bool(p.get("resumed"))}
@@ -174,6 +180,6 @@ class Assemblies:
             if f.startswith(base) and f.endswith(".part"):
                 self.dst.remove(f)
         keep = {a.handle for a in self.shards.values()}
-        for name, handle in self.dst.leftover_parts():
+        for name, handle in leftover_parts(self.dst):
             if name == task.name and handle not in keep:
-                self.dst.abort_parts(name, handle)
+                abort_parts(self.dst, name, handle)

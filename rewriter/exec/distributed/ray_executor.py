@@ -23,7 +23,7 @@ import ray
 from core.errors import ExecutionError
 from core.storage import Storage
 from planners.plan import OutputShard, Plan
-from rewriter.exec.dest.destination import open_destination
+from rewriter.exec.dest import abort_parts, leftover_parts, open_destination
 from rewriter.exec.dest.journal import PartJournal
 from rewriter.exec.distributed.ray_actors import PROBE_DIR, ShardWriter, actor_memory_bytes
 from rewriter.exec.distributed.ray_assembly import Assemblies
@@ -138,8 +138,8 @@ def execute_on_ray(
             if tasks:
                 Driver(asm, actors, token, upload_part_bytes, max_task_retries, pending_timeout_s, memory,
                        progress).run(tasks)
-            for name, handle in dst.leftover_parts():  # uploads of actors killed mid-shard
-                dst.abort_parts(name, handle)
+            for name, handle in leftover_parts(dst):  # uploads of actors killed mid-shard
+                abort_parts(dst, name, handle)
         finally:
             for a in actors:
                 ray.kill(a)

@@ -1,7 +1,7 @@
 """One worker's share of a large output shard that several workers write at once: positioned
 writes into one preallocated file (:class:`PartOutput`), or numbered parts of one multipart
 upload (:class:`MultipartPart`). Each hashes its range as it writes it. Destinations
-(:mod:`rewriter.exec.dest.destination`, :mod:`rewriter.exec.dest.localparts`) create them.
+(:mod:`rewriter.exec.dest.local`, :mod:`rewriter.exec.dest.objects`) create them.
 """
 
 from __future__ import annotations

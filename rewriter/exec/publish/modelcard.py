@@ -19,7 +19,7 @@ from core.checkpoint import INDEX_NAME
 from core.errors import CardError
 from core.storage import Storage
 from planners.plan import PROVENANCE_NAME, Plan
-from rewriter.exec.dest.destination import Destination
+from rewriter.exec.dest import Destination
 from rewriter.exec.dest.lock import DestinationLock
 from rewriter.exec.publish.hubmeta import (
     check_base_model,

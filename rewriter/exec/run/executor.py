@@ -34,7 +34,7 @@ from core.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
 from core.errors import DestinationFullError, ExecutionError, PlanError
 from core.storage import Storage
 from planners.plan import PROVENANCE_NAME, OutputShard, Plan
-from rewriter.exec.dest.destination import Destination, open_destination
+from rewriter.exec.dest import Destination, open_destination
 from rewriter.exec.dest.journal import (
     ShardResult,
     check_destination,
