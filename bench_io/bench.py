@@ -25,7 +25,7 @@ import psutil
 from bench_io.charts import pyplot, ratio_rows
 from planners import PlanOptions, plan_prune
 from planners.policies import KeepPolicy
-from rewriter.synth import Geometry, synthetic_saliency, write_checkpoint
+from rewriter.tools.synth import Geometry, synthetic_saliency, write_checkpoint
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -214,7 +214,7 @@ def _dd_command(plan_path: Path, out: Path) -> list[str]:
 def bench_planning(work: Path) -> dict[str, Any]:
     """Plan the full 120B geometry (sparse: headers only) in-process and as a CLI process."""
     from core.checkpoint import Checkpoint
-    from rewriter.synth import PRESETS
+    from rewriter.tools.synth import PRESETS
 
     src = work / "120b-sparse"
     if not (src / "model.safetensors.index.json").exists():

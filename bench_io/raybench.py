@@ -43,7 +43,7 @@ from typing import Any
 from bench_io.bench import RESULTS, drop_cache, machine, measure
 from planners import PlanOptions, plan_prune
 from planners.policies import KeepPolicy
-from rewriter.synth import PRESETS, Geometry, synthetic_saliency, write_checkpoint
+from rewriter.tools.synth import PRESETS, Geometry, synthetic_saliency, write_checkpoint
 
 GEOMETRIES = {
     # Four real-size 120B MoE layers: a 6.8 GB source, 3.4 GB written in 2 GB shards.

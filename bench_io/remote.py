@@ -37,7 +37,7 @@ from planners import PlanOptions, plan_prune
 from planners.cost import estimate
 from planners.plan import Plan
 from planners.policies import KeepPolicy
-from rewriter.synth import Geometry
+from rewriter.tools.synth import Geometry
 
 CONTENDERS = ("ours-seq", "ours-1stream", "ours", "download")
 MiB = 1 << 20

@@ -52,7 +52,7 @@ def configure(seq_len: int, device: str) -> None:
 
 
 def _vocab(preset: str) -> int:
-    from rewriter.synth import PRESETS
+    from rewriter.tools.synth import PRESETS
 
     return min(200_000, PRESETS[preset].vocab)
 
@@ -72,8 +72,8 @@ def log(msg: str) -> None:
 
 
 def synthesize(out: Path, preset: str, layers: int | None) -> dict[str, Any]:
-    from rewriter.synth import computing_chunks, write_checkpoint
-    from rewriter.synth import preset as get_preset
+    from rewriter.tools.synth import computing_chunks, write_checkpoint
+    from rewriter.tools.synth import preset as get_preset
 
     t = time.perf_counter()
     if not (out / "model.safetensors.index.json").exists():

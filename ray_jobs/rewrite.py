@@ -1,7 +1,7 @@
 """Entry point of a Ray Job: ``rewriter run --ray`` on the cluster the job runs in.
 
 ``rewriter submit PLAN --out DST --address http://HEAD:8265 [run options]`` submits a job that
-runs this module with the plan sent along (see :mod:`rewriter.jobs`); by hand it is::
+runs this module with the plan sent along (see :mod:`rewriter.tools.jobs`); by hand it is::
 
     ray job submit --address http://HEAD:8265 -- \\
         python -m ray_jobs.rewrite s3://bucket/plans/120b-keep64.json --out s3://bucket/pruned/120b-keep64 --workers 16

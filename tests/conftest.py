@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from core.checkpoint import Checkpoint
 from planners.saliency import model_identity
 from rewriter.cli import main
-from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
+from rewriter.tools.synth import PRESETS, synthetic_saliency, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 #: Copies of the real gpt-oss-20b config.json and index (from shared/reference).

@@ -9,8 +9,8 @@ import sys
 def test_core_modules_import_without_torch_or_ray():
     code = (
         "import sys\n"
-        "import rewriter, rewriter.cli, rewriter.exec.run.executor, rewriter.exec.publish.verify, rewriter.exec.run.dryrun, rewriter.inspect\n"
-        "import planners.plan, planners.policies, planners.cost, planners.saliency, rewriter.synth\n"
+        "import rewriter, rewriter.cli, rewriter.exec.run.executor, rewriter.exec.publish.verify, rewriter.exec.run.dryrun, rewriter.tools.inspect\n"
+        "import planners.plan, planners.policies, planners.cost, planners.saliency, rewriter.tools.synth\n"
         "heavy = sorted(m for m in ('torch', 'ray', 'transformers') if m in sys.modules)\n"
         "print(heavy)\n"
         "sys.exit(1 if heavy else 0)\n"

@@ -28,9 +28,11 @@ LAYERS = {
     "rewriter.exec.distributed": 6,  # the run and verify on Ray
     "quality": 6,  # eval and the reference-MoE benchmark
     "rewriter.exec": 7,  # the folder's face: names its floors, imports nothing
-    "rewriter": 8,  # the CLI and what only commands use (synth, inspect, progress bars)
-    "bench_io": 9,  # benchmarks: use the product, never used by it
-    "ray_jobs": 9,  # the Ray job entry point: the CLI's run command on a cluster
+    "rewriter.tools": 8,  # what only commands use: synth, inspect, progress bars, the Ray Jobs client
+    "rewriter.cli": 9,  # the commands: parse, call the library, print
+    "rewriter": 10,  # the console script (entry.py) and ``python -m rewriter``
+    "bench_io": 11,  # benchmarks: use the product, never used by it
+    "ray_jobs": 11,  # the Ray job entry point: the CLI's run command on a cluster
 }
 
 

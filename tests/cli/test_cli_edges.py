@@ -338,12 +338,12 @@ def test_object_storage_without_credentials_or_out_of_reach_names_url_and_option
 # --- wording: what the messages suggest must work -------------------------------------------------------
 
 def test_the_internal_error_hint_is_a_command_line_that_parses(made, monkeypatch):
-    import rewriter.inspect
+    import rewriter.tools.inspect
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr(rewriter.inspect, "describe", broken)
+    monkeypatch.setattr(rewriter.tools.inspect, "describe", broken)
     r = invoke("inspect", made["src"])
     assert r.exit_code == 3 and "this is a bug" in r.output
     suggested = r.output.split("`rewriter -vv inspect ...`")

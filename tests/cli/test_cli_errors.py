@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from rewriter.cli import EXIT_STATUS_HELP, main
-from rewriter.synth import PRESETS, write_checkpoint
+from rewriter.tools.synth import PRESETS, write_checkpoint
 from tests.conftest import cli, source_digest, tree_digest
 from tests.e2e.test_promises import journal_shards
 
@@ -342,7 +342,7 @@ def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
 
 
 def test_an_unexpected_exception_is_reported_as_a_bug_with_status_3():
-    from rewriter.cli_errors import EXIT_BUG, _describe_error
+    from rewriter.cli.errors import EXIT_BUG, _describe_error
 
     message, status = _describe_error(ZeroDivisionError("division by zero"))
     assert status == EXIT_BUG == 3

@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from rewriter.cli import main
-from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
+from rewriter.tools.synth import PRESETS, synthetic_saliency, write_checkpoint
 from tests.conftest import cli, source_digest
 
 CASES = int(os.environ.get("REWRITER_FUZZ_CASES", "600"))

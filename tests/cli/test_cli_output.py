@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from core.checkpoint import Checkpoint
 from planners.saliency import load_saliency, model_identity
 from rewriter.cli import main
-from rewriter.progress import ByteProgress
-from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
+from rewriter.tools.progress import ByteProgress
+from rewriter.tools.synth import PRESETS, synthetic_saliency, write_checkpoint
 from tests.conftest import cli, source_digest
 
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from planners.plan import Plan
-from rewriter.synth import Geometry, synthetic_saliency, write_checkpoint
+from rewriter.tools.synth import Geometry, synthetic_saliency, write_checkpoint
 from tests.conftest import cli
 from tests.ray_job_cluster import job_cluster
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from rewriter.exec.dest.runstatus import STATUS_NAME
-from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
+from rewriter.tools.synth import PRESETS, synthetic_saliency, write_checkpoint
 from tests.conftest import cli
 
 REPO = Path(__file__).resolve().parents[2]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rewriter.cli import main
-from rewriter.cli_ray import NOT_FORWARDED, forwarded_args
+from rewriter.cli.jobs import NOT_FORWARDED, forwarded_args
 
 
 def _names(cmd) -> list[str]:

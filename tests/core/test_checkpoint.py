@@ -11,7 +11,7 @@ import pytest
 
 from core.checkpoint import Checkpoint
 from core.errors import CheckpointError, FormatError
-from rewriter.synth import PRESETS, write_checkpoint
+from rewriter.tools.synth import PRESETS, write_checkpoint
 from tests.conftest import REFERENCE, cli
 
 

@@ -149,7 +149,7 @@ def test_deepseek_group_balance_is_enforced(tmp_path):
     (tmp_path / "keep.json").write_text(json.dumps({"1": [0, 1, 2, 4], "2": [0, 1, 2, 4]}))
     out = cli("plan", src, "--keep-list", tmp_path / "keep.json", expect=2)
     assert "same number in every group" in out
-    from rewriter.synth import synthetic_saliency
+    from rewriter.tools.synth import synthetic_saliency
 
     s = synthetic_saliency(3, 8, 2).to_json()
     s["layers"] = {k: v for k, v in s["layers"].items() if k in ("1", "2")}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from rewriter.synth import PRESETS, write_checkpoint
+from rewriter.tools.synth import PRESETS, write_checkpoint
 from tests.e2e.test_promises import mounts, plan_file, prune_args, rewriter, small  # noqa: F401 (fixtures)
 
 

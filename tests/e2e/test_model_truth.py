@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from rewriter.synth import PRESETS, write_checkpoint  # noqa: E402
+from rewriter.tools.synth import PRESETS, write_checkpoint  # noqa: E402
 from tests.conftest import cli  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
@@ -96,7 +96,7 @@ def test_pruned_equals_masked_original(sources, tmp_path, kind, top_k):
 
 
 def test_saliency_driven_prune_loads(sources, tmp_path):
-    from rewriter.synth import synthetic_saliency
+    from rewriter.tools.synth import synthetic_saliency
 
     synthetic_saliency(2, 8, 2, seed=4).save(tmp_path / "s.json")
     cli("prune", sources["mxfp4"], tmp_path / "dst", "--saliency", tmp_path / "s.json", "--keep-frac", "0.5",

@@ -26,7 +26,7 @@ from planners.saliency import model_identity
 from rewriter.exec.dest.lock import LOCK_NAME, LockOwner
 from rewriter.exec.publish.verify import verify
 from rewriter.exec.run.executor import execute
-from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
+from rewriter.tools.synth import PRESETS, synthetic_saliency, write_checkpoint
 from tests.conftest import REPO, source_digest, tree_digest
 
 LOCKED = DestinationLockedError.exit_code

@@ -19,7 +19,7 @@ from planners.reads import Read, over_read, plan_reads
 from rewriter.exec.dest.destination import open_destination
 from rewriter.exec.io.copy import CopyStats, IOOptions, RangeCopier, copy_segments
 from rewriter.exec.run.executor import execute, write_output_shard
-from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
+from rewriter.tools.synth import PRESETS, synthetic_saliency, write_checkpoint
 from tests.conftest import cli, tree_digest
 
 MiB = 1 << 20

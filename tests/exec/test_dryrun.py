@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from core.checkpoint import Checkpoint
-from rewriter.synth import Geometry, synthetic_saliency, write_checkpoint
+from rewriter.tools.synth import Geometry, synthetic_saliency, write_checkpoint
 from tests.conftest import cli
 
 

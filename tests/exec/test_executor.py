@@ -18,7 +18,7 @@ from core.checkpoint import Checkpoint
 from planners.plan import Plan
 from rewriter.exec.publish.verify import verify
 from rewriter.exec.run.executor import execute
-from rewriter.synth import PRESETS, Geometry, synthetic_saliency, write_checkpoint
+from rewriter.tools.synth import PRESETS, Geometry, synthetic_saliency, write_checkpoint
 from tests.conftest import cli, source_digest, tree_digest
 
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from core.checkpoint import Checkpoint
-from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
+from rewriter.tools.synth import PRESETS, synthetic_saliency, write_checkpoint
 from tests.conftest import cli
 
 SOURCE_CARD = "---\nlicense: apache-2.0\n---\n\n# The source model\n\nIts own card.\n"

@@ -80,7 +80,7 @@ def test_parts_beside_a_right_shard_hash_are_checked_too(written):
 @pytest.mark.slow
 def test_ray_parts_record_edits(ray_cluster, tiny, tiny_saliency, tmp_path):
     from rewriter.exec.distributed.ray_executor import execute_on_ray
-    from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
+    from rewriter.tools.synth import PRESETS, synthetic_saliency, write_checkpoint
 
     write_checkpoint(tmp_path / "src", PRESETS["small"])
     synthetic_saliency(4, 32, 4, seed=3).save(tmp_path / "s.json")

@@ -20,7 +20,7 @@ import pytest
 
 from planners.plan import Plan
 from rewriter.exec.run.executor import execute
-from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
+from rewriter.tools.synth import PRESETS, synthetic_saliency, write_checkpoint
 from tests.conftest import REPO, cli, tree_digest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -13,7 +13,7 @@ from planners.plan import Plan
 from rewriter.exec.io.copy import IOOptions
 from rewriter.exec.publish.verify import verify
 from rewriter.exec.run.executor import execute
-from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
+from rewriter.tools.synth import PRESETS, synthetic_saliency, write_checkpoint
 from tests.conftest import cli, tree_digest
 
 pytestmark = pytest.mark.s3

@@ -12,7 +12,7 @@ from planners.plan import Plan
 from rewriter.exec.dest.runstatus import STATUS_NAME, StatusWriter, format_status, read_status
 from rewriter.exec.io.copy import IOOptions
 from rewriter.exec.run.executor import execute
-from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
+from rewriter.tools.synth import PRESETS, synthetic_saliency, write_checkpoint
 from tests.conftest import cli
 
 

@@ -46,7 +46,7 @@ def test_every_suggestion_is_accepted(groups, top_k, topk_group, experts):
 def test_plan_refusal_names_counts_the_next_plan_accepts(tmp_path):
     """The trial's case: 8 experts in 4 groups, topk_group 2, through `rewriter plan`."""
     pytest.importorskip("transformers")
-    from rewriter.synth import synthetic_saliency
+    from rewriter.tools.synth import synthetic_saliency
     from tests.conftest import cli
     from tests.e2e.test_families import _build
 

@@ -14,7 +14,7 @@ from planners.cost import estimate
 from planners.plan import Plan, assign_shards, build_plan
 from planners.policies import Domain, KeepPolicy, select_keep
 from planners.saliency import load_keep_list, load_saliency
-from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
+from rewriter.tools.synth import PRESETS, synthetic_saliency, write_checkpoint
 from tests.conftest import cli
 
 

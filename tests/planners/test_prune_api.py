@@ -64,7 +64,7 @@ def test_bad_options_raise_the_projects_errors(tiny, tiny_saliency, options, err
 
 def test_foreign_saliency_is_refused_unless_allowed(tiny, tmp_path):
     from planners.saliency import model_identity
-    from rewriter.synth import synthetic_saliency
+    from rewriter.tools.synth import synthetic_saliency
 
     other = tmp_path / "other.json"
     identity = {**model_identity(Checkpoint.open(str(tiny))), "fingerprint": "0" * 64}

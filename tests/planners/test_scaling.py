@@ -6,7 +6,7 @@ import pytest
 
 from planners.cost import estimate, estimate_nodes
 from planners.plan import Plan
-from rewriter.synth import Geometry, synthetic_saliency, write_checkpoint
+from rewriter.tools.synth import Geometry, synthetic_saliency, write_checkpoint
 from tests.conftest import cli
 
 

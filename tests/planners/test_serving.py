@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from core.format import encode_header, nbytes_of
 from planners.serving import RULES, TARGETS
 from rewriter.cli import main
-from rewriter.synth import PRESETS, synthetic_saliency, write_checkpoint
+from rewriter.tools.synth import PRESETS, synthetic_saliency, write_checkpoint
 from tests.conftest import cli
 
 ARCH = {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "mixtral": "MixtralForCausalLM",

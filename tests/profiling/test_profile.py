@@ -170,7 +170,7 @@ def test_packing_and_data_formats(tmp_path):
 def test_profile_cli_drives_prune_and_the_pruned_model_loads(tmp_path):
     import random
 
-    from rewriter.synth import PRESETS, write_checkpoint
+    from rewriter.tools.synth import PRESETS, write_checkpoint
 
     tiny = tmp_path / "tiny"
     write_checkpoint(tiny, PRESETS["tiny"])  # no tokenizer: byte-level

@@ -16,7 +16,7 @@ from core.checkpoint import Checkpoint  # noqa: E402
 from profiling.profile import batched, profile, profile_streamed  # noqa: E402
 from profiling.streamed import StreamedModel  # noqa: E402
 from quality.evaluate import evaluate  # noqa: E402
-from rewriter.synth import PRESETS, write_checkpoint  # noqa: E402
+from rewriter.tools.synth import PRESETS, write_checkpoint  # noqa: E402
 from tests.conftest import cli  # noqa: E402
 from tests.e2e.test_families import FAMILIES, KEEP, _build  # noqa: E402
 from tests.e2e.test_model_truth import _bf16_model  # noqa: E402

@@ -57,7 +57,7 @@ def _packs(tmp_path):
 
 
 def test_eval_cli_self_comparison_passes_and_pruned_fails(tmp_path):
-    from rewriter.synth import PRESETS, write_checkpoint
+    from rewriter.tools.synth import PRESETS, write_checkpoint
 
     src = tmp_path / "src"
     write_checkpoint(src, PRESETS["tiny"])

@@ -6,7 +6,7 @@ below 127 so dequantized weights stay small. ``sparse=True`` writes real headers
 20B/120B geometry for the cost of the headers.
 
 Example:
-    >>> from rewriter.synth import PRESETS, write_checkpoint
+    >>> from rewriter.tools.synth import PRESETS, write_checkpoint
     >>> write_checkpoint("/tmp/tiny", PRESETS["tiny"])  # doctest: +SKIP
 """
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import click
 
-from rewriter.cli_errors import EXIT_FOUND, EXIT_OK, RewriterCommand
-from rewriter.cli_errors import fail_cleanly as _fail_cleanly
-from rewriter.cli_params import JSON_OBJECT, finite
+from rewriter.cli.errors import EXIT_FOUND, EXIT_OK, RewriterCommand
+from rewriter.cli.errors import fail_cleanly as _fail_cleanly
+from rewriter.cli.params import JSON_OBJECT, finite
 
 #: Options of ``run`` that ``submit`` does not forward: the job always runs on Ray, on the
 #: cluster it was submitted to.
@@ -53,7 +53,7 @@ def _submit_command(run: click.Command) -> click.Command:
     def submit(plan_file: str, dst: str, address: str | None, timeout: float, submission_id: str | None,
                **kw: Any) -> None:
         from planners.plan import Plan
-        from rewriter.jobs import META_DIGEST, META_DST, META_PLAN, JobService
+        from rewriter.tools.jobs import META_DIGEST, META_DST, META_PLAN, JobService
 
         p = Plan.load(plan_file)
         if p.is_dry_run:
@@ -152,7 +152,7 @@ def status(target: str, address: str | None, timeout: float, dst_options: dict[s
     or the run failed or stopped (0 when interrupted: the same command resumes it).
     """
     from rewriter.exec.dest.runstatus import format_status
-    from rewriter.jobs import META_DST, JobService, last_error
+    from rewriter.tools.jobs import META_DST, JobService, last_error
 
     job: dict[str, Any] | None = None
     if address is not None:
@@ -188,7 +188,7 @@ def status(target: str, address: str | None, timeout: float, dst_options: dict[s
 @_fail_cleanly
 def logs(job: str, address: str | None, timeout: float, follow: bool) -> None:
     """Print the logs of Ray job JOB (what `rewriter run --ray` printed on the cluster)."""
-    from rewriter.jobs import JobService
+    from rewriter.tools.jobs import JobService
 
     service = JobService(address, timeout)
     if follow:

@@ -13,9 +13,9 @@ from typing import Any
 
 import click
 
-from rewriter.cli_errors import EXIT_FOUND, EXIT_OK, EXIT_STATUS_HELP, RewriterGroup, on_interrupt
-from rewriter.cli_errors import fail_cleanly as _fail_cleanly
-from rewriter.cli_params import (
+from rewriter.cli.errors import EXIT_FOUND, EXIT_OK, EXIT_STATUS_HELP, RewriterGroup, on_interrupt
+from rewriter.cli.errors import fail_cleanly as _fail_cleanly
+from rewriter.cli.params import (
     DOMAIN,
     JSON_OBJECT,
     NON_NEGATIVE,
@@ -108,14 +108,14 @@ def main(verbose: int) -> None:
 def synth(preset: str, layers: int | None, sparse: bool, computing: bool, force: bool, quiet: bool, out: str) -> None:
     """Write a synthetic gpt-oss checkpoint to OUT (a new or empty folder)."""
     from core.format import nbytes_of
-    from rewriter.progress import ByteProgress
-    from rewriter.synth import (
+    from rewriter.tools.progress import ByteProgress
+    from rewriter.tools.synth import (
         all_tensors,
         computing_chunks,
         holds_only_temporaries,
         write_checkpoint,
     )
-    from rewriter.synth import preset as get_preset
+    from rewriter.tools.synth import preset as get_preset
 
     try:
         g = get_preset(preset, layers)
@@ -148,7 +148,7 @@ def synth_saliency(ckpt: str, out: str, domain: str, seed: int, force: bool) -> 
     """Write plausible random saliency for CKPT (for trying the planner without a GPU)."""
     from core.checkpoint import Checkpoint
     from planners.saliency import model_identity
-    from rewriter.synth import synthetic_saliency
+    from rewriter.tools.synth import synthetic_saliency
 
     refuse_existing_file(out, "--out", force)
     c = Checkpoint.open(ckpt)
@@ -169,7 +169,7 @@ def synth_saliency(ckpt: str, out: str, domain: str, seed: int, force: bool) -> 
 @_fail_cleanly
 def inspect(ckpt: str, as_json: bool, storage_options: dict[str, Any] | None) -> None:
     """Describe checkpoint CKPT from its headers alone: family, experts, bytes, shard locality."""
-    from rewriter.inspect import describe, format_description
+    from rewriter.tools.inspect import describe, format_description
 
     info = describe(ckpt, storage_options or {})
     click.echo(json.dumps(info, indent=1) if as_json else format_description(info))
@@ -472,7 +472,7 @@ def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bo
     from rewriter.exec.dest.runstatus import StatusWriter
     from rewriter.exec.io.copy import IOOptions
     from rewriter.exec.run.executor import execute
-    from rewriter.progress import ByteProgress
+    from rewriter.tools.progress import ByteProgress
 
     bar = ByteProgress(enabled=not quiet and not as_json)
     status = StatusWriter()  # DST/.rewriter/status.json, what `rewriter status` reads
@@ -751,11 +751,11 @@ def profile(model: str, data: tuple[str, ...], out: str, domain: str, seq_len: i
 
 class TokenProgress:
     """Tokens profiled and tokens/s on stderr: redrawn in place on a terminal, otherwise a plain
-    line every few seconds (as :class:`rewriter.progress.ByteProgress` does for bytes)."""
+    line every few seconds (as :class:`rewriter.tools.progress.ByteProgress` does for bytes)."""
 
     def __init__(self, enabled: bool = True, log_every: float = 5.0):
         from rewriter.exec.io.throttle import Throttle
-        from rewriter.progress import is_terminal
+        from rewriter.tools.progress import is_terminal
 
         self.enabled, self.done, self.t0 = enabled, 0, time.monotonic()
         self.tty = is_terminal(sys.stderr)
@@ -939,8 +939,8 @@ def cleanup(dst: str, dst_options: dict[str, Any] | None, dry_run: bool) -> None
     click.echo(lines.summary)
 
 
-# --- Ray Jobs: submit, status, logs (rewriter/cli_ray.py) ---------------------------------------
-from rewriter.cli_ray import register as _register_ray_commands  # noqa: E402
+# --- Ray Jobs: submit, status, logs (rewriter/cli/jobs.py) ---------------------------------------
+from rewriter.cli.jobs import register as _register_ray_commands  # noqa: E402
 
 _register_ray_commands(main)
 

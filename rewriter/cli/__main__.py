@@ -1,0 +1,5 @@
+"""``python -m rewriter.cli``."""
+
+from rewriter.cli import main
+
+main()
