@@ -8,75 +8,38 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from rewriter.cli.errors import EXIT_FOUND, EXIT_OK, EXIT_STATUS_HELP, RewriterGroup, on_interrupt
 from rewriter.cli.errors import fail_cleanly as _fail_cleanly
 from rewriter.cli.params import (
+    BUFFER_MIB,
     DOMAIN,
     JSON_OBJECT,
+    LINK_MBPS,
+    MAX_LATENCY_MS,
+    MAX_MBPS,
+    MIN_MBPS,
     NON_NEGATIVE,
     POSITIVE,
     SIZE,
+    _options,
     finite,
     refuse_existing_file,
     refuse_missing_folder,
     save_plan,
     save_saliency,
 )
+from rewriter.cli.runopts import options_from
+from rewriter.cli.runopts import run_options as generated_run_options
+
+if TYPE_CHECKING:
+    from rewriter.exec.options import RunOptions
 
 MiB = 1 << 20
 log = logging.getLogger(__name__)
-#: Largest --buffer-mib: far past where copies get faster, and every worker allocates one.
-MAX_BUFFER_MIB = 1024
-#: Bounds of the estimate's bandwidths (MB/s) and latency (ms): past them it says nothing useful.
-MIN_MBPS, MAX_MBPS, MAX_LATENCY_MS = 0.001, 1e7, 60000.0
-
-
-class _BufferMiB(click.ParamType):
-    name = "MIB"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> int:
-        n: int = click.INT.convert(value, param, ctx)
-        if n < 1:
-            self.fail(f"{n} is not a positive number of MiB; give 1-{MAX_BUFFER_MIB} (16-256 is usual)", param, ctx)
-        if n > MAX_BUFFER_MIB:
-            self.fail(f"{n} MiB is more than the {MAX_BUFFER_MIB} MiB allowed: each worker allocates this much "
-                      f"and copies are no faster past a few tens of MiB; give 1-{MAX_BUFFER_MIB} (16-256 is usual)", param, ctx)
-        return n
-
-
-BUFFER_MIB = _BufferMiB()
-
-
-class _PartMiB(click.ParamType):
-    """--part-mib: the multipart-upload pieces are min(part, 64 MiB), at least 5 MiB, and a part
-    is a whole number of them."""
-
-    name = "MIB"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> int:
-        n: int = click.INT.convert(value, param, ctx)
-        if n < 5 or (n > 64 and n % 64):
-            self.fail(f"{n} MiB is not a part size: give 5 to 64, or a multiple of 64 (128, 192, 256, ...)",
-                      param, ctx)
-        return n
-
-
-class _LinkMbps(click.FloatRange):
-    """--link-mbps: 0 (no cap) or a bandwidth in MIN_MBPS..MAX_MBPS."""
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
-        v = finite(0, MAX_MBPS).convert(value, param, ctx)
-        if 0 < v < MIN_MBPS:
-            self.fail(f"{value!r} MB/s is below {MIN_MBPS}: give 0 (no cap) or {MIN_MBPS}-{MAX_MBPS:g}", param, ctx)
-        return v
-
-
-PART_MIB, LINK_MBPS = _PartMiB(), _LinkMbps(0, MAX_MBPS)
 
 
 @click.group(cls=RewriterGroup, epilog=EXIT_STATUS_HELP)
@@ -176,17 +139,6 @@ def inspect(ckpt: str, as_json: bool, storage_options: dict[str, Any] | None) ->
 
 
 # --- planning -----------------------------------------------------------------------------------
-
-def _options(*opts: Callable[..., Any]) -> Callable[..., Any]:
-    """One decorator applying several click options, in the order listed."""
-
-    def apply(fn: Callable[..., Any]) -> Callable[..., Any]:
-        for opt in reversed(opts):
-            fn = opt(fn)
-        return fn
-
-    return apply
-
 
 policy_options = _options(
         click.option("--saliency", "saliency", multiple=True, help="Saliency file (repeat: one per domain)."),
@@ -419,35 +371,8 @@ def stability(saliency_a: str, saliency_b: str, rank: str, keep_frac: float | No
 # --- execution ----------------------------------------------------------------------------------
 
 run_options = _options(
-        click.option("--buffer-mib", type=BUFFER_MIB, default=16, show_default=True,
-                     help="Copy buffer in MiB; bounds the data path's memory."),
-        click.option("--force", is_flag=True, help="Overwrite a destination holding other output."),
-        click.option("--no-zero-copy", is_flag=True, help="Never use copy_file_range (always buffered)."),
-        click.option("--max-inflight-mib", type=click.IntRange(min=0, max=1 << 20), default=256, show_default=True,
-                     help="Bytes requested and not yet written per shard, in MiB (bounds memory); "
-                          "0: one request at a time."),
-        click.option("--max-inflight-requests", type=click.IntRange(min=1, max=1024), default=16, show_default=True,
-                     help="Read requests in flight per shard (remote sources)."),
-        click.option("--max-gap-kib", type=click.IntRange(min=0, max=1 << 20), default=64, show_default=True,
-                     help="Remote ranges of a source shard at most this far apart are read as one request."),
-        click.option("--jobs", type=click.IntRange(min=1, max=256), default=None,
-                     help="Output shards written at once by a run here (default: up to 4 for a local "
-                          "source and destination, bounded by the cores and shards; 1 otherwise)."),
-        click.option("--drop-cache", is_flag=True, help="Drop written pages from the page cache."),
-        click.option("--dst-options", type=JSON_OBJECT, default=None, help="fsspec options for DST as JSON."),
-        click.option("--ray", "use_ray", is_flag=True, help="Run on Ray CPU actors (pip install '.[ray]')."),
-        click.option("--address", default=None, help="Ray cluster address (default: start a local one)."),
-        click.option("--workers", "ray_workers", type=POSITIVE, default=2, show_default=True, help="Ray actors."),
-        click.option("--ray-timeout", type=finite(0, 86400, min_open=True), default=30,
-                     show_default=True, help="Seconds to wait for the Ray cluster at --address to answer."),
-        click.option("--ray-pending-timeout", type=finite(0, 86400, min_open=True), default=600,
-                     show_default=True, help="Seconds to wait for a Ray actor the cluster cannot place (no free "
-                     "CPU or memory, a lost node) before its work goes to the others, or the run stops if none runs."),
-        click.option("--part-mib", type=PART_MIB, default=1024, show_default=True,
-                     help="With --ray: shards larger than this are written in parts of this size by several "
-                     "actors and resumed part by part (5 to 64, or a multiple of 64 above 64: the parts "
-                     "are uploaded in pieces of at most 64 MiB)."),
-        click.option("--quiet", is_flag=True, help="No progress."),
+    generated_run_options,
+    click.option("--quiet", is_flag=True, help="No progress."),
     click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
 )
 
@@ -463,14 +388,9 @@ def _start_local_ray_quietly(address: str | None) -> None:
         ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
 
 
-def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bool, drop_cache: bool,
-             dst_options: dict[str, Any] | None, use_ray: bool, address: str | None, ray_workers: int, ray_timeout: float,
-             ray_pending_timeout: float, part_mib: int, quiet: bool,
-             as_json: bool, allow_nonuniform: bool, src_options: dict[str, Any] | None, max_inflight_mib: int,
-             max_inflight_requests: int, max_gap_kib: int, jobs: int | None) -> None:
+def _execute(p: Any, dst: str, options: RunOptions, *, quiet: bool, as_json: bool) -> None:
     from planners.cost import human_bytes
     from rewriter.exec.dest.runstatus import StatusWriter
-    from rewriter.exec.io.copy import IOOptions
     from rewriter.exec.run.executor import execute
     from rewriter.tools.progress import ByteProgress
 
@@ -481,23 +401,15 @@ def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bo
         bar(n)
         status(n)
 
-    kwargs: dict[str, Any] = dict(
-        src_options=src_options or {}, dst_options=dst_options or {}, buffer_bytes=buffer_mib * MiB,
-        progress=progress, force=force, allow_nonuniform=allow_nonuniform, zero_copy=not no_zero_copy,
-        drop_cache=drop_cache, on_start=bar.start, observer=status,
-        io=IOOptions(inflight_bytes=max_inflight_mib * MiB, inflight_requests=max_inflight_requests,
-                     max_gap=max_gap_kib * 1024, jobs=jobs),
-    )
     on_interrupt(f"the shards finished so far are kept in {dst}; run the same command again to resume")
-    if use_ray:
+    if options.ray:
         from rewriter.exec.distributed.ray_executor import execute_on_ray
 
         if quiet:
-            _start_local_ray_quietly(address)
-        result = execute_on_ray(p, dst, address=address, workers=ray_workers, connect_timeout_s=ray_timeout,
-                                pending_timeout_s=ray_pending_timeout, part_bytes=part_mib * MiB, **kwargs)
+            _start_local_ray_quietly(options.address)
+        result = execute_on_ray(p, dst, options, progress=progress, on_start=bar.start, observer=status)
     else:
-        result = execute(p, dst, **kwargs)
+        result = execute(p, dst, options, progress=progress, on_start=bar.start, observer=status)
     bar.close()
     if as_json:
         click.echo(json.dumps({**result.to_json(), "loadable_by_transformers": p.loadable}, indent=1))
@@ -538,7 +450,8 @@ def run(plan_file: str, dst: str, allow_nonuniform: bool, src_options: dict[str,
     p = Plan.load(plan_file)
     if p.is_dry_run:
         raise click.UsageError("this is a per-layer plan; execute it with `rewriter dry-run`")
-    _execute(p, dst, allow_nonuniform=allow_nonuniform, src_options=src_options, **kw)
+    options = options_from(kw, allow_nonuniform=allow_nonuniform, src_options=src_options or {})
+    _execute(p, dst, options, **kw)
 
 
 prune_options = _options(
@@ -561,18 +474,16 @@ def prune(src: str, dst: str, plan_out: str | None, verbose: bool, **kw: Any) ->
 
 
 def _plan_and_run(src: str, dst: str, plan_out: str | None, verbose: bool, soft: bool, kw: dict[str, Any]) -> None:
-    run_keys = ("buffer_mib", "force", "no_zero_copy", "drop_cache", "dst_options", "use_ray", "address",
-                "ray_workers", "ray_timeout", "ray_pending_timeout", "part_mib", "quiet", "as_json",
-                "max_inflight_mib", "max_inflight_requests", "max_gap_kib", "jobs")
-    run_kw = {k: kw.pop(k) for k in run_keys}
+    # A soft prune keeps every expert, so its per-layer counts never make it unloadable.
+    options = options_from(kw, allow_nonuniform=soft or kw["allow_nonuniform"], src_options=kw["storage_options"] or {})
+    shown = {"quiet": kw.pop("quiet"), "as_json": kw.pop("as_json")}
     p, n_exp = make_plan(src, soft=soft, **kw)
     if plan_out:
         save_plan(p, plan_out, "--plan-out")
-    if not run_kw["as_json"]:
+    if not shown["as_json"]:
         for line in keep_summary(p, n_exp, ids=verbose):
             click.echo(line)
-    # A soft prune keeps every expert, so its per-layer counts never make it unloadable.
-    _execute(p, dst, allow_nonuniform=soft or kw["allow_nonuniform"], src_options=kw["storage_options"], **run_kw)
+    _execute(p, dst, options, **shown)
 
 
 @main.command("soft-prune")

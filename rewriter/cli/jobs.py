@@ -21,7 +21,7 @@ from rewriter.cli.params import JSON_OBJECT, finite
 
 #: Options of ``run`` that ``submit`` does not forward: the job always runs on Ray, on the
 #: cluster it was submitted to.
-NOT_FORWARDED = ("use_ray", "address")
+NOT_FORWARDED = ("ray", "address")
 #: Ray job states after which nothing more happens.
 JOB_ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
 

@@ -154,3 +154,63 @@ def _write_out(save: Callable[[str], None], out: str, option: str) -> None:
     except OSError as e:
         raise click.BadParameter(f"cannot write {out}: {e.strerror or e}; choose a writable place",
                                  param_hint=option) from None
+
+
+#: Largest --buffer-mib: far past where copies get faster, and every worker allocates one.
+MAX_BUFFER_MIB = 1024
+#: Bounds of the estimate's bandwidths (MB/s) and latency (ms): past them it says nothing useful.
+MIN_MBPS, MAX_MBPS, MAX_LATENCY_MS = 0.001, 1e7, 60000.0
+
+
+class _BufferMiB(click.ParamType):
+    name = "MIB"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        n: int = click.INT.convert(value, param, ctx)
+        if n < 1:
+            self.fail(f"{n} is not a positive number of MiB; give 1-{MAX_BUFFER_MIB} (16-256 is usual)", param, ctx)
+        if n > MAX_BUFFER_MIB:
+            self.fail(f"{n} MiB is more than the {MAX_BUFFER_MIB} MiB allowed: each worker allocates this much "
+                      f"and copies are no faster past a few tens of MiB; give 1-{MAX_BUFFER_MIB} (16-256 is usual)", param, ctx)
+        return n
+
+
+BUFFER_MIB = _BufferMiB()
+
+
+class _PartMiB(click.ParamType):
+    """--part-mib: the multipart-upload pieces are min(part, 64 MiB), at least 5 MiB, and a part
+    is a whole number of them."""
+
+    name = "MIB"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        n: int = click.INT.convert(value, param, ctx)
+        if n < 5 or (n > 64 and n % 64):
+            self.fail(f"{n} MiB is not a part size: give 5 to 64, or a multiple of 64 (128, 192, 256, ...)",
+                      param, ctx)
+        return n
+
+
+class _LinkMbps(click.FloatRange):
+    """--link-mbps: 0 (no cap) or a bandwidth in MIN_MBPS..MAX_MBPS."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        v = finite(0, MAX_MBPS).convert(value, param, ctx)
+        if 0 < v < MIN_MBPS:
+            self.fail(f"{value!r} MB/s is below {MIN_MBPS}: give 0 (no cap) or {MIN_MBPS}-{MAX_MBPS:g}", param, ctx)
+        return v
+
+
+PART_MIB, LINK_MBPS = _PartMiB(), _LinkMbps(0, MAX_MBPS)
+
+
+def _options(*opts: Callable[..., Any]) -> Callable[..., Any]:
+    """One decorator applying several click options, in the order listed."""
+
+    def apply(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+
+    return apply

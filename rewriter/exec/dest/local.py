@@ -19,10 +19,11 @@ from core.errors import ExecutionError
 from core.storage import Storage
 from rewriter.exec.dest.base import TMP_DIR, Destination, ShardParts
 from rewriter.exec.dest.lock import LOCK_NAME, STATE_DIR
-from rewriter.exec.io.copy import DEFAULT_BUFFER_BYTES, Output
+from rewriter.exec.io.copy import Output
 from rewriter.exec.io.fileio import OUTPUT_MODE, fsync_dir, sha256_fd, write_errors_are_clear
 from rewriter.exec.io.outputs import LocalOutput
 from rewriter.exec.io.partoutputs import MultipartPart, PartOutput
+from rewriter.exec.options import DEFAULT_BUFFER_BYTES
 
 #: Files of large shards being written in parts (kept across runs, to resume part by part).
 PARTS_DIR = f"{STATE_DIR}/parts"

@@ -16,14 +16,8 @@ from core.errors import ExecutionError
 from core.storage import Storage
 from planners.plan import OutputShard, Segment
 from rewriter.exec.dest import Destination, ShardParts
-from rewriter.exec.io.copy import (
-    DEFAULT_BUFFER_BYTES,
-    CopyStats,
-    IOOptions,
-    Progress,
-    RangeCopier,
-    copy_segments,
-)
+from rewriter.exec.io.copy import CopyStats, IOOptions, Progress, RangeCopier, copy_segments
+from rewriter.exec.options import DEFAULT_BUFFER_BYTES
 
 
 @dataclass(frozen=True)

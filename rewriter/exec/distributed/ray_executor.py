@@ -14,8 +14,9 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import closing
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -25,22 +26,15 @@ from core.storage import Storage
 from planners.plan import OutputShard, Plan
 from rewriter.exec.dest import abort_parts, leftover_parts, open_destination
 from rewriter.exec.dest.journal import PartJournal
+from rewriter.exec.dest.runstatus import RunObserver
 from rewriter.exec.distributed.ray_actors import PROBE_DIR, ShardWriter, actor_memory_bytes
 from rewriter.exec.distributed.ray_assembly import Assemblies
 from rewriter.exec.distributed.ray_driver import Driver, remove_probes
-from rewriter.exec.io.copy import DEFAULT_BUFFER_BYTES, IOOptions
+from rewriter.exec.options import CONNECT_TIMEOUT_S, RunOptions
 from rewriter.exec.run.executor import RunResult, ShardResult, execute
 
 log = logging.getLogger(__name__)
 
-#: How long to wait for a Ray cluster given by address to answer.
-CONNECT_TIMEOUT_S = 30.0
-#: How long an actor Ray cannot place (no free CPU or memory, a lost node) is waited for.
-PENDING_TIMEOUT_S = 600.0
-#: Shards larger than this are split into parts written by several actors (and resumed part by
-#: part), where the destination takes positioned writes (a shared filesystem) or multipart
-#: uploads (S3-compatible stores).
-DEFAULT_PART_BYTES = 1 << 30
 #: Size of each multipart-upload part; a task's part is a whole number of them.
 MAX_UPLOAD_PART_BYTES = 64 << 20
 
@@ -90,53 +84,49 @@ def _upload_part_bytes(part_bytes: int) -> int:
 def execute_on_ray(
     plan: Plan,
     dst_url: str,
+    options: RunOptions | None = None,
     *,
-    address: str | None = None,
-    workers: int = 2,
-    part_bytes: int = DEFAULT_PART_BYTES,
-    max_task_retries: int = 3,
-    buffer_bytes: int = DEFAULT_BUFFER_BYTES,
     progress: Callable[[int], None] | None = None,
-    src_options: Mapping[str, Any] | None = None,
-    dst_options: Mapping[str, Any] | None = None,
-    zero_copy: bool = True,
-    drop_cache: bool = False,
-    connect_timeout_s: float = CONNECT_TIMEOUT_S,
-    pending_timeout_s: float = PENDING_TIMEOUT_S,
-    **kwargs: Any,
+    on_start: Callable[[int], None] | None = None,
+    observer: RunObserver | None = None,
+    **changes: Any,
 ) -> RunResult:
-    """Carry out ``plan`` into ``dst_url`` with ``workers`` Ray actors.
+    """Carry out ``plan`` into ``dst_url`` with ``options.workers`` Ray actors.
 
     Same destination protocol as :func:`rewriter.exec.run.executor.execute` (lock, journal, atomic
     shards, index last, resume), so a Ray run and a local run of one plan produce identical
-    bytes. ``address`` connects to a running cluster (``"auto"`` inside ``ray job submit``);
-    without it a local Ray instance is started (or the one already initialised is used). A
-    cluster that does not answer within ``connect_timeout_s`` seconds, and actors that cannot be
-    placed within ``pending_timeout_s`` seconds, are an :class:`ExecutionError`.
+    bytes; ``options`` and ``changes`` as there. ``options.address`` connects to a running
+    cluster (``"auto"`` inside ``ray job submit``); without it a local Ray instance is started
+    (or the one already initialised is used). A cluster that does not answer within
+    ``options.connect_timeout_s`` seconds, and actors that cannot be placed within
+    ``options.pending_timeout_s`` seconds, are an :class:`ExecutionError`. Shards larger than
+    ``options.part_bytes`` are split into parts written by several actors (and resumed part by
+    part), where the destination takes them (:class:`rewriter.exec.dest.ShardParts`).
     """
-    connect(address, connect_timeout_s)
-    upload_part_bytes = _upload_part_bytes(part_bytes)
-    src_options, dst_options = dict(src_options or {}), dict(dst_options or {})
-    io = kwargs.get("io") or IOOptions()  # requests in flight per actor, as in a run here
-    actor_args = (plan.source_url, src_options, dst_url, dst_options, buffer_bytes, zero_copy, drop_cache, io)
+    opts = replace(options or RunOptions(), **changes)
+    connect(opts.address, opts.connect_timeout_s)
+    upload_part_bytes = _upload_part_bytes(opts.part_bytes)
+    src_options, dst_options = dict(opts.src_options or {}), dict(opts.dst_options or {})
+    actor_args = (plan.source_url, src_options, dst_url, dst_options, opts.buffer_bytes, opts.zero_copy,
+                  opts.drop_cache, opts.io)  # requests in flight per actor, as in a run here
 
     def runner(todo: list[OutputShard], record: Callable[[ShardResult], None]) -> None:
         dst = open_destination(dst_url, dst_options)
         with closing(Storage(plan.source_url, src_options)) as src:
-            memory = actor_memory_bytes(dst, src, buffer_bytes, upload_part_bytes, io)
+            memory = actor_memory_bytes(dst, src, opts.buffer_bytes, upload_part_bytes, opts.io)
         token = uuid.uuid4().hex
         dst.put_bytes(f"{PROBE_DIR}/{token}", token.encode())
-        asm = Assemblies(plan, dst, PartJournal.load(dst, plan.digest), record, memory, drop_cache,
-                         getattr(kwargs.get("observer"), "parts", None))
+        asm = Assemblies(plan, dst, PartJournal.load(dst, plan.digest), record, memory, opts.drop_cache,
+                         getattr(observer, "parts", None))
         actors: list[Any] = []
         try:
-            tasks = asm.tasks(todo, part_bytes, in_parts=True)
+            tasks = asm.tasks(todo, opts.part_bytes, in_parts=True)
             # Handles as Any: Ray's type stubs do not follow .options(...).remote(...).
             cls: Any = ray.remote(ShardWriter).options(num_cpus=1, memory=memory, max_restarts=-1,
                                                       max_task_retries=0, max_concurrency=2)
-            actors = [cls.remote(*actor_args) for _ in range(min(workers, len(tasks)))]
+            actors = [cls.remote(*actor_args) for _ in range(min(opts.workers, len(tasks)))]
             if tasks:
-                Driver(asm, actors, token, upload_part_bytes, max_task_retries, pending_timeout_s, memory,
+                Driver(asm, actors, token, upload_part_bytes, opts.max_task_retries, opts.pending_timeout_s, memory,
                        progress).run(tasks)
             for name, handle in leftover_parts(dst):  # uploads of actors killed mid-shard
                 abort_parts(dst, name, handle)
@@ -145,5 +135,4 @@ def execute_on_ray(
                 ray.kill(a)
             remove_probes(dst)
 
-    return execute(plan, dst_url, src_options=src_options, dst_options=dst_options, buffer_bytes=buffer_bytes,
-                   progress=None, zero_copy=zero_copy, drop_cache=drop_cache, runner=runner, **kwargs)
+    return execute(plan, dst_url, opts, runner=runner, on_start=on_start, observer=observer)

@@ -16,8 +16,8 @@ import ray
 from core.storage import Storage
 from planners.plan import OutputShard
 from rewriter.exec.distributed.ray_actors import LOCAL_BASE_BYTES, REMOTE_BASE_BYTES
-from rewriter.exec.distributed.ray_executor import CONNECT_TIMEOUT_S, connect
-from rewriter.exec.io.copy import DEFAULT_BUFFER_BYTES
+from rewriter.exec.distributed.ray_executor import connect
+from rewriter.exec.options import CONNECT_TIMEOUT_S, DEFAULT_BUFFER_BYTES
 from rewriter.exec.publish.verify import (
     ShardCheck,
     VerifyReport,

@@ -5,12 +5,13 @@ The small file helpers (full or read-only destinations, positioned writes, fsync
 :mod:`rewriter.exec.io.fileio`.
 """
 
-from rewriter.exec.io.copy import DEFAULT_BUFFER_BYTES, Output, Progress, RangeCopier, copy_segments
+from rewriter.exec.io.copy import Output, Progress, RangeCopier, copy_segments
 from rewriter.exec.io.copy_paths import CopyStats, IOOptions
 from rewriter.exec.io.outputs import LocalOutput, RemoteOutput
 from rewriter.exec.io.partoutputs import MultipartPart, PartOutput
 from rewriter.exec.io.probe import measure_disk
 from rewriter.exec.io.throttle import Throttle
+from rewriter.exec.options import DEFAULT_BUFFER_BYTES
 
 __all__ = [
     "DEFAULT_BUFFER_BYTES", "CopyStats", "IOOptions", "LocalOutput", "MultipartPart", "Output",

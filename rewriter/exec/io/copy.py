@@ -45,7 +45,6 @@ __all__ = ["CopyStats", "IOOptions", "RangeCopier", "copy_segments"]
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
-DEFAULT_BUFFER_BYTES = 16 << 20
 #: How far ahead of the copy the source ranges are requested (page cache, not process memory),
 #: in pieces of at most PREFETCH_PIECE.
 PREFETCH_WINDOW = 128 << 20

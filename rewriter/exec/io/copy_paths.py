@@ -16,55 +16,15 @@ from typing import Protocol
 from core.errors import CheckpointError, ExecutionError
 from core.storage import Storage
 from planners.plan import Segment
-from planners.reads import DEFAULT_MAX_GAP, Read, plan_reads
+from planners.reads import Read, plan_reads
 from rewriter.exec.io.fileio import pwrite_all, write_errors_are_clear
 from rewriter.exec.io.streams import InFlight, ordered
+from rewriter.exec.options import LOCAL_RING, IOOptions
 
 ZERO_COPY_REFUSALS = {errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF}
 COPY_CHUNK = 64 << 20
 #: Largest piece of one positioned copy (a longer range is split so pieces go on at once).
 PIECE = 32 << 20
-#: Buffers of the local buffered path: reads go on into the others while one is written.
-LOCAL_RING = 4
-
-
-MiB = 1 << 20
-
-
-@dataclass(frozen=True)
-class IOOptions:
-    """How many requests a shard's copy keeps in flight.
-
-    Args:
-        inflight_bytes: bytes requested and not yet written, at most (memory of the buffered
-            path); 0 selects the sequential path (one request at a time).
-        inflight_requests: requests in flight at most (remote sources).
-        max_gap: remote reads of one shard at most this far apart are fetched as one request.
-        segment_threads: positioned zero-copy pieces in flight per shard.
-        jobs: output shards written at once by a local run; None: from the cores and the plan.
-    """
-
-    inflight_bytes: int = 256 * MiB
-    inflight_requests: int = 16
-    max_gap: int = DEFAULT_MAX_GAP
-    #: 16: both benchmark machines (a 2-core VM's virtual disk, a 16-core H200 host) copied
-    #: fastest with this many pieces in flight; the threads wait in the kernel, not on a core.
-    segment_threads: int = 16
-    jobs: int | None = None
-
-    @property
-    def sequential(self) -> bool:
-        return self.inflight_bytes <= 0
-
-    def buffer_memory(self, buffer_bytes: int, src_is_local: bool) -> int:
-        """The most copy-buffer memory one copy holds: one buffer on the sequential path, a ring
-        of LOCAL_RING buffers reading a local source, the in-flight budget plus one request
-        reading a remote one."""
-        if self.sequential:
-            return buffer_bytes
-        if src_is_local:
-            return LOCAL_RING * buffer_bytes
-        return max(self.inflight_bytes, buffer_bytes) + buffer_bytes
 
 
 @dataclass

@@ -21,7 +21,7 @@ from core.errors import CheckpointError, PlanError, RewriterError
 from core.jsonfile import parse_json_object
 from core.storage import Storage
 from planners.plan import PROVENANCE_NAME, OutputShard, Plan, Segment, source_location
-from rewriter.exec.io.copy import DEFAULT_BUFFER_BYTES
+from rewriter.exec.options import DEFAULT_BUFFER_BYTES
 from rewriter.exec.publish.provenance_record import Range, check_document
 
 

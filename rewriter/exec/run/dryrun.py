@@ -22,7 +22,7 @@ from core.errors import PlanError
 from core.storage import Storage
 from planners.plan import Plan
 from rewriter.exec.dest import open_destination
-from rewriter.exec.io.copy import DEFAULT_BUFFER_BYTES
+from rewriter.exec.options import DEFAULT_BUFFER_BYTES
 from rewriter.exec.run.executor import write_output_shard
 
 

@@ -26,8 +26,8 @@ import logging
 import resource
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from core.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
@@ -43,14 +43,8 @@ from rewriter.exec.dest.journal import (
 )
 from rewriter.exec.dest.lock import DestinationLock
 from rewriter.exec.dest.runstatus import RunObserver
-from rewriter.exec.io.copy import (
-    DEFAULT_BUFFER_BYTES,
-    CopyStats,
-    IOOptions,
-    Progress,
-    RangeCopier,
-    copy_segments,
-)
+from rewriter.exec.io.copy import CopyStats, IOOptions, Progress, RangeCopier, copy_segments
+from rewriter.exec.options import DEFAULT_BUFFER_BYTES, RunOptions
 from rewriter.exec.publish.modelcard import CARD_NAME, write_model_card
 from rewriter.exec.run.jobs import default_jobs, locked, run_jobs
 
@@ -164,67 +158,52 @@ ShardRunner = Callable[[list[OutputShard], Callable[[ShardResult], None]], None]
 
 
 @dataclass(frozen=True)
-class RunOptions:
-    """How a run writes; see :func:`execute` for each field."""
+class Hooks:
+    """What a run tells its caller, and who writes its shards; see :func:`execute`."""
 
-    buffer_bytes: int = DEFAULT_BUFFER_BYTES
     progress: Progress | None = None
-    force: bool = False
-    zero_copy: bool = True
-    drop_cache: bool = False
     runner: ShardRunner | None = None
     on_start: Callable[[int], None] | None = None
     observer: RunObserver | None = None
-    io: IOOptions = IOOptions()
-    src_options: Mapping[str, Any] | None = None
 
 
 def execute(
     plan: Plan,
     dst_url: str,
+    options: RunOptions | None = None,
     *,
-    src_options: Mapping[str, Any] | None = None,
-    dst_options: Mapping[str, Any] | None = None,
-    buffer_bytes: int = DEFAULT_BUFFER_BYTES,
     progress: Progress | None = None,
-    force: bool = False,
-    allow_nonuniform: bool = False,
-    zero_copy: bool = True,
-    drop_cache: bool = False,
     runner: ShardRunner | None = None,
     on_start: Callable[[int], None] | None = None,
     observer: RunObserver | None = None,
-    io: IOOptions | None = None,
+    **changes: Any,
 ) -> RunResult:
     """Carry out ``plan`` into ``dst_url``.
 
     Args:
         plan: the plan (see :mod:`planners.plan`).
         dst_url: destination directory or fsspec URL.
-        buffer_bytes: the copy buffer; bounds the memory of the data path.
+        options: how the run writes (:class:`~rewriter.exec.options.RunOptions`: the copy
+            buffer, ``force``, zero-copy, requests in flight, ``jobs``, fsspec options, ...).
         progress: called with each number of bytes copied.
-        force: overwrite a destination holding other output.
-        allow_nonuniform: execute a plan that stock transformers cannot load.
-        zero_copy: use ``copy_file_range`` where both ends are local.
-        drop_cache: drop written pages from the page cache after each shard.
         runner: executes the pending shards and reports each result (the Ray executor passes
-            one); by default they run here, one after another.
+            one); by default they run here, ``options.io.jobs`` at once.
         on_start: called with the bytes still to write once the journal has been checked.
-        observer: told when the run starts writing, of each shard and of a failure (:mod:`.runstatus`).
-        io: requests in flight per shard, and output shards at once (``jobs``) for a run here.
+        observer: told when the run starts writing, of each shard and of a failure (:mod:`rewriter.exec.dest.runstatus`).
+        changes: fields of ``options`` to change, by name (``execute(plan, dst, force=True)``).
 
     Raises:
         PlanError: the source changed since planning; a non-uniform plan without permission.
         ExecutionError: destination problems, a short source, a full disk.
     """
     t0 = time.perf_counter()
-    if not plan.loadable and not allow_nonuniform:
+    options = replace(options or RunOptions(), **changes)
+    if not plan.loadable and not options.allow_nonuniform:
         raise PlanError("this plan keeps different expert counts per layer, which stock transformers cannot "
                         "load; pass --allow-nonuniform to write it anyway")
-    opts = RunOptions(buffer_bytes, progress, force, zero_copy, drop_cache, runner, on_start, observer,
-                      io or IOOptions(), src_options)
-    src = Storage(plan.source_url, src_options)
-    dst = open_destination(dst_url, dst_options)
+    hooks = Hooks(progress, runner, on_start, observer)
+    src = Storage(plan.source_url, options.src_options)
+    dst = open_destination(dst_url, options.dst_options)
     try:
         ckpt = Checkpoint.open(plan.source_url, storage=src)
         plan.check_source(ckpt)
@@ -233,7 +212,7 @@ def execute(
         lock = DestinationLock(dst.storage)
         with lock:
             try:
-                return _execute_locked(plan, src, dst, lock, t0, opts)
+                return _execute_locked(plan, src, dst, lock, t0, options, hooks)
             except BaseException:
                 dst.drop_empty_state(created)
                 raise
@@ -242,11 +221,11 @@ def execute(
 
 
 def run_here(todo: list[OutputShard], src: Storage, dst: Destination, opts: RunOptions,
-             record: Callable[[ShardResult], None]) -> None:
+             progress: Progress | None, record: Callable[[ShardResult], None]) -> None:
     """Write ``todo`` in this process, ``opts.io.jobs`` shards at once (each thread its own source
     descriptors); results are recorded by this thread."""
     jobs = opts.io.jobs or default_jobs(len(todo), src, dst)
-    progress = opts.progress if jobs <= 1 else locked(opts.progress)
+    progress = progress if jobs <= 1 else locked(progress)
     per_thread = threading.local()
 
     def write(out: OutputShard) -> ShardResult:
@@ -272,7 +251,7 @@ def _what_is_kept(e: DestinationFullError, plan: Plan, dst: Destination, finishe
 
 
 def _execute_locked(plan: Plan, src: Storage, dst: Destination, lock: DestinationLock, t0: float,
-                    opts: RunOptions) -> RunResult:
+                    opts: RunOptions, hooks: Hooks) -> RunResult:
     journal, complete = prepare_destination(plan, dst, force=opts.force, lock=lock)
     dst.clear_temporary()  # of killed runs: with the lock held, no other run is writing them
     result = RunResult(dst.url, plan.digest)
@@ -285,27 +264,27 @@ def _execute_locked(plan: Plan, src: Storage, dst: Destination, lock: Destinatio
     journal.flush()
     todo, done = pending_shards(plan, journal, opts.buffer_bytes)
     result.shards.extend(done)
-    if opts.on_start:
-        opts.on_start(sum(o.size for o in todo))
-    if opts.observer:
-        opts.observer.started(dst, plan, done)
+    if hooks.on_start:
+        hooks.on_start(sum(o.size for o in todo))
+    if hooks.observer:
+        hooks.observer.started(dst, plan, done)
 
     def record(r: ShardResult) -> None:
         journal.record(r)
         result.shards.append(r)
-        if opts.observer:
-            opts.observer.shard_done(r)
+        if hooks.observer:
+            hooks.observer.shard_done(r)
 
     try:
-        if opts.runner is None:
-            run_here(todo, src, dst, opts, record)
+        if hooks.runner is None:
+            run_here(todo, src, dst, opts, hooks.progress, record)
         else:
-            opts.runner(todo, record)
+            hooks.runner(todo, record)
         finalize(plan, src, dst, result.shards, opts.buffer_bytes)
     except BaseException as e:
         err = _what_is_kept(e, plan, dst, len(result.shards)) if isinstance(e, DestinationFullError) else e
-        if opts.observer:
-            opts.observer.failed(err)
+        if hooks.observer:
+            hooks.observer.failed(err)
         if err is e:
             raise
         raise err from None
