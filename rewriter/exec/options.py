@@ -11,7 +11,7 @@ their click options from these fields (:mod:`rewriter.cli.runopts`), build one
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from core.options import option
@@ -107,3 +107,9 @@ class RunOptions:
     src_options: Mapping[str, Any] | None = None
     allow_nonuniform: bool = False
     max_task_retries: int = 3
+
+    def changed(self, **changes: Any) -> RunOptions:
+        """These options with some fields changed, by name; ``io=None`` stands for the default."""
+        if "io" in changes and changes["io"] is None:
+            changes["io"] = IOOptions()
+        return replace(self, **changes)

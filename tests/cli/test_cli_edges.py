@@ -256,7 +256,7 @@ def test_ctrl_c_at_any_early_moment_is_one_line_and_130(tmp_path, as_json):
 def test_an_interrupted_synth_leaves_no_temporary_and_can_be_run_again(tmp_path, monkeypatch):
     import _thread
 
-    from rewriter import synth
+    from rewriter.tools import synth
 
     out = tmp_path / "t"
     real = synth.tensor_chunks

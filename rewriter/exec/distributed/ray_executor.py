@@ -16,7 +16,6 @@ import threading
 import uuid
 from collections.abc import Callable
 from contextlib import closing
-from dataclasses import replace
 from typing import Any
 
 import ray
@@ -103,7 +102,7 @@ def execute_on_ray(
     ``options.part_bytes`` are split into parts written by several actors (and resumed part by
     part), where the destination takes them (:class:`rewriter.exec.dest.ShardParts`).
     """
-    opts = replace(options or RunOptions(), **changes)
+    opts = (options or RunOptions()).changed(**changes)
     connect(opts.address, opts.connect_timeout_s)
     upload_part_bytes = _upload_part_bytes(opts.part_bytes)
     src_options, dst_options = dict(opts.src_options or {}), dict(opts.dst_options or {})

@@ -27,7 +27,7 @@ import resource
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from core.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
@@ -197,7 +197,7 @@ def execute(
         ExecutionError: destination problems, a short source, a full disk.
     """
     t0 = time.perf_counter()
-    options = replace(options or RunOptions(), **changes)
+    options = (options or RunOptions()).changed(**changes)
     if not plan.loadable and not options.allow_nonuniform:
         raise PlanError("this plan keeps different expert counts per layer, which stock transformers cannot "
                         "load; pass --allow-nonuniform to write it anyway")
