@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -328,3 +329,50 @@ def test_verify_on_ray_reports_what_local_verify_does(ray_cluster, s3, medium_pl
     assert verify_on_ray(str(src), str(dst), workers=2).to_json() == verify(str(src), str(dst)).to_json()
     out = cli("verify", dst, "--ray", "--workers", "2", expect=1)
     assert f"{big.name}: part 1 (bytes" in out and "FAILED" in out
+
+
+def _kill_every_actor(dst, rounds):
+    """A thread that SIGKILLs every actor of the run ``rounds`` times: each time as soon as the
+    actors Ray (re)started have proved they see ``dst`` (their probe files name their pids) and
+    one of them writes."""
+    killed: list[set[int]] = []
+
+    def actors() -> set[int]:
+        probes = dst / ".rewriter" / "probe"
+        return {int(p.name.rsplit(".", 1)[1]) for p in probes.glob("*.*")} if probes.exists() else set()
+
+    def killer():
+        dead: set[int] = set()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(killed) < rounds:
+            alive = actors() - dead
+            writing = any((dst / ".rewriter" / "tmp").glob("*.part")) or (dst / ".rewriter" / "parts").exists()
+            if len(alive) >= 2 and writing:
+                for pid in alive:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                killed.append(alive)
+                dead |= alive
+            time.sleep(0.001)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    return t, killed
+
+
+def test_every_actor_killed_twice_in_one_run_is_waited_for(ray_cluster, medium_plan, tmp_path):
+    """Ray restarts killed actors: the driver waits for them (no actor is dropped while it
+    restarts), retries their tasks, and the run ends with the local run's bytes."""
+    _, plan, expected = medium_plan
+    plan.save(str(tmp_path / "p.json"))
+    dst = tmp_path / "dst"
+    thread, killed = _kill_every_actor(dst, rounds=2)
+    try:
+        out = cli("run", tmp_path / "p.json", "--out", dst, "--ray", "--workers", "2", "--part-mib", "5",
+                  "--buffer-mib", "1", "--no-zero-copy", "--quiet", expect=None)
+    finally:
+        thread.join()
+    assert len(killed) == 2 and all(len(k) == 2 for k in killed), killed
+    assert "every Ray actor is gone" not in out and "wrote" in out, out
+    assert _same_but_records(dst, expected, plan, 5 << 20)
+    assert "-> OK" in cli("verify", dst)
