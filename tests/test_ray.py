@@ -376,3 +376,28 @@ def test_every_actor_killed_twice_in_one_run_is_waited_for(ray_cluster, medium_p
     assert "every Ray actor is gone" not in out and "wrote" in out, out
     assert _same_but_records(dst, expected, plan, 5 << 20)
     assert "-> OK" in cli("verify", dst)
+
+
+def test_verify_reports_every_shard_when_a_header_is_malformed(ray_cluster, medium_plan, tmp_path):
+    """A malformed shard header does not hide the other shards' problems, with and without --ray."""
+    import shutil
+
+    src, plan, _ = medium_plan
+    dst = tmp_path / "dst"
+    shutil.copytree(src.parent / "local", dst)
+    first, second, third = plan.outputs[0], plan.outputs[1], plan.outputs[2]
+    with open(dst / first.name, "r+b") as f:
+        f.write((1 << 40).to_bytes(8, "little"))  # a header length past the end of the file
+    with open(dst / second.name, "r+b") as f:
+        f.seek(9)
+        f.write(b"\x00\x00\x00")  # the header's JSON broken
+    with open(dst / third.name, "r+b") as f:
+        f.seek(third.size - 1)
+        last = f.read(1)
+        f.seek(third.size - 1)
+        f.write(b"\xff" if last != b"\xff" else b"\x00")
+    for extra in ((), ("--ray", "--workers", "2")):
+        out = cli("verify", dst, *extra, expect=1)
+        assert f"{first.name}: header differs from the plan" in out, out
+        assert f"{second.name}: header differs from the plan" in out, out
+        assert third.tensors[-1].name in out and "FAILED" in out, out

@@ -25,7 +25,7 @@ from rewriter.exec.verify import (
     load_provenance_plan,
     open_both,
     recorded_shards,
-    shard_tensors,
+    shards_to_check,
 )
 
 
@@ -53,23 +53,20 @@ def verify_on_ray(
         src_url = src_url or plan.source_url
         with Storage(src_url, src_options) as src_store:
             report = VerifyReport(dst_store.url, src_store.url)
-            opened = open_both(plan, src_store, dst_store, report)
-            if opened is None:
-                return report
-            dst, _ = opened
+            dst, _ = open_both(plan, src_store, dst_store, report)
             recorded = recorded_shards(plan, dst_store, report)
-            todo = [o for o in plan.outputs if o.name in dst.shards]
+            todo = shards_to_check(plan, dst, dst_store, report)
             base = LOCAL_BASE_BYTES if dst_store.is_local and src_store.is_local else REMOTE_BASE_BYTES
     connect(address, connect_timeout_s)
     task: Any = ray.remote(_check).options(num_cpus=1, memory=base + 2 * buffer_bytes, max_retries=3)
     pending: list[Any] = []
     results: dict[Any, int] = {}
     checks: list[ShardCheck | None] = [None] * len(todo)
-    for i, out in enumerate(todo):
+    for i, (out, tensors) in enumerate(todo):
         if len(pending) >= max(1, workers):
             _collect(pending, results, checks)
-        ref = task.remote(out, recorded[out.name], shard_tensors(dst, out.name), src_url, src_options,
-                          dst_url, dst_options, buffer_bytes)
+        ref = task.remote(out, recorded[out.name], tensors, src_url, src_options, dst_url, dst_options,
+                          buffer_bytes)
         results[ref] = i
         pending.append(ref)
     while pending:

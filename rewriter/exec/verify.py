@@ -127,30 +127,33 @@ def _refuse_other_source(plan: Plan, src: Checkpoint, dst: Storage) -> None:
 
 def _verify(plan: Plan, src_store: Storage, dst_store: Storage, buffer_bytes: int) -> VerifyReport:
     report = VerifyReport(dst_store.url, src_store.url)
-    opened = open_both(plan, src_store, dst_store, report)
-    if opened is not None:
-        dst, src = opened
-        recorded = recorded_shards(plan, dst_store, report)
-        for out in plan.outputs:
-            if out.name in dst.shards:
-                report.add(check_shard(out, recorded[out.name], shard_tensors(dst, out.name), src.storage,
-                                       dst_store, buffer_bytes))
+    dst, src = open_both(plan, src_store, dst_store, report)
+    recorded = recorded_shards(plan, dst_store, report)
+    for out, tensors in shards_to_check(plan, dst, dst_store, report):
+        report.add(check_shard(out, recorded[out.name], tensors, src.storage, dst_store, buffer_bytes))
     return report
 
 
-def open_both(plan: Plan, src_store: Storage, dst_store: Storage, report: VerifyReport) -> tuple[Checkpoint, Checkpoint] | None:
-    """Open both checkpoints and check what is not a shard's bytes (config, source, shard names)."""
+def open_both(plan: Plan, src_store: Storage, dst_store: Storage, report: VerifyReport) -> tuple[Checkpoint | None, Checkpoint]:
+    """Open both checkpoints and check what is not a shard's bytes (config, source, shard names).
+
+    A destination that does not open as a checkpoint (a malformed shard header, a damaged
+    index) is a problem found, and ``None``: its shards are then checked one by one against the
+    plan (:func:`shards_to_check`), so every shard's problems are reported, not only the first.
+    """
     try:
-        dst = Checkpoint.open(dst_store.url, storage=dst_store)
+        dst: Checkpoint | None = Checkpoint.open(dst_store.url, storage=dst_store)
     except RewriterError as e:
         report.problems.append(str(e))
-        return None
+        dst = None
     src = Checkpoint.open(src_store.url, storage=src_store)
     _refuse_other_source(plan, src, dst_store)
     try:
         plan.check_source(src)
     except PlanError as e:
         report.problems.append(str(e))
+    if dst is None:
+        return None, src
     if dst.config != dict(plan.config):
         report.problems.append(f"{dst_store.describe(CONFIG_NAME)} differs from the planned config")
     if plan.loadable:
@@ -162,6 +165,26 @@ def open_both(plan: Plan, src_store: Storage, dst_store: Storage, report: Verify
     if planned != set(dst.shards):
         report.problems.append(f"shards {sorted(dst.shards)} differ from the planned {sorted(planned)}")
     return dst, src
+
+
+def shards_to_check(plan: Plan, dst: Checkpoint | None, dst_store: Storage,
+                    report: VerifyReport) -> list[tuple[OutputShard, dict[str, tuple[int, int]]]]:
+    """Each planned shard to read, with ``tensor -> (begin, end)`` of its tensors: from the
+    destination's index, or, when the destination did not open, from the plan (the shard's header
+    is compared with the planned one as it is read, so those spans hold wherever it matches)."""
+    if dst is not None:
+        return [(o, shard_tensors(dst, o.name)) for o in plan.outputs if o.name in dst.shards]
+    todo = []
+    for o in plan.outputs:
+        if not dst_store.exists(o.name):
+            report.problems.append(f"{dst_store.describe(o.name)}: planned shard is missing")
+            continue
+        begin, spans = len(o.header), {}
+        for t in o.tensors:
+            spans[t.name] = (begin, begin + t.nbytes)
+            begin += t.nbytes
+        todo.append((o, spans))
+    return todo
 
 
 def recorded_shards(plan: Plan, dst: Storage, report: VerifyReport) -> dict[str, tuple[list[Range], list[Range]]]:
