@@ -234,6 +234,30 @@ def test_a_killed_driver_resumes_part_by_part(cluster, one_shard_plan, tmp_path)
     assert "-> OK" in cli("verify", dst)
 
 
+def _status_counts_parts(dst: Path) -> bool:
+    try:
+        return json.loads((dst / ".rewriter" / "status.json").read_text()).get("parts_done", 0) > 0
+    except (OSError, ValueError):
+        return False
+
+
+def test_status_after_cleanup_counts_no_discarded_part(cluster, one_shard_plan, tmp_path):
+    plan, _ = one_shard_plan
+    dst = tmp_path / "dst"
+    proc = rewriter(*run_args(cluster, plan, dst, "--workers", "2", "--part-mib", "5", "--buffer-mib", "1",
+                              "--no-zero-copy"))
+    while proc.poll() is None and not _status_counts_parts(dst):
+        time.sleep(0.0005)
+    proc.kill()
+    proc.wait()
+    before = cli("status", dst, expect=1)
+    assert "state:      stopped" in before and "parts:      " in before, before
+    assert "removed" in cli("cleanup", dst)
+    after = cli("status", dst, expect=1)
+    assert "parts:" not in after and "shards:     0 of 1" in after and "bytes:      0 B of" in after, after
+    assert "discarded the parts" in after, after
+
+
 @pytest.mark.s3
 def test_a_killed_driver_on_s3_leaves_no_open_upload(cluster, one_shard_plan, s3):
     plan, expected = one_shard_plan

@@ -43,6 +43,8 @@ STALE_AFTER_S = 120.0
 #: ``/proc`` start times counts from a boot time rounded to the second, and drifts).
 PID_CLOCK_SLACK_S = 5.0
 INTERRUPTED_NOTE = "interrupted; run the same command again to resume"
+CLEANED_NOTE = ("`rewriter cleanup` discarded the parts and temporaries of unfinished shards; the finished "
+                "shards are kept: run the same command again to resume")
 STOPPED_NOTE = ("its driver (process {pid} on this host) is no longer running: it was killed; run the same "
                 "command again to resume")
 
@@ -233,15 +235,42 @@ def _stopped(dst: Destination, doc: dict[str, Any]) -> dict[str, Any]:
         return doc  # that process started before the run did: it is the driver
     doc.update(state="stopped", note=STOPPED_NOTE.format(pid=pid), eta_s=None, rate_bytes_per_s=None)
     doc.pop("stale_s", None)
+    journaled = _journaled(dst)
+    if journaled is not None:
+        doc["shards_done"] = max(doc["shards_done"], journaled[0])
+        doc["bytes_done"] = max(doc["bytes_done"], min(doc["bytes_total"], journaled[1]))
+    return doc
+
+
+def _journaled(dst: Destination) -> tuple[int, int] | None:
+    """Shards and bytes the destination's journal vouches for (None: no readable journal)."""
     try:
         shards = json.loads(dst.read_all(JOURNAL)).get("shards") if dst.exists(JOURNAL) else None
     except (ValueError, AttributeError):
         shards = None
-    if isinstance(shards, dict):
-        sizes = [r.get("size") for r in shards.values() if isinstance(r, dict)]
-        doc["shards_done"] = max(doc["shards_done"], len(shards))
-        doc["bytes_done"] = max(doc["bytes_done"], min(doc["bytes_total"], sum(n for n in sizes if isinstance(n, int))))
-    return doc
+    if not isinstance(shards, dict):
+        return None
+    sizes = [r.get("size") for r in shards.values() if isinstance(r, dict)]
+    return len(shards), sum(n for n in sizes if isinstance(n, int))
+
+
+def record_cleanup(dst: Destination) -> None:
+    """After ``rewriter cleanup`` discarded the parts and temporaries of unfinished shards, the
+    status document counts only what the journal keeps: the finished shards and their bytes, no
+    parts. Called with the destination's lock held (no run is writing the document)."""
+    if not dst.exists(STATUS_NAME):
+        return
+    try:
+        doc = _checked(dst, dst.read_all(STATUS_NAME), time.time())
+    except ExecutionError:
+        return  # a damaged document is reported by `status` as such; the next run replaces it
+    shards, size = _journaled(dst) or (0, 0)
+    doc = {k: v for k, v in doc.items() if k not in ("parts_done", "parts_total", "stale_s")}
+    doc.update(shards_done=min(shards, doc["shards_total"]), bytes_done=min(size, doc["bytes_total"]), eta_s=None,
+               rate_bytes_per_s=None, note=CLEANED_NOTE)
+    if doc["state"] == "running":  # its driver is gone: cleanup could take the lock
+        doc["state"] = "stopped"
+    dst.put_bytes(STATUS_NAME, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
 
 
 def format_status(doc: Mapping[str, Any]) -> list[str]:
