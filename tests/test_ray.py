@@ -209,12 +209,16 @@ def test_actors_that_cannot_be_placed_are_reported_and_given_up(ray_cluster, med
         assert tree_digest(tmp_path / "one") == expected
         said = " ".join(r.getMessage() for r in caplog.records)
         assert "waiting" in said and "for 1 of 2 Ray actors to be placed" in said and "--ray-pending-timeout" in said
+        assert "the most free on any one of them" in said
         assert "gave up a Ray actor not placed within 3 s; 1 running actors take its work" in said
         held += _blockers(ray_cluster, 1)
         # No CPU free at all: a clear error after the timeout, nothing written.
         t0 = time.monotonic()
-        with pytest.raises(ExecutionError, match=r"no Ray actor could be placed within 2 s: 1 actors each need 1 CPU"):
+        with pytest.raises(ExecutionError, match=r"no Ray actor could be placed within 2 s: 1 actors each need 1 CPU") as e:
             execute_on_ray(plan, str(tmp_path / "none"), workers=1, pending_timeout_s=2)
+        # An actor is placed on one node: the message says what the freest node has, not a sum.
+        assert "MiB of memory on one node, and the cluster has 1 node, the most free on any one of them 0 CPU" \
+            in str(e.value)
         assert time.monotonic() - t0 < 30
         assert not list((tmp_path / "none").glob("*.safetensors"))
     finally:
