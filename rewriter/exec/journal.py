@@ -108,15 +108,17 @@ def check_destination(src: Storage, dst: Destination, source_files: Iterable[str
 
 
 def _refuse_source_files(src: Storage, dst: Destination, source_files: Iterable[str]) -> None:
-    """Refuse a destination file that is one of the source's files (a hard link)."""
+    """Refuse a destination file that is one of the source's files (a hard link, or a mount of the
+    source folder somewhere below the destination)."""
     ours = {file_identity(src.local_path(n)): n for n in source_files}
     ours.pop(None, None)
     for name in dst.list_files():
         found = ours.get(file_identity(dst.storage.local_path(name)))
         if found is not None:
             raise ExecutionError(
-                f"{dst.describe(name)} is the source's file {src.describe(found)} (a hard link to it); the "
-                f"source is never modified or removed: choose another destination, or remove that link first"
+                f"{dst.describe(name)} is the source's file {src.describe(found)} (the same file on disk: a hard "
+                f"link, or the source mounted inside the destination); the source is never modified or removed: "
+                f"choose another destination, or remove that link first"
             )
 
 
