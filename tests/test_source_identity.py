@@ -16,8 +16,11 @@ import pytest
 
 from rewriter.core.storage import Storage
 from rewriter.synth import PRESETS, write_checkpoint
+from tests import test_promises
 from tests.conftest import source_digest, tree_digest
-from tests.test_promises import plan_file, popen, prune_args, rewriter, small  # noqa: F401 (fixture)
+from tests.test_promises import plan_file, popen, prune_args, rewriter
+
+small = test_promises.small  # the module's fixture: the `small` preset and a saliency file
 
 REFUSED = "the source is never modified or removed"
 

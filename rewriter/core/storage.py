@@ -265,7 +265,8 @@ class Storage:
         path = self.local_path(name)
         if not os.path.isdir(path):
             return [name]
-        found, seen = [], {file_identity(self.root)}
+        found: list[str] = []
+        seen = {file_identity(self.root)}
         for folder, subs, files in os.walk(path, followlinks=True):
             ident = file_identity(folder)
             if ident in seen:  # a link back up the tree: listed already

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from collections.abc import Iterable
 from typing import Any
 
 from planners.plan import PROVENANCE_NAME, OutputShard, Plan
