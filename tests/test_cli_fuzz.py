@@ -68,8 +68,7 @@ class World:
         (self.foreign_dir / "data.bin").write_bytes(b"keep me")
         # Other spellings of the source: '..', a symlinked parent, and a folder holding a hard link
         # of one of its shards (a bind mount needs root, so the identity tests cover it).
-        (root / "fresh").mkdir(exist_ok=True)
-        self.src_aliases: list[Path] = [root / "fresh" / ".." / "src", root / "link-to-root" / "src"]
+        self.src_aliases: list[Path] = [self.foreign_dir / ".." / "src", root / "link-to-root" / "src"]
         (root / "link-to-root").symlink_to(root)
         self.linked = root / "linked"
         self.linked.mkdir()
