@@ -66,6 +66,13 @@ class World:
         self.foreign_dir = root / "someone-elses"
         self.foreign_dir.mkdir()
         (self.foreign_dir / "data.bin").write_bytes(b"keep me")
+        # Other spellings of the source: '..', a symlinked parent, and a folder holding a hard link
+        # of one of its shards (a bind mount needs root, so the identity tests cover it).
+        self.src_aliases: list[Path] = [self.foreign_dir / ".." / "src", root / "link-to-root" / "src"]
+        (root / "link-to-root").symlink_to(root)
+        self.linked = root / "linked"
+        self.linked.mkdir()
+        os.link(sorted(self.src.glob("*.safetensors"))[0], self.linked / "model-00000-of-00002.safetensors")
         self.counter = 0
 
     def fresh(self, stem: str = "out") -> Path:
@@ -130,7 +137,8 @@ def _run_args(rng: random.Random, w: World) -> list[str]:
 
 
 def _dst(rng: random.Random, w: World) -> str:
-    return _val(rng, (w.fresh(),), (w.done, w.text, w.foreign_dir, w.src, w.src / "inside", "/proc/no-such-dir/x"))[0]
+    return _val(rng, (w.fresh(),), (w.done, w.text, w.foreign_dir, w.src, w.src / "inside", "/proc/no-such-dir/x",
+                                    *w.src_aliases, w.linked))[0]
 
 
 def gen_plan(rng: random.Random, w: World) -> list[str]:

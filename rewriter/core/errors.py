@@ -13,6 +13,11 @@ class RewriterError(Exception):
     exit_code = 2
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (``kill``, ``timeout``, Kubernetes, Slurm): the command stops as it does on
+    Ctrl-C (temporaries removed, finished work kept, a resumable run), with its own exit status."""
+
+
 class FormatError(RewriterError):
     """A safetensors file breaks a rule of the format (header, dtypes, offsets, size)."""
 

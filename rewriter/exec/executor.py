@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import threading
 import time
@@ -32,7 +33,7 @@ from typing import Any
 
 from planners.plan import PROVENANCE_NAME, OutputShard, Plan
 from rewriter.core.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
-from rewriter.core.errors import DestinationFullError, ExecutionError, PlanError
+from rewriter.core.errors import CheckpointError, DestinationFullError, ExecutionError, PlanError
 from rewriter.core.storage import Storage
 from rewriter.exec.copy import (
     DEFAULT_BUFFER_BYTES,
@@ -228,7 +229,8 @@ def execute(
     try:
         ckpt = Checkpoint.open(plan.source_url, storage=src)
         plan.check_source(ckpt)
-        check_destination(src, dst)
+        check_small_files(plan, ckpt)
+        check_destination(src, dst, [*ckpt.shards, INDEX_NAME, *ckpt.files])
         created = dst.is_new()
         lock = DestinationLock(dst.storage)
         with lock:
@@ -239,6 +241,19 @@ def execute(
                 raise
     finally:
         src.close()
+
+
+def check_small_files(plan: Plan, ckpt: Checkpoint) -> None:
+    """Refuse a plan whose files to copy are not all regular files of the source, before the
+    first byte is written (not after every shard)."""
+    src = ckpt.storage
+    for name in plan.copy_files:
+        if name not in ckpt.files:
+            raise CheckpointError(f"{src.describe(name)}: the plan copies this file (copy_files), but the source "
+                                  f"has no such file; restore it, or plan again from the source as it is")
+        if src.is_local and not os.path.isfile(src.local_path(name)):
+            raise CheckpointError(f"{src.describe(name)}: the plan copies this as a file (copy_files), but it is "
+                                  f"not a regular file (a folder, or a device or pipe); plan again")
 
 
 def run_here(todo: list[OutputShard], src: Storage, dst: Destination, opts: RunOptions,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from planners.plan import PROVENANCE_NAME, OutputShard, Plan
 from rewriter.core.checkpoint import INDEX_NAME
 from rewriter.core.errors import ExecutionError
-from rewriter.core.storage import Storage
+from rewriter.core.storage import Storage, file_identity
 from rewriter.exec.destination import Destination
 from rewriter.exec.lock import STATE_DIR, DestinationLock
 
@@ -81,19 +82,44 @@ class Journal:
         self.dst.put_bytes(JOURNAL, json.dumps(doc, indent=1, sort_keys=True).encode())
 
 
-def check_destination(src: Storage, dst: Destination) -> None:
+def check_destination(src: Storage, dst: Destination, source_files: Iterable[str] = ()) -> None:
     """Refuse a destination that overlaps the source or is not a folder, before writing anything.
+
+    "The source" is decided by identity: a bind mount of the source folder, a path through a
+    symlinked parent or with ``..`` is the source too, and so is a destination file that is a
+    hard link of one of ``source_files`` (``--force`` would remove it, a run would replace it).
 
     Raises:
         ExecutionError: destination equal to, inside, or containing the source; a destination
-            that is a file, or lies below one.
+            holding a source file under another name; a destination that is a file, or lies
+            below one.
     """
-    if dst.storage.is_within(src) or src.is_within(dst.storage):
+    inside, contains = dst.storage.is_within(src), src.is_within(dst.storage)
+    if inside or contains:
+        how = "is the source" if inside and contains else "lies inside the source" if inside else "contains the source"
         raise ExecutionError(
-            f"destination {dst.url} is the source {src.url}, inside it, or contains it; the source "
-            f"is never modified: choose another destination"
+            f"destination {dst.url} {how} {src.url} (compared as folders on disk, so a bind mount, a "
+            f"symlink or '..' reach the same one); the source is never modified or removed: choose a "
+            f"destination outside the source folder"
         )
     dst.check_folder()
+    if src.is_local and dst.storage.is_local and dst.storage.exists():
+        _refuse_source_files(src, dst, source_files)
+
+
+def _refuse_source_files(src: Storage, dst: Destination, source_files: Iterable[str]) -> None:
+    """Refuse a destination file that is one of the source's files (a hard link, or a mount of the
+    source folder somewhere below the destination)."""
+    ours = {file_identity(src.local_path(n)): n for n in source_files}
+    ours.pop(None, None)
+    for name in dst.list_files():
+        found = ours.get(file_identity(dst.storage.local_path(name)))
+        if found is not None:
+            raise ExecutionError(
+                f"{dst.describe(name)} is the source's file {src.describe(found)} (the same file on disk: a hard "
+                f"link, or the source mounted inside the destination); the source is never modified or removed: "
+                f"choose another destination, or remove that link first"
+            )
 
 
 def prepare_destination(plan: Plan, dst: Destination, *, force: bool = False,
