@@ -265,8 +265,22 @@ def _kill_a_writer_when_seen(dst):
     return t
 
 
+@pytest.fixture(scope="module")
+def large_shard_plan(tmp_path_factory):
+    """One output shard of about 200 MB: written in 64 MiB upload parts with --part-mib 128, whole
+    through s3fs with --part-mib 256 and the default."""
+    from rewriter.synth import Geometry
+
+    root = tmp_path_factory.mktemp("large")
+    write_checkpoint(root / "src", Geometry(1, 32, 4, 2048, 2048, 4096, 8, 2, 64, 400_000_000))
+    synthetic_saliency(1, 32, 4, seed=3).save(root / "s.json")
+    cli("plan", root / "src", "--saliency", root / "s.json", "--keep-frac", "1", "--max-shard-size", "400MB",
+        "--out", root / "plan.json")
+    return Plan.load(str(root / "plan.json"))
+
+
 @pytest.mark.s3
-def test_actors_stay_within_the_memory_they_declare(ray_cluster, s3, medium_plan, tmp_path):
+def test_actors_stay_within_the_memory_they_declare(ray_cluster, s3, medium_plan, large_shard_plan, tmp_path):
     """Peak RSS (VmHWM) of every actor, local and S3 paths, against what it declared to Ray."""
     from rewriter.core.storage import Storage
     from rewriter.exec.destination import open_destination
@@ -285,6 +299,22 @@ def test_actors_stay_within_the_memory_they_declare(ray_cluster, s3, medium_plan
             print(f"{url.split(':')[0]} part {part_bytes >> 20} MiB: actor peak RSS {peak / 2**20:.0f} MiB, "
                   f"declared {declared / 2**20:.0f} MiB")
             assert 0 < peak < declared
+    # A shard larger than the upload part: parts of 64 MiB sent from one buffer, or the whole
+    # shard through s3fs's blocks.
+    from rewriter.exec.ray_executor import DEFAULT_PART_BYTES
+
+    big = max(large_shard_plan.outputs, key=lambda o: o.size)
+    assert 128 << 20 < big.size < 256 << 20
+    for part_bytes in (128 << 20, 256 << 20, DEFAULT_PART_BYTES):
+        dst = f"s3://memory/large-{part_bytes >> 20}"
+        result = execute_on_ray(large_shard_plan, dst, workers=2, part_bytes=part_bytes, dst_options=s3.options)
+        peak = max(s.peak_rss_bytes for s in result.shards)
+        declared = actor_memory_bytes(open_destination(dst, s3.options), Storage(large_shard_plan.source_url),
+                                      16 << 20, min(part_bytes, 64 << 20))
+        print(f"s3 large shard, part {part_bytes >> 20} MiB: actor peak RSS {peak / 2**20:.0f} MiB, "
+              f"declared {declared / 2**20:.0f} MiB")
+        assert 0 < peak <= declared
+        s3.fs().rm(dst.removeprefix("s3://"), recursive=True)  # the loopback server keeps objects in memory
     # A remote source: actors keep requests in flight, within the budget they declare for them.
     from rewriter.exec.copy import IOOptions
 
