@@ -442,7 +442,8 @@ run_options = _options(
                      show_default=True, help="Seconds to wait for the Ray cluster at --address to answer."),
         click.option("--ray-pending-timeout", type=finite(0, 86400, min_open=True), default=600,
                      show_default=True, help="Seconds to wait for a Ray actor the cluster cannot place (no free "
-                     "CPU or memory, a lost node) before its work goes to the others, or the run stops if none runs."),
+                     "CPU or memory, a lost node) or is restarting before its work goes to the others, or the run "
+                     "stops if none runs."),
         click.option("--part-mib", type=PART_MIB, default=1024, show_default=True,
                      help="With --ray: shards larger than this are written in parts of this size by several "
                      "actors and resumed part by part (5 to 64, or a multiple of 64 above 64: the parts "
@@ -929,7 +930,8 @@ def cleanup(dst: str, dst_options: dict[str, Any] | None, dry_run: bool) -> None
     Takes DST's lock first (a run still writing is never disturbed; --dry-run only reads, without
     the lock, and says when a run is in progress). A missing DST or a file is refused; a folder no
     run wrote state into is left unchanged. Finished shards stay journaled: `rewriter run` resumes
-    from them; unfinished shards are written again.
+    from them; unfinished shards are written again. The status document (`rewriter status`) then
+    counts only the finished shards, a run left running reads as stopped, and a note says why.
     """
     from rewriter.exec.cleanup import cleanup as do_cleanup
 

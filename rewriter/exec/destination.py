@@ -35,7 +35,7 @@ from rewriter.exec.copy import (
 from rewriter.exec.localparts import LocalParts
 from rewriter.exec.lock import LOCK_NAME, STATE_DIR
 from rewriter.exec.outputs import LocalOutput, RemoteOutput
-from rewriter.exec.partoutputs import MultipartPart, PartOutput
+from rewriter.exec.partoutputs import MultipartPart, PartBody, PartOutput
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ class S3Destination(ObjectDestination):
         return str(self._s3("create_multipart_upload", name)["UploadId"])
 
     def part_output(self, name: str, handle: str, start: int, upload_part_bytes: int) -> PartOutput | MultipartPart:
-        def send(number: int, body: bytearray) -> dict[str, Any]:
+        def send(number: int, body: PartBody) -> dict[str, Any]:
             r = self._s3("upload_part", name, UploadId=handle, PartNumber=number, Body=body)
             return {"PartNumber": number, "ETag": r["ETag"]}
 
