@@ -91,7 +91,10 @@ def test_one_output_shard_is_named_model_safetensors(tmp_path, tiny, tiny_salien
 
 def test_counts_read_as_words(tmp_path, tiny, tiny_saliency):
     out = cli("synth", "--preset", "tiny", "--layers", "1", tmp_path / "one")
-    assert "shards," in out or "1 shard," in out
+    n = len(list((tmp_path / "one").glob("*.safetensors")))
+    assert (f"{n} shards," if n > 1 else "1 shard,") in out, out
+    r = CliRunner().invoke(main, ["check", str(tiny), "--ep", "3"])  # one rule warns for 8 experts on 3 ranks
+    assert r.exit_code == 1 and "failed, 1 warning -> FAILED" in r.output, r.output
     line = _error("plan", tiny, "--saliency", tiny_saliency, "--keep-n", "1")
     assert "keeping 1 expert per layer" in line
     half = tmp_path / "half.json"
