@@ -884,7 +884,9 @@ def eval_cmd(model: str, packs: tuple[str, ...], seq_lens: tuple[int, ...], bloc
     if plot:
         plot_histograms(result, plot)
     if as_json:
-        click.echo(json.dumps(result, indent=1))
+        from quality.report import strict_json
+
+        click.echo(json.dumps(strict_json(result), indent=1, allow_nan=False))
     else:
         click.echo(format_table(result))
     sys.exit(1 if result["pass"] is False else 0)
