@@ -375,9 +375,12 @@ def check_plan(plan: Plan, where: str) -> None:
     for name in (*plan.copy_files, *plan.skipped_files):
         _check_name(name, "file", where)
     for name in plan.copy_files:
-        if name in reserved or name in names or name.split("/")[0].startswith("."):
+        if name in reserved or name in names or name.split("/")[0] == ".rewriter":
             raise PlanError(f"{where}: copied file {name!r} would replace a file this tool writes "
                             f"(or its state folder). Refusing this plan: make it again")
+        if name.split("/")[0].startswith("."):
+            raise PlanError(f"{where}: copied file {name!r} is hidden (a dot file, such as .env, may hold "
+                            f"credentials), and plans never copy hidden files. Refusing this plan: make it again")
     if not _is_count(plan.top_k) or plan.top_k == 0:
         raise PlanError(f"{where}: top_k {plan.top_k!r} must be a positive integer")
 
@@ -554,6 +557,11 @@ def assign_shards(tensors: Sequence[PlannedTensor], max_shard_bytes: int) -> lis
 
 
 def shard_names(n: int, zero_based: bool, prefix: str = "model") -> list[str]:
+    """Output shard names as transformers' ``save_pretrained`` writes them: one shard is
+    ``model.safetensors`` (the name loaders look for first; the index, written last to mark the
+    output complete, names it too), several are numbered from 1, or from 0 like the source's."""
+    if n == 1:
+        return [f"{prefix}.safetensors"]
     if zero_based:
         return [f"{prefix}-{i:05d}-of-{n - 1:05d}.safetensors" for i in range(n)]
     return [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]

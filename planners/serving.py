@@ -20,7 +20,7 @@ from typing import Any
 from planners.plan import Plan
 from planners.policies import KeepPolicy, keep_count
 from rewriter.core.checkpoint import Checkpoint
-from rewriter.core.errors import PlanError, PolicyError
+from rewriter.core.errors import PlanError, PolicyError, count
 from rewriter.core.layouts import Layout
 
 TARGETS = ("vllm", "sglang", "trtllm", "llamacpp", "transformers")
@@ -459,7 +459,7 @@ def format_verdicts(verdicts: Sequence[Verdict]) -> str:
     lines = ["  ".join([*(c.ljust(w) for c, w in zip(r[:3], widths)), r[3]]).rstrip() for r in rows]
     lines.insert(1, "  ".join(["-" * w for w in widths] + ["------"]))
     fails, warns = len(failures(verdicts)), sum(v.status == "warn" for v in verdicts)
-    lines.append(f"\n{fails} failed, {warns} warnings -> {'FAILED' if fails else 'OK'}")
+    lines.append(f"\n{fails} failed, {count(warns, 'warning')} -> {'FAILED' if fails else 'OK'}")
     return "\n".join(lines)
 
 

@@ -26,7 +26,7 @@ EXIT_OK, EXIT_FOUND, EXIT_ERROR, EXIT_BUG, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1,
 EXIT_TERMINATED = 128 + signal.SIGTERM
 EXIT_STATUS_HELP = (
     "Exit status: 0 done; 1 the checks ran and found a problem (verify: mismatches or problems; eval "
-    "--compare: a gate failed); 2 error: bad usage or input, or the work could not be done (one "
+    "--compare: a gate failed; check: a rule failed; status: the job or the run failed); 2 error: bad usage or input, or the work could not be done (one "
     "'error:' line says which and what to do); 3 internal error (a bug: please report it with the "
     "output of `rewriter -vv COMMAND ...`); 75 the destination is in use by another run (wait for it to end); 130 "
     "interrupted (Ctrl-C); 143 terminated (SIGTERM, as sent by kill, timeout, Kubernetes, Slurm), "
@@ -34,11 +34,18 @@ EXIT_STATUS_HELP = (
     '{"error": MESSAGE, "exit_status": N}.'
 )
 # What an interrupted command leaves and how to go on; commands that write set it.
-_interrupt_hint: list[str] = []
+_interrupt_hint: list[str | Callable[[], str]] = []
 
 
-def on_interrupt(hint: str) -> None:
+def on_interrupt(hint: str | Callable[[], str]) -> None:
+    """Say ``hint`` after "interrupted"; a callable is asked when the interrupt comes, for a hint
+    that depends on what was written by then."""
     _interrupt_hint[:] = [hint]
+
+
+def _hint() -> str:
+    hint = _interrupt_hint[0] if _interrupt_hint else ""
+    return hint() if callable(hint) else hint
 
 
 def _describe_error(e: BaseException) -> tuple[str, int]:
@@ -53,7 +60,8 @@ def _describe_error(e: BaseException) -> tuple[str, int]:
     if isinstance(e, Terminated):
         return "terminated (SIGTERM)" + (f"; {_interrupt_hint[0]}" if _interrupt_hint else ""), EXIT_TERMINATED
     if isinstance(e, (KeyboardInterrupt, click.Abort)):
-        return "interrupted" + (f"; {_interrupt_hint[0]}" if _interrupt_hint else ""), EXIT_INTERRUPTED
+        hint = _hint()
+        return "interrupted" + (f"; {hint}" if hint else ""), EXIT_INTERRUPTED
     if isinstance(e, ModuleNotFoundError):
         return (f"this command needs the Python package {e.name!r}, which is not installed; install the "
                 f"extra that brings it: pip install 'moe-rewriter[torch]' (or [ray], [s3])"), EXIT_ERROR

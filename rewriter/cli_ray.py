@@ -17,7 +17,7 @@ import click
 
 from rewriter.cli_errors import EXIT_FOUND, EXIT_OK, RewriterCommand
 from rewriter.cli_errors import fail_cleanly as _fail_cleanly
-from rewriter.cli_params import JSON_OBJECT, finite
+from rewriter.cli_params import JSON_OBJECT, finite, per_layer_plan_note
 
 #: Options of ``run`` that ``submit`` does not forward: the job always runs on Ray, on the
 #: cluster it was submitted to.
@@ -57,7 +57,7 @@ def _submit_command(run: click.Command) -> click.Command:
 
         p = Plan.load(plan_file)
         if p.is_dry_run:
-            raise click.UsageError("this is a per-layer plan; execute it with `rewriter dry-run`")
+            raise click.UsageError(per_layer_plan_note(plan_file))
         if "://" not in dst and not os.path.isabs(dst):
             raise click.BadParameter(f"{dst} is a relative path, which means nothing on the cluster: give an "
                                      f"absolute path on storage every node shares, or a URL (s3://...)",

@@ -1,6 +1,7 @@
 """The ``rewriter`` console script. It imports nothing heavy before its ``try``, so a Ctrl-C or a
 SIGTERM at any moment, even while the CLI's own modules load, ends with ``error: interrupted``
-(exit status 130) or ``error: terminated (SIGTERM)`` (143), never a traceback."""
+(exit status 130) or ``error: terminated (SIGTERM)`` (143), never a traceback. (A Ctrl-C while the
+Python interpreter itself starts, before this module runs, is the interpreter's own to report.)"""
 
 import signal
 import sys
@@ -24,6 +25,10 @@ def main() -> None:
         # Only an interrupt outside a command gets here (while modules load, or while the CLI
         # starts or ends): the CLI reports its commands' interrupts itself.
         _interrupted(isinstance(e, Terminated))
+    finally:
+        # The command has ended and said all it will: a Ctrl-C during the interpreter's shutdown
+        # would turn its status into 130 with no message, after output that says it finished.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _interrupted(terminated: bool = False) -> None:

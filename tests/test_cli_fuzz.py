@@ -271,3 +271,81 @@ def test_cli_fuzz_real_processes(world):
                            check=False, timeout=120)
         check_outcome(args, p.returncode, p.stdout, p.stdout + p.stderr)
     assert source_digest(world.src) == before
+
+
+# --- hostile inputs, each a fixed seed: whatever the command, a refusal (exit 2) naming the file -----
+
+DEEP = "[" * 100_000 + "]" * 100_000  # nesting that makes Python's JSON parser recurse past its limit
+
+
+@pytest.fixture(scope="module")
+def hostile(world) -> dict[str, Path]:
+    """Files and folders that hold the deep JSON document in each place a command reads JSON."""
+    import shutil
+
+    root = world.root / "hostile"
+    root.mkdir()
+    deep = root / "deep.json"
+    deep.write_text(DEEP)
+    out = {"deep": deep}
+    for name, base, inner in (("config", world.src, "config.json"), ("index", world.src, "model.safetensors.index.json"),
+                              ("provenance", world.done, "pruning.json"), ("card", world.done, None)):
+        copy = root / name
+        shutil.copytree(base, copy)
+        if inner:
+            (copy / inner).write_text(DEEP)
+        out[name] = copy
+    return out
+
+
+HOSTILE_SEEDS = {
+    "plan file to run": (["run", "{deep}", "--out", "{fresh}"], "{deep}"),
+    "plan file to dry-run": (["dry-run", "{deep}"], "{deep}"),
+    "saliency file": (["plan", "{src}", "--saliency", "{deep}", "--keep-frac", "0.5"], "{deep}"),
+    "keep list": (["plan", "{src}", "--keep-list", "{deep}"], "{deep}"),
+    "saliency to stability": (["stability", "{deep}", "{sal}", "--keep-frac", "0.5"], "{deep}"),
+    "config.json to plan": (["plan", "{config}", "--saliency", "{sal}", "--keep-frac", "0.5"], "config.json"),
+    "config.json to inspect": (["inspect", "{config}"], "config.json"),
+    "index to inspect": (["inspect", "{index}"], "model.safetensors.index.json"),
+    "pruning.json to verify": (["verify", "{provenance}"], "pruning.json"),
+    "pruning.json to status": (["status", "{provenance}"], "pruning.json is not a provenance file"),
+    "pruning.json to card": (["card", "{provenance}"], "pruning.json"),
+    "eval file to card": (["card", "{card}", "--eval", "{deep}"], "{deep}"),
+}
+
+
+@pytest.mark.parametrize("seed", sorted(HOSTILE_SEEDS))
+def test_hostile_json_is_refused_naming_the_file(world, hostile, seed):
+    template, names = HOSTILE_SEEDS[seed]
+    paths = {**{k: str(v) for k, v in hostile.items()}, "src": str(world.src), "sal": str(world.sal),
+             "fresh": str(world.fresh())}
+    args = [a.format(**paths) for a in template]
+    for as_json in (False, True):
+        argv = args + (["--json"] if as_json and args[0] not in ("status", "card") else [])
+        r = CliRunner().invoke(main, argv)
+        assert r.exception is None or isinstance(r.exception, SystemExit), f"{shlex.join(argv)}\n{r.exception!r}"
+        check_outcome(argv, r.exit_code, r.stdout, r.output)
+        assert r.exit_code == 2, f"{shlex.join(argv)}\n{r.output}"
+        message = json.loads(r.stdout)["error"] if "--json" in argv else r.output
+        assert names.format(**paths) in message, f"{shlex.join(argv)}\n{r.output}"
+        assert "nested deeper than" in message or args[0] == "status", f"{shlex.join(argv)}\n{r.output}"
+
+
+HUB = "hf://openai/gpt-oss-20b"
+
+
+@pytest.mark.parametrize("offline", [False, True], ids=["no-network", "HF_HUB_OFFLINE"])
+@pytest.mark.parametrize("command", [["inspect", HUB], ["check", HUB], ["plan", HUB, "--keep-frac", "0.5"]],
+                         ids=["inspect", "check", "plan"])
+def test_hub_source_without_network_is_refused_with_the_offline_way(world, command, offline):
+    """This machine reaches no Hub; the same holds on any machine with HF_HUB_OFFLINE=1."""
+    args = command + (["--saliency", str(world.sal)] if command[0] == "plan" else [])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"} if offline else {
+        **os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}  # a closed port: no network
+    p = subprocess.run([sys.executable, "-m", "rewriter.cli", *args], capture_output=True, text=True,
+                       check=False, timeout=120, env=env)
+    check_outcome(args, p.returncode, p.stdout, p.stdout + p.stderr)
+    assert p.returncode == 2, p.stdout + p.stderr
+    (line,) = [x for x in p.stderr.splitlines() if x.startswith("error: ")]
+    assert HUB in line and "local snapshot" in line and "hf download openai/gpt-oss-20b" in line, line
+    assert ("HF_HUB_OFFLINE is set" in line) == offline, line

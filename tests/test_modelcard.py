@@ -65,7 +65,7 @@ def test_output_folder_is_what_hf_upload_expects(pruned):
     assert not [f for f in files if f.startswith(".") or "/." in f or f.endswith((".tmp", ".part"))], files
     index = json.loads((pruned / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
-    assert all(re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", s) for s in shards)
+    assert all(re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", s) for s in shards)
     assert files == sorted([*shards, "README.md", "README.base.md", "config.json", "generation_config.json",
                             "model.safetensors.index.json", "pruning.json", "tokenizer.json"])
     ckpt = Checkpoint.open(str(pruned))  # the loader's rules: sizes, offsets, index total_size

@@ -18,7 +18,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from rewriter.core.errors import CheckpointError, RewriterError, StorageAccessError
-from rewriter.core.remote import GuardedFileSystem
+from rewriter.core.remote import GuardedFileSystem, refuse_offline_hub
 
 
 def _unwrapped(fs: Any) -> Any:
@@ -298,6 +298,8 @@ def _with_connection_pool(url: str, options: dict[str, Any]) -> dict[str, Any]:
 def _open_fs(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
     """fsspec's filesystem for ``url``; a protocol without its package, an unknown protocol or a
     store that cannot be reached while connecting is one error naming the URL."""
+    if url.startswith("hf://"):
+        refuse_offline_hub(url)
     try:
         return fsspec.core.url_to_fs(url, **_with_connection_pool(url, dict(storage_options or {})))
     except ImportError as e:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from planners.plan import PROVENANCE_NAME, OutputShard, Plan
+from rewriter.core import jsonfile
 from rewriter.core.checkpoint import INDEX_NAME
 from rewriter.core.errors import ExecutionError
 from rewriter.core.storage import Storage, file_identity
@@ -67,7 +68,7 @@ class Journal:
         if not dst.exists(JOURNAL):
             return None
         try:
-            return json.loads(dst.read_all(JOURNAL))
+            return jsonfile.loads(dst.read_all(JOURNAL))
         except ValueError:  # not JSON, or not even UTF-8
             return None  # torn by a crash before its rename: treat as absent
 
@@ -162,7 +163,7 @@ def _provenance_digest(dst: Destination) -> str | None:
     if not dst.exists(PROVENANCE_NAME):
         return None
     try:
-        return json.loads(dst.read_all(PROVENANCE_NAME)).get("plan_digest")
+        return jsonfile.loads(dst.read_all(PROVENANCE_NAME)).get("plan_digest")
     except (ValueError, AttributeError):  # not JSON (or not UTF-8), or not an object
         return None
 
@@ -234,7 +235,7 @@ class PartJournal:
         """This plan's part journal in ``dst`` (empty when absent, torn or another plan's)."""
         journal = cls(dst, plan_digest)
         try:
-            doc = json.loads(dst.read_all(PARTS_JOURNAL)) if dst.exists(PARTS_JOURNAL) else {}
+            doc = jsonfile.loads(dst.read_all(PARTS_JOURNAL)) if dst.exists(PARTS_JOURNAL) else {}
         except ValueError:
             doc = {}
         if isinstance(doc, dict) and doc.get("plan") == plan_digest and isinstance(doc.get("shards"), dict):

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from planners.plan import PROVENANCE_NAME, Plan
+from rewriter.core import jsonfile
 from rewriter.core.checkpoint import INDEX_NAME
 from rewriter.core.errors import CardError
 from rewriter.core.storage import Storage
@@ -231,7 +232,7 @@ def load_eval(path: str) -> Mapping[str, Any]:
     """Read and check a ``rewriter eval --json`` result file."""
     try:
         with open(path, "rb") as f:
-            doc = json.loads(f.read())
+            doc = jsonfile.loads(f.read())
     except FileNotFoundError:
         raise CardError(f"{path}: eval result not found; write one with `rewriter eval MODEL ... --json > {path}`") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:

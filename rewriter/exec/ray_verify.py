@@ -25,6 +25,7 @@ from rewriter.exec.verify import (
     load_provenance_plan,
     open_both,
     recorded_shards,
+    refuse_missing_recorded_source,
     shards_to_check,
 )
 
@@ -50,8 +51,10 @@ def verify_on_ray(
     src_options, dst_options = dict(src_options or {}), dict(dst_options or {})
     with Storage(dst_url, dst_options) as dst_store:
         plan = load_provenance_plan(dst_store)
-        src_url = src_url or plan.source_url
-        with Storage(src_url, src_options) as src_store:
+        with Storage(src_url or plan.source_url, src_options) as src_store:
+            if src_url is None:
+                refuse_missing_recorded_source(plan, src_store, dst_store)
+            src_url = src_store.url
             report = VerifyReport(dst_store.url, src_store.url)
             dst, _ = open_both(plan, src_store, dst_store, report)
             recorded = recorded_shards(plan, dst_store, report)

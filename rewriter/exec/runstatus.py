@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from planners.plan import PROVENANCE_NAME, Plan
+from rewriter.core import jsonfile
 from rewriter.core.checkpoint import INDEX_NAME
 from rewriter.core.errors import DestinationFullError, ExecutionError
 from rewriter.exec.destination import Destination, open_destination
@@ -167,7 +168,7 @@ def read_status(dst_url: str, options: Mapping[str, Any] | None = None, now: flo
 
 def _complete(dst: Destination) -> dict[str, Any]:
     try:
-        prov = json.loads(dst.read_all(PROVENANCE_NAME))
+        prov = jsonfile.loads(dst.read_all(PROVENANCE_NAME))
         shards = prov["shards"]
         total = sum(int(s["size"]) for s in shards.values())
         digest = str(prov["plan_digest"])
@@ -187,7 +188,7 @@ _FIELDS: dict[str, tuple[type, ...]] = {
 def _checked(dst: Destination, raw: bytes, now: float) -> dict[str, Any]:
     """The status document, its fields checked (it is read back from storage anyone can write)."""
     try:
-        doc = json.loads(raw)
+        doc = jsonfile.loads(raw)
         ok = isinstance(doc, dict) and doc.get("format") == FORMAT and all(
             isinstance(doc.get(k), t) for k, t in _FIELDS.items())
     except ValueError:
@@ -245,7 +246,7 @@ def _stopped(dst: Destination, doc: dict[str, Any]) -> dict[str, Any]:
 def _journaled(dst: Destination) -> tuple[int, int] | None:
     """Shards and bytes the destination's journal vouches for (None: no readable journal)."""
     try:
-        shards = json.loads(dst.read_all(JOURNAL)).get("shards") if dst.exists(JOURNAL) else None
+        shards = jsonfile.loads(dst.read_all(JOURNAL)).get("shards") if dst.exists(JOURNAL) else None
     except (ValueError, AttributeError):
         shards = None
     if not isinstance(shards, dict):

@@ -11,12 +11,12 @@ source slice. :mod:`rewriter.exec.ray_verify` runs the same check per shard on R
 from __future__ import annotations
 
 import hashlib
-import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from planners.plan import PROVENANCE_NAME, OutputShard, Plan, Segment, source_location
+from rewriter.core import jsonfile
 from rewriter.core.checkpoint import CONFIG_NAME, Checkpoint
 from rewriter.core.errors import CheckpointError, PlanError, RewriterError
 from rewriter.core.jsonfile import parse_json_object
@@ -90,6 +90,7 @@ def verify(
     src_options: Mapping[str, Any] | None = None,
     dst_options: Mapping[str, Any] | None = None,
     buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    progress: Progress | None = None,
 ) -> VerifyReport:
     """Check ``dst_url`` against its plan and source.
 
@@ -100,11 +101,34 @@ def verify(
 
     Args:
         src_url: the source; ``None`` uses the source URL recorded in the plan.
+        progress: called with ``(bytes, total)`` as bytes are checked: each output shard is read
+            once and its tensors' source slices once, so ``total`` is :func:`bytes_to_check`.
     """
     with Storage(dst_url, dst_options) as dst_store:
         plan = load_provenance_plan(dst_store)
         with Storage(src_url or plan.source_url, src_options) as src_store:
-            return _verify(plan, src_store, dst_store, buffer_bytes)
+            if src_url is None:
+                refuse_missing_recorded_source(plan, src_store, dst_store)
+            return _verify(plan, src_store, dst_store, buffer_bytes, progress)
+
+
+#: Progress callback of :func:`verify`: ``(bytes just checked, bytes to check in all)``.
+Progress = Callable[[int, int], None]
+
+
+def bytes_to_check(plan: Plan) -> int:
+    """Bytes :func:`verify` reads: every output shard, and its tensors' source slices."""
+    return sum(out.size + out.data_bytes for out in plan.outputs)
+
+
+def refuse_missing_recorded_source(plan: Plan, src: Storage, dst: Storage) -> None:
+    """PlanError when the source DST records is no longer where it was, saying SRC may be given."""
+    if src.exists():
+        return
+    raise PlanError(
+        f"{plan.source_url}, the source {dst.describe(PROVENANCE_NAME)} records, is not there (moved or "
+        f"removed); pass the source the output was made from as SRC: `rewriter verify SRC {dst.url}`"
+    )
 
 
 def _refuse_other_source(plan: Plan, src: Checkpoint, dst: Storage) -> None:
@@ -125,12 +149,15 @@ def _refuse_other_source(plan: Plan, src: Checkpoint, dst: Storage) -> None:
     )
 
 
-def _verify(plan: Plan, src_store: Storage, dst_store: Storage, buffer_bytes: int) -> VerifyReport:
+def _verify(plan: Plan, src_store: Storage, dst_store: Storage, buffer_bytes: int,
+            progress: Progress | None) -> VerifyReport:
     report = VerifyReport(dst_store.url, src_store.url)
     dst, src = open_both(plan, src_store, dst_store, report)
     recorded = recorded_shards(plan, dst_store, report)
+    total = bytes_to_check(plan)
+    tick = (lambda n: progress(n, total)) if progress else None
     for out, tensors in shards_to_check(plan, dst, dst_store, report):
-        report.add(check_shard(out, recorded[out.name], tensors, src.storage, dst_store, buffer_bytes))
+        report.add(check_shard(out, recorded[out.name], tensors, src.storage, dst_store, buffer_bytes, tick))
     return report
 
 
@@ -190,7 +217,7 @@ def shards_to_check(plan: Plan, dst: Checkpoint | None, dst_store: Storage,
 def recorded_shards(plan: Plan, dst: Storage, report: VerifyReport) -> dict[str, tuple[list[Range], list[Range]]]:
     """Each planned shard's hash ranges ``pruning.json`` records (checked as untrusted input: its
     problems go to ``report``)."""
-    problems, ranges = check_document(plan, json.loads(dst.read_all(PROVENANCE_NAME)))
+    problems, ranges = check_document(plan, jsonfile.loads(dst.read_all(PROVENANCE_NAME)))
     report.problems += [p.replace(PROVENANCE_NAME, dst.describe(PROVENANCE_NAME), 1) for p in problems]
     return ranges
 
@@ -201,9 +228,9 @@ def shard_tensors(dst: Checkpoint, name: str) -> dict[str, tuple[int, int]]:
 
 
 def check_shard(out: OutputShard, recorded: tuple[list[Range], list[Range]], tensors: Mapping[str, tuple[int, int]], src: Storage,
-                dst: Storage, buffer_bytes: int) -> ShardCheck:
+                dst: Storage, buffer_bytes: int, progress: Callable[[int], None] | None = None) -> ShardCheck:
     """One pass over shard ``out``: its header, the hashes ``pruning.json`` records for it, and every
-    tensor's bytes against its planned source slice."""
+    tensor's bytes against its planned source slice (``progress`` gets each number of bytes read)."""
     check = ShardCheck()
     where = dst.describe(out.name)
     whole, parts = recorded
@@ -222,6 +249,8 @@ def check_shard(out: OutputShard, recorded: tuple[list[Range], list[Range]], ten
                 h.feed(pos, chunk)
             tensor_hashes.feed(pos, chunk)
             pos += len(chunk)
+            if progress:
+                progress(len(chunk))
     except RewriterError as e:
         check.problems.append(str(e))
         return check
@@ -237,6 +266,8 @@ def check_shard(out: OutputShard, recorded: tuple[list[Range], list[Range]], ten
         check.bytes += end - begin
         if got != _planned_digest(src, planned[name].segments, buf):
             check.mismatches.append(name)
+        if progress:
+            progress(end - begin)
     return check
 
 
