@@ -880,7 +880,7 @@ def check(ckpt: str, targets: tuple[str, ...], ep: int | None, as_json: bool, st
                                "top_k": facts.top_k, "ep": ep, "ok": not failures(verdicts),
                                "verdicts": [v.to_json() for v in verdicts]}, indent=1))
     else:
-        click.echo(f"{c.url}: {facts.family}, {facts.count} experts per layer, top-k {facts.top_k}"
+        click.echo(f"{c.url}: {facts.family}, {facts.count_text()} experts per layer, top-k {facts.top_k}"
                    + (f", --ep {ep}" if ep else ""))
         click.echo(format_verdicts(verdicts))
     sys.exit(EXIT_FOUND if failures(verdicts) else EXIT_OK)
