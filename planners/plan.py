@@ -31,7 +31,7 @@ from rewriter.core.checkpoint import (
 from rewriter.core.errors import PlanError
 from rewriter.core.format import PREFIX_BYTES, encode_header, parse_header
 from rewriter.core.jsonfile import parse_json, read_url
-from rewriter.core.layouts import Layout
+from rewriter.core.layouts import PER_LAYER_FIELD, Layout
 
 PLAN_FORMAT = "moe-rewriter-plan"
 #: 2: ``copy_file_digests`` (each copied file's size and sha256) and a derived config.
@@ -41,6 +41,17 @@ DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
 #: checkpoint must not carry them, since they would no longer match.
 SKIPPED_DIRS = ("original/", "metal/")
 PROVENANCE_NAME = "pruning.json"
+#: The output's model card; the source's own card is kept under :func:`base_card_name`.
+CARD_NAME = "README.md"
+
+
+def base_card_name(taken: Iterable[str]) -> str:
+    """Where the source's model card goes: ``README.base.md``, or the first free numbered name."""
+    names = set(taken)
+    n = 1
+    while (name := "README.base.md" if n == 1 else f"README.base.{n}.md") in names:
+        n += 1
+    return name
 
 
 @dataclass(frozen=True)
@@ -647,6 +658,17 @@ def file_digest(storage: Any, name: str) -> dict[str, Any]:
     for chunk in storage.iter_range(name, 0, size, bytearray(min(size, _DIGEST_BUFFER) or 1)):
         h.update(chunk)
     return {"size": size, "sha256": h.hexdigest()}
+
+
+def source_card(plan: Plan) -> str | None:
+    """The name the source's model card gets in the output, when the source has one."""
+    return base_card_name(plan.copy_files) if CARD_NAME in plan.copy_files else None
+
+
+def copied_names(plan: Plan) -> dict[str, str]:
+    """Each file the plan copies, and its name in the output (the source's card moves aside)."""
+    card = source_card(plan)
+    return {name: card if name == CARD_NAME and card else name for name in plan.copy_files}
 
 
 def copied_file_problems(plan: Plan, storage: Any, names: Mapping[str, str]) -> list[str]:

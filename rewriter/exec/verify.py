@@ -16,7 +16,15 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from planners.plan import PROVENANCE_NAME, OutputShard, Plan, Segment, copied_file_problems, source_location
+from planners.plan import (
+    PROVENANCE_NAME,
+    OutputShard,
+    Plan,
+    Segment,
+    copied_file_problems,
+    copied_names,
+    source_location,
+)
 from rewriter.core.checkpoint import CONFIG_NAME, Checkpoint
 from rewriter.core.errors import CheckpointError, PlanError, RewriterError
 from rewriter.core.jsonfile import parse_json_object
@@ -162,14 +170,6 @@ def open_both(plan: Plan, src_store: Storage, dst_store: Storage, report: Verify
     if planned != set(dst.shards):
         report.problems.append(f"shards {sorted(dst.shards)} differ from the planned {sorted(planned)}")
     return dst, src
-
-
-def copied_names(plan: Plan) -> dict[str, str]:
-    """Each file the plan copies, and its name in the output (the source's card moves aside)."""
-    from rewriter.exec.modelcard import CARD_NAME, source_card  # the card module reads plans through this one
-
-    card = source_card(plan)
-    return {name: card if name == CARD_NAME and card else name for name in plan.copy_files}
 
 
 def recorded_shards(plan: Plan, dst: Storage, report: VerifyReport) -> dict[str, tuple[list[Range], list[Range]]]:
