@@ -231,11 +231,30 @@ class Plan:
             "provenance": dict(self.provenance),
         }
 
+    @property
+    def source_recorded(self) -> bool:
+        """Whether the plan says where its source is (not a local one recorded by content only)."""
+        return not self.source_url.startswith(LOCAL_SOURCE)
+
+    def published_json(self) -> dict[str, Any]:
+        """The plan as ``pruning.json`` publishes it: no path of this machine. A local source is
+        named by its folder (its shards' fingerprints and copied files' sha256 identify it), and
+        saliency files and keep lists by file name (their sha256 stays). Same digest."""
+        doc = self.to_json()
+        if is_local_path(self.source_url):
+            doc["source"]["url"] = published_source(self.source_url)
+        prov = doc["provenance"]
+        for key in ("saliency", "keep_list"):
+            if key in prov:
+                prov[key] = _names_only(prov[key])
+        return doc
+
     def identity_json(self) -> dict[str, Any]:
         """The plan without what depends on when and where it was made: the provenance's
-        creation time (older plans carry one) and the paths its saliency files or keep list
-        were read from (their sha256 stays)."""
+        creation time (older plans carry one), the paths its saliency files or keep list were
+        read from (their sha256 stays) and where its source is (its fingerprints stay)."""
         doc = self.to_json()
+        doc["source"] = {k: v for k, v in doc["source"].items() if k != "url"}
         prov = {k: v for k, v in doc["provenance"].items() if k not in _UNSTABLE_PROVENANCE}
         for key in ("saliency", "keep_list"):
             if key in prov:
@@ -344,6 +363,27 @@ class Plan:
 
 
 _UNSTABLE_PROVENANCE = ("created_utc",)
+#: How ``pruning.json`` names a local source: ``local:<folder name>`` (or the Hugging Face cache
+#: part of its path, which names the Hub repo), never the machine's path.
+LOCAL_SOURCE = "local:"
+_HF_CACHE_PART = re.compile(r"models--[^/]+?--[^/]+/snapshots/[^/]+/?$")
+
+
+def is_local_path(url: str) -> bool:
+    return "://" not in url and not url.startswith(LOCAL_SOURCE)
+
+
+def published_source(url: str) -> str:
+    m = _HF_CACHE_PART.search(url)
+    return LOCAL_SOURCE + (m.group(0).rstrip("/") if m else url.rstrip("/").rsplit("/", 1)[-1])
+
+
+def _names_only(entry: Any) -> Any:
+    if isinstance(entry, list):
+        return [_names_only(e) for e in entry]
+    if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+        return {**entry, "path": entry["path"].rstrip("/").rsplit("/", 1)[-1]}
+    return entry
 
 
 def _without_paths(entry: Any) -> Any:
@@ -352,6 +392,15 @@ def _without_paths(entry: Any) -> Any:
     if isinstance(entry, dict):
         return {k: v for k, v in entry.items() if k != "path"}
     return entry
+
+
+def require_source(plan: Plan, what: str) -> str:
+    """The plan's source URL, or a clear error when it records a local source by content only."""
+    if plan.source_recorded:
+        return plan.source_url
+    raise PlanError(f"{plan.origin or 'the plan'} records its source as {plan.source_url!r}: a local folder, "
+                    f"identified by content only (pruning.json publishes no path of the machine that made it); "
+                    f"{what}")
 
 
 def source_location(storage: Any) -> str:

@@ -60,9 +60,10 @@ def check_document(doc: Mapping[str, Any], where: str) -> None:
     d = _Doc(doc, where)
     source = d.get(doc, "source", "source", "an object with \"url\" and \"shards\"",
                    lambda v: isinstance(v, dict))
-    url = d.get(source, "url", "source.url", "the source checkpoint's absolute path or URL",
+    url = d.get(source, "url", "source.url", "the source checkpoint's absolute path or URL (or local:NAME "
+                "in pruning.json)",
                 lambda v: isinstance(v, str) and v.strip() != "")
-    if "://" not in url and not os.path.isabs(url):
+    if "://" not in url and not os.path.isabs(url) and not url.startswith("local:"):
         raise d.fail("source.url", "an absolute path or a URL (plans record where their source is, "
                      "so they run from any folder)", url)
     d.get(source, "shards", "source.shards", "an object of shard name -> fingerprint",

@@ -890,12 +890,14 @@ def check(ckpt: str, targets: tuple[str, ...], ep: int | None, as_json: bool, st
 @click.argument("dst")
 @click.option("--base-model", default=None, help="Hub repo id ORG/NAME of the source (default: from an hf:// source, a Hugging Face cache folder or the config).")
 @click.option("--eval", "eval_json", default=None, help="A `rewriter eval --json` result to include.")
-@click.option("--verify", "run_verify", is_flag=True, help="Run `rewriter verify` against the recorded source and include it.")
+@click.option("--verify", "run_verify", is_flag=True, help="Run `rewriter verify` and include it: against --src, else "
+              "the recorded source (a local source is recorded by content only: give --src).")
+@click.option("--src", "src", default=None, help="The source to verify against (with --verify).")
 @click.option("--src-options", type=JSON_OBJECT, default=None, help="fsspec options for the source as JSON (with --verify).")
 @click.option("--dst-options", type=JSON_OBJECT, default=None, help="fsspec options for DST as JSON.")
 @_fail_cleanly
-def card(dst: str, base_model: str | None, eval_json: str | None, run_verify: bool, src_options: dict[str, Any] | None,
-         dst_options: dict[str, Any] | None) -> None:
+def card(dst: str, base_model: str | None, eval_json: str | None, run_verify: bool, src: str | None,
+         src_options: dict[str, Any] | None, dst_options: dict[str, Any] | None) -> None:
     """Write DST/README.md again from DST/pruning.json, adding eval results and verify status.
 
     Each run renders the whole card, so give every extra you want in it.
@@ -912,7 +914,7 @@ def card(dst: str, base_model: str | None, eval_json: str | None, run_verify: bo
     if run_verify:
         from rewriter.exec.verify import verify as do_verify
 
-        report = do_verify(None, dst, src_options=(src_options or {}), dst_options=(dst_options or {})).to_json()
+        report = do_verify(src, dst, src_options=(src_options or {}), dst_options=(dst_options or {})).to_json()
     result = load_eval(eval_json) if eval_json else None
     update_card(destination, base_model=base_model, verify=report, eval_result=result)
     click.echo(f"wrote {destination.describe('README.md')}" + (f" (verify: {'OK' if report['ok'] else 'FAILED'})" if report else ""))

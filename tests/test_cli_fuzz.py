@@ -244,13 +244,13 @@ def test_cli_fuzz_in_process(world):
     assert source_digest(world.src) == before
     # A completed destination stays a complete, verifiable output whatever was thrown at it
     # (--force may have replaced it with the output of another plan).
-    assert cli("verify", world.done).strip().endswith("OK")
+    assert cli("verify", world.src, world.done).strip().endswith("OK")
     # Both outcomes happened often: the fuzzer reached real work, not only option parsing.
     assert statuses.get(0, 0) > CASES // 10 and statuses.get(2, 0) > CASES // 10, statuses
     # Whatever a failed prune left behind does not block the same destination.
     for dst in failed_fresh[:10]:
         cli("prune", world.src, dst, "--saliency", world.sal, "--keep-frac", "0.5")
-        assert cli("verify", dst).strip().endswith("OK")
+        assert cli("verify", world.src, dst).strip().endswith("OK")
 
 
 @pytest.mark.slow

@@ -120,7 +120,7 @@ def test_force_over_a_foreign_checkpoint_says_what_it_removes(made, tiny, tmp_pa
     assert "model-00002-of-00002.safetensors, model.safetensors.index.json" in line
     assert "left in place: config.json, generation_config.json, notes.txt" in line
     assert (dst / "notes.txt").read_text() == "mine\n"
-    assert rewriter("verify", dst).stdout.strip().endswith("OK")
+    assert rewriter("verify", tiny, dst).stdout.strip().endswith("OK")
     other = tmp_path / "other.json"
     rewriter("plan", tiny, "--keep-list", _keep_list(tmp_path), "--out", other)
     r = rewriter("run", other, "--out", dst, "--force", "--quiet")

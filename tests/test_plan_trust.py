@@ -73,14 +73,44 @@ def test_run_refuses_an_edited_config_patch(tmp_path: Path, plan_doc):
     assert "plan field 'config_patch' differs" in out and "num_local_experts" in out, out
 
 
-def test_output_config_drops_a_local_name_or_path(tmp_path: Path, plan_doc):
+def test_output_config_drops_a_local_name_or_path(tmp_path: Path, plan_doc, src):
     good = _write(tmp_path, plan_doc, "good.json")
     dst = tmp_path / "dst"
     cli("run", good, "--out", dst)
     config = json.loads((dst / "config.json").read_text())
     assert config["_name_or_path"] == "" and plan_doc["config_patch"]["_name_or_path"] == ""
     assert "/home/alice" not in (dst / "README.md").read_text()
-    assert cli("verify", dst).strip().endswith("OK")
+    assert cli("verify", src, dst).strip().endswith("OK")
+
+
+def test_published_files_hold_no_path_of_this_machine(tmp_path: Path, plan_doc, src):
+    good = _write(tmp_path, plan_doc, "good.json")
+    dst = tmp_path / "dst"
+    cli("run", good, "--out", dst)
+    for f in dst.rglob("*"):
+        if f.is_file():
+            text = f.read_bytes()
+            assert str(src).encode() not in text and str(tmp_path).encode() not in text, f
+    record = json.loads((dst / "pruning.json").read_text())
+    assert record["source"] == record["plan"]["source"]["url"] == "local:src"
+    assert [s["path"] for s in record["plan"]["provenance"]["saliency"]] == ["sal.json"]
+    # verify from the destination alone cannot know where a local source is: it says what to pass
+    out = cli("verify", dst, expect=2)
+    assert out.startswith(f"error: {dst / 'pruning.json'} records its source as 'local:src'"), out
+    assert "rewriter verify SRC DST" in out
+    assert cli("verify", src, dst).strip().endswith("OK")
+
+
+def test_card_verify_names_the_folder_it_verified_against(tmp_path: Path, plan_doc, src):
+    good = _write(tmp_path, plan_doc, "good.json")
+    dst = tmp_path / "dst"
+    cli("run", good, "--out", dst)
+    out = cli("card", dst, "--base-model", "openai/gpt-oss-20b", "--verify", expect=2)
+    assert "--src" in out or "SRC" in out, out
+    cli("card", dst, "--base-model", "openai/gpt-oss-20b", "--verify", "--src", src)
+    card = (dst / "README.md").read_text()
+    assert "`rewriter verify` against `src`" in card, card
+    assert "against `openai/gpt-oss-20b`" not in card
 
 
 def test_verify_refuses_a_config_edited_in_pruning_json_and_output(tmp_path: Path, plan_doc, src):
@@ -93,8 +123,8 @@ def test_verify_refuses_a_config_edited_in_pruning_json_and_output(tmp_path: Pat
     config = json.loads((dst / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "evil.Model"}
     (dst / "config.json").write_text(json.dumps(config))
-    out = cli("verify", src, dst, expect=2)
-    assert "plan field 'config' differs" in out and "auto_map" in out, out
+    out = cli("verify", src, dst, expect=1)
+    assert "plan field 'config' differs" in out and "auto_map" in out and "FAILED" in out, out
 
 
 def test_a_copied_file_changed_since_planning_is_refused(tmp_path: Path, plan_doc):

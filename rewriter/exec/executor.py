@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from planners.plan import PROVENANCE_NAME, OutputShard, Plan
+from planners.plan import PROVENANCE_NAME, OutputShard, Plan, require_source
 from rewriter.core.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
 from rewriter.core.errors import DestinationFullError, ExecutionError, PlanError
 from rewriter.core.storage import Storage
@@ -146,13 +146,13 @@ def finalize(plan: Plan, src: Storage, dst: Destination, results: Iterable[Shard
     provenance = {
         "format": "moe-rewriter-provenance",
         "plan_digest": plan.digest,
-        "source": plan.source_url,
+        "source": plan.published_json()["source"]["url"],
         "family": plan.family,
         "expert_mapping": plan.expert_mapping(),
         "top_k": plan.top_k,
         "skipped_files": list(plan.skipped_files),
         "shards": {o.name: by_name[o.name].record() for o in plan.outputs},
-        "plan": plan.to_json(),
+        "plan": plan.published_json(),
     }
     dst.put_bytes(PROVENANCE_NAME, (json.dumps(provenance, indent=1, sort_keys=True) + "\n").encode())
     dst.put_bytes(INDEX_NAME, plan.index_json())
@@ -218,6 +218,8 @@ def execute(
         ExecutionError: destination problems, a short source, a full disk.
     """
     t0 = time.perf_counter()
+    require_source(plan, "run the plan the source was planned into (`rewriter plan SRC ... --out PLAN`), not the "
+                         "one a finished output publishes")
     if not plan.loadable and not allow_nonuniform:
         raise PlanError("this plan keeps different expert counts per layer, which stock transformers cannot "
                         "load; pass --allow-nonuniform to write it anyway")

@@ -23,6 +23,8 @@ from planners.plan import (
     Segment,
     copied_file_problems,
     copied_names,
+    published_source,
+    require_source,
     source_location,
 )
 from rewriter.core.checkpoint import CONFIG_NAME, Checkpoint
@@ -111,15 +113,17 @@ def verify(
     """
     with Storage(dst_url, dst_options) as dst_store:
         plan = load_provenance_plan(dst_store)
-        with Storage(src_url or plan.source_url, src_options) as src_store:
+        src_url = src_url or require_source(plan, "pass the source it was made from (`rewriter verify SRC DST`, or `rewriter card DST --verify --src SRC`)")
+        with Storage(src_url, src_options) as src_store:
             return _verify(plan, src_store, dst_store, buffer_bytes)
 
 
 def _refuse_other_source(plan: Plan, src: Checkpoint, dst: Storage) -> None:
     """Stop before reading any tensor when SRC is another checkpoint than the one DST was made
     from: its bytes say nothing about DST (a changed source at the same place is a problem found)."""
-    if source_location(src.storage) == plan.source_url:
-        return
+    here = source_location(src.storage)
+    if here == plan.source_url or (not plan.source_recorded and published_source(here) == plan.source_url):
+        return  # the recorded place (for a local source: a folder of the recorded name)
     now = src.fingerprint()
     differ = [name for name, fp in plan.source_shards.items() if dict(now.get(name) or {}) != dict(fp)]
     if not differ:
