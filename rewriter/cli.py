@@ -606,7 +606,8 @@ def verify(paths: tuple[str, ...], buffer_mib: int, src_options: dict[str, Any] 
     """Prove DST: every byte of every output tensor equals its planned slice of SRC, and every
     shard hashes to the sha256 (of the shard, or of each part) DST/pruning.json records.
 
-    SRC defaults to the source recorded in DST/pruning.json. Exits 1 when it finds a mismatch or
+    SRC defaults to the source recorded in DST/pruning.json: a remote source's URL; a local source
+    is recorded by content only (no path of this machine is published), so give SRC. Exits 1 when it finds a mismatch or
     a problem, 2 when it cannot verify (DST is not an output of this tool, SRC cannot be read).
     """
     if len(paths) > 2:
