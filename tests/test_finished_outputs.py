@@ -31,12 +31,12 @@ def files_under(root: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("extra", [(), ("--verify",)])
-def test_card_leaves_no_state_in_a_finished_output(made, tmp_path, extra):
+def test_card_leaves_no_state_in_a_finished_output(made, tiny, tmp_path, extra):
     out = tmp_path / "out"
     shutil.copytree(made[1], out)
     before = files_under(out)
     assert not any(f.startswith(".rewriter") for f in before)
-    rewriter("card", out, *extra)
+    rewriter("card", out, *extra, *(("--src", tiny) if extra else ()))
     assert files_under(out) == before
 
 
@@ -73,7 +73,7 @@ def test_verify_names_the_recorded_source_when_given_another(made, tiny, tmp_pat
         write_checkpoint(other, PRESETS["tiny-bf16"] if which == "bf16" else PRESETS["small"])
     r = rewriter("verify", other, out, expect=2)
     assert not r.stdout and r.stderr.count("\n") == 1, r.stderr
-    assert f"error: {other} is not the source of {out}: that was made from {tiny}" in r.stderr
+    assert f"error: {other} is not the source of {out}: that was made from a local folder named '{tiny.name}'" in r.stderr
     assert f"{out / 'pruning.json'}" in r.stderr and "file not found" not in r.stderr
     r = rewriter("verify", other, out, "--json", expect=2)
     assert "is not the source of" in r.stdout

@@ -238,8 +238,8 @@ def test_plan_and_pruning_json_work_from_any_folder(small, tmp_path):
     assert plan.source_url == str(work / "src")
     rewriter("run", work / "plan.json", "--out", tmp_path / "x", "--quiet", cwd=Path("/"))
     prov = json.loads((tmp_path / "x" / "pruning.json").read_text())
-    assert prov["source"] == str(work / "src")
-    out = rewriter("verify", tmp_path / "x", cwd=Path("/")).stdout
+    assert prov["source"] == "local:src"  # pruning.json is published: no path of this machine
+    out = rewriter("verify", work / "src", tmp_path / "x", cwd=Path("/")).stdout
     assert out.rstrip().endswith("OK") and str(work / "src") in out
 
 
@@ -539,7 +539,8 @@ def test_verify_against_another_source_names_both(tiny, tiny_saliency, tmp_path)
     write_checkpoint(other, dataclasses.replace(PRESETS["tiny"], vocab=320))
     r = rewriter("verify", other, tmp_path / "dst", expect=2)
     assert r.stderr.count("\n") == 1 and not r.stdout
-    assert f"{other} is not the source of {tmp_path / 'dst'}: that was made from {tiny}" in r.stderr
+    assert (f"{other} is not the source of {tmp_path / 'dst'}: that was made from a local folder named "
+            f"'{tiny.name}'") in r.stderr
     assert "changed since" not in r.stderr
 
 

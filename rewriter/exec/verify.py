@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from planners.plan import (
+    LOCAL_SOURCE,
     PROVENANCE_NAME,
     OutputShard,
     Plan,
@@ -129,11 +130,14 @@ def _refuse_other_source(plan: Plan, src: Checkpoint, dst: Storage) -> None:
     if not differ:
         return  # the same shards, copied or mounted elsewhere
     what = "has no shard" if differ[0] not in now else "has a different shard"
+    made_from, hint = plan.source_url, ", or give only DST to verify against the recorded one"
+    if not plan.source_recorded:
+        made_from, hint = f"a local folder named '{plan.source_url.removeprefix(LOCAL_SOURCE)}'", ""
     raise PlanError(
-        f"{src.url} is not the source of {dst.url}: that was made from {plan.source_url} (recorded in "
+        f"{src.url} is not the source of {dst.url}: that was made from {made_from} (recorded in "
         f"{dst.describe(PROVENANCE_NAME)}), and {src.url} {what} '{differ[0]}' of it"
         f"{f' ({len(differ)} shards differ)' if len(differ) > 1 else ''}; pass the source the output "
-        f"was made from, or give only DST to verify against the recorded one"
+        f"was made from{hint}"
     )
 
 
