@@ -517,8 +517,8 @@ def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bo
     if not p.loadable:
         counts = sorted({len(k) for k in p.keep.values()})
         click.echo(f"note: {dst} keeps {counts} experts in different layers; stock transformers cannot load "
-                   f"it (its {p.family} model needs one count in every layer): use a loader that takes per-layer "
-                   f"expert counts, or plan with --keep-n/--keep-frac")
+                   f"it (its {p.family} model needs one count in every layer): use a loader that reads the per-layer "
+                   f"counts its config.json holds in num_experts_per_layer, or plan with --keep-n/--keep-frac")
 
 
 @main.command()

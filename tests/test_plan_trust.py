@@ -232,3 +232,18 @@ def test_nonuniform_output_is_readable_by_inspect_check_and_verify(tmp_path: Pat
     assert f"{min(counts.values())}-{max(counts.values())} experts per layer" in out, out
     assert f"{min(counts.values())} experts in the smallest layer" in out, out
     assert cli("verify", src, dst).strip().endswith("OK")
+
+
+@pytest.mark.torch
+def test_eval_of_a_nonuniform_output_says_why_it_cannot_load(tmp_path: Path, src):
+    pytest.importorskip("transformers")
+    sal = tmp_path / "sal.json"
+    cli("synth-saliency", src, "--out", sal)
+    plan = tmp_path / "plan.json"
+    cli("plan", src, "--saliency", sal, "--budget", "9", "--allow-nonuniform", "--out", plan)
+    dst = tmp_path / "dst"
+    cli("run", plan, "--out", dst, "--allow-nonuniform")
+    pack = tmp_path / "pack.jsonl"
+    pack.write_text("".join(json.dumps({"input_ids": list(range(i, i + 70))}) + "\n" for i in range(4)))
+    out = cli("eval", dst, "--data", pack, "--seq-len", "32", "--blocks", "2", "--device", "cpu", expect=2)
+    assert out.startswith(f"error: {dst / 'config.json'}: its layers keep different expert counts"), out
