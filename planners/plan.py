@@ -808,7 +808,6 @@ def build_plan(
     uniform = len({len(v) for v in decision.keep.values()}) == 1
     config, patch = derived_config(ckpt.config, layout, decision.keep, decision.top_k, soft, renormalize)
     copy_files, skipped = _other_files(ckpt.files)
-    copy_digests = {name: file_digest(ckpt.storage, name) for name in copy_files}
     # No creation time: a plan is a function of its inputs, so the same command makes the same
     # plan (and resumes an interrupted run of it) and its output is reproducible byte for byte.
     prov = {
@@ -829,7 +828,7 @@ def build_plan(
         top_k=decision.top_k,
         copy_files=tuple(copy_files),
         skipped_files=tuple(skipped),
-        copy_digests=copy_digests,
+        copy_digests={name: file_digest(ckpt.storage, name) for name in copy_files},
         reasons=decision.reasons,
         provenance=prov,
         loadable=uniform or soft,

@@ -101,6 +101,16 @@ def test_published_files_hold_no_path_of_this_machine(tmp_path: Path, plan_doc, 
     assert cli("verify", src, dst).strip().endswith("OK")
 
 
+def test_the_plan_pruning_json_publishes_does_not_run(tmp_path: Path, plan_doc):
+    good = _write(tmp_path, plan_doc, "good.json")
+    dst = tmp_path / "dst"
+    cli("run", good, "--out", dst)
+    published = _write(tmp_path, json.loads((dst / "pruning.json").read_text())["plan"], "published.json")
+    out = cli("run", published, "--out", tmp_path / "again", expect=2)
+    assert out.startswith(f"error: {published} records its source as 'local:src'"), out
+    assert "rewriter plan SRC" in out and not (tmp_path / "again").exists()
+
+
 def test_card_verify_names_the_folder_it_verified_against(tmp_path: Path, plan_doc, src):
     good = _write(tmp_path, plan_doc, "good.json")
     dst = tmp_path / "dst"

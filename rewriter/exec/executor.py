@@ -159,6 +159,9 @@ def finalize(plan: Plan, src: Storage, dst: Destination, results: Iterable[Shard
     dst.remove_state()
 
 
+#: What to do with the plan a finished output publishes (its local source named by content only).
+RUN_THE_PLAN = "run the plan made with `rewriter plan SRC ... --out PLAN`, not the one pruning.json publishes"
+
 #: Writes the pending shards and reports each result (the Ray executor passes one).
 ShardRunner = Callable[[list[OutputShard], Callable[[ShardResult], None]], None]
 
@@ -218,14 +221,12 @@ def execute(
         ExecutionError: destination problems, a short source, a full disk.
     """
     t0 = time.perf_counter()
-    require_source(plan, "run the plan the source was planned into (`rewriter plan SRC ... --out PLAN`), not the "
-                         "one a finished output publishes")
     if not plan.loadable and not allow_nonuniform:
         raise PlanError("this plan keeps different expert counts per layer, which stock transformers cannot "
                         "load; pass --allow-nonuniform to write it anyway")
     opts = RunOptions(buffer_bytes, progress, force, zero_copy, drop_cache, runner, on_start, observer,
                       io or IOOptions(), src_options)
-    src = Storage(plan.source_url, src_options)
+    src = Storage(require_source(plan, RUN_THE_PLAN), src_options)
     dst = open_destination(dst_url, dst_options)
     try:
         ckpt = Checkpoint.open(plan.source_url, storage=src)

@@ -20,7 +20,7 @@ from typing import Any
 
 import ray
 
-from planners.plan import OutputShard, Plan, require_source
+from planners.plan import OutputShard, Plan
 from rewriter.core.errors import ExecutionError
 from rewriter.core.storage import Storage
 from rewriter.exec.copy import DEFAULT_BUFFER_BYTES, IOOptions
@@ -114,7 +114,6 @@ def execute_on_ray(
     cluster that does not answer within ``connect_timeout_s`` seconds, and actors that cannot be
     placed within ``pending_timeout_s`` seconds, are an :class:`ExecutionError`.
     """
-    require_source(plan, "run the plan the source was planned into, not the one a finished output publishes")
     connect(address, connect_timeout_s)
     upload_part_bytes = _upload_part_bytes(part_bytes)
     src_options, dst_options = dict(src_options or {}), dict(dst_options or {})
