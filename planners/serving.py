@@ -82,6 +82,15 @@ class ServingFacts:
         return max(self.counts) if self.counts else 0
 
     @property
+    def fewest(self) -> int:
+        """The smallest per-layer expert count: the one the routing top-k must fit."""
+        return min(self.counts) if self.counts else 0
+
+    def count_text(self) -> str:
+        """``32``, or ``15-19`` where layers differ."""
+        return str(self.count) if len(self.counts) <= 1 else f"{self.fewest}-{self.count}"
+
+    @property
     def top_k(self) -> int | None:
         ints = [v for v in self.topk_fields.values() if _is_int(v) and v > 0]
         return ints[0] if ints else None
@@ -217,10 +226,12 @@ def _topk_le_count(f: ServingFacts, target: str, ep: int | None) -> tuple[str, s
     if k is None:
         return "skip", "no top-k in config.json (see config-topk)"
     strict = target == "trtllm"
-    if (f.count <= k) if strict else (f.count < k):
+    n = f.fewest
+    which = "" if len(f.counts) <= 1 else " in the smallest layer"
+    if (n <= k) if strict else (n < k):
         need = "more than" if strict else "at least"
-        return "fail", f"{f.count} experts per layer with top-k {k}: keep {need} {k}, or lower the top-k"
-    return "pass", f"{f.count} experts {'>' if strict else '>='} top-k {k}"
+        return "fail", f"{n} experts per layer{which} with top-k {k}: keep {need} {k}, or lower the top-k"
+    return "pass", f"{n} experts{which} {'>' if strict else '>='} top-k {k}"
 
 
 def _group_fields_problem(f: ServingFacts) -> str | None:

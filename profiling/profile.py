@@ -35,7 +35,8 @@ from profiling.spill import Spill
 from profiling.streamed import HEAD_CHUNK, StreamedModel, check_device, fits
 from profiling.weights import checkpoint_dtype
 from rewriter.core.checkpoint import Checkpoint
-from rewriter.core.errors import RewriterError
+from rewriter.core.errors import CheckpointError, RewriterError
+from rewriter.core.layouts import PER_LAYER_FIELD
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,10 @@ def load_model(path: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat
 
     hf_logging.disable_progress_bar()
     cfg = json.loads((Path(path) / "config.json").read_text())
+    if PER_LAYER_FIELD in cfg:
+        raise CheckpointError(f"{Path(path) / 'config.json'}: its layers keep different expert counts "
+                              f"({PER_LAYER_FIELD}), and transformers builds every layer with one count, so it "
+                              f"cannot load this checkpoint; evaluate a uniform prune (plan without --budget)")
     kw: dict[str, Any] = {"dtype": dtype}
     if (cfg.get("quantization_config") or {}).get("quant_method") == "mxfp4":
         from transformers import Mxfp4Config

@@ -542,8 +542,8 @@ def _execute(p: Any, dst: str, *, buffer_mib: int, force: bool, no_zero_copy: bo
     if not p.loadable:
         counts = sorted({len(k) for k in p.keep.values()})
         click.echo(f"note: {dst} keeps {counts} experts in different layers; stock transformers cannot load "
-                   f"it (its {p.family} model needs one count in every layer): use a loader that takes per-layer "
-                   f"expert counts, or plan with --keep-n/--keep-frac")
+                   f"it (its {p.family} model needs one count in every layer): use a loader that reads the per-layer "
+                   f"counts its config.json holds in num_experts_per_layer, or plan with --keep-n/--keep-frac")
 
 
 @main.command()
@@ -632,7 +632,8 @@ def verify(paths: tuple[str, ...], buffer_mib: int, src_options: dict[str, Any] 
     """Prove DST: every byte of every output tensor equals its planned slice of SRC, and every
     shard hashes to the sha256 (of the shard, or of each part) DST/pruning.json records.
 
-    SRC defaults to the source recorded in DST/pruning.json. Exits 1 when it finds a mismatch or
+    SRC defaults to the source recorded in DST/pruning.json: a remote source's URL; a local source
+    is recorded by content only (no path of this machine is published), so give SRC. Exits 1 when it finds a mismatch or
     a problem, 2 when it cannot verify (DST is not an output of this tool, SRC cannot be read).
     """
     if len(paths) > 2:
@@ -949,7 +950,7 @@ def check(ckpt: str, targets: tuple[str, ...], ep: int | None, as_json: bool, st
                                "top_k": facts.top_k, "ep": ep, "ok": not failures(verdicts),
                                "verdicts": [v.to_json() for v in verdicts]}, indent=1))
     else:
-        click.echo(f"{c.url}: {facts.family}, {facts.count} experts per layer, top-k {facts.top_k}"
+        click.echo(f"{c.url}: {facts.family}, {facts.count_text()} experts per layer, top-k {facts.top_k}"
                    + (f", --ep {ep}" if ep else ""))
         click.echo(format_verdicts(verdicts))
     sys.exit(EXIT_FOUND if failures(verdicts) else EXIT_OK)
@@ -959,12 +960,14 @@ def check(ckpt: str, targets: tuple[str, ...], ep: int | None, as_json: bool, st
 @click.argument("dst")
 @click.option("--base-model", default=None, help="Hub repo id ORG/NAME of the source (default: from an hf:// source, a Hugging Face cache folder or the config).")
 @click.option("--eval", "eval_json", default=None, help="A `rewriter eval --json` result to include.")
-@click.option("--verify", "run_verify", is_flag=True, help="Run `rewriter verify` against the recorded source and include it.")
+@click.option("--verify", "run_verify", is_flag=True, help="Run `rewriter verify` and include it: against --src, else "
+              "the recorded source (a local source is recorded by content only: give --src).")
+@click.option("--src", "src", default=None, help="The source to verify against (with --verify).")
 @click.option("--src-options", type=JSON_OBJECT, default=None, help="fsspec options for the source as JSON (with --verify).")
 @click.option("--dst-options", type=JSON_OBJECT, default=None, help="fsspec options for DST as JSON.")
 @_fail_cleanly
-def card(dst: str, base_model: str | None, eval_json: str | None, run_verify: bool, src_options: dict[str, Any] | None,
-         dst_options: dict[str, Any] | None) -> None:
+def card(dst: str, base_model: str | None, eval_json: str | None, run_verify: bool, src: str | None,
+         src_options: dict[str, Any] | None, dst_options: dict[str, Any] | None) -> None:
     """Write DST/README.md again from DST/pruning.json, adding eval results and verify status.
 
     Each run renders the whole card, so give every extra you want in it.
@@ -981,7 +984,7 @@ def card(dst: str, base_model: str | None, eval_json: str | None, run_verify: bo
     if run_verify:
         from rewriter.exec.verify import verify as do_verify
 
-        report = do_verify(None, dst, src_options=(src_options or {}), dst_options=(dst_options or {})).to_json()
+        report = do_verify(src, dst, src_options=(src_options or {}), dst_options=(dst_options or {})).to_json()
     result = load_eval(eval_json) if eval_json else None
     update_card(destination, base_model=base_model, verify=report, eval_result=result)
     click.echo(f"wrote {destination.describe('README.md')}" + (f" (verify: {'OK' if report['ok'] else 'FAILED'})" if report else ""))

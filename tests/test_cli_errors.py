@@ -119,7 +119,7 @@ def test_bad_values_end_in_one_line_and_do_not_block_a_rerun(tmp_path, fresh_tin
     assert_error(invoke(*base, *extra), contains=says)
     assert source_digest(fresh_tiny) == before
     cli(*base)
-    assert cli("verify", dst).strip().endswith("OK")
+    assert cli("verify", fresh_tiny, dst).strip().endswith("OK")
 
 
 @pytest.mark.parametrize("layers", ["0", "-2"])
@@ -265,12 +265,12 @@ def test_duplicate_keep_list_ids_are_named(tmp_path, fresh_tiny):
 def test_verify_statuses_tell_mismatch_from_cannot_verify(tmp_path, fresh_tiny, sal):
     dst = tmp_path / "dst"
     cli("prune", fresh_tiny, dst, "--saliency", sal, "--keep-frac", "0.5")
-    assert invoke("verify", dst).exit_code == 0
+    assert invoke("verify", fresh_tiny, dst).exit_code == 0
     shard = sorted(dst.glob("*.safetensors"))[0]
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
-    r = invoke("verify", dst)
+    r = invoke("verify", fresh_tiny, dst)
     assert r.exit_code == 1 and "mismatch:" in r.output and "FAILED" in r.output
     assert_error(invoke("verify", tmp_path / "nothing-here"), 2)
     assert_error(invoke("verify", fresh_tiny), 2, contains="not written by this tool")

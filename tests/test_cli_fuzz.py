@@ -61,6 +61,7 @@ class World:
         cli("plan", self.src, "--saliency", self.sal, "--keep-frac", "0.5", "--out", self.plan)
         self.layer_plan = root / "layer-plan.json"
         cli("plan", self.src, "--saliency", self.sal, "--keep-frac", "0.5", "--layers", "1", "--out", self.layer_plan)
+        self.hostile = self._hostile_plans(json.loads(self.plan.read_text()))
         self.done = root / "done"
         cli("run", self.plan, "--out", self.done)
         self.foreign_dir = root / "someone-elses"
@@ -74,6 +75,30 @@ class World:
         self.linked.mkdir()
         os.link(sorted(self.src.glob("*.safetensors"))[0], self.linked / "model-00000-of-00002.safetensors")
         self.counter = 0
+
+    def _hostile_plans(self, doc: dict) -> list[Path]:
+        """Edited copies of a good plan that must each be refused: a config the source does not
+        imply, a copied file's digest, names a terminal misreads."""
+        edits = {
+            "auto-map": lambda d: d["config"].update(auto_map={"AutoModelForCausalLM": "evil.Model"}),
+            "rope": lambda d: d["config"].update(rope_theta=1),
+            "count": lambda d: (d["config"].update(num_local_experts=3), d["config_patch"].update(num_local_experts=3)),
+            "top-k": lambda d: d["config"].update(num_experts_per_tok=10**9),
+            "digest": lambda d: d["copy_file_digests"]["tokenizer.json"].update(sha256="0" * 64),
+            "hidden": lambda d: d["outputs"][0].update(name=".safetensors"),
+            "esc": lambda d: d["outputs"][0].update(name="a\x1b[2J.safetensors"),
+            "rtl": lambda d: d["outputs"][0].update(name="model-\u202egpj.safetensors"),
+            "newline": lambda d: (d["copy_files"].append("a\nb.json"),
+                                  d["copy_file_digests"].update({"a\nb.json": {"size": 0, "sha256": "0" * 64}})),
+        }
+        out = []
+        for name, edit in edits.items():
+            edited = json.loads(json.dumps(doc))
+            edit(edited)
+            p = self.root / f"hostile-{name}.json"
+            p.write_text(json.dumps(edited))
+            out.append(p)
+        return out
 
     def fresh(self, stem: str = "out") -> Path:
         self.counter += 1
@@ -170,7 +195,7 @@ def gen_prune(rng: random.Random, w: World) -> list[str]:
 
 def gen_run(rng: random.Random, w: World) -> list[str]:
     plan = _pick(rng, w.plan, w.plan, w.plan, w.layer_plan, w.text, w.src / "config.json", w.root / "missing.json",
-                 w.sal, w.root)
+                 w.sal, w.root, *w.hostile)
     args = ["run", plan, *_run_args(rng, w)]
     if rng.random() < 0.9:
         args += ["--out", _dst(rng, w)]
@@ -250,15 +275,19 @@ def test_cli_fuzz_in_process(world):
         if args[0] == "prune" and r.exit_code == 2 and str(world.root / "fresh") in args[2]:
             failed_fresh.append(Path(args[2]))
     assert source_digest(world.src) == before
+    for hostile in world.hostile:  # each refused: one error line, nothing written
+        out = cli("run", hostile, "--out", world.root / "hostile-out", expect=2)
+        assert out.startswith(f"error: {hostile}"), out
+    assert not (world.root / "hostile-out" / "config.json").exists()
     # A completed destination stays a complete, verifiable output whatever was thrown at it
     # (--force may have replaced it with the output of another plan).
-    assert cli("verify", world.done).strip().endswith("OK")
+    assert cli("verify", world.src, world.done).strip().endswith("OK")
     # Both outcomes happened often: the fuzzer reached real work, not only option parsing.
     assert statuses.get(0, 0) > CASES // 10 and statuses.get(2, 0) > CASES // 10, statuses
     # Whatever a failed prune left behind does not block the same destination.
     for dst in failed_fresh[:10]:
         cli("prune", world.src, dst, "--saliency", world.sal, "--keep-frac", "0.5")
-        assert cli("verify", dst).strip().endswith("OK")
+        assert cli("verify", world.src, dst).strip().endswith("OK")
 
 
 @pytest.mark.slow

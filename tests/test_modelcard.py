@@ -109,7 +109,7 @@ def test_card_command_adds_verify_and_a_real_eval(pruned, tmp_path):
               "--device", "cpu", "--json", expect=None)
     (tmp_path / "e.json").write_text(out[out.index("{"):out.rindex("}") + 1])
     result = json.loads((tmp_path / "e.json").read_text())
-    out = cli("card", pruned, "--verify", "--eval", tmp_path / "e.json", "--base-model", "acme/gpt-oss-tiny-pruned-src")
+    out = cli("card", pruned, "--verify", "--src", tmp_path / "src", "--eval", tmp_path / "e.json", "--base-model", "acme/gpt-oss-tiny-pruned-src")
     assert "(verify: OK)" in out
     meta, body = front_matter((pruned / "README.md").read_text())
     assert meta["base_model"] == "acme/gpt-oss-tiny-pruned-src"

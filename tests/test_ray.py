@@ -345,8 +345,8 @@ def test_verify_on_ray_reports_what_local_verify_does(ray_cluster, s3, medium_pl
     src, plan, _ = medium_plan
     dst = tmp_path / "dst"
     execute_on_ray(plan, str(dst), workers=2, part_bytes=5 << 20)
-    good = verify(None, str(dst))
-    assert good.ok and verify_on_ray(None, str(dst), workers=2).to_json() == good.to_json()
+    good = verify(str(src), str(dst))
+    assert good.ok and verify_on_ray(str(src), str(dst), workers=2).to_json() == good.to_json()
     doc = json.loads((dst / "pruning.json").read_text())
     big = next(o for o in plan.outputs if o.size > 5 << 20)
     doc["shards"][big.name]["parts"][1]["sha256"] = "0" * 64
@@ -357,10 +357,10 @@ def test_verify_on_ray_reports_what_local_verify_does(ray_cluster, s3, medium_pl
         last = f.read(1)
         f.seek(small.size - 1)
         f.write(b"\xff" if last != b"\xff" else b"\x00")
-    bad = verify(None, str(dst))
+    bad = verify(str(src), str(dst))
     assert not bad.ok and any(big.name in p and "part 1 " in p for p in bad.problems) and bad.mismatches
     assert verify_on_ray(str(src), str(dst), workers=2).to_json() == verify(str(src), str(dst)).to_json()
-    out = cli("verify", dst, "--ray", "--workers", "2", expect=1)
+    out = cli("verify", src, dst, "--ray", "--workers", "2", expect=1)
     assert f"{big.name}: part 1 (bytes" in out and "FAILED" in out
 
 

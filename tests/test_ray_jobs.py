@@ -73,7 +73,7 @@ def test_submit_status_logs_verify(jobs, plan_file, tmp_path):
     assert doc["job"]["status"] == "SUCCEEDED", doc
     assert doc["run"]["state"] == "complete" and doc["run"]["bytes_done"] == doc["run"]["bytes_total"] > 0
     assert doc["job"]["metadata"]["rewriter_dst"] == str(dst)
-    assert "mismatches: 0, problems: 0 -> OK" in cli("verify", dst)
+    assert "mismatches: 0, problems: 0 -> OK" in cli("verify", plan_file.parent / "src", dst)
     assert "complete" in cli("status", dst)  # the destination alone, no cluster
     logs = cli("logs", job, "--address", jobs)
     assert f"wrote {dst}:" in logs
@@ -126,7 +126,7 @@ def test_killed_driver_shows_failed_and_the_same_submit_completes(jobs, plan_fil
     assert "the job ended while the run was writing" in out and "FAILED" in out
     again = cli(*args).splitlines()[0]
     assert _wait_ended(jobs, again)["job"]["status"] == "SUCCEEDED"
-    assert "mismatches: 0, problems: 0 -> OK" in cli("verify", dst)
+    assert "mismatches: 0, problems: 0 -> OK" in cli("verify", plan_file.parent / "src", dst)
 
 
 def _wait_running(address: str, job: str) -> dict:

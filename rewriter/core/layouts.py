@@ -124,7 +124,27 @@ class Layout:
         return t.name[:a] + str(new_expert) + t.name[b:]
 
     def num_experts(self, config: Mapping[str, Any], where: str = "config.json") -> int:
+        """The expert count of every layer; the largest one where layers differ."""
         return _int_field(config, self.count_fields, where)
+
+    def layer_counts(self, config: Mapping[str, Any], where: str = "config.json") -> dict[int, int]:
+        """Per-layer expert counts of a checkpoint whose layers keep different numbers of
+        experts (:data:`PER_LAYER_FIELD`); empty when every layer has :meth:`num_experts`."""
+        v = config.get(PER_LAYER_FIELD)
+        if v is None:
+            return {}
+        ok = isinstance(v, dict) and v and all(
+            isinstance(k, str) and k.isascii() and k.isdigit() and isinstance(n, int)
+            and not isinstance(n, bool) and n > 0 for k, n in v.items())
+        if not ok:
+            raise CheckpointError(f"{where}: {PER_LAYER_FIELD} is {str(v)[:60]}; expected an object of "
+                                  f"layer number -> expert count (a positive integer)")
+        return {int(k): n for k, n in v.items()}
+
+    def min_experts(self, config: Mapping[str, Any], where: str = "config.json") -> int:
+        """The smallest expert count of any layer: what the routing top-k must not exceed."""
+        counts = self.layer_counts(config, where)
+        return min(counts.values()) if counts else self.num_experts(config, where)
 
     def top_k(self, config: Mapping[str, Any], where: str = "config.json") -> int:
         return _int_field(config, self.topk_fields, where)
@@ -151,12 +171,15 @@ class Layout:
             CheckpointError: a sliced tensor whose dim 0 is not the expert count, or a
                 per-expert tensor whose expert id is out of range.
         """
-        n = self.num_experts(ckpt.config, ckpt.storage.describe("config.json"))
+        where = ckpt.storage.describe("config.json")
+        default = self.num_experts(ckpt.config, where)
+        counts = self.layer_counts(ckpt.config, where)
         found: dict[int, list[ExpertTensor]] = {}
         for info in ckpt.tensors.values():
             t = self.classify(info.name)
             if t is None:
                 continue
+            n = counts.get(t.layer, default)
             if t.role != "expert" and (not info.shape or info.shape[0] != n):
                 raise CheckpointError(
                     f"{ckpt.url}: tensor {info.name!r} has shape {list(info.shape)}; expected "
@@ -168,7 +191,7 @@ class Layout:
                     f"has {n} experts per layer"
                 )
             found.setdefault(t.layer, []).append(t)
-        return {i: MoELayer(i, n, tuple(ts)) for i, ts in sorted(found.items())}
+        return {i: MoELayer(i, counts.get(i, default), tuple(ts)) for i, ts in sorted(found.items())}
 
 
 def _int_field(config: Mapping[str, Any], fields: Sequence[str], where: str) -> int:
@@ -177,6 +200,13 @@ def _int_field(config: Mapping[str, Any], fields: Sequence[str], where: str) -> 
         if isinstance(v, int) and not isinstance(v, bool):
             return v
     raise CheckpointError(f"{where}: expected an integer field {' or '.join(fields)}")
+
+
+#: The config field of a checkpoint whose MoE layers keep different numbers of experts:
+#: ``{"<layer>": count}``, with the family's count fields set to the largest count. No engine
+#: standard exists (transformers and mlx-lm read one count for every layer), so this tool names
+#: its own; README "Non-uniform output" says who reads it.
+PER_LAYER_FIELD = "num_experts_per_layer"
 
 
 _L = r"(?:^|\.)layers\.(?P<layer>\d+)\."

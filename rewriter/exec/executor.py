@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from planners.plan import PROVENANCE_NAME, OutputShard, Plan
+from planners.plan import PROVENANCE_NAME, OutputShard, Plan, require_source
 from rewriter.core.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
 from rewriter.core.errors import CheckpointError, DestinationFullError, ExecutionError, PlanError
 from rewriter.core.storage import Storage
@@ -147,18 +147,21 @@ def finalize(plan: Plan, src: Storage, dst: Destination, results: Iterable[Shard
     provenance = {
         "format": "moe-rewriter-provenance",
         "plan_digest": plan.digest,
-        "source": plan.source_url,
+        "source": plan.published_json()["source"]["url"],
         "family": plan.family,
         "expert_mapping": plan.expert_mapping(),
         "top_k": plan.top_k,
         "skipped_files": list(plan.skipped_files),
         "shards": {o.name: by_name[o.name].record() for o in plan.outputs},
-        "plan": plan.to_json(),
+        "plan": plan.published_json(),
     }
     dst.put_bytes(PROVENANCE_NAME, (json.dumps(provenance, indent=1, sort_keys=True) + "\n").encode())
     dst.put_bytes(INDEX_NAME, plan.index_json())
     dst.remove_state()
 
+
+#: What to do with the plan a finished output publishes (its local source named by content only).
+RUN_THE_PLAN = "run the plan made with `rewriter plan SRC ... --out PLAN`, not the one pruning.json publishes"
 
 #: Writes the pending shards and reports each result (the Ray executor passes one).
 ShardRunner = Callable[[list[OutputShard], Callable[[ShardResult], None]], None]
@@ -224,7 +227,7 @@ def execute(
                         "load; pass --allow-nonuniform to write it anyway")
     opts = RunOptions(buffer_bytes, progress, force, zero_copy, drop_cache, runner, on_start, observer,
                       io or IOOptions(), src_options)
-    src = Storage(plan.source_url, src_options)
+    src = Storage(require_source(plan, RUN_THE_PLAN), src_options)
     dst = open_destination(dst_url, dst_options)
     try:
         ckpt = Checkpoint.open(plan.source_url, storage=src)

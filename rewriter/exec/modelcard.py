@@ -15,7 +15,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from planners.plan import PROVENANCE_NAME, Plan
+from planners.plan import CARD_NAME, PROVENANCE_NAME, Plan, source_card
 from rewriter.core import jsonfile
 from rewriter.core.checkpoint import INDEX_NAME
 from rewriter.core.errors import CardError
@@ -31,22 +31,6 @@ from rewriter.exec.hubmeta import (
 )
 from rewriter.exec.lock import DestinationLock
 from rewriter.exec.verify import load_provenance_plan
-
-CARD_NAME = "README.md"
-
-
-def base_card_name(taken: Iterable[str]) -> str:
-    """Where the source's model card goes: ``README.base.md``, or the first free numbered name."""
-    names = set(taken)
-    n = 1
-    while (name := "README.base.md" if n == 1 else f"README.base.{n}.md") in names:
-        n += 1
-    return name
-
-
-def source_card(plan: Plan) -> str | None:
-    """The name the source's model card gets in the output, when the source has one."""
-    return base_card_name(plan.copy_files) if CARD_NAME in plan.copy_files else None
 
 
 def _yaml_scalar(v: str) -> str:

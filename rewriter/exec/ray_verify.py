@@ -13,7 +13,7 @@ from typing import Any
 
 import ray
 
-from planners.plan import OutputShard
+from planners.plan import OutputShard, require_source
 from rewriter.core.storage import Storage
 from rewriter.exec.copy import DEFAULT_BUFFER_BYTES
 from rewriter.exec.ray_actors import LOCAL_BASE_BYTES, REMOTE_BASE_BYTES
@@ -51,8 +51,10 @@ def verify_on_ray(
     src_options, dst_options = dict(src_options or {}), dict(dst_options or {})
     with Storage(dst_url, dst_options) as dst_store:
         plan = load_provenance_plan(dst_store)
-        with Storage(src_url or plan.source_url, src_options) as src_store:
-            if src_url is None:
+        from_record = src_url is None
+        src_url = src_url or require_source(plan, "pass the source it was made from (`rewriter verify SRC DST`, or `rewriter card DST --verify --src SRC`)")
+        with Storage(src_url, src_options) as src_store:
+            if from_record:
                 refuse_missing_recorded_source(plan, src_store, dst_store)
             src_url = src_store.url
             report = VerifyReport(dst_store.url, src_store.url)

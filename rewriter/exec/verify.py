@@ -15,7 +15,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from planners.plan import PROVENANCE_NAME, OutputShard, Plan, Segment, source_location
+from planners.plan import (
+    LOCAL_SOURCE,
+    PROVENANCE_NAME,
+    OutputShard,
+    Plan,
+    Segment,
+    copied_file_problems,
+    copied_names,
+    published_source,
+    require_source,
+    source_location,
+)
 from rewriter.core import jsonfile
 from rewriter.core.checkpoint import CONFIG_NAME, Checkpoint
 from rewriter.core.errors import CheckpointError, PlanError, RewriterError
@@ -106,8 +117,10 @@ def verify(
     """
     with Storage(dst_url, dst_options) as dst_store:
         plan = load_provenance_plan(dst_store)
-        with Storage(src_url or plan.source_url, src_options) as src_store:
-            if src_url is None:
+        from_record = src_url is None
+        src_url = src_url or require_source(plan, "pass the source it was made from (`rewriter verify SRC DST`, or `rewriter card DST --verify --src SRC`)")
+        with Storage(src_url, src_options) as src_store:
+            if from_record:
                 refuse_missing_recorded_source(plan, src_store, dst_store)
             return _verify(plan, src_store, dst_store, buffer_bytes, progress)
 
@@ -134,18 +147,22 @@ def refuse_missing_recorded_source(plan: Plan, src: Storage, dst: Storage) -> No
 def _refuse_other_source(plan: Plan, src: Checkpoint, dst: Storage) -> None:
     """Stop before reading any tensor when SRC is another checkpoint than the one DST was made
     from: its bytes say nothing about DST (a changed source at the same place is a problem found)."""
-    if source_location(src.storage) == plan.source_url:
-        return
+    here = source_location(src.storage)
+    if here == plan.source_url or (not plan.source_recorded and published_source(here) == plan.source_url):
+        return  # the recorded place (for a local source: a folder of the recorded name)
     now = src.fingerprint()
     differ = [name for name, fp in plan.source_shards.items() if dict(now.get(name) or {}) != dict(fp)]
     if not differ:
         return  # the same shards, copied or mounted elsewhere
     what = "has no shard" if differ[0] not in now else "has a different shard"
+    made_from, hint = plan.source_url, ", or give only DST to verify against the recorded one"
+    if not plan.source_recorded:
+        made_from, hint = f"a local folder named '{plan.source_url.removeprefix(LOCAL_SOURCE)}'", ""
     raise PlanError(
-        f"{src.url} is not the source of {dst.url}: that was made from {plan.source_url} (recorded in "
+        f"{src.url} is not the source of {dst.url}: that was made from {made_from} (recorded in "
         f"{dst.describe(PROVENANCE_NAME)}), and {src.url} {what} '{differ[0]}' of it"
         f"{f' ({len(differ)} shards differ)' if len(differ) > 1 else ''}; pass the source the output "
-        f"was made from, or give only DST to verify against the recorded one"
+        f"was made from{hint}"
     )
 
 
@@ -183,11 +200,11 @@ def open_both(plan: Plan, src_store: Storage, dst_store: Storage, report: Verify
         return None, src
     if dst.config != dict(plan.config):
         report.problems.append(f"{dst_store.describe(CONFIG_NAME)} differs from the planned config")
-    if plan.loadable:
-        try:
-            dst.layout.moe_layers(dst)
-        except CheckpointError as e:
-            report.problems.append(str(e))
+    report.problems += copied_file_problems(plan, dst_store, copied_names(plan))
+    try:
+        dst.layout.moe_layers(dst)  # each layer's count, from num_experts_per_layer where they differ
+    except CheckpointError as e:
+        report.problems.append(str(e))
     planned = {o.name for o in plan.outputs}
     if planned != set(dst.shards):
         report.problems.append(f"shards {sorted(dst.shards)} differ from the planned {sorted(planned)}")
