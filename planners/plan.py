@@ -737,6 +737,9 @@ def copied_file_problems(plan: Plan, storage: Any, names: Mapping[str, str]) -> 
         if not storage.exists(name):
             problems.append(f"{storage.describe(name)} is missing")
             continue
+        if storage.is_local and not os.path.isfile(storage.local_path(name)):
+            problems.append(f"{storage.describe(name)} is not a regular file (a folder, a device or a pipe)")
+            continue
         got = file_digest(storage, name)
         if got != dict(want):
             problems.append(f"{storage.describe(name)} is {got['size']:,} bytes with sha256 {got['sha256'][:12]}, "

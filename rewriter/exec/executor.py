@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
 import threading
 import time
@@ -32,8 +31,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from planners.plan import PROVENANCE_NAME, OutputShard, Plan, require_source
-from rewriter.core.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
-from rewriter.core.errors import CheckpointError, DestinationFullError, ExecutionError, PlanError
+from rewriter.core.checkpoint import CONFIG_NAME, INDEX_NAME
+from rewriter.core.errors import DestinationFullError, ExecutionError, PlanError
 from rewriter.core.storage import Storage
 from rewriter.exec.copy import (
     DEFAULT_BUFFER_BYTES,
@@ -47,12 +46,12 @@ from rewriter.exec.destination import Destination, open_destination
 from rewriter.exec.jobs import default_jobs, locked, run_jobs
 from rewriter.exec.journal import (
     ShardResult,
-    check_destination,
     pending_shards,
     prepare_destination,
 )
 from rewriter.exec.lock import DestinationLock
 from rewriter.exec.modelcard import CARD_NAME, write_model_card
+from rewriter.exec.preflight import check_inputs
 from rewriter.exec.runstatus import RunObserver
 
 log = logging.getLogger(__name__)
@@ -230,10 +229,7 @@ def execute(
     src = Storage(require_source(plan, RUN_THE_PLAN), src_options)
     dst = open_destination(dst_url, dst_options)
     try:
-        ckpt = Checkpoint.open(plan.source_url, storage=src)
-        plan.check_source(ckpt)
-        check_small_files(plan, ckpt)
-        check_destination(src, dst, [*ckpt.shards, INDEX_NAME, *ckpt.files])
+        check_inputs(plan, src, dst)
         created = dst.is_new()
         lock = DestinationLock(dst.storage)
         with lock:
@@ -244,19 +240,6 @@ def execute(
                 raise
     finally:
         src.close()
-
-
-def check_small_files(plan: Plan, ckpt: Checkpoint) -> None:
-    """Refuse a plan whose files to copy are not all regular files of the source, before the
-    first byte is written (not after every shard)."""
-    src = ckpt.storage
-    for name in plan.copy_files:
-        if name not in ckpt.files:
-            raise CheckpointError(f"{src.describe(name)}: the plan copies this file (copy_files), but the source "
-                                  f"has no such file; restore it, or plan again from the source as it is")
-        if src.is_local and not os.path.isfile(src.local_path(name)):
-            raise CheckpointError(f"{src.describe(name)}: the plan copies this as a file (copy_files), but it is "
-                                  f"not a regular file (a folder, or a device or pipe); plan again")
 
 
 def run_here(todo: list[OutputShard], src: Storage, dst: Destination, opts: RunOptions,

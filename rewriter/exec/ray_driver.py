@@ -9,13 +9,12 @@ What it guarantees, in order:
   Ray cannot place (no free CPU or memory, a lost node) is reported with how long it has waited
   and, after ``pending_timeout_s``, given up (its work goes to the others), or the run stops
   when no actor could be placed at all.
-* **Retries by the driver.** A task whose actor died goes back in the queue (the actor is
-  restarted by Ray, or another takes it), up to ``max_task_retries`` times; the error names
-  the shard or part, how many times its worker died, and why. An actor Ray is restarting is
-  probed again until it answers, as long as an actor not yet placed is waited for
-  (``pending_timeout_s``); only one whose restart Ray has given up on is dropped at once.
-* **Progress without a single point of failure.** The driver polls each busy actor; a poll
-  that fails is ignored.
+* **Retries by the driver.** A task whose actor died goes back in the queue (Ray restarts the
+  actor, or another takes it), up to ``max_task_retries`` times; the error names the shard or
+  part, how many times its worker died, and why. An actor Ray is restarting is probed until it
+  answers, within ``pending_timeout_s``; only one Ray has given up on is dropped at once.
+* **Progress without a single point of failure.** The driver polls each busy actor (a failed
+  poll is ignored).
 * **Nothing lost on failure.** After an error no new task starts, the tasks in flight finish
   and are journaled, then the error is raised; the same command resumes.
 """
@@ -292,11 +291,9 @@ class Driver:
 def _restarting(e: BaseException) -> bool:
     """Whether the actor of a failed call may answer again: Ray is restarting it (or its node
     is not reachable yet), rather than having given it up or failed to construct it."""
-    if isinstance(e, ray.exceptions.ActorUnavailableError):
-        return True
-    if getattr(e, "actor_init_failed", False):
-        return False
-    return "restart" in str(e).lower() or "connection refused" in str(e).lower()
+    if isinstance(e, ray.exceptions.ActorUnavailableError) or getattr(e, "actor_init_failed", False):
+        return not getattr(e, "actor_init_failed", False)
+    return any(word in str(e).lower() for word in ("restart", "connection refused"))
 
 
 def _available() -> str:
