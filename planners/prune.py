@@ -59,7 +59,7 @@ class PlanOptions:
         soft: a soft prune (only router biases change).
         renormalize_topk: set ``norm_topk_prob`` in the output config, so the kept top-k
             routing weights sum to 1 (families whose router has that switch; see
-            :data:`RENORMALIZE_FIELD`).
+            :attr:`Layout.renormalize_field`).
     """
 
     saliency: tuple[str, ...] = ()
@@ -76,13 +76,6 @@ class PlanOptions:
     layers_only: tuple[int, ...] | None = None
     soft: bool = False
     renormalize_topk: bool = False
-
-
-#: Families whose router renormalizes the top-k weights only when a config switch says so, and
-#: that switch. gpt-oss and Mixtral take the softmax over the chosen k logits: their weights
-#: always sum to 1.
-RENORMALIZE_FIELD = {"qwen2_moe": "norm_topk_prob", "qwen3_moe": "norm_topk_prob", "olmoe": "norm_topk_prob",
-                     "deepseek_v3": "norm_topk_prob"}
 
 
 def plan_prune(source: str | Checkpoint, options: PlanOptions, *,
@@ -126,7 +119,7 @@ def _renormalize(layout: Layout, options: PlanOptions, notify: Callable[[str], N
     sum to 1 over the top-k, with a note saying so)."""
     if not options.renormalize_topk:
         return {}
-    field_name = RENORMALIZE_FIELD.get(layout.family)
+    field_name = layout.renormalize_field
     if field_name is None:
         if notify:
             notify(f"note: --renormalize-topk changes nothing for {layout.family}: its router takes the softmax "
