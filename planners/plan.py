@@ -30,7 +30,7 @@ from rewriter.core.checkpoint import (
 from rewriter.core.errors import PlanError
 from rewriter.core.format import PREFIX_BYTES, encode_header, parse_header
 from rewriter.core.jsonfile import parse_json, read_url
-from rewriter.core.layouts import Layout
+from rewriter.core.layouts import Layout, expert_axis
 
 PLAN_FORMAT = "moe-rewriter-plan"
 PLAN_VERSION = 1
@@ -466,7 +466,7 @@ def _whole(info: TensorInfo, name: str | None = None) -> PlannedTensor:
 
 def _rows(info: TensorInfo, ids: Sequence[int]) -> tuple[Segment, ...]:
     """The expert rows ``ids`` of a tensor with experts along dim 0, adjacent rows joined."""
-    row = info.nbytes // info.shape[0]
+    row = info.nbytes // info.shape[expert_axis(info.shape)]
     return tuple(merge_segments(Segment(info.shard, info.begin + e * row, row) for e in ids))
 
 
@@ -514,7 +514,8 @@ def plan_tensors(ckpt: Checkpoint, layout: Layout, keep: Mapping[int, Sequence[i
             if role.expert is not None and role.expert in ids:
                 out.append(_whole(info, layout.renamed(role, list(ids).index(role.expert))))
             continue
-        shape = (len(ids), *info.shape[1:])
+        axis = expert_axis(info.shape)
+        shape = (*info.shape[:axis], len(ids), *info.shape[axis + 1:])
         out.append(PlannedTensor(info.name, info.dtype, shape, info.name, _rows(info, ids), role.layer))
     if soft and set(keep) - biases_done:
         raise PlanError(

@@ -31,7 +31,7 @@ from planners.saliency import (
 )
 from planners.serving import apply_targets, facts_from, fit_policy
 from rewriter.core.checkpoint import Checkpoint
-from rewriter.core.errors import OptionError, SaliencyError
+from rewriter.core.errors import CheckpointError, OptionError, SaliencyError
 from rewriter.core.layouts import Layout
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,11 @@ def plan_prune(source: str | Checkpoint, options: PlanOptions, *,
     ckpt = source if isinstance(source, Checkpoint) else Checkpoint.open(source, dict(options.storage_options))
     layout = ckpt.layout
     moe = sorted(layout.moe_layers(ckpt))
+    if not moe:
+        raise CheckpointError(
+            f"{ckpt.url}: no MoE layer found: no tensor matches the {layout.family} expert layout "
+            f"(model_type {ckpt.model_type!r}; its config may make every layer dense), so there is nothing to prune"
+        )
     _check_layers(options.layers_only, moe, ckpt.url)
     policy, fit_note = _fitted_policy(ckpt, layout, options)
     if fit_note and notify:

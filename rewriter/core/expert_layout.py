@@ -176,7 +176,7 @@ class Layout:
             t = self.classify(info.name)
             if t is None:
                 continue
-            if t.role != "expert" and (not info.shape or info.shape[0] != n):
+            if t.role != "expert" and (not info.shape or info.shape[expert_axis(info.shape)] != n):
                 raise CheckpointError(
                     f"{ckpt.url}: tensor {info.name!r} has shape {list(info.shape)}; expected "
                     f"dim 0 = {n} experts (config {self.count_fields[0]})"
@@ -227,6 +227,15 @@ class Layout:
                     f"{self.family} layout does not say how it depends on the experts; refusing "
                     f"rather than copying it unsliced (model_type {ckpt.config.get('model_type')!r})"
                 )
+
+
+def expert_axis(shape: Sequence[int]) -> int:
+    """The expert dimension of a sliced tensor: dim 0, or the first after leading 1s (a router
+    bias stored ``[1, E]``). Either way one expert is one contiguous byte range."""
+    for i, d in enumerate(shape[:-1]):
+        if d != 1:
+            return i
+    return max(len(shape) - 1, 0)
 
 
 def _int_field(config: Mapping[str, Any], fields: Sequence[str], where: str) -> int:

@@ -7,11 +7,27 @@ from collections.abc import Mapping
 from typing import Any
 
 from rewriter.core.errors import CheckpointError
-from rewriter.core.expert_layout import CheckpointView, ExpertTensor, Layout, MoELayer, Role
-from rewriter.core.families import DEEPSEEK_V3, GPT_OSS, LAYOUTS, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE, REFUSED
+from rewriter.core.expert_layout import (
+    CheckpointView,
+    ExpertTensor,
+    Layout,
+    MoELayer,
+    Role,
+    expert_axis,
+)
+from rewriter.core.families import (
+    DEEPSEEK_V3,
+    GPT_OSS,
+    LAYOUTS,
+    MIXTRAL,
+    OLMOE,
+    QWEN2_MOE,
+    QWEN3_MOE,
+    REFUSED,
+)
 
 __all__ = ["DEEPSEEK_V3", "GPT_OSS", "LAYOUTS", "MIXTRAL", "OLMOE", "QWEN2_MOE", "QWEN3_MOE", "REFUSED",
-           "CheckpointView", "ExpertTensor", "Layout", "MoELayer", "Role", "detect_layout", "layout_for_config"]
+           "CheckpointView", "ExpertTensor", "Layout", "MoELayer", "Role", "detect_layout", "expert_axis", "layout_for_config"]
 
 #: Config fields that state an expert count in some family (what a refusal reports as found).
 _COUNT_HINTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "ffn_config")
