@@ -31,7 +31,7 @@ from rewriter.core.checkpoint import (
 from rewriter.core.errors import PlanError
 from rewriter.core.format import PREFIX_BYTES, encode_header, parse_header
 from rewriter.core.jsonfile import parse_json, read_url
-from rewriter.core.layouts import PER_LAYER_FIELD, Layout
+from rewriter.core.layouts import PER_LAYER_FIELD, Layout, expert_axis
 
 PLAN_FORMAT = "moe-rewriter-plan"
 #: 2: ``copy_file_digests`` (each copied file's size and sha256) and a derived config.
@@ -552,7 +552,7 @@ def _whole(info: TensorInfo, name: str | None = None) -> PlannedTensor:
 
 def _rows(info: TensorInfo, ids: Sequence[int]) -> tuple[Segment, ...]:
     """The expert rows ``ids`` of a tensor with experts along dim 0, adjacent rows joined."""
-    row = info.nbytes // info.shape[0]
+    row = info.nbytes // info.shape[expert_axis(info.shape)]
     return tuple(merge_segments(Segment(info.shard, info.begin + e * row, row) for e in ids))
 
 
@@ -600,7 +600,8 @@ def plan_tensors(ckpt: Checkpoint, layout: Layout, keep: Mapping[int, Sequence[i
             if role.expert is not None and role.expert in ids:
                 out.append(_whole(info, layout.renamed(role, list(ids).index(role.expert))))
             continue
-        shape = (len(ids), *info.shape[1:])
+        axis = expert_axis(info.shape)
+        shape = (*info.shape[:axis], len(ids), *info.shape[axis + 1:])
         out.append(PlannedTensor(info.name, info.dtype, shape, info.name, _rows(info, ids), role.layer))
     if soft and set(keep) - biases_done:
         raise PlanError(
@@ -675,9 +676,6 @@ def _output_shards(ckpt: Checkpoint, tensors: list[PlannedTensor], max_shard_byt
     )
 
 
-#: Config fields a plan may set beyond counts and top-k, per family: ``--renormalize-topk``.
-RENORMALIZE_FIELD = {"qwen2_moe": "norm_topk_prob", "qwen3_moe": "norm_topk_prob", "olmoe": "norm_topk_prob",
-                     "deepseek_v3": "norm_topk_prob"}
 #: A Hub repository id (``org/name``); any other ``_name_or_path`` names a folder of some machine.
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -697,8 +695,8 @@ def derived_config(source: Mapping[str, Any], layout: Layout, keep: Mapping[int,
         patch = {k: v for k, v in patch.items() if k in layout.topk_fields}
     elif len(set(counts.values())) > 1:
         patch[PER_LAYER_FIELD] = {str(layer): n for layer, n in counts.items()}
-    if renormalize and layout.family in RENORMALIZE_FIELD:
-        patch[RENORMALIZE_FIELD[layout.family]] = True
+    if renormalize and layout.renormalize_field:
+        patch[layout.renormalize_field] = True
     name = source.get("_name_or_path")
     if isinstance(name, str) and name and not _HUB_ID.match(name):
         patch["_name_or_path"] = ""
@@ -759,7 +757,7 @@ def check_config(plan: Plan, ckpt: Checkpoint, where: str) -> None:
     """Refuse a plan whose ``config`` or ``config_patch`` is not what its source and keep sets
     imply: a plan's config would otherwise be written as it is (an ``auto_map`` runs code for
     anyone loading with ``trust_remote_code``; a wrong count or top-k breaks the model)."""
-    field_name = RENORMALIZE_FIELD.get(plan.family)
+    field_name = ckpt.layout.renormalize_field
     renormalize = field_name is not None and plan.config_patch.get(field_name) is True
     config, patch = derived_config(ckpt.config, ckpt.layout, plan.keep, plan.top_k, plan.soft, renormalize)
     for what, planned, derived in (("config_patch", plan.config_patch, patch), ("config", plan.config, config)):
@@ -805,7 +803,7 @@ def build_plan(
         provenance: saliency digests, policy and parameters to record.
         soft: a soft prune: nothing is removed; dropped experts' router bias entries are set so
             they are never selected (and the top-k patched). Expert ids keep their numbers.
-        renormalize: set the family's :data:`RENORMALIZE_FIELD` (``norm_topk_prob``), so the
+        renormalize: set the family's layout's ``renormalize_field`` (``norm_topk_prob``), so the
             kept top-k routing weights sum to 1.
 
     Raises:

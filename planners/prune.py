@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from planners.plan import RENORMALIZE_FIELD, Plan, build_plan
+from planners.plan import Plan, build_plan
 from planners.policies import Domain, KeepDecision, KeepPolicy, select_keep, validate_keep_list
 from planners.saliency import (
     has_identity,
@@ -31,7 +31,7 @@ from planners.saliency import (
 )
 from planners.serving import apply_targets, facts_from, fit_policy
 from rewriter.core.checkpoint import Checkpoint
-from rewriter.core.errors import OptionError, SaliencyError
+from rewriter.core.errors import CheckpointError, OptionError, SaliencyError
 from rewriter.core.layouts import Layout
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class PlanOptions:
         soft: a soft prune (only router biases change).
         renormalize_topk: set ``norm_topk_prob`` in the output config, so the kept top-k
             routing weights sum to 1 (families whose router has that switch; see
-            :data:`RENORMALIZE_FIELD`).
+            :attr:`Layout.renormalize_field`).
     """
 
     saliency: tuple[str, ...] = ()
@@ -97,6 +97,11 @@ def plan_prune(source: str | Checkpoint, options: PlanOptions, *,
     ckpt = source if isinstance(source, Checkpoint) else Checkpoint.open(source, dict(options.storage_options))
     layout = ckpt.layout
     moe = sorted(layout.moe_layers(ckpt))
+    if not moe:
+        raise CheckpointError(
+            f"{ckpt.url}: no MoE layer found: no tensor matches the {layout.family} expert layout "
+            f"(model_type {ckpt.model_type!r}; its config may make every layer dense), so there is nothing to prune"
+        )
     _check_layers(options.layers_only, moe, ckpt.url)
     policy, fit_note = _fitted_policy(ckpt, layout, options)
     if fit_note and notify:
@@ -121,7 +126,7 @@ def _renormalize(layout: Layout, options: PlanOptions, notify: Callable[[str], N
     logits; a note says so)."""
     if not options.renormalize_topk:
         return False
-    if layout.family not in RENORMALIZE_FIELD:
+    if layout.renormalize_field is None:
         if notify:
             notify(f"note: --renormalize-topk changes nothing for {layout.family}: its router takes the softmax "
                    f"over the chosen top-k logits, so the kept experts' weights already sum to 1")
