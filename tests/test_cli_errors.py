@@ -15,7 +15,7 @@ from click.testing import CliRunner, Result
 
 from rewriter.cli import EXIT_STATUS_HELP, main
 from rewriter.synth import PRESETS, write_checkpoint
-from tests.conftest import cli, source_digest, tree_digest
+from tests.conftest import assert_ctrl_c_reaches_python, cli, source_digest, tree_digest
 from tests.test_promises import journal_shards
 
 
@@ -158,17 +158,20 @@ def test_import_reap_refuses_files_that_are_not_observer_pickles(tmp_path):
     assert_error(invoke("import-reap", good, "--out", tmp_path / "d.json"), contains="--force")
 
 
-def _interrupt_when(condition, stop: threading.Event) -> threading.Thread:
+def _interrupt_when(condition, stop: threading.Event) -> threading.Event:
+    """Simulate a Ctrl-C once condition() holds; the event returned is set when it was sent."""
+    sent = threading.Event()
+
     def watch() -> None:
         while not stop.is_set():
             if condition():
+                sent.set()
                 _thread.interrupt_main()
                 return
             time.sleep(0.0005)
 
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
-    return t
+    threading.Thread(target=watch, daemon=True).start()
+    return sent
 
 
 @pytest.mark.parametrize("command", ["run", "prune", "soft-prune"])
@@ -188,15 +191,22 @@ def test_ctrl_c_says_what_was_kept_and_the_same_command_resumes(tmp_path, comman
     ref = tmp_path / "ref"
     cli(*args(ref))
     before = source_digest(src)
+    assert_ctrl_c_reaches_python()
     for attempt in range(5):
         dst = tmp_path / f"dst{attempt}"
         stop = threading.Event()
         # Interrupt once the journal vouches for a finished shard: the run is well under way.
-        _interrupt_when(lambda d=dst: journal_shards(d) > 0, stop)
+        sent = _interrupt_when(lambda d=dst: journal_shards(d) > 0, stop)
         r = invoke(*args(dst))
         stop.set()
         if r.exit_code != 0:
             break
+        # A run that ended before its journal showed a shard is tried again; one that ended well
+        # after a Ctrl-C was sent lost it (a KeyboardInterrupt raised in a finalizer is only reported).
+        assert not sent.is_set(), f"a Ctrl-C was sent mid-run but {command} finished with exit 0:\n{r.output}"
+    else:
+        pytest.fail(f"each of 5 runs of {command} ended before its journal showed a finished shard, "
+                    "so no Ctrl-C was sent")
     line = assert_error(r, 130, contains="interrupted")
     assert f"kept in {dst}" in line and "run the same command again to resume" in line
     assert not (dst / "model.safetensors.index.json").exists()
