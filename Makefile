@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := demo-out
 
-.PHONY: venv demo test test-fast lint typecheck bench bench-ray bench-quality clean
+.PHONY: venv demo test test-fast lint typecheck families-table bench bench-ray bench-quality clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy core rewriter planners ray_jobs
+
+# Model-level truth for every MoE model type of the installed transformers, then docs/families.json
+# and the README's families table from its results.
+families-table: $(STAMP)
+	rm -f .families-results.jsonl
+	REWRITER_FAMILY_RESULTS=.families-results.jsonl $(BIN)/pytest -q -m slow tests/e2e/test_every_family.py || true
+	$(BIN)/python -m tests.families_table --results .families-results.jsonl
+	rm -f .families-results.jsonl
 
 bench: $(STAMP)
 	$(BIN)/python -m bench_io run

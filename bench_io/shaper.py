@@ -9,6 +9,11 @@ the request's arrival to the end of its response), so tests can assert the clien
     proxy = ShapedProxy("http://127.0.0.1:PORT", delay_s=0.03, conn_bytes_per_s=100e6).start()
     ... s3fs with endpoint_url=proxy.endpoint ...
     proxy.stop()
+
+A gate holds requests until it is opened, so tests can stop clients at a known point without
+depending on how fast they run: :meth:`ShapedProxy.close_gate` holds every ranged GET of at least
+``min_bytes`` (smaller requests, such as header reads, pass), :attr:`ShapedProxy.held` names the
+client ports of the requests held now, :meth:`ShapedProxy.open_gate` lets them all through.
 """
 
 from __future__ import annotations
@@ -57,6 +62,35 @@ class ShapedProxy:
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._open = threading.Event()
+        self._open.set()
+        self._gate_min_bytes = 0
+        self._held: dict[int, int] = {}  # client port -> requests held from it
+
+    def close_gate(self, min_bytes: int = 0) -> None:
+        """Hold ranged GETs of at least ``min_bytes`` (every request when 0) until :meth:`open_gate`."""
+        self._gate_min_bytes = min_bytes
+        self._open.clear()
+
+    def open_gate(self) -> None:
+        self._open.set()
+
+    @property
+    def held(self) -> set[int]:
+        """The client ports (this side's peers) of the requests the gate holds now."""
+        with self._lock:
+            return {port for port, n in self._held.items() if n}
+
+    def _hold(self, port: int, wanted: int) -> None:
+        if self._open.is_set() or (self._gate_min_bytes and wanted < self._gate_min_bytes):
+            return
+        with self._lock:
+            self._held[port] = self._held.get(port, 0) + 1
+        try:
+            self._open.wait()
+        finally:
+            with self._lock:
+                self._held[port] -= 1
 
     @property
     def endpoint(self) -> str:
@@ -124,6 +158,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else None
         m = _RANGE.match(self.headers.get("Range", ""))
         wanted = int(m.group(2)) - int(m.group(1)) + 1 if m and self.command == "GET" else 0
+        self.shaper._hold(self.client_address[1], wanted)
         self.shaper._begin(self.command, wanted)
         sent = 0
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import re
+import unicodedata
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -85,6 +86,38 @@ def relative_name_problem(name: object, strict: bool = True) -> str | None:
     return None
 
 
+def char_label(ch: str) -> str:
+    """A character as users can read it whatever their terminal does with it: ``U+202E``."""
+    code = f"U+{ord(ch):04X}"
+    return f"{ch!r} ({code})" if ch.isprintable() and not ch.isspace() else code
+
+
+def hub_name_problem(name: str) -> str | None:
+    """What makes ``name`` unlike the file names of a Hugging Face repository, or None.
+
+    Allowed: ASCII letters, digits, ``-``, ``_``, ``.``, and ``/`` between folders; no component
+    empty or starting with ``.`` (a hidden file, ``.``, ``..``). So no name can hide itself, move
+    the cursor, or read backwards (U+202E) in a terminal or a file browser.
+    """
+    for ch in name:
+        if not (ch.isascii() and (ch.isalnum() or ch in "-_./")):
+            return f"holds the character {char_label(ch)}"
+    for part in name.split("/"):
+        if not part:
+            return "has an empty component"
+        if part.startswith("."):
+            return f"has a component starting with '.' ({part!r})"
+    return None
+
+
+def _unreadable_char(name: str) -> str | None:
+    """The first control, format (bidi override) or line/paragraph separator character."""
+    for ch in name:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+            return char_label(ch)
+    return None
+
+
 def check_shard_name(name: object, where: str) -> str:
     """Reject shard names that could escape the checkpoint directory."""
     if not isinstance(name, str) or not name:
@@ -95,6 +128,11 @@ def check_shard_name(name: object, where: str) -> str:
             f"Invalid shard filename '{name}' in index file '{where}'. Shard filenames must be "
             f"relative paths without '..' components."
         )
+    bad = _unreadable_char(name)
+    if bad:
+        raise CheckpointError(f"Invalid shard filename {name!r} in index file '{where}': it holds the "
+                              f"character {bad}, which terminals and file browsers misread; rename the "
+                              f"shard and its index entry")
     return posixpath.normpath(name.replace("\\", "/"))
 
 

@@ -7,10 +7,20 @@ where there is one, what to do. The CLI prints ``str(error)`` and exits with ``e
 from __future__ import annotations
 
 
+def count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1 (``"1 shard"``, ``"3 shards"``), for messages."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 class RewriterError(Exception):
     """Base class of every error this project raises on purpose."""
 
     exit_code = 2
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (``kill``, ``timeout``, Kubernetes, Slurm): the command stops as it does on
+    Ctrl-C (temporaries removed, finished work kept, a resumable run), with its own exit status."""
 
 
 class FormatError(RewriterError):

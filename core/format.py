@@ -17,6 +17,7 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from core import jsonfile
 from core.errors import FormatError
 
 #: Largest header the reference loader accepts.
@@ -149,7 +150,7 @@ def parse_header(raw: bytes, where: str, file_size: int | None = None) -> Header
     except UnicodeDecodeError as e:
         raise FormatError(f"{where}: header is not valid UTF-8 ({e})") from None
     try:
-        doc = json.loads(text)
+        doc = jsonfile.loads(text)
     except json.JSONDecodeError as e:
         raise FormatError(f"{where}: header is not valid JSON ({e})") from None
     if not isinstance(doc, dict):

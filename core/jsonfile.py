@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
+from itertools import accumulate
 from typing import Any
 
 import fsspec
@@ -15,6 +17,15 @@ from core.errors import CheckpointError, PlanError, RewriterError, SaliencyError
 #: Most bytes read from one JSON input: plans, saliency files and keep lists of the largest models
 #: are a few MB, so a bigger file is something else (and is not read past this).
 MAX_JSON_BYTES = 256 << 20
+
+#: Deepest nesting of arrays and objects a JSON input may have. The files this tool reads nest a
+#: few levels; the parser (and any code walking a document) recurses once per level, so a hostile
+#: ``[[[[...`` would otherwise end in a RecursionError instead of a refusal.
+MAX_JSON_DEPTH = 64
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.S)
 
 # What a file read with each error class should have been, and what to do when it is not.
 _EXPECTED = {
@@ -89,6 +100,38 @@ def _expected(error: type[RewriterError], expect: tuple[str, str] | None) -> str
     return f"so not {what}; {todo}"
 
 
+def loads(raw: bytes | str) -> Any:
+    """``json.loads(raw)``, refusing a document nested deeper than :data:`MAX_JSON_DEPTH`.
+
+    Raises:
+        json.JSONDecodeError: as ``json.loads`` does, and for too deep a nesting (at the bracket
+            that goes past the limit), so callers handle both alike.
+    """
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _depth(text) > MAX_JSON_DEPTH:
+        raise json.JSONDecodeError(f"nested deeper than {MAX_JSON_DEPTH} levels of arrays/objects",
+                                   text, _too_deep_at(text))
+    return json.loads(raw)
+
+
+def _depth(text: str) -> int:
+    """Deepest bracket nesting of ``text``, brackets inside strings not counted."""
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    return max(accumulate(1 if c in "[{" else -1 for c in brackets), default=0)
+
+
+def _too_deep_at(text: str) -> int:
+    depth = 0
+    for m in _TOKEN.finditer(text):
+        if m.group() in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return m.start()
+        elif m.group() in "]}":
+            depth -= 1
+    return 0
+
+
 def parse_json(raw: bytes | str, where: str, error: type[RewriterError],
                expect: tuple[str, str] | None = None) -> Any:
     """``raw`` parsed as JSON (UTF-8 text), or ``error`` saying that ``where`` is not.
@@ -106,7 +149,7 @@ def parse_json(raw: bytes | str, where: str, error: type[RewriterError],
             raise error(f"{where}: not UTF-8 JSON (byte 0x{e.object[e.start]:02x} at offset {e.start}), "
                         f"{_expected(error, expect)}") from None
     try:
-        return json.loads(raw)
+        return loads(raw)
     except json.JSONDecodeError as e:
         raise error(f"{where}: not valid JSON ({e}), {_expected(error, expect)}") from None
 

@@ -11,13 +11,43 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from core.errors import StorageAccessError
+from core.errors import RewriterError, StorageAccessError
 
 # Matched by name, so that botocore and aiohttp stay optional (the s3 extra) and are not imported
 # for local work.
 _NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
 _UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError",
                 "ClientConnectorError", "ServerDisconnectedError", "ClientOSError"}
+
+# What huggingface_hub (httpx or requests underneath) raises when the Hub cannot be reached, or
+# when HF_HUB_OFFLINE forbids trying.
+_HUB_UNREACHABLE = {"ConnectError", "ConnectTimeout", "ConnectionError", "Timeout", "TimeoutException",
+                    "OfflineModeIsEnabled", "LocalEntryNotFoundError", "NetworkError"}
+
+
+def hub_problem(e: BaseException, url: str) -> str | None:
+    """The message for an ``hf://`` ``url`` whose Hub cannot be reached (``e``), else None."""
+    if not url.startswith("hf://") or not {cls.__name__ for cls in type(e).__mro__} & _HUB_UNREACHABLE:
+        return None
+    if "Offline" in type(e).__name__:
+        return _hub_message(url, "HF_HUB_OFFLINE is set, so hf:// URLs are not fetched")
+    return _hub_message(url, f"cannot reach the Hugging Face Hub ({type(e).__name__}: {e})")
+
+
+def refuse_offline_hub(url: str) -> None:
+    """RewriterError for an ``hf://`` ``url`` under ``HF_HUB_OFFLINE``: the Hub's filesystem would
+    otherwise answer as if the repository were empty."""
+    from huggingface_hub import constants
+
+    if url.startswith("hf://") and constants.HF_HUB_OFFLINE:
+        raise RewriterError(_hub_message(url, "HF_HUB_OFFLINE is set, so hf:// URLs are not fetched"))
+
+
+def _hub_message(url: str, problem: str) -> str:
+    repo = url[len("hf://"):].removeprefix("models/").split("@")[0].rstrip("/") or "ORG/NAME"
+    return (f"{url}: {problem}; to work offline give a local snapshot folder instead: one downloaded "
+            f"with `hf download {repo} --local-dir DIR`, or its folder in the Hugging Face cache "
+            f"(~/.cache/huggingface/hub/models--{repo.replace('/', '--')}/snapshots/REVISION)")
 
 
 def store_problem(e: BaseException) -> tuple[str, str] | None:
@@ -60,6 +90,9 @@ class GuardedFileSystem:
             try:
                 return fn(*args, **kwargs)
             except Exception as e:
+                hub = hub_problem(e, self._url)
+                if hub is not None:
+                    raise RewriterError(hub) from None
                 problem = store_problem(e)
                 if problem is None:
                     raise

@@ -18,7 +18,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from core.errors import CheckpointError, RewriterError, StorageAccessError
-from core.remote import GuardedFileSystem
+from core.remote import GuardedFileSystem, refuse_offline_hub
 
 
 def _unwrapped(fs: Any) -> Any:
@@ -46,6 +46,34 @@ def is_local_url(url: str) -> bool:
 
     protocol, _ = split_protocol(str(url))
     return protocol in (None, "file", "local")
+
+
+def file_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file or folder at local ``path``, following symlinks; None when
+    there is nothing there. Two paths with the same identity are one file."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _identities_up_from(path: str) -> set[tuple[int, int]]:
+    """Identities of ``path`` (if it exists) and of every folder above it."""
+    found = set()
+    while True:
+        ident = file_identity(path)
+        if ident is not None:
+            found.add(ident)
+        parent = os.path.dirname(path)
+        if parent == path:
+            return found
+        path = parent
+
+
+def _normal_prefix(root: str) -> str:
+    """An object-store location as bucket and key prefix: ``b//x/./y/`` is ``b/x/y``."""
+    return "/".join(p for p in root.split("/") if p not in ("", "."))
 
 
 class Storage:
@@ -120,14 +148,22 @@ class Storage:
         self.fs.invalidate_cache()
 
     def is_within(self, other: Storage) -> bool:
-        """Whether this location is ``other`` or lies inside it (same kind of filesystem)."""
+        """Whether this location is ``other`` or lies inside it (same kind of filesystem).
+
+        Local folders are compared by identity (device and inode), so a second path to the same
+        folder (a bind mount, a symlinked parent, ``..``) is still the same folder; object-store
+        locations by bucket and key prefix with repeated ``/`` and ``.`` segments removed.
+        """
         if self.is_local and other.is_local:
             a, b = os.path.realpath(self.root), os.path.realpath(other.root)
-            return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+            if a == b or a.startswith(b.rstrip(os.sep) + os.sep):
+                return True
+            folder = file_identity(b)
+            return folder is not None and folder in _identities_up_from(a)
         if type(_unwrapped(self.fs)) is not type(_unwrapped(other.fs)):
             return False
-        a, b = self.root.rstrip("/"), other.root.rstrip("/")
-        return a == b or a.startswith(b + "/")
+        a, b = _normal_prefix(self.root), _normal_prefix(other.root)
+        return a == b or a.startswith(b + "/") or not b
 
     @contextlib.contextmanager
     def _found(self, name: str) -> Iterator[None]:
@@ -213,13 +249,33 @@ class Storage:
         return bytes(data)
 
     def list_files(self) -> list[str]:
-        """Every file below this location, as relative ``/``-separated names, sorted."""
+        """Every file below this location, as relative ``/``-separated names, sorted. Local
+        symlinks to folders are followed (once each), so a folder is never taken for a file."""
         out = []
         prefix = self.root.rstrip("/") + "/"
         for p in self.fs.find(self.root):
             p = str(p)
             out.append(p[len(prefix):] if p.startswith(prefix) else p)
+        if self.is_local:
+            out = [f for name in out for f in self._files_through_link(name)]
         return sorted(out)
+
+    def _files_through_link(self, name: str) -> list[str]:
+        """``[name]`` for a file; the files below a folder ``name`` that is a symlink."""
+        path = self.local_path(name)
+        if not os.path.isdir(path):
+            return [name]
+        found: list[str] = []
+        seen = {file_identity(self.root)}
+        for folder, subs, files in os.walk(path, followlinks=True):
+            ident = file_identity(folder)
+            if ident in seen:  # a link back up the tree: listed already
+                subs[:] = []
+                continue
+            seen.add(ident)
+            rel = os.path.relpath(folder, self.root).replace(os.sep, "/")
+            found.extend(f"{rel}/{f}" for f in files)
+        return found
 
     def describe(self, name: str) -> str:
         """A user-facing name of ``name`` in this location."""
@@ -242,6 +298,8 @@ def _with_connection_pool(url: str, options: dict[str, Any]) -> dict[str, Any]:
 def _open_fs(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
     """fsspec's filesystem for ``url``; a protocol without its package, an unknown protocol or a
     store that cannot be reached while connecting is one error naming the URL."""
+    if url.startswith("hf://"):
+        refuse_offline_hub(url)
     try:
         return fsspec.core.url_to_fs(url, **_with_connection_pool(url, dict(storage_options or {})))
     except ImportError as e:

@@ -23,22 +23,35 @@ from core.checkpoint import (
     INDEX_NAME,
     Checkpoint,
     TensorInfo,
+    hub_name_problem,
     relative_name_problem,
 )
 from core.errors import PlanError
 from core.format import PREFIX_BYTES, encode_header, parse_header
 from core.jsonfile import parse_json, read_url
-from core.layouts import Layout
+from core.layouts import PER_LAYER_FIELD, Layout, expert_axis
 from planners.plan_schema import check_document
 from planners.policies import KeepDecision
 
 PLAN_FORMAT = "moe-rewriter-plan"
-PLAN_VERSION = 1
+#: 2: ``copy_file_digests`` (each copied file's size and sha256) and a derived config.
+PLAN_VERSION = 2
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
 #: Folders of the gpt-oss Hub repos holding other layouts of the same weights; a pruned
 #: checkpoint must not carry them, since they would no longer match.
 SKIPPED_DIRS = ("original/", "metal/")
 PROVENANCE_NAME = "pruning.json"
+#: The output's model card; the source's own card is kept under :func:`base_card_name`.
+CARD_NAME = "README.md"
+
+
+def base_card_name(taken: Iterable[str]) -> str:
+    """Where the source's model card goes: ``README.base.md``, or the first free numbered name."""
+    names = set(taken)
+    n = 1
+    while (name := "README.base.md" if n == 1 else f"README.base.{n}.md") in names:
+        n += 1
+    return name
 
 
 @dataclass(frozen=True)
@@ -146,6 +159,8 @@ class Plan:
     loadable: bool = True
     layers_only: tuple[int, ...] | None = None
     soft: bool = False
+    #: Each copied file's ``{"size", "sha256"}`` in the source: a run and ``verify`` refuse others.
+    copy_digests: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     version: int = PLAN_VERSION
     #: The file the plan was read from (not part of the plan); ``None`` for a plan built here.
     #: A plan read from a file is untrusted input: :meth:`check_source` also checks its mapping.
@@ -192,6 +207,7 @@ class Plan:
                 str(layer): {str(e): list(r) for e, r in rs.items()} for layer, rs in sorted(self.reasons.items())
             },
             "copy_files": list(self.copy_files),
+            "copy_file_digests": {k: dict(v) for k, v in sorted(self.copy_digests.items())},
             "skipped_files": list(self.skipped_files),
             "outputs": [
                 {
@@ -215,11 +231,30 @@ class Plan:
             "provenance": dict(self.provenance),
         }
 
+    @property
+    def source_recorded(self) -> bool:
+        """Whether the plan says where its source is (not a local one recorded by content only)."""
+        return not self.source_url.startswith(LOCAL_SOURCE)
+
+    def published_json(self) -> dict[str, Any]:
+        """The plan as ``pruning.json`` publishes it: no path of this machine. A local source is
+        named by its folder (its shards' fingerprints and copied files' sha256 identify it), and
+        saliency files and keep lists by file name (their sha256 stays). Same digest."""
+        doc = self.to_json()
+        if is_local_path(self.source_url):
+            doc["source"]["url"] = published_source(self.source_url)
+        prov = doc["provenance"]
+        for key in ("saliency", "keep_list"):
+            if key in prov:
+                prov[key] = _names_only(prov[key])
+        return doc
+
     def identity_json(self) -> dict[str, Any]:
         """The plan without what depends on when and where it was made: the provenance's
-        creation time (older plans carry one) and the paths its saliency files or keep list
-        were read from (their sha256 stays)."""
+        creation time (older plans carry one), the paths its saliency files or keep list were
+        read from (their sha256 stays) and where its source is (its fingerprints stay)."""
         doc = self.to_json()
+        doc["source"] = {k: v for k, v in doc["source"].items() if k != "url"}
         prov = {k: v for k, v in doc["provenance"].items() if k not in _UNSTABLE_PROVENANCE}
         for key in ("saliency", "keep_list"):
             if key in prov:
@@ -246,6 +281,10 @@ class Plan:
         """Rebuild a plan, checking format, version and that every header matches its tensors."""
         if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT:
             raise PlanError(f"{where}: not a plan (expected \"format\": \"{PLAN_FORMAT}\")")
+        if doc.get("version") == 1:
+            raise PlanError(f"{where}: plan version 1 was made by an earlier rewriter, which recorded neither "
+                            f"the copied files' sha256 nor a config derived from the source; make the plan "
+                            f"again with `rewriter plan` (this tool reads version {PLAN_VERSION})")
         if doc.get("version") != PLAN_VERSION:
             raise PlanError(f"{where}: plan version {doc.get('version')!r}; this tool reads version {PLAN_VERSION}")
         check_document(doc, where)
@@ -267,6 +306,7 @@ class Plan:
                 top_k=int(doc["top_k"]),
                 copy_files=tuple(doc.get("copy_files", ())),
                 skipped_files=tuple(doc.get("skipped_files", ())),
+                copy_digests=doc["copy_file_digests"],
                 reasons=reasons,
                 provenance=doc.get("provenance", {}),
                 loadable=bool(doc.get("loadable_by_transformers", True)),
@@ -296,6 +336,8 @@ class Plan:
         self._check_shards(ckpt)
         if self.origin is not None:
             check_mapping(self, ckpt, self.origin)
+            check_config(self, ckpt, self.origin)
+            check_copied_files(self, ckpt.storage, self.origin)
 
     def _check_shards(self, ckpt: Checkpoint) -> None:
         now = ckpt.fingerprint()
@@ -321,6 +363,27 @@ class Plan:
 
 
 _UNSTABLE_PROVENANCE = ("created_utc",)
+#: How ``pruning.json`` names a local source: ``local:<folder name>`` (or the Hugging Face cache
+#: part of its path, which names the Hub repo), never the machine's path.
+LOCAL_SOURCE = "local:"
+_HF_CACHE_PART = re.compile(r"models--[^/]+?--[^/]+/snapshots/[^/]+/?$")
+
+
+def is_local_path(url: str) -> bool:
+    return "://" not in url and not url.startswith(LOCAL_SOURCE)
+
+
+def published_source(url: str) -> str:
+    m = _HF_CACHE_PART.search(url)
+    return LOCAL_SOURCE + (m.group(0).rstrip("/") if m else url.rstrip("/").rsplit("/", 1)[-1])
+
+
+def _names_only(entry: Any) -> Any:
+    if isinstance(entry, list):
+        return [_names_only(e) for e in entry]
+    if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+        return {**entry, "path": entry["path"].rstrip("/").rsplit("/", 1)[-1]}
+    return entry
 
 
 def _without_paths(entry: Any) -> Any:
@@ -329,6 +392,15 @@ def _without_paths(entry: Any) -> Any:
     if isinstance(entry, dict):
         return {k: v for k, v in entry.items() if k != "path"}
     return entry
+
+
+def require_source(plan: Plan, what: str) -> str:
+    """The plan's source URL, or a clear error when it records a local source by content only."""
+    if plan.source_recorded:
+        return plan.source_url
+    raise PlanError(f"{plan.origin or 'the plan'} records its source as {plan.source_url!r}: a local folder, "
+                    f"identified by content only (pruning.json publishes no path of the machine that made it); "
+                    f"{what}")
 
 
 def source_location(storage: Any) -> str:
@@ -354,6 +426,15 @@ def _check_name(name: Any, what: str, where: str) -> None:
                         f"'/'-separated paths without '..' components. Refusing this plan: make it again")
 
 
+def _check_written_name(name: str, field: str, where: str) -> None:
+    """A name that becomes a file of the output: only what Hugging Face repositories use."""
+    problem = hub_name_problem(name)
+    if problem:
+        raise PlanError(f"{where}: {field} {name!r} {problem}; names of output files may hold only "
+                        f"ASCII letters, digits, '-', '_', '.' and '/' between folders, with no "
+                        f"component empty or starting with '.'. Refusing this plan: make it again")
+
+
 def check_plan(plan: Plan, where: str) -> None:
     """Refuse names that could escape the destination or the source, and numbers that are
     negative or disagree with the plan's source fingerprint and headers."""
@@ -363,8 +444,9 @@ def check_plan(plan: Plan, where: str) -> None:
         if not all(_is_count(fp.get(k)) for k in ("size", "header_len")) or not isinstance(fp.get("header_sha256"), str):
             raise PlanError(f"{where}: source shard {name!r} needs a non-negative size and header_len and a header_sha256")
     names: set[str] = set()
-    for o in plan.outputs:
+    for i, o in enumerate(plan.outputs):
         _check_name(o.name, "output shard", where)
+        _check_written_name(o.name, f"output shard name (outputs[{i}].name)", where)
         if "/" in o.name or not o.name.endswith(".safetensors") or o.name in names:
             raise PlanError(f"{where}: output shard {o.name!r} must be a unique '.safetensors' file "
                             f"name in the destination's top folder. Refusing this plan: make it again")
@@ -374,10 +456,14 @@ def check_plan(plan: Plan, where: str) -> None:
                 _check_segment(plan, s, f"{where}: output {o.name!r}, tensor {t.name!r}")
     for name in (*plan.copy_files, *plan.skipped_files):
         _check_name(name, "file", where)
-    for name in plan.copy_files:
+    for i, name in enumerate(plan.copy_files):
+        _check_written_name(name, f"copied file (copy_files[{i}])", where)
         if name in reserved or name in names or name.split("/")[0].startswith("."):
             raise PlanError(f"{where}: copied file {name!r} would replace a file this tool writes "
                             f"(or its state folder). Refusing this plan: make it again")
+        if name.split("/")[0].startswith("."):
+            raise PlanError(f"{where}: copied file {name!r} is hidden (a dot file, such as .env, may hold "
+                            f"credentials), and plans never copy hidden files. Refusing this plan: make it again")
     if not _is_count(plan.top_k) or plan.top_k == 0:
         raise PlanError(f"{where}: top_k {plan.top_k!r} must be a positive integer")
 
@@ -466,7 +552,7 @@ def _whole(info: TensorInfo, name: str | None = None) -> PlannedTensor:
 
 def _rows(info: TensorInfo, ids: Sequence[int]) -> tuple[Segment, ...]:
     """The expert rows ``ids`` of a tensor with experts along dim 0, adjacent rows joined."""
-    row = info.nbytes // info.shape[0]
+    row = info.nbytes // info.shape[expert_axis(info.shape)]
     return tuple(merge_segments(Segment(info.shard, info.begin + e * row, row) for e in ids))
 
 
@@ -514,7 +600,8 @@ def plan_tensors(ckpt: Checkpoint, layout: Layout, keep: Mapping[int, Sequence[i
             if role.expert is not None and role.expert in ids:
                 out.append(_whole(info, layout.renamed(role, list(ids).index(role.expert))))
             continue
-        shape = (len(ids), *info.shape[1:])
+        axis = expert_axis(info.shape)
+        shape = (*info.shape[:axis], len(ids), *info.shape[axis + 1:])
         out.append(PlannedTensor(info.name, info.dtype, shape, info.name, _rows(info, ids), role.layer))
     if soft and set(keep) - biases_done:
         raise PlanError(
@@ -554,6 +641,11 @@ def assign_shards(tensors: Sequence[PlannedTensor], max_shard_bytes: int) -> lis
 
 
 def shard_names(n: int, zero_based: bool, prefix: str = "model") -> list[str]:
+    """Output shard names as transformers' ``save_pretrained`` writes them: one shard is
+    ``model.safetensors`` (the name loaders look for first; the index, written last to mark the
+    output complete, names it too), several are numbered from 1, or from 0 like the source's."""
+    if n == 1:
+        return [f"{prefix}.safetensors"]
     if zero_based:
         return [f"{prefix}-{i:05d}-of-{n - 1:05d}.safetensors" for i in range(n)]
     return [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
@@ -584,22 +676,106 @@ def _output_shards(ckpt: Checkpoint, tensors: list[PlannedTensor], max_shard_byt
     )
 
 
-def _config_patch(config: Mapping[str, Any], layout: Layout, decision: KeepDecision, uniform: bool,
-                  soft: bool) -> dict[str, Any]:
-    """The config fields that change: counts (when one count fits every layer) and top-k."""
-    patch = layout.config_patch(config, max(len(v) for v in decision.keep.values()), decision.top_k)
+#: A Hub repository id (``org/name``); any other ``_name_or_path`` names a folder of some machine.
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def derived_config(source: Mapping[str, Any], layout: Layout, keep: Mapping[int, Sequence[int]], top_k: int,
+                   soft: bool, renormalize: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The output ``config.json`` and the patch that makes it from the source's: nothing else
+    than what the keep sets, the top-k and ``--renormalize-topk`` imply.
+
+    Counts are set to the largest kept count, and where layers keep different counts each
+    layer's goes in :data:`PER_LAYER_FIELD`. A ``_name_or_path`` that is not a Hub id (a
+    machine's folder) is emptied, since the output is made to be published.
+    """
+    counts = {layer: len(ids) for layer, ids in sorted(keep.items())}
+    patch = layout.config_patch(source, max(counts.values()), top_k)
     if soft:
-        return {k: v for k, v in patch.items() if k in layout.topk_fields}
-    if not uniform:
-        return {k: v for k, v in patch.items() if k not in layout.count_fields}
-    return patch
+        patch = {k: v for k, v in patch.items() if k in layout.topk_fields}
+    elif len(set(counts.values())) > 1:
+        patch[PER_LAYER_FIELD] = {str(layer): n for layer, n in counts.items()}
+    if renormalize and layout.renormalize_field:
+        patch[layout.renormalize_field] = True
+    name = source.get("_name_or_path")
+    if isinstance(name, str) and name and not _HUB_ID.match(name):
+        patch["_name_or_path"] = ""
+    return {**source, **patch}, patch
+
+
+_DIGEST_BUFFER = 1 << 20
+
+
+def file_digest(storage: Any, name: str) -> dict[str, Any]:
+    """``{"size", "sha256"}`` of one small file, read in bounded chunks."""
+    size = storage.size(name)
+    h = hashlib.sha256()
+    for chunk in storage.iter_range(name, 0, size, bytearray(min(size, _DIGEST_BUFFER) or 1)):
+        h.update(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def source_card(plan: Plan) -> str | None:
+    """The name the source's model card gets in the output, when the source has one."""
+    return base_card_name(plan.copy_files) if CARD_NAME in plan.copy_files else None
+
+
+def copied_names(plan: Plan) -> dict[str, str]:
+    """Each file the plan copies, and its name in the output (the source's card moves aside)."""
+    card = source_card(plan)
+    return {name: card if name == CARD_NAME and card else name for name in plan.copy_files}
+
+
+def copied_file_problems(plan: Plan, storage: Any, names: Mapping[str, str]) -> list[str]:
+    """Each copied file (``plan name -> name in storage``) whose bytes are not the ones the plan
+    recorded; a missing file is one too."""
+    problems = []
+    for planned, name in names.items():
+        want = plan.copy_digests[planned]
+        if not storage.exists(name):
+            problems.append(f"{storage.describe(name)} is missing")
+            continue
+        if storage.is_local and not os.path.isfile(storage.local_path(name)):
+            problems.append(f"{storage.describe(name)} is not a regular file (a folder, a device or a pipe)")
+            continue
+        got = file_digest(storage, name)
+        if got != dict(want):
+            problems.append(f"{storage.describe(name)} is {got['size']:,} bytes with sha256 {got['sha256'][:12]}, "
+                            f"not the {want['size']:,} bytes with sha256 {want['sha256'][:12]} the plan recorded")
+    return problems
+
+
+def check_copied_files(plan: Plan, storage: Any, where: str) -> None:
+    """Refuse a source whose files to copy are not the bytes the plan hashed."""
+    problems = copied_file_problems(plan, storage, {n: n for n in plan.copy_files})
+    if problems:
+        raise PlanError(f"{where}: {problems[0]}; a plan copies only the files it hashed (a tokenizer or "
+                        f"generation config edited since planning changes the model): plan again")
+
+
+def check_config(plan: Plan, ckpt: Checkpoint, where: str) -> None:
+    """Refuse a plan whose ``config`` or ``config_patch`` is not what its source and keep sets
+    imply: a plan's config would otherwise be written as it is (an ``auto_map`` runs code for
+    anyone loading with ``trust_remote_code``; a wrong count or top-k breaks the model)."""
+    field_name = ckpt.layout.renormalize_field
+    renormalize = field_name is not None and plan.config_patch.get(field_name) is True
+    config, patch = derived_config(ckpt.config, ckpt.layout, plan.keep, plan.top_k, plan.soft, renormalize)
+    for what, planned, derived in (("config_patch", plan.config_patch, patch), ("config", plan.config, config)):
+        if dict(planned) == derived:
+            continue
+        diff = sorted(k for k in planned.keys() | derived.keys() if planned.get(k, ...) != derived.get(k, ...))
+        raise PlanError(f"{where}: plan field {what!r} differs from what {ckpt.url}'s config.json and the "
+                        f"plan's expert_mapping and top_k imply, in {diff[:5]}; the output config is "
+                        f"derived, never taken from a plan. Refusing this plan: make it again with "
+                        f"`rewriter plan`")
 
 
 def _other_files(files: Sequence[str]) -> tuple[list[str], list[str]]:
-    """The source's non-tensor files to copy, and those left out (other layouts, hidden files)."""
+    """The source's non-tensor files to copy, and those left out (other layouts, hidden files,
+    names that a Hugging Face repository could not hold)."""
     copy_files, skipped = [], []
     for f in files:
-        if f.startswith(SKIPPED_DIRS) or f.split("/")[0].startswith("."):
+        if f.startswith(SKIPPED_DIRS) or hub_name_problem(f):
             skipped.append(f)
         elif f == CONFIG_NAME or f == INDEX_NAME or f.endswith(".safetensors"):
             continue
@@ -614,7 +790,7 @@ def build_plan(
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     layers_only: Sequence[int] | None = None,
-    provenance: Mapping[str, Any] | None = None, soft: bool = False, config_extra: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None, soft: bool = False, renormalize: bool = False,
 ) -> Plan:
     """Turn keep sets into a plan for ``ckpt``.
 
@@ -627,7 +803,8 @@ def build_plan(
         provenance: saliency digests, policy and parameters to record.
         soft: a soft prune: nothing is removed; dropped experts' router bias entries are set so
             they are never selected (and the top-k patched). Expert ids keep their numbers.
-        config_extra: further config fields to set (``norm_topk_prob``), recorded in the patch.
+        renormalize: set the family's layout's ``renormalize_field`` (``norm_topk_prob``), so the
+            kept top-k routing weights sum to 1.
 
     Raises:
         PlanError: keep sets that do not cover the MoE layers, or name unknown layers.
@@ -638,8 +815,7 @@ def build_plan(
     tensors = plan_tensors(ckpt, layout, decision.keep, layers_only, soft)
     outputs = _output_shards(ckpt, tensors, max_shard_bytes, layers_only)
     uniform = len({len(v) for v in decision.keep.values()}) == 1
-    patch = {**_config_patch(ckpt.config, layout, decision, uniform, soft), **dict(config_extra or {})}
-    config = {**ckpt.config, **patch}
+    config, patch = derived_config(ckpt.config, layout, decision.keep, decision.top_k, soft, renormalize)
     copy_files, skipped = _other_files(ckpt.files)
     # No creation time: a plan is a function of its inputs, so the same command makes the same
     # plan (and resumes an interrupted run of it) and its output is reproducible byte for byte.
@@ -661,6 +837,7 @@ def build_plan(
         top_k=decision.top_k,
         copy_files=tuple(copy_files),
         skipped_files=tuple(skipped),
+        copy_digests={name: file_digest(ckpt.storage, name) for name in copy_files},
         reasons=decision.reasons,
         provenance=prov,
         loadable=uniform or soft,

@@ -60,9 +60,10 @@ def check_document(doc: Mapping[str, Any], where: str) -> None:
     d = _Doc(doc, where)
     source = d.get(doc, "source", "source", "an object with \"url\" and \"shards\"",
                    lambda v: isinstance(v, dict))
-    url = d.get(source, "url", "source.url", "the source checkpoint's absolute path or URL",
+    url = d.get(source, "url", "source.url", "the source checkpoint's absolute path or URL (or local:NAME "
+                "in pruning.json)",
                 lambda v: isinstance(v, str) and v.strip() != "")
-    if "://" not in url and not os.path.isabs(url):
+    if "://" not in url and not os.path.isabs(url) and not url.startswith("local:"):
         raise d.fail("source.url", "an absolute path or a URL (plans record where their source is, "
                      "so they run from any folder)", url)
     d.get(source, "shards", "source.shards", "an object of shard name -> fingerprint",
@@ -81,9 +82,24 @@ def check_document(doc: Mapping[str, Any], where: str) -> None:
     for key in ("copy_files", "skipped_files"):
         d.get(doc, key, key, "a list of file names",
               lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), [])
+    _check_copy_digests(d)
     _check_mapping(d)
     _check_reasons(d)
     _check_outputs(d)
+
+
+def _check_copy_digests(d: _Doc) -> None:
+    digests = d.get(d.doc, "copy_file_digests", "copy_file_digests",
+                    "an object of copied file -> {\"size\", \"sha256\"}", lambda v: isinstance(v, dict))
+    names = d.doc.get("copy_files", [])
+    if sorted(digests) != sorted(names):
+        raise d.fail("copy_file_digests", f"one entry for each of copy_files {sorted(names)[:5]}", sorted(digests))
+    for name, fp in digests.items():
+        ok = (isinstance(fp, dict) and sorted(fp) == ["sha256", "size"] and _int(fp["size"]) and fp["size"] >= 0
+              and isinstance(fp["sha256"], str) and len(fp["sha256"]) == 64
+              and all(c in "0123456789abcdef" for c in fp["sha256"]))
+        if not ok:
+            raise d.fail(f"copy_file_digests[{name!r}]", "{\"size\": bytes, \"sha256\": 64 hex digits}", fp)
 
 
 def _check_mapping(d: _Doc) -> None:

@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from core.errors import PolicyError
+from core.errors import PolicyError, count
 from planners.saliency import Saliency
 
 
@@ -99,9 +99,12 @@ def keep_count(policy: KeepPolicy, num_experts: int, top_k: int) -> int:
     if n % m:
         up = -(-n // m) * m
         n = up if up <= num_experts else (num_experts // m) * m
+    if m > num_experts:
+        raise PolicyError(f"--keep-multiple {m} exceeds the checkpoint's {num_experts} experts per layer: "
+                          f"no keep count is a multiple of it; choose --keep-multiple between 1 and {num_experts}")
     if not 1 <= n <= num_experts:
         raise PolicyError(
-            f"cannot keep {n} experts per layer: the checkpoint has {num_experts} per layer"
+            f"cannot keep {count(n, 'expert')} per layer: the checkpoint has {num_experts} per layer"
             + (f" and --keep-multiple {m} allows no count in range" if m > 1 else "")
         )
     check_top_k(n, top_k, policy.top_k, num_experts)
@@ -113,8 +116,12 @@ def keep_count(policy: KeepPolicy, num_experts: int, top_k: int) -> int:
 def check_top_k(kept: int, config_top_k: int, new_top_k: int | None, num_experts: int | None = None) -> int:
     """The effective top-k; raises when fewer experts are kept than are routed per token."""
     k = new_top_k if new_top_k is not None else config_top_k
-    if k < 1:
+    if new_top_k is not None and k < 1:
         raise PolicyError(f"--top-k {k} must be >= 1")
+    if k < 1:
+        raise PolicyError(f"the checkpoint's config routes each token to {k} experts (num_experts_per_tok or "
+                          f"its family's top-k field), so not a config a MoE model can run with; fix config.json "
+                          f"or give the top-k the model uses with --top-k")
     if new_top_k is not None and num_experts is not None and new_top_k > num_experts:
         raise PolicyError(
             f"--top-k {new_top_k} exceeds the checkpoint's {num_experts} experts per layer: a token "
@@ -123,7 +130,7 @@ def check_top_k(kept: int, config_top_k: int, new_top_k: int | None, num_experts
     if kept < k:
         hint = "lower top-k with --top-k" if new_top_k is None else "raise the keep count"
         raise PolicyError(
-            f"keeping {kept} experts per layer is fewer than the routing top-k of {k}: every token "
+            f"keeping {count(kept, 'expert')} per layer is fewer than the routing top-k of {k}: every token "
             f"routes to {k} experts; keep at least {k} or {hint}"
         )
     return k
@@ -163,13 +170,13 @@ def check_groups(kept: int, groups: int, top_k: int, topk_group: int | None, num
     hint = _suggest(kept, group_counts(groups, top_k, topk_group, num_experts), num_experts)
     if kept % groups:
         raise PolicyError(
-            f"keeping {kept} experts per layer is not divisible by n_group = {groups}: group-limited "
+            f"keeping {count(kept, 'expert')} per layer is not divisible by n_group = {groups}: group-limited "
             f"routing needs the same number of experts in every group; {hint}"
         )
     per = kept // groups
     if per < 2:
         raise PolicyError(
-            f"keeping {kept} experts in {groups} groups leaves {per} per group; group-limited routing "
+            f"keeping {count(kept, 'expert')} in {groups} groups leaves {per} per group; group-limited routing "
             f"scores a group by its two best experts, so every group needs at least 2; {hint}"
         )
     if topk_group is not None and topk_group * per < top_k:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.checkpoint import Checkpoint
-from core.errors import OptionError, SaliencyError
+from core.errors import CheckpointError, OptionError, SaliencyError
 from core.layouts import Layout
 from planners.plan import Plan, build_plan
 from planners.policies import Domain, KeepDecision, KeepPolicy, select_keep, validate_keep_list
@@ -59,7 +59,7 @@ class PlanOptions:
         soft: a soft prune (only router biases change).
         renormalize_topk: set ``norm_topk_prob`` in the output config, so the kept top-k
             routing weights sum to 1 (families whose router has that switch; see
-            :data:`RENORMALIZE_FIELD`).
+            :attr:`Layout.renormalize_field`).
     """
 
     saliency: tuple[str, ...] = ()
@@ -77,12 +77,6 @@ class PlanOptions:
     soft: bool = False
     renormalize_topk: bool = False
 
-
-#: Families whose router renormalizes the top-k weights only when a config switch says so, and
-#: that switch. gpt-oss and Mixtral take the softmax over the chosen k logits: their weights
-#: always sum to 1.
-RENORMALIZE_FIELD = {"qwen2_moe": "norm_topk_prob", "qwen3_moe": "norm_topk_prob", "olmoe": "norm_topk_prob",
-                     "deepseek_v3": "norm_topk_prob"}
 
 
 def plan_prune(source: str | Checkpoint, options: PlanOptions, *,
@@ -103,6 +97,11 @@ def plan_prune(source: str | Checkpoint, options: PlanOptions, *,
     ckpt = source if isinstance(source, Checkpoint) else Checkpoint.open(source, dict(options.storage_options))
     layout = ckpt.layout
     moe = sorted(layout.moe_layers(ckpt))
+    if not moe:
+        raise CheckpointError(
+            f"{ckpt.url}: no MoE layer found: no tensor matches the {layout.family} expert layout "
+            f"(model_type {ckpt.model_type!r}; its config may make every layer dense), so there is nothing to prune"
+        )
     _check_layers(options.layers_only, moe, ckpt.url)
     policy, fit_note = _fitted_policy(ckpt, layout, options)
     if fit_note and notify:
@@ -112,7 +111,7 @@ def plan_prune(source: str | Checkpoint, options: PlanOptions, *,
         prov["fit_targets"] = fit_note
     layers_only = list(options.layers_only) if options.layers_only is not None else None
     plan = build_plan(ckpt, decision, max_shard_bytes=options.max_shard_bytes, layers_only=layers_only,
-                      provenance=prov, soft=options.soft, config_extra=_renormalize(layout, options, notify))
+                      provenance=prov, soft=options.soft, renormalize=_renormalize(layout, options, notify))
     if options.targets and layers_only is None:
         plan = apply_targets(plan, layout, options.targets, options.ep)
         for v in plan.provenance["serving"]["verdicts"]:
@@ -121,18 +120,18 @@ def plan_prune(source: str | Checkpoint, options: PlanOptions, *,
     return plan
 
 
-def _renormalize(layout: Layout, options: PlanOptions, notify: Callable[[str], None] | None) -> dict[str, Any]:
-    """The config fields ``renormalize_topk`` sets for this family (none where weights always
-    sum to 1 over the top-k, with a note saying so)."""
+def _renormalize(layout: Layout, options: PlanOptions, notify: Callable[[str], None] | None) -> bool:
+    """Whether ``renormalize_topk`` sets a config switch for this family (not where weights
+    always sum to 1 over the top-k: gpt-oss and Mixtral take the softmax over the chosen k
+    logits; a note says so)."""
     if not options.renormalize_topk:
-        return {}
-    field_name = RENORMALIZE_FIELD.get(layout.family)
-    if field_name is None:
+        return False
+    if layout.renormalize_field is None:
         if notify:
             notify(f"note: --renormalize-topk changes nothing for {layout.family}: its router takes the softmax "
                    f"over the chosen top-k logits, so the kept experts' weights already sum to 1")
-        return {}
-    return {field_name: True}
+        return False
+    return True
 
 
 def _check_options(options: PlanOptions) -> None:

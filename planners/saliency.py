@@ -133,7 +133,7 @@ def load_saliency(path: str, num_experts: int | None = None, layers: Sequence[in
         missing = sorted(set(layers) - set(parsed))
         extra = sorted(set(parsed) - set(layers))
         raise SaliencyError(
-            f"{path}: saliency covers layers {_span(parsed)}, but the checkpoint's MoE layers are "
+            f"{path}: saliency covers {_span(parsed)}, but the checkpoint's MoE layers are "
             f"{_span(layers)} (missing {missing or 'none'}, unexpected {extra or 'none'}); "
             f"was it profiled on another model?"
         )
@@ -186,6 +186,8 @@ def _domain(doc: Mapping[str, Any], path: str) -> str:
 
 def _span(layers: Any) -> str:
     ls = sorted(layers)
+    if len(ls) == 1:
+        return f"1 layer [{ls[0]}]"
     return f"{len(ls)} layers [{ls[0]}..{ls[-1]}]" if ls else "no layers"
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.checkpoint import Checkpoint
-from core.errors import PlanError, PolicyError
+from core.errors import PlanError, PolicyError, count
 from core.layouts import Layout
 from planners.plan import Plan
 from planners.policies import KeepPolicy, keep_count
@@ -80,6 +80,15 @@ class ServingFacts:
     def count(self) -> int:
         """The per-layer expert count (the largest, when layers differ)."""
         return max(self.counts) if self.counts else 0
+
+    @property
+    def fewest(self) -> int:
+        """The smallest per-layer expert count: the one the routing top-k must fit."""
+        return min(self.counts) if self.counts else 0
+
+    def count_text(self) -> str:
+        """``32``, or ``15-19`` where layers differ."""
+        return str(self.count) if len(self.counts) <= 1 else f"{self.fewest}-{self.count}"
 
     @property
     def top_k(self) -> int | None:
@@ -217,10 +226,12 @@ def _topk_le_count(f: ServingFacts, target: str, ep: int | None) -> tuple[str, s
     if k is None:
         return "skip", "no top-k in config.json (see config-topk)"
     strict = target == "trtllm"
-    if (f.count <= k) if strict else (f.count < k):
+    n = f.fewest
+    which = "" if len(f.counts) <= 1 else " in the smallest layer"
+    if (n <= k) if strict else (n < k):
         need = "more than" if strict else "at least"
-        return "fail", f"{f.count} experts per layer with top-k {k}: keep {need} {k}, or lower the top-k"
-    return "pass", f"{f.count} experts {'>' if strict else '>='} top-k {k}"
+        return "fail", f"{n} experts per layer{which} with top-k {k}: keep {need} {k}, or lower the top-k"
+    return "pass", f"{n} experts{which} {'>' if strict else '>='} top-k {k}"
 
 
 def _group_fields_problem(f: ServingFacts) -> str | None:
@@ -459,7 +470,7 @@ def format_verdicts(verdicts: Sequence[Verdict]) -> str:
     lines = ["  ".join([*(c.ljust(w) for c, w in zip(r[:3], widths)), r[3]]).rstrip() for r in rows]
     lines.insert(1, "  ".join(["-" * w for w in widths] + ["------"]))
     fails, warns = len(failures(verdicts)), sum(v.status == "warn" for v in verdicts)
-    lines.append(f"\n{fails} failed, {warns} warnings -> {'FAILED' if fails else 'OK'}")
+    lines.append(f"\n{fails} failed, {count(warns, 'warning')} -> {'FAILED' if fails else 'OK'}")
     return "\n".join(lines)
 
 

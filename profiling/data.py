@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from core.errors import RewriterError
+from core import jsonfile
+from core.errors import RewriterError, count
 
 
 class DataError(RewriterError):
@@ -81,7 +82,7 @@ def _jsonl(p: Path, tokenizer, vocab_size: int | None) -> Iterator[list[int]]:
             if not line.strip():
                 continue
             try:
-                doc = json.loads(line)
+                doc = jsonfile.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{p}:{n}: not valid JSON ({e})") from None
             if isinstance(doc, dict) and "input_ids" in doc:
@@ -146,7 +147,9 @@ def pack(docs: Iterator[list[int]], seq_len: int, max_tokens: int | None = None,
     if take < 1:
         raise DataError(f"a block of {seq_len} tokens leaves no room for text after the tokenizer's "
                         f"{len(head)} leading special token(s); use a longer --seq-len")
+    text = 0  # tokens of the documents themselves, without the separators and the prefix
     for doc in docs:
+        text += len(doc)
         buf.extend(doc)
         if eos is not None:
             buf.append(eos)
@@ -161,7 +164,7 @@ def pack(docs: Iterator[list[int]], seq_len: int, max_tokens: int | None = None,
         n = len(buf) if max_tokens is None else min(len(buf), max_tokens)
         if n < 2:
             why = (f"--max-tokens {max_tokens} leaves {n}" if max_tokens is not None and len(buf) >= 2
-                   else f"the data holds {n} token(s)")
+                   else "the data holds no text" if text == 0 else f"the data holds {count(n, 'token')}")
             raise DataError(f"{why}; at least 2 are needed (a token and the next one it predicts): give "
                             f"more text or a larger --max-tokens")
         yield np.asarray(buf[:n], dtype=np.int64)

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from core.checkpoint import Checkpoint
-from core.errors import RewriterError
+from core.errors import CheckpointError, RewriterError
+from core.layouts import PER_LAYER_FIELD
 from planners.saliency import Saliency, model_identity
 from profiling.data import LazyTokenizer, documents, pack
 from profiling.observer import ExpertObserver
@@ -53,6 +54,10 @@ def load_model(path: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat
 
     hf_logging.disable_progress_bar()
     cfg = json.loads((Path(path) / "config.json").read_text())
+    if PER_LAYER_FIELD in cfg:
+        raise CheckpointError(f"{Path(path) / 'config.json'}: its layers keep different expert counts "
+                              f"({PER_LAYER_FIELD}), and transformers builds every layer with one count, so it "
+                              f"cannot load this checkpoint; evaluate a uniform prune (plan without --budget)")
     kw: dict[str, Any] = {"dtype": dtype}
     if (cfg.get("quantization_config") or {}).get("quant_method") == "mxfp4":
         from transformers import Mxfp4Config

@@ -16,9 +16,10 @@ dicts, so a crafted file cannot run code, and anything else is refused as "not a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
-from core.errors import SaliencyError
+from core.errors import SaliencyError, count
 from planners.saliency import Saliency
 
 
@@ -46,6 +47,11 @@ def _load(path: str | Path) -> dict:
     except IsADirectoryError:
         raise SaliencyError(f"{path}: is a directory; expected a REAP observer file (torch.save)") from None
     except Exception as e:  # torch raises many kinds for a file that is not a safe torch pickle
+        if type(e).__name__ == "UnpicklingError":  # torch's text advises turning the safety off: not relayed
+            raise SaliencyError(
+                f"{path}: not a REAP observer file: it holds Python objects other than tensors, numbers, "
+                f"strings, lists and dicts, so it is refused (loading them could run code); save the "
+                f"observer's statistics as a dict of layer -> tensors and import that") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SaliencyError(
             f"{path}: not a REAP observer file ({type(e).__name__}: {first[:200]}); expected a torch.save "
@@ -71,7 +77,10 @@ def _tokens(obs: dict, where: str) -> int:
     return int(n)
 
 
-def import_reap(path: str | Path, domain: str = "reap-import", model: dict | None = None) -> Saliency:
+def import_reap(path: str | Path, domain: str = "reap-import", model: dict | None = None,
+                moe_layers: Sequence[int] | None = None) -> Saliency:
+    """The saliency file of REAP observer file ``path``; with ``model`` (the identity of the checkpoint
+    REAP observed) and its ``moe_layers``, the file must score exactly those layers and experts."""
     state = _load(path)
     layers = {}
     tokens = 0
@@ -98,6 +107,22 @@ def import_reap(path: str | Path, domain: str = "reap-import", model: dict | Non
         extra |= set(obs) - {"expert_frequency", "reap", "weighted_ean_sum", "total_tokens"}
         layers[layer] = {"freq": tuple(freq), "reap": tuple(reap)}
     n = {len(v["freq"]) for v in layers.values()}
+    if model is not None:
+        _check_geometry(path, sorted(layers), max(n), model, moe_layers)
     return Saliency(domain=domain, layers=layers, tokens=tokens,
                     model=model or {"num_layers": len(layers), "num_experts": max(n)},
                     method={"imported_from": str(path), "tool": "REAP observer", "other_keys": sorted(extra)})
+
+
+def _check_geometry(path: str | Path, layers: list[int], experts: int, model: dict, moe_layers: Sequence[int] | None) -> None:
+    """SaliencyError when the observer's layers or experts per layer are not those of ``model``."""
+    expected = sorted(moe_layers) if moe_layers is not None else list(range(int(model["num_layers"])))
+    if layers != expected or experts != model["num_experts"]:
+        raise SaliencyError(
+            f"{path}: the observer scored {count(len(layers), 'layer')} ({_span(layers)}) x {experts} experts, but "
+            f"--model has {count(len(expected), 'MoE layer')} ({_span(expected)}) x {model['num_experts']} experts; "
+            f"pass the checkpoint REAP observed with --model (or leave --model out)")
+
+
+def _span(layers: list[int]) -> str:
+    return "none" if not layers else f"{layers[0]}" if len(layers) == 1 else f"{layers[0]}..{layers[-1]}"

@@ -287,7 +287,10 @@ def format_table(result: dict[str, Any]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     if has_base:
         lines.append("")
-        lines.append(f"near-lossless: {'PASS' if result['pass'] else 'FAIL'} (gates: {result['gates']})")
+        g = result["gates"]
+        lines.append(f"near-lossless: {'PASS' if result['pass'] else 'FAIL'} (gates: Δppl <= max({g['ppl_abs']:g}, "
+                     f"{g['ppl_rel']:g} x base ppl), |Δp| <= {g['mean_p']:g}, |Δcc| <= {g['cc']:g}, "
+                     f"JSD <= {g['jsd']:g})")
     return "\n".join(lines)
 
 

@@ -289,11 +289,23 @@ def chart(doc: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with NaN and infinities as ``None`` (JSON ``null``): strict JSON has no such
+    numbers, and jq and JavaScript refuse a file that holds them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def write(doc: dict[str, Any], results: Path, stem: str) -> None:
     results.mkdir(parents=True, exist_ok=True)
     doc = {**doc, "cells": [{**c, "metrics": {k: list(v) for k, v in c["metrics"].items()}} for c in cells(doc)],
            "comparisons": comparisons(doc)}
-    (results / f"{stem}.json").write_text(json.dumps(doc, indent=1, allow_nan=True) + "\n")
+    (results / f"{stem}.json").write_text(json.dumps(strict_json(doc), indent=1, allow_nan=False) + "\n")
     (results / f"{stem}.md").write_text(markdown(doc))
     try:
         chart(doc, results / f"{stem}.png")

@@ -11,19 +11,30 @@ defaults (``python -m ray_jobs.rewrite --help`` lists them); inside a job Ray co
 job's cluster. The package is installed on every node; the destination (and the plan, when
 not sent with the job) live on storage every node reaches (a shared filesystem or an object
 store). The run keeps its status document in ``DST/.rewriter/status.json`` (``rewriter status``).
+``ray job stop`` (SIGTERM to this process) is an interrupt, as Ctrl-C is to ``rewriter run``: the
+tasks in flight are given up, the status document reads ``interrupted``, and the same job resumes.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+from types import FrameType
 
 from rewriter.cli import main as rewriter
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run ``rewriter run --ray`` with ``argv`` (default: this process's arguments); exits."""
     args = sys.argv[1:] if argv is None else argv
+    # `ray job stop` sends SIGTERM and, a few seconds later, SIGKILL: in between the run records
+    # that it was interrupted, as a Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # The run command itself (not the group), so its usage line reads as this entry point is typed.
     rewriter.commands["run"].main(["--ray", *args], prog_name="python -m ray_jobs.rewrite")

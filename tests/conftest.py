@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,57 @@ from rewriter.tools.synth import PRESETS, synthetic_saliency, write_checkpoint
 REPO = Path(__file__).resolve().parent.parent
 #: Copies of the real gpt-oss-20b config.json and index (from shared/reference).
 REFERENCE = Path(__file__).resolve().parent / "assets"
+
+
+#: The SIGINT handler every test must leave in place.
+_SIGINT_HANDLER = pytest.StashKey[object]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A shell starts a background job (`make test &`, nohup, some CI runners) with SIGINT ignored,
+    # and then Python installs no handler: a simulated Ctrl-C (_thread.interrupt_main) does nothing
+    # and the processes the tests start inherit the ignored SIGINT. The Ctrl-C tests need what a
+    # user's terminal gives, wherever the suite was started from.
+    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    config.stash[_SIGINT_HANDLER] = signal.getsignal(signal.SIGINT)
+
+
+@pytest.fixture(autouse=True)
+def _sigint_handler_left_as_found(request: pytest.FixtureRequest):
+    """Fail the test that leaves the process's SIGINT handler changed (itself or through a fixture
+    it set up), and put the handler back, so the Ctrl-C tests after it still see their interrupt."""
+    expected = request.config.stash.get(_SIGINT_HANDLER, signal.default_int_handler)
+    yield
+    handler = signal.getsignal(signal.SIGINT)
+    if handler != expected:
+        signal.signal(signal.SIGINT, expected)
+        pytest.fail(f"{request.node.nodeid} (or a fixture it set up) left the SIGINT handler set to "
+                    f"{handler!r} instead of {expected!r}: restore it where it was changed, or the Ctrl-C "
+                    "tests after this one never see their interrupt", pytrace=False)
+
+
+def assert_ctrl_c_reaches_python() -> None:
+    """A simulated Ctrl-C (_thread.interrupt_main) raises KeyboardInterrupt only where Python's
+    handler is in place; with SIGINT ignored or left at the default it is silently dropped."""
+    handler = signal.getsignal(signal.SIGINT)
+    assert handler is signal.default_int_handler, (
+        f"precondition: the SIGINT handler of the test process is {handler!r}, not Python's "
+        "default_int_handler, so a simulated Ctrl-C would be lost before reaching the command")
+
+
+def sigint_disposition(pid: int) -> str | None:
+    """What process ``pid`` does on SIGINT: 'caught', 'ignored' or 'default' (None where the
+    system has no /proc to say)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    bit = 1 << (signal.SIGINT - 1)
+    if int(fields["SigIgn"], 16) & bit:
+        return "ignored"
+    return "caught" if int(fields["SigCgt"], 16) & bit else "default"
 
 
 def cli(*args: str, expect: int | None = 0) -> str:

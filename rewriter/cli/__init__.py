@@ -27,6 +27,7 @@ from rewriter.cli.params import (
     SIZE,
     _options,
     finite,
+    per_layer_plan_note,
     refuse_existing_file,
     refuse_missing_folder,
     save_plan,
@@ -37,6 +38,7 @@ from rewriter.cli.runopts import run_options as generated_run_options
 
 if TYPE_CHECKING:
     from rewriter.exec.options import RunOptions
+from core.errors import count
 
 MiB = 1 << 20
 log = logging.getLogger(__name__)
@@ -52,8 +54,24 @@ def main(verbose: int) -> None:
     --out plan.json` (prints the I/O cost), `rewriter run plan.json --out DST`, then
     `rewriter verify SRC DST`. `rewriter prune SRC DST ...` plans and runs in one go.
     """
-    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
-                        format="%(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    if not root.handlers:  # as logging.basicConfig: an embedding program's logging setup wins
+        handler = logging.StreamHandler()
+        handler.setFormatter(_LogFormat())
+        root.addHandler(handler)
+        root.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)])
+
+
+class _LogFormat(logging.Formatter):
+    """Warnings as the CLI's own ``warning: ...`` lines; info and debug (-v, -vv) name their module."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno >= logging.WARNING:
+            return f"{record.levelname.lower()}: {record.getMessage()}"
+        return super().format(record)
 
 
 # --- synth / inspect ---------------------------------------------------------------------------
@@ -89,13 +107,15 @@ def synth(preset: str, layers: int | None, sparse: bool, computing: bool, force:
     if os.path.isdir(out) and not holds_only_temporaries(out) and not force:
         raise click.BadParameter(f"{out} is not empty; refusing to mix two checkpoints in one folder: choose "
                                  f"a new folder or pass --force to write into it anyway", param_hint="OUT")
-    on_interrupt(f"{out} holds a partial checkpoint; run the same command with --force to write it again")
+    on_interrupt(lambda: f"{out} holds no finished file yet; run the same command again"
+                 if not os.path.isdir(out) or holds_only_temporaries(out)
+                 else f"{out} holds a partial checkpoint; run the same command with --force to write it again")
     bar = ByteProgress(label="synth", enabled=not quiet and not sparse)
     bar.start(sum(nbytes_of(d, shape) for _, d, shape in all_tensors(g)))
     index = write_checkpoint(out, g, sparse=sparse, progress=bar, values=computing_chunks if computing else None)
     bar.close()
     shards = len(set(index["weight_map"].values()))
-    click.echo(f"wrote {out}: {g.num_layers} layers x {g.num_experts} experts, {shards} shards, "
+    click.echo(f"wrote {out}: {g.num_layers} layers x {g.num_experts} experts, {count(shards, 'shard')}, "
                f"total_size {index['metadata']['total_size']:,}{' (sparse)' if sparse else ''}")
 
 
@@ -312,9 +332,7 @@ def plan(src: str, layers: str | None, buffer_mib: int, out: str | None, as_json
                       buffer_bytes=buffer_mib * MiB, latency_s=latency_ms / 1000, inflight=inflight,
                       max_gap=max_gap_kib * 1024, link_bytes_per_s=link_mbps * 1e6)
     if as_json:
-        click.echo(json.dumps({"plan": out, "plan_digest": p.digest, "num_experts": n_exp, "top_k": p.top_k,
-                               "keep": {str(k): list(v) for k, v in sorted(p.keep.items())},
-                               "expert_mapping": p.expert_mapping(), "loadable_by_transformers": p.loadable,
+        click.echo(json.dumps({"plan": out, "plan_digest": p.digest, "num_experts": n_exp, **_keep_json(p),
                                "cost": report.to_json()}, indent=1))
         return
     click.echo(format_report(report))
@@ -322,6 +340,12 @@ def plan(src: str, layers: str | None, buffer_mib: int, out: str | None, as_json
         click.echo(line)
     if out:
         click.echo(f"plan:       {out} ({p.digest[:12]})")
+
+
+def _keep_json(p: Any) -> dict[str, Any]:
+    """What a plan keeps, for ``--json``: top-k, kept ids and old -> new expert ids per layer."""
+    return {"top_k": p.top_k, "keep": {str(k): list(v) for k, v in sorted(p.keep.items())},
+            "expert_mapping": p.expert_mapping(), "loadable_by_transformers": p.loadable}
 
 
 def _bandwidths(read_mbps: float | None, write_mbps: float | None, measure_dir: str | None) -> tuple[float, float]:
@@ -412,7 +436,7 @@ def _execute(p: Any, dst: str, options: RunOptions, *, quiet: bool, as_json: boo
         result = execute(p, dst, options, progress=progress, on_start=bar.start, observer=status)
     bar.close()
     if as_json:
-        click.echo(json.dumps({**result.to_json(), "loadable_by_transformers": p.loadable}, indent=1))
+        click.echo(json.dumps({**result.to_json(), **_keep_json(p)}, indent=1))
         return
     if p.skipped_files:
         click.echo(f"left out {len(p.skipped_files)} source files ({', '.join(p.skipped_files[:3])}"
@@ -423,14 +447,14 @@ def _execute(p: Any, dst: str, options: RunOptions, *, quiet: bool, as_json: boo
     else:
         resumed = sum(1 for s in result.shards if s.resumed)
         rate = result.bytes_written / result.seconds if result.seconds else 0
-        click.echo(f"wrote {dst}: {len(result.shards)} shards ({resumed} resumed), "
+        click.echo(f"wrote {dst}: {count(len(result.shards), 'shard')} ({resumed} resumed), "
                    f"{human_bytes(result.bytes_written)} written, {human_bytes(result.bytes_read)} read, "
                    f"{result.seconds:.2f} s ({human_bytes(rate)}/s), peak RSS {human_bytes(result.peak_rss_bytes)}")
     if not p.loadable:
         counts = sorted({len(k) for k in p.keep.values()})
         click.echo(f"note: {dst} keeps {counts} experts in different layers; stock transformers cannot load "
-                   f"it (its {p.family} model needs one count in every layer): use a loader that takes per-layer "
-                   f"expert counts, or plan with --keep-n/--keep-frac")
+                   f"it (its {p.family} model needs one count in every layer): use a loader that reads the per-layer "
+                   f"counts its config.json holds in num_experts_per_layer, or plan with --keep-n/--keep-frac")
 
 
 @main.command()
@@ -449,7 +473,7 @@ def run(plan_file: str, dst: str, allow_nonuniform: bool, src_options: dict[str,
 
     p = Plan.load(plan_file)
     if p.is_dry_run:
-        raise click.UsageError("this is a per-layer plan; execute it with `rewriter dry-run`")
+        raise click.UsageError(per_layer_plan_note(plan_file))
     options = options_from(kw, allow_nonuniform=allow_nonuniform, src_options=src_options or {})
     _execute(p, dst, options, **kw)
 
@@ -505,6 +529,7 @@ def soft_prune(src: str, dst: str, plan_out: str | None, verbose: bool, **kw: An
 @click.option("--src-options", type=JSON_OBJECT, default=None, help="fsspec options for SRC as JSON.")
 @click.option("--dst-options", type=JSON_OBJECT, default=None, help="fsspec options for DST as JSON.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report (tensors, bytes, mismatches, problems) as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress on stderr (a bar on a terminal, a line every few seconds otherwise).")
 @click.option("--ray", "use_ray", is_flag=True, help="Check the shards in Ray tasks (pip install '.[ray]').")
 @click.option("--address", default=None, help="Ray cluster address, with --ray (default: start a local one).")
 @click.option("--workers", "ray_workers", type=POSITIVE, default=2, show_default=True, help="Ray tasks at a time, with --ray.")
@@ -512,12 +537,13 @@ def soft_prune(src: str, dst: str, plan_out: str | None, verbose: bool, **kw: An
               help="With --ray: seconds to wait for the Ray cluster at --address to answer.")
 @_fail_cleanly
 def verify(paths: tuple[str, ...], buffer_mib: int, src_options: dict[str, Any] | None,
-           dst_options: dict[str, Any] | None, as_json: bool, use_ray: bool, address: str | None, ray_workers: int,
-           ray_timeout: float) -> None:
+           dst_options: dict[str, Any] | None, as_json: bool, quiet: bool, use_ray: bool, address: str | None,
+           ray_workers: int, ray_timeout: float) -> None:
     """Prove DST: every byte of every output tensor equals its planned slice of SRC, and every
     shard hashes to the sha256 (of the shard, or of each part) DST/pruning.json records.
 
-    SRC defaults to the source recorded in DST/pruning.json. Exits 1 when it finds a mismatch or
+    SRC defaults to the source recorded in DST/pruning.json: a remote source's URL; a local source
+    is recorded by content only (no path of this machine is published), so give SRC. Exits 1 when it finds a mismatch or
     a problem, 2 when it cannot verify (DST is not an output of this tool, SRC cannot be read).
     """
     if len(paths) > 2:
@@ -534,8 +560,18 @@ def verify(paths: tuple[str, ...], buffer_mib: int, src_options: dict[str, Any] 
                                dst_options=dst_options or {}, buffer_bytes=buffer_mib * MiB,
                                connect_timeout_s=ray_timeout)
     else:
+        from rewriter.tools.progress import ByteProgress
+
+        bar = ByteProgress(label="verify", enabled=not quiet and not as_json)
+
+        def progress(n: int, total: int) -> None:
+            if not bar.total:
+                bar.start(total)
+            bar(n)
+
         report = do_verify(src, dst, src_options=src_options or {}, dst_options=dst_options or {},
-                           buffer_bytes=buffer_mib * MiB)
+                           buffer_bytes=buffer_mib * MiB, progress=progress)
+        bar.close(completed=report.ok)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=1))
     else:
@@ -558,8 +594,9 @@ def _refuse_file_as_output(path: str, param: str) -> None:
 
 
 @main.command("dry-run")
-@click.argument("src")
-@click.option("--layer", "layer_ids", type=NON_NEGATIVE, multiple=True, required=True, help="Layer to probe (repeat).")
+@click.argument("src", metavar="SRC|PLAN")
+@click.option("--layer", "layer_ids", type=NON_NEGATIVE, multiple=True,
+              help="Layer to probe (repeat); required with SRC, not with a PLAN (its layers are probed).")
 @policy_options
 @click.option("--scratch", default=None, help="Scratch directory (default: a temporary one).")
 @click.option("--buffer-mib", type=BUFFER_MIB, default=16, show_default=True, help="Copy buffer in MiB.")
@@ -568,11 +605,21 @@ def _refuse_file_as_output(path: str, param: str) -> None:
 @_fail_cleanly
 def dry_run_cmd(src: str, layer_ids: tuple[int, ...], scratch: str | None, buffer_mib: int, no_zero_copy: bool,
                 as_json: bool, **kw: Any) -> None:
-    """Rewrite only the given layers' expert tensors and report time, bytes and peak RSS per layer."""
+    """Rewrite only the given layers' expert tensors and report time, bytes and peak RSS per layer.
+
+    SRC is a checkpoint (give --layer and the keep options); PLAN is a per-layer plan written by
+    `rewriter plan SRC --layers N,... --out PLAN`, which holds both.
+    """
     from planners.cost import human_bytes, shard_label
     from rewriter.exec.run.dryrun import dry_run
 
-    p, _ = make_plan(src, layers_only=sorted(set(layer_ids)), layers_option="--layer", **kw)
+    if "://" not in src and os.path.isfile(src) and not src.endswith(".safetensors"):
+        p = _per_layer_plan(src, layer_ids, kw)
+    elif not layer_ids:
+        raise click.UsageError("give the layers to probe with --layer N (repeat), or a per-layer PLAN written "
+                               "by `rewriter plan SRC --layers N,... --out PLAN`")
+    else:
+        p, _ = make_plan(src, layers_only=sorted(set(layer_ids)), layers_option="--layer", **kw)
     on_interrupt(f"the probe's scratch files are removed{f' from {scratch}' if scratch else ''}")
     probes = dry_run(p, scratch=scratch, buffer_bytes=buffer_mib * MiB, zero_copy=not no_zero_copy,
                      src_options=kw["storage_options"] or {})
@@ -588,6 +635,23 @@ def dry_run_cmd(src: str, layer_ids: tuple[int, ...], scratch: str | None, buffe
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _per_layer_plan(plan_file: str, layer_ids: tuple[int, ...], kw: dict[str, Any]) -> Any:
+    """The per-layer plan in ``plan_file``; keep options given beside it are refused (the plan holds its own)."""
+    from planners.plan import Plan
+
+    ctx = click.get_current_context()
+    given = [f"--{k.replace('_', '-')}" for k in kw if k != "storage_options"
+             and ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
+    if layer_ids or given:
+        raise click.UsageError(f"{plan_file} is a plan, which holds its layers and keep options: leave out "
+                               f"{', '.join((['--layer'] if layer_ids else []) + given)}")
+    p = Plan.load(plan_file)
+    if not p.is_dry_run:
+        raise click.UsageError(f"{plan_file} plans the whole checkpoint: run it with `rewriter run {plan_file} "
+                               f"--out DST`, or give dry-run a plan written with --layers")
+    return p
 
 
 # --- saliency ------------------------------------------------------------------------------------
@@ -732,7 +796,9 @@ def eval_cmd(model: str, packs: tuple[str, ...], seq_lens: tuple[int, ...], bloc
     if plot:
         plot_histograms(result, plot)
     if as_json:
-        click.echo(json.dumps(result, indent=1))
+        from quality.report import strict_json
+
+        click.echo(json.dumps(strict_json(result), indent=1, allow_nan=False))
     else:
         click.echo(format_table(result))
     sys.exit(1 if result["pass"] is False else 0)
@@ -744,7 +810,8 @@ def eval_cmd(model: str, packs: tuple[str, ...], seq_lens: tuple[int, ...], bloc
 @click.option("--domain", type=DOMAIN, default="reap-import", show_default=True, help="Calibration domain name to record.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--model", "model_ckpt", default=None, metavar="CKPT",
-              help="The checkpoint REAP observed: record its identity, so plan can check the file fits.")
+              help="The checkpoint REAP observed: the file must score its MoE layers and experts; its identity is "
+                   "recorded, so plan can check the file fits.")
 @_fail_cleanly
 def import_reap_cmd(observer_file: str, out: str, domain: str, force: bool, model_ckpt: str | None) -> None:
     """Convert a REAP observer file (torch.save dict) into a saliency file.
@@ -757,8 +824,10 @@ def import_reap_cmd(observer_file: str, out: str, domain: str, force: bool, mode
     from profiling.reap_import import import_reap
 
     refuse_existing_file(out, "--out", force)
-    identity = model_identity(Checkpoint.open(model_ckpt)) if model_ckpt else None
-    sal = import_reap(observer_file, domain, model=identity)
+    ckpt = Checkpoint.open(model_ckpt) if model_ckpt else None
+    identity = model_identity(ckpt) if ckpt else None
+    moe_layers = sorted(ckpt.layout.moe_layers(ckpt)) if ckpt else None
+    sal = import_reap(observer_file, domain, model=identity, moe_layers=moe_layers)
     save_saliency(sal, out, force)
     click.echo(f"wrote {out}: {len(sal.layers)} layers from {observer_file}")
 
@@ -791,7 +860,7 @@ def check(ckpt: str, targets: tuple[str, ...], ep: int | None, as_json: bool, st
                                "top_k": facts.top_k, "ep": ep, "ok": not failures(verdicts),
                                "verdicts": [v.to_json() for v in verdicts]}, indent=1))
     else:
-        click.echo(f"{c.url}: {facts.family}, {facts.count} experts per layer, top-k {facts.top_k}"
+        click.echo(f"{c.url}: {facts.family}, {facts.count_text()} experts per layer, top-k {facts.top_k}"
                    + (f", --ep {ep}" if ep else ""))
         click.echo(format_verdicts(verdicts))
     sys.exit(EXIT_FOUND if failures(verdicts) else EXIT_OK)
@@ -801,12 +870,14 @@ def check(ckpt: str, targets: tuple[str, ...], ep: int | None, as_json: bool, st
 @click.argument("dst")
 @click.option("--base-model", default=None, help="Hub repo id ORG/NAME of the source (default: from an hf:// source, a Hugging Face cache folder or the config).")
 @click.option("--eval", "eval_json", default=None, help="A `rewriter eval --json` result to include.")
-@click.option("--verify", "run_verify", is_flag=True, help="Run `rewriter verify` against the recorded source and include it.")
+@click.option("--verify", "run_verify", is_flag=True, help="Run `rewriter verify` and include it: against --src, else "
+              "the recorded source (a local source is recorded by content only: give --src).")
+@click.option("--src", "src", default=None, help="The source to verify against (with --verify).")
 @click.option("--src-options", type=JSON_OBJECT, default=None, help="fsspec options for the source as JSON (with --verify).")
 @click.option("--dst-options", type=JSON_OBJECT, default=None, help="fsspec options for DST as JSON.")
 @_fail_cleanly
-def card(dst: str, base_model: str | None, eval_json: str | None, run_verify: bool, src_options: dict[str, Any] | None,
-         dst_options: dict[str, Any] | None) -> None:
+def card(dst: str, base_model: str | None, eval_json: str | None, run_verify: bool, src: str | None,
+         src_options: dict[str, Any] | None, dst_options: dict[str, Any] | None) -> None:
     """Write DST/README.md again from DST/pruning.json, adding eval results and verify status.
 
     Each run renders the whole card, so give every extra you want in it.
@@ -823,7 +894,7 @@ def card(dst: str, base_model: str | None, eval_json: str | None, run_verify: bo
     if run_verify:
         from rewriter.exec.publish.verify import verify as do_verify
 
-        report = do_verify(None, dst, src_options=(src_options or {}), dst_options=(dst_options or {})).to_json()
+        report = do_verify(src, dst, src_options=(src_options or {}), dst_options=(dst_options or {})).to_json()
     result = load_eval(eval_json) if eval_json else None
     update_card(destination, base_model=base_model, verify=report, eval_result=result)
     click.echo(f"wrote {destination.describe('README.md')}" + (f" (verify: {'OK' if report['ok'] else 'FAILED'})" if report else ""))
@@ -840,7 +911,8 @@ def cleanup(dst: str, dst_options: dict[str, Any] | None, dry_run: bool) -> None
     Takes DST's lock first (a run still writing is never disturbed; --dry-run only reads, without
     the lock, and says when a run is in progress). A missing DST or a file is refused; a folder no
     run wrote state into is left unchanged. Finished shards stay journaled: `rewriter run` resumes
-    from them; unfinished shards are written again.
+    from them; unfinished shards are written again. The status document (`rewriter status`) then
+    counts only the finished shards, a run left running reads as stopped, and a note says why.
     """
     from rewriter.exec.dest.cleanup import cleanup as do_cleanup
 

@@ -8,32 +8,44 @@ import io
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import click
 
-from core.errors import RewriterError, StorageAccessError
+from core.errors import RewriterError, StorageAccessError, Terminated
 
 log = logging.getLogger(__name__)
 
 #: Exit statuses of every command (also in README "Exit statuses" and each command's --help).
 EXIT_OK, EXIT_FOUND, EXIT_ERROR, EXIT_BUG, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 75, 130
+#: 128 + SIGTERM, the status a shell reports for a process SIGTERM ended.
+EXIT_TERMINATED = 128 + signal.SIGTERM
 EXIT_STATUS_HELP = (
     "Exit status: 0 done; 1 the checks ran and found a problem (verify: mismatches or problems; eval "
-    "--compare: a gate failed); 2 error: bad usage or input, or the work could not be done (one "
+    "--compare: a gate failed; check: a rule failed; status: the job or the run failed); 2 error: bad usage or input, or the work could not be done (one "
     "'error:' line says which and what to do); 3 internal error (a bug: please report it with the "
     "output of `rewriter -vv COMMAND ...`); 75 the destination is in use by another run (wait for it to end); 130 "
-    "interrupted (Ctrl-C). With --json an error is printed to stdout as "
+    "interrupted (Ctrl-C); 143 terminated (SIGTERM, as sent by kill, timeout, Kubernetes, Slurm), "
+    "handled as Ctrl-C is. With --json an error is printed to stdout as "
     '{"error": MESSAGE, "exit_status": N}.'
 )
 # What an interrupted command leaves and how to go on; commands that write set it.
-_interrupt_hint: list[str] = []
+_interrupt_hint: list[str | Callable[[], str]] = []
 
 
-def on_interrupt(hint: str) -> None:
+def on_interrupt(hint: str | Callable[[], str]) -> None:
+    """Say ``hint`` after "interrupted"; a callable is asked when the interrupt comes, for a hint
+    that depends on what was written by then."""
     _interrupt_hint[:] = [hint]
+
+
+def _hint() -> str:
+    hint = _interrupt_hint[0] if _interrupt_hint else ""
+    return hint() if callable(hint) else hint
 
 
 def _describe_error(e: BaseException) -> tuple[str, int]:
@@ -45,8 +57,11 @@ def _describe_error(e: BaseException) -> tuple[str, int]:
         return e.format_message() + where, EXIT_ERROR
     if isinstance(e, click.ClickException):
         return e.format_message(), EXIT_ERROR
+    if isinstance(e, Terminated):
+        return "terminated (SIGTERM)" + (f"; {_interrupt_hint[0]}" if _interrupt_hint else ""), EXIT_TERMINATED
     if isinstance(e, (KeyboardInterrupt, click.Abort)):
-        return "interrupted" + (f"; {_interrupt_hint[0]}" if _interrupt_hint else ""), EXIT_INTERRUPTED
+        hint = _hint()
+        return "interrupted" + (f"; {hint}" if hint else ""), EXIT_INTERRUPTED
     if isinstance(e, ModuleNotFoundError):
         return (f"this command needs the Python package {e.name!r}, which is not installed; install the "
                 f"extra that brings it: pip install 'moe-rewriter[torch]' (or [ray], [s3])"), EXIT_ERROR
@@ -103,6 +118,21 @@ def _storage_option(url: str, params: dict[str, Any]) -> str:
     return "--src-options" if "src_options" in params else "--storage-options"
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    # Later SIGTERMs are ignored so that they cannot cut short the clean-up this one starts
+    # (removing temporaries, recording the run as interrupted); SIGKILL still ends it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated()
+
+
+def stop_on_sigterm() -> Any:
+    """Make SIGTERM raise :class:`Terminated` in the main thread, so a command stops as on Ctrl-C;
+    returns the handler it replaced (None when not on the main thread, where it cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _terminated)
+
+
 class RewriterCommand(click.Command):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("epilog", EXIT_STATUS_HELP)
@@ -119,6 +149,7 @@ class RewriterGroup(click.Group):
         argv = list(sys.argv[1:] if args is None else args)
         _interrupt_hint.clear()
         sys.stdout, sys.stderr = QuietWhenClosed.wrap(sys.stdout), QuietWhenClosed.wrap(sys.stderr)
+        previous = stop_on_sigterm()
         try:
             status = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as e:
@@ -126,6 +157,9 @@ class RewriterGroup(click.Group):
             sys.exit(EXIT_OK)
         except (Exception, KeyboardInterrupt) as e:
             _exit_with(e, "--json" in argv)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         sys.exit(status if isinstance(status, int) else EXIT_OK)
 
 

@@ -17,7 +17,7 @@ import click
 
 from rewriter.cli.errors import EXIT_FOUND, EXIT_OK, RewriterCommand
 from rewriter.cli.errors import fail_cleanly as _fail_cleanly
-from rewriter.cli.params import JSON_OBJECT, finite
+from rewriter.cli.params import JSON_OBJECT, finite, per_layer_plan_note
 
 #: Options of ``run`` that ``submit`` does not forward: the job always runs on Ray, on the
 #: cluster it was submitted to.
@@ -57,7 +57,7 @@ def _submit_command(run: click.Command) -> click.Command:
 
         p = Plan.load(plan_file)
         if p.is_dry_run:
-            raise click.UsageError("this is a per-layer plan; execute it with `rewriter dry-run`")
+            raise click.UsageError(per_layer_plan_note(plan_file))
         if "://" not in dst and not os.path.isabs(dst):
             raise click.BadParameter(f"{dst} is a relative path, which means nothing on the cluster: give an "
                                      f"absolute path on storage every node shares, or a URL (s3://...)",
@@ -125,6 +125,8 @@ def _job_lines(job: dict[str, Any]) -> list[str]:
         lines.append(f"into:       {meta['rewriter_dst']} (plan {str(meta.get('rewriter_plan_digest', '?'))[:12]})")
     if job.get("error"):
         lines.append(f"job error:  {job['error']}")
+    if job.get("refused"):
+        lines.append(f"refused:    {job['refused']}")
     return lines
 
 
@@ -148,11 +150,13 @@ def status(target: str, address: str | None, timeout: float, dst_options: dict[s
 
     Shows the job's state and the run's status document (DST/.rewriter/status.json): bytes and
     shards done, rate, ETA, the last error; a finished output reads as complete, a run whose
-    driver is gone from this host as stopped, a Ctrl-C as interrupted. Exit status 1 when the job
-    or the run failed or stopped (0 when interrupted: the same command resumes it).
+    driver is gone from this host as stopped, a Ctrl-C (or `ray job stop`) as interrupted. A job
+    refused because another run holds the destination says so; a job that failed before its run
+    started shows its last log lines. Exit status 1 when the job or the run failed or stopped (0
+    when interrupted: the same command resumes it).
     """
     from rewriter.exec.dest.runstatus import format_status
-    from rewriter.tools.jobs import META_DST, JobService, last_error
+    from rewriter.tools.jobs import META_DST, JobService, failure_cause, refused_as_locked
 
     job: dict[str, Any] | None = None
     if address is not None:
@@ -163,13 +167,17 @@ def status(target: str, address: str | None, timeout: float, dst_options: dict[s
         service = JobService(address, timeout)
         job = service.info(target)
         if job["status"] in ("FAILED", "STOPPED"):
-            job["error"] = last_error(service.logs(target))
+            job["error"] = failure_cause(service.logs(target), job.get("message"))
         dst = job["metadata"].get(META_DST)
+        if job["status"] == "FAILED" and refused_as_locked(job):
+            job["refused"] = (f"this job never ran: another run holds the destination {dst} (exit status 75); "
+                              f"the run below is that one, not this job's; submit again once it has ended")
         if not dst:
             raise click.BadParameter(f"job {target} was not submitted by `rewriter submit` (its metadata names no "
                                      f"destination); see it with `ray job status`", param_hint="JOB")
     doc, problem = _run_state(dst, dst_options, job)
-    if job and doc and job["status"] in ("FAILED", "STOPPED") and doc["state"] in ("running", "stopped"):
+    if job and doc and job["status"] in ("FAILED", "STOPPED") and doc["state"] in ("running", "stopped") \
+            and not job.get("refused"):
         doc["note"] = ("the job ended while the run was writing; submit the same plan and destination again "
                        "to resume it")
     if as_json:

@@ -20,8 +20,10 @@ class _JsonObject(click.ParamType):
     def convert(self, value: Any, param: Any, ctx: Any) -> dict[str, Any]:
         if isinstance(value, dict):
             return value
+        from core.jsonfile import loads
+
         try:
-            d = json.loads(value)
+            d = loads(value)
         except json.JSONDecodeError as e:
             self.fail(f"not JSON: {e}", param, ctx)
         if not isinstance(d, dict):
@@ -214,3 +216,8 @@ def _options(*opts: Callable[..., Any]) -> Callable[..., Any]:
         return fn
 
     return apply
+def per_layer_plan_note(plan_file: str) -> str:
+    """Why ``run`` refuses a per-layer plan, and the commands that take it."""
+    return (f"{plan_file} is a per-layer plan (written by `rewriter plan ... --layers`), which probes layers "
+            f"but is no whole checkpoint: probe them with `rewriter dry-run {plan_file}`, or write a plan "
+            f"without --layers to run")

@@ -98,7 +98,8 @@ class RunOptions:
                                       "Seconds to wait for the Ray cluster at --address to answer.", kind="seconds")
     pending_timeout_s: float = option(
         PENDING_TIMEOUT_S, "--ray-pending-timeout", "Seconds to wait for a Ray actor the cluster cannot place (no "
-        "free CPU or memory, a lost node) before its work goes to the others, or the run stops if none runs.",
+        "free CPU or memory, a lost node) or is restarting before its work goes to the others, or the run stops "
+        "if none runs.",
         kind="seconds")
     part_bytes: int = option(
         DEFAULT_PART_BYTES, "--part-mib", "With --ray: shards larger than this are written in parts of this size by "

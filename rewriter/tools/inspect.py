@@ -16,18 +16,19 @@ def describe(url: str, storage_options: Mapping[str, Any] | None = None) -> dict
     ckpt = Checkpoint.open(url, storage_options)
     layout = ckpt.layout
     moe = layout.moe_layers(ckpt)
-    n = layout.num_experts(ckpt.config)
+    counts = sorted({layer.num_experts for layer in moe.values()}) or [layout.num_experts(ckpt.config)]
     layers = []
     sizes: set[int] = set()
     for idx, layer in moe.items():
         infos = [ckpt.tensors[t.name] for t in layer.tensors]
         expert_bytes = sum(i.nbytes for i in infos)
-        sizes.add(expert_bytes // n)
+        sizes.add(expert_bytes // layer.num_experts)
         layers.append({
             "layer": idx,
+            "experts": layer.num_experts,
             "shards": sorted({i.shard for i in infos}),
             "expert_bytes": expert_bytes,
-            "bytes_per_expert": expert_bytes // n,
+            "bytes_per_expert": expert_bytes // layer.num_experts,
         })
     per_expert = sorted(sizes)
     return {
@@ -36,7 +37,8 @@ def describe(url: str, storage_options: Mapping[str, Any] | None = None) -> dict
         "model_type": ckpt.model_type,
         "num_layers": ckpt.config.get("num_hidden_layers"),
         "moe_layers": len(moe),
-        "experts_per_layer": n,
+        # One count, or the smallest and largest where layers keep different counts.
+        "experts_per_layer": counts[0] if len(counts) == 1 else [counts[0], counts[-1]],
         "top_k": layout.top_k(ckpt.config),
         "bytes_per_expert": per_expert[0] if len(per_expert) == 1 else per_expert,
         "total_size": ckpt.total_size,
@@ -50,6 +52,10 @@ def describe(url: str, storage_options: Mapping[str, Any] | None = None) -> dict
     }
 
 
+def _count_text(v: Any) -> str:
+    return f"{v[0]}-{v[1]} (differs per layer)" if isinstance(v, list) else str(v)
+
+
 def format_description(info: Mapping[str, Any]) -> str:
     from planners.cost import human_bytes, shard_label
 
@@ -57,7 +63,7 @@ def format_description(info: Mapping[str, Any]) -> str:
         f"checkpoint:        {info['url']}",
         f"family:            {info['family']} (model_type {info['model_type']})",
         f"layers:            {info['num_layers']} ({info['moe_layers']} MoE)",
-        f"experts per layer: {info['experts_per_layer']}, top-k {info['top_k']}",
+        f"experts per layer: {_count_text(info['experts_per_layer'])}, top-k {info['top_k']}",
         f"bytes per expert:  {info['bytes_per_expert']:,} per layer" if isinstance(info['bytes_per_expert'], int)
         else f"bytes per expert:  {info['bytes_per_expert']}",
         f"tensor data:       {human_bytes(info['total_size'])} ({info['total_size']:,} B), "
@@ -65,11 +71,11 @@ def format_description(info: Mapping[str, Any]) -> str:
         f"shards:            {len(info['shards'])}, {info['tensors']} tensors",
         f"other files:       {', '.join(info['other_files']) or '-'}",
         "",
-        "layer  expert bytes  MoE tensors in shards",
+        "layer  experts  expert bytes  MoE tensors in shards",
     ]
     for entry in info["layers"]:
         shards = ",".join(shard_label(s) for s in entry["shards"])
-        lines.append(f"{entry['layer']:>5}  {human_bytes(entry['expert_bytes']):>12}  {shards}")
+        lines.append(f"{entry['layer']:>5}  {entry['experts']:>7}  {human_bytes(entry['expert_bytes']):>12}  {shards}")
     lines.append("")
     lines.append(f"read {info['bytes_read']:,} bytes in {info['requests']} requests (headers, index, config)")
     return "\n".join(lines)

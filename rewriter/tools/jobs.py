@@ -128,7 +128,31 @@ class JobService:
         asyncio.run(tail())
 
 
+#: How many of the last log lines say why a job ended that printed no ``error:`` line.
+CAUSE_LINES = 3
+
+
 def last_error(logs: str) -> str | None:
     """The last ``error:`` line a command printed in the job's logs."""
     lines = [ln[len("error:"):].strip() for ln in logs.splitlines() if ln.startswith("error:")]
     return lines[-1] if lines else None
+
+
+def failure_cause(logs: str, message: str | None) -> str | None:
+    """Why an ended job failed: its last ``error:`` line, or, for a job that ended before the
+    command could print one (the cluster's ``python`` lacks the package, a crash), the last
+    lines of its logs (a traceback's last line names the exception), or Ray's message."""
+    error = last_error(logs)
+    if error:
+        return error
+    tail = [ln.strip() for ln in logs.splitlines() if ln.strip()][-CAUSE_LINES:]
+    if tail:
+        return "the job ended before the run could report an error; its last log lines: " + " | ".join(tail)
+    return message.strip() if message and message.strip() else None
+
+
+def refused_as_locked(job: dict[str, Any]) -> bool:
+    """Whether the job's command ended with exit status 75: the destination was locked by
+    another run, so nothing in the destination is this job's."""
+    text = f"{job.get('message') or ''}\n{job.get('error') or ''}"
+    return "exit code 75" in text or " is in use: " in text

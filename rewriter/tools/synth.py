@@ -310,6 +310,7 @@ def write_shard(path: Path, items: list[tuple[str, str, tuple[int, ...]]], spars
     head = encode_header(ordered, {"format": "pt"})
     total = len(head) + sum(nbytes_of(d, s) for _, d, s in ordered)
     tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp.unlink(missing_ok=True)  # a fresh file, whatever a left-over one is a link of
     try:
         with open(tmp, "wb") as f:
             f.write(head)
@@ -355,12 +356,20 @@ def write_checkpoint(out: str | os.PathLike, g: Geometry, sparse: bool = False,
             total += nbytes_of(dtype, shape)
     # Index order: the order tensors were assigned, as in the gpt-oss repos.
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "config.json").write_text(json.dumps(config_for(g), indent=2) + "\n")
-    (out / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": 0, "eos_token_id": config_for(g)["eos_token_id"]}, indent=2) + "\n"
-    )
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    _replace_text(out / "config.json", json.dumps(config_for(g), indent=2) + "\n")
+    _replace_text(out / "generation_config.json",
+                  json.dumps({"bos_token_id": 0, "eos_token_id": config_for(g)["eos_token_id"]}, indent=2) + "\n")
+    _replace_text(out / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
     return index
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write ``path`` under a new name, then rename it into place: a file already there (with
+    --force) is replaced, never written into, so another checkpoint it is a hard link of keeps it."""
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp.unlink(missing_ok=True)
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def preset(name: str, layers: int | None = None) -> Geometry:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli.test_cli_errors import assert_error, invoke
-from tests.conftest import cli
+from tests.conftest import assert_ctrl_c_reaches_python, cli
 
 
 @pytest.fixture
@@ -266,6 +266,7 @@ def test_an_interrupted_synth_leaves_no_temporary_and_can_be_run_again(tmp_path,
         _thread.interrupt_main()
 
     monkeypatch.setattr(synth, "tensor_chunks", interrupted_midway)
+    assert_ctrl_c_reaches_python()
     assert_error(invoke("synth", "--preset", "tiny", out), 130, contains="interrupted")
     monkeypatch.undo()
     assert list(out.iterdir()) == []

@@ -61,12 +61,44 @@ class World:
         cli("plan", self.src, "--saliency", self.sal, "--keep-frac", "0.5", "--out", self.plan)
         self.layer_plan = root / "layer-plan.json"
         cli("plan", self.src, "--saliency", self.sal, "--keep-frac", "0.5", "--layers", "1", "--out", self.layer_plan)
+        self.hostile = self._hostile_plans(json.loads(self.plan.read_text()))
         self.done = root / "done"
         cli("run", self.plan, "--out", self.done)
         self.foreign_dir = root / "someone-elses"
         self.foreign_dir.mkdir()
         (self.foreign_dir / "data.bin").write_bytes(b"keep me")
+        # Other spellings of the source: '..', a symlinked parent, and a folder holding a hard link
+        # of one of its shards (a bind mount needs root, so the identity tests cover it).
+        self.src_aliases: list[Path] = [self.foreign_dir / ".." / "src", root / "link-to-root" / "src"]
+        (root / "link-to-root").symlink_to(root)
+        self.linked = root / "linked"
+        self.linked.mkdir()
+        os.link(sorted(self.src.glob("*.safetensors"))[0], self.linked / "model-00000-of-00002.safetensors")
         self.counter = 0
+
+    def _hostile_plans(self, doc: dict) -> list[Path]:
+        """Edited copies of a good plan that must each be refused: a config the source does not
+        imply, a copied file's digest, names a terminal misreads."""
+        edits = {
+            "auto-map": lambda d: d["config"].update(auto_map={"AutoModelForCausalLM": "evil.Model"}),
+            "rope": lambda d: d["config"].update(rope_theta=1),
+            "count": lambda d: (d["config"].update(num_local_experts=3), d["config_patch"].update(num_local_experts=3)),
+            "top-k": lambda d: d["config"].update(num_experts_per_tok=10**9),
+            "digest": lambda d: d["copy_file_digests"]["tokenizer.json"].update(sha256="0" * 64),
+            "hidden": lambda d: d["outputs"][0].update(name=".safetensors"),
+            "esc": lambda d: d["outputs"][0].update(name="a\x1b[2J.safetensors"),
+            "rtl": lambda d: d["outputs"][0].update(name="model-\u202egpj.safetensors"),
+            "newline": lambda d: (d["copy_files"].append("a\nb.json"),
+                                  d["copy_file_digests"].update({"a\nb.json": {"size": 0, "sha256": "0" * 64}})),
+        }
+        out = []
+        for name, edit in edits.items():
+            edited = json.loads(json.dumps(doc))
+            edit(edited)
+            p = self.root / f"hostile-{name}.json"
+            p.write_text(json.dumps(edited))
+            out.append(p)
+        return out
 
     def fresh(self, stem: str = "out") -> Path:
         self.counter += 1
@@ -130,7 +162,8 @@ def _run_args(rng: random.Random, w: World) -> list[str]:
 
 
 def _dst(rng: random.Random, w: World) -> str:
-    return _val(rng, (w.fresh(),), (w.done, w.text, w.foreign_dir, w.src, w.src / "inside", "/proc/no-such-dir/x"))[0]
+    return _val(rng, (w.fresh(),), (w.done, w.text, w.foreign_dir, w.src, w.src / "inside", "/proc/no-such-dir/x",
+                                    *w.src_aliases, w.linked))[0]
 
 
 def gen_plan(rng: random.Random, w: World) -> list[str]:
@@ -162,7 +195,7 @@ def gen_prune(rng: random.Random, w: World) -> list[str]:
 
 def gen_run(rng: random.Random, w: World) -> list[str]:
     plan = _pick(rng, w.plan, w.plan, w.plan, w.layer_plan, w.text, w.src / "config.json", w.root / "missing.json",
-                 w.sal, w.root)
+                 w.sal, w.root, *w.hostile)
     args = ["run", plan, *_run_args(rng, w)]
     if rng.random() < 0.9:
         args += ["--out", _dst(rng, w)]
@@ -242,15 +275,19 @@ def test_cli_fuzz_in_process(world):
         if args[0] == "prune" and r.exit_code == 2 and str(world.root / "fresh") in args[2]:
             failed_fresh.append(Path(args[2]))
     assert source_digest(world.src) == before
+    for hostile in world.hostile:  # each refused: one error line, nothing written
+        out = cli("run", hostile, "--out", world.root / "hostile-out", expect=2)
+        assert out.startswith(f"error: {hostile}"), out
+    assert not (world.root / "hostile-out" / "config.json").exists()
     # A completed destination stays a complete, verifiable output whatever was thrown at it
     # (--force may have replaced it with the output of another plan).
-    assert cli("verify", world.done).strip().endswith("OK")
+    assert cli("verify", world.src, world.done).strip().endswith("OK")
     # Both outcomes happened often: the fuzzer reached real work, not only option parsing.
     assert statuses.get(0, 0) > CASES // 10 and statuses.get(2, 0) > CASES // 10, statuses
     # Whatever a failed prune left behind does not block the same destination.
     for dst in failed_fresh[:10]:
         cli("prune", world.src, dst, "--saliency", world.sal, "--keep-frac", "0.5")
-        assert cli("verify", dst).strip().endswith("OK")
+        assert cli("verify", world.src, dst).strip().endswith("OK")
 
 
 @pytest.mark.slow
@@ -263,3 +300,81 @@ def test_cli_fuzz_real_processes(world):
                            check=False, timeout=120)
         check_outcome(args, p.returncode, p.stdout, p.stdout + p.stderr)
     assert source_digest(world.src) == before
+
+
+# --- hostile inputs, each a fixed seed: whatever the command, a refusal (exit 2) naming the file -----
+
+DEEP = "[" * 100_000 + "]" * 100_000  # nesting that makes Python's JSON parser recurse past its limit
+
+
+@pytest.fixture(scope="module")
+def hostile(world) -> dict[str, Path]:
+    """Files and folders that hold the deep JSON document in each place a command reads JSON."""
+    import shutil
+
+    root = world.root / "hostile"
+    root.mkdir()
+    deep = root / "deep.json"
+    deep.write_text(DEEP)
+    out = {"deep": deep}
+    for name, base, inner in (("config", world.src, "config.json"), ("index", world.src, "model.safetensors.index.json"),
+                              ("provenance", world.done, "pruning.json"), ("card", world.done, None)):
+        copy = root / name
+        shutil.copytree(base, copy)
+        if inner:
+            (copy / inner).write_text(DEEP)
+        out[name] = copy
+    return out
+
+
+HOSTILE_SEEDS = {
+    "plan file to run": (["run", "{deep}", "--out", "{fresh}"], "{deep}"),
+    "plan file to dry-run": (["dry-run", "{deep}"], "{deep}"),
+    "saliency file": (["plan", "{src}", "--saliency", "{deep}", "--keep-frac", "0.5"], "{deep}"),
+    "keep list": (["plan", "{src}", "--keep-list", "{deep}"], "{deep}"),
+    "saliency to stability": (["stability", "{deep}", "{sal}", "--keep-frac", "0.5"], "{deep}"),
+    "config.json to plan": (["plan", "{config}", "--saliency", "{sal}", "--keep-frac", "0.5"], "config.json"),
+    "config.json to inspect": (["inspect", "{config}"], "config.json"),
+    "index to inspect": (["inspect", "{index}"], "model.safetensors.index.json"),
+    "pruning.json to verify": (["verify", "{provenance}"], "pruning.json"),
+    "pruning.json to status": (["status", "{provenance}"], "pruning.json is not a provenance file"),
+    "pruning.json to card": (["card", "{provenance}"], "pruning.json"),
+    "eval file to card": (["card", "{card}", "--eval", "{deep}"], "{deep}"),
+}
+
+
+@pytest.mark.parametrize("seed", sorted(HOSTILE_SEEDS))
+def test_hostile_json_is_refused_naming_the_file(world, hostile, seed):
+    template, names = HOSTILE_SEEDS[seed]
+    paths = {**{k: str(v) for k, v in hostile.items()}, "src": str(world.src), "sal": str(world.sal),
+             "fresh": str(world.fresh())}
+    args = [a.format(**paths) for a in template]
+    for as_json in (False, True):
+        argv = args + (["--json"] if as_json and args[0] not in ("status", "card") else [])
+        r = CliRunner().invoke(main, argv)
+        assert r.exception is None or isinstance(r.exception, SystemExit), f"{shlex.join(argv)}\n{r.exception!r}"
+        check_outcome(argv, r.exit_code, r.stdout, r.output)
+        assert r.exit_code == 2, f"{shlex.join(argv)}\n{r.output}"
+        message = json.loads(r.stdout)["error"] if "--json" in argv else r.output
+        assert names.format(**paths) in message, f"{shlex.join(argv)}\n{r.output}"
+        assert "nested deeper than" in message or args[0] == "status", f"{shlex.join(argv)}\n{r.output}"
+
+
+HUB = "hf://openai/gpt-oss-20b"
+
+
+@pytest.mark.parametrize("offline", [False, True], ids=["no-network", "HF_HUB_OFFLINE"])
+@pytest.mark.parametrize("command", [["inspect", HUB], ["check", HUB], ["plan", HUB, "--keep-frac", "0.5"]],
+                         ids=["inspect", "check", "plan"])
+def test_hub_source_without_network_is_refused_with_the_offline_way(world, command, offline):
+    """This machine reaches no Hub; the same holds on any machine with HF_HUB_OFFLINE=1."""
+    args = command + (["--saliency", str(world.sal)] if command[0] == "plan" else [])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"} if offline else {
+        **os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}  # a closed port: no network
+    p = subprocess.run([sys.executable, "-m", "rewriter.cli", *args], capture_output=True, text=True,
+                       check=False, timeout=120, env=env)
+    check_outcome(args, p.returncode, p.stdout, p.stdout + p.stderr)
+    assert p.returncode == 2, p.stdout + p.stderr
+    (line,) = [x for x in p.stderr.splitlines() if x.startswith("error: ")]
+    assert HUB in line and "local snapshot" in line and "hf download openai/gpt-oss-20b" in line, line
+    assert ("HF_HUB_OFFLINE is set" in line) == offline, line

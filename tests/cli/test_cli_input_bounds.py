@@ -155,7 +155,7 @@ def test_verify_waits_for_a_cluster_as_long_as_ray_timeout_says(tmp_path, tiny, 
     cli("plan", tiny, "--saliency", tiny_saliency, "--keep-frac", "0.5", "--out", plan)
     cli("run", plan, "--out", out, "--quiet")
     address = f"127.0.0.1:{free_port()}"
-    r = _cli_proc("verify", out, "--ray", "--address", address, "--ray-timeout", "1.5")
+    r = _cli_proc("verify", tiny, out, "--ray", "--address", address, "--ray-timeout", "1.5")
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.splitlines()) == 1, r.stderr
     assert f"cannot reach the Ray cluster at {address}: no answer within 1.5 s" in r.stderr, r.stderr

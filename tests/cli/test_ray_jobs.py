@@ -73,7 +73,7 @@ def test_submit_status_logs_verify(jobs, plan_file, tmp_path):
     assert doc["job"]["status"] == "SUCCEEDED", doc
     assert doc["run"]["state"] == "complete" and doc["run"]["bytes_done"] == doc["run"]["bytes_total"] > 0
     assert doc["job"]["metadata"]["rewriter_dst"] == str(dst)
-    assert "mismatches: 0, problems: 0 -> OK" in cli("verify", dst)
+    assert "mismatches: 0, problems: 0 -> OK" in cli("verify", plan_file.parent / "src", dst)
     assert "complete" in cli("status", dst)  # the destination alone, no cluster
     logs = cli("logs", job, "--address", jobs)
     assert f"wrote {dst}:" in logs
@@ -126,4 +126,57 @@ def test_killed_driver_shows_failed_and_the_same_submit_completes(jobs, plan_fil
     assert "the job ended while the run was writing" in out and "FAILED" in out
     again = cli(*args).splitlines()[0]
     assert _wait_ended(jobs, again)["job"]["status"] == "SUCCEEDED"
-    assert "mismatches: 0, problems: 0 -> OK" in cli("verify", dst)
+    assert "mismatches: 0, problems: 0 -> OK" in cli("verify", plan_file.parent / "src", dst)
+
+
+def _wait_running(address: str, job: str) -> dict:
+    while True:
+        doc = _status(address, job)
+        if doc["run"] and doc["run"]["state"] == "running" and doc["job"]["status"] == "RUNNING":
+            return doc
+        assert doc["job"]["status"] in ("PENDING", "RUNNING"), doc
+        time.sleep(0.05)
+
+
+def test_a_job_refused_by_a_locked_destination_says_so(jobs, plan_file, tmp_path):
+    """The refused job (exit 75) does not show the run holding the destination as its own; that
+    run, stopped with `ray job stop` (SIGTERM to its driver), reads as interrupted."""
+    import subprocess
+
+    from tests.ray_job_cluster import RAY, cluster_env
+
+    dst = tmp_path / "out"
+    args = ["submit", plan_file, "--out", dst, "--address", jobs, "--workers", "1", "--no-zero-copy", "--buffer-mib", "1"]
+    first = cli(*args).splitlines()[0]
+    pid = _wait_running(jobs, first)["run"]["pid"]
+    os.kill(pid, signal.SIGSTOP)  # the first run holds the lock while the second is refused
+    try:
+        second = cli(*args).splitlines()[0]
+        doc = _wait_ended(jobs, second)
+        out = cli("status", second, "--address", jobs, expect=1)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert doc["job"]["status"] == "FAILED" and doc["job"]["refused"], doc
+    assert "refused:    this job never ran: another run holds the destination" in out, out
+    assert "the job ended while the run was writing" not in out, out
+    subprocess.run([str(RAY), "job", "stop", first, "--address", jobs], env=cluster_env(), check=True,
+                   capture_output=True, timeout=60)
+    doc = _wait_ended(jobs, first)
+    assert doc["job"]["status"] == "STOPPED" and doc["run"]["state"] == "interrupted", doc
+    assert "state:      interrupted" in cli("status", first, "--address", jobs, expect=1)
+
+
+def test_a_job_that_fails_before_the_run_says_why(jobs, plan_file, tmp_path):
+    """The cluster's `python` lacks the package (here: -I -S keep it off its module path)."""
+    from ray.job_submission import JobSubmissionClient
+
+    from rewriter.tools.jobs import META_DIGEST, META_DST
+
+    dst = tmp_path / "out"
+    job = JobSubmissionClient(jobs).submit_job(
+        entrypoint=f"python -I -S -m ray_jobs.rewrite {plan_file} --out {dst}",
+        metadata={META_DST: str(dst), META_DIGEST: Plan.load(str(plan_file)).digest})
+    assert _wait_ended(jobs, job)["job"]["status"] == "FAILED"
+    out = cli("status", job, "--address", jobs, expect=1)
+    assert "job error:  the job ended before the run could report an error" in out, out
+    assert "No module named" in out, out

@@ -15,7 +15,7 @@ import pytest
 
 from rewriter.exec.dest.runstatus import STATUS_NAME
 from rewriter.tools.synth import PRESETS, synthetic_saliency, write_checkpoint
-from tests.conftest import cli
+from tests.conftest import cli, sigint_disposition
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -80,10 +80,14 @@ def test_killed_driver_reads_as_stopped_with_the_journaled_shards(plan_path, tmp
 def test_interrupted_run_reads_as_interrupted_not_failed(plan_path, tmp_path):
     dst = tmp_path / "i"
     proc = _run_held_after_first_shard(plan_path, dst)
+    disposition = sigint_disposition(proc.pid)
+    assert disposition in ("caught", None), (
+        f"precondition: the run's process does not catch SIGINT (its disposition is {disposition}, "
+        "inherited from the test process), so the interrupt sent to it would not reach Python")
     proc.send_signal(signal.SIGINT)
     proc.send_signal(signal.SIGCONT)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == 130, f"exit {proc.returncode} after SIGINT reached a run held mid-way:\n{stderr}"
     doc = json.loads((dst / STATUS_NAME).read_text())
     assert doc["state"] == "interrupted" and doc["error"] is None
     out = cli("status", dst, expect=0)

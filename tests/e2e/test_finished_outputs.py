@@ -31,12 +31,12 @@ def files_under(root: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("extra", [(), ("--verify",)])
-def test_card_leaves_no_state_in_a_finished_output(made, tmp_path, extra):
+def test_card_leaves_no_state_in_a_finished_output(made, tiny, tmp_path, extra):
     out = tmp_path / "out"
     shutil.copytree(made[1], out)
     before = files_under(out)
     assert not any(f.startswith(".rewriter") for f in before)
-    rewriter("card", out, *extra)
+    rewriter("card", out, *extra, *(("--src", tiny) if extra else ()))
     assert files_under(out) == before
 
 
@@ -73,7 +73,7 @@ def test_verify_names_the_recorded_source_when_given_another(made, tiny, tmp_pat
         write_checkpoint(other, PRESETS["tiny-bf16"] if which == "bf16" else PRESETS["small"])
     r = rewriter("verify", other, out, expect=2)
     assert not r.stdout and r.stderr.count("\n") == 1, r.stderr
-    assert f"error: {other} is not the source of {out}: that was made from {tiny}" in r.stderr
+    assert f"error: {other} is not the source of {out}: that was made from a local folder named '{tiny.name}'" in r.stderr
     assert f"{out / 'pruning.json'}" in r.stderr and "file not found" not in r.stderr
     r = rewriter("verify", other, out, "--json", expect=2)
     assert "is not the source of" in r.stdout
@@ -120,7 +120,7 @@ def test_force_over_a_foreign_checkpoint_says_what_it_removes(made, tiny, tmp_pa
     assert "model-00002-of-00002.safetensors, model.safetensors.index.json" in line
     assert "left in place: config.json, generation_config.json, notes.txt" in line
     assert (dst / "notes.txt").read_text() == "mine\n"
-    assert rewriter("verify", dst).stdout.strip().endswith("OK")
+    assert rewriter("verify", tiny, dst).stdout.strip().endswith("OK")
     other = tmp_path / "other.json"
     rewriter("plan", tiny, "--keep-list", _keep_list(tmp_path), "--out", other)
     r = rewriter("run", other, "--out", dst, "--force", "--quiet")

@@ -238,8 +238,8 @@ def test_plan_and_pruning_json_work_from_any_folder(small, tmp_path):
     assert plan.source_url == str(work / "src")
     rewriter("run", work / "plan.json", "--out", tmp_path / "x", "--quiet", cwd=Path("/"))
     prov = json.loads((tmp_path / "x" / "pruning.json").read_text())
-    assert prov["source"] == str(work / "src")
-    out = rewriter("verify", tmp_path / "x", cwd=Path("/")).stdout
+    assert prov["source"] == "local:src"  # pruning.json is published: no path of this machine
+    out = rewriter("verify", work / "src", tmp_path / "x", cwd=Path("/")).stdout
     assert out.rstrip().endswith("OK") and str(work / "src") in out
 
 
@@ -302,7 +302,7 @@ def test_crafted_plan_writes_nothing_outside_the_destination(tiny, tiny_saliency
     assert list(area.iterdir()) == []
     assert source_digest(tiny) == before
     rewriter("run", good, "--out", area / "dst", "--quiet")
-    assert verify(None, str(area / "dst")).ok
+    assert verify(str(tiny), str(area / "dst")).ok
 
 
 # --- 4. one run per destination --------------------------------------------------------------------
@@ -338,7 +338,7 @@ def test_second_concurrent_run_says_who_holds_the_destination(small, tmp_path, c
         first.send_signal(signal.SIGCONT)
     out, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
-    assert verify(None, str(dst)).ok
+    assert verify(str(src), str(dst)).ok
     assert not (dst / ".rewriter").exists()
 
 
@@ -361,7 +361,7 @@ def test_lock_of_a_killed_run_does_not_block_the_next(small, tmp_path):
     first.communicate()
     assert (dst / LOCK_NAME).exists()
     rewriter(*args)
-    assert verify(None, str(dst)).ok
+    assert verify(str(src), str(dst)).ok
 
 
 def _memory_plan(tiny, tiny_saliency, tmp_path) -> Plan:
@@ -387,13 +387,13 @@ def test_object_store_lock_refuses_a_live_owner_and_takes_over_stale_ones(tiny, 
     old = now - STALE_AFTER_S - 10
     fs.pipe_file(lock_path, LockOwner("build-host-7", 4242, old, old, "t2").to_bytes())
     execute(plan, url)
-    assert not fs.exists(lock_path) and verify(None, url).ok
+    assert not fs.exists(lock_path) and verify(str(tiny), url).ok
     # This host, a process that has exited: taken over at once.
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     url2 = f"{url}-2"
     fs.pipe_file(f"{url2}/{LOCK_NAME}", LockOwner(socket.gethostname(), int(dead.stdout), now, now, "t3").to_bytes())
     execute(plan, url2)
-    assert not fs.exists(f"{url2}/{LOCK_NAME}") and verify(None, url2).ok
+    assert not fs.exists(f"{url2}/{LOCK_NAME}") and verify(str(tiny), url2).ok
 
 
 @pytest.mark.ray
@@ -430,7 +430,7 @@ def test_read_only_destination_is_one_clear_error(tiny, tiny_saliency, tmp_path,
     subprocess.run(["mount", "-o", "remount,rw", str(ro)], check=True)
     assert list(ro.iterdir()) == []
     rewriter("run", plan, "--out", ro / "dst", "--quiet")
-    assert verify(None, str(ro / "dst")).ok
+    assert verify(str(tiny), str(ro / "dst")).ok
 
 
 def test_folder_without_write_permission(tiny, tiny_saliency):
@@ -454,7 +454,7 @@ def test_folder_without_write_permission(tiny, tiny_saliency):
         assert list(locked.iterdir()) == []
         locked.chmod(0o755)
         rewriter("run", plan, "--out", locked / "dst", "--quiet")
-        assert verify(None, str(locked / "dst")).ok
+        assert verify(str(tiny), str(locked / "dst")).ok
     finally:
         shutil.rmtree(work)
 
@@ -472,7 +472,7 @@ def test_destination_that_is_a_file_or_below_one(tiny, tiny_saliency, tmp_path):
     assert f.read_text() == "precious" and source_digest(tiny) == before
     f.unlink()
     rewriter("run", plan, "--out", f, "--quiet")
-    assert verify(None, str(f)).ok
+    assert verify(str(tiny), str(f)).ok
 
 
 # --- 6. a failing commit shows its own error and leaves no temporary file ---------------------------
@@ -501,7 +501,7 @@ def test_failing_commit_shows_the_real_error_and_leaves_no_part(tiny, tiny_salie
     assert source_digest(tiny) == before
     monkeypatch.setattr(os, "fsync", real_fsync)
     execute(plan, str(dst))
-    assert verify(None, str(dst)).ok
+    assert verify(str(tiny), str(dst)).ok
 
 
 @pytest.mark.s3
@@ -539,7 +539,8 @@ def test_verify_against_another_source_names_both(tiny, tiny_saliency, tmp_path)
     write_checkpoint(other, dataclasses.replace(PRESETS["tiny"], vocab=320))
     r = rewriter("verify", other, tmp_path / "dst", expect=2)
     assert r.stderr.count("\n") == 1 and not r.stdout
-    assert f"{other} is not the source of {tmp_path / 'dst'}: that was made from {tiny}" in r.stderr
+    assert (f"{other} is not the source of {tmp_path / 'dst'}: that was made from a local folder named "
+            f"'{tiny.name}'") in r.stderr
     assert "changed since" not in r.stderr
 
 
@@ -610,9 +611,9 @@ def test_failing_verify_leaves_no_open_files(tiny, tiny_saliency, tmp_path):
     write_checkpoint(src, dataclasses.replace(PRESETS["tiny"], vocab=128))
     before = me.num_fds()
     with pytest.raises(CheckpointError, match="truncated or changed"):
-        verify(None, str(tmp_path / "dst2"))
+        verify(str(src), str(tmp_path / "dst2"))
     assert me.num_fds() == before
     (tmp_path / "dst" / "pruning.json").write_text("{not json")
     with pytest.raises(PlanError):
-        verify(None, str(tmp_path / "dst"))
+        verify(str(tiny), str(tmp_path / "dst"))
     assert me.num_fds() == before

@@ -26,8 +26,8 @@ def cached(tmp_path, tiny, tiny_saliency) -> tuple[Path, Path]:
 
 
 def test_a_source_in_the_hf_cache_is_named_by_its_hub_id_and_keeps_its_licence(cached, tmp_path):
-    _, out = cached
-    for extra in [(), ("--verify",)]:
+    snap, out = cached
+    for extra in [(), ("--verify", "--src", snap)]:
         rewriter("card", out, *extra)
         text = (out / "README.md").read_text()
         meta, body = front_matter(text)
@@ -36,7 +36,8 @@ def test_a_source_in_the_hf_cache_is_named_by_its_hub_id_and_keeps_its_licence(c
             "license": "other", "license_name": "acme-weights", "license_link": "LICENSE"}
         assert str(tmp_path) not in text and "Made from `acme/tiny-moe`" in body
         assert "| sal.json |" in body
-    assert "`rewriter verify` against `acme/tiny-moe`" in body
+    # verified against a local folder (the cache's copy), so the card names that folder, not the Hub repo
+    assert "`rewriter verify` against `models--acme--tiny-moe/snapshots/0123abc`" in body
 
 
 def test_a_local_source_is_named_by_its_folder(tmp_path, tiny, tiny_saliency):
@@ -46,7 +47,7 @@ def test_a_local_source_is_named_by_its_folder(tmp_path, tiny, tiny_saliency):
     keep = tmp_path / "keep.json"
     keep.write_text('{"0": [0, 1, 2, 3], "1": [4, 5, 6, 7]}')
     rewriter("prune", src, tmp_path / "out", "--keep-list", keep, "--quiet")
-    rewriter("card", tmp_path / "out", "--verify")
+    rewriter("card", tmp_path / "out", "--verify", "--src", src)
     text = (tmp_path / "out" / "README.md").read_text()
     meta, body = front_matter(text)
     assert "base_model" not in meta and "license" not in meta

@@ -65,7 +65,7 @@ def test_output_folder_is_what_hf_upload_expects(pruned):
     assert not [f for f in files if f.startswith(".") or "/." in f or f.endswith((".tmp", ".part"))], files
     index = json.loads((pruned / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
-    assert all(re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", s) for s in shards)
+    assert all(re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", s) for s in shards)
     assert files == sorted([*shards, "README.md", "README.base.md", "config.json", "generation_config.json",
                             "model.safetensors.index.json", "pruning.json", "tokenizer.json"])
     ckpt = Checkpoint.open(str(pruned))  # the loader's rules: sizes, offsets, index total_size
@@ -109,7 +109,7 @@ def test_card_command_adds_verify_and_a_real_eval(pruned, tmp_path):
               "--device", "cpu", "--json", expect=None)
     (tmp_path / "e.json").write_text(out[out.index("{"):out.rindex("}") + 1])
     result = json.loads((tmp_path / "e.json").read_text())
-    out = cli("card", pruned, "--verify", "--eval", tmp_path / "e.json", "--base-model", "acme/gpt-oss-tiny-pruned-src")
+    out = cli("card", pruned, "--verify", "--src", tmp_path / "src", "--eval", tmp_path / "e.json", "--base-model", "acme/gpt-oss-tiny-pruned-src")
     assert "(verify: OK)" in out
     meta, body = front_matter((pruned / "README.md").read_text())
     assert meta["base_model"] == "acme/gpt-oss-tiny-pruned-src"

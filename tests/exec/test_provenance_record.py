@@ -20,13 +20,13 @@ def written(tiny, tiny_saliency, tmp_path):
     plan = Plan.load(str(tmp_path / "p.json"))
     dst = tmp_path / "dst"
     execute(plan, str(dst))
-    assert verify(None, str(dst)).ok
+    assert verify(plan.source_url, str(dst)).ok
     return plan, dst, json.loads((dst / "pruning.json").read_text())
 
 
-def _problems(dst, doc):
+def _problems(plan, dst, doc):
     (dst / "pruning.json").write_text(json.dumps(doc))
-    report = verify(None, str(dst))
+    report = verify(plan.source_url, str(dst))  # pruning.json names a local source by content only
     assert not report.mismatches  # the bytes are right; the record is not
     return report.problems
 
@@ -49,11 +49,11 @@ def test_each_edit_of_the_record_is_a_problem_naming_its_field(written):
         for k in path[:-1]:
             target = target[k]
         target[path[-1]] = value
-        problems = _problems(dst, edited)
+        problems = _problems(plan, dst, edited)
         assert len(problems) == 1 and expect in problems[0], (path, problems)
     edited = json.loads(json.dumps(doc))
     del edited["shards"][name]
-    assert [p for p in _problems(dst, edited) if f"shards.{name} is missing" in p]
+    assert [p for p in _problems(plan, dst, edited) if f"shards.{name} is missing" in p]
 
 
 def test_parts_beside_a_right_shard_hash_are_checked_too(written):
@@ -63,17 +63,17 @@ def test_parts_beside_a_right_shard_hash_are_checked_too(written):
     half = out.size // 2
     doc["shards"][out.name]["parts"] = [{"start": 0, "length": half, "sha256": "1" * 64},
                                         {"start": half, "length": out.size - half, "sha256": "2" * 64}]
-    problems = _problems(dst, doc)
+    problems = _problems(plan, dst, doc)
     assert len(problems) == 2 and all("part " in p and "differs" in p for p in problems)
     parts = [{"start": half, "length": out.size - half, "sha256": hashlib.sha256(data[half:]).hexdigest().upper()},
              {"start": 0, "length": half, "sha256": hashlib.sha256(data[:half]).hexdigest()}]
     doc["shards"][out.name]["parts"] = parts  # reversed order, one hash in upper case: valid
     doc["shards"][out.name]["sha256"] = doc["shards"][out.name]["sha256"].upper()
-    assert _problems(dst, doc) == []
+    assert _problems(plan, dst, doc) == []
     doc["shards"][out.name]["parts"] = parts + [parts[0]]
-    assert [p for p in _problems(dst, doc) if f"shards.{out.name}.parts" in p and "overlaps" in p]
+    assert [p for p in _problems(plan, dst, doc) if f"shards.{out.name}.parts" in p and "overlaps" in p]
     doc["shards"][out.name]["parts"] = parts[:1]
-    assert [p for p in _problems(dst, doc) if f"bytes 0-{half:,} uncovered" in p]
+    assert [p for p in _problems(plan, dst, doc) if f"bytes 0-{half:,} uncovered" in p]
 
 
 @pytest.mark.ray
@@ -92,11 +92,11 @@ def test_ray_parts_record_edits(ray_cluster, tiny, tiny_saliency, tmp_path):
     doc = json.loads((dst / "pruning.json").read_text())
     name = next(n for n, r in doc["shards"].items() if len(r.get("parts", [])) > 1)
     parts = doc["shards"][name]["parts"]
-    assert verify(None, str(dst)).ok
+    assert verify(plan.source_url, str(dst)).ok
     doc["shards"][name]["parts"] = parts[::-1]
-    assert _problems(dst, doc) == []
+    assert _problems(plan, dst, doc) == []
     doc["shards"][name]["parts"] = parts + [parts[-1]]
-    problems = _problems(dst, doc)
+    problems = _problems(plan, dst, doc)
     assert len(problems) == 1 and f"shards.{name}.parts" in problems[0] and "overlaps" in problems[0]
     doc["shards"][name]["parts"] = [dict(p, sha256=p["sha256"].upper()) for p in parts]
-    assert _problems(dst, doc) == []
+    assert _problems(plan, dst, doc) == []

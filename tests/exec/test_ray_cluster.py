@@ -209,7 +209,7 @@ def test_a_second_driver_on_the_same_destination_refuses(cluster, one_shard_plan
     assert code == 0, out
     assert {k: v for k, v in tree_digest(dst).items() if k != "pruning.json"} == \
         {k: v for k, v in expected.items() if k != "pruning.json"}
-    assert "-> OK" in cli("verify", dst)
+    assert "-> OK" in cli("verify", one_shard_plan[0].parent / "src", dst)
 
 
 def test_a_killed_driver_resumes_part_by_part(cluster, one_shard_plan, tmp_path):
@@ -231,7 +231,31 @@ def test_a_killed_driver_resumes_part_by_part(cluster, one_shard_plan, tmp_path)
     assert {k: v for k, v in tree_digest(dst).items() if k != "pruning.json"} == \
         {k: v for k, v in expected.items() if k != "pruning.json"}
     assert not (dst / ".rewriter").exists()  # no temporaries, part files or journals left
-    assert "-> OK" in cli("verify", dst)
+    assert "-> OK" in cli("verify", one_shard_plan[0].parent / "src", dst)
+
+
+def _status_counts_parts(dst: Path) -> bool:
+    try:
+        return json.loads((dst / ".rewriter" / "status.json").read_text()).get("parts_done", 0) > 0
+    except (OSError, ValueError):
+        return False
+
+
+def test_status_after_cleanup_counts_no_discarded_part(cluster, one_shard_plan, tmp_path):
+    plan, _ = one_shard_plan
+    dst = tmp_path / "dst"
+    proc = rewriter(*run_args(cluster, plan, dst, "--workers", "2", "--part-mib", "5", "--buffer-mib", "1",
+                              "--no-zero-copy"))
+    while proc.poll() is None and not _status_counts_parts(dst):
+        time.sleep(0.0005)
+    proc.kill()
+    proc.wait()
+    before = cli("status", dst, expect=1)
+    assert "state:      stopped" in before and "parts:      " in before, before
+    assert "removed" in cli("cleanup", dst)
+    after = cli("status", dst, expect=1)
+    assert "parts:" not in after and "shards:     0 of 1" in after and "bytes:      0 B of" in after, after
+    assert "discarded the parts" in after, after
 
 
 @pytest.mark.s3
@@ -257,7 +281,7 @@ def test_a_killed_driver_on_s3_leaves_no_open_upload(cluster, one_shard_plan, s3
     shard = json.loads(out[out.index("{"):])["shards"][0]
     assert any(p["resumed"] for p in shard["parts"])
     assert not fs.call_s3("list_multipart_uploads", Bucket="killed").get("Uploads")
-    assert "-> OK" in cli("verify", dst, *opts)
+    assert "-> OK" in cli("verify", one_shard_plan[0].parent / "src", dst, *opts)
     import hashlib
 
     name = next(k for k in expected if k.endswith(".safetensors"))
@@ -291,4 +315,4 @@ def test_a_node_stopped_mid_run_with_spare_capacity_elsewhere(cluster, one_shard
     assert "died" in out and "retrying (1 of 3)" in out, out  # the lost node's task, taken by another actor
     assert {k: v for k, v in tree_digest(dst).items() if k != "pruning.json"} == \
         {k: v for k, v in expected.items() if k != "pruning.json"}
-    assert "-> OK" in cli("verify", dst)
+    assert "-> OK" in cli("verify", one_shard_plan[0].parent / "src", dst)

@@ -25,16 +25,16 @@ def _run(tiny, tiny_saliency, tmp_path):
 
 def test_verify_fails_when_a_recorded_hash_disagrees(tiny, tiny_saliency, tmp_path):
     plan, dst = _run(tiny, tiny_saliency, tmp_path)
-    assert verify(None, str(dst)).ok
+    assert verify(str(tiny), str(dst)).ok
     doc = json.loads((dst / "pruning.json").read_text())
     name = plan.outputs[-1].name
     good = doc["shards"][name]["sha256"]
     doc["shards"][name]["sha256"] = "0" * 64
     (dst / "pruning.json").write_text(json.dumps(doc))
-    report = verify(None, str(dst))
+    report = verify(str(tiny), str(dst))
     assert not report.ok and not report.mismatches  # the bytes are right; the record is not
     assert len(report.problems) == 1 and name in report.problems[0] and good in report.problems[0]
-    out = cli("verify", dst, expect=1)
+    out = cli("verify", tiny, dst, expect=1)
     assert f"{name}: sha256 {good} differs from the {'0' * 64} recorded in pruning.json" in out
     # Parts records are checked part by part; a record that covers nothing is a problem too.
     size = plan.outputs[-1].size
@@ -46,15 +46,15 @@ def test_verify_fails_when_a_recorded_hash_disagrees(tiny, tiny_saliency, tmp_pa
         {"start": 0, "length": half, "sha256": hashlib.sha256(data[:half]).hexdigest()},
         {"start": half, "length": size - half, "sha256": "1" * 64}]}
     (dst / "pruning.json").write_text(json.dumps(doc))
-    report = verify(None, str(dst))
+    report = verify(str(tiny), str(dst))
     assert [p for p in report.problems if f"part 1 (bytes {half:,}-{size:,})" in p and name in p]
     assert len(report.problems) == 1
     doc["shards"][name]["parts"][1]["sha256"] = hashlib.sha256(data[half:]).hexdigest()
     (dst / "pruning.json").write_text(json.dumps(doc))
-    assert verify(None, str(dst)).ok
+    assert verify(str(tiny), str(dst)).ok
     doc["shards"][name] = {"size": size, "parts": [{"start": 0, "length": "x"}]}
     (dst / "pruning.json").write_text(json.dumps(doc))
-    assert any(f"shards.{name}.parts[0] needs an integer start" in p for p in verify(None, str(dst)).problems)
+    assert any(f"shards.{name}.parts[0] needs an integer start" in p for p in verify(str(tiny), str(dst)).problems)
 
 
 def test_verify_still_finds_a_changed_tensor(tiny, tiny_saliency, tmp_path):
@@ -66,7 +66,7 @@ def test_verify_still_finds_a_changed_tensor(tiny, tiny_saliency, tmp_path):
         last = f.read(1)
         f.seek(out.size - 1)
         f.write(bytes([last[0] ^ 1]))
-    report = verify(None, str(dst))
+    report = verify(str(tiny), str(dst))
     assert t.name in report.mismatches
     assert any(out.name in p and "recorded in pruning.json" in p for p in report.problems)
 
@@ -88,7 +88,7 @@ def test_cleanup_lists_then_removes_part_files_and_temporaries(tiny, tiny_salien
     left = sorted(p.relative_to(tmp_path / "dst").as_posix() for p in (tmp_path / "dst").rglob("*") if p.is_file())
     assert left == [".rewriter/journal.json", ".rewriter/lock"]  # the journal stays: a run resumes from it
     execute(plan, str(tmp_path / "dst"))
-    assert verify(None, str(tmp_path / "dst")).ok
+    assert verify(str(tiny), str(tmp_path / "dst")).ok
     assert "nothing of a run to clean" in cli("cleanup", tmp_path / "dst")  # a finished run keeps no state
 
 

@@ -227,7 +227,9 @@ def test_nonuniform_budget_plan_is_marked(tiny, tmp_path):
     p = Plan.load(str(tmp_path / "p.json"))
     assert not p.loadable
     assert sum(len(v) for v in p.keep.values()) == 9
-    assert "num_local_experts" not in p.config_patch
+    counts = {str(k): len(v) for k, v in sorted(p.keep.items())}
+    assert p.config_patch["num_experts_per_layer"] == counts
+    assert p.config_patch["num_local_experts"] == max(counts.values())
 
 
 def test_planning_reads_headers_index_and_config_only(tmp_path):
@@ -237,6 +239,7 @@ def test_planning_reads_headers_index_and_config_only(tmp_path):
     plan = build_plan(c, decision)
     headers = sum(8 + s.header_len for s in c.shards.values())
     small = sum((tmp_path / f).stat().st_size for f in ("config.json", "model.safetensors.index.json"))
-    assert c.storage.counter.bytes == headers + small
-    assert c.storage.counter.requests == 2 * 15 + 2
+    copied = sum(d["size"] for d in plan.copy_digests.values())  # hashed, so a run copies only these bytes
+    assert c.storage.counter.bytes == headers + small + copied
+    assert c.storage.counter.requests == 2 * 15 + 2 + len(plan.copy_files)
     assert len(plan.outputs) >= 7

@@ -8,7 +8,8 @@ that will not be run again, or to free the space now. It takes the destination's
 a run still writing is never disturbed; ``--dry-run`` only reads, without the lock, and says when
 a run is in progress (what it lists is then partly that run's work). A destination that is not
 a folder is refused; one with no run state (no ``DST/.rewriter/``) is left exactly as it was. The journal stays: finished shards are kept and a later
-run resumes from them (the parts of unfinished shards are written again).
+run resumes from them (the parts of unfinished shards are written again); the status document
+then counts only those (``rewriter status``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from rewriter.exec.dest.base import TMP_DIR, Destination, abort_parts, leftover_
 from rewriter.exec.dest.destination import open_destination
 from rewriter.exec.dest.journal import PARTS_JOURNAL
 from rewriter.exec.dest.lock import LOCK_NAME, STATE_DIR, DestinationLock, LockOwner
+from rewriter.exec.dest.runstatus import record_cleanup
 
 PROBE_PREFIX = f"{STATE_DIR}/probe/"
 
@@ -104,6 +106,8 @@ def _cleanup(dst_url: str, dst: Destination, dry_run: bool) -> Cleanup:
         return out
     with DestinationLock(dst.storage):
         _list(dst, out, "", remove=True)
+        if out:
+            record_cleanup(dst)
     dst.drop_empty_state(created=False)
     out.summary = f"{dst.url}: {len(out)} leftovers of killed runs cleaned up"
     return out

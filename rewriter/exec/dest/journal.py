@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from core import jsonfile
 from core.checkpoint import INDEX_NAME
 from core.errors import ExecutionError
 from core.storage import Storage
@@ -66,7 +68,7 @@ class Journal:
         if not dst.exists(JOURNAL):
             return None
         try:
-            return json.loads(dst.read_all(JOURNAL))
+            return jsonfile.loads(dst.read_all(JOURNAL))
         except ValueError:  # not JSON, or not even UTF-8
             return None  # torn by a crash before its rename: treat as absent
 
@@ -81,19 +83,28 @@ class Journal:
         self.dst.put_bytes(JOURNAL, json.dumps(doc, indent=1, sort_keys=True).encode())
 
 
-def check_destination(src: Storage, dst: Destination) -> None:
+def check_destination(src: Storage, dst: Destination, source_files: Iterable[str] = ()) -> None:
     """Refuse a destination that overlaps the source or is not a folder, before writing anything.
+
+    "The source" is decided by identity: a bind mount of the source folder, a path through a
+    symlinked parent or with ``..`` is the source too, and so is a destination file that is a
+    hard link of one of ``source_files`` (``--force`` would remove it, a run would replace it).
 
     Raises:
         ExecutionError: destination equal to, inside, or containing the source; a destination
-            that is a file, or lies below one.
+            holding a source file under another name; a destination that is a file, or lies
+            below one.
     """
-    if dst.storage.is_within(src) or src.is_within(dst.storage):
+    inside, contains = dst.storage.is_within(src), src.is_within(dst.storage)
+    if inside or contains:
+        how = "is the source" if inside and contains else "lies inside the source" if inside else "contains the source"
         raise ExecutionError(
-            f"destination {dst.url} is the source {src.url}, inside it, or contains it; the source "
-            f"is never modified: choose another destination"
+            f"destination {dst.url} {how} {src.url} (compared as folders on disk, so a bind mount, a "
+            f"symlink or '..' reach the same one); the source is never modified or removed: choose a "
+            f"destination outside the source folder"
         )
     dst.check_folder()
+    dst.refuse_source_files(src, source_files)
 
 
 def prepare_destination(plan: Plan, dst: Destination, *, force: bool = False,
@@ -136,7 +147,7 @@ def _provenance_digest(dst: Destination) -> str | None:
     if not dst.exists(PROVENANCE_NAME):
         return None
     try:
-        return json.loads(dst.read_all(PROVENANCE_NAME)).get("plan_digest")
+        return jsonfile.loads(dst.read_all(PROVENANCE_NAME)).get("plan_digest")
     except (ValueError, AttributeError):  # not JSON (or not UTF-8), or not an object
         return None
 
@@ -208,7 +219,7 @@ class PartJournal:
         """This plan's part journal in ``dst`` (empty when absent, torn or another plan's)."""
         journal = cls(dst, plan_digest)
         try:
-            doc = json.loads(dst.read_all(PARTS_JOURNAL)) if dst.exists(PARTS_JOURNAL) else {}
+            doc = jsonfile.loads(dst.read_all(PARTS_JOURNAL)) if dst.exists(PARTS_JOURNAL) else {}
         except ValueError:
             doc = {}
         if isinstance(doc, dict) and doc.get("plan") == plan_digest and isinstance(doc.get("shards"), dict):

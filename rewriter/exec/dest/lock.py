@@ -26,6 +26,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from core import jsonfile
 from core.errors import CheckpointError, DestinationLockedError
 from core.storage import Storage
 from rewriter.exec.io.fileio import OUTPUT_MODE, write_errors_are_clear
@@ -55,7 +56,7 @@ class LockOwner:
     @classmethod
     def parse(cls, raw: bytes) -> LockOwner | None:
         try:
-            d = json.loads(raw)
+            d = jsonfile.loads(raw)
             return cls(str(d["host"]), int(d["pid"]), float(d["started"]), float(d["refreshed"]), str(d["token"]))
         except (ValueError, KeyError, TypeError):
             return None

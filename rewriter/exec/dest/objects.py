@@ -6,12 +6,14 @@ On S3 a large shard is one multipart upload whose parts several workers send.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
+from core.storage import Storage
 from rewriter.exec.dest.base import Destination, ShardParts
 from rewriter.exec.io.copy import Output
 from rewriter.exec.io.outputs import RemoteOutput
-from rewriter.exec.io.partoutputs import MultipartPart, PartOutput
+from rewriter.exec.io.partoutputs import MultipartPart, PartBody, PartOutput
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,9 @@ class ObjectDestination(Destination):
     def drop_empty_state(self, created: bool) -> None:
         return None
 
+    def refuse_source_files(self, src: Storage, source_files: Iterable[str]) -> None:
+        return None  # an object is never the same file as one on a disk
+
 
 class S3Destination(ObjectDestination, ShardParts):
     def _open_options(self, buffer_bytes: int) -> dict[str, Any]:
@@ -58,7 +63,7 @@ class S3Destination(ObjectDestination, ShardParts):
         return str(self._s3("create_multipart_upload", name)["UploadId"])
 
     def part_output(self, name: str, handle: str, start: int, upload_part_bytes: int) -> PartOutput | MultipartPart:
-        def send(number: int, body: bytearray) -> dict[str, Any]:
+        def send(number: int, body: PartBody) -> dict[str, Any]:
             r = self._s3("upload_part", name, UploadId=handle, PartNumber=number, Body=body)
             return {"PartNumber": number, "ETag": r["ETag"]}
 

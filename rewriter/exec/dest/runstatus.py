@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from core import jsonfile
 from core.checkpoint import INDEX_NAME
 from core.errors import DestinationFullError, ExecutionError
 from planners.plan import PROVENANCE_NAME, Plan
@@ -44,6 +45,8 @@ STALE_AFTER_S = 120.0
 #: ``/proc`` start times counts from a boot time rounded to the second, and drifts).
 PID_CLOCK_SLACK_S = 5.0
 INTERRUPTED_NOTE = "interrupted; run the same command again to resume"
+CLEANED_NOTE = ("`rewriter cleanup` discarded the parts and temporaries of unfinished shards; the finished "
+                "shards are kept: run the same command again to resume")
 STOPPED_NOTE = ("its driver (process {pid} on this host) is no longer running: it was killed; run the same "
                 "command again to resume")
 
@@ -166,7 +169,7 @@ def read_status(dst_url: str, options: Mapping[str, Any] | None = None, now: flo
 
 def _complete(dst: Destination) -> dict[str, Any]:
     try:
-        prov = json.loads(dst.read_all(PROVENANCE_NAME))
+        prov = jsonfile.loads(dst.read_all(PROVENANCE_NAME))
         shards = prov["shards"]
         total = sum(int(s["size"]) for s in shards.values())
         digest = str(prov["plan_digest"])
@@ -186,7 +189,7 @@ _FIELDS: dict[str, tuple[type, ...]] = {
 def _checked(dst: Destination, raw: bytes, now: float) -> dict[str, Any]:
     """The status document, its fields checked (it is read back from storage anyone can write)."""
     try:
-        doc = json.loads(raw)
+        doc = jsonfile.loads(raw)
         ok = isinstance(doc, dict) and doc.get("format") == FORMAT and all(
             isinstance(doc.get(k), t) for k, t in _FIELDS.items())
     except ValueError:
@@ -234,15 +237,42 @@ def _stopped(dst: Destination, doc: dict[str, Any]) -> dict[str, Any]:
         return doc  # that process started before the run did: it is the driver
     doc.update(state="stopped", note=STOPPED_NOTE.format(pid=pid), eta_s=None, rate_bytes_per_s=None)
     doc.pop("stale_s", None)
+    journaled = _journaled(dst)
+    if journaled is not None:
+        doc["shards_done"] = max(doc["shards_done"], journaled[0])
+        doc["bytes_done"] = max(doc["bytes_done"], min(doc["bytes_total"], journaled[1]))
+    return doc
+
+
+def _journaled(dst: Destination) -> tuple[int, int] | None:
+    """Shards and bytes the destination's journal vouches for (None: no readable journal)."""
     try:
-        shards = json.loads(dst.read_all(JOURNAL)).get("shards") if dst.exists(JOURNAL) else None
+        shards = jsonfile.loads(dst.read_all(JOURNAL)).get("shards") if dst.exists(JOURNAL) else None
     except (ValueError, AttributeError):
         shards = None
-    if isinstance(shards, dict):
-        sizes = [r.get("size") for r in shards.values() if isinstance(r, dict)]
-        doc["shards_done"] = max(doc["shards_done"], len(shards))
-        doc["bytes_done"] = max(doc["bytes_done"], min(doc["bytes_total"], sum(n for n in sizes if isinstance(n, int))))
-    return doc
+    if not isinstance(shards, dict):
+        return None
+    sizes = [r.get("size") for r in shards.values() if isinstance(r, dict)]
+    return len(shards), sum(n for n in sizes if isinstance(n, int))
+
+
+def record_cleanup(dst: Destination) -> None:
+    """After ``rewriter cleanup`` discarded the parts and temporaries of unfinished shards, the
+    status document counts only what the journal keeps: the finished shards and their bytes, no
+    parts. Called with the destination's lock held (no run is writing the document)."""
+    if not dst.exists(STATUS_NAME):
+        return
+    try:
+        doc = _checked(dst, dst.read_all(STATUS_NAME), time.time())
+    except ExecutionError:
+        return  # a damaged document is reported by `status` as such; the next run replaces it
+    shards, size = _journaled(dst) or (0, 0)
+    doc = {k: v for k, v in doc.items() if k not in ("parts_done", "parts_total", "stale_s")}
+    doc.update(shards_done=min(shards, doc["shards_total"]), bytes_done=min(size, doc["bytes_total"]), eta_s=None,
+               rate_bytes_per_s=None, note=CLEANED_NOTE)
+    if doc["state"] == "running":  # its driver is gone: cleanup could take the lock
+        doc["state"] = "stopped"
+    dst.put_bytes(STATUS_NAME, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
 
 
 def format_status(doc: Mapping[str, Any]) -> list[str]:

@@ -35,18 +35,24 @@ PROBE_DIR = f"{STATE_DIR}/probe"
 #: ``test_actors_stay_within_the_memory_they_declare`` holds actors to it.
 LOCAL_BASE_BYTES = 192 << 20
 REMOTE_BASE_BYTES = 256 << 20
+#: s3fs uploads a whole shard's buffered block as ``bytes`` through botocore and aiohttp, which
+#: hold about three times the block while it is sent (measured: 48 MiB for a 16 MiB block).
+#: Multipart parts are sent from their one buffer as a stream
+#: (:class:`rewriter.exec.io.partoutputs.PartBody`): one part.
+S3FS_BLOCK_COPIES = 3
 
 
 def actor_memory_bytes(dst: Destination, src: Storage, buffer_bytes: int, upload_part_bytes: int,
                        io: IOOptions | None = None) -> int:
     """What a :class:`ShardWriter` declares to Ray: its base; the copy buffers
     (:meth:`IOOptions.buffer_memory`: a ring reading a local source, the ``--max-inflight-mib``
-    budget reading a remote one); and on object stores the upload part it fills and the block
-    s3fs buffers for a whole shard."""
+    budget reading a remote one); and on object stores the larger of the upload part it fills
+    (one buffer) and what s3fs holds sending a whole shard's block."""
     data = (io or IOOptions()).buffer_memory(buffer_bytes, src.is_local)
     if dst.zero_copy:
         return LOCAL_BASE_BYTES + data
-    return REMOTE_BASE_BYTES + data + max(upload_part_bytes, buffer_bytes, 5 << 20)
+    block = max(buffer_bytes, 5 << 20)  # S3Destination's block size for whole shards
+    return REMOTE_BASE_BYTES + data + max(upload_part_bytes, S3FS_BLOCK_COPIES * block)
 
 
 def node_of_this_process() -> dict[str, str]:

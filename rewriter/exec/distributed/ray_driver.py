@@ -9,11 +9,12 @@ What it guarantees, in order:
   Ray cannot place (no free CPU or memory, a lost node) is reported with how long it has waited
   and, after ``pending_timeout_s``, given up (its work goes to the others), or the run stops
   when no actor could be placed at all.
-* **Retries by the driver.** A task whose actor died goes back in the queue (the actor is
-  restarted by Ray, or another takes it), up to ``max_task_retries`` times; the error names
-  the shard or part, how many times its worker died, and why.
-* **Progress without a single point of failure.** The driver polls each busy actor; a poll
-  that fails is ignored.
+* **Retries by the driver.** A task whose actor died goes back in the queue (Ray restarts the
+  actor, or another takes it), up to ``max_task_retries`` times; the error names the shard or
+  part, how many times its worker died, and why. An actor Ray is restarting is probed until it
+  answers, within ``pending_timeout_s``; only one Ray has given up on is dropped at once.
+* **Progress without a single point of failure.** The driver polls each busy actor (a failed
+  poll is ignored).
 * **Nothing lost on failure.** After an error no new task starts, the tasks in flight finish
   and are journaled, then the error is raised; the same command resumes.
 """
@@ -43,6 +44,8 @@ Task = OutputShard | Part
 PENDING_REPORT_S = 10.0
 #: How long work waits for every actor to answer its probe before starting with those that have.
 START_GRACE_S = 10.0
+#: How often an actor Ray is restarting is probed again.
+REPROBE_S = 0.5
 
 
 def describe(task: Task) -> str:
@@ -68,6 +71,7 @@ class Slot:
     seen: int = 0
     reported: float = 0.0
     gone: bool = False
+    reprobe_at: float | None = None  # when to probe again an actor Ray is restarting
 
     @property
     def name(self) -> str:
@@ -110,6 +114,7 @@ class Driver:
             if self.failure is None and (time.monotonic() > grace or all(s.probe is None for s in self.slots)):
                 self._dispatch()
             self._wait()
+            self._reprobe()
             self._poll()
             self._check_pending()
             self._show_progress()
@@ -120,7 +125,7 @@ class Driver:
         for s in self.slots:
             if not self.queue:
                 return
-            if s.gone or s.probe is not None or s.task is not None:
+            if s.gone or s.probe is not None or s.reprobe_at is not None or s.task is not None:
                 continue
             task = self.queue.popleft()
             s.task, s.seen, self.started_any = task, 0, True
@@ -149,7 +154,13 @@ class Driver:
         try:
             s.where = ray.get(ref)
         except ray.exceptions.RayActorError as e:
-            s.gone, self.last_death = True, _first_line(e)
+            self.last_death = _first_line(e)
+            if _restarting(e):
+                # Ray restarts it (max_restarts=-1), perhaps on another node: waited for like an
+                # actor being placed, bounded by pending_timeout_s in _check_pending.
+                s.reprobe_at = time.monotonic() + REPROBE_S
+                return
+            s.gone = True
             log.warning("a Ray actor could not start: %s", self.last_death)
             if all(x.gone for x in self.slots) and self.failure is None:
                 what = "no Ray actor ever started" if not self.ever_ready else "every Ray actor is gone"
@@ -219,6 +230,12 @@ class Driver:
         # Ray restarts the actor, perhaps on another node: it proves again that it sees the destination.
         s.probe, s.since, s.where = s.actor.probe.remote(self.token), time.monotonic(), None
 
+    def _reprobe(self) -> None:
+        now = time.monotonic()
+        for s in self.slots:
+            if s.reprobe_at is not None and now >= s.reprobe_at and not s.gone:
+                s.reprobe_at, s.probe = None, s.actor.probe.remote(self.token)
+
     def _poll(self) -> None:
         polls = [s.poll for s in self.slots if s.poll is not None]
         ready = set(ray.wait(polls, num_returns=len(polls), timeout=0)[0]) if polls else set()
@@ -234,7 +251,7 @@ class Driver:
 
     def _check_pending(self) -> None:
         now = time.monotonic()
-        waiting = [s for s in self.slots if s.probe is not None and not s.gone]
+        waiting = [s for s in self.slots if (s.probe is not None or s.reprobe_at is not None) and not s.gone]
         if not waiting:
             return
         oldest = min(s.since for s in waiting)
@@ -242,7 +259,7 @@ class Driver:
             for s in waiting:
                 s.reported = now
             log.warning("waiting %.0f s for %d of %d Ray actors to be placed (each needs 1 CPU and %d MiB of "
-                        "memory; the cluster has %s available); giving up after %.0f s (--ray-pending-timeout)",
+                        "memory; %s); giving up after %.0f s (--ray-pending-timeout)",
                         now - oldest, len(waiting), len(self.slots), self.memory_bytes >> 20,
                         _available(), self.pending_timeout_s)
         ready = [s for s in self.slots if s.where is not None and not s.gone]
@@ -252,15 +269,15 @@ class Driver:
             if not ready and self.failure is None:
                 self.failure = ExecutionError(
                     f"no Ray actor could be placed within {self.pending_timeout_s:g} s: {len(waiting)} actors each "
-                    f"need 1 CPU and {self.memory_bytes >> 20} MiB of memory, and the cluster has {_available()} "
-                    f"available; lower --workers, add nodes, or wait longer with --ray-pending-timeout")
+                    f"need 1 CPU and {self.memory_bytes >> 20} MiB of memory on one node, and the cluster has "
+                    f"{_available()}; lower --workers, add nodes, or wait longer with --ray-pending-timeout")
                 for x in waiting:
-                    x.gone, x.probe = True, None
+                    x.gone, x.probe, x.reprobe_at = True, None, None
                 return
             if ready:
                 log.warning("gave up a Ray actor not placed within %.0f s; %d running actors take its work",
                             self.pending_timeout_s, len(ready))
-                s.gone, s.probe = True, None
+                s.gone, s.probe, s.reprobe_at = True, None, None
                 ray.kill(s.actor, no_restart=True)
 
     def _show_progress(self) -> None:
@@ -271,12 +288,28 @@ class Driver:
                 self.shown = total
 
 
+def _restarting(e: BaseException) -> bool:
+    """Whether the actor of a failed call may answer again: Ray is restarting it (or its node
+    is not reachable yet), rather than having given it up or failed to construct it."""
+    if isinstance(e, ray.exceptions.ActorUnavailableError) or getattr(e, "actor_init_failed", False):
+        return not getattr(e, "actor_init_failed", False)
+    return any(word in str(e).lower() for word in ("restart", "connection refused"))
+
+
 def _available() -> str:
+    """What the node with the most free memory (among those with a free CPU) has: an actor is
+    placed on one node, so a sum over the cluster would promise room that no node has."""
+    from ray._private.state import available_resources_per_node
+
     try:
-        res = ray.available_resources()
+        nodes = list(available_resources_per_node().values())
     except Exception:  # only for the message
-        return "an unknown amount"
-    return f"{res.get('CPU', 0):g} CPU and {int(res.get('memory', 0)) >> 20} MiB"
+        return "no node whose free CPU and memory could be read"
+    if not nodes:
+        return "no live node"
+    best = max(nodes, key=lambda r: (r.get("CPU", 0) >= 1, r.get("memory", 0)))
+    return (f"{len(nodes)} node{'s' if len(nodes) > 1 else ''}, the most free on any one of them "
+            f"{best.get('CPU', 0):g} CPU and {int(best.get('memory', 0)) >> 20} MiB")
 
 
 def remove_probes(dst: Any) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import ray
 
 from core.storage import Storage
-from planners.plan import OutputShard
+from planners.plan import OutputShard, require_source
 from rewriter.exec.distributed.ray_actors import LOCAL_BASE_BYTES, REMOTE_BASE_BYTES
 from rewriter.exec.distributed.ray_executor import connect
 from rewriter.exec.options import CONNECT_TIMEOUT_S, DEFAULT_BUFFER_BYTES
@@ -25,7 +25,8 @@ from rewriter.exec.publish.verify import (
     load_provenance_plan,
     open_both,
     recorded_shards,
-    shard_tensors,
+    refuse_missing_recorded_source,
+    shards_to_check,
 )
 
 
@@ -50,26 +51,27 @@ def verify_on_ray(
     src_options, dst_options = dict(src_options or {}), dict(dst_options or {})
     with Storage(dst_url, dst_options) as dst_store:
         plan = load_provenance_plan(dst_store)
-        src_url = src_url or plan.source_url
+        from_record = src_url is None
+        src_url = src_url or require_source(plan, "pass the source it was made from (`rewriter verify SRC DST`, or `rewriter card DST --verify --src SRC`)")
         with Storage(src_url, src_options) as src_store:
+            if from_record:
+                refuse_missing_recorded_source(plan, src_store, dst_store)
+            src_url = src_store.url
             report = VerifyReport(dst_store.url, src_store.url)
-            opened = open_both(plan, src_store, dst_store, report)
-            if opened is None:
-                return report
-            dst, _ = opened
+            dst, _ = open_both(plan, src_store, dst_store, report)
             recorded = recorded_shards(plan, dst_store, report)
-            todo = [o for o in plan.outputs if o.name in dst.shards]
+            todo = shards_to_check(plan, dst, dst_store, report)
             base = LOCAL_BASE_BYTES if dst_store.is_local and src_store.is_local else REMOTE_BASE_BYTES
     connect(address, connect_timeout_s)
     task: Any = ray.remote(_check).options(num_cpus=1, memory=base + 2 * buffer_bytes, max_retries=3)
     pending: list[Any] = []
     results: dict[Any, int] = {}
     checks: list[ShardCheck | None] = [None] * len(todo)
-    for i, out in enumerate(todo):
+    for i, (out, tensors) in enumerate(todo):
         if len(pending) >= max(1, workers):
             _collect(pending, results, checks)
-        ref = task.remote(out, recorded[out.name], shard_tensors(dst, out.name), src_url, src_options,
-                          dst_url, dst_options, buffer_bytes)
+        ref = task.remote(out, recorded[out.name], tensors, src_url, src_options, dst_url, dst_options,
+                          buffer_bytes)
         results[ref] = i
         pending.append(ref)
     while pending:

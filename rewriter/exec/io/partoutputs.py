@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import os
 from collections.abc import Callable
 from typing import Any
@@ -16,8 +17,53 @@ from typing import Any
 from rewriter.exec.io.fileio import pwrite_all, write_errors_are_clear
 from rewriter.exec.io.outputs import start_writeback, wait_written
 
-#: Sends one numbered part of a multipart upload; returns its ``{"PartNumber", "ETag"}``.
-SendPart = Callable[[int, bytearray], dict[str, Any]]
+#: Sends one numbered part of a multipart upload (its bytes as a :class:`PartBody`); returns its
+#: ``{"PartNumber", "ETag"}``.
+SendPart = Callable[[int, "PartBody"], dict[str, Any]]
+
+
+class PartBody(io.RawIOBase):
+    """A read-only, seekable stream over a part's bytes, sent as an upload's request body.
+
+    A ``bytes``-like body costs the sending process two to three times the part more (measured
+    with botocore and aiohttp: the unsent rest of a large body is copied into the transport's
+    buffer, and more); a stream is read in small chunks and re-read from the start on a retry,
+    so sending a part costs no more than the part's own buffer.
+    """
+
+    def __init__(self, data: memoryview):
+        super().__init__()
+        self._view = data
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        n = max(0, min(len(b), len(self._view) - self._pos))
+        b[:n] = self._view[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = len(self._view) if size is None or size < 0 else min(len(self._view), self._pos + size)
+        out = bytes(self._view[self._pos:end]) if end > self._pos else b""
+        self._pos = max(self._pos, end)
+        return out
 
 
 class PartOutput:
@@ -69,8 +115,9 @@ class MultipartPart:
 
     Several workers fill one object: each takes a range starting at a multiple of ``part_bytes``
     and sends parts ``start // part_bytes + 1``, ... The object appears only when the upload is
-    completed (by the destination), so a shard stays whole or absent. Memory: one part (the
-    buffer is sent as it is, never copied). The range is hashed as it is written.
+    completed (by the destination), so a shard stays whole or absent. Memory: one buffer of
+    one part, allocated once and sent from where it is (:class:`PartBody`), never copied or
+    grown. The range is hashed as it is written.
     """
 
     zero_copy_capable = False
@@ -79,7 +126,8 @@ class MultipartPart:
         self.send = send
         self.part_bytes = part_bytes
         self.number = start // part_bytes + 1
-        self.buf = bytearray()
+        self.buf = bytearray()  # allocated by the first write: a resumed or empty range needs none
+        self.filled = 0
         self.parts: list[dict[str, Any]] = []
         self.pos = start
         self._h = hashlib.sha256()
@@ -88,16 +136,19 @@ class MultipartPart:
         view = memoryview(data)
         self._h.update(view)
         self.pos += len(view)
+        if len(view) and not self.buf:
+            self.buf = bytearray(self.part_bytes)
         while len(view):
-            take = min(len(view), self.part_bytes - len(self.buf))
-            self.buf += view[:take]
+            take = min(len(view), self.part_bytes - self.filled)
+            self.buf[self.filled:self.filled + take] = view[:take]
+            self.filled += take
             view = view[take:]
-            if len(self.buf) == self.part_bytes:
+            if self.filled == self.part_bytes:
                 self._send()
 
     def _send(self) -> None:
-        body, self.buf = self.buf, bytearray()
-        self.parts.append(self.send(self.number, body))
+        self.parts.append(self.send(self.number, PartBody(memoryview(self.buf)[:self.filled])))
+        self.filled = 0
         self.number += 1
 
     def copied(self, n: int) -> None:
@@ -105,9 +156,10 @@ class MultipartPart:
 
     def commit(self, drop_cache: bool = False) -> str:
         """Send what is left; returns the sha256 of this range's bytes."""
-        if self.buf:
+        if self.filled:
             self._send()
+        self.buf = bytearray()
         return self._h.hexdigest()
 
     def abort(self) -> None:
-        self.buf = bytearray()
+        self.buf, self.filled = bytearray(), 0

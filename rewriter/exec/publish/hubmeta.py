@@ -12,7 +12,7 @@ from core.storage import Storage
 from planners.plan import Plan
 
 #: A source folder in a Hugging Face cache: ``.../models--OWNER--NAME/snapshots/REVISION``.
-_HF_CACHE_SNAPSHOT = re.compile(r"(?:^|/)models--([^/]+?)--([^/]+)/snapshots/[^/]+/?$")
+_HF_CACHE_SNAPSHOT = re.compile(r"(?:^|/|^local:)models--([^/]+?)--([^/]+)/snapshots/[^/]+/?$")
 #: YAML front matter, as huggingface_hub's ``REGEX_YAML_BLOCK`` finds it.
 _YAML_BLOCK = re.compile(r"^(\s*---[\r\n]+)([\S\s]*?)([\r\n]+---(\r\n|\n|$))")
 #: The source card's front-matter fields the new card carries: the weights keep their licence.
@@ -61,11 +61,19 @@ def file_name(path: object) -> str:
 
 
 def source_name(plan: Plan, base_model: str | None, url: object = None) -> str:
-    """How the card names a source: by Hub id when it is the plan's source and the id is known,
-    else by its folder name."""
-    if base_model and (url is None or url == plan.source_url):
+    """How the card names a source: the one the output was made from by Hub id when known; one
+    that was read (``url``, what verify checked against) by Hub id only when it is that Hub repo
+    (a local folder is named by its folder name, never as the Hub model)."""
+    if base_model and url is None:
         return base_model
-    return file_name(url or plan.source_url)
+    m = re.match(r"^hf://(?:models/)?([^/@]+/[^/@]+)", str(url or ""))
+    if base_model and m and m.group(1) == base_model:
+        return base_model
+    where = str(url or plan.source_url)
+    cache = _HF_CACHE_SNAPSHOT.search(where)
+    if cache:  # a Hub repo's local copy: named by its cache folder, which says which repo and revision
+        return where[cache.start():].strip("/").removeprefix("local:")
+    return file_name(where).removeprefix("local:")
 
 
 def source_license(card_text: str | None) -> dict[str, str]:

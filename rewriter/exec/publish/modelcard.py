@@ -15,12 +15,12 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from core import jsonfile
 from core.checkpoint import INDEX_NAME
 from core.errors import CardError
 from core.storage import Storage
-from planners.plan import PROVENANCE_NAME, Plan
-from rewriter.exec.dest import Destination
-from rewriter.exec.dest.lock import DestinationLock
+from planners.plan import CARD_NAME, PROVENANCE_NAME, Plan, source_card
+from rewriter.exec.dest import Destination, DestinationLock
 from rewriter.exec.publish.hubmeta import (
     check_base_model,
     file_name,
@@ -30,22 +30,6 @@ from rewriter.exec.publish.hubmeta import (
     source_name,
 )
 from rewriter.exec.publish.verify import load_provenance_plan
-
-CARD_NAME = "README.md"
-
-
-def base_card_name(taken: Iterable[str]) -> str:
-    """Where the source's model card goes: ``README.base.md``, or the first free numbered name."""
-    names = set(taken)
-    n = 1
-    while (name := "README.base.md" if n == 1 else f"README.base.{n}.md") in names:
-        n += 1
-    return name
-
-
-def source_card(plan: Plan) -> str | None:
-    """The name the source's model card gets in the output, when the source has one."""
-    return base_card_name(plan.copy_files) if CARD_NAME in plan.copy_files else None
 
 
 def _yaml_scalar(v: str) -> str:
@@ -231,7 +215,7 @@ def load_eval(path: str) -> Mapping[str, Any]:
     """Read and check a ``rewriter eval --json`` result file."""
     try:
         with open(path, "rb") as f:
-            doc = json.loads(f.read())
+            doc = jsonfile.loads(f.read())
     except FileNotFoundError:
         raise CardError(f"{path}: eval result not found; write one with `rewriter eval MODEL ... --json > {path}`") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:

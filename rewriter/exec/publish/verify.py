@@ -11,16 +11,27 @@ source slice. :mod:`rewriter.exec.distributed.ray_verify` runs the same check pe
 from __future__ import annotations
 
 import hashlib
-import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from core import jsonfile
 from core.checkpoint import CONFIG_NAME, Checkpoint
 from core.errors import CheckpointError, PlanError, RewriterError
 from core.jsonfile import parse_json_object
 from core.storage import Storage
-from planners.plan import PROVENANCE_NAME, OutputShard, Plan, Segment, source_location
+from planners.plan import (
+    LOCAL_SOURCE,
+    PROVENANCE_NAME,
+    OutputShard,
+    Plan,
+    Segment,
+    copied_file_problems,
+    copied_names,
+    published_source,
+    require_source,
+    source_location,
+)
 from rewriter.exec.options import DEFAULT_BUFFER_BYTES
 from rewriter.exec.publish.provenance_record import Range, check_document
 
@@ -90,6 +101,7 @@ def verify(
     src_options: Mapping[str, Any] | None = None,
     dst_options: Mapping[str, Any] | None = None,
     buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    progress: Progress | None = None,
 ) -> VerifyReport:
     """Check ``dst_url`` against its plan and source.
 
@@ -100,74 +112,129 @@ def verify(
 
     Args:
         src_url: the source; ``None`` uses the source URL recorded in the plan.
+        progress: called with ``(bytes, total)`` as bytes are checked: each output shard is read
+            once and its tensors' source slices once, so ``total`` is :func:`bytes_to_check`.
     """
     with Storage(dst_url, dst_options) as dst_store:
         plan = load_provenance_plan(dst_store)
-        with Storage(src_url or plan.source_url, src_options) as src_store:
-            return _verify(plan, src_store, dst_store, buffer_bytes)
+        from_record = src_url is None
+        src_url = src_url or require_source(plan, "pass the source it was made from (`rewriter verify SRC DST`, or `rewriter card DST --verify --src SRC`)")
+        with Storage(src_url, src_options) as src_store:
+            if from_record:
+                refuse_missing_recorded_source(plan, src_store, dst_store)
+            return _verify(plan, src_store, dst_store, buffer_bytes, progress)
+
+
+#: Progress callback of :func:`verify`: ``(bytes just checked, bytes to check in all)``.
+Progress = Callable[[int, int], None]
+
+
+def bytes_to_check(plan: Plan) -> int:
+    """Bytes :func:`verify` reads: every output shard, and its tensors' source slices."""
+    return sum(out.size + out.data_bytes for out in plan.outputs)
+
+
+def refuse_missing_recorded_source(plan: Plan, src: Storage, dst: Storage) -> None:
+    """PlanError when the source DST records is no longer where it was, saying SRC may be given."""
+    if src.exists():
+        return
+    raise PlanError(
+        f"{plan.source_url}, the source {dst.describe(PROVENANCE_NAME)} records, is not there (moved or "
+        f"removed); pass the source the output was made from as SRC: `rewriter verify SRC {dst.url}`"
+    )
 
 
 def _refuse_other_source(plan: Plan, src: Checkpoint, dst: Storage) -> None:
     """Stop before reading any tensor when SRC is another checkpoint than the one DST was made
     from: its bytes say nothing about DST (a changed source at the same place is a problem found)."""
-    if source_location(src.storage) == plan.source_url:
-        return
+    here = source_location(src.storage)
+    if here == plan.source_url or (not plan.source_recorded and published_source(here) == plan.source_url):
+        return  # the recorded place (for a local source: a folder of the recorded name)
     now = src.fingerprint()
     differ = [name for name, fp in plan.source_shards.items() if dict(now.get(name) or {}) != dict(fp)]
     if not differ:
         return  # the same shards, copied or mounted elsewhere
     what = "has no shard" if differ[0] not in now else "has a different shard"
+    made_from, hint = plan.source_url, ", or give only DST to verify against the recorded one"
+    if not plan.source_recorded:
+        made_from, hint = f"a local folder named '{plan.source_url.removeprefix(LOCAL_SOURCE)}'", ""
     raise PlanError(
-        f"{src.url} is not the source of {dst.url}: that was made from {plan.source_url} (recorded in "
+        f"{src.url} is not the source of {dst.url}: that was made from {made_from} (recorded in "
         f"{dst.describe(PROVENANCE_NAME)}), and {src.url} {what} '{differ[0]}' of it"
         f"{f' ({len(differ)} shards differ)' if len(differ) > 1 else ''}; pass the source the output "
-        f"was made from, or give only DST to verify against the recorded one"
+        f"was made from{hint}"
     )
 
 
-def _verify(plan: Plan, src_store: Storage, dst_store: Storage, buffer_bytes: int) -> VerifyReport:
+def _verify(plan: Plan, src_store: Storage, dst_store: Storage, buffer_bytes: int,
+            progress: Progress | None) -> VerifyReport:
     report = VerifyReport(dst_store.url, src_store.url)
-    opened = open_both(plan, src_store, dst_store, report)
-    if opened is not None:
-        dst, src = opened
-        recorded = recorded_shards(plan, dst_store, report)
-        for out in plan.outputs:
-            if out.name in dst.shards:
-                report.add(check_shard(out, recorded[out.name], shard_tensors(dst, out.name), src.storage,
-                                       dst_store, buffer_bytes))
+    dst, src = open_both(plan, src_store, dst_store, report)
+    recorded = recorded_shards(plan, dst_store, report)
+    total = bytes_to_check(plan)
+    tick = (lambda n: progress(n, total)) if progress else None
+    for out, tensors in shards_to_check(plan, dst, dst_store, report):
+        report.add(check_shard(out, recorded[out.name], tensors, src.storage, dst_store, buffer_bytes, tick))
     return report
 
 
-def open_both(plan: Plan, src_store: Storage, dst_store: Storage, report: VerifyReport) -> tuple[Checkpoint, Checkpoint] | None:
-    """Open both checkpoints and check what is not a shard's bytes (config, source, shard names)."""
+def open_both(plan: Plan, src_store: Storage, dst_store: Storage, report: VerifyReport) -> tuple[Checkpoint | None, Checkpoint]:
+    """Open both checkpoints and check what is not a shard's bytes (config, source, shard names).
+
+    A destination that does not open as a checkpoint (a malformed shard header, a damaged
+    index) is a problem found, and ``None``: its shards are then checked one by one against the
+    plan (:func:`shards_to_check`), so every shard's problems are reported, not only the first.
+    """
     try:
-        dst = Checkpoint.open(dst_store.url, storage=dst_store)
+        dst: Checkpoint | None = Checkpoint.open(dst_store.url, storage=dst_store)
     except RewriterError as e:
         report.problems.append(str(e))
-        return None
+        dst = None
     src = Checkpoint.open(src_store.url, storage=src_store)
     _refuse_other_source(plan, src, dst_store)
     try:
         plan.check_source(src)
     except PlanError as e:
         report.problems.append(str(e))
+    if dst is None:
+        return None, src
     if dst.config != dict(plan.config):
         report.problems.append(f"{dst_store.describe(CONFIG_NAME)} differs from the planned config")
-    if plan.loadable:
-        try:
-            dst.layout.moe_layers(dst)
-        except CheckpointError as e:
-            report.problems.append(str(e))
+    report.problems += copied_file_problems(plan, dst_store, copied_names(plan))
+    try:
+        dst.layout.moe_layers(dst)  # each layer's count, from num_experts_per_layer where they differ
+    except CheckpointError as e:
+        report.problems.append(str(e))
     planned = {o.name for o in plan.outputs}
     if planned != set(dst.shards):
         report.problems.append(f"shards {sorted(dst.shards)} differ from the planned {sorted(planned)}")
     return dst, src
 
 
+def shards_to_check(plan: Plan, dst: Checkpoint | None, dst_store: Storage,
+                    report: VerifyReport) -> list[tuple[OutputShard, dict[str, tuple[int, int]]]]:
+    """Each planned shard to read, with ``tensor -> (begin, end)`` of its tensors: from the
+    destination's index, or, when the destination did not open, from the plan (the shard's header
+    is compared with the planned one as it is read, so those spans hold wherever it matches)."""
+    if dst is not None:
+        return [(o, shard_tensors(dst, o.name)) for o in plan.outputs if o.name in dst.shards]
+    todo = []
+    for o in plan.outputs:
+        if not dst_store.exists(o.name):
+            report.problems.append(f"{dst_store.describe(o.name)}: planned shard is missing")
+            continue
+        begin, spans = len(o.header), {}
+        for t in o.tensors:
+            spans[t.name] = (begin, begin + t.nbytes)
+            begin += t.nbytes
+        todo.append((o, spans))
+    return todo
+
+
 def recorded_shards(plan: Plan, dst: Storage, report: VerifyReport) -> dict[str, tuple[list[Range], list[Range]]]:
     """Each planned shard's hash ranges ``pruning.json`` records (checked as untrusted input: its
     problems go to ``report``)."""
-    problems, ranges = check_document(plan, json.loads(dst.read_all(PROVENANCE_NAME)))
+    problems, ranges = check_document(plan, jsonfile.loads(dst.read_all(PROVENANCE_NAME)))
     report.problems += [p.replace(PROVENANCE_NAME, dst.describe(PROVENANCE_NAME), 1) for p in problems]
     return ranges
 
@@ -178,9 +245,9 @@ def shard_tensors(dst: Checkpoint, name: str) -> dict[str, tuple[int, int]]:
 
 
 def check_shard(out: OutputShard, recorded: tuple[list[Range], list[Range]], tensors: Mapping[str, tuple[int, int]], src: Storage,
-                dst: Storage, buffer_bytes: int) -> ShardCheck:
+                dst: Storage, buffer_bytes: int, progress: Callable[[int], None] | None = None) -> ShardCheck:
     """One pass over shard ``out``: its header, the hashes ``pruning.json`` records for it, and every
-    tensor's bytes against its planned source slice."""
+    tensor's bytes against its planned source slice (``progress`` gets each number of bytes read)."""
     check = ShardCheck()
     where = dst.describe(out.name)
     whole, parts = recorded
@@ -199,6 +266,8 @@ def check_shard(out: OutputShard, recorded: tuple[list[Range], list[Range]], ten
                 h.feed(pos, chunk)
             tensor_hashes.feed(pos, chunk)
             pos += len(chunk)
+            if progress:
+                progress(len(chunk))
     except RewriterError as e:
         check.problems.append(str(e))
         return check
@@ -214,6 +283,8 @@ def check_shard(out: OutputShard, recorded: tuple[list[Range], list[Range]], ten
         check.bytes += end - begin
         if got != _planned_digest(src, planned[name].segments, buf):
             check.mismatches.append(name)
+        if progress:
+            progress(end - begin)
     return check
 
 

@@ -30,14 +30,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from core.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
+from core.checkpoint import CONFIG_NAME, INDEX_NAME
 from core.errors import DestinationFullError, ExecutionError, PlanError
 from core.storage import Storage
-from planners.plan import PROVENANCE_NAME, OutputShard, Plan
+from planners.plan import PROVENANCE_NAME, OutputShard, Plan, require_source
 from rewriter.exec.dest import Destination, open_destination
 from rewriter.exec.dest.journal import (
     ShardResult,
-    check_destination,
     pending_shards,
     prepare_destination,
 )
@@ -47,6 +46,7 @@ from rewriter.exec.io.copy import CopyStats, IOOptions, Progress, RangeCopier, c
 from rewriter.exec.options import DEFAULT_BUFFER_BYTES, RunOptions
 from rewriter.exec.publish.modelcard import CARD_NAME, write_model_card
 from rewriter.exec.run.jobs import default_jobs, locked, run_jobs
+from rewriter.exec.run.preflight import check_inputs
 
 log = logging.getLogger(__name__)
 
@@ -140,18 +140,21 @@ def finalize(plan: Plan, src: Storage, dst: Destination, results: Iterable[Shard
     provenance = {
         "format": "moe-rewriter-provenance",
         "plan_digest": plan.digest,
-        "source": plan.source_url,
+        "source": plan.published_json()["source"]["url"],
         "family": plan.family,
         "expert_mapping": plan.expert_mapping(),
         "top_k": plan.top_k,
         "skipped_files": list(plan.skipped_files),
         "shards": {o.name: by_name[o.name].record() for o in plan.outputs},
-        "plan": plan.to_json(),
+        "plan": plan.published_json(),
     }
     dst.put_bytes(PROVENANCE_NAME, (json.dumps(provenance, indent=1, sort_keys=True) + "\n").encode())
     dst.put_bytes(INDEX_NAME, plan.index_json())
     dst.remove_state()
 
+
+#: What to do with the plan a finished output publishes (its local source named by content only).
+RUN_THE_PLAN = "run the plan made with `rewriter plan SRC ... --out PLAN`, not the one pruning.json publishes"
 
 #: Writes the pending shards and reports each result (the Ray executor passes one).
 ShardRunner = Callable[[list[OutputShard], Callable[[ShardResult], None]], None]
@@ -202,12 +205,10 @@ def execute(
         raise PlanError("this plan keeps different expert counts per layer, which stock transformers cannot "
                         "load; pass --allow-nonuniform to write it anyway")
     hooks = Hooks(progress, runner, on_start, observer)
-    src = Storage(plan.source_url, options.src_options)
+    src = Storage(require_source(plan, RUN_THE_PLAN), options.src_options)
     dst = open_destination(dst_url, options.dst_options)
     try:
-        ckpt = Checkpoint.open(plan.source_url, storage=src)
-        plan.check_source(ckpt)
-        check_destination(src, dst)
+        check_inputs(plan, src, dst)
         created = dst.is_new()
         lock = DestinationLock(dst.storage)
         with lock:

@@ -54,9 +54,13 @@ def run_jobs(todo: Sequence[Out], write: Callable[[Out], Res], jobs: int, record
             record(write(item))
         return
     pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="shard-job")
-    futures: set[Future[Any]] = {pool.submit(write, item) for item in todo}
+    futures: set[Future[Any]] = set()
     error: BaseException | None = None
     try:
+        # Submitted inside the try: an interrupt (Ctrl-C, SIGTERM) between two submissions still
+        # shuts the pool down, so no worker outlives the run and keeps the process from exiting.
+        for item in todo:
+            futures.add(pool.submit(write, item))
         while futures:
             done, futures = wait(futures, return_when=FIRST_COMPLETED)
             for f in done:
@@ -71,8 +75,6 @@ def run_jobs(todo: Sequence[Out], write: Callable[[Out], Res], jobs: int, record
                     continue
                 record(f.result())
     finally:
-        for g in futures:
-            g.cancel()
-        pool.shutdown(wait=True)
+        pool.shutdown(wait=True, cancel_futures=True)
     if error is not None:
         raise error

@@ -1,0 +1,280 @@
+"""How one model family stores experts: which tensors hold experts, and which config fields change.
+
+Two storage styles exist among MoE checkpoints:
+
+* **fused** (gpt-oss, Llama-4, Aria…): every expert tensor of a layer stacks the experts along
+  dim 0, so expert ``e`` is one contiguous byte range. Pruning slices rows.
+* **per-expert** (Mixtral, Qwen-MoE, DeepSeek…): one tensor per expert (``experts.N.…``).
+  Pruning drops whole tensors and renumbers the kept ones.
+
+Either way the router's weight (and bias) rows are experts and are sliced. A :class:`Layout`
+classifies tensor names into those roles; everything else is copied unchanged, which is only
+right for tensors that do not depend on the expert count: :meth:`Layout.moe_layers` refuses a
+checkpoint whose MoE module holds an unclassified tensor with an expert-sized dimension.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from core.errors import CheckpointError
+
+
+# What a layout reads of a checkpoint. Structural types, so that the checkpoint model can detect
+# its own layout without this module importing it.
+class _Tensor(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+
+class _Describes(Protocol):
+    def describe(self, name: str) -> str: ...
+
+
+class CheckpointView(Protocol):
+    """The parts of :class:`core.checkpoint.Checkpoint` a layout reads."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def config(self) -> Mapping[str, Any]: ...
+
+    @property
+    def tensors(self) -> Mapping[str, _Tensor]: ...
+
+    @property
+    def storage(self) -> _Describes: ...
+
+
+Role = Literal["fused", "router", "expert"]
+
+
+@dataclass(frozen=True)
+class ExpertTensor:
+    """A tensor that pruning touches.
+
+    ``fused`` and ``router`` tensors are sliced along dim 0 (one row per expert); an ``expert``
+    tensor belongs to one expert (``expert``) and is kept whole or dropped.
+    """
+
+    name: str
+    layer: int
+    role: Role
+    expert: int | None = None
+
+
+@dataclass(frozen=True)
+class MoELayer:
+    """A layer's expert tensors, validated against the config's expert count."""
+
+    index: int
+    num_experts: int
+    tensors: tuple[ExpertTensor, ...]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one model family stores experts.
+
+    Attributes:
+        family: short name (``gpt_oss``); families that differ only in ``model_type`` share one.
+        model_types: ``config.json`` ``model_type`` values of the family.
+        count_fields: config fields holding the expert count (first is canonical).
+        topk_fields: config fields holding the routing top-k (first is canonical).
+        fused: regex of fused expert tensors; group ``layer``.
+        router: regex of router tensors sliced along dim 0; group ``layer``.
+        expert: regex of per-expert tensors; groups ``layer`` and ``expert``.
+        group_field: config field of the expert-group count for group-limited routing
+            (DeepSeek-V3, GLM-4.5): the kept experts must stay balanced across groups.
+        routing: how the family turns router logits into weights (documentation and tests).
+        module: regex of the MoE module under a layer (``mlp``); an unclassified tensor in it
+            with an expert-sized dimension makes the checkpoint refused.
+        shared: regex of tensors in the MoE module that never depend on the expert count
+            (shared experts and their gates): copied whole, exempt from that check.
+        renormalize_field: config flag that renormalizes the kept top-k weights to sum 1, where
+            the router has one.
+        architectures: ``architectures`` entries that identify the family when ``model_type``
+            does not.
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    count_fields: tuple[str, ...]
+    topk_fields: tuple[str, ...]
+    router: str
+    fused: str | None = None
+    expert: str | None = None
+    group_field: str | None = None
+    routing: str = "softmax over the top-k logits"
+    module: str = r"mlp"
+    shared: str | None = None
+    renormalize_field: str | None = None
+    architectures: tuple[str, ...] = ()
+
+    def classify(self, name: str) -> ExpertTensor | None:
+        for role, pattern in (("fused", self.fused), ("router", self.router), ("expert", self.expert)):
+            if pattern is None:
+                continue
+            m = re.search(pattern, name)
+            if m:
+                expert = int(m.group("expert")) if role == "expert" else None
+                return ExpertTensor(name, int(m.group("layer")), role, expert)  # type: ignore[arg-type]
+        return None
+
+    def renamed(self, t: ExpertTensor, new_expert: int) -> str:
+        """Name of per-expert tensor ``t`` once its expert is renumbered to ``new_expert``."""
+        assert self.expert is not None and t.role == "expert"
+        m = re.search(self.expert, t.name)
+        assert m is not None
+        a, b = m.span("expert")
+        return t.name[:a] + str(new_expert) + t.name[b:]
+
+    def num_experts(self, config: Mapping[str, Any], where: str = "config.json") -> int:
+        """The expert count of every layer; the largest one where layers differ."""
+        return _int_field(config, self.count_fields, where)
+
+    def layer_counts(self, config: Mapping[str, Any], where: str = "config.json") -> dict[int, int]:
+        """Per-layer expert counts of a checkpoint whose layers keep different numbers of
+        experts (:data:`PER_LAYER_FIELD`); empty when every layer has :meth:`num_experts`."""
+        v = config.get(PER_LAYER_FIELD)
+        if v is None:
+            return {}
+        ok = isinstance(v, dict) and v and all(
+            isinstance(k, str) and k.isascii() and k.isdigit() and isinstance(n, int)
+            and not isinstance(n, bool) and n > 0 for k, n in v.items())
+        if not ok:
+            raise CheckpointError(f"{where}: {PER_LAYER_FIELD} is {str(v)[:60]}; expected an object of "
+                                  f"layer number -> expert count (a positive integer)")
+        return {int(k): n for k, n in v.items()}
+
+    def min_experts(self, config: Mapping[str, Any], where: str = "config.json") -> int:
+        """The smallest expert count of any layer: what the routing top-k must not exceed."""
+        counts = self.layer_counts(config, where)
+        return min(counts.values()) if counts else self.num_experts(config, where)
+
+    def top_k(self, config: Mapping[str, Any], where: str = "config.json") -> int:
+        return _int_field(config, self.topk_fields, where)
+
+    def num_groups(self, config: Mapping[str, Any]) -> int:
+        """Expert groups of group-limited routing (1 when the family has none)."""
+        if self.group_field is None:
+            return 1
+        v = config.get(self.group_field)
+        return v if isinstance(v, int) and v > 0 else 1
+
+    def config_patch(self, config: Mapping[str, Any], kept: int, top_k: int) -> dict[str, Any]:
+        """The config fields to set for ``kept`` experts per layer and routing ``top_k``."""
+        patch: dict[str, Any] = {}
+        for fields, value in ((self.count_fields, kept), (self.topk_fields, top_k)):
+            present = [f for f in fields if f in config] or [fields[0]]
+            patch.update({f: value for f in present})
+        return patch
+
+    def in_module(self, name: str) -> re.Match[str] | None:
+        """Whether ``name`` sits in a layer's MoE module (the match names the layer)."""
+        return re.search(_LAYER + f"(?:{self.module})\\.", name)
+
+    def moe_layers(self, ckpt: CheckpointView) -> dict[int, MoELayer]:
+        """Every MoE layer of ``ckpt`` with its expert tensors, checked against the config.
+
+        Raises:
+            CheckpointError: a sliced tensor whose dim 0 is not the expert count, a per-expert
+                tensor whose expert id is out of range, an expert missing from a layer, a layer
+                without a router, or an unclassified tensor of an MoE module with an
+                expert-sized dimension (pruning would copy it unsliced).
+        """
+        where = ckpt.storage.describe("config.json")
+        default = self.num_experts(ckpt.config, where)
+        counts = self.layer_counts(ckpt.config, where)
+        found: dict[int, list[ExpertTensor]] = {}
+        for info in ckpt.tensors.values():
+            t = self.classify(info.name)
+            if t is None:
+                continue
+            n = counts.get(t.layer, default)
+            if t.role != "expert" and (not info.shape or info.shape[expert_axis(info.shape)] != n):
+                raise CheckpointError(
+                    f"{ckpt.url}: tensor {info.name!r} has shape {list(info.shape)}; expected "
+                    f"dim 0 = {n} experts (config {self.count_fields[0]})"
+                )
+            if t.role == "expert" and not 0 <= (t.expert or 0) < n:
+                raise CheckpointError(
+                    f"{ckpt.url}: tensor {info.name!r} names expert {t.expert}, but the config "
+                    f"has {n} experts per layer"
+                )
+            found.setdefault(t.layer, []).append(t)
+        layers = {i: MoELayer(i, counts.get(i, default), tuple(ts)) for i, ts in sorted(found.items())}
+        for layer in layers.values():
+            self._check_complete(ckpt, layer)
+        self._check_unclassified(ckpt, layers)
+        return layers
+
+    def _check_complete(self, ckpt: CheckpointView, layer: MoELayer) -> None:
+        """Every expert present once per tensor name, and a router to choose among them."""
+        roles = {t.role for t in layer.tensors}
+        if "router" not in roles:
+            raise CheckpointError(
+                f"{ckpt.url}: layer {layer.index} has expert tensors but no router tensor "
+                f"({self.family} routers match {self.router!r}); the experts cannot be pruned "
+                f"without slicing the router"
+            )
+        per_expert = [t for t in layer.tensors if t.role == "expert"]
+        if not per_expert:
+            return
+        ids = {t.expert for t in per_expert}
+        missing = sorted(set(range(layer.num_experts)) - ids)
+        if missing:
+            raise CheckpointError(
+                f"{ckpt.url}: layer {layer.index} has no tensors of experts {missing[:8]}, but "
+                f"config {self.count_fields[0]} is {layer.num_experts}"
+            )
+
+    def _check_unclassified(self, ckpt: CheckpointView, layers: Mapping[int, MoELayer]) -> None:
+        for info in ckpt.tensors.values():
+            m = self.in_module(info.name)
+            if m is None or int(m.group("layer")) not in layers or self.classify(info.name) is not None:
+                continue
+            n = layers[int(m.group("layer"))].num_experts
+            if self.shared is not None and re.search(self.shared, info.name):
+                continue
+            if n in info.shape:
+                raise CheckpointError(
+                    f"{ckpt.url}: tensor {info.name!r} of MoE layer {m.group('layer')} has shape "
+                    f"{list(info.shape)}, a dimension of {n} (the expert count), but the "
+                    f"{self.family} layout does not say how it depends on the experts; refusing "
+                    f"rather than copying it unsliced (model_type {ckpt.config.get('model_type')!r})"
+                )
+
+
+def expert_axis(shape: Sequence[int]) -> int:
+    """The expert dimension of a sliced tensor: dim 0, or the first after leading 1s (a router
+    bias stored ``[1, E]``). Either way one expert is one contiguous byte range."""
+    for i, d in enumerate(shape[:-1]):
+        if d != 1:
+            return i
+    return max(len(shape) - 1, 0)
+
+
+#: The config field of a checkpoint whose MoE layers keep different numbers of experts:
+#: ``{"<layer>": count}``, with the family's count fields set to the largest count. No engine
+#: standard exists (transformers and mlx-lm read one count for every layer), so this tool names
+#: its own; README "Non-uniform output" says who reads it.
+PER_LAYER_FIELD = "num_experts_per_layer"
+
+
+def _int_field(config: Mapping[str, Any], fields: Sequence[str], where: str) -> int:
+    for f in fields:
+        v = config.get(f)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    raise CheckpointError(f"{where}: expected an integer field {' or '.join(fields)}")
+
+
+_LAYER = r"(?:^|\.)layers\.(?P<layer>\d+)\."
