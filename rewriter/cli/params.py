@@ -207,7 +207,7 @@ class _LinkMbps(click.FloatRange):
 PART_MIB, LINK_MBPS = _PartMiB(), _LinkMbps(0, MAX_MBPS)
 
 
-def _options(*opts: Callable[..., Any]) -> Callable[..., Any]:
+def options_group(*opts: Callable[..., Any]) -> Callable[..., Any]:
     """One decorator applying several click options, in the order listed."""
 
     def apply(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from core.options import Flag, flag_of
-from rewriter.cli.params import BUFFER_MIB, JSON_OBJECT, PART_MIB, POSITIVE, _options, finite
+from rewriter.cli.params import BUFFER_MIB, JSON_OBJECT, PART_MIB, POSITIVE, finite, options_group
 from rewriter.exec.options import RunOptions
 
 #: The click type of each kind of value a Flag names (``int`` is a click.IntRange of its bounds).
@@ -51,7 +51,7 @@ def _in_flag_units(value: Any, flag: Flag) -> Any:
 
 
 #: The options of every command that runs a plan, in the order of RunOptions' fields.
-run_options = _options(*(_click_option(name, default, flag) for name, default, flag, _ in declared()))
+run_options = options_group(*(_click_option(name, default, flag) for name, default, flag, _ in declared()))
 
 
 def options_from(values: dict[str, Any], **fixed: Any) -> RunOptions:
