@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
-import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -21,17 +18,22 @@ import fsspec
 from core.checkpoint import (
     CONFIG_NAME,
     INDEX_NAME,
-    Checkpoint,
-    TensorInfo,
     hub_name_problem,
     relative_name_problem,
 )
 from core.errors import PlanError
-from core.format import PREFIX_BYTES, encode_header, parse_header
+from core.format import PREFIX_BYTES
 from core.jsonfile import parse_json, read_url
-from core.layouts import PER_LAYER_FIELD, Layout, expert_axis
 from planners.plan_schema import check_document
-from planners.policies import KeepDecision
+from planners.provenance import (
+    LOCAL_SOURCE,
+    UNSTABLE_PROVENANCE,
+    is_local_path,
+    names_only,
+    published_source,
+    without_paths,
+)
+from planners.tensors import OutputShard, Segment, output_from_json
 
 PLAN_FORMAT = "moe-rewriter-plan"
 #: 2: ``copy_file_digests`` (each copied file's size and sha256) and a derived config.
@@ -52,92 +54,6 @@ def base_card_name(taken: Iterable[str]) -> str:
     while (name := "README.base.md" if n == 1 else f"README.base.{n}.md") in names:
         n += 1
     return name
-
-
-@dataclass(frozen=True)
-class Segment:
-    """``length`` bytes at absolute ``offset`` of source shard ``shard``, or, when ``data`` is
-    set, those literal bytes (a soft prune's replaced router bias entries)."""
-
-    shard: str
-    offset: int
-    length: int
-    data: bytes | None = None
-
-    @classmethod
-    def literal(cls, data: bytes) -> Segment:
-        return cls("", 0, len(data), data)
-
-    def to_json(self) -> list:
-        if self.data is not None:
-            return ["", 0, self.length, self.data.hex()]
-        return [self.shard, self.offset, self.length]
-
-    @classmethod
-    def from_json(cls, v: list) -> Segment:
-        """Numbers are kept as found; :func:`check_plan` refuses anything but non-negative ints."""
-        if len(v) == 4:
-            if v[0] != "":
-                raise ValueError(f"literal segment names shard {v[0]!r}; literal segments name none")
-            data = bytes.fromhex(v[3])
-            if len(data) != v[2]:
-                raise ValueError(f"literal segment of {len(data)} bytes declares {v[2]}")
-            return cls.literal(data)
-        if len(v) != 3:
-            raise ValueError(f"segment {v!r} is not [shard, offset, length]")
-        return cls(v[0], v[1], v[2])
-
-
-def merge_segments(segments: Iterable[Segment]) -> list[Segment]:
-    """Join neighbours: source ranges contiguous in one shard, and consecutive literals."""
-    out: list[Segment] = []
-    for s in segments:
-        last = out[-1] if out else None
-        if (last and last.data is None and s.data is None and last.shard == s.shard
-                and last.offset + last.length == s.offset):
-            out[-1] = Segment(s.shard, last.offset, last.length + s.length)
-        elif last and last.data is not None and s.data is not None:
-            out[-1] = Segment.literal(last.data + s.data)
-        else:
-            out.append(s)
-    return out
-
-
-@dataclass(frozen=True)
-class PlannedTensor:
-    """An output tensor and the source bytes that make it, in order."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    source: str
-    segments: tuple[Segment, ...]
-    layer: int | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(s.length for s in self.segments)
-
-
-@dataclass(frozen=True)
-class OutputShard:
-    """An output file: its precomputed header (prefix included) and its tensors in data order."""
-
-    name: str
-    header: bytes
-    tensors: tuple[PlannedTensor, ...]
-
-    @property
-    def data_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
-    @property
-    def size(self) -> int:
-        return len(self.header) + self.data_bytes
-
-    def copy_ops(self) -> list[Segment]:
-        """The data's segments in write order, neighbours merged across tensors."""
-        return merge_segments(s for t in self.tensors for s in t.segments)
 
 
 @dataclass(frozen=True)
@@ -246,7 +162,7 @@ class Plan:
         prov = doc["provenance"]
         for key in ("saliency", "keep_list"):
             if key in prov:
-                prov[key] = _names_only(prov[key])
+                prov[key] = names_only(prov[key])
         return doc
 
     def identity_json(self) -> dict[str, Any]:
@@ -255,10 +171,10 @@ class Plan:
         read from (their sha256 stays) and where its source is (its fingerprints stay)."""
         doc = self.to_json()
         doc["source"] = {k: v for k, v in doc["source"].items() if k != "url"}
-        prov = {k: v for k, v in doc["provenance"].items() if k not in _UNSTABLE_PROVENANCE}
+        prov = {k: v for k, v in doc["provenance"].items() if k not in UNSTABLE_PROVENANCE}
         for key in ("saliency", "keep_list"):
             if key in prov:
-                prov[key] = _without_paths(prov[key])
+                prov[key] = without_paths(prov[key])
         doc["provenance"] = prov
         return doc
 
@@ -289,7 +205,7 @@ class Plan:
             raise PlanError(f"{where}: plan version {doc.get('version')!r}; this tool reads version {PLAN_VERSION}")
         check_document(doc, where)
         try:
-            outputs = tuple(_output_from_json(o, where) for o in doc["outputs"])
+            outputs = tuple(output_from_json(o, where) for o in doc["outputs"])
             keep = {int(k): tuple(v) for k, v in doc["expert_mapping"].items()}
             reasons = {
                 int(layer): {int(e): tuple(r) for e, r in rs.items()} for layer, rs in doc.get("keep_reasons", {}).items()
@@ -325,74 +241,6 @@ class Plan:
         doc = parse_json(read_url(url, PlanError, missing="plan file not found"), url, PlanError)
         return cls.from_json(doc, url)
 
-    def check_source(self, ckpt: Checkpoint) -> None:
-        """Refuse a source whose shards differ from the ones the plan was made from, and a plan
-        read from a file whose tensors are not the ones its expert mapping takes from that source
-        (a plan built here by :func:`build_plan` is consistent by construction).
-
-        When ``ckpt`` is not at the plan's source URL, the message says that the source given
-        differs from the plan's (naming both) rather than that the source changed.
-        """
-        self._check_shards(ckpt)
-        if self.origin is not None:
-            check_mapping(self, ckpt, self.origin)
-            check_config(self, ckpt, self.origin)
-            check_copied_files(self, ckpt.storage, self.origin)
-
-    def _check_shards(self, ckpt: Checkpoint) -> None:
-        now = ckpt.fingerprint()
-        elsewhere = source_location(ckpt.storage) != self.source_url
-        for name, fp in self.source_shards.items():
-            found = now.get(name)
-            if found is not None and dict(found) == dict(fp):
-                continue
-            if elsewhere:
-                what = "has no shard" if found is None else "has a different shard"
-                raise PlanError(
-                    f"the source given, {ckpt.url}, is not the one the plan was made from, "
-                    f"{self.source_url}: it {what} '{name}'; pass the plan's source (or plan "
-                    f"again from {ckpt.url})"
-                )
-            if found is None:
-                raise PlanError(f"{ckpt.url}: shard '{name}' of the plan's source is missing; plan again")
-            raise PlanError(
-                f"{ckpt.storage.describe(name)} changed since the plan was made (planned "
-                f"size {fp['size']:,}, header {fp['header_sha256'][:12]}; found size "
-                f"{found['size']:,}, header {found['header_sha256'][:12]}); plan again"
-            )
-
-
-_UNSTABLE_PROVENANCE = ("created_utc",)
-#: How ``pruning.json`` names a local source: ``local:<folder name>`` (or the Hugging Face cache
-#: part of its path, which names the Hub repo), never the machine's path.
-LOCAL_SOURCE = "local:"
-_HF_CACHE_PART = re.compile(r"models--[^/]+?--[^/]+/snapshots/[^/]+/?$")
-
-
-def is_local_path(url: str) -> bool:
-    return "://" not in url and not url.startswith(LOCAL_SOURCE)
-
-
-def published_source(url: str) -> str:
-    m = _HF_CACHE_PART.search(url)
-    return LOCAL_SOURCE + (m.group(0).rstrip("/") if m else url.rstrip("/").rsplit("/", 1)[-1])
-
-
-def _names_only(entry: Any) -> Any:
-    if isinstance(entry, list):
-        return [_names_only(e) for e in entry]
-    if isinstance(entry, dict) and isinstance(entry.get("path"), str):
-        return {**entry, "path": entry["path"].rstrip("/").rsplit("/", 1)[-1]}
-    return entry
-
-
-def _without_paths(entry: Any) -> Any:
-    if isinstance(entry, list):
-        return [_without_paths(e) for e in entry]
-    if isinstance(entry, dict):
-        return {k: v for k, v in entry.items() if k != "path"}
-    return entry
-
 
 def require_source(plan: Plan, what: str) -> str:
     """The plan's source URL, or a clear error when it records a local source by content only."""
@@ -401,14 +249,6 @@ def require_source(plan: Plan, what: str) -> str:
     raise PlanError(f"{plan.origin or 'the plan'} records its source as {plan.source_url!r}: a local folder, "
                     f"identified by content only (pruning.json publishes no path of the machine that made it); "
                     f"{what}")
-
-
-def source_location(storage: Any) -> str:
-    """The URL a plan records for a source: local paths made absolute (so a plan, and the
-    ``pruning.json`` that carries it, works from any folder and on shared storage)."""
-    if storage.is_local:
-        return os.path.abspath(storage.root)
-    return str(storage.url)
 
 
 # --- validating a plan read from JSON (untrusted: plans travel between machines and users) ----
@@ -468,37 +308,6 @@ def check_plan(plan: Plan, where: str) -> None:
         raise PlanError(f"{where}: top_k {plan.top_k!r} must be a positive integer")
 
 
-def check_mapping(plan: Plan, ckpt: Checkpoint, where: str) -> None:
-    """Refuse a plan whose expert mapping is not what its tensors take from ``ckpt``.
-
-    The mapping is what users read (in ``pruning.json`` and the model card) to learn which
-    experts they got, so it must be exactly what the plan's bytes hold: the plan's tensors are
-    rebuilt from the source and its mapping and compared.
-    """
-    layout = ckpt.layout
-    what = "Refusing this plan: make it again with `rewriter plan`"
-    if layout.family != plan.family:
-        raise PlanError(f"{where}: the plan is for family {plan.family!r}, but its source {ckpt.url} is "
-                        f"{layout.family!r}. {what}")
-    moe = sorted(layout.moe_layers(ckpt))
-    n = layout.num_experts(ckpt.config, ckpt.storage.describe(CONFIG_NAME))
-    if sorted(plan.keep) != moe:
-        raise PlanError(f"{where}: expert_mapping covers layers {sorted(plan.keep)}, but the MoE "
-                        f"layers of {ckpt.url} are {moe}. {what}")
-    for layer, ids in sorted(plan.keep.items()):
-        if any(e >= n for e in ids):
-            raise PlanError(f"{where}: expert_mapping for layer {layer} names expert "
-                            f"{max(ids)}, but {ckpt.url} has {n} experts per layer. {what}")
-    expected = {t.name: t for t in plan_tensors(ckpt, layout, plan.keep, plan.layers_only, plan.soft)}
-    planned = {t.name: t for o in plan.outputs for t in o.tensors}
-    for name in sorted(expected.keys() | planned.keys()):
-        if expected.get(name) != planned.get(name):
-            found = "is missing" if name not in planned else (
-                "is not among the tensors it implies" if name not in expected else "takes other bytes")
-            raise PlanError(f"{where}: expert_mapping does not match its tensors: tensor {name!r} "
-                            f"{found} (mode {'soft' if plan.soft else 'structural'}). {what}")
-
-
 def _check_segment(plan: Plan, s: Segment, where: str) -> None:
     if not _is_count(s.offset) or not _is_count(s.length):
         raise PlanError(f"{where}: segment offset {s.offset!r} and length {s.length!r} must be "
@@ -515,204 +324,7 @@ def _check_segment(plan: Plan, s: Segment, where: str) -> None:
                         f"lies outside its data bytes [{start:,}, {end:,})")
 
 
-def _output_from_json(o: Mapping[str, Any], where: str) -> OutputShard:
-    raw = o["header"].encode("utf-8")
-    header = parse_header(raw, f"{where}: output {o['name']}")
-    tensors = tuple(
-        PlannedTensor(
-            t["name"], t["dtype"], tuple(t["shape"]), t["source"],
-            tuple(Segment.from_json(v) for v in t["segments"]), t.get("layer"),
-        )
-        for t in o["tensors"]
-    )
-    entries = [(e.name, e.dtype, e.shape, e.nbytes) for e in header.tensors]
-    planned = [(t.name, t.dtype, t.shape, t.nbytes) for t in tensors]
-    if entries != planned:
-        raise PlanError(f"{where}: the header of output '{o['name']}' does not match its tensors' segments")
-    out = OutputShard(o["name"], struct.pack("<Q", len(raw)) + raw, tensors)
-    if o.get("size") != out.size:
-        raise PlanError(f"{where}: output '{o['name']}' declares size {o.get('size')!r}, but its header "
-                        f"and segments make {out.size:,} bytes")
-    return out
-
-
 # --- building --------------------------------------------------------------------------------
-
-def _layer_key(t: TensorInfo) -> tuple[int, float]:
-    if t.layer is not None:
-        return (1, t.layer)
-    return (0, 0) if "embed" in t.name else (2, 0)
-
-
-def _whole(info: TensorInfo, name: str | None = None) -> PlannedTensor:
-    """A tensor copied unchanged (under ``name`` when a renumbered expert's tensor)."""
-    return PlannedTensor(name or info.name, info.dtype, info.shape, info.name,
-                         (Segment(info.shard, info.begin, info.nbytes),), info.layer)
-
-
-def _rows(info: TensorInfo, ids: Sequence[int]) -> tuple[Segment, ...]:
-    """The expert rows ``ids`` of a tensor with experts along dim 0, adjacent rows joined."""
-    row = info.nbytes // info.shape[expert_axis(info.shape)]
-    return tuple(merge_segments(Segment(info.shard, info.begin + e * row, row) for e in ids))
-
-
-#: The most negative finite value per dtype: a router bias that no expert overcomes.
-NEVER_SELECTED = {"BF16": bytes.fromhex("7fff"), "F16": bytes.fromhex("fffb"), "F32": bytes.fromhex("ffff7fff")}
-
-
-def _soft_bias(info: TensorInfo, keep: Sequence[int]) -> PlannedTensor:
-    if info.dtype not in NEVER_SELECTED or len(info.shape) != 1:
-        raise PlanError(f"soft prune: router bias {info.name!r} is {info.dtype}{list(info.shape)}; "
-                        f"expected a 1-D BF16, F16 or F32 tensor")
-    row = info.nbytes // info.shape[0]
-    segs = merge_segments(
-        Segment(info.shard, info.begin + e * row, row) if e in keep else Segment.literal(NEVER_SELECTED[info.dtype])
-        for e in range(info.shape[0])
-    )
-    return PlannedTensor(info.name, info.dtype, info.shape, info.name, tuple(segs), info.layer)
-
-
-def plan_tensors(ckpt: Checkpoint, layout: Layout, keep: Mapping[int, Sequence[int]],
-                 layers_only: Sequence[int] | None = None, soft: bool = False) -> list[PlannedTensor]:
-    """Output tensors in layer-local order, each with its source segments.
-
-    ``soft``: every tensor is copied whole except each layer's router bias, whose dropped
-    entries become the dtype's most negative value, so those experts are never selected.
-    """
-    out = []
-    biases_done = set()
-    for info in sorted(ckpt.tensors.values(), key=lambda t: (_layer_key(t), t.shard, t.begin)):
-        role = layout.classify(info.name)
-        if layers_only is not None and (role is None or role.layer not in layers_only):
-            continue
-        if soft:
-            if role is not None and role.role == "router" and info.name.endswith("bias"):
-                out.append(_soft_bias(info, keep[role.layer]))
-                biases_done.add(role.layer)
-            else:
-                out.append(_whole(info))
-            continue
-        if role is None:
-            out.append(_whole(info))
-            continue
-        ids = keep[role.layer]
-        if role.role == "expert":
-            if role.expert is not None and role.expert in ids:
-                out.append(_whole(info, layout.renamed(role, list(ids).index(role.expert))))
-            continue
-        axis = expert_axis(info.shape)
-        shape = (*info.shape[:axis], len(ids), *info.shape[axis + 1:])
-        out.append(PlannedTensor(info.name, info.dtype, shape, info.name, _rows(info, ids), role.layer))
-    if soft and set(keep) - biases_done:
-        raise PlanError(
-            f"soft prune needs a router bias in every MoE layer; {layout.family} layers "
-            f"{sorted(set(keep) - biases_done)[:5]} have none (soft prune works for gpt-oss and "
-            f"DeepSeek-V3/GLM-4.5); use a structural prune instead"
-        )
-    return out
-
-
-def assign_shards(tensors: Sequence[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
-    """Pack tensors into shards of at most ``max_shard_bytes``, keeping each layer together.
-
-    A layer that does not fit in the current shard's remaining room but fits in an empty one
-    starts a new shard; only a layer larger than a whole shard is split.
-    """
-    by_layer: list[list[PlannedTensor]] = []
-    for t in tensors:
-        if by_layer and by_layer[-1][0].layer == t.layer:
-            by_layer[-1].append(t)
-        else:
-            by_layer.append([t])
-    shards: list[list[PlannedTensor]] = [[]]
-    room = max_shard_bytes
-    for grp in by_layer:
-        size = sum(t.nbytes for t in grp)
-        if shards[-1] and size <= max_shard_bytes and size > room:
-            shards.append([])
-            room = max_shard_bytes
-        for t in grp:
-            if shards[-1] and t.nbytes > room:
-                shards.append([])
-                room = max_shard_bytes
-            shards[-1].append(t)
-            room -= t.nbytes
-    return [s for s in shards if s]
-
-
-def shard_names(n: int, zero_based: bool, prefix: str = "model") -> list[str]:
-    """Output shard names as transformers' ``save_pretrained`` writes them: one shard is
-    ``model.safetensors`` (the name loaders look for first; the index, written last to mark the
-    output complete, names it too), several are numbered from 1, or from 0 like the source's."""
-    if n == 1:
-        return [f"{prefix}.safetensors"]
-    if zero_based:
-        return [f"{prefix}-{i:05d}-of-{n - 1:05d}.safetensors" for i in range(n)]
-    return [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-
-
-def _check_layers(url: str, moe: list[int], decision: KeepDecision, layers_only: Sequence[int] | None) -> None:
-    """Keep sets for exactly the MoE layers; dry-run layers among them."""
-    if sorted(decision.keep) != moe:
-        raise PlanError(f"keep sets cover layers {sorted(decision.keep)}, but the MoE layers of {url} are {moe}")
-    bad = sorted(set(layers_only or ()) - set(moe))
-    if bad:
-        raise PlanError(f"--layer {bad}: not MoE layers of {url} (MoE layers: 0..{max(moe)})")
-
-
-def _output_shards(ckpt: Checkpoint, tensors: list[PlannedTensor], max_shard_bytes: int,
-                   layers_only: Sequence[int] | None) -> tuple[OutputShard, ...]:
-    """Tensors grouped into named output shards with their headers (one per layer for a dry run)."""
-    if layers_only is not None:
-        groups = [[t for t in tensors if t.layer == layer] for layer in sorted(set(layers_only))]
-        names = [f"layer-{layer:05d}.safetensors" for layer in sorted(set(layers_only))]
-    else:
-        groups = assign_shards(tensors, max_shard_bytes)
-        zero_based = any(re.search(r"-00000-of-\d+\.safetensors$", s) for s in ckpt.shards)
-        names = shard_names(len(groups), zero_based)
-    return tuple(
-        OutputShard(name, encode_header([(t.name, t.dtype, t.shape) for t in grp], {"format": "pt"}), tuple(grp))
-        for name, grp in zip(names, groups)
-    )
-
-
-#: A Hub repository id (``org/name``); any other ``_name_or_path`` names a folder of some machine.
-_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def derived_config(source: Mapping[str, Any], layout: Layout, keep: Mapping[int, Sequence[int]], top_k: int,
-                   soft: bool, renormalize: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The output ``config.json`` and the patch that makes it from the source's: nothing else
-    than what the keep sets, the top-k and ``--renormalize-topk`` imply.
-
-    Counts are set to the largest kept count, and where layers keep different counts each
-    layer's goes in :data:`PER_LAYER_FIELD`. A ``_name_or_path`` that is not a Hub id (a
-    machine's folder) is emptied, since the output is made to be published.
-    """
-    counts = {layer: len(ids) for layer, ids in sorted(keep.items())}
-    patch = layout.config_patch(source, max(counts.values()), top_k)
-    if soft:
-        patch = {k: v for k, v in patch.items() if k in layout.topk_fields}
-    elif len(set(counts.values())) > 1:
-        patch[PER_LAYER_FIELD] = {str(layer): n for layer, n in counts.items()}
-    if renormalize and layout.renormalize_field:
-        patch[layout.renormalize_field] = True
-    name = source.get("_name_or_path")
-    if isinstance(name, str) and name and not _HUB_ID.match(name):
-        patch["_name_or_path"] = ""
-    return {**source, **patch}, patch
-
-
-_DIGEST_BUFFER = 1 << 20
-
-
-def file_digest(storage: Any, name: str) -> dict[str, Any]:
-    """``{"size", "sha256"}`` of one small file, read in bounded chunks."""
-    size = storage.size(name)
-    h = hashlib.sha256()
-    for chunk in storage.iter_range(name, 0, size, bytearray(min(size, _DIGEST_BUFFER) or 1)):
-        h.update(chunk)
-    return {"size": size, "sha256": h.hexdigest()}
 
 
 def source_card(plan: Plan) -> str | None:
@@ -720,127 +332,3 @@ def source_card(plan: Plan) -> str | None:
     return base_card_name(plan.copy_files) if CARD_NAME in plan.copy_files else None
 
 
-def copied_names(plan: Plan) -> dict[str, str]:
-    """Each file the plan copies, and its name in the output (the source's card moves aside)."""
-    card = source_card(plan)
-    return {name: card if name == CARD_NAME and card else name for name in plan.copy_files}
-
-
-def copied_file_problems(plan: Plan, storage: Any, names: Mapping[str, str]) -> list[str]:
-    """Each copied file (``plan name -> name in storage``) whose bytes are not the ones the plan
-    recorded; a missing file is one too."""
-    problems = []
-    for planned, name in names.items():
-        want = plan.copy_digests[planned]
-        if not storage.exists(name):
-            problems.append(f"{storage.describe(name)} is missing")
-            continue
-        if storage.is_local and not os.path.isfile(storage.local_path(name)):
-            problems.append(f"{storage.describe(name)} is not a regular file (a folder, a device or a pipe)")
-            continue
-        got = file_digest(storage, name)
-        if got != dict(want):
-            problems.append(f"{storage.describe(name)} is {got['size']:,} bytes with sha256 {got['sha256'][:12]}, "
-                            f"not the {want['size']:,} bytes with sha256 {want['sha256'][:12]} the plan recorded")
-    return problems
-
-
-def check_copied_files(plan: Plan, storage: Any, where: str) -> None:
-    """Refuse a source whose files to copy are not the bytes the plan hashed."""
-    problems = copied_file_problems(plan, storage, {n: n for n in plan.copy_files})
-    if problems:
-        raise PlanError(f"{where}: {problems[0]}; a plan copies only the files it hashed (a tokenizer or "
-                        f"generation config edited since planning changes the model): plan again")
-
-
-def check_config(plan: Plan, ckpt: Checkpoint, where: str) -> None:
-    """Refuse a plan whose ``config`` or ``config_patch`` is not what its source and keep sets
-    imply: a plan's config would otherwise be written as it is (an ``auto_map`` runs code for
-    anyone loading with ``trust_remote_code``; a wrong count or top-k breaks the model)."""
-    field_name = ckpt.layout.renormalize_field
-    renormalize = field_name is not None and plan.config_patch.get(field_name) is True
-    config, patch = derived_config(ckpt.config, ckpt.layout, plan.keep, plan.top_k, plan.soft, renormalize)
-    for what, planned, derived in (("config_patch", plan.config_patch, patch), ("config", plan.config, config)):
-        if dict(planned) == derived:
-            continue
-        diff = sorted(k for k in planned.keys() | derived.keys() if planned.get(k, ...) != derived.get(k, ...))
-        raise PlanError(f"{where}: plan field {what!r} differs from what {ckpt.url}'s config.json and the "
-                        f"plan's expert_mapping and top_k imply, in {diff[:5]}; the output config is "
-                        f"derived, never taken from a plan. Refusing this plan: make it again with "
-                        f"`rewriter plan`")
-
-
-def _other_files(files: Sequence[str]) -> tuple[list[str], list[str]]:
-    """The source's non-tensor files to copy, and those left out (other layouts, hidden files,
-    names that a Hugging Face repository could not hold)."""
-    copy_files, skipped = [], []
-    for f in files:
-        if f.startswith(SKIPPED_DIRS) or hub_name_problem(f):
-            skipped.append(f)
-        elif f == CONFIG_NAME or f == INDEX_NAME or f.endswith(".safetensors"):
-            continue
-        else:
-            copy_files.append(f)
-    return copy_files, skipped
-
-
-def build_plan(
-    ckpt: Checkpoint,
-    decision: KeepDecision,
-    *,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    layers_only: Sequence[int] | None = None,
-    provenance: Mapping[str, Any] | None = None, soft: bool = False, renormalize: bool = False,
-) -> Plan:
-    """Turn keep sets into a plan for ``ckpt``.
-
-    Args:
-        ckpt: the opened source checkpoint (only headers were read).
-        decision: kept experts per MoE layer and the routing top-k.
-        max_shard_bytes: output shard size limit (tensor data), 5 GB by default as in HF.
-        layers_only: restrict the plan to these layers' expert tensors, one output file per
-            layer (``layer-00018.safetensors``): a per-layer dry-run plan.
-        provenance: saliency digests, policy and parameters to record.
-        soft: a soft prune: nothing is removed; dropped experts' router bias entries are set so
-            they are never selected (and the top-k patched). Expert ids keep their numbers.
-        renormalize: set the family's layout's ``renormalize_field`` (``norm_topk_prob``), so the
-            kept top-k routing weights sum to 1.
-
-    Raises:
-        PlanError: keep sets that do not cover the MoE layers, or name unknown layers.
-    """
-    layout = ckpt.layout
-    _check_layers(ckpt.url, sorted(layout.moe_layers(ckpt)), decision, layers_only)
-    num_experts = layout.num_experts(ckpt.config)
-    tensors = plan_tensors(ckpt, layout, decision.keep, layers_only, soft)
-    outputs = _output_shards(ckpt, tensors, max_shard_bytes, layers_only)
-    uniform = len({len(v) for v in decision.keep.values()}) == 1
-    config, patch = derived_config(ckpt.config, layout, decision.keep, decision.top_k, soft, renormalize)
-    copy_files, skipped = _other_files(ckpt.files)
-    # No creation time: a plan is a function of its inputs, so the same command makes the same
-    # plan (and resumes an interrupted run of it) and its output is reproducible byte for byte.
-    prov = {
-        "tool": "moe-rewriter",
-        "source_experts_per_layer": num_experts,
-        "source_top_k": layout.top_k(ckpt.config),
-        "experts_per_layer": {str(k): len(v) for k, v in sorted(decision.keep.items())},
-        **dict(provenance or {}),
-    }
-    return Plan(
-        source_url=source_location(ckpt.storage),
-        source_shards=ckpt.fingerprint(),
-        family=layout.family,
-        outputs=outputs,
-        config=config,
-        config_patch=patch,
-        keep={k: tuple(v) for k, v in decision.keep.items()},
-        top_k=decision.top_k,
-        copy_files=tuple(copy_files),
-        skipped_files=tuple(skipped),
-        copy_digests={name: file_digest(ckpt.storage, name) for name in copy_files},
-        reasons=decision.reasons,
-        provenance=prov,
-        loadable=uniform or soft,
-        layers_only=tuple(sorted(set(layers_only))) if layers_only is not None else None,
-        soft=soft,
-    )

@@ -23,7 +23,8 @@ from typing import Any
 from core.checkpoint import Checkpoint
 from core.errors import CheckpointError, OptionError, SaliencyError
 from core.layouts import Layout
-from planners.plan import Plan, build_plan
+from planners.build import build_plan
+from planners.plan import Plan
 from planners.policies import Domain, KeepDecision, KeepPolicy, select_keep, validate_keep_list
 from planners.saliency import (
     has_identity,

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from planners.plan import Segment
+from planners.tensors import Segment
 
 #: Default gap merged into one request: a few kept experts' biases and small scales apart.
 DEFAULT_MAX_GAP = 64 << 10

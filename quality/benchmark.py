@@ -213,7 +213,7 @@ def _profile_halves(scale: Scale, model_dir: Path, halves: dict[str, tuple[Path,
 def _prune_grid(scale: Scale, ckpt, sal: dict[str, tuple[Any, Any]], evaluate_plan: _Evaluator,
                 label: dict[str, Any]) -> None:
     from planners import PlanOptions, plan_prune
-    from planners.plan import build_plan
+    from planners.build import build_plan
     from planners.policies import KeepDecision, KeepPolicy
 
     layout = ckpt.layout

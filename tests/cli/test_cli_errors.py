@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from rewriter.cli import EXIT_STATUS_HELP, main
+from rewriter.cli import main
+from rewriter.cli.errors import EXIT_STATUS_HELP
 from rewriter.tools.synth import PRESETS, write_checkpoint
 from tests.conftest import assert_ctrl_c_reaches_python, cli, source_digest, tree_digest
 from tests.e2e.test_promises import journal_shards

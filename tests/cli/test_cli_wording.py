@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from rewriter.cli import EXIT_STATUS_HELP, main
+from rewriter.cli import main
+from rewriter.cli.errors import EXIT_STATUS_HELP
 from rewriter.tools.synth import PRESETS, synthetic_saliency, write_checkpoint
 from tests.cli.test_cli_output import _on_a_terminal
 from tests.conftest import cli

@@ -14,8 +14,10 @@ import pytest
 from core.checkpoint import Checkpoint
 from core.storage import Storage
 from planners.cost import estimate
-from planners.plan import Plan, Segment
+from planners.plan import Plan
 from planners.reads import Read, over_read, plan_reads
+from planners.source_check import check_source
+from planners.tensors import Segment
 from rewriter.exec.dest.destination import open_destination
 from rewriter.exec.io.copy import CopyStats, IOOptions, RangeCopier, copy_segments
 from rewriter.exec.run.executor import execute, write_output_shard
@@ -116,7 +118,7 @@ def test_remote_requests_in_flight_are_bounded_and_bytes_exact(shaped, small_pla
     storage = Storage(url, {**opts, "skip_instance_cache": True})
     c = Checkpoint.open(url, storage=storage)
     plan = dataclasses.replace(small_plan, source_url=url)
-    plan.check_source(c)
+    check_source(plan, c)
     dst = open_destination(str(tmp_path / "d"))
     (tmp_path / "d").mkdir()
     io = IOOptions(inflight_requests=requests, inflight_bytes=budget_mib * MiB, max_gap=max_gap)

@@ -59,7 +59,7 @@ def test_s3_source_counts_every_byte_fetched(s3, s3_source, tmp_path, max_gap):
     """Count at the storage layer across the whole job: open, plan, run; with and without
     neighbouring ranges merged into one request."""
     from core.storage import Storage
-    from planners.plan import build_plan
+    from planners.build import build_plan
     from planners.policies import Domain, KeepPolicy, select_keep
     from rewriter.exec.dest.destination import open_destination
     from rewriter.exec.run.executor import write_output_shard

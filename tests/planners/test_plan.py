@@ -10,10 +10,12 @@ import pytest
 from core.checkpoint import Checkpoint
 from core.errors import PlanError, SaliencyError
 from core.layouts import GPT_OSS
+from planners.build import assign_shards, build_plan
 from planners.cost import estimate
-from planners.plan import Plan, assign_shards, build_plan
+from planners.plan import Plan
 from planners.policies import Domain, KeepPolicy, select_keep
 from planners.saliency import load_keep_list, load_saliency
+from planners.source_check import check_source
 from rewriter.tools.synth import PRESETS, synthetic_saliency, write_checkpoint
 from tests.conftest import cli
 
@@ -87,12 +89,12 @@ def test_plan_rejects_tampering(tiny, tmp_path):
 def test_plan_refused_against_changed_source(fresh_tiny):
     p = _plan(Checkpoint.open(str(fresh_tiny)))
     write_checkpoint(fresh_tiny, PRESETS["tiny"].with_layers(2))  # same bytes: accepted
-    p.check_source(Checkpoint.open(str(fresh_tiny)))
+    check_source(p, Checkpoint.open(str(fresh_tiny)))
     cfg = PRESETS["tiny"]
     import dataclasses
     write_checkpoint(fresh_tiny, dataclasses.replace(cfg, vocab=320))
     with pytest.raises(PlanError, match="changed since the plan was made"):
-        p.check_source(Checkpoint.open(str(fresh_tiny)))
+        check_source(p, Checkpoint.open(str(fresh_tiny)))
 
 
 def test_cost_totals_equal_plan_sums(tiny):
@@ -126,7 +128,7 @@ def test_output_shards_keep_layers_together(tiny):
 
 
 def test_assign_shards_splits_only_oversized_layers():
-    from planners.plan import PlannedTensor, Segment
+    from planners.tensors import PlannedTensor, Segment
     ts = [PlannedTensor(f"t{i}", "U8", (n,), f"t{i}", (Segment("s", 0, n),), layer)
           for i, (n, layer) in enumerate([(40, 0), (40, 0), (30, 1), (30, 1), (150, 2), (10, 3)])]
     groups = assign_shards(ts, 100)

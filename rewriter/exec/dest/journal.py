@@ -19,7 +19,8 @@ from core import jsonfile
 from core.checkpoint import INDEX_NAME
 from core.errors import ExecutionError
 from core.storage import Storage
-from planners.plan import PROVENANCE_NAME, OutputShard, Plan
+from planners.plan import PROVENANCE_NAME, Plan
+from planners.tensors import OutputShard
 from rewriter.exec.dest.base import Destination, ShardParts
 from rewriter.exec.dest.lock import STATE_DIR, DestinationLock
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from core.errors import ExecutionError
 from core.storage import Storage
-from planners.plan import OutputShard, Segment
+from planners.tensors import OutputShard, Segment
 from rewriter.exec.dest import Destination, ShardParts
 from rewriter.exec.io.copy import CopyStats, IOOptions, Progress, RangeCopier, copy_segments
 from rewriter.exec.options import DEFAULT_BUFFER_BYTES

@@ -19,7 +19,7 @@ from typing import Any
 import ray
 
 from core.storage import Storage
-from planners.plan import OutputShard
+from planners.tensors import OutputShard
 from rewriter.exec.dest import Destination, open_destination
 from rewriter.exec.dest.lock import STATE_DIR
 from rewriter.exec.distributed.parts import Part, write_part

@@ -31,7 +31,7 @@ from typing import Any
 import ray
 
 from core.errors import ExecutionError, RewriterError
-from planners.plan import OutputShard
+from planners.tensors import OutputShard
 from rewriter.exec.distributed.parts import Part
 from rewriter.exec.distributed.ray_actors import PROBE_DIR
 from rewriter.exec.distributed.ray_assembly import Assemblies

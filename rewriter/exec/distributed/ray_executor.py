@@ -22,7 +22,8 @@ import ray
 
 from core.errors import ExecutionError
 from core.storage import Storage
-from planners.plan import OutputShard, Plan
+from planners.plan import Plan
+from planners.tensors import OutputShard
 from rewriter.exec.dest import abort_parts, leftover_parts, open_destination
 from rewriter.exec.dest.journal import PartJournal
 from rewriter.exec.dest.runstatus import RunObserver

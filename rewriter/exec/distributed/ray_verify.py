@@ -14,7 +14,8 @@ from typing import Any
 import ray
 
 from core.storage import Storage
-from planners.plan import OutputShard, require_source
+from planners.plan import require_source
+from planners.tensors import OutputShard
 from rewriter.exec.distributed.ray_actors import LOCAL_BASE_BYTES, REMOTE_BASE_BYTES
 from rewriter.exec.distributed.ray_executor import connect
 from rewriter.exec.options import CONNECT_TIMEOUT_S, DEFAULT_BUFFER_BYTES

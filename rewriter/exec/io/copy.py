@@ -28,7 +28,7 @@ from typing import Protocol
 
 from core.errors import CheckpointError, ExecutionError
 from core.storage import Storage
-from planners.plan import Segment
+from planners.tensors import Segment
 from rewriter.exec.io.copy_paths import (  # IOOptions, CopyStats re-exported
     COPY_CHUNK,
     ZERO_COPY_REFUSALS,

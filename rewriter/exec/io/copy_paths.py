@@ -14,8 +14,8 @@ from typing import Protocol
 
 from core.errors import CheckpointError, ExecutionError
 from core.storage import Storage
-from planners.plan import Segment
 from planners.reads import Read, plan_reads
+from planners.tensors import Segment
 from rewriter.exec.io.fileio import pwrite_all, write_errors_are_clear
 from rewriter.exec.io.streams import InFlight, ordered
 from rewriter.exec.options import LOCAL_RING, IOOptions

@@ -13,7 +13,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from planners.plan import PROVENANCE_NAME, OutputShard, Plan
+from planners.plan import PROVENANCE_NAME, Plan
+from planners.tensors import OutputShard
 
 FORMAT = "moe-rewriter-provenance"
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")

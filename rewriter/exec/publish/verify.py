@@ -20,18 +20,10 @@ from core.checkpoint import CONFIG_NAME, Checkpoint
 from core.errors import CheckpointError, PlanError, RewriterError
 from core.jsonfile import parse_json_object
 from core.storage import Storage
-from planners.plan import (
-    LOCAL_SOURCE,
-    PROVENANCE_NAME,
-    OutputShard,
-    Plan,
-    Segment,
-    copied_file_problems,
-    copied_names,
-    published_source,
-    require_source,
-    source_location,
-)
+from planners.plan import PROVENANCE_NAME, Plan, require_source
+from planners.provenance import LOCAL_SOURCE, published_source, source_location
+from planners.source_check import check_source, copied_file_problems, copied_names
+from planners.tensors import OutputShard, Segment
 from rewriter.exec.options import DEFAULT_BUFFER_BYTES
 from rewriter.exec.publish.provenance_record import Range, check_document
 
@@ -193,7 +185,7 @@ def open_both(plan: Plan, src_store: Storage, dst_store: Storage, report: Verify
     src = Checkpoint.open(src_store.url, storage=src_store)
     _refuse_other_source(plan, src, dst_store)
     try:
-        plan.check_source(src)
+        check_source(plan, src)
     except PlanError as e:
         report.problems.append(str(e))
     if dst is None:

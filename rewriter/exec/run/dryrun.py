@@ -21,6 +21,7 @@ from core.checkpoint import Checkpoint
 from core.errors import PlanError
 from core.storage import Storage
 from planners.plan import Plan
+from planners.source_check import check_source
 from rewriter.exec.dest import open_destination
 from rewriter.exec.options import DEFAULT_BUFFER_BYTES
 from rewriter.exec.run.executor import write_output_shard
@@ -111,7 +112,7 @@ def dry_run(
     if not plan.is_dry_run:
         raise PlanError("dry_run needs a per-layer plan (built with layers_only)")
     src = Storage(plan.source_url, src_options)
-    plan.check_source(Checkpoint.open(plan.source_url, storage=src))
+    check_source(plan, Checkpoint.open(plan.source_url, storage=src))
     made = scratch is None
     scratch = scratch or tempfile.mkdtemp(prefix="rewriter-dryrun-")
     os.makedirs(scratch, exist_ok=True)

@@ -33,7 +33,8 @@ from typing import Any
 from core.checkpoint import CONFIG_NAME, INDEX_NAME
 from core.errors import DestinationFullError, ExecutionError, PlanError
 from core.storage import Storage
-from planners.plan import PROVENANCE_NAME, OutputShard, Plan, require_source
+from planners.plan import PROVENANCE_NAME, Plan, require_source
+from planners.tensors import OutputShard
 from rewriter.exec.dest import Destination, open_destination
 from rewriter.exec.dest.journal import (
     ShardResult,

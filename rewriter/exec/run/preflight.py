@@ -8,6 +8,7 @@ from core.checkpoint import Checkpoint
 from core.errors import CheckpointError
 from core.storage import Storage
 from planners.plan import INDEX_NAME, Plan
+from planners.source_check import check_source
 from rewriter.exec.dest import Destination
 from rewriter.exec.dest.journal import check_destination
 
@@ -17,7 +18,7 @@ def check_inputs(plan: Plan, src: Storage, dst: Destination) -> None:
     planned, its files to copy are there, and the destination is not the source."""
     ckpt = Checkpoint.open(plan.source_url, storage=src)
     check_small_files(plan, ckpt)
-    plan.check_source(ckpt)
+    check_source(plan, ckpt)
     check_destination(src, dst, [*ckpt.shards, INDEX_NAME, *ckpt.files])
 
 

@@ -1,0 +1,197 @@
+"""The planned output: byte segments of source shards, the tensors they make, the output shards that hold them, and the tensors a keep set makes of a checkpoint."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from core.checkpoint import (
+    Checkpoint,
+    TensorInfo,
+)
+from core.errors import PlanError
+from core.format import parse_header
+from core.layouts import Layout, expert_axis
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``length`` bytes at absolute ``offset`` of source shard ``shard``, or, when ``data`` is
+    set, those literal bytes (a soft prune's replaced router bias entries)."""
+
+    shard: str
+    offset: int
+    length: int
+    data: bytes | None = None
+
+    @classmethod
+    def literal(cls, data: bytes) -> Segment:
+        return cls("", 0, len(data), data)
+
+    def to_json(self) -> list:
+        if self.data is not None:
+            return ["", 0, self.length, self.data.hex()]
+        return [self.shard, self.offset, self.length]
+
+    @classmethod
+    def from_json(cls, v: list) -> Segment:
+        """Numbers are kept as found; :func:`check_plan` refuses anything but non-negative ints."""
+        if len(v) == 4:
+            if v[0] != "":
+                raise ValueError(f"literal segment names shard {v[0]!r}; literal segments name none")
+            data = bytes.fromhex(v[3])
+            if len(data) != v[2]:
+                raise ValueError(f"literal segment of {len(data)} bytes declares {v[2]}")
+            return cls.literal(data)
+        if len(v) != 3:
+            raise ValueError(f"segment {v!r} is not [shard, offset, length]")
+        return cls(v[0], v[1], v[2])
+
+
+def merge_segments(segments: Iterable[Segment]) -> list[Segment]:
+    """Join neighbours: source ranges contiguous in one shard, and consecutive literals."""
+    out: list[Segment] = []
+    for s in segments:
+        last = out[-1] if out else None
+        if (last and last.data is None and s.data is None and last.shard == s.shard
+                and last.offset + last.length == s.offset):
+            out[-1] = Segment(s.shard, last.offset, last.length + s.length)
+        elif last and last.data is not None and s.data is not None:
+            out[-1] = Segment.literal(last.data + s.data)
+        else:
+            out.append(s)
+    return out
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """An output tensor and the source bytes that make it, in order."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: str
+    segments: tuple[Segment, ...]
+    layer: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.length for s in self.segments)
+
+
+@dataclass(frozen=True)
+class OutputShard:
+    """An output file: its precomputed header (prefix included) and its tensors in data order."""
+
+    name: str
+    header: bytes
+    tensors: tuple[PlannedTensor, ...]
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + self.data_bytes
+
+    def copy_ops(self) -> list[Segment]:
+        """The data's segments in write order, neighbours merged across tensors."""
+        return merge_segments(s for t in self.tensors for s in t.segments)
+
+
+def output_from_json(o: Mapping[str, Any], where: str) -> OutputShard:
+    raw = o["header"].encode("utf-8")
+    header = parse_header(raw, f"{where}: output {o['name']}")
+    tensors = tuple(
+        PlannedTensor(
+            t["name"], t["dtype"], tuple(t["shape"]), t["source"],
+            tuple(Segment.from_json(v) for v in t["segments"]), t.get("layer"),
+        )
+        for t in o["tensors"]
+    )
+    entries = [(e.name, e.dtype, e.shape, e.nbytes) for e in header.tensors]
+    planned = [(t.name, t.dtype, t.shape, t.nbytes) for t in tensors]
+    if entries != planned:
+        raise PlanError(f"{where}: the header of output '{o['name']}' does not match its tensors' segments")
+    out = OutputShard(o["name"], struct.pack("<Q", len(raw)) + raw, tensors)
+    if o.get("size") != out.size:
+        raise PlanError(f"{where}: output '{o['name']}' declares size {o.get('size')!r}, but its header "
+                        f"and segments make {out.size:,} bytes")
+    return out
+
+
+def _layer_key(t: TensorInfo) -> tuple[int, float]:
+    if t.layer is not None:
+        return (1, t.layer)
+    return (0, 0) if "embed" in t.name else (2, 0)
+
+
+def _whole(info: TensorInfo, name: str | None = None) -> PlannedTensor:
+    """A tensor copied unchanged (under ``name`` when a renumbered expert's tensor)."""
+    return PlannedTensor(name or info.name, info.dtype, info.shape, info.name,
+                         (Segment(info.shard, info.begin, info.nbytes),), info.layer)
+
+
+def _rows(info: TensorInfo, ids: Sequence[int]) -> tuple[Segment, ...]:
+    """The expert rows ``ids`` of a tensor with experts along dim 0, adjacent rows joined."""
+    row = info.nbytes // info.shape[expert_axis(info.shape)]
+    return tuple(merge_segments(Segment(info.shard, info.begin + e * row, row) for e in ids))
+
+
+#: The most negative finite value per dtype: a router bias that no expert overcomes.
+NEVER_SELECTED = {"BF16": bytes.fromhex("7fff"), "F16": bytes.fromhex("fffb"), "F32": bytes.fromhex("ffff7fff")}
+
+
+def _soft_bias(info: TensorInfo, keep: Sequence[int]) -> PlannedTensor:
+    if info.dtype not in NEVER_SELECTED or len(info.shape) != 1:
+        raise PlanError(f"soft prune: router bias {info.name!r} is {info.dtype}{list(info.shape)}; "
+                        f"expected a 1-D BF16, F16 or F32 tensor")
+    row = info.nbytes // info.shape[0]
+    segs = merge_segments(
+        Segment(info.shard, info.begin + e * row, row) if e in keep else Segment.literal(NEVER_SELECTED[info.dtype])
+        for e in range(info.shape[0])
+    )
+    return PlannedTensor(info.name, info.dtype, info.shape, info.name, tuple(segs), info.layer)
+
+
+def plan_tensors(ckpt: Checkpoint, layout: Layout, keep: Mapping[int, Sequence[int]],
+                 layers_only: Sequence[int] | None = None, soft: bool = False) -> list[PlannedTensor]:
+    """Output tensors in layer-local order, each with its source segments.
+
+    ``soft``: every tensor is copied whole except each layer's router bias, whose dropped
+    entries become the dtype's most negative value, so those experts are never selected.
+    """
+    out = []
+    biases_done = set()
+    for info in sorted(ckpt.tensors.values(), key=lambda t: (_layer_key(t), t.shard, t.begin)):
+        role = layout.classify(info.name)
+        if layers_only is not None and (role is None or role.layer not in layers_only):
+            continue
+        if soft:
+            if role is not None and role.role == "router" and info.name.endswith("bias"):
+                out.append(_soft_bias(info, keep[role.layer]))
+                biases_done.add(role.layer)
+            else:
+                out.append(_whole(info))
+            continue
+        if role is None:
+            out.append(_whole(info))
+            continue
+        ids = keep[role.layer]
+        if role.role == "expert":
+            if role.expert is not None and role.expert in ids:
+                out.append(_whole(info, layout.renamed(role, list(ids).index(role.expert))))
+            continue
+        axis = expert_axis(info.shape)
+        shape = (*info.shape[:axis], len(ids), *info.shape[axis + 1:])
+        out.append(PlannedTensor(info.name, info.dtype, shape, info.name, _rows(info, ids), role.layer))
+    if soft and set(keep) - biases_done:
+        raise PlanError(
+            f"soft prune needs a router bias in every MoE layer; {layout.family} layers "
+            f"{sorted(set(keep) - biases_done)[:5]} have none (soft prune works for gpt-oss and "
+            f"DeepSeek-V3/GLM-4.5); use a structural prune instead"
+        )
+    return out
