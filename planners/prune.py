@@ -25,7 +25,7 @@ from core.errors import CheckpointError, OptionError, SaliencyError
 from core.layouts import Layout
 from planners.build import build_plan
 from planners.plan import Plan
-from planners.policies import Domain, KeepDecision, KeepPolicy, select_keep, validate_keep_list
+from planners.policies import Domain, KeepDecision, KeepPolicy, validate_keep_list
 from planners.saliency import (
     has_identity,
     identity_mismatch,
@@ -33,7 +33,9 @@ from planners.saliency import (
     load_saliency,
     model_identity,
 )
-from planners.serving import apply_targets, facts_from, fit_policy
+from planners.selection import select_keep
+from planners.serving_facts import facts_from
+from planners.serving_fit import apply_targets, fit_policy
 
 log = logging.getLogger(__name__)
 

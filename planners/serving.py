@@ -15,20 +15,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from core.checkpoint import Checkpoint
-from core.errors import PlanError, PolicyError, count
-from core.layouts import Layout
-from planners.plan import Plan
-from planners.policies import KeepPolicy, keep_count
+from core.errors import PolicyError, count
+from planners.serving_facts import COUNT_FIELDS, TOPK_FIELDS, ServingFacts, is_int
 
 TARGETS = ("vllm", "sglang", "trtllm", "llamacpp", "transformers")
 
-#: Expert-count and top-k fields any engine may read, in the order llama.cpp's converter
-#: (``convert_hf_to_gguf.py``, ``TextModel.set_gguf_parameters``) looks for them.
-COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
-TOPK_FIELDS = ("num_experts_per_tok", "experts_per_token")
 
 #: vLLM's fused top-k softmax kernel has instantiations for these counts; others take a slower
 #: two-kernel path (``csrc/moe/topk_softmax_kernels.cu``).
@@ -38,119 +30,6 @@ TRTLLM_MAX_EXPERTS = 512
 TRTLLM_MAX_TOP_K = 10
 #: ``LLAMA_MAX_EXPERTS`` in llama.cpp's ``src/llama-hparams.h``.
 LLAMACPP_MAX_EXPERTS = 512
-
-
-@dataclass(frozen=True)
-class ServingFacts:
-    """What the rules look at, from ``config.json`` and the tensor headers only.
-
-    Attributes:
-        family: the layout's family (``gpt_oss``, ``qwen3_moe``, …).
-        layer_counts: experts per MoE layer, as the tensors hold them.
-        count_fields / topk_fields: those of :data:`COUNT_FIELDS` / :data:`TOPK_FIELDS` present
-            in the config, with their values.
-        group_field: the family's config field of group-limited routing (``None``: the family
-            routes without groups, whatever its config says).
-        n_group / topk_group: group-limited routing (DeepSeek-V3, GLM-4.5) as the config holds
-            them (``None`` when absent; any other value is judged by the ``n-group`` rule).
-        quant_method: ``quantization_config.quant_method`` of the config, if any.
-        quant_problem: what is wrong with a ``quantization_config`` that is not an object with a
-            string ``quant_method`` (``None`` when absent or well-formed).
-        expert_dtypes: dtypes of the expert tensors (``U8`` blocks for MXFP4, ``F8_E4M3`` …).
-        mxfp4_blocks: whether the expert weights are MXFP4 ``*_blocks``/``*_scales`` tensors.
-    """
-
-    family: str
-    layer_counts: Mapping[int, int]
-    count_fields: Mapping[str, Any]
-    topk_fields: Mapping[str, Any]
-    n_group: Any = None
-    topk_group: Any = None
-    quant_method: str | None = None
-    quant_problem: str | None = None
-    group_field: str | None = "n_group"
-    expert_dtypes: frozenset[str] = frozenset()
-    mxfp4_blocks: bool = False
-
-    @property
-    def counts(self) -> set[int]:
-        return set(self.layer_counts.values())
-
-    @property
-    def count(self) -> int:
-        """The per-layer expert count (the largest, when layers differ)."""
-        return max(self.counts) if self.counts else 0
-
-    @property
-    def fewest(self) -> int:
-        """The smallest per-layer expert count: the one the routing top-k must fit."""
-        return min(self.counts) if self.counts else 0
-
-    def count_text(self) -> str:
-        """``32``, or ``15-19`` where layers differ."""
-        return str(self.count) if len(self.counts) <= 1 else f"{self.fewest}-{self.count}"
-
-    @property
-    def top_k(self) -> int | None:
-        ints = [v for v in self.topk_fields.values() if _is_int(v) and v > 0]
-        return ints[0] if ints else None
-
-    def with_count(self, n: int) -> ServingFacts:
-        """The same checkpoint with ``n`` experts in every layer and its count fields patched."""
-        fields = {f: n for f in self.count_fields} or {"num_experts": n}
-        return dataclasses.replace(self, layer_counts={k: n for k in self.layer_counts}, count_fields=fields)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def facts_from(config: Mapping[str, Any], tensors: Iterable[tuple[str, str, Sequence[int]]],
-               layout: Layout) -> ServingFacts:
-    """Facts from a config and ``(name, dtype, shape)`` tensor headers (a checkpoint's or a plan's).
-
-    Expert counts come from the tensors, not the config: dim 0 of fused and router tensors, the
-    distinct expert ids of per-expert tensors.
-    """
-    rows: dict[int, set[int]] = {}
-    ids: dict[int, set[int]] = {}
-    dtypes, blocks = set(), False
-    for name, dtype, shape in tensors:
-        t = layout.classify(name)
-        if t is None:
-            continue
-        if t.role == "expert":
-            ids.setdefault(t.layer, set()).add(t.expert or 0)
-            dtypes.add(dtype)
-        elif shape:
-            rows.setdefault(t.layer, set()).add(int(shape[0]))
-            if t.role == "fused":
-                dtypes.add(dtype)
-                blocks = blocks or name.endswith(("_blocks", "_scales"))
-    counts = {layer: max(v) for layer, v in rows.items()}
-    for layer, v in ids.items():
-        counts[layer] = len(v)
-    quant = config.get("quantization_config")
-    method = quant.get("quant_method") if isinstance(quant, dict) else None
-    quant_problem = None
-    if quant is not None and not (isinstance(quant, dict) and isinstance(method, str)):
-        quant_problem = (f"config.json's quantization_config is {quant!r:.60}; expected an object with a "
-                         f"string quant_method (copy the source's quantization_config)")
-        method = None
-    grouped = layout.group_field is not None
-    return ServingFacts(
-        family=layout.family,
-        layer_counts=dict(sorted(counts.items())),
-        count_fields={f: config[f] for f in COUNT_FIELDS if f in config},
-        topk_fields={f: config[f] for f in TOPK_FIELDS if f in config},
-        n_group=config.get(layout.group_field) if grouped and layout.group_field else None,
-        topk_group=config.get("topk_group") if grouped else None,
-        quant_method=method,
-        quant_problem=quant_problem,
-        group_field=layout.group_field,
-        expert_dtypes=frozenset(dtypes),
-        mxfp4_blocks=blocks,
-    )
 
 
 @dataclass(frozen=True)
@@ -236,7 +115,7 @@ def _topk_le_count(f: ServingFacts, target: str, ep: int | None) -> tuple[str, s
 
 def _group_fields_problem(f: ServingFacts) -> str | None:
     for name, v in ((f.group_field, f.n_group), ("topk_group", f.topk_group)):
-        if v is not None and not (_is_int(v) and v >= 1):
+        if v is not None and not (is_int(v) and v >= 1):
             return f"config.json's {name} is {v!r}; expected an integer >= 1"
     return None
 
@@ -282,7 +161,7 @@ def _flashinfer_routing(f: ServingFacts, target: str, ep: int | None) -> tuple[s
 
 
 def _vllm_topk_softmax(f: ServingFacts, target: str, ep: int | None) -> tuple[str, str]:
-    if _is_int(f.n_group) and f.n_group > 1:
+    if is_int(f.n_group) and f.n_group > 1:
         return "skip", "group-limited routing uses vLLM's grouped top-k, not the top-k softmax kernel"
     if f.count in VLLM_TOPK_SOFTMAX_FAST:
         return "pass", f"{f.count} experts has a fused top-k softmax kernel"
@@ -409,59 +288,6 @@ def failures(verdicts: Iterable[Verdict]) -> list[Verdict]:
     return [v for v in verdicts if v.status == "fail"]
 
 
-def fit_count(facts: ServingFacts, wanted: int, total: int, targets: Sequence[str], ep: int | None,
-              multiple: int = 1) -> int | None:
-    """The count nearest to ``wanted`` (up first, on a tie) in ``1..total`` that every target accepts.
-
-    With ``ep`` the count must also split evenly over the ranks, even for an engine that would
-    only warn: asking for expert parallelism means asking for an even split. When ``wanted``
-    prunes, keeping every expert (``total``) is suggested only when no smaller count passes.
-    """
-    candidates = sorted(range(1, total + 1),
-                        key=lambda n: (n == total != wanted, abs(n - wanted), n < wanted))
-    for n in candidates:
-        if n % multiple or (ep and n % ep):
-            continue
-        if not failures(check_facts(facts.with_count(n), targets, ep)):
-            return n
-    return None
-
-
-def refusal(verdicts: Sequence[Verdict], suggestion: int | None, ep: int | None = None,
-            soft_count: int | None = None, multiple: int = 1) -> PlanError:
-    """The error a plan refuses with: every failing rule, and what to do.
-
-    ``soft_count``: the plan is a soft prune, which keeps all ``soft_count`` experts.
-    """
-    bad = failures(verdicts)
-    lines = [f"  {v.target} {v.rule}: {v.message} ({v.source})" for v in bad]
-    targets = list(dict.fromkeys(v.target for v in verdicts))
-    if soft_count is not None:
-        hint = (f"a soft prune keeps all {soft_count} experts, so the count cannot move: drop the --target "
-                f"that rejects it, or prune structurally (prune) to a count it accepts")
-    elif any(v.rule == "uniform" for v in bad):
-        hint = ("these engines build every layer with one expert count: plan with --keep-n or --keep-frac "
-                "instead of different counts per layer (--budget, a non-uniform keep list), or drop --target")
-    elif suggestion is not None:
-        hint = f"keep {suggestion} experts per layer (--keep-n {suggestion}), or pass --fit-targets to adjust the count"
-    else:
-        hint = _no_count_hint(targets, ep, multiple)
-    return PlanError("the serving targets would reject this output:\n" + "\n".join(lines) + f"\n{hint}")
-
-
-def _no_count_hint(targets: Sequence[str], ep: int | None, multiple: int) -> str:
-    """What to do when no expert count passes: relax what narrows the counts tried, or the targets."""
-    which = "every target" if len(targets) > 1 else targets[0]
-    limits = {flag: v for flag, v in (("--ep", ep or 1), ("--keep-multiple", multiple)) if v > 1}
-    if limits:
-        given = " and ".join(f"{flag} {v}" for flag, v in limits.items())
-        return (f"no expert count satisfies {which} together with {given}; change {' or '.join(limits)}"
-                + (", or drop a --target" if len(targets) > 1 else ""))
-    if len(targets) > 1:
-        return "no expert count satisfies every target; drop a --target"
-    return f"no expert count per layer satisfies {which}; fix the failing rules above, or drop --target {which}"
-
-
 def format_verdicts(verdicts: Sequence[Verdict]) -> str:
     """A table: target, rule, verdict, detail; then a summary line."""
     rows = [("target", "rule", "verdict", "detail")]
@@ -476,62 +302,4 @@ def format_verdicts(verdicts: Sequence[Verdict]) -> str:
 
 # --- planning with targets -----------------------------------------------------------------------
 
-def with_top_k(facts: ServingFacts, k: int | None) -> ServingFacts:
-    """The facts once the routing top-k is rewritten to ``k`` (``None``: unchanged)."""
-    if k is None:
-        return facts
-    return dataclasses.replace(facts, topk_fields={f: k for f in facts.topk_fields} or {"num_experts_per_tok": k})
 
-
-def fit_policy(policy: KeepPolicy, facts: ServingFacts, num_experts: int, top_k: int, targets: Sequence[str],
-               ep: int | None) -> tuple[KeepPolicy, str | None]:
-    """``--fit-targets``: move the policy's keep count to the nearest one every target accepts.
-
-    Returns:
-        The policy (with ``keep_n`` set when the count moved) and a sentence saying what moved and
-        why, or ``None`` when the asked-for count already passes.
-
-    Raises:
-        PlanError: no count in ``1..num_experts`` passes every target.
-    """
-    n = keep_count(policy, num_experts, top_k)
-    facts = with_top_k(facts, policy.top_k)
-    fitted = fit_count(facts, n, num_experts, targets, ep, policy.keep_multiple)
-    if fitted is None:
-        raise refusal(check_facts(facts.with_count(n), targets, ep), None, ep, multiple=policy.keep_multiple)
-    if fitted == n:
-        return policy, None
-    why = "; ".join(f"{v.target} {v.rule}: {v.message}" for v in failures(check_facts(facts.with_count(n), targets, ep)))
-    note = f"--fit-targets: keeping {fitted} experts per layer instead of {n} ({why})"
-    return dataclasses.replace(policy, keep_n=fitted, keep_frac=None), note
-
-
-def plan_facts(plan: Plan, layout: Layout) -> ServingFacts:
-    """Facts of a plan's output: its patched config and its output tensors' headers."""
-    return facts_from(plan.config, ((t.name, t.dtype, t.shape) for o in plan.outputs for t in o.tensors), layout)
-
-
-def apply_targets(plan: Plan, layout: Layout, targets: Sequence[str], ep: int | None) -> Plan:
-    """Check a plan's output against ``targets``; refuse on a failure, else record the verdicts.
-
-    The verdicts go into the plan's provenance (``serving``), so ``pruning.json`` and the model
-    card say which targets were checked.
-
-    Raises:
-        PlanError: a target would reject the output; the message lists each failing rule and the
-            nearest count every target accepts.
-    """
-    facts = plan_facts(plan, layout)
-    verdicts = check_facts(facts, targets, ep)
-    if failures(verdicts):
-        total = int(plan.provenance.get("source_experts_per_layer") or facts.count)
-        if plan.soft:
-            raise refusal(verdicts, None, ep, soft_count=facts.count)
-        raise refusal(verdicts, fit_count(facts, facts.count, total, targets, ep), ep)
-    serving = {"targets": list(targets), "ep": ep, "verdicts": [v.to_json() for v in verdicts]}
-    return dataclasses.replace(plan, provenance={**plan.provenance, "serving": serving})
-
-
-def checkpoint_facts(ckpt: Checkpoint) -> ServingFacts:
-    """Facts of an opened checkpoint (its family detected from the config)."""
-    return facts_from(ckpt.config, ((t.name, t.dtype, t.shape) for t in ckpt.tensors.values()), ckpt.layout)

@@ -13,8 +13,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from core.errors import SaliencyError
-from planners.policies import Domain, KeepPolicy, select_keep
+from planners.policies import Domain, KeepPolicy
 from planners.saliency import Saliency, has_identity
+from planners.selection import select_keep
 
 
 def jaccard(a: Iterable[int], b: Iterable[int]) -> float:

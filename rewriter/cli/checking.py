@@ -120,7 +120,8 @@ def check(ckpt: str, targets: tuple[str, ...], ep: int | None, as_json: bool, st
     warnings do not fail.
     """
     from core.checkpoint import Checkpoint
-    from planners.serving import TARGETS, check_facts, checkpoint_facts, failures, format_verdicts
+    from planners.serving import TARGETS, check_facts, failures, format_verdicts
+    from planners.serving_facts import checkpoint_facts
 
     c = Checkpoint.open(ckpt, storage_options or {})
     facts = checkpoint_facts(c)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from planners.policies import Domain, KeepPolicy, select_keep
+from planners.policies import Domain, KeepPolicy
 from planners.saliency import Saliency
+from planners.selection import select_keep
 from rewriter.exec.io.probe import measure_disk
 from rewriter.exec.run.dryrun import RssSampler
 
@@ -59,7 +60,7 @@ def test_tiny_distinct_scores_do_not_tie_after_normalization():
 
 
 def test_installed_packages_never_import_the_tests_folder():
-    for package in ("rewriter", "planners", "ray_jobs", "bench_io", "profiling", "quality"):
+    for package in ("core", "rewriter", "planners", "ray_jobs", "bench_io", "profiling", "quality"):
         for path in (REPO / package).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else (

@@ -60,7 +60,8 @@ def test_s3_source_counts_every_byte_fetched(s3, s3_source, tmp_path, max_gap):
     neighbouring ranges merged into one request."""
     from core.storage import Storage
     from planners.build import build_plan
-    from planners.policies import Domain, KeepPolicy, select_keep
+    from planners.policies import Domain, KeepPolicy
+    from planners.selection import select_keep
     from rewriter.exec.dest.destination import open_destination
     from rewriter.exec.run.executor import write_output_shard
 

@@ -13,8 +13,9 @@ from core.layouts import GPT_OSS
 from planners.build import assign_shards, build_plan
 from planners.cost import estimate
 from planners.plan import Plan
-from planners.policies import Domain, KeepPolicy, select_keep
+from planners.policies import Domain, KeepPolicy
 from planners.saliency import load_keep_list, load_saliency
+from planners.selection import select_keep
 from planners.source_check import check_source
 from rewriter.tools.synth import PRESETS, synthetic_saliency, write_checkpoint
 from tests.conftest import cli

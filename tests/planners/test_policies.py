@@ -7,17 +7,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from core.errors import PolicyError
-from planners.policies import (
-    Domain,
-    KeepPolicy,
-    covering_set,
-    keep_count,
-    ranking,
-    select_keep,
-    select_layer,
-    validate_keep_list,
-)
+from planners.policies import Domain, KeepPolicy, keep_count, ranking, validate_keep_list
 from planners.saliency import Saliency
+from planners.selection import covering_set, select_keep, select_layer
 
 scores_st = st.lists(st.floats(0, 1000, allow_nan=False), min_size=4, max_size=64)
 
@@ -78,7 +70,7 @@ def test_core_experts_always_kept(scores, data):
     combined_rank = select_layer(domains, 0, n_exp, KeepPolicy(keep_n=n_exp))
     assert len(d.keep[0]) == n
     # The core is the top-m of the combined score; with keep_n = all, reasons show it.
-    from planners.policies import _combined
+    from planners.selection import _combined
     core = ranking(_combined(domains, 0, "reap")[0])[:m]
     assert set(core) <= set(d.keep[0])
     assert all("core" in d.reasons[0][e] for e in core)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from planners.serving import ServingFacts, fit_count
+from planners.serving_facts import ServingFacts
+from planners.serving_fit import fit_count
 from tests.cli.test_cli_errors import assert_error, invoke
 from tests.conftest import cli
 from tests.planners.test_serving import gpt_oss, run_check, write_moe

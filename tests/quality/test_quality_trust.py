@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from core.errors import PolicyError, SaliencyError
-from planners.policies import Domain, KeepPolicy, outliers, select_keep
+from planners.policies import Domain, KeepPolicy
 from planners.saliency import Saliency, load_saliency
+from planners.selection import outliers, select_keep
 from planners.stability import jaccard, stability
 from tests.conftest import cli
 

@@ -179,7 +179,8 @@ def render_card(plan: Plan, *, base_model: str | None = None, verify: Mapping[st
         verdicts, checked = serving["verdicts"], True
     else:
         from core.layouts import LAYOUTS
-        from planners.serving import TARGETS, check_facts, plan_facts
+        from planners.serving import TARGETS, check_facts
+        from planners.serving_facts import plan_facts
 
         layout = next(lay for lay in LAYOUTS if lay.family == plan.family)
         verdicts, checked = [v.to_json() for v in check_facts(plan_facts(plan, layout), TARGETS)], False
