@@ -72,8 +72,9 @@ def log(msg: str) -> None:
 
 
 def synthesize(out: Path, preset: str, layers: int | None) -> dict[str, Any]:
-    from rewriter.tools.synth import computing_chunks, write_checkpoint
     from rewriter.tools.synth import preset as get_preset
+    from rewriter.tools.synth import write_checkpoint
+    from rewriter.tools.synth_data import computing_chunks
 
     t = time.perf_counter()
     if not (out / "model.safetensors.index.json").exists():

@@ -6,14 +6,10 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from core.checkpoint import (
-    CONFIG_NAME,
-    INDEX_NAME,
-    Checkpoint,
-    hub_name_problem,
-)
+from core.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
 from core.errors import PlanError
 from core.format import encode_header
+from core.names import hub_name_problem
 from planners.plan import DEFAULT_MAX_SHARD_BYTES, SKIPPED_DIRS, Plan
 from planners.policies import KeepDecision
 from planners.provenance import source_location

@@ -15,16 +15,11 @@ from typing import Any
 
 import fsspec
 
-from core.checkpoint import (
-    CONFIG_NAME,
-    INDEX_NAME,
-    hub_name_problem,
-    relative_name_problem,
-)
+from core.checkpoint import CONFIG_NAME, INDEX_NAME
 from core.errors import PlanError
 from core.format import PREFIX_BYTES
 from core.jsonfile import parse_json, read_url
-from planners.plan_schema import check_document
+from planners.plan_schema import check_document, check_name, check_written_name, is_count
 from planners.provenance import (
     LOCAL_SOURCE,
     UNSTABLE_PROVENANCE,
@@ -253,40 +248,19 @@ def require_source(plan: Plan, what: str) -> str:
 
 # --- validating a plan read from JSON (untrusted: plans travel between machines and users) ----
 
-def _is_count(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _check_name(name: Any, what: str, where: str) -> None:
-    problem = relative_name_problem(name)
-    if problem is None and "\\" in name:
-        problem = "has a backslash"
-    if problem:
-        raise PlanError(f"{where}: {what} {name!r} {problem}; names in a plan must be relative "
-                        f"'/'-separated paths without '..' components. Refusing this plan: make it again")
-
-
-def _check_written_name(name: str, field: str, where: str) -> None:
-    """A name that becomes a file of the output: only what Hugging Face repositories use."""
-    problem = hub_name_problem(name)
-    if problem:
-        raise PlanError(f"{where}: {field} {name!r} {problem}; names of output files may hold only "
-                        f"ASCII letters, digits, '-', '_', '.' and '/' between folders, with no "
-                        f"component empty or starting with '.'. Refusing this plan: make it again")
-
 
 def check_plan(plan: Plan, where: str) -> None:
     """Refuse names that could escape the destination or the source, and numbers that are
     negative or disagree with the plan's source fingerprint and headers."""
     reserved = {CONFIG_NAME, INDEX_NAME, PROVENANCE_NAME}
     for name, fp in plan.source_shards.items():
-        _check_name(name, "source shard", where)
-        if not all(_is_count(fp.get(k)) for k in ("size", "header_len")) or not isinstance(fp.get("header_sha256"), str):
+        check_name(name, "source shard", where)
+        if not all(is_count(fp.get(k)) for k in ("size", "header_len")) or not isinstance(fp.get("header_sha256"), str):
             raise PlanError(f"{where}: source shard {name!r} needs a non-negative size and header_len and a header_sha256")
     names: set[str] = set()
     for i, o in enumerate(plan.outputs):
-        _check_name(o.name, "output shard", where)
-        _check_written_name(o.name, f"output shard name (outputs[{i}].name)", where)
+        check_name(o.name, "output shard", where)
+        check_written_name(o.name, f"output shard name (outputs[{i}].name)", where)
         if "/" in o.name or not o.name.endswith(".safetensors") or o.name in names:
             raise PlanError(f"{where}: output shard {o.name!r} must be a unique '.safetensors' file "
                             f"name in the destination's top folder. Refusing this plan: make it again")
@@ -295,21 +269,21 @@ def check_plan(plan: Plan, where: str) -> None:
             for s in t.segments:
                 _check_segment(plan, s, f"{where}: output {o.name!r}, tensor {t.name!r}")
     for name in (*plan.copy_files, *plan.skipped_files):
-        _check_name(name, "file", where)
+        check_name(name, "file", where)
     for i, name in enumerate(plan.copy_files):
-        _check_written_name(name, f"copied file (copy_files[{i}])", where)
+        check_written_name(name, f"copied file (copy_files[{i}])", where)
         if name in reserved or name in names or name.split("/")[0].startswith("."):
             raise PlanError(f"{where}: copied file {name!r} would replace a file this tool writes "
                             f"(or its state folder). Refusing this plan: make it again")
         if name.split("/")[0].startswith("."):
             raise PlanError(f"{where}: copied file {name!r} is hidden (a dot file, such as .env, may hold "
                             f"credentials), and plans never copy hidden files. Refusing this plan: make it again")
-    if not _is_count(plan.top_k) or plan.top_k == 0:
+    if not is_count(plan.top_k) or plan.top_k == 0:
         raise PlanError(f"{where}: top_k {plan.top_k!r} must be a positive integer")
 
 
 def _check_segment(plan: Plan, s: Segment, where: str) -> None:
-    if not _is_count(s.offset) or not _is_count(s.length):
+    if not is_count(s.offset) or not is_count(s.length):
         raise PlanError(f"{where}: segment offset {s.offset!r} and length {s.length!r} must be "
                         f"non-negative integers")
     if s.data is not None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from core.errors import PlanError
 from core.layouts import LAYOUTS
+from core.names import hub_name_problem, relative_name_problem
 
 _REMAKE = "make the plan again with `rewriter plan` (or restore the field)"
 _MODES = ("structural", "soft")
@@ -156,3 +157,25 @@ def _check_tensor(d: _Doc, t: Any, field: str) -> None:
           lambda v: isinstance(v, list) and all(_int(x) and x >= 0 for x in v))
     d.get(t, "segments", f"{field}.segments", "a list of [shard, offset, length] segments",
           lambda v: isinstance(v, list) and all(isinstance(s, list) for s in v))
+
+
+def is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def check_name(name: Any, what: str, where: str) -> None:
+    problem = relative_name_problem(name)
+    if problem is None and "\\" in name:
+        problem = "has a backslash"
+    if problem:
+        raise PlanError(f"{where}: {what} {name!r} {problem}; names in a plan must be relative "
+                        f"'/'-separated paths without '..' components. Refusing this plan: make it again")
+
+
+def check_written_name(name: str, field: str, where: str) -> None:
+    """A name that becomes a file of the output: only what Hugging Face repositories use."""
+    problem = hub_name_problem(name)
+    if problem:
+        raise PlanError(f"{where}: {field} {name!r} {problem}; names of output files may hold only "
+                        f"ASCII letters, digits, '-', '_', '.' and '/' between folders, with no "
+                        f"component empty or starting with '.'. Refusing this plan: make it again")

@@ -33,13 +33,9 @@ def synth(preset: str, layers: int | None, sparse: bool, computing: bool, force:
     """Write a synthetic gpt-oss checkpoint to OUT (a new or empty folder)."""
     from core.format import nbytes_of
     from rewriter.tools.progress import ByteProgress
-    from rewriter.tools.synth import (
-        all_tensors,
-        computing_chunks,
-        holds_only_temporaries,
-        write_checkpoint,
-    )
+    from rewriter.tools.synth import all_tensors, holds_only_temporaries, write_checkpoint
     from rewriter.tools.synth import preset as get_preset
+    from rewriter.tools.synth_data import computing_chunks
 
     try:
         g = get_preset(preset, layers)

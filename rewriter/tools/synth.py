@@ -13,11 +13,9 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +27,8 @@ import numpy as np
 import numpy.random  # noqa: F401
 
 from core.format import encode_header, nbytes_of, reference_order
+from rewriter.tools.synth_data import Values, tensor_chunks
 
-_TILE_BYTES = 1 << 16
 #: Suffix of a shard being written; renamed to its name once whole.
 TMP_SUFFIX = ".tmp"
 
@@ -192,111 +190,6 @@ def config_for(g: Geometry) -> dict:
             "quant_method": "mxfp4",
         }
     return cfg
-
-
-def _seed(name: str, row: int) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{name}#{row}".encode(), digest_size=8).digest(), "little")
-
-
-def _bf16(values: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (round to nearest even), as uint16."""
-    bits = values.astype(np.float32).view(np.uint32)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def _tile(name: str, dtype: str, row: int, nbytes: int) -> bytes:
-    """A deterministic pattern of ``nbytes`` for one row, unique to (tensor, row)."""
-    rng = np.random.default_rng(_seed(name, row))
-    n = min(nbytes, _TILE_BYTES)
-    if dtype == "BF16":
-        if name.endswith(("norm.weight",)):
-            vals = 1.0 + 0.05 * rng.standard_normal(n // 2)
-        else:
-            vals = 0.02 * rng.standard_normal(n // 2)
-        tile = _bf16(vals).tobytes()
-    elif name.endswith("_scales"):
-        tile = rng.integers(118, 123, n, dtype=np.uint8).tobytes()
-    else:
-        tile = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
-    reps = -(-nbytes // len(tile))
-    return (tile * reps)[:nbytes] if reps > 1 else tile
-
-
-def tensor_chunks(name: str, dtype: str, shape: tuple[int, ...]) -> Iterator[bytes]:
-    """The tensor's bytes, one row of dim 0 at a time (an expert, for expert tensors)."""
-    total = nbytes_of(dtype, shape)
-    if not shape or shape[0] == 0:
-        if total:
-            yield _tile(name, dtype, 0, total)
-        return
-    rows = shape[0]
-    row_bytes = total // rows
-    # Large 2-D tensors that are not expert-stacked (embeddings) are emitted in bigger blocks.
-    step = max(1, (8 << 20) // max(row_bytes, 1)) if row_bytes < (1 << 20) else 1
-    for r in range(0, rows, step):
-        k = min(step, rows - r)
-        if k == 1:
-            yield _tile(name, dtype, r, row_bytes)
-        else:
-            yield b"".join(_tile(name, dtype, r + i, row_bytes) for i in range(k))
-
-
-#: Yields a tensor's bytes in order, given (name, dtype, shape).
-Values = Callable[[str, str, tuple[int, ...]], Iterator[bytes]]
-
-
-def _fan_in(name: str, shape: tuple[int, ...]) -> int:
-    """Inputs summed per output of a weight: MXFP4 blocks hold 32 values per group; fused bf16
-    experts are ``[E, in, out]``; linear weights ``[out, in]``."""
-    if name.endswith(("_blocks", "_scales")):
-        return (shape[2] if name.endswith("_blocks") else shape[-1]) * 32
-    if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-        return shape[1]
-    return shape[-1]
-
-
-def _computing_tile(name: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A tensor's repeating pattern (uint8): constants for norms, biases, sinks and MXFP4
-    scales; otherwise random values scaled by the fan-in, so activations stay near unit size."""
-    rng = np.random.default_rng(_seed(name, -1))
-    if name.endswith("_scales"):
-        # Random E2M1 nibbles have an RMS of 2.93: pick the exponent that brings the weights'
-        # RMS to 1/sqrt(fan-in).
-        exponent = round(np.log2(1.0 / (np.sqrt(_fan_in(name, shape)) * 2.93)))
-        return np.full(1, 127 + exponent, dtype=np.uint8)
-    if name.endswith("_blocks"):
-        return rng.integers(0, 256, 16 << 20, dtype=np.uint8)
-    if name.endswith("norm.weight"):
-        return _bf16(np.ones(1)).view(np.uint8)
-    if name.endswith(("bias", "sinks")):
-        return np.zeros(2, dtype=np.uint8)
-    std = 1.0 if name.endswith("embed_tokens.weight") else 1.0 / np.sqrt(_fan_in(name, shape))
-    values = rng.standard_normal(min(math.prod(shape), 1 << 22), dtype=np.float32) * std
-    return (_bf16(values) if dtype == "BF16" else values.astype(np.float32)).view(np.uint8)
-
-
-def computing_chunks(name: str, dtype: str, shape: tuple[int, ...]) -> Iterator[bytes]:
-    """Bytes of weights that compute: finite, unit-scale activations through any number of layers
-    (unlike :func:`tensor_chunks`, whose patterns are for tracing bytes). Rows of dim 0 (experts)
-    start at different places of the tensor's random pattern, so experts differ and routing spreads."""
-    if dtype not in ("BF16", "F32", "U8"):
-        raise ValueError(f"{name}: no computing values for dtype {dtype}")
-    total = nbytes_of(dtype, shape)
-    tile = _computing_tile(name, dtype, shape)
-    rows = shape[0] if shape else 1
-    row_bytes = total // max(rows, 1)
-    step = max(1, (8 << 20) // max(row_bytes, 1))
-    constant = tile.size <= 2
-    twice = tile if constant else np.concatenate([tile, tile])
-    for r in range(0, rows, step):
-        n = min(step, rows - r) * row_bytes
-        offset = (r * 1_000_003 * 2) % tile.size
-        if constant:
-            yield tile.tobytes() * (n // tile.size)
-        elif n <= tile.size:
-            yield twice[offset : offset + n].tobytes()
-        else:
-            yield np.resize(np.roll(tile, -offset), n).tobytes()
 
 
 def write_shard(path: Path, items: list[tuple[str, str, tuple[int, ...]]], sparse: bool = False,
