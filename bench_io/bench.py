@@ -236,8 +236,8 @@ def bench_s3(g: Geometry, work: Path) -> dict[str, Any]:
     """A rewrite sourced from the loopback S3 server: bytes fetched vs written (no gap merged, so
     exactly the kept ranges; the remote benchmark measures gap merging)."""
     from bench_io.s3server import start_s3
-    from rewriter.exec.io.copy import IOOptions
-    from rewriter.exec.run.executor import execute
+    from rewriter.exec.io import IOOptions
+    from rewriter.exec.run import execute
 
     src, sal = _source(work, "s3-src", g)
     server = start_s3(work / "moto.log")

@@ -97,8 +97,8 @@ def lazy(plan: Plan, dst: Path) -> None:
 
 def ours(plan: Plan, dst: Path, zero_copy: bool = True, io=None, src_options: dict | None = None) -> None:
     from core.storage import Storage
-    from rewriter.exec.dest.destination import open_destination
-    from rewriter.exec.run.executor import execute, write_output_shard
+    from rewriter.exec.dest import open_destination
+    from rewriter.exec.run import execute, write_output_shard
 
     if plan.is_dry_run:  # a per-layer plan: its shards one after another, as `rewriter dry-run` does
         src, out = Storage(plan.source_url, src_options), open_destination(str(dst))
@@ -142,7 +142,7 @@ def ours_ray(plan: Plan, dst: Path, workers: int) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from rewriter.exec.distributed.ray_executor import execute_on_ray
+    from rewriter.exec.distributed import execute_on_ray
 
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, object_store_memory=100 << 20)
     execute_on_ray(plan, str(dst), workers=workers)
@@ -174,7 +174,7 @@ NAMES = ("naive", "lazy", "ours", "ours-buffered", "ours-seq", "ours-buffered-se
 
 
 def _runner(name: str, plan: Plan, dst: Path, args: argparse.Namespace):
-    from rewriter.exec.io.copy import IOOptions
+    from rewriter.exec.io import IOOptions
 
     io = IOOptions(inflight_bytes=args.inflight_mib << 20, inflight_requests=args.requests)
     opts = args.src_options

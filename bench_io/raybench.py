@@ -71,12 +71,12 @@ def one_run(mode: str, plan_path: str, dst: str, workers: int, report: str) -> N
     t = time.perf_counter()
     prof.enable()
     if mode == "ray":
-        from rewriter.exec.distributed.ray_executor import execute_on_ray
+        from rewriter.exec.distributed import execute_on_ray
 
         result = execute_on_ray(plan, dst, workers=workers)
     else:
-        from rewriter.exec.io.copy import IOOptions
-        from rewriter.exec.run.executor import execute
+        from rewriter.exec.io import IOOptions
+        from rewriter.exec.run import execute
 
         # workers 0: the local default (--jobs from the cores and the plan); N: --jobs N.
         result = execute(plan, dst, io=IOOptions(jobs=workers or None))

@@ -162,7 +162,7 @@ class _Evaluator:
     def __call__(self, plan, label: dict[str, Any]) -> None:
         from quality.evaluate import evaluate
         from quality.tasks import score_tasks
-        from rewriter.exec.run.executor import execute
+        from rewriter.exec.run import execute
 
         dst = self.work / "pruned"
         shutil.rmtree(dst, ignore_errors=True)

@@ -65,7 +65,7 @@ def verify(paths: tuple[str, ...], buffer_mib: int, src_options: dict[str, Any] 
     from rewriter.exec.publish.verify import verify as do_verify
 
     if use_ray:
-        from rewriter.exec.distributed.ray_verify import verify_on_ray
+        from rewriter.exec.distributed import verify_on_ray
 
         report = verify_on_ray(src, dst, address=address, workers=ray_workers, src_options=src_options or {},
                                dst_options=dst_options or {}, buffer_bytes=buffer_mib * MiB,
@@ -153,9 +153,8 @@ def card(dst: str, base_model: str | None, eval_json: str | None, run_verify: bo
 
     Each run renders the whole card, so give every extra you want in it.
     """
-    from rewriter.exec.dest.destination import open_destination
-    from rewriter.exec.publish.hubmeta import check_base_model
-    from rewriter.exec.publish.modelcard import load_eval, update_card
+    from rewriter.exec.dest import open_destination
+    from rewriter.exec.publish import check_base_model, load_eval, update_card
 
     _refuse_file_as_output(dst, "DST")
     if base_model is not None:

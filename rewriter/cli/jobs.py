@@ -108,7 +108,7 @@ def _refuse_non_job_id(target: str) -> None:
 def _run_state(dst: str, dst_options: dict[str, Any] | None, job: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str | None]:
     """The run's status document, or why it cannot be had (for a job, reading may fail quietly)."""
     from core.errors import RewriterError
-    from rewriter.exec.dest.runstatus import read_status
+    from rewriter.exec.dest import read_status
 
     try:
         return read_status(dst, dst_options or {}), None
@@ -155,7 +155,7 @@ def status(target: str, address: str | None, timeout: float, dst_options: dict[s
     started shows its last log lines. Exit status 1 when the job or the run failed or stopped (0
     when interrupted: the same command resumes it).
     """
-    from rewriter.exec.dest.runstatus import format_status
+    from rewriter.exec.dest import format_status
     from rewriter.tools.jobs import META_DST, JobService, failure_cause, refused_as_locked
 
     job: dict[str, Any] | None = None

@@ -185,7 +185,7 @@ def plan(src: str, layers: str | None, buffer_mib: int, out: str | None, as_json
     """Plan the pruning of SRC and print its I/O cost and what it keeps (nothing is written but --out)."""
     from core.storage import is_local_url
     from planners.cost import estimate, format_report
-    from rewriter.exec.io.copy import IOOptions
+    from rewriter.exec.io import IOOptions
 
     p, n_exp = make_plan(src, layers_only=_parse_layers(layers, "--layers"), **kw)
     if out:
@@ -216,7 +216,7 @@ def keep_json(p: Any) -> dict[str, Any]:
 def _bandwidths(read_mbps: float | None, write_mbps: float | None, measure_dir: str | None) -> tuple[float, float]:
     read_bw, write_bw = 1e9, 1e9
     if measure_dir:
-        from rewriter.exec.io.probe import measure_disk
+        from rewriter.exec.io import measure_disk
 
         read_bw, write_bw = measure_disk(measure_dir)
     if read_mbps:

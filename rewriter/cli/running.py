@@ -55,8 +55,8 @@ def _start_local_ray_quietly(address: str | None) -> None:
 
 def _execute(p: Any, dst: str, options: RunOptions, *, quiet: bool, as_json: bool) -> None:
     from planners.cost import human_bytes
-    from rewriter.exec.dest.runstatus import StatusWriter
-    from rewriter.exec.run.executor import execute
+    from rewriter.exec.dest import StatusWriter
+    from rewriter.exec.run import execute
     from rewriter.tools.progress import ByteProgress
 
     bar = ByteProgress(enabled=not quiet and not as_json)
@@ -68,7 +68,7 @@ def _execute(p: Any, dst: str, options: RunOptions, *, quiet: bool, as_json: boo
 
     on_interrupt(f"the shards finished so far are kept in {dst}; run the same command again to resume")
     if options.ray:
-        from rewriter.exec.distributed.ray_executor import execute_on_ray
+        from rewriter.exec.distributed import execute_on_ray
 
         if quiet:
             _start_local_ray_quietly(options.address)
@@ -182,7 +182,7 @@ def dry_run_cmd(src: str, layer_ids: tuple[int, ...], scratch: str | None, buffe
     `rewriter plan SRC --layers N,... --out PLAN`, which holds both.
     """
     from planners.cost import human_bytes, shard_label
-    from rewriter.exec.run.dryrun import dry_run
+    from rewriter.exec.run import dry_run
 
     if "://" not in src and os.path.isfile(src) and not src.endswith(".safetensors"):
         p = _per_layer_plan(src, layer_ids, kw)

@@ -16,8 +16,7 @@ from typing import Any
 
 from core.storage import Storage
 from rewriter.exec.dest.lock import STATE_DIR
-from rewriter.exec.io.copy import Output
-from rewriter.exec.io.partoutputs import MultipartPart, PartOutput
+from rewriter.exec.io import MultipartPart, Output, PartOutput
 from rewriter.exec.options import DEFAULT_BUFFER_BYTES
 
 TMP_DIR = f"{STATE_DIR}/tmp"

@@ -20,10 +20,8 @@ from core.errors import ExecutionError
 from core.storage import Storage, file_identity
 from rewriter.exec.dest.base import TMP_DIR, Destination, ShardParts
 from rewriter.exec.dest.lock import LOCK_NAME, STATE_DIR
-from rewriter.exec.io.copy import Output
+from rewriter.exec.io import LocalOutput, MultipartPart, Output, PartOutput
 from rewriter.exec.io.fileio import OUTPUT_MODE, fsync_dir, sha256_fd, write_errors_are_clear
-from rewriter.exec.io.outputs import LocalOutput
-from rewriter.exec.io.partoutputs import MultipartPart, PartOutput
 from rewriter.exec.options import DEFAULT_BUFFER_BYTES
 
 #: Files of large shards being written in parts (kept across runs, to resume part by part).

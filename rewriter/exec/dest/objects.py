@@ -11,8 +11,7 @@ from typing import Any
 
 from core.storage import Storage
 from rewriter.exec.dest.base import Destination, ShardParts
-from rewriter.exec.io.copy import Output
-from rewriter.exec.io.outputs import RemoteOutput
+from rewriter.exec.io import Output, RemoteOutput
 from rewriter.exec.io.partoutputs import MultipartPart, PartBody, PartOutput
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ from rewriter.exec.dest.base import Destination
 from rewriter.exec.dest.destination import open_destination
 from rewriter.exec.dest.journal import JOURNAL, ShardResult
 from rewriter.exec.dest.lock import STATE_DIR
-from rewriter.exec.io.throttle import Throttle
+from rewriter.exec.io import Throttle
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from core.errors import ExecutionError
 from core.storage import Storage
 from planners.tensors import OutputShard, Segment
 from rewriter.exec.dest import Destination, ShardParts
-from rewriter.exec.io.copy import CopyStats, IOOptions, Progress, RangeCopier, copy_segments
+from rewriter.exec.io import CopyStats, IOOptions, Progress, RangeCopier, copy_segments
 from rewriter.exec.options import DEFAULT_BUFFER_BYTES
 
 

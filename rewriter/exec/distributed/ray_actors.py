@@ -20,11 +20,10 @@ import ray
 
 from core.storage import Storage
 from planners.tensors import OutputShard
-from rewriter.exec.dest import Destination, open_destination
-from rewriter.exec.dest.lock import STATE_DIR
+from rewriter.exec.dest import STATE_DIR, Destination, open_destination
 from rewriter.exec.distributed.parts import Part, write_part
-from rewriter.exec.io.copy import IOOptions
-from rewriter.exec.run.executor import peak_rss_bytes, write_output_shard
+from rewriter.exec.io import IOOptions
+from rewriter.exec.run import peak_rss_bytes, write_output_shard
 
 #: Where the driver and every actor leave the files that prove they see one destination.
 PROBE_DIR = f"{STATE_DIR}/probe"

@@ -20,8 +20,15 @@ from typing import Any
 from core.errors import ExecutionError
 from planners.plan import Plan
 from planners.tensors import OutputShard
-from rewriter.exec.dest import TMP_DIR, Destination, ShardParts, abort_parts, leftover_parts
-from rewriter.exec.dest.journal import PartJournal, ShardResult
+from rewriter.exec.dest import (
+    TMP_DIR,
+    Destination,
+    PartJournal,
+    ShardParts,
+    ShardResult,
+    abort_parts,
+    leftover_parts,
+)
 from rewriter.exec.distributed.parts import Part, split_parts
 
 log = logging.getLogger(__name__)

@@ -24,9 +24,13 @@ from core.errors import ExecutionError
 from core.storage import Storage
 from planners.plan import Plan
 from planners.tensors import OutputShard
-from rewriter.exec.dest import abort_parts, leftover_parts, open_destination
-from rewriter.exec.dest.journal import PartJournal
-from rewriter.exec.dest.runstatus import RunObserver
+from rewriter.exec.dest import (
+    PartJournal,
+    RunObserver,
+    abort_parts,
+    leftover_parts,
+    open_destination,
+)
 from rewriter.exec.distributed.ray_actors import PROBE_DIR, ShardWriter, actor_memory_bytes
 from rewriter.exec.distributed.ray_assembly import Assemblies
 from rewriter.exec.distributed.ray_driver import Driver, remove_probes

@@ -35,17 +35,18 @@ from core.errors import DestinationFullError, ExecutionError, PlanError
 from core.storage import Storage
 from planners.plan import PROVENANCE_NAME, Plan, require_source
 from planners.tensors import OutputShard
-from rewriter.exec.dest import Destination, open_destination
-from rewriter.exec.dest.journal import (
+from rewriter.exec.dest import (
+    Destination,
+    DestinationLock,
+    RunObserver,
     ShardResult,
+    open_destination,
     pending_shards,
     prepare_destination,
 )
-from rewriter.exec.dest.lock import DestinationLock
-from rewriter.exec.dest.runstatus import RunObserver
-from rewriter.exec.io.copy import CopyStats, IOOptions, Progress, RangeCopier, copy_segments
+from rewriter.exec.io import CopyStats, IOOptions, Progress, RangeCopier, copy_segments
 from rewriter.exec.options import DEFAULT_BUFFER_BYTES, RunOptions
-from rewriter.exec.publish.modelcard import CARD_NAME, write_model_card
+from rewriter.exec.publish import CARD_NAME, write_model_card
 from rewriter.exec.run.jobs import default_jobs, locked, run_jobs
 from rewriter.exec.run.preflight import check_inputs
 

@@ -9,8 +9,7 @@ from core.errors import CheckpointError
 from core.storage import Storage
 from planners.plan import INDEX_NAME, Plan
 from planners.source_check import check_source
-from rewriter.exec.dest import Destination
-from rewriter.exec.dest.journal import check_destination
+from rewriter.exec.dest import Destination, check_destination
 
 
 def check_inputs(plan: Plan, src: Storage, dst: Destination) -> None:
