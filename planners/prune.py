@@ -127,6 +127,8 @@ def _renormalize(layout: Layout, options: PlanOptions, notify: Callable[[str], N
     if not options.renormalize_topk:
         return {}
     field_name = RENORMALIZE_FIELD.get(layout.family)
+    if field_name is not None and layout.count_fields[0].endswith(".expert_count"):
+        field_name = layout.count_fields[0].replace(".expert_count", ".expert_weights_norm")  # GGUF metadata
     if field_name is None:
         if notify:
             notify(f"note: --renormalize-topk changes nothing for {layout.family}: its router takes the softmax "

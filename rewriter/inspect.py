@@ -34,7 +34,8 @@ def describe(url: str, storage_options: Mapping[str, Any] | None = None) -> dict
         "url": ckpt.url,
         "family": layout.family,
         "model_type": ckpt.model_type,
-        "num_layers": ckpt.config.get("num_hidden_layers"),
+        "container": ckpt.container,
+        "num_layers": ckpt.config.get(f"{ckpt.model_type}.block_count" if ckpt.gguf else "num_hidden_layers"),
         "moe_layers": len(moe),
         "experts_per_layer": n,
         "top_k": layout.top_k(ckpt.config),
@@ -55,7 +56,8 @@ def format_description(info: Mapping[str, Any]) -> str:
 
     lines = [
         f"checkpoint:        {info['url']}",
-        f"family:            {info['family']} (model_type {info['model_type']})",
+        f"family:            {info['family']} (model_type {info['model_type']}"
+        f"{', GGUF' if info.get('container') == 'gguf' else ''})",
         f"layers:            {info['num_layers']} ({info['moe_layers']} MoE)",
         f"experts per layer: {info['experts_per_layer']}, top-k {info['top_k']}",
         f"bytes per expert:  {info['bytes_per_expert']:,} per layer" if isinstance(info['bytes_per_expert'], int)

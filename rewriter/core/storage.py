@@ -63,6 +63,10 @@ class Storage:
         # options to pass, by whichever call finds it out.
         self.fs = fs if isinstance(fs, LocalFileSystem) else GuardedFileSystem(fs, self.url)
         self.root = root.rstrip("/") if root != "/" else root
+        #: A GGUF model is named by its file; the folder holding it (and its splits) is the root.
+        self.entry: str | None = None
+        if self.root.endswith(".gguf") and "/" in self.root:
+            self.root, self.entry = posixpath.split(self.root)
         self.counter = IOCounter()
         self._fds: dict[str, int] = {}
 
@@ -225,7 +229,10 @@ class Storage:
         """A user-facing name of ``name`` in this location."""
         if self.is_local:
             return self.local_path(name)
-        return f"{self.url.rstrip('/')}/{name}"
+        folder = self.url.rstrip("/")
+        if self.entry is not None:
+            folder = folder[: -len(self.entry) - 1]
+        return f"{folder}/{name}"
 
 
 #: Connections an S3 client may open (botocore's default is 10): the copy keeps up to

@@ -164,6 +164,9 @@ class Destination:
 def open_destination(url: str, options: Mapping[str, Any] | None = None) -> Destination:
     """The destination at ``url`` (a local path or fsspec URL) with fsspec ``options``."""
     storage = Storage(url, options)
+    if storage.entry is not None:
+        raise ExecutionError(f"{url}: the destination is a folder (the pruned GGUF model is written into "
+                             f"it); give a folder name, not a .gguf file name")
     if storage.is_local:
         return LocalDestination(storage)
     if "s3" in storage.protocols:

@@ -17,6 +17,7 @@ from typing import Any
 from planners.plan import PROVENANCE_NAME, OutputShard, Plan
 from rewriter.core.checkpoint import INDEX_NAME
 from rewriter.core.errors import ExecutionError
+from rewriter.core.gguf_model import INDEX_NAME as GGUF_INDEX_NAME
 from rewriter.core.storage import Storage
 from rewriter.exec.destination import Destination
 from rewriter.exec.lock import STATE_DIR, DestinationLock
@@ -117,7 +118,7 @@ def prepare_destination(plan: Plan, dst: Destination, *, force: bool = False,
     prov_digest = _provenance_digest(dst)
     ours = (state and state.get("plan") == digest) or prov_digest == digest
     if ours:
-        if prov_digest == digest and dst.exists(INDEX_NAME) and not dst.exists(JOURNAL):
+        if prov_digest == digest and dst.exists(plan.index_name) and not dst.exists(JOURNAL):
             return journal, True
         if state and state.get("plan") == digest:
             journal.shards = dict(state.get("shards", {}))
@@ -143,9 +144,10 @@ def _provenance_digest(dst: Destination) -> str | None:
 
 def _clear_output(dst: Destination, files: list[str], held: str) -> None:
     """``--force``: remove what marks a destination complete or could pass for shards of the new
-    output (index, provenance, journal, top-level ``*.safetensors``), saying what goes and what stays."""
-    removed = [f for f in files if f in (INDEX_NAME, PROVENANCE_NAME, JOURNAL)
-               or (f.endswith(".safetensors") and "/" not in f)]
+    output (index, provenance, journal, top-level ``*.safetensors`` and ``*.gguf``), saying what goes
+    and what stays."""
+    removed = [f for f in files if f in (INDEX_NAME, GGUF_INDEX_NAME, PROVENANCE_NAME, JOURNAL)
+               or (f.endswith((".safetensors", ".gguf")) and "/" not in f)]
     stays = [f for f in files if f not in removed and not f.startswith(STATE_DIR + "/")]
     log.warning("--force: %s holds %s; removing %d of its files so that none is taken for part of the new "
                 "output: %s%s", dst.url, held, len(removed), _some(removed),

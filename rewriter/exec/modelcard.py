@@ -18,6 +18,7 @@ from typing import Any
 from planners.plan import PROVENANCE_NAME, Plan
 from rewriter.core.checkpoint import INDEX_NAME
 from rewriter.core.errors import CardError
+from rewriter.core.gguf_model import INDEX_NAME as GGUF_INDEX_NAME
 from rewriter.core.storage import Storage
 from rewriter.exec.destination import Destination
 from rewriter.exec.hubmeta import (
@@ -247,7 +248,7 @@ def update_card(dst: Destination, *, base_model: str | None = None, verify: Mapp
         CardError: ``dst`` holds no complete output of this tool.
         PlanError: its ``pruning.json`` is unreadable.
     """
-    if not dst.exists(INDEX_NAME):
+    if not dst.exists(INDEX_NAME) and not dst.exists(GGUF_INDEX_NAME):
         raise CardError(f"{dst.url}: no {INDEX_NAME}, so no complete output to describe; finish the run first")
     plan = load_provenance_plan(dst.storage)
     base = source_card(plan)

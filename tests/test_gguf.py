@@ -1,0 +1,298 @@
+"""GGUF checkpoints: headers read as llama.cpp's ``gguf`` package reads them, pruned by the CLI
+into files whose kept experts are the source's bytes, and bad files refused with one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rewriter.core.checkpoint import Checkpoint
+from tests.conftest import cli, tree_digest
+from tests.gguf_models import Geometry, write_gguf
+from tests.test_cli_errors import assert_error, invoke
+
+gguf = pytest.importorskip("gguf")
+
+CASES = [("qwen3moe", "F32"), ("qwen3moe", "Q8_0"), ("qwen3moe", "Q4_1"), ("gpt-oss", "MXFP4"),
+         ("gpt-oss", "F32")]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[tuple[str, str], Path]:
+    root = tmp_path_factory.mktemp("gguf")
+    return {(arch, q): write_gguf(root / f"{arch}-{q}" / "model.gguf", arch, qtype=q) for arch, q in CASES}
+
+
+def test_block_layouts_are_llama_cpps():
+    """Every ggml type this tool slices has the block size and bytes llama.cpp's package states."""
+    from rewriter.core.gguf import GGML_TYPES
+
+    for type_id, (name, block, size) in GGML_TYPES.items():
+        kind = gguf.GGMLQuantizationType(type_id)
+        assert kind.name == name and gguf.GGML_QUANT_SIZES[kind] == (block, size)
+
+
+def reader_tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    r = gguf.GGUFReader(str(path))
+    return {t.name: (t.tensor_type.name, tuple(int(x) for x in reversed(t.shape)), int(t.data_offset),
+                     int(t.n_bytes)) for t in r.tensors}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(c))
+def test_header_read_as_gguf_package_reads_it(models, case):
+    path = models[case]
+    ckpt = Checkpoint.open(str(path))
+    assert ckpt.container == "gguf"
+    ours = {t.name: (t.dtype, t.shape, t.begin, t.nbytes) for t in ckpt.tensors.values()}
+    assert ours == reader_tensors(path)
+    assert ckpt.layout.num_experts(ckpt.config) == 8 and sorted(ckpt.layout.moe_layers(ckpt)) == [0, 1]
+
+
+def expert_rows(path: Path) -> dict[str, list[bytes]]:
+    """Each expert-sliced tensor's bytes per expert (rows of the outermost extent)."""
+    out = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        if "_exps." in t.name or "ffn_gate_inp" in t.name:
+            raw = bytes(np.asarray(t.data).tobytes())
+            n = int(t.shape[-1])
+            out[t.name] = [raw[i * len(raw) // n:(i + 1) * len(raw) // n] for i in range(n)]
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(c))
+def test_prune_keeps_expert_bytes_and_patches_metadata(models, case, tmp_path):
+    src = models[case]
+    before = tree_digest(src.parent)
+    sal = tmp_path / "s.json"
+    cli("synth-saliency", src, "--out", sal)
+    dst = tmp_path / "out"
+    cli("prune", src, dst, "--saliency", sal, "--keep-frac", "0.5")
+    assert tree_digest(src.parent) == before
+    assert sorted(p.name for p in dst.iterdir()) == ["README.md", "model.gguf", "model.gguf.index.json", "pruning.json"]
+    keep = json.loads((dst / "pruning.json").read_text())["expert_mapping"]
+    src_rows, out_rows = expert_rows(src), expert_rows(dst / "model.gguf")
+    assert src_rows.keys() == out_rows.keys()
+    for name, rows in out_rows.items():
+        layer = name.split(".")[1]
+        assert rows == [src_rows[name][e] for e in keep[layer]], name
+    r = gguf.GGUFReader(str(dst / "model.gguf"))
+    arch = case[0]
+    assert int(r.fields[f"{arch}.expert_count"].parts[-1][0]) == 4
+    unchanged = {n: v for n, v in reader_tensors(src).items() if "_exps." not in n and "gate_inp" not in n}
+    out = reader_tensors(dst / "model.gguf")
+    assert {n: v[:2] for n, v in unchanged.items()} == {n: out[n][:2] for n in unchanged}
+    assert "ok" in cli("verify", src, dst).lower()
+
+
+def test_plan_then_run_resumes_byte_identical(models, tmp_path):
+    src = models[("qwen3moe", "Q8_0")]
+    sal = tmp_path / "s.json"
+    cli("synth-saliency", src, "--out", sal)
+    plan = tmp_path / "plan.json"
+    cli("plan", src, "--saliency", sal, "--keep-frac", "0.5", "--out", plan)
+    doc = json.loads(plan.read_text())
+    assert doc["container"] == "gguf" and doc["source"]["url"] == str(src)
+    cli("run", plan, "--out", tmp_path / "a")
+    cli("run", plan, "--out", tmp_path / "a")  # already complete: nothing rewritten
+    cli("run", plan, "--out", tmp_path / "b")
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
+
+
+def test_split_source_gives_split_or_single_output(tmp_path):
+    src = write_gguf(tmp_path / "src" / "model.gguf", "qwen3moe", qtype="Q8_0", split_max_size=100_000)
+    assert src.name == "model-00001-of-00004.gguf"
+    sal = tmp_path / "s.json"
+    cli("synth-saliency", src, "--out", sal)
+    cli("prune", src, tmp_path / "one", "--saliency", sal, "--keep-frac", "0.5")
+    assert (tmp_path / "one" / "model.gguf").exists()
+    cli("prune", src, tmp_path / "split", "--saliency", sal, "--keep-frac", "0.5", "--max-shard-size", "60KB")
+    parts = sorted(p.name for p in (tmp_path / "split").glob("*.gguf"))
+    assert len(parts) > 1 and parts[0] == f"model-00001-of-{len(parts):05d}.gguf"
+    for i, name in enumerate(parts):
+        fields = gguf.GGUFReader(str(tmp_path / "split" / name)).fields
+        assert int(fields["split.no"].parts[-1][0]) == i
+        assert int(fields["split.count"].parts[-1][0]) == len(parts)
+    assert "qwen3moe.expert_count" in gguf.GGUFReader(str(tmp_path / "split" / parts[0])).fields
+    merged = {n: v[:2] for p in parts for n, v in reader_tensors(tmp_path / "split" / p).items()}
+    assert merged == {n: v[:2] for n, v in reader_tensors(tmp_path / "one" / "model.gguf").items()}
+    cli("verify", src, tmp_path / "split")
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+def _damaged(tmp_path: Path, src: Path, edit) -> Path:
+    d = tmp_path / "bad"
+    d.mkdir()
+    data = bytearray(src.read_bytes())
+    out = d / "model.gguf"
+    out.write_bytes(bytes(edit(data)))
+    return out
+
+
+def _tensor_info_offset(data: bytes, name: str) -> int:
+    """Where tensor ``name``'s info starts (its name's length field)."""
+    key = struct.pack("<Q", len(name)) + name.encode()
+    return data.index(key)
+
+
+def _type_field(data: bytes, name: str) -> int:
+    at = _tensor_info_offset(data, name) + 8 + len(name)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    return at + 4 + 8 * n_dims
+
+
+def _set_type(name: str, type_id: int):
+    def edit(data: bytearray) -> bytearray:
+        struct.pack_into("<I", data, _type_field(data, name), type_id)
+        return data
+    return edit
+
+
+def _shift_offset(name: str, delta: int):
+    def edit(data: bytearray) -> bytearray:
+        at = _type_field(data, name) + 4
+        struct.pack_into("<Q", data, at, struct.unpack_from("<Q", data, at)[0] + delta)
+        return data
+    return edit
+
+
+def _absurd_string(data: bytearray) -> bytearray:
+    key = b"general.name"
+    at = data.index(struct.pack("<Q", len(key)) + key) + 8 + len(key) + 4
+    struct.pack_into("<Q", data, at, 1 << 60)
+    return data
+
+
+BAD = {
+    "truncated": (lambda d: d[: len(d) - 1000], "truncated"),
+    "not gguf": (lambda d: b"GGML" + d[4:], "GGUF magic"),
+    "version 2": (lambda d: d[:4] + struct.pack("<I", 2) + d[8:], "version 2"),
+    "unknown type": (_set_type("blk.0.ffn_up_exps.weight", 77), "ggml type 77"),
+    "overlap": (_shift_offset("blk.1.ffn_up_exps.weight", -32), "overlaps"),
+    "gap": (_shift_offset("output.weight", 1 << 40), "leaves a gap"),
+    "absurd metadata": (_absurd_string, "general.name"),
+    "longer": (lambda d: d + bytes(4096), "longer than its header"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_damaged_file_is_one_error_line(models, tmp_path, case):
+    edit, words = BAD[case]
+    src = _damaged(tmp_path, models[("qwen3moe", "F32")], edit)
+    before = src.read_bytes()
+    line = assert_error(invoke("prune", src, tmp_path / "out", "--keep-list", tmp_path / "none.json"))
+    assert str(src) in line and words in line, line
+    assert src.read_bytes() == before and not (tmp_path / "out").exists()
+    assert_error(invoke("inspect", src))
+
+
+def test_expert_extent_must_match_expert_count(models, tmp_path):
+    def edit(data: bytearray) -> bytearray:
+        key = b"qwen3moe.expert_count"
+        at = data.index(struct.pack("<Q", len(key)) + key) + 8 + len(key) + 4
+        struct.pack_into("<I", data, at, 6)
+        return data
+    src = _damaged(tmp_path, models[("qwen3moe", "F32")], edit)
+    line = assert_error(invoke("inspect", src))
+    assert "expected dim 0 = 6 experts" in line and "qwen3moe.expert_count" in line
+
+
+def test_split_files_missing_or_from_two_models(tmp_path):
+    a = write_gguf(tmp_path / "a" / "model.gguf", "qwen3moe", qtype="Q8_0", split_max_size=100_000)
+    b = write_gguf(tmp_path / "b" / "model.gguf", "qwen3moe", Geometry(layers=3), qtype="Q8_0",
+                   split_max_size=100_000)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(a.parent, mixed)
+    (mixed / "model-00003-of-00004.gguf").unlink()
+    line = assert_error(invoke("inspect", mixed / a.name))
+    assert "model-00003-of-00004.gguf" in line and "missing" in line
+    shutil.copy(b.parent / "model-00003-of-00005.gguf" if (b.parent / "model-00003-of-00005.gguf").exists()
+                else b.parent / "model-00002-of-00004.gguf", mixed / "model-00003-of-00004.gguf")
+    line = assert_error(invoke("inspect", mixed / a.name))
+    assert "model-00003-of-00004.gguf" in line and ("different models" in line or "split" in line)
+
+
+def test_folder_with_two_models_asks_for_the_file(models, tmp_path):
+    d = tmp_path / "two"
+    d.mkdir()
+    shutil.copy(models[("qwen3moe", "F32")], d / "a.gguf")
+    shutil.copy(models[("qwen3moe", "Q8_0")], d / "b.gguf")
+    line = assert_error(invoke("inspect", d))
+    assert "2 GGUF models" in line
+    assert "qwen3_moe" in cli("inspect", d / "a.gguf")
+
+
+# --- the other commands on GGUF sources ----------------------------------------------------------
+
+def test_saliency_of_the_hf_checkpoint_applies_to_its_gguf_conversion(models, tiny, tiny_saliency, tmp_path):
+    """Experts keep their ids across formats: the same saliency picks the same experts."""
+    src = models[("gpt-oss", "MXFP4")]
+    cli("prune", src, tmp_path / "g", "--saliency", tiny_saliency, "--keep-frac", "0.5")
+    cli("prune", tiny, tmp_path / "s", "--saliency", tiny_saliency, "--keep-frac", "0.5")
+    mapping = [json.loads((tmp_path / d / "pruning.json").read_text())["expert_mapping"] for d in ("g", "s")]
+    assert mapping[0] == mapping[1]
+
+
+def test_saliency_of_another_model_is_refused(models, tmp_path):
+    sal = tmp_path / "s.json"
+    cli("synth-saliency", models[("qwen3moe", "F32")], "--out", sal)
+    line = assert_error(invoke("prune", models[("gpt-oss", "F32")], tmp_path / "out", "--saliency", sal,
+                               "--keep-frac", "0.5"))
+    assert "profiled on another model" in line and not (tmp_path / "out").exists()
+
+
+def test_quantizations_of_one_model_share_a_saliency(models, tmp_path):
+    sal = tmp_path / "s.json"
+    cli("synth-saliency", models[("qwen3moe", "F32")], "--out", sal)
+    cli("plan", models[("qwen3moe", "Q8_0")], "--saliency", sal, "--keep-frac", "0.5")
+
+
+def test_soft_prune_masks_the_router_bias_llama_cpp_reads(models, tmp_path):
+    src = models[("gpt-oss", "MXFP4")]
+    sal = tmp_path / "s.json"
+    cli("synth-saliency", src, "--out", sal)
+    cli("soft-prune", src, tmp_path / "soft", "--saliency", sal, "--keep-frac", "0.5")
+    keep = json.loads((tmp_path / "soft" / "pruning.json").read_text())["expert_mapping"]
+    r = gguf.GGUFReader(str(tmp_path / "soft" / "model.gguf"))
+    assert int(r.fields["gpt-oss.expert_count"].parts[-1][0]) == 8
+    src_bias = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(src)).tensors if t.name.endswith("gate_inp.bias")}
+    for t in r.tensors:
+        if t.name.endswith("gate_inp.bias"):
+            kept = keep[t.name.split(".")[1]]
+            for e, v in enumerate(np.asarray(t.data)):
+                assert v == (src_bias[t.name][e] if e in kept else np.finfo(np.float32).min)
+    cli("verify", src, tmp_path / "soft")
+
+
+def test_soft_prune_without_router_bias_is_refused(models, tmp_path):
+    src = models[("qwen3moe", "F32")]
+    sal = tmp_path / "s.json"
+    cli("synth-saliency", src, "--out", sal)
+    line = assert_error(invoke("soft-prune", src, tmp_path / "soft", "--saliency", sal, "--keep-frac", "0.5"))
+    assert "router bias" in line
+
+
+def test_dry_run_check_and_card_take_gguf(models, tmp_path):
+    src = models[("qwen3moe", "Q8_0")]
+    sal = tmp_path / "s.json"
+    cli("synth-saliency", src, "--out", sal)
+    out = cli("dry-run", src, "--layer", "1", "--saliency", sal, "--keep-frac", "0.5")
+    assert "layer" in out
+    verdicts = json.loads(cli("check", src, "--target", "llamacpp", "--json", expect=None))
+    assert verdicts and all(v["status"] in ("pass", "skip") for v in verdicts["verdicts"]), verdicts
+    cli("prune", src, tmp_path / "out", "--saliency", sal, "--keep-frac", "0.5", "--target", "llamacpp")
+    cli("check", tmp_path / "out", "--target", "llamacpp")
+    cli("card", tmp_path / "out")
+
+
+def test_destination_named_like_a_gguf_file_is_refused(models, tmp_path):
+    src = models[("qwen3moe", "F32")]
+    sal = tmp_path / "s.json"
+    cli("synth-saliency", src, "--out", sal)
+    line = assert_error(invoke("prune", src, tmp_path / "out.gguf", "--saliency", sal, "--keep-frac", "0.5"))
+    assert "folder" in line and not (tmp_path / "out.gguf").exists()
