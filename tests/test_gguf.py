@@ -296,3 +296,23 @@ def test_destination_named_like_a_gguf_file_is_refused(models, tmp_path):
     cli("synth-saliency", src, "--out", sal)
     line = assert_error(invoke("prune", src, tmp_path / "out.gguf", "--saliency", sal, "--keep-frac", "0.5"))
     assert "folder" in line and not (tmp_path / "out.gguf").exists()
+
+
+def test_split_120b_geometry_plans_from_headers_only(tmp_path):
+    from planners import PlanOptions, plan_prune
+    from planners.policies import KeepPolicy
+    from planners.saliency import model_identity
+    from rewriter.gguf_synth import write_gguf_model
+    from rewriter.synth import PRESETS, synthetic_saliency
+
+    paths = write_gguf_model(tmp_path / "m", PRESETS["120b"], sparse=True)
+    assert len(paths) > 1 and paths[0].name == f"model-00001-of-{len(paths):05d}.gguf"
+    ckpt = Checkpoint.open(str(paths[1]))  # any split names the model
+    assert len(ckpt.shards) == len(paths) and ckpt.layout.num_experts(ckpt.config) == 128
+    sal = tmp_path / "s.json"
+    synthetic_saliency(36, 128, 4, model=model_identity(ckpt)).save(sal)
+    plan = plan_prune(ckpt, PlanOptions(saliency=(str(sal),), policy=KeepPolicy(keep_frac=0.5)))
+    assert ckpt.storage.counter.bytes < 1 << 20  # headers only, of a 65 GB model
+    experts = sum(i.nbytes for i in ckpt.tensors.values() if "_exps." in i.name)
+    kept = sum(t.nbytes for o in plan.outputs for t in o.tensors if "_exps." in t.name)
+    assert kept * 2 == experts

@@ -141,7 +141,7 @@ class _Cursor:
             raise FormatError(f"{self.where}: {what} at byte {self.pos:,} makes the header larger than "
                               f"{MAX_HEADER_BYTES:,} bytes; not a GGUF file this tool reads")
         if self.pos + n > len(self.buf):
-            want = min(self.size, max(self.pos + n, 2 * len(self.buf), 1 << 20))
+            want = min(self.size, max(self.pos + n, 2 * len(self.buf), 64 << 10))
             self.buf += self.fetch(len(self.buf), want)
         out = self.buf[self.pos:self.pos + n]
         self.pos += n
