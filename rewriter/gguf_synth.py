@@ -19,12 +19,13 @@ from rewriter.core.gguf_model import output_names
 from rewriter.synth import Geometry
 
 ARCH = "gpt-oss"
+Item = tuple[str, str, tuple[int, ...]]
 
 
-def gguf_tensors(g: Geometry) -> list[tuple[str, str, tuple[int, ...]]]:
+def gguf_tensors(g: Geometry) -> list[Item]:
     """``(name, ggml type, row-major shape)`` of every tensor of a gpt-oss model of geometry ``g``."""
     q, kv, e, h, f = g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim, g.num_experts, g.hidden, g.intermediate
-    out = [("token_embd.weight", "BF16", (g.vocab, h))]
+    out: list[Item] = [("token_embd.weight", "BF16", (g.vocab, h))]
     for i in range(g.num_layers):
         p = f"blk.{i}."
         out += [(p + "attn_norm.weight", "F32", (h,)), (p + "attn_q.weight", "BF16", (q, h)),
@@ -53,9 +54,9 @@ def _metadata(g: Geometry) -> list[bytes]:
     ]
 
 
-def _groups(tensors: list[tuple[str, str, tuple[int, ...]]], max_bytes: int) -> list[list[tuple[str, str, tuple[int, ...]]]]:
+def _groups(tensors: list[Item], max_bytes: int) -> list[list[Item]]:
     """Greedy fill in order into files of at most ``max_bytes`` of tensor data."""
-    groups: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+    groups: list[list[Item]] = [[]]
     size = 0
     for t in tensors:
         n = gguf.tensor_nbytes(t[1], tuple(reversed(t[2])))
