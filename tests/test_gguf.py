@@ -316,3 +316,49 @@ def test_split_120b_geometry_plans_from_headers_only(tmp_path):
     experts = sum(i.nbytes for i in ckpt.tensors.values() if "_exps." in i.name)
     kept = sum(t.nbytes for o in plan.outputs for t in o.tensors if "_exps." in t.name)
     assert kept * 2 == experts
+
+
+def test_remote_gguf_source_through_fsspec(models, tmp_path):
+    import fsspec
+
+    fsspec.filesystem("memory").pipe("/gguf-remote/model.gguf", models[("qwen3moe", "Q8_0")].read_bytes())
+    src = "memory://gguf-remote/model.gguf"
+    sal = tmp_path / "s.json"
+    cli("synth-saliency", src, "--out", sal)
+    cli("prune", src, tmp_path / "out", "--saliency", sal, "--keep-frac", "0.5")
+    assert json.loads((tmp_path / "out" / "pruning.json").read_text())["source"] == src
+    assert "-> OK" in cli("verify", tmp_path / "out")
+    cli("prune", models[("qwen3moe", "Q8_0")], tmp_path / "local", "--saliency", sal, "--keep-frac", "0.5")
+    assert (tmp_path / "out" / "model.gguf").read_bytes() == (tmp_path / "local" / "model.gguf").read_bytes()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_run_of_a_gguf_plan_matches_the_local_run(ray_cluster, models, tmp_path):
+    from planners.plan import Plan
+    from rewriter.exec.executor import execute
+    from rewriter.exec.ray_executor import execute_on_ray
+
+    src = models[("gpt-oss", "MXFP4")]
+    sal = tmp_path / "s.json"
+    cli("synth-saliency", src, "--out", sal)
+    cli("plan", src, "--saliency", sal, "--keep-frac", "0.5", "--max-shard-size", "40KB", "--out", tmp_path / "p.json")
+    plan = Plan.load(str(tmp_path / "p.json"))
+    assert len(plan.outputs) > 1
+    execute(plan, str(tmp_path / "local"))
+    execute_on_ray(plan, str(tmp_path / "ray"), workers=2)
+    assert tree_digest(tmp_path / "ray") == tree_digest(tmp_path / "local")
+    assert "-> OK" in cli("verify", tmp_path / "ray")
+
+
+def test_destination_beside_the_gguf_file_but_never_its_folder(models, tmp_path):
+    src = tmp_path / "m" / "model.gguf"
+    src.parent.mkdir()
+    shutil.copy(models[("qwen3moe", "F32")], src)
+    sal = tmp_path / "s.json"
+    cli("synth-saliency", src, "--out", sal)
+    before = src.read_bytes()
+    line = assert_error(invoke("prune", src, src.parent, "--saliency", sal, "--keep-frac", "0.5", "--force"))
+    assert "is the source" in line and src.read_bytes() == before
+    cli("prune", src, src.parent / "pruned", "--saliency", sal, "--keep-frac", "0.5")
+    assert (src.parent / "pruned" / "model.gguf").exists() and src.read_bytes() == before

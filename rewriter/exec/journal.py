@@ -89,7 +89,9 @@ def check_destination(src: Storage, dst: Destination) -> None:
         ExecutionError: destination equal to, inside, or containing the source; a destination
             that is a file, or lies below one.
     """
-    if dst.storage.is_within(src) or src.is_within(dst.storage):
+    # A GGUF model is its files, not their folder: a folder beside or below them is fine.
+    below_gguf = src.entry is not None and dst.storage.is_within(src) and not src.is_within(dst.storage)
+    if (dst.storage.is_within(src) and not below_gguf) or src.is_within(dst.storage):
         raise ExecutionError(
             f"destination {dst.url} is the source {src.url}, inside it, or contains it; the source "
             f"is never modified: choose another destination"
