@@ -362,3 +362,55 @@ def test_destination_beside_the_gguf_file_but_never_its_folder(models, tmp_path)
     assert "is the source" in line and src.read_bytes() == before
     cli("prune", src, src.parent / "pruned", "--saliency", sal, "--keep-frac", "0.5")
     assert (src.parent / "pruned" / "model.gguf").exists() and src.read_bytes() == before
+
+
+def _grouped_gguf(path: Path, arch: str) -> Path:
+    """A DeepSeek-V3-style layout (``deepseek2``/``glm4moe``): a dense first layer, then MoE layers
+    with shared experts, a selection bias and 16 experts in 4 groups. Only what pruning reads."""
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), arch)
+    for add, v in ((w.add_block_count, 3), (w.add_expert_count, 16), (w.add_expert_used_count, 2),
+                   (w.add_expert_group_count, 4), (w.add_expert_group_used_count, 2), (w.add_expert_shared_count, 1),
+                   (w.add_leading_dense_block_count, 1)):
+        add(v)
+    h, f = 32, 32
+    w.add_tensor("token_embd.weight", rng.standard_normal((16, h)).astype(np.float32))
+    for name, shape in (("ffn_gate", (f, h)), ("ffn_up", (f, h)), ("ffn_down", (h, f))):
+        w.add_tensor(f"blk.0.{name}.weight", rng.standard_normal(shape).astype(np.float32))
+    for i in (1, 2):
+        p = f"blk.{i}."
+        for name, shape in (("ffn_gate_inp.weight", (16, h)), ("exp_probs_b.bias", (16,)),
+                            ("ffn_gate_exps.weight", (16, f, h)), ("ffn_up_exps.weight", (16, f, h)),
+                            ("ffn_down_exps.weight", (16, h, f)), ("ffn_gate_shexp.weight", (f, h)),
+                            ("ffn_up_shexp.weight", (f, h)), ("ffn_down_shexp.weight", (h, f))):
+            w.add_tensor(p + name, rng.standard_normal(shape).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("arch", ["deepseek2", "glm4moe"])
+def test_group_limited_architectures_keep_groups_balanced(tmp_path, arch):
+    src = _grouped_gguf(tmp_path / "model.gguf", arch)
+    ckpt = Checkpoint.open(str(src))
+    assert ckpt.family == "deepseek_v3" and sorted(ckpt.layout.moe_layers(ckpt)) == [1, 2]
+    sal = tmp_path / "s.json"
+    cli("synth-saliency", src, "--out", sal)
+    cli("prune", src, tmp_path / "out", "--saliency", sal, "--keep-frac", "0.5")
+    keep = json.loads((tmp_path / "out" / "pruning.json").read_text())["expert_mapping"]
+    for ids in keep.values():
+        assert sorted(e // 4 for e in ids) == [0, 0, 1, 1, 2, 2, 3, 3]  # two kept in each of the 4 groups
+    out = reader_tensors(tmp_path / "out" / "model.gguf")
+    assert out["blk.1.exp_probs_b.bias"][1] == (8,) and out["blk.1.ffn_down_exps.weight"][1] == (8, 32, 32)
+    source = reader_tensors(src)
+    for name in ("blk.0.ffn_gate.weight", "blk.1.ffn_gate_shexp.weight", "blk.2.ffn_down_shexp.weight"):
+        assert out[name][:2] == source[name][:2]
+    fields = gguf.GGUFReader(str(tmp_path / "out" / "model.gguf")).fields
+    assert int(fields[f"{arch}.expert_count"].parts[-1][0]) == 8
+    assert int(fields[f"{arch}.expert_group_count"].parts[-1][0]) == 4
+    cli("verify", src, tmp_path / "out")
+    cli("soft-prune", src, tmp_path / "soft", "--saliency", sal, "--keep-frac", "0.5")
+    bias = [t for t in gguf.GGUFReader(str(tmp_path / "soft" / "model.gguf")).tensors if t.name == "blk.1.exp_probs_b.bias"]
+    assert sum(v == np.finfo(np.float32).min for v in np.asarray(bias[0].data)) == 8
