@@ -288,6 +288,8 @@ def test_dry_run_check_and_card_take_gguf(models, tmp_path):
     cli("prune", src, tmp_path / "out", "--saliency", sal, "--keep-frac", "0.5", "--target", "llamacpp")
     cli("check", tmp_path / "out", "--target", "llamacpp")
     cli("card", tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "library_name: gguf" in card and "- \"gguf\"" in card
 
 
 def test_destination_named_like_a_gguf_file_is_refused(models, tmp_path):

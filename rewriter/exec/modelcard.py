@@ -62,9 +62,12 @@ def front_matter(plan: Plan, base_model: str | None, license_fields: Mapping[str
     if base_model:
         lines.append(f"base_model: {_yaml_scalar(base_model)}")
     lines += [f"{k}: {_yaml_scalar(v)}" for k, v in (license_fields or {}).items()]
-    lines.append("library_name: transformers")
+    # The Hub files GGUF models under the gguf library (llama.cpp and the runtimes that read it).
+    lines.append(f"library_name: {'gguf' if plan.container == 'gguf' else 'transformers'}")
+    if plan.container == "gguf":
+        tags.append("gguf")
     archs = plan.config.get("architectures") or []
-    if any(isinstance(a, str) and a.endswith("ForCausalLM") for a in archs):
+    if plan.container == "gguf" or any(isinstance(a, str) and a.endswith("ForCausalLM") for a in archs):
         lines.append("pipeline_tag: text-generation")
     lines.append("tags:")
     lines += [f"- {_yaml_scalar(t)}" for t in tags]
