@@ -177,6 +177,7 @@ BAD = {
     "gap": (_shift_offset("output.weight", 1 << 40), "leaves a gap"),
     "absurd metadata": (_absurd_string, "general.name"),
     "longer": (lambda d: d + bytes(4096), "longer than its header"),
+    "cut in the vocabulary": (lambda d: d[:1500], "tokenizer.ggml.tokens"),
 }
 
 

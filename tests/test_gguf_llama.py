@@ -121,7 +121,7 @@ def hf_reference(weights: dict[str, np.ndarray], g: Geometry, keep: dict[str, li
         sd[q + "mlp.experts.gate_up_proj"] = np.concatenate(
             [weights[p + "ffn_gate_exps.weight"][ids], weights[p + "ffn_up_exps.weight"][ids]], axis=1)
         sd[q + "mlp.experts.down_proj"] = weights[p + "ffn_down_exps.weight"][ids]
-    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in sd.items()})
+    model.load_state_dict({k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in sd.items()})
     with torch.no_grad():
         return model(torch.tensor([TOKENS])).logits[0].double().numpy()
 

@@ -61,7 +61,9 @@ CONFIG_ARRAY_LIMIT = 64
 
 @dataclass(frozen=True)
 class KV:
-    """One metadata entry: its key, value type, decoded value and its bytes as found."""
+    """One metadata entry: its key, value type, decoded value and its bytes as found. Arrays of
+    more than :data:`CONFIG_ARRAY_LIMIT` elements (the vocabulary) are checked, not decoded:
+    their value is ``None``."""
 
     key: str
     vtype: int
@@ -103,8 +105,7 @@ class GGUFHeader:
 
     def config(self) -> dict[str, Any]:
         """The metadata a plan records and compares: every value but long arrays and ``split.*``."""
-        return {kv.key: kv.value for kv in self.kvs if not kv.key.startswith("split.")
-                and not (kv.vtype == T_ARRAY and len(kv.value) > CONFIG_ARRAY_LIMIT)}
+        return {kv.key: kv.value for kv in self.kvs if not kv.key.startswith("split.") and kv.value is not None}
 
 
 def tensor_nbytes(dtype: str, ne: Sequence[int], where: str = "") -> int:
@@ -147,6 +148,19 @@ class _Cursor:
         self.pos += n
         return out
 
+    def skip_strings(self, count: int, what: str) -> None:
+        """Step over ``count`` strings, each checked to lie inside the file, decoding none."""
+        for _ in range(count):
+            if self.pos + 8 > len(self.buf):
+                self.take(8, f"{what} length")
+                self.pos -= 8
+            (n,) = struct.unpack_from("<Q", self.buf, self.pos)
+            self.pos += 8
+            if self.pos + n > len(self.buf):
+                self.take(n, what)
+            else:
+                self.pos += n
+
     def num(self, code: str, what: str) -> Any:
         return struct.unpack(code, self.take(struct.calcsize(code), what))[0]
 
@@ -178,12 +192,15 @@ def _value(c: _Cursor, vtype: int, what: str) -> Any:
     if ecode is not None:
         size = struct.calcsize(ecode)
         data = c.take(size * count, f"{what} ({count:,} elements)")
-        return [v[0] for v in struct.iter_unpack(ecode, data)]
+        return [v[0] for v in struct.iter_unpack(ecode, data)] if count <= CONFIG_ARRAY_LIMIT else None
     if etype != T_STRING:
         raise FormatError(f"{c.where}: {what} has element type {etype}; expected one of 0..12")
     if count * 8 > c.size - c.pos:
         raise FormatError(f"{c.where}: {what} declares {count:,} strings, more than the file can hold; "
                           f"the file is corrupt")
+    if count > CONFIG_ARRAY_LIMIT:
+        c.skip_strings(count, f"{what} element")
+        return None
     return [c.string(f"{what}[{i}]").decode("utf-8", errors="replace") for i in range(count)]
 
 
