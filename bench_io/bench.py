@@ -274,10 +274,11 @@ def _gguf_source(work: Path, name: str, g: Geometry, log=print) -> tuple[Path, P
         shutil.rmtree(src, ignore_errors=True)
         write_gguf_model(src, g)
         (src / ".complete").touch()
+    first = sorted(src.glob("*.gguf"))[0]
     sal = work / f"{name}-saliency.json"
-    model = model_identity(Checkpoint.open(str(src / "model.gguf")))
+    model = model_identity(Checkpoint.open(str(first)))
     synthetic_saliency(g.num_layers, g.num_experts, g.top_k, model=model).save(sal)
-    return src / "model.gguf", sal
+    return first, sal
 
 
 def bench_s3(g: Geometry, work: Path) -> dict[str, Any]:
