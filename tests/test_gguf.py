@@ -417,3 +417,34 @@ def test_group_limited_architectures_keep_groups_balanced(tmp_path, arch):
     cli("soft-prune", src, tmp_path / "soft", "--saliency", sal, "--keep-frac", "0.5")
     bias = [t for t in gguf.GGUFReader(str(tmp_path / "soft" / "model.gguf")).tensors if t.name == "blk.1.exp_probs_b.bias"]
     assert sum(v == np.finfo(np.float32).min for v in np.asarray(bias[0].data)) == 8
+
+
+@pytest.mark.slow
+def test_killed_gguf_prune_resumes_byte_identical(tmp_path):
+    from planners.saliency import model_identity
+    from rewriter.gguf_synth import write_gguf_model
+    from rewriter.synth import PRESETS, synthetic_saliency
+    from tests.test_promises import assert_complete, journal_shards, kill_when, rewriter
+
+    g = PRESETS["small"]
+    src = write_gguf_model(tmp_path / "src", g, max_file_bytes=20_000_000)[0]
+    sal = tmp_path / "s.json"
+    synthetic_saliency(g.num_layers, g.num_experts, g.top_k, model=model_identity(Checkpoint.open(str(src)))).save(sal)
+    before = tree_digest(src.parent)
+
+    def args(dst: Path) -> list[object]:
+        return ["prune", src, dst, "--saliency", sal, "--keep-frac", "0.5", "--max-shard-size", "6MB", "--quiet"]
+
+    rewriter(*args(tmp_path / "ref"))
+    expected = tree_digest(tmp_path / "ref")
+    assert len([n for n in expected if n.endswith(".gguf")]) > 2
+    killed = 0
+    for label, ready in {"mid-shard": lambda d: any((d / ".rewriter" / "tmp").glob("*.part")),
+                         "after a shard": lambda d: journal_shards(d) >= 1}.items():
+        dst = tmp_path / label.replace(" ", "-")
+        status = kill_when([*args(dst), "--no-zero-copy", "--buffer-mib", "1"], lambda r=ready, d=dst: r(d))
+        killed += status < 0
+        rewriter(*args(dst))
+        assert_complete(dst, expected)
+    assert killed >= 1, "the runs finished before they could be killed"
+    assert tree_digest(src.parent) == before
