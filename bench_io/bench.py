@@ -136,7 +136,7 @@ def measure(cmd: list[str], out_dir: Path, workload: str, contender: str, env: d
         time.sleep(0.01)
     _, err = proc.communicate()
     wall = time.perf_counter() - t0
-    output = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin"))
+    output = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".gguf", ".bin"))
     return Measurement(
         workload, contender, wall, output,
         sum(r for r, _ in io.values()), sum(w for _, w in io.values()), peak,
