@@ -239,6 +239,12 @@ def test_saliency_of_the_hf_checkpoint_applies_to_its_gguf_conversion(models, ti
     assert mapping[0] == mapping[1]
 
 
+def test_saliency_of_another_geometry_is_refused_across_formats(tiny_saliency, tmp_path):
+    src = write_gguf(tmp_path / "m" / "model.gguf", "gpt-oss", Geometry(experts=16))
+    line = assert_error(invoke("prune", src, tmp_path / "out", "--saliency", tiny_saliency, "--keep-frac", "0.5"))
+    assert "profiled on another model" in line
+
+
 def test_saliency_of_another_model_is_refused(models, tmp_path):
     sal = tmp_path / "s.json"
     cli("synth-saliency", models[("qwen3moe", "F32")], "--out", sal)
