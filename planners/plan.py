@@ -6,11 +6,11 @@ all read the same plan. Building one reads no tensor bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import re
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -28,8 +28,10 @@ from rewriter.core.checkpoint import (
     hub_name_problem,
     relative_name_problem,
 )
-from rewriter.core.errors import PlanError
-from rewriter.core.format import PREFIX_BYTES, encode_header, parse_header
+from rewriter.core.containers import CONTAINERS, Container, container_of
+from rewriter.core.errors import FormatError, PlanError
+from rewriter.core.format import PREFIX_BYTES
+from rewriter.core.gguf import padding
 from rewriter.core.jsonfile import parse_json, read_url
 from rewriter.core.layouts import PER_LAYER_FIELD, Layout, expert_axis
 
@@ -105,7 +107,8 @@ def merge_segments(segments: Iterable[Segment]) -> list[Segment]:
 
 @dataclass(frozen=True)
 class PlannedTensor:
-    """An output tensor and the source bytes that make it, in order."""
+    """An output tensor and the source bytes that make it, in order; ``pad`` zero bytes follow
+    its data where the format aligns tensors (GGUF)."""
 
     name: str
     dtype: str
@@ -113,10 +116,14 @@ class PlannedTensor:
     source: str
     segments: tuple[Segment, ...]
     layer: int | None = None
+    pad: int = 0
 
     @property
     def nbytes(self) -> int:
         return sum(s.length for s in self.segments)
+
+    def write_segments(self) -> tuple[Segment, ...]:
+        return (*self.segments, Segment.literal(bytes(self.pad))) if self.pad else self.segments
 
 
 @dataclass(frozen=True)
@@ -129,7 +136,7 @@ class OutputShard:
 
     @property
     def data_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
+        return sum(t.nbytes + t.pad for t in self.tensors)
 
     @property
     def size(self) -> int:
@@ -137,7 +144,7 @@ class OutputShard:
 
     def copy_ops(self) -> list[Segment]:
         """The data's segments in write order, neighbours merged across tensors."""
-        return merge_segments(s for t in self.tensors for s in t.segments)
+        return merge_segments(s for t in self.tensors for s in t.write_segments())
 
 
 @dataclass(frozen=True)
@@ -161,6 +168,8 @@ class Plan:
     soft: bool = False
     #: Each copied file's ``{"size", "sha256"}`` in the source: a run and ``verify`` refuse others.
     copy_digests: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: The file format of source and output (:data:`rewriter.core.containers.CONTAINERS`).
+    container: str = "safetensors"
     version: int = PLAN_VERSION
     #: The file the plan was read from (not part of the plan); ``None`` for a plan built here.
     #: A plan read from a file is untrusted input: :meth:`check_source` also checks its mapping.
@@ -178,6 +187,16 @@ class Plan:
     def is_dry_run(self) -> bool:
         return self.layers_only is not None
 
+    @property
+    def index_name(self) -> str:
+        """The file a run writes last; its presence means the output is complete."""
+        return CONTAINERS[self.container].index_name
+
+    def metadata_files(self) -> dict[str, bytes]:
+        """Files besides the shards that hold the model's configuration: ``config.json`` (a GGUF
+        output holds its metadata in its first file's header)."""
+        return {CONFIG_NAME: self.config_json()} if self.container == "safetensors" else {}
+
     def index_json(self) -> bytes:
         doc = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
         return (json.dumps(doc, indent=2) + "\n").encode()
@@ -191,7 +210,11 @@ class Plan:
 
     # --- JSON ---------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
+        container = CONTAINERS[self.container]
+        # Named only when not safetensors, so that plans of safetensors sources keep their digests.
+        named = {"container": self.container} if self.container != "safetensors" else {}
         return {
+            **named,
             "format": PLAN_FORMAT,
             "version": self.version,
             "source": {"url": self.source_url, "shards": {k: dict(v) for k, v in self.source_shards.items()}},
@@ -213,7 +236,7 @@ class Plan:
                 {
                     "name": o.name,
                     "size": o.size,
-                    "header": o.header[PREFIX_BYTES:].decode("utf-8"),
+                    "header": container.header_to_json(o.header),
                     "tensors": [
                         {
                             "name": t.name,
@@ -222,6 +245,7 @@ class Plan:
                             "dtype": t.dtype,
                             "shape": list(t.shape),
                             "segments": [s.to_json() for s in t.segments],
+                            **({"pad": t.pad} if t.pad else {}),
                         }
                         for t in o.tensors
                     ],
@@ -288,8 +312,12 @@ class Plan:
         if doc.get("version") != PLAN_VERSION:
             raise PlanError(f"{where}: plan version {doc.get('version')!r}; this tool reads version {PLAN_VERSION}")
         check_document(doc, where)
+        container = doc.get("container", "safetensors")
+        if container not in CONTAINERS:
+            raise PlanError(f"{where}: plan field 'container' is {container!r}; expected one of "
+                            f"{sorted(CONTAINERS)}. Refusing this plan: make it again with `rewriter plan`")
         try:
-            outputs = tuple(_output_from_json(o, where) for o in doc["outputs"])
+            outputs = tuple(_output_from_json(o, where, CONTAINERS[container]) for o in doc["outputs"])
             keep = {int(k): tuple(v) for k, v in doc["expert_mapping"].items()}
             reasons = {
                 int(layer): {int(e): tuple(r) for e, r in rs.items()} for layer, rs in doc.get("keep_reasons", {}).items()
@@ -312,6 +340,7 @@ class Plan:
                 loadable=bool(doc.get("loadable_by_transformers", True)),
                 layers_only=tuple(layers_only) if layers_only is not None else None,
                 soft=doc.get("mode", "structural") == "soft",
+                container=container,
                 origin=where,
             )
             check_plan(plan, where)
@@ -407,7 +436,8 @@ def source_location(storage: Any) -> str:
     """The URL a plan records for a source: local paths made absolute (so a plan, and the
     ``pruning.json`` that carries it, works from any folder and on shared storage)."""
     if storage.is_local:
-        return os.path.abspath(storage.root)
+        root = os.path.abspath(storage.root)
+        return os.path.join(root, storage.entry) if storage.entry else root
     return str(storage.url)
 
 
@@ -438,7 +468,8 @@ def _check_written_name(name: str, field: str, where: str) -> None:
 def check_plan(plan: Plan, where: str) -> None:
     """Refuse names that could escape the destination or the source, and numbers that are
     negative or disagree with the plan's source fingerprint and headers."""
-    reserved = {CONFIG_NAME, INDEX_NAME, PROVENANCE_NAME}
+    container = CONTAINERS[plan.container]
+    reserved = {CONFIG_NAME, INDEX_NAME, PROVENANCE_NAME, container.index_name}
     for name, fp in plan.source_shards.items():
         _check_name(name, "source shard", where)
         if not all(_is_count(fp.get(k)) for k in ("size", "header_len")) or not isinstance(fp.get("header_sha256"), str):
@@ -447,8 +478,8 @@ def check_plan(plan: Plan, where: str) -> None:
     for i, o in enumerate(plan.outputs):
         _check_name(o.name, "output shard", where)
         _check_written_name(o.name, f"output shard name (outputs[{i}].name)", where)
-        if "/" in o.name or not o.name.endswith(".safetensors") or o.name in names:
-            raise PlanError(f"{where}: output shard {o.name!r} must be a unique '.safetensors' file "
+        if "/" in o.name or not o.name.endswith(container.suffix) or o.name in names:
+            raise PlanError(f"{where}: output shard {o.name!r} must be a unique '{container.suffix}' file "
                             f"name in the destination's top folder. Refusing this plan: make it again")
         names.add(o.name)
         for t in o.tensors:
@@ -515,21 +546,25 @@ def _check_segment(plan: Plan, s: Segment, where: str) -> None:
                         f"lies outside its data bytes [{start:,}, {end:,})")
 
 
-def _output_from_json(o: Mapping[str, Any], where: str) -> OutputShard:
-    raw = o["header"].encode("utf-8")
-    header = parse_header(raw, f"{where}: output {o['name']}")
+def _output_from_json(o: Mapping[str, Any], where: str, container: Container) -> OutputShard:
+    size = o["size"] if isinstance(o.get("size"), int) else 0
+    try:
+        header, entries, align = container.header_from_json(o["header"], size, f"{where}: output {o['name']}")
+    except FormatError as e:
+        raise PlanError(str(e)) from None
     tensors = tuple(
         PlannedTensor(
             t["name"], t["dtype"], tuple(t["shape"]), t["source"],
-            tuple(Segment.from_json(v) for v in t["segments"]), t.get("layer"),
+            tuple(Segment.from_json(v) for v in t["segments"]), t.get("layer"), t.get("pad", 0),
         )
         for t in o["tensors"]
     )
-    entries = [(e.name, e.dtype, e.shape, e.nbytes) for e in header.tensors]
     planned = [(t.name, t.dtype, t.shape, t.nbytes) for t in tensors]
     if entries != planned:
         raise PlanError(f"{where}: the header of output '{o['name']}' does not match its tensors' segments")
-    out = OutputShard(o["name"], struct.pack("<Q", len(raw)) + raw, tensors)
+    if any(t.pad != padding(t.nbytes, align) for t in tensors):
+        raise PlanError(f"{where}: output '{o['name']}': a tensor's padding is not what alignment {align} needs")
+    out = OutputShard(o["name"], header, tensors)
     if o.get("size") != out.size:
         raise PlanError(f"{where}: output '{o['name']}' declares size {o.get('size')!r}, but its header "
                         f"and segments make {out.size:,} bytes")
@@ -609,7 +644,8 @@ def plan_tensors(ckpt: Checkpoint, layout: Layout, keep: Mapping[int, Sequence[i
             f"{sorted(set(keep) - biases_done)[:5]} have none (soft prune works for gpt-oss and "
             f"DeepSeek-V3/GLM-4.5); use a structural prune instead"
         )
-    return out
+    align = container_of(ckpt).alignment(ckpt)
+    return [dataclasses.replace(t, pad=padding(t.nbytes, align)) for t in out] if align > 1 else out
 
 
 def assign_shards(tensors: Sequence[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
@@ -651,6 +687,13 @@ def shard_names(n: int, zero_based: bool, prefix: str = "model") -> list[str]:
     return [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
+def _check_uniform_container(ckpt: Checkpoint, uniform: bool) -> None:
+    """A GGUF output holds one expert count for every layer (llama.cpp reads one)."""
+    if ckpt.container != "safetensors" and not uniform:
+        raise PlanError(f"{ckpt.url}: a {ckpt.container} output needs the same expert count in every MoE "
+                        f"layer (llama.cpp reads one expert_count); keep the same number in each layer")
+
+
 def _check_layers(url: str, moe: list[int], decision: KeepDecision, layers_only: Sequence[int] | None) -> None:
     """Keep sets for exactly the MoE layers; dry-run layers among them."""
     if sorted(decision.keep) != moe:
@@ -661,19 +704,17 @@ def _check_layers(url: str, moe: list[int], decision: KeepDecision, layers_only:
 
 
 def _output_shards(ckpt: Checkpoint, tensors: list[PlannedTensor], max_shard_bytes: int,
-                   layers_only: Sequence[int] | None) -> tuple[OutputShard, ...]:
+                   layers_only: Sequence[int] | None, patch: Mapping[str, Any]) -> tuple[OutputShard, ...]:
     """Tensors grouped into named output shards with their headers (one per layer for a dry run)."""
+    container = container_of(ckpt)
     if layers_only is not None:
         groups = [[t for t in tensors if t.layer == layer] for layer in sorted(set(layers_only))]
-        names = [f"layer-{layer:05d}.safetensors" for layer in sorted(set(layers_only))]
+        names = [f"layer-{layer:05d}{container.suffix}" for layer in sorted(set(layers_only))]
     else:
         groups = assign_shards(tensors, max_shard_bytes)
-        zero_based = any(re.search(r"-00000-of-\d+\.safetensors$", s) for s in ckpt.shards)
-        names = shard_names(len(groups), zero_based)
-    return tuple(
-        OutputShard(name, encode_header([(t.name, t.dtype, t.shape) for t in grp], {"format": "pt"}), tuple(grp))
-        for name, grp in zip(names, groups)
-    )
+        names = container.output_names(ckpt, len(groups))
+    headers = container.headers(ckpt, [[(t.name, t.dtype, t.shape) for t in grp] for grp in groups], patch)
+    return tuple(OutputShard(name, header, tuple(grp)) for name, header, grp in zip(names, headers, groups))
 
 
 #: A Hub repository id (``org/name``); any other ``_name_or_path`` names a folder of some machine.
@@ -798,13 +839,11 @@ def build_plan(
         ckpt: the opened source checkpoint (only headers were read).
         decision: kept experts per MoE layer and the routing top-k.
         max_shard_bytes: output shard size limit (tensor data), 5 GB by default as in HF.
-        layers_only: restrict the plan to these layers' expert tensors, one output file per
-            layer (``layer-00018.safetensors``): a per-layer dry-run plan.
+        layers_only: only these layers' expert tensors, one file per layer (a dry-run plan).
         provenance: saliency digests, policy and parameters to record.
         soft: a soft prune: nothing is removed; dropped experts' router bias entries are set so
             they are never selected (and the top-k patched). Expert ids keep their numbers.
-        renormalize: set the family's layout's ``renormalize_field`` (``norm_topk_prob``), so the
-            kept top-k routing weights sum to 1.
+        renormalize: set the layout's ``renormalize_field``: kept top-k weights sum to 1.
 
     Raises:
         PlanError: keep sets that do not cover the MoE layers, or name unknown layers.
@@ -813,9 +852,10 @@ def build_plan(
     _check_layers(ckpt.url, sorted(layout.moe_layers(ckpt)), decision, layers_only)
     num_experts = layout.num_experts(ckpt.config)
     tensors = plan_tensors(ckpt, layout, decision.keep, layers_only, soft)
-    outputs = _output_shards(ckpt, tensors, max_shard_bytes, layers_only)
     uniform = len({len(v) for v in decision.keep.values()}) == 1
+    _check_uniform_container(ckpt, uniform or soft)
     config, patch = derived_config(ckpt.config, layout, decision.keep, decision.top_k, soft, renormalize)
+    outputs = _output_shards(ckpt, tensors, max_shard_bytes, layers_only, patch)
     copy_files, skipped = _other_files(ckpt.files)
     # No creation time: a plan is a function of its inputs, so the same command makes the same
     # plan (and resumes an interrupted run of it) and its output is reproducible byte for byte.
@@ -843,4 +883,5 @@ def build_plan(
         loadable=uniform or soft,
         layers_only=tuple(sorted(set(layers_only))) if layers_only is not None else None,
         soft=soft,
+        container=ckpt.container,
     )

@@ -268,12 +268,21 @@ def model_identity(ckpt: Checkpoint) -> dict[str, Any]:
     """
     layout = ckpt.layout
     config = ckpt.config
-    tensors = sorted(
+    tensors: list[Any] = sorted(
         (t.name, t.dtype, list(t.shape)) for t in ckpt.tensors.values() if layout.classify(t.name) is not None
     )
     fields = {k: config[k] for k in IDENTITY_CONFIG_FIELDS if k in config}
+    if ckpt.container == "gguf":
+        # Quantizations of one model share its saliency: the architecture's hyperparameters and
+        # the expert tensors' names and shapes identify it, their types do not.
+        arch = f"{config.get('general.architecture')}."
+        fields = {k: v for k, v in config.items() if k.startswith(arch)}
+        tensors = [[name, shape] for name, _, shape in tensors]
     blob = json.dumps({"config": fields, "tensors": tensors}, sort_keys=True, separators=(",", ":"))
+    # A GGUF conversion names and stores tensors its own way; experts keep their ids across it.
+    container = {"container": ckpt.container} if ckpt.container != "safetensors" else {}
     return {
+        **container,
         "family": layout.family,
         "model_type": config.get("model_type"),
         "num_layers": len(layout.moe_layers(ckpt)),
@@ -294,6 +303,10 @@ def identity_mismatch(sal: Saliency, identity: Mapping[str, Any], ckpt_url: str)
         return None
     theirs = {k: sal.model.get(k) for k in ("family", "num_layers", "num_experts", "top_k")}
     ours = {k: identity[k] for k in theirs}
+    if sal.model.get("container", "safetensors") != identity.get("container", "safetensors") and theirs == ours:
+        # Across formats (a GGUF conversion of the profiled checkpoint) tensor names, dtypes and
+        # config fields differ by construction: the geometry is what can be compared.
+        return None
     what = (f"it scores {_describe(theirs)}, {ckpt_url} is {_describe(ours)}" if theirs != ours
             else f"same family and geometry, but other config fields or expert tensor names, dtypes "
                  f"or shapes (fingerprint {str(recorded)[:12]} against {identity['fingerprint'][:12]})")

@@ -141,16 +141,22 @@ def facts_from(config: Mapping[str, Any], tensors: Iterable[tuple[str, str, Sequ
     return ServingFacts(
         family=layout.family,
         layer_counts=dict(sorted(counts.items())),
-        count_fields={f: config[f] for f in COUNT_FIELDS if f in config},
-        topk_fields={f: config[f] for f in TOPK_FIELDS if f in config},
+        count_fields={f: config[f] for f in dict.fromkeys((*COUNT_FIELDS, *layout.count_fields)) if f in config},
+        topk_fields={f: config[f] for f in dict.fromkeys((*TOPK_FIELDS, *layout.topk_fields)) if f in config},
         n_group=config.get(layout.group_field) if grouped and layout.group_field else None,
-        topk_group=config.get("topk_group") if grouped else None,
+        topk_group=config.get(_topk_group_field(layout)) if grouped else None,
         quant_method=method,
         quant_problem=quant_problem,
         group_field=layout.group_field,
         expert_dtypes=frozenset(dtypes),
         mxfp4_blocks=blocks,
     )
+
+
+def _topk_group_field(layout: Layout) -> str:
+    """``topk_group``, or for a GGUF model its metadata key ``{arch}.expert_group_used_count``."""
+    group = layout.group_field or ""
+    return group.replace("expert_group_count", "expert_group_used_count") if group.endswith(".expert_group_count") else "topk_group"
 
 
 @dataclass(frozen=True)

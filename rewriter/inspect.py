@@ -35,7 +35,8 @@ def describe(url: str, storage_options: Mapping[str, Any] | None = None) -> dict
         "url": ckpt.url,
         "family": layout.family,
         "model_type": ckpt.model_type,
-        "num_layers": ckpt.config.get("num_hidden_layers"),
+        "container": ckpt.container,
+        "num_layers": ckpt.config.get(f"{ckpt.model_type}.block_count" if ckpt.gguf else "num_hidden_layers"),
         "moe_layers": len(moe),
         # One count, or the smallest and largest where layers keep different counts.
         "experts_per_layer": counts[0] if len(counts) == 1 else [counts[0], counts[-1]],
@@ -61,7 +62,8 @@ def format_description(info: Mapping[str, Any]) -> str:
 
     lines = [
         f"checkpoint:        {info['url']}",
-        f"family:            {info['family']} (model_type {info['model_type']})",
+        f"family:            {info['family']} (model_type {info['model_type']}"
+        f"{', GGUF' if info.get('container') == 'gguf' else ''})",
         f"layers:            {info['num_layers']} ({info['moe_layers']} MoE)",
         f"experts per layer: {_count_text(info['experts_per_layer'])}, top-k {info['top_k']}",
         f"bytes per expert:  {info['bytes_per_expert']:,} per layer" if isinstance(info['bytes_per_expert'], int)

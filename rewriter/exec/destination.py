@@ -8,9 +8,8 @@ the kind of storage. :func:`open_destination` picks the class from the URL:
 * :class:`LocalDestination`: temporary names under ``DST/.rewriter/tmp``, fsync, rename; large
   shards in parts: :mod:`rewriter.exec.localparts`.
 * :class:`ObjectDestination` (``memory://``, ``gs://``…): an object appears whole when its
-  upload completes, so there is nothing to rename and nothing half-written to remove.
-* :class:`S3Destination`: as above, with multipart uploads whose parts several workers send.
-"""
+  upload completes (nothing to rename, nothing half-written to remove).
+* :class:`S3Destination`: as above, with multipart uploads of parts that several workers send."""
 
 from __future__ import annotations
 
@@ -97,8 +96,7 @@ class Destination:
     def copy_small_file(self, src: Storage, name: str, buffer_bytes: int, dst_name: str | None = None) -> None:
         """Copy a non-tensor file (tokenizer, generation config…) in bounded chunks, atomically,
         to ``dst_name`` (default: the same name)."""
-        size = src.size(name)
-        out = dst_name or name
+        size, out = src.size(name), dst_name or name
         if size <= buffer_bytes:
             self.put_bytes(out, src.read_all(name))
             return
@@ -129,9 +127,9 @@ class Destination:
     def drop_empty_state(self, created: bool) -> None:
         """After a failed or nothing-to-do run, remove run state that holds nothing to resume."""
 
-    # Large shards in parts (only where ``takes_parts``): begin returns a handle for this attempt
-    # at the shard (a uniquely named file, or an upload id), each worker writes and hashes its
-    # part_output(handle, ...), commit publishes the whole shard without reading it back.
+    # Large shards in parts (only where ``takes_parts``): begin returns a handle for this attempt (a
+    # unique file, or an upload id); each worker writes and hashes its part_output(handle, ...);
+    # commit publishes the whole shard without reading it back.
     def begin_parts(self, name: str, size: int, plan_digest: str) -> str:
         raise NotImplementedError
 
@@ -164,6 +162,8 @@ class Destination:
 def open_destination(url: str, options: Mapping[str, Any] | None = None) -> Destination:
     """The destination at ``url`` (a local path or fsspec URL) with fsspec ``options``."""
     storage = Storage(url, options)
+    if storage.entry is not None:  # a .gguf file name: the pruned GGUF model is written into a folder
+        raise ExecutionError(f"{url}: the destination is a folder; give a folder name, not a .gguf file name")
     if storage.is_local:
         return LocalDestination(storage)
     if "s3" in storage.protocols:

@@ -27,6 +27,7 @@ from planners.plan import PROVENANCE_NAME, Plan
 from rewriter.core import jsonfile
 from rewriter.core.checkpoint import INDEX_NAME
 from rewriter.core.errors import DestinationFullError, ExecutionError
+from rewriter.core.gguf_model import INDEX_NAME as GGUF_INDEX_NAME
 from rewriter.exec.destination import Destination, open_destination
 from rewriter.exec.journal import JOURNAL, ShardResult
 from rewriter.exec.lock import STATE_DIR
@@ -154,7 +155,7 @@ def read_status(dst_url: str, options: Mapping[str, Any] | None = None, now: flo
         ExecutionError: nothing there was written by a run, or the status document is damaged.
     """
     dst = open_destination(dst_url, options)
-    if dst.exists(INDEX_NAME) and dst.exists(PROVENANCE_NAME) and not dst.exists(JOURNAL):
+    if (dst.exists(INDEX_NAME) or dst.exists(GGUF_INDEX_NAME)) and dst.exists(PROVENANCE_NAME) and not dst.exists(JOURNAL):
         return _complete(dst)
     if dst.exists(STATUS_NAME):
         return _stopped(dst, _checked(dst, dst.read_all(STATUS_NAME), time.time() if now is None else now))
