@@ -198,6 +198,13 @@ class Layout:
             t = self.classify(info.name)
             if t is None:
                 continue
+            if re.search(r"(?:^|\.)mtp\.layers\.\d+\.", info.name):
+                raise CheckpointError(
+                    f"{ckpt.url}: tensor {info.name!r} is an expert tensor of a multi-token-prediction "
+                    f"module stored as mtp.layers.K, whose layer number would be taken for decoder layer "
+                    f"{t.layer}; pruning such checkpoints is not supported yet. Remove the mtp.* tensors "
+                    f"from the index (serving engines then run without MTP) and prune again"
+                )
             n = counts.get(t.layer, default)
             if t.role != "expert" and (not info.shape or info.shape[expert_axis(info.shape)] != n):
                 raise CheckpointError(
@@ -267,6 +274,22 @@ def expert_axis(shape: Sequence[int]) -> int:
 #: standard exists (transformers and mlx-lm read one count for every layer), so this tool names
 #: its own; README "Non-uniform output" says who reads it.
 PER_LAYER_FIELD = "num_experts_per_layer"
+
+
+def mtp_followed(config: Mapping[str, Any], layers: Sequence[int]) -> dict[int, int]:
+    """Multi-token-prediction layers among the MoE ``layers`` -> the decoder layer each follows.
+
+    DeepSeek-V3 and GLM-4.5 checkpoints store their MTP modules (``num_nextn_predict_layers``) as
+    layers ``num_hidden_layers`` and up, experts and router included. transformers does not load
+    them and no profile scores them, so each takes the keep set of the last MoE decoder layer
+    below it (unless a keep list or every saliency file gives its own): its experts stay the same
+    count as every other layer's, which the one count field of the config requires.
+    """
+    n = config.get("num_hidden_layers")
+    if not isinstance(n, int) or isinstance(n, bool):
+        return {}
+    decoder = [i for i in layers if i < n]
+    return {i: max(decoder) for i in layers if i >= n and decoder}
 
 
 def _int_field(config: Mapping[str, Any], fields: Sequence[str], where: str) -> int:

@@ -15,6 +15,7 @@ from rewriter.core.expert_layout import (
     MoELayer,
     Role,
     expert_axis,
+    mtp_followed,
 )
 from rewriter.core.families import (
     DEEPSEEK_V3,
@@ -28,7 +29,8 @@ from rewriter.core.families import (
 )
 
 __all__ = ["DEEPSEEK_V3", "GPT_OSS", "LAYOUTS", "MIXTRAL", "OLMOE", "QWEN2_MOE", "QWEN3_MOE", "REFUSED",
-           "CheckpointView", "ExpertTensor", "Layout", "MoELayer", "PER_LAYER_FIELD", "Role", "detect_layout", "expert_axis", "layout_for_config"]
+           "CheckpointView", "ExpertTensor", "Layout", "MoELayer", "PER_LAYER_FIELD", "Role", "detect_layout", "expert_axis", "layout_for_config",
+           "mtp_followed"]
 
 #: Config fields that state an expert count in some family (what a refusal reports as found).
 _COUNT_HINTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "ffn_config")
