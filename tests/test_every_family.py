@@ -49,12 +49,41 @@ def test_readme_table_is_rendered_from_the_results():
 def test_refused_types_are_refused_at_inspect_with_their_reason(tmp_path):
     from rewriter.core.format import encode_header
 
-    for model_type, reason in sorted(REFUSED.items())[:3]:
+    for model_type, reason in sorted(REFUSED.items()):
         (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "num_experts": 8,
                                                           "architectures": ["Glm4MoeForCausalLM"]}))
         (tmp_path / "model.safetensors").write_bytes(encode_header([]))
         out = cli("inspect", tmp_path, expect=2)
-        assert out.startswith("error: ") and "refused" in out and reason[:40] in out.replace("\n", " ")
+        assert out.startswith("error: ") and f"is refused because {reason}" in out.replace("\n", " ")
+        assert 'found config fields {"num_experts": 8}, no expert or router tensor' in out.replace("\n", " ")
+
+
+def _header_only(path: Path, config: dict, names: list[str]) -> None:
+    from rewriter.core.format import encode_header
+
+    path.mkdir(exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    header = encode_header([(n, "F32", [8, 4]) for n in names])
+    (path / "model.safetensors").write_bytes(header + bytes(4 * 32 * len(names)))
+
+
+def test_inspect_of_an_unknown_moe_type_names_the_fields_and_tensors_found_and_what_is_missing(tmp_path):
+    names = [f"model.layers.0.moe.w{i}.{e}" for e in range(8) for i in (1, 2)] + ["model.layers.0.moe.router"]
+    _header_only(tmp_path, {"model_type": "new_moe", "num_local_experts": 8, "moe_topk": 2}, names)
+    out = cli("inspect", tmp_path, expect=2).replace("\n", " ")
+    assert out.startswith("error: ") and "'new_moe'" in out and "not a supported MoE family" in out
+    assert 'found config fields {"num_local_experts": 8, "moe_topk": 2}, 17 expert or router tensors' in out
+    assert "model.layers.0.moe.router" in out and "missing is a description of its expert tensor names" in out
+
+
+def test_inspect_says_supported_with_the_fields_and_tensors_it_rests_on(tiny):
+    text = cli("inspect", tiny)
+    assert "status:            supported: family gpt_oss (model_type gpt_oss)" in text
+    assert "num_local_experts=8" in text and "num_experts_per_tok=" in text
+    info = json.loads(cli("inspect", tiny, "--json"))
+    assert info["status"] == "supported" and info["config_fields"]["num_local_experts"] == 8
+    # 2 MoE layers: 6 fused expert tensors and 2 router tensors each.
+    assert info["expert_tensors"] == {"fused": 12, "router": 4} and info["mtp_layers"] == {}
 
 
 def router_layer(layout, name: str, t) -> int | None:

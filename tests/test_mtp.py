@@ -56,6 +56,20 @@ def test_mtp_layer_is_an_moe_layer_at_inspect(with_mtp):
     src, _ = with_mtp
     info = json.loads(cli("inspect", src, "--json"))
     assert [e["layer"] for e in info["layers"]] == [1, 2, MTP]
+    assert info["mtp_layers"] == {str(MTP): 2} and info["config_fields"]["num_nextn_predict_layers"] == 1
+    assert f"MTP layers:        {MTP} (keep set of layer 2 unless given)" in cli("inspect", src)
+
+
+def test_qwen_style_mtp_expert_tensors_are_refused_naming_the_tensor(tmp_path):
+    from tests.test_every_family import _header_only
+
+    names = [f"model.layers.0.mlp.experts.{e}.up_proj.weight" for e in range(8)] + ["model.layers.0.mlp.gate.weight",
+                                                                                    "mtp.layers.0.mlp.experts.0.up_proj.weight"]
+    _header_only(tmp_path, {"model_type": "qwen3_moe", "num_experts": 8, "num_experts_per_tok": 2,
+                            "num_hidden_layers": 1}, names)
+    out = cli("inspect", tmp_path, expect=2).replace("\n", " ")
+    assert out.startswith("error: ") and "'mtp.layers.0.mlp.experts.0.up_proj.weight'" in out
+    assert "multi-token-prediction" in out and "decoder layer 0" in out
 
 
 def test_mtp_experts_take_the_keep_set_of_the_layer_they_follow(with_mtp, tmp_path):
