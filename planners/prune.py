@@ -205,7 +205,7 @@ def _decide(ckpt: Checkpoint, layout: Layout, moe: list[int], options: PlanOptio
 
 def _following(keep: Mapping[int, tuple[int, ...]], follows: Mapping[int, int]) -> dict[int, tuple[int, ...]]:
     """``keep`` with each MTP layer it does not choose for given the keep set of the layer it follows."""
-    return {**{m: keep[f] for m, f in follows.items() if m not in keep}, **keep}
+    return dict(sorted({**{m: keep[f] for m, f in follows.items() if m not in keep}, **keep}.items()))
 
 
 def _mtp_note(follows: Mapping[int, int], chosen: Mapping[int, Any], prov: dict[str, Any]) -> dict[str, Any]:

@@ -35,8 +35,11 @@ def with_mtp(tmp_path_factory) -> tuple[Path, object]:
     for name, t in list(tensors.items()):
         if name.startswith("model.layers.2."):
             tensors[name.replace("layers.2.", f"layers.{MTP}.")] = torch.randn(t.shape, generator=gen).to(t.dtype)
+    # As DeepSeek-V3's README_WEIGHTS describes the MTP module: its own norms and projection, and
+    # copies of the embedding and output head.
     for name, shape in (("eh_proj.weight", (32, 64)), ("enorm.weight", (32,)), ("hnorm.weight", (32,)),
-                        ("shared_head.norm.weight", (32,))):
+                        ("shared_head.norm.weight", (32,)), ("embed_tokens.weight", (128, 32)),
+                        ("shared_head.head.weight", (128, 32))):
         tensors[f"model.layers.{MTP}.{name}"] = torch.randn(shape, generator=gen)
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((src / "config.json").read_text())
