@@ -96,13 +96,15 @@ def _read(path: str) -> tuple[Any, str]:
     return parse_json(raw, path, SaliencyError), hashlib.sha256(raw).hexdigest()
 
 
-def load_saliency(path: str, num_experts: int | None = None, layers: Sequence[int] | None = None) -> Saliency:
+def load_saliency(path: str, num_experts: int | None = None, layers: Sequence[int] | None = None,
+                  optional: Sequence[int] = ()) -> Saliency:
     """Load and validate a saliency file.
 
     Args:
         path: local path or fsspec URL.
         num_experts: when given, every layer must score exactly this many experts.
-        layers: when given, the file must cover exactly these MoE layers.
+        layers: when given, the file must cover exactly these MoE layers, except that it may
+            leave out the ``optional`` ones (multi-token-prediction layers no profile runs).
 
     Raises:
         SaliencyError: wrong format/version, NaN or infinite scores, negative counts or REAP,
@@ -129,8 +131,8 @@ def load_saliency(path: str, num_experts: int | None = None, layers: Sequence[in
             if metric not in FIELDS:
                 continue
             parsed[layer][metric] = _check_values(path, layer, metric, values, num_experts)
-    if layers is not None and sorted(parsed) != sorted(layers):
-        missing = sorted(set(layers) - set(parsed))
+    if layers is not None and sorted(set(parsed) | set(optional)) != sorted(set(layers) | set(optional)):
+        missing = sorted(set(layers) - set(parsed) - set(optional))
         extra = sorted(set(parsed) - set(layers))
         raise SaliencyError(
             f"{path}: saliency covers {_span(parsed)}, but the checkpoint's MoE layers are "
@@ -209,8 +211,10 @@ def _check_values(path: str, layer: int, metric: str, values: Any, n: int | None
     return tuple(out)
 
 
-def load_keep_list(path: str, num_experts: int, layers: Sequence[int]) -> tuple[dict[int, tuple[int, ...]], str]:
-    """Load ``{"<layer>": [expert ids]}``; every MoE layer must be present.
+def load_keep_list(path: str, num_experts: int, layers: Sequence[int],
+                   optional: Sequence[int] = ()) -> tuple[dict[int, tuple[int, ...]], str]:
+    """Load ``{"<layer>": [expert ids]}``; every MoE layer but the ``optional`` ones (MTP layers)
+    must be present.
 
     Returns:
         The keep set per layer (sorted ids) and the file's sha256.
@@ -237,7 +241,7 @@ def load_keep_list(path: str, num_experts: int, layers: Sequence[int]) -> tuple[
         if not ids:
             raise SaliencyError(f"{path}: layer {layer}: keeps no experts")
         keep[layer] = tuple(sorted(ids))
-    missing = sorted(set(layers) - set(keep))
+    missing = sorted(set(layers) - set(keep) - set(optional))
     if missing:
         raise SaliencyError(f"{path}: no keep list for MoE layers {missing}")
     return keep, digest

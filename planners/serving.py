@@ -47,8 +47,8 @@ class ServingFacts:
     Attributes:
         family: the layout's family (``gpt_oss``, ``qwen3_moe``, …).
         layer_counts: experts per MoE layer, as the tensors hold them.
-        count_fields / topk_fields: those of :data:`COUNT_FIELDS` / :data:`TOPK_FIELDS` present
-            in the config, with their values.
+        count_fields / topk_fields: the family's count / top-k fields and those of
+            :data:`COUNT_FIELDS` / :data:`TOPK_FIELDS` present in the config, with their values.
         group_field: the family's config field of group-limited routing (``None``: the family
             routes without groups, whatever its config says).
         n_group / topk_group: group-limited routing (DeepSeek-V3, GLM-4.5) as the config holds
@@ -92,7 +92,10 @@ class ServingFacts:
 
     @property
     def top_k(self) -> int | None:
-        ints = [v for v in self.topk_fields.values() if _is_int(v) and v > 0]
+        """The routing top-k: the first positive integer field, or the largest entry of a per-layer
+        list (Hunyuan's ``moe_topk``)."""
+        ints = [v if _is_int(v) else max(v) for v in self.topk_fields.values()
+                if (_is_int(v) and v > 0) or (isinstance(v, list) and v and all(_is_int(x) and x > 0 for x in v))]
         return ints[0] if ints else None
 
     def with_count(self, n: int) -> ServingFacts:
@@ -141,8 +144,10 @@ def facts_from(config: Mapping[str, Any], tensors: Iterable[tuple[str, str, Sequ
     return ServingFacts(
         family=layout.family,
         layer_counts=dict(sorted(counts.items())),
-        count_fields={f: config[f] for f in dict.fromkeys((*COUNT_FIELDS, *layout.count_fields)) if f in config},
-        topk_fields={f: config[f] for f in dict.fromkeys((*TOPK_FIELDS, *layout.topk_fields)) if f in config},
+        # The family's own fields (ERNIE's moe_num_experts / moe_k, Gemma-4's top_k_experts) are
+        # what its config class, and so every engine's model file for it, reads.
+        count_fields={f: config[f] for f in dict.fromkeys((*layout.count_fields, *COUNT_FIELDS)) if f in config},
+        topk_fields={f: config[f] for f in dict.fromkeys((*layout.topk_fields, *TOPK_FIELDS)) if f in config},
         n_group=config.get(layout.group_field) if grouped and layout.group_field else None,
         topk_group=config.get(_topk_group_field(layout)) if grouped else None,
         quant_method=method,
@@ -208,7 +213,8 @@ def _count_fields(f: ServingFacts, target: str, ep: int | None) -> tuple[str, st
         return "skip", "expert counts differ between layers (see the uniform rule); no one count to compare"
     if not f.count_fields:
         return "fail", f"config.json has none of {', '.join(COUNT_FIELDS)}; the engine cannot size the expert layers"
-    bad = {k: v for k, v in f.count_fields.items() if v != f.count}
+    # A per-layer list (Hunyuan) agrees when every entry is the count.
+    bad = {k: v for k, v in f.count_fields.items() if v != f.count and not (isinstance(v, list) and v == [f.count] * len(v))}
     if bad:
         shown = ", ".join(f"{k} = {v!r}" for k, v in bad.items())
         return "fail", (f"config.json says {shown}, but the tensors hold {f.count} experts per layer; "
