@@ -96,6 +96,26 @@ def _read(path: str) -> tuple[Any, str]:
     return parse_json(raw, path, SaliencyError), hashlib.sha256(raw).hexdigest()
 
 
+def _parse_layers(path: str, raw_layers: Any, num_experts: int | None) -> dict[int, dict[str, tuple[float, ...]]]:
+    """``layer -> metric -> scores`` of a saliency file's ``layers``, each value checked."""
+    if not isinstance(raw_layers, dict) or not raw_layers:
+        raise SaliencyError(f"{path}: expected a non-empty \"layers\" object")
+    parsed: dict[int, dict[str, tuple[float, ...]]] = {}
+    for key, metrics in raw_layers.items():
+        try:
+            layer = int(key)
+        except ValueError:
+            raise SaliencyError(f"{path}: layer key {key!r} is not an integer") from None
+        if not isinstance(metrics, dict):
+            raise SaliencyError(f"{path}: layer {layer}: expected an object of metrics")
+        parsed[layer] = {}
+        for metric, values in metrics.items():
+            if metric not in FIELDS:
+                continue
+            parsed[layer][metric] = _check_values(path, layer, metric, values, num_experts)
+    return parsed
+
+
 def load_saliency(path: str, num_experts: int | None = None, layers: Sequence[int] | None = None,
                   optional: Sequence[int] = ()) -> Saliency:
     """Load and validate a saliency file.
@@ -115,22 +135,7 @@ def load_saliency(path: str, num_experts: int | None = None, layers: Sequence[in
         raise SaliencyError(f"{path}: not a saliency file (expected \"format\": \"{FORMAT}\")")
     if doc.get("version") != VERSION:
         raise SaliencyError(f"{path}: saliency version {doc.get('version')!r}; this tool reads version {VERSION}")
-    raw_layers = doc.get("layers")
-    if not isinstance(raw_layers, dict) or not raw_layers:
-        raise SaliencyError(f"{path}: expected a non-empty \"layers\" object")
-    parsed: dict[int, dict[str, tuple[float, ...]]] = {}
-    for key, metrics in raw_layers.items():
-        try:
-            layer = int(key)
-        except ValueError:
-            raise SaliencyError(f"{path}: layer key {key!r} is not an integer") from None
-        if not isinstance(metrics, dict):
-            raise SaliencyError(f"{path}: layer {layer}: expected an object of metrics")
-        parsed[layer] = {}
-        for metric, values in metrics.items():
-            if metric not in FIELDS:
-                continue
-            parsed[layer][metric] = _check_values(path, layer, metric, values, num_experts)
+    parsed = _parse_layers(path, doc.get("layers"), num_experts)
     if layers is not None and sorted(set(parsed) | set(optional)) != sorted(set(layers) | set(optional)):
         missing = sorted(set(layers) - set(parsed) - set(optional))
         extra = sorted(set(parsed) - set(layers))
