@@ -1,0 +1,130 @@
+"""Quantized experts as bytes: FP8 with block scales, compressed-tensors packed int4, NVFP4, GPTQ and
+AWQ. Each checkpoint is written in its format's documented layout (``tests/quantized.py``), pruned
+with the CLI, and every kept expert's tensors (all suffixes) are compared with the source's:
+the same bytes under the renumbered name, and the same values once dequantized. The
+``quantization_config`` names that hold expert numbers follow the experts, and ``check`` judges
+the output consistent (and a stale config not)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rewriter.core.checkpoint import Checkpoint
+from tests.conftest import cli
+from tests.quantized import (
+    CT_IGNORED,
+    FORMATS,
+    LAYERS,
+    PROJ,
+    dequantize,
+    quant_config,
+    write_quantized,
+)
+from tests.test_serving import run_check
+
+#: Layer 0 keeps expert 3 (left unquantized by compressed-tensors; renumbered to 1); layer 1
+#: drops expert 2 (its unquantized entry must leave the ignore list).
+KEEP = {0: [1, 3, 4, 6], 1: [1, 4, 5, 7]}
+
+
+def expert_tensors(path: Path, layer: int, expert: int, proj: str) -> dict[str, tuple[str, tuple, bytes]]:
+    """Every tensor of one expert module: leaf -> (dtype, shape, bytes)."""
+    ckpt = Checkpoint.open(str(path))
+    prefix = f"model.layers.{layer}.mlp.experts.{expert}.{proj}."
+    out = {}
+    for t in ckpt.tensors.values():
+        if t.name.startswith(prefix):
+            with open(path / t.shard, "rb") as f:
+                f.seek(t.begin)
+                out[t.name[len(prefix):]] = (t.dtype, tuple(t.shape), f.read(t.end - t.begin))
+    return out
+
+
+def prune(src: Path, dst: Path, tmp: Path, *extra: str, expect: int = 0) -> str:
+    (tmp / "keep.json").write_text(json.dumps({str(k): v for k, v in KEEP.items()}))
+    return cli("prune", src, dst, "--keep-list", tmp / "keep.json", "--quiet", *extra, expect=expect)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kept_experts_keep_every_tensor_and_dequantize_to_the_same_values(fmt, tmp_path):
+    src, dst = write_quantized(tmp_path / "src", fmt), tmp_path / "dst"
+    prune(src, dst, tmp_path, "--target", "transformers", "--target", "vllm")
+    assert "OK" in cli("verify", src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    qc = config["quantization_config"]
+    names = set(Checkpoint.open(str(dst)).tensors)
+    for layer in range(LAYERS):
+        for new, old in enumerate(KEEP[layer]):
+            for proj in PROJ:
+                want, got = expert_tensors(src, layer, old, proj), expert_tensors(dst, layer, new, proj)
+                assert len(want) >= (1 if f"model.layers.{layer}.mlp.experts.{old}.{proj}" in CT_IGNORED else 2)
+                assert got == want, (fmt, layer, old, proj)
+                np.testing.assert_array_equal(dequantize(fmt, got, qc), dequantize(fmt, want, qc))
+                assert np.isfinite(dequantize(fmt, got, qc)).all()
+        assert not any(f"layers.{layer}.mlp.experts.{n}." in name for n in range(4, 8) for name in names)
+    assert config["num_experts"] == 4
+    if fmt == "compressed-tensors":  # expert 3 of layer 0 is now expert 1; layer 1's expert 2 is gone
+        assert qc["ignore"] == ["lm_head", "re:.*mlp.gate$", "model.layers.0.mlp.experts.1.down_proj"]
+        assert {k: v for k, v in qc.items() if k != "ignore"} == {
+            k: v for k, v in quant_config(fmt).items() if k != "ignore"}
+    else:
+        assert qc == quant_config(fmt)
+    code, doc = run_check(dst, "--target", "transformers", "--target", "vllm")
+    verdicts = {(v["target"], v["rule"]): v["status"] for v in doc["verdicts"]}
+    assert code == 0 and verdicts[("vllm", "quantization-modules")] == "pass"
+    assert verdicts[("transformers", "quantization-config")] == "pass"
+
+
+def test_dequantizers_read_the_documented_layouts():
+    """The reference dequantizers against values written by hand (so a wrong unpacking fails)."""
+    from tests.quantized import _AWQ_ORDER, _pack_cols, _unpack_cols
+
+    v = np.arange(16).reshape(1, 16) % 16
+    packed = _pack_cols(v)
+    assert packed.view(np.uint32)[0, 0] == 0x76543210  # value i of a word at bits 4i
+    assert packed.view(np.uint32)[0, 1] == 0xFEDCBA98
+    assert _pack_cols(v[:, :8], _AWQ_ORDER).view(np.uint32)[0, 0] == 0x75316420
+    assert (_unpack_cols(_pack_cols(v, _AWQ_ORDER), _AWQ_ORDER) == v).all()
+    scale = np.float32(0.5).tobytes()
+    fp8 = {"weight": ("F8_E4M3", (1, 2), bytes([0x38, 0xC0])), "weight_scale_inv": ("F32", (1, 1), scale)}
+    assert dequantize("fp8", fp8, {"weight_block_size": [128, 128]}).tolist() == [[0.5, -1.0]]  # 1.0, -2.0 x 0.5
+    nv = {"weight": ("U8", (1, 8), bytes([0x72] + [0] * 7)), "weight_scale": ("F8_E4M3", (1, 1), bytes([0x40])),
+          "weight_scale_2": ("F32", (), scale)}
+    assert dequantize("nvfp4", nv, {})[0, :2].tolist() == [1.0 * 2 * 0.5, 6.0 * 2 * 0.5]  # low nibble first
+
+
+def test_a_stale_ignore_list_fails_check(tmp_path):
+    """The source's ignore list on the pruned output names expert modules that are now quantized
+    ones, and leaves the renumbered unquantized expert out: a loader would read the wrong tensors."""
+    src, dst = write_quantized(tmp_path / "src", "compressed-tensors"), tmp_path / "dst"
+    prune(src, dst, tmp_path)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"] = quant_config("compressed-tensors")
+    (dst / "config.json").write_text(json.dumps(cfg))
+    code, doc = run_check(dst, "--target", "vllm")
+    bad = [v for v in doc["verdicts"] if v["status"] == "fail"]
+    assert code == 1 and [v["rule"] for v in bad] == ["quantization-modules"]
+    assert "model.layers.0.mlp.experts.3.down_proj" in bad[0]["message"] and "quantized" in bad[0]["message"]
+    out = cli("check", dst, "--target", "transformers", expect=1)
+    assert "quantization-modules" in out and "FAIL" in out
+
+
+@pytest.mark.parametrize("fmt, edit", [
+    ("compressed-tensors", lambda q: q["ignore"].append("re:model.layers.0.mlp.experts.[0-2].down_proj")),
+    ("gptq", lambda q: q.update(dynamic={"-:model\\.layers\\.1\\.mlp\\.experts\\.5\\..*": {}})),
+])
+def test_a_regex_that_picks_experts_by_number_is_refused(fmt, edit, tmp_path):
+    src = write_quantized(tmp_path / "src", fmt)
+    cfg = json.loads((src / "config.json").read_text())
+    edit(cfg["quantization_config"])
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = prune(src, tmp_path / "dst", tmp_path, expect=2)
+    assert out.startswith("error: ") and len(out.strip().splitlines()) == 1 and "Traceback" not in out
+    assert "picks experts by number" in out and "replace it in quantization_config" in out
+    assert not (tmp_path / "dst").exists()
+    out = cli("plan", src, "--keep-list", tmp_path / "keep.json", "--out", tmp_path / "plan.json", expect=2)
+    assert "picks experts by number" in out and not (tmp_path / "plan.json").exists()
