@@ -1,5 +1,6 @@
 """The README's families table, rendered from ``docs/families.json`` (written from a run of
-``tests/test_every_family.py``; ``make families-table`` runs it and renders)."""
+``tests/test_every_family.py`` and ``tests/test_streamed_families.py``; ``make families-table``
+runs them and renders)."""
 
 from __future__ import annotations
 
@@ -47,13 +48,31 @@ def collect(results: list[dict[str, Any]]) -> dict[str, Any]:
     return {"families": sorted(rows, key=lambda row: row["model_type"])}
 
 
+def with_streamed(doc: dict[str, Any], streamed: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``doc`` with each described type's streamed-profile outcome from ``streamed`` (model type
+    -> a result of ``tests/test_streamed_families.py``)."""
+    for row in doc["families"]:
+        r = streamed.get(row["model_type"])
+        if r is None or row["status"] == "refused":
+            continue
+        row["streamed_profile"] = r["streamed_profile"]
+        if r.get("streamed_max_rel_diff") is not None:
+            row["streamed_max_rel_diff"] = r["streamed_max_rel_diff"]
+    return doc
+
+
+def _streamed_cell(row: dict[str, Any]) -> str:
+    got = row.get("streamed_profile")
+    return "not run" if got is None else got.replace("|", "\\|")
+
+
 def _cell(row: dict[str, Any]) -> str:
     if row["status"] == "refused":
-        return f"| `{row['model_type']}` | refused | {row['reason']} | | |"
+        return f"| `{row['model_type']}` | refused | {row['reason']} | | | |"
     diff = "not run" if row["max_diff"] is None else f"{row['max_diff']:.1e}"
     fields = f"`{row['count_fields'][0]}` / `{row['topk_fields'][0]}`"
     return (f"| `{row['model_type']}` | {row['status']} ({row['family']}) | {row['tensors']} | {fields}; "
-            f"{row['routing']} | {diff} |")
+            f"{row['routing']} | {diff} | {_streamed_cell(row)} |")
 
 
 def render(doc: dict[str, Any]) -> str:
@@ -62,9 +81,10 @@ def render(doc: dict[str, Any]) -> str:
     head = (f"{n} model types supported with model-level truth, {sum(r['status'] == 'refused' for r in rows)} "
             "refused. Truth: the largest logit difference between the pruned tiny model (4 of 8 experts "
             "kept per MoE layer, loaded with `from_pretrained`) and the original with the dropped experts "
-            "made unselectable.\n\n"
+            "made unselectable. Streamed profile: the layer-streamed engine's saliency of the tiny model equals "
+            "the whole model's (frequencies exactly, REAP within 1e-5), or why it was not run streamed.\n\n"
             "| `model_type` | status (family) | expert tensors (under `layers.L.`) | count / top-k fields; routing "
-            "| truth max diff |\n|---|---|---|---|---|")
+            "| truth max diff | streamed profile |\n|---|---|---|---|---|---|")
     return "\n".join([BEGIN, head, *(_cell(r) for r in rows), END])
 
 
@@ -73,14 +93,25 @@ def replace_table(readme: str, table: str) -> str:
     return readme[:a] + table + readme[b:]
 
 
+def _lines(path: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--results", help="JSON lines written by the truth tests (REWRITER_FAMILY_RESULTS)")
+    ap.add_argument("--streamed-results", help="JSON lines written by the streamed-profile tests "
+                                               "(REWRITER_STREAMED_RESULTS)")
     args = ap.parse_args()
     path = REPO / "docs" / "families.json"
+    doc = json.loads(path.read_text())
     if args.results:
-        results = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
-        path.write_text(json.dumps(collect(results), indent=1) + "\n")
+        kept = {r["model_type"]: r for r in doc["families"] if "streamed_profile" in r}
+        doc = with_streamed(collect(_lines(args.results)), kept)
+    if args.streamed_results:
+        doc = with_streamed(doc, {r["model_type"]: r for r in _lines(args.streamed_results)})
+    if args.results or args.streamed_results:
+        path.write_text(json.dumps(doc, indent=1) + "\n")
     readme = REPO / "README.md"
     readme.write_text(replace_table(readme.read_text(), render(json.loads(path.read_text()))))
 
