@@ -128,3 +128,30 @@ def test_a_regex_that_picks_experts_by_number_is_refused(fmt, edit, tmp_path):
     assert not (tmp_path / "dst").exists()
     out = cli("plan", src, "--keep-list", tmp_path / "keep.json", "--out", tmp_path / "plan.json", expect=2)
     assert "picks experts by number" in out and not (tmp_path / "plan.json").exists()
+
+
+def test_per_expert_tensors_where_the_family_fuses_experts_are_refused(tmp_path):
+    """A Llama-4 checkpoint whose experts are stored one by one (as FP8 releases of fused families
+    may be) under a layout that fuses them: refused naming a tensor, never copied unpruned."""
+    from rewriter.core.format import encode_header, nbytes_of
+
+    items = [("model.embed_tokens.weight", "BF16", (16, 8)), ("model.norm.weight", "BF16", (8,)),
+             ("model.layers.0.feed_forward.router.weight", "BF16", (4, 8))]
+    items += [(f"model.layers.0.feed_forward.experts.{e}.{p}.{leaf}", dtype, shape)
+              for e in range(4) for p in ("gate_proj", "up_proj", "down_proj")
+              for leaf, dtype, shape in (("weight", "F8_E4M3", (8, 8)), ("weight_scale", "F32", (8, 1)))]
+    src = tmp_path / "src"
+    src.mkdir()
+    head = encode_header(items)
+    with open(src / "model.safetensors", "wb") as f:
+        f.write(head)
+        f.truncate(len(head) + sum(nbytes_of(d, s) for _, d, s in items))
+    (src / "config.json").write_text(json.dumps({"model_type": "llama4_text", "num_local_experts": 4,
+                                                 "num_experts_per_tok": 1, "quantization_config": {
+                                                     "quant_method": "compressed-tensors"}}))
+    (tmp_path / "keep.json").write_text(json.dumps({"0": [0, 2]}))
+    for args in (("inspect", src), ("prune", src, tmp_path / "dst", "--keep-list", tmp_path / "keep.json")):
+        out = cli(*args, expect=2)
+        assert out.startswith("error: ") and "Traceback" not in out
+        assert "'model.layers.0.feed_forward.experts.0.gate_proj.weight" in out and "stores experts fused" in out
+    assert not (tmp_path / "dst").exists()
