@@ -20,7 +20,7 @@ import fsspec
 
 from planners.plan_schema import check_document
 from planners.policies import KeepDecision
-from planners.quantization import rewritten_quantization
+from planners.quantization import check_side_files, rewritten_quantization
 from rewriter.core.checkpoint import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -826,6 +826,8 @@ def build_plan(
     config, patch = derived_config(ckpt.config, layout, decision.keep, decision.top_k, soft, renormalize,
                                    ckpt.tensors, ckpt.storage.describe(CONFIG_NAME))
     copy_files, skipped = _other_files(ckpt.files)
+    if not soft:
+        check_side_files(ckpt, copy_files, layout, decision.keep)
     # No creation time: a plan is a function of its inputs, so the same command makes the same
     # plan (and resumes an interrupted run of it) and its output is reproducible byte for byte.
     prov = {

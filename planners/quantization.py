@@ -17,7 +17,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from rewriter.core.errors import CheckpointError
+from rewriter.core.checkpoint import Checkpoint
 from rewriter.core.expert_layout import Layout
+from rewriter.core.jsonfile import parse_json_object
 
 #: Keys of ``quantization_config`` (at any depth) whose value is a list of module names.
 MODULE_LISTS = ("ignore", "modules_to_not_convert", "exclude_modules", "llm_int8_skip_modules",
@@ -30,6 +32,9 @@ REGEX_MAPS = ("dynamic",)
 QUANT_LEAVES = frozenset({"weight_packed", "qweight", "qzeros", "scales", "g_idx", "weight_scale", "weight_scale_inv",
                           "weight_scale_2", "weight_zero_point", "weight_global_scale", "weight_shape"})
 _QUANT_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "U8", "I8", "I32"})
+#: Files beside config.json with a quantization config of their own (ModelOpt's export), which a
+#: plan copies as they are.
+SIDE_FILES = ("hf_quant_config.json",)
 
 
 def _regex(entry: str, in_map: bool) -> str | None:
@@ -203,3 +208,19 @@ def module_list_problem(config: Mapping[str, Any], layout: Layout,
             return (f"expert module {m!r} is stored unquantized ({sorted(leaves[m])}) beside quantized experts, "
                     f"but quantization_config does not exclude it; a loader would look for its quantized tensors")
     return None
+
+
+def check_side_files(ckpt: Checkpoint, files: Iterable[str], layout: Layout,
+                     keep: Mapping[int, Sequence[int]]) -> None:
+    """Refuse a copied quantization file (:data:`SIDE_FILES`) whose module lists name experts by
+    number: it is copied byte for byte, so after pruning it would name the wrong experts."""
+    for name in SIDE_FILES:
+        if name not in files:
+            continue
+        where = ckpt.storage.describe(name)
+        doc = parse_json_object(ckpt.storage.read_all(name), where, CheckpointError)
+        if rewritten_quantization({"quantization_config": doc}, layout, keep, ckpt.tensors, where) is not None:
+            raise CheckpointError(
+                f"{where}: its module lists name experts by number, which pruning drops or renumbers, and this "
+                f"file is copied unchanged; remove those entries (config.json's quantization_config, which is "
+                f"rewritten, says the same) or the file, then plan again")

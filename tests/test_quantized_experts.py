@@ -155,3 +155,19 @@ def test_per_expert_tensors_where_the_family_fuses_experts_are_refused(tmp_path)
         assert out.startswith("error: ") and "Traceback" not in out
         assert "'model.layers.0.feed_forward.experts.0.gate_proj.weight" in out and "stores experts fused" in out
     assert not (tmp_path / "dst").exists()
+
+
+def test_modelopt_side_file_is_copied_or_refused_when_it_names_experts(tmp_path):
+    """ModelOpt's hf_quant_config.json is copied as it is: accepted while its exclude list names no
+    expert by number, refused (naming the file) once it does."""
+    src = write_quantized(tmp_path / "src", "nvfp4")
+    side = {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "NVFP4", "group_size": 16,
+                                                                "exclude_modules": ["lm_head", "model.layers.0.mlp.gate"]}}
+    (src / "hf_quant_config.json").write_text(json.dumps(side))
+    prune(src, tmp_path / "dst", tmp_path)
+    assert json.loads((tmp_path / "dst" / "hf_quant_config.json").read_text()) == side
+    side["quantization"]["exclude_modules"].append("model.layers.1.mlp.experts.5.down_proj")
+    (src / "hf_quant_config.json").write_text(json.dumps(side))
+    out = prune(src, tmp_path / "dst2", tmp_path, expect=2)
+    assert out.startswith("error: ") and "hf_quant_config.json" in out and "name experts by number" in out
+    assert not (tmp_path / "dst2").exists()
