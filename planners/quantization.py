@@ -16,8 +16,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from rewriter.core.errors import CheckpointError
 from rewriter.core.checkpoint import Checkpoint
+from rewriter.core.errors import CheckpointError
 from rewriter.core.expert_layout import Layout
 from rewriter.core.jsonfile import parse_json_object
 
