@@ -171,3 +171,45 @@ def test_modelopt_side_file_is_copied_or_refused_when_it_names_experts(tmp_path)
     out = prune(src, tmp_path / "dst2", tmp_path, expect=2)
     assert out.startswith("error: ") and "hf_quant_config.json" in out and "name experts by number" in out
     assert not (tmp_path / "dst2").exists()
+
+
+def _mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """MXFP4 rows: two E2M1 values per byte (low nibble first) times 2^(scale - 127) per 32."""
+    from tests.quantized import FP4
+
+    v = np.empty((*blocks.shape[:-1], blocks.shape[-1] * 2))
+    v[..., 0::2], v[..., 1::2] = FP4[blocks & 0xF], FP4[blocks >> 4]
+    return v * np.exp2(scales.astype(np.float64) - 127)[..., None]
+
+
+def test_mxfp4_fused_rows_move_with_their_experts(tmp_path):
+    """gpt-oss MXFP4: every fused tensor (blocks, scales, biases) and the router keep exactly the
+    kept experts' rows, in order, and the kept blocks dequantize to the source's values."""
+    from rewriter.synth import PRESETS, write_checkpoint
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_checkpoint(src, PRESETS["tiny"])
+    prune(src, dst, tmp_path, "--target", "vllm", "--target", "transformers")
+    a, b = Checkpoint.open(str(src)), Checkpoint.open(str(dst))
+
+    def rows(ckpt: Checkpoint, path: Path, name: str) -> np.ndarray:
+        t = ckpt.tensors[name]
+        with open(path / t.shard, "rb") as f:
+            f.seek(t.begin)
+            return np.frombuffer(f.read(t.end - t.begin), np.uint8).reshape(t.shape[0], -1)
+
+    sliced = [n for n in a.tensors if a.layout.classify(n) is not None]
+    assert any(n.endswith("_blocks") for n in sliced) and any(n.endswith("router.weight") for n in sliced)
+    for name in sliced:
+        layer = a.layout.classify(name).layer
+        assert (rows(b, dst, name) == rows(a, src, name)[KEEP[layer]]).all(), name
+        if name.endswith("_blocks"):
+            assert len({r.tobytes() for r in rows(a, src, name)}) == 8  # experts differ: dropping one shows
+            shape = a.tensors[name].shape
+            scales = name.replace("_blocks", "_scales")
+            got = _mxfp4(rows(b, dst, name).reshape(4, *shape[1:]), rows(b, dst, scales).reshape(4, *shape[1:3]))
+            want = _mxfp4(rows(a, src, name).reshape(shape), rows(a, src, scales).reshape(shape[:3]))[KEEP[layer]]
+            np.testing.assert_array_equal(got, want)
+    assert json.loads((dst / "config.json").read_text())["quantization_config"] == a.config["quantization_config"]
+    code, _ = run_check(dst, "--target", "vllm", "--target", "transformers")
+    assert code == 0
