@@ -213,3 +213,31 @@ def test_mxfp4_fused_rows_move_with_their_experts(tmp_path):
     assert json.loads((dst / "config.json").read_text())["quantization_config"] == a.config["quantization_config"]
     code, _ = run_check(dst, "--target", "vllm", "--target", "transformers")
     assert code == 0
+
+
+def test_compressed_tensors_reads_the_written_layout_as_the_reference_does(tmp_path):
+    """compressed-tensors' own unpacking and dequantization of a kept expert of the pruned output
+    give the reference dequantizer's values (so the layout written here is the library's)."""
+    pytest.importorskip("compressed_tensors")
+    import torch
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize as ct_dequantize
+
+    src, dst = write_quantized(tmp_path / "src", "compressed-tensors"), tmp_path / "dst"
+    prune(src, dst, tmp_path)
+    qc = json.loads((dst / "config.json").read_text())["quantization_config"]
+    args = QuantizationArgs(**qc["config_groups"]["group_0"]["weights"])
+    for layer, expert, proj in ((0, 0, "gate_proj"), (1, 3, "down_proj")):
+        t = expert_tensors(dst, layer, expert, proj)
+
+        def tensor(leaf: str, np_dtype, t=t) -> torch.Tensor:
+            return torch.from_numpy(np.frombuffer(t[leaf][2], np_dtype).reshape(t[leaf][1]).copy())
+
+        out, inp = (int(v) for v in np.frombuffer(t["weight_shape"][2], np.int64))
+        groups = t["weight_scale"][1][1]
+        q = unpack_from_int32(tensor("weight_packed", np.int32), 4, torch.Size((out, inp)))
+        zp = unpack_from_int32(tensor("weight_zero_point", np.int32), 4, torch.Size((out, groups)), packed_dim=0)
+        scale = tensor("weight_scale", np.int16).view(torch.bfloat16).float()
+        got = ct_dequantize(q, scale, zp, args=args, dtype=torch.float64)
+        np.testing.assert_allclose(got.numpy(), dequantize("compressed-tensors", t, qc), rtol=1e-12)
