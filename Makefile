@@ -55,13 +55,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy rewriter planners ray_jobs
 
-# Model-level truth for every MoE model type of the installed transformers, then docs/families.json
-# and the README's families table from its results.
+# Model-level truth and the streamed-vs-whole profile for every MoE model type of the installed
+# transformers, then docs/families.json and the README's families table from their results.
 families-table: $(STAMP)
 	rm -f .families-results.jsonl
+	rm -f .streamed-results.jsonl
 	REWRITER_FAMILY_RESULTS=.families-results.jsonl $(BIN)/pytest -q -m slow tests/test_every_family.py || true
-	$(BIN)/python -m tests.families_table --results .families-results.jsonl
-	rm -f .families-results.jsonl
+	REWRITER_STREAMED_RESULTS=.streamed-results.jsonl $(BIN)/pytest -q -m slow tests/test_streamed_families.py || true
+	$(BIN)/python -m tests.families_table --results .families-results.jsonl --streamed-results .streamed-results.jsonl
+	rm -f .families-results.jsonl .streamed-results.jsonl
 
 bench: $(STAMP)
 	$(BIN)/python -m bench_io run

@@ -19,6 +19,7 @@ from typing import Any
 
 from planners.plan import Plan
 from planners.policies import KeepPolicy, keep_count
+from planners.quantization import module_list_problem
 from rewriter.core.checkpoint import Checkpoint
 from rewriter.core.errors import PlanError, PolicyError, count
 from rewriter.core.layouts import Layout
@@ -58,6 +59,8 @@ class ServingFacts:
             string ``quant_method`` (``None`` when absent or well-formed).
         expert_dtypes: dtypes of the expert tensors (``U8`` blocks for MXFP4, ``F8_E4M3`` …).
         mxfp4_blocks: whether the expert weights are MXFP4 ``*_blocks``/``*_scales`` tensors.
+        quant_modules_problem: what disagrees between ``quantization_config``'s module lists
+            and the per-expert tensors (:func:`planners.quantization.module_list_problem`).
     """
 
     family: str
@@ -71,6 +74,7 @@ class ServingFacts:
     group_field: str | None = "n_group"
     expert_dtypes: frozenset[str] = frozenset()
     mxfp4_blocks: bool = False
+    quant_modules_problem: str | None = None
 
     @property
     def counts(self) -> set[int]:
@@ -118,6 +122,7 @@ def facts_from(config: Mapping[str, Any], tensors: Iterable[tuple[str, str, Sequ
     rows: dict[int, set[int]] = {}
     ids: dict[int, set[int]] = {}
     dtypes, blocks = set(), False
+    tensors = list(tensors)
     for name, dtype, shape in tensors:
         t = layout.classify(name)
         if t is None:
@@ -155,6 +160,7 @@ def facts_from(config: Mapping[str, Any], tensors: Iterable[tuple[str, str, Sequ
         group_field=layout.group_field,
         expert_dtypes=frozenset(dtypes),
         mxfp4_blocks=blocks,
+        quant_modules_problem=module_list_problem(config, layout, tensors),
     )
 
 
@@ -339,6 +345,14 @@ def _quantization(f: ServingFacts, target: str, ep: int | None) -> tuple[str, st
     return "pass", f"quantization_config {f.quant_method or 'absent'} matches expert dtypes {sorted(f.expert_dtypes)}"
 
 
+def _quant_modules(f: ServingFacts, target: str, ep: int | None) -> tuple[str, str]:
+    if f.quant_method is None:
+        return "skip", "no quantization_config"
+    if f.quant_modules_problem:
+        return "fail", f.quant_modules_problem
+    return "pass", "every expert module quantization_config names exists, and its unquantized experts are excluded"
+
+
 _ALL = TARGETS
 _HF_CONFIG = "the Hugging Face config class of the family (transformers models/<family>/configuration_*.py)"
 
@@ -398,6 +412,11 @@ RULES: tuple[Rule, ...] = (
     Rule("quantization-config", _ALL, "quantization_config matches the expert tensors (MXFP4 kept for gpt-oss)",
          _quantization, {t: "the loader picks the MoE weight layout from config.json's quantization_config "
                             "(transformers Mxfp4HfQuantizer, vLLM Mxfp4Config)" for t in _ALL}),
+    Rule("quantization-modules", _ALL, "expert modules named in quantization_config exist and match how they are "
+         "stored", _quant_modules,
+         {t: "compressed-tensors: modules not in `ignore` are loaded as quantized (weight_packed, weight_scale); "
+             "transformers' quantizers skip `modules_to_not_convert`; vLLM skips `ignore` / `exclude_modules` "
+             "(is_layer_skipped)" for t in _ALL}),
 )
 
 

@@ -263,6 +263,14 @@ class Layout:
             n = layers[int(m.group("layer"))].num_experts
             if self.shared is not None and re.search(self.shared, info.name):
                 continue
+            numbered = re.search(r"\bexperts\.(\d+)\.", info.name[m.end():])
+            if numbered:  # a per-expert tensor (a quantized checkpoint's) where this layout fuses experts
+                raise CheckpointError(
+                    f"{ckpt.url}: tensor {info.name!r} of MoE layer {m.group('layer')} belongs to expert "
+                    f"{numbered.group(1)} by its name, but the {self.family} layout stores experts fused "
+                    f"({self.fused}); refusing rather than copying every expert's tensors unpruned "
+                    f"(model_type {ckpt.config.get('model_type')!r})"
+                )
             if n in info.shape:
                 raise CheckpointError(
                     f"{ckpt.url}: tensor {info.name!r} of MoE layer {m.group('layer')} has shape "
