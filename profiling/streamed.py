@@ -268,6 +268,12 @@ class StreamedModel:
             self.base(input_ids=ids, use_cache=False)
         except _Stop:
             pass
+        except (ValueError, TypeError) as e:
+            # The model unpacked what a stand-in layer returned: its layers return more than their
+            # hidden states (state one layer hands the next), which streaming layer by layer loses.
+            raise RewriterError(f"{type(layers[0]).__name__} returns more than its hidden states (state it "
+                                f"passes to the next layer), which the streamed engine cannot carry; run "
+                                f"without --streamed") from e
         finally:
             for layer in layers:
                 del layer.forward
