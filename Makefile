@@ -7,10 +7,26 @@ DEMO := demo-out
 
 .PHONY: venv demo test test-fast lint typecheck families-table bench bench-ray bench-quality clean
 
+# llama-cpp-python is published as source only: pip compiles llama.cpp (38 minutes on a busy
+# 2-core machine). Its wheel is built once (CPU only, portable, without llama.cpp's examples,
+# tools, tests and llava) into .whl/ and kept in WHEEL_CACHE too, outside the clone, so that a
+# fresh clone on the same machine (CI) installs it in seconds.
+LLAMA_CPP_PYTHON := 0.3.36
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+WHEELS := .whl
+WHEEL_CACHE ?= $(HOME)/.cache/moe-rewriter/wheels
+LLAMA_WHEEL := llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[all]'
+	mkdir -p $(WHEELS) $(WHEEL_CACHE)
+	ls $(WHEELS)/$(LLAMA_WHEEL) $(WHEEL_CACHE)/$(LLAMA_WHEEL) 2>/dev/null | grep -q . || \
+		{ CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		  $(BIN)/pip wheel --quiet --no-deps llama-cpp-python==$(LLAMA_CPP_PYTHON) -w $(WHEELS) && \
+		  cp $(WHEELS)/$(LLAMA_WHEEL) $(WHEEL_CACHE)/; }
+	$(BIN)/pip install --quiet --find-links $(WHEELS) --find-links $(WHEEL_CACHE) -e '.[all]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -39,13 +55,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy core rewriter planners ray_jobs
 
-# Model-level truth for every MoE model type of the installed transformers, then docs/families.json
-# and the README's families table from its results.
+# Model-level truth and the streamed-vs-whole profile for every MoE model type of the installed
+# transformers, then docs/families.json and the README's families table from their results.
 families-table: $(STAMP)
 	rm -f .families-results.jsonl
+	rm -f .streamed-results.jsonl
 	REWRITER_FAMILY_RESULTS=.families-results.jsonl $(BIN)/pytest -q -m slow tests/e2e/test_every_family.py || true
-	$(BIN)/python -m tests.families_table --results .families-results.jsonl
-	rm -f .families-results.jsonl
+	REWRITER_STREAMED_RESULTS=.streamed-results.jsonl $(BIN)/pytest -q -m slow tests/profiling/test_streamed_families.py || true
+	$(BIN)/python -m tests.families_table --results .families-results.jsonl --streamed-results .streamed-results.jsonl
+	rm -f .families-results.jsonl .streamed-results.jsonl
 
 bench: $(STAMP)
 	$(BIN)/python -m bench_io run

@@ -25,6 +25,7 @@ import psutil
 from bench_io.charts import pyplot, ratio_rows
 from planners import PlanOptions, plan_prune
 from planners.policies import KeepPolicy
+from planners.saliency import model_identity
 from rewriter.tools.synth import Geometry, synthetic_saliency, write_checkpoint
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -135,7 +136,7 @@ def measure(cmd: list[str], out_dir: Path, workload: str, contender: str, env: d
         time.sleep(0.01)
     _, err = proc.communicate()
     wall = time.perf_counter() - t0
-    output = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin"))
+    output = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".gguf", ".bin"))
     return Measurement(
         workload, contender, wall, output,
         sum(r for r, _ in io.values()), sum(w for _, w in io.values()), peak,
@@ -152,6 +153,10 @@ def _source(work: Path, name: str, g: Geometry, log=print) -> tuple[Path, Path]:
     sal = work / f"{name}-saliency.json"
     synthetic_saliency(g.num_layers, g.num_experts, g.top_k).save(sal)
     return src, sal
+
+
+#: Contenders that take any plan (the others read safetensors themselves).
+GGUF_CONTENDERS = ("ours", "ours-buffered")
 
 
 def _plan(src: Path | str, work: Path, name: str, options: PlanOptions) -> Path:
@@ -229,7 +234,51 @@ def bench_planning(work: Path) -> dict[str, Any]:
     m = measure([sys.executable, "-m", "rewriter.cli", "plan", str(src), "--saliency", str(work / "120b-saliency.json"),
                  "--keep-frac", "0.5", "--out", str(work / "120b-plan.json")], work, "plan-120b", "rewriter plan")
     return {"in_process_s": in_process, "cli_process_s": m.wall_s, "cli_peak_rss_bytes": m.peak_rss_bytes,
-            "header_bytes_read": ckpt.storage.counter.bytes, "output_shards": len(plan.outputs)}
+            "header_bytes_read": ckpt.storage.counter.bytes, "output_shards": len(plan.outputs),
+            "gguf": bench_planning_gguf(work)}
+
+
+def bench_planning_gguf(work: Path) -> dict[str, Any]:
+    """Plan the full 120B geometry as a split GGUF (llama.cpp names, MXFP4 experts; sparse)."""
+    from core.checkpoint import Checkpoint
+    from rewriter.tools.gguf_synth import write_gguf_model
+    from rewriter.tools.synth import PRESETS
+
+    src = work / "120b-gguf-sparse"
+    if not (src / ".complete").exists():
+        shutil.rmtree(src, ignore_errors=True)
+        write_gguf_model(src, PRESETS["120b"], sparse=True)
+        (src / ".complete").touch()
+    first = str(sorted(src.glob("*.gguf"))[0])
+    sal = work / "120b-gguf-saliency.json"
+    synthetic_saliency(36, 128, 4, model=model_identity(Checkpoint.open(first))).save(sal)
+    t = time.perf_counter()
+    ckpt = Checkpoint.open(first)
+    plan = plan_prune(ckpt, PlanOptions(saliency=(str(sal),), policy=KeepPolicy(keep_frac=0.5)))
+    in_process = time.perf_counter() - t
+    m = measure([sys.executable, "-m", "rewriter.cli", "plan", first, "--saliency", str(sal),
+                 "--keep-frac", "0.5", "--out", str(work / "120b-gguf-plan.json")], work, "plan-120b-gguf", "rewriter plan")
+    return {"in_process_s": in_process, "cli_process_s": m.wall_s, "cli_peak_rss_bytes": m.peak_rss_bytes,
+            "header_bytes_read": ckpt.storage.counter.bytes, "source_files": len(ckpt.shards),
+            "output_shards": len(plan.outputs)}
+
+
+def _gguf_source(work: Path, name: str, g: Geometry, log=print) -> tuple[Path, Path]:
+    """:func:`_source` as a GGUF model: the same tensors in llama.cpp's names and types."""
+    from core.checkpoint import Checkpoint
+    from rewriter.tools.gguf_synth import write_gguf_model
+
+    src = work / name
+    if not (src / ".complete").exists():
+        log(f"  writing the {name} source GGUF")
+        shutil.rmtree(src, ignore_errors=True)
+        write_gguf_model(src, g)
+        (src / ".complete").touch()
+    first = sorted(src.glob("*.gguf"))[0]
+    sal = work / f"{name}-saliency.json"
+    model = model_identity(Checkpoint.open(str(first)))
+    synthetic_saliency(g.num_layers, g.num_experts, g.top_k, model=model).save(sal)
+    return first, sal
 
 
 def bench_s3(g: Geometry, work: Path) -> dict[str, Any]:
@@ -297,6 +346,12 @@ def run(size: str = "default", work: Path | None = None, results: Path = RESULTS
                                                                   layers_only=(sizes.keep_layer,)))
     measurements += run_workload("layer", layer_src, layer_plan, work,
                                  tuple(c for c in contenders if c != "ours-ray"), log, repeat)
+    # The same layer of the same geometry as GGUF: the same bytes move, under the same buffer.
+    gguf_src, gguf_sal = _gguf_source(work, f"layer-gguf-{size}", sizes.layer_geometry, log)
+    gguf_plan = _plan(gguf_src, work, "layer-gguf-plan", PlanOptions(saliency=(str(gguf_sal),), policy=KeepPolicy(keep_n=keep),
+                                                                     layers_only=(sizes.keep_layer,)))
+    measurements += run_workload("layer-gguf", gguf_src.parent, gguf_plan, work,
+                                 tuple(c for c in contenders if c in GGUF_CONTENDERS), log, repeat)
 
     full_src, full_sal = _source(work, f"full-{size}", sizes.full_geometry, log)
     # Output shards of about a gigabyte (one layer each), so that --jobs has shards to share.
@@ -344,6 +399,11 @@ def ratios(ms: list[Measurement], s3: dict[str, Any] | None) -> dict[str, float]
             out[f"{w}: naive / ours peak RSS"] = by["naive"].peak_rss_bytes / by["ours"].peak_rss_bytes
         if "ours" in by and "ours-ray" in by:
             out[f"{w}: ours-ray / ours time"] = by["ours-ray"].wall_s / by["ours"].wall_s
+    gguf = {m.contender: m for m in ms if m.workload == "layer-gguf" and m.ok}
+    st = {m.contender: m for m in ms if m.workload == "layer" and m.ok}
+    if "ours" in gguf and "ours" in st:
+        out["layer: GGUF / safetensors time (ours)"] = gguf["ours"].wall_s / st["ours"].wall_s
+        out["layer: GGUF / safetensors peak RSS (ours)"] = gguf["ours"].peak_rss_bytes / st["ours"].peak_rss_bytes
     if s3:
         out["s3: bytes fetched / bytes written"] = s3["fetched_over_written"]
     return out
@@ -373,7 +433,9 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"Planning the full 120B geometry (sparse, 15 shards): {p['in_process_s'] * 1000:.0f} ms in-process, "
         f"{p['cli_process_s']:.2f} s as a `rewriter plan` process (interpreter start included), "
-        f"{p['header_bytes_read']:,} bytes read.",
+        f"{p['header_bytes_read']:,} bytes read. As a split GGUF ({p['gguf']['source_files']} files): "
+        f"{p['gguf']['in_process_s'] * 1000:.0f} ms in-process, {p['gguf']['cli_process_s']:.2f} s as a process, "
+        f"{p['gguf']['header_bytes_read']:,} bytes read.",
         "",
         f"S3-sourced rewrite (loopback S3 server): {s['tensor_bytes_fetched']:,} tensor bytes + "
         f"{s['header_bytes_fetched']:,} header bytes fetched of a {s['source_bytes']:,}-byte source, "

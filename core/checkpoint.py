@@ -17,6 +17,9 @@ from typing import Any
 
 from core.errors import CheckpointError, FormatError
 from core.format import PREFIX_BYTES, Header, parse_header, read_prefix
+from core.gguf import GGUFHeader
+from core.gguf_model import GGUFFile, model_files, open_model
+from core.gguf_names import gguf_layout
 from core.jsonfile import parse_json_object
 from core.layouts import Layout, detect_layout
 from core.names import check_shard_name
@@ -26,7 +29,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|blk)\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ class TensorInfo:
 
     @property
     def layer(self) -> int | None:
-        """The decoder layer the tensor belongs to (``model.layers.N.``), if any."""
+        """The decoder layer the tensor belongs to (``model.layers.N.``, GGUF's ``blk.N.``), if any."""
         m = _LAYER_RE.search(self.name)
         return int(m.group(1)) if m else None
 
@@ -81,7 +84,8 @@ def read_shard_header(storage: Storage, name: str) -> tuple[Header, str, int]:
 
 
 class Checkpoint:
-    """A safetensors checkpoint (sharded with an index, or a single ``model.safetensors``).
+    """A safetensors checkpoint (sharded with an index, or a single ``model.safetensors``), or a
+    GGUF model (one file, or the splits of one).
 
     Use :meth:`open`. Attributes:
         storage: where it lives; its counter shows the bytes read so far.
@@ -89,6 +93,9 @@ class Checkpoint:
         shards: shard name -> :class:`ShardInfo`, sorted by name.
         tensors: tensor name -> :class:`TensorInfo`, in the index's order.
         files: every other file of the checkpoint (tokenizer, generation config, …).
+        container: ``"safetensors"`` or ``"gguf"``.
+        gguf: a GGUF model's files with their headers (first split first); empty otherwise.
+            ``config`` is then the first file's metadata (:meth:`GGUFHeader.config`).
     """
 
     def __init__(
@@ -98,12 +105,15 @@ class Checkpoint:
         shards: dict[str, ShardInfo],
         tensors: dict[str, TensorInfo],
         files: list[str],
+        gguf: tuple[GGUFFile, ...] = (),
     ):
         self.storage = storage
         self.config = config
         self.shards = shards
         self.tensors = tensors
         self.files = files
+        self.gguf = gguf
+        self.container = "gguf" if gguf else "safetensors"
 
     @classmethod
     def open(
@@ -122,6 +132,9 @@ class Checkpoint:
             FormatError: a shard whose header breaks the safetensors rules.
         """
         storage = storage or Storage(url, storage_options)
+        ggufs = model_files(storage)
+        if ggufs is not None:
+            return cls._open_gguf(storage, ggufs, max_workers)
         files = _checkpoint_files(storage)
         config: dict[str, Any] = _load_json(storage, CONFIG_NAME) if CONFIG_NAME in files else {}
         if INDEX_NAME in files:
@@ -153,6 +166,14 @@ class Checkpoint:
         others = [f for f in files if f not in shards and f != INDEX_NAME]
         return cls(storage, config, shards, tensors, others)
 
+    @classmethod
+    def _open_gguf(cls, storage: Storage, names: list[str], max_workers: int) -> Checkpoint:
+        """A GGUF model: each split's tensors at their absolute offsets; no other files."""
+        files = open_model(storage, names, max_workers)
+        headers = {f.name: (f.header, f.digest, f.size) for f in files}
+        shards, tensors = _locate_tensors(storage, headers)
+        return cls(storage, files[0].header.config(), shards, tensors, [], tuple(files))
+
     @property
     def url(self) -> str:
         return self.storage.url
@@ -164,11 +185,15 @@ class Checkpoint:
 
     @property
     def model_type(self) -> str | None:
-        return self.config.get("model_type")
+        """``config.json``'s ``model_type``; a GGUF model's llama.cpp architecture."""
+        return self.config.get("general.architecture" if self.gguf else "model_type")
 
     @cached_property
     def layout(self) -> Layout:
-        """The model family's expert layout, detected from the config and tensor names."""
+        """The model family's expert layout, detected from the config and tensor names (a GGUF
+        model's: from its metadata)."""
+        if self.gguf:
+            return gguf_layout(self.config, self.storage.describe(self.gguf[0].name))
         return detect_layout(self)
 
     @property
@@ -192,22 +217,34 @@ def _checkpoint_files(storage: Storage) -> list[str]:
     return files
 
 
-def _locate_tensors(storage: Storage, headers: Mapping[str, tuple[Header, str, int]],
+def _locate_tensors(storage: Storage, headers: Mapping[str, tuple[Header | GGUFHeader, str, int]],
                     ) -> tuple[dict[str, ShardInfo], dict[str, TensorInfo]]:
-    """Shard identities and every tensor's absolute byte range, from the shards' headers."""
+    """Shard identities and every tensor's absolute byte range, from the shards' headers.
+
+    A GGUF file's ``header_len`` is its data section's offset less 8, so that for both formats
+    the data starts at ``8 + header_len``.
+    """
     shards: dict[str, ShardInfo] = {}
     located: dict[str, TensorInfo] = {}
     for s, (header, digest, size) in headers.items():
-        shards[s] = ShardInfo(s, size, header.header_len, digest, tuple(t.name for t in header.tensors))
-        for t in header.tensors:
-            info = TensorInfo(t.name, t.dtype, t.shape, s, header.data_start + t.start, header.data_start + t.end)
-            if t.name in located:
+        header_len = header.data_start - PREFIX_BYTES
+        shards[s] = ShardInfo(s, size, header_len, digest, tuple(t.name for t in header.tensors))
+        for name, dtype, shape, start, end in _spans(header):
+            info = TensorInfo(name, dtype, shape, s, header.data_start + start, header.data_start + end)
+            if name in located:
                 raise CheckpointError(
-                    f"{storage.url}: tensor {t.name!r} is stored in both "
-                    f"'{located[t.name].shard}' and '{s}'"
+                    f"{storage.url}: tensor {name!r} is stored in both "
+                    f"'{located[name].shard}' and '{s}'"
                 )
-            located[t.name] = info
+            located[name] = info
     return shards, located
+
+
+def _spans(header: Header | GGUFHeader) -> list[tuple[str, str, tuple[int, ...], int, int]]:
+    """``(name, dtype, shape, start, end)`` of each tensor, offsets relative to the data."""
+    if isinstance(header, GGUFHeader):
+        return [(t.name, t.dtype, t.shape, t.offset, t.offset + t.nbytes) for t in header.tensors]
+    return [(t.name, t.dtype, t.shape, t.start, t.end) for t in header.tensors]
 
 
 def _indexed_tensors(storage: Storage, weight_map: Mapping[str, str],

@@ -99,13 +99,13 @@ _FUSED_PROJ = ("experts.gate_up_proj", "experts.down_proj")
 
 #: Per-expert ``mlp.experts.N.*`` with only ``mlp.gate.weight`` as router.
 PER_EXPERT_GATE = _moe("per_expert_gate", ("cohere2_moe", "deepseek_v2", "flex_olmo", "mellum", "qwen3_5_moe_text",
-                                           "qwen3_next", "qwen4_exp_text", "flint", "beam"),
+                                           "qwen3_next", "qwen4_exp_text", "flint"),
                        count=(*_COUNT, *_ROUTED))
 #: Per-expert with a score-correction bias beside the router weight (DeepSeek-V3 style).
 PER_EXPERT_CORRECTED = _moe("per_expert_corrected", ("axk1", "axk2", "glm4_moe_lite", "minicpm5_moe", "mimo_v2_flash",
                                                      "sarvam_mla", "solar_open", "deepseek_v32", "glm_moe_dsa",
-                                                     "dots3_note_text", "dots1"),
-                            count=_ROUTED, router=("gate.weight", "gate.e_score_correction_bias"),
+                                                     "dots3_note_text", "dots1", "beam"),
+                            count=(*_ROUTED, *_COUNT), router=("gate.weight", "gate.e_score_correction_bias"),
                             routing=_SIGMOID_GROUPS, group_field="n_group")
 #: Per-expert with the selection bias named ``expert_bias`` under the gate.
 PER_EXPERT_GATE_BIAS = _moe("per_expert_gate_bias", ("param2moe", "sarvam_moe", "bailing_hybrid"),
@@ -189,6 +189,8 @@ REFUSED: dict[str, str] = {
             "contiguous row range",
     "zaya": "its router is a small MLP whose output has a row per expert plus one (balancing_biases [E+1]), so "
             "the kept experts cannot be renumbered by slicing rows",
+    "gemma4_assistant": "it is not an MoE model: its config requires text_config.enable_moe_block false (a dense "
+                        "drafter that proposes tokens for a Gemma-4 model), so it has no experts to prune",
     "dbrx": "its expert weights are flattened into dim 0 ([experts x intermediate, hidden]) and its count sits in "
             "ffn_config.moe_num_experts, a nested field",
 }

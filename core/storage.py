@@ -10,7 +10,7 @@ import contextlib
 import os
 import posixpath
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +91,10 @@ class Storage:
         # options to pass, by whichever call finds it out.
         self.fs = fs if isinstance(fs, LocalFileSystem) else GuardedFileSystem(fs, self.url)
         self.root = root.rstrip("/") if root != "/" else root
+        #: A GGUF model is named by its file; the folder holding it (and its splits) is the root.
+        self.entry: str | None = None
+        if self.root.endswith(".gguf") and "/" in self.root:
+            self.root, self.entry = posixpath.split(self.root)
         self.counter = IOCounter()
         self._fds: dict[str, int] = {}
 
@@ -146,6 +150,15 @@ class Storage:
     def invalidate_cache(self) -> None:
         """Forget cached listings: another process (or a completed upload) changed the store."""
         self.fs.invalidate_cache()
+
+    def identities(self, names: Iterable[str]) -> dict[tuple[int, int], str]:
+        """``(device, inode) -> name`` of those of ``names`` that are files on a local disk (an
+        object store has no other names for its objects: empty)."""
+        if not self.is_local:
+            return {}
+        found = {file_identity(self.local_path(n)): n for n in names}
+        found.pop(None, None)
+        return found  # type: ignore[return-value]
 
     def is_within(self, other: Storage) -> bool:
         """Whether this location is ``other`` or lies inside it (same kind of filesystem).
@@ -281,7 +294,10 @@ class Storage:
         """A user-facing name of ``name`` in this location."""
         if self.is_local:
             return self.local_path(name)
-        return f"{self.url.rstrip('/')}/{name}"
+        folder = self.url.rstrip("/")
+        if self.entry is not None:
+            folder = folder[: -len(self.entry) - 1]
+        return f"{folder}/{name}"
 
 
 #: Connections an S3 client may open (botocore's default is 10): the copy keeps up to

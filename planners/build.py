@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from core.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
+from core.containers import container_of
 from core.errors import PlanError
-from core.format import encode_header
 from core.names import hub_name_problem
 from planners.plan import DEFAULT_MAX_SHARD_BYTES, SKIPPED_DIRS, Plan
 from planners.policies import KeepDecision
 from planners.provenance import source_location
+from planners.quantization import check_side_files
 from planners.source_check import derived_config, file_digest
 from planners.tensors import OutputShard, PlannedTensor, plan_tensors
 
@@ -56,6 +56,13 @@ def shard_names(n: int, zero_based: bool, prefix: str = "model") -> list[str]:
     return [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
+def _check_uniform_container(ckpt: Checkpoint, uniform: bool) -> None:
+    """A GGUF output holds one expert count for every layer (llama.cpp reads one)."""
+    if ckpt.container != "safetensors" and not uniform:
+        raise PlanError(f"{ckpt.url}: a {ckpt.container} output needs the same expert count in every MoE "
+                        f"layer (llama.cpp reads one expert_count); keep the same number in each layer")
+
+
 def _check_layers(url: str, moe: list[int], decision: KeepDecision, layers_only: Sequence[int] | None) -> None:
     """Keep sets for exactly the MoE layers; dry-run layers among them."""
     if sorted(decision.keep) != moe:
@@ -66,19 +73,17 @@ def _check_layers(url: str, moe: list[int], decision: KeepDecision, layers_only:
 
 
 def _output_shards(ckpt: Checkpoint, tensors: list[PlannedTensor], max_shard_bytes: int,
-                   layers_only: Sequence[int] | None) -> tuple[OutputShard, ...]:
+                   layers_only: Sequence[int] | None, patch: Mapping[str, Any]) -> tuple[OutputShard, ...]:
     """Tensors grouped into named output shards with their headers (one per layer for a dry run)."""
+    container = container_of(ckpt)
     if layers_only is not None:
         groups = [[t for t in tensors if t.layer == layer] for layer in sorted(set(layers_only))]
-        names = [f"layer-{layer:05d}.safetensors" for layer in sorted(set(layers_only))]
+        names = [f"layer-{layer:05d}{container.suffix}" for layer in sorted(set(layers_only))]
     else:
         groups = assign_shards(tensors, max_shard_bytes)
-        zero_based = any(re.search(r"-00000-of-\d+\.safetensors$", s) for s in ckpt.shards)
-        names = shard_names(len(groups), zero_based)
-    return tuple(
-        OutputShard(name, encode_header([(t.name, t.dtype, t.shape) for t in grp], {"format": "pt"}), tuple(grp))
-        for name, grp in zip(names, groups)
-    )
+        names = container.output_names(ckpt, len(groups))
+    headers = container.headers(ckpt, [[(t.name, t.dtype, t.shape) for t in grp] for grp in groups], patch)
+    return tuple(OutputShard(name, header, tuple(grp)) for name, header, grp in zip(names, headers, groups))
 
 
 def _other_files(files: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -95,6 +100,18 @@ def _other_files(files: Sequence[str]) -> tuple[list[str], list[str]]:
     return copy_files, skipped
 
 
+def _provenance(ckpt: Checkpoint, decision: KeepDecision, given: Mapping[str, Any] | None) -> dict[str, Any]:
+    # No creation time: a plan is a function of its inputs, so the same command makes the same
+    # plan (and resumes an interrupted run of it) and its output is reproducible byte for byte.
+    return {
+        "tool": "moe-rewriter",
+        "source_experts_per_layer": ckpt.layout.num_experts(ckpt.config),
+        "source_top_k": ckpt.layout.top_k(ckpt.config),
+        "experts_per_layer": {str(k): len(v) for k, v in sorted(decision.keep.items())},
+        **dict(given or {}),
+    }
+
+
 def build_plan(
     ckpt: Checkpoint,
     decision: KeepDecision,
@@ -109,34 +126,26 @@ def build_plan(
         ckpt: the opened source checkpoint (only headers were read).
         decision: kept experts per MoE layer and the routing top-k.
         max_shard_bytes: output shard size limit (tensor data), 5 GB by default as in HF.
-        layers_only: restrict the plan to these layers' expert tensors, one output file per
-            layer (``layer-00018.safetensors``): a per-layer dry-run plan.
+        layers_only: only these layers' expert tensors, one file per layer (a dry-run plan).
         provenance: saliency digests, policy and parameters to record.
         soft: a soft prune: nothing is removed; dropped experts' router bias entries are set so
             they are never selected (and the top-k patched). Expert ids keep their numbers.
-        renormalize: set the family's layout's ``renormalize_field`` (``norm_topk_prob``), so the
-            kept top-k routing weights sum to 1.
+        renormalize: set the layout's ``renormalize_field``: kept top-k weights sum to 1.
 
     Raises:
         PlanError: keep sets that do not cover the MoE layers, or name unknown layers.
     """
     layout = ckpt.layout
     _check_layers(ckpt.url, sorted(layout.moe_layers(ckpt)), decision, layers_only)
-    num_experts = layout.num_experts(ckpt.config)
     tensors = plan_tensors(ckpt, layout, decision.keep, layers_only, soft)
-    outputs = _output_shards(ckpt, tensors, max_shard_bytes, layers_only)
     uniform = len({len(v) for v in decision.keep.values()}) == 1
-    config, patch = derived_config(ckpt.config, layout, decision.keep, decision.top_k, soft, renormalize)
+    _check_uniform_container(ckpt, uniform or soft)
+    config, patch = derived_config(ckpt.config, layout, decision.keep, decision.top_k, soft, renormalize,
+                                   ckpt.tensors, ckpt.storage.describe(CONFIG_NAME))
+    outputs = _output_shards(ckpt, tensors, max_shard_bytes, layers_only, patch)
     copy_files, skipped = _other_files(ckpt.files)
-    # No creation time: a plan is a function of its inputs, so the same command makes the same
-    # plan (and resumes an interrupted run of it) and its output is reproducible byte for byte.
-    prov = {
-        "tool": "moe-rewriter",
-        "source_experts_per_layer": num_experts,
-        "source_top_k": layout.top_k(ckpt.config),
-        "experts_per_layer": {str(k): len(v) for k, v in sorted(decision.keep.items())},
-        **dict(provenance or {}),
-    }
+    if not soft:
+        check_side_files(ckpt, copy_files, layout, decision.keep)
     return Plan(
         source_url=source_location(ckpt.storage),
         source_shards=ckpt.fingerprint(),
@@ -150,8 +159,9 @@ def build_plan(
         skipped_files=tuple(skipped),
         copy_digests={name: file_digest(ckpt.storage, name) for name in copy_files},
         reasons=decision.reasons,
-        provenance=prov,
+        provenance=_provenance(ckpt, decision, provenance),
         loadable=uniform or soft,
         layers_only=tuple(sorted(set(layers_only))) if layers_only is not None else None,
         soft=soft,
+        container=ckpt.container,
     )

@@ -16,6 +16,7 @@ from typing import Any
 import fsspec
 
 from core.checkpoint import CONFIG_NAME, INDEX_NAME
+from core.containers import CONTAINERS
 from core.errors import PlanError
 from core.format import PREFIX_BYTES
 from core.jsonfile import parse_json, read_url
@@ -72,6 +73,8 @@ class Plan:
     soft: bool = False
     #: Each copied file's ``{"size", "sha256"}`` in the source: a run and ``verify`` refuse others.
     copy_digests: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: The file format of source and output (:data:`core.containers.CONTAINERS`).
+    container: str = "safetensors"
     version: int = PLAN_VERSION
     #: The file the plan was read from (not part of the plan); ``None`` for a plan built here.
     #: A plan read from a file is untrusted input: :meth:`check_source` also checks its mapping.
@@ -89,6 +92,16 @@ class Plan:
     def is_dry_run(self) -> bool:
         return self.layers_only is not None
 
+    @property
+    def index_name(self) -> str:
+        """The file a run writes last; its presence means the output is complete."""
+        return CONTAINERS[self.container].index_name
+
+    def metadata_files(self) -> dict[str, bytes]:
+        """Files besides the shards that hold the model's configuration: ``config.json`` (a GGUF
+        output holds its metadata in its first file's header)."""
+        return {CONFIG_NAME: self.config_json()} if self.container == "safetensors" else {}
+
     def index_json(self) -> bytes:
         doc = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
         return (json.dumps(doc, indent=2) + "\n").encode()
@@ -102,7 +115,11 @@ class Plan:
 
     # --- JSON ---------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
+        container = CONTAINERS[self.container]
+        # Named only when not safetensors, so that plans of safetensors sources keep their digests.
+        named = {"container": self.container} if self.container != "safetensors" else {}
         return {
+            **named,
             "format": PLAN_FORMAT,
             "version": self.version,
             "source": {"url": self.source_url, "shards": {k: dict(v) for k, v in self.source_shards.items()}},
@@ -124,7 +141,7 @@ class Plan:
                 {
                     "name": o.name,
                     "size": o.size,
-                    "header": o.header[PREFIX_BYTES:].decode("utf-8"),
+                    "header": container.header_to_json(o.header),
                     "tensors": [
                         {
                             "name": t.name,
@@ -133,6 +150,7 @@ class Plan:
                             "dtype": t.dtype,
                             "shape": list(t.shape),
                             "segments": [s.to_json() for s in t.segments],
+                            **({"pad": t.pad} if t.pad else {}),
                         }
                         for t in o.tensors
                     ],
@@ -199,8 +217,12 @@ class Plan:
         if doc.get("version") != PLAN_VERSION:
             raise PlanError(f"{where}: plan version {doc.get('version')!r}; this tool reads version {PLAN_VERSION}")
         check_document(doc, where)
+        container = doc.get("container", "safetensors")
+        if container not in CONTAINERS:
+            raise PlanError(f"{where}: plan field 'container' is {container!r}; expected one of "
+                            f"{sorted(CONTAINERS)}. Refusing this plan: make it again with `rewriter plan`")
         try:
-            outputs = tuple(output_from_json(o, where) for o in doc["outputs"])
+            outputs = tuple(output_from_json(o, where, CONTAINERS[container]) for o in doc["outputs"])
             keep = {int(k): tuple(v) for k, v in doc["expert_mapping"].items()}
             reasons = {
                 int(layer): {int(e): tuple(r) for e, r in rs.items()} for layer, rs in doc.get("keep_reasons", {}).items()
@@ -223,6 +245,7 @@ class Plan:
                 loadable=bool(doc.get("loadable_by_transformers", True)),
                 layers_only=tuple(layers_only) if layers_only is not None else None,
                 soft=doc.get("mode", "structural") == "soft",
+                container=container,
                 origin=where,
             )
             check_plan(plan, where)
@@ -252,7 +275,8 @@ def require_source(plan: Plan, what: str) -> str:
 def check_plan(plan: Plan, where: str) -> None:
     """Refuse names that could escape the destination or the source, and numbers that are
     negative or disagree with the plan's source fingerprint and headers."""
-    reserved = {CONFIG_NAME, INDEX_NAME, PROVENANCE_NAME}
+    container = CONTAINERS[plan.container]
+    reserved = {CONFIG_NAME, INDEX_NAME, PROVENANCE_NAME, container.index_name}
     for name, fp in plan.source_shards.items():
         check_name(name, "source shard", where)
         if not all(is_count(fp.get(k)) for k in ("size", "header_len")) or not isinstance(fp.get("header_sha256"), str):
@@ -261,8 +285,8 @@ def check_plan(plan: Plan, where: str) -> None:
     for i, o in enumerate(plan.outputs):
         check_name(o.name, "output shard", where)
         check_written_name(o.name, f"output shard name (outputs[{i}].name)", where)
-        if "/" in o.name or not o.name.endswith(".safetensors") or o.name in names:
-            raise PlanError(f"{where}: output shard {o.name!r} must be a unique '.safetensors' file "
+        if "/" in o.name or not o.name.endswith(container.suffix) or o.name in names:
+            raise PlanError(f"{where}: output shard {o.name!r} must be a unique '{container.suffix}' file "
                             f"name in the destination's top folder. Refusing this plan: make it again")
         names.add(o.name)
         for t in o.tensors:

@@ -137,7 +137,7 @@ def _check_outputs(d: _Doc) -> None:
         if not isinstance(o, dict):
             raise d.fail(f"outputs[{i}]", "an object with name, size, header and tensors", o)
         d.get(o, "name", f"outputs[{i}].name", "a file name", lambda v: isinstance(v, str))
-        d.get(o, "header", f"outputs[{i}].header", "the shard's JSON header as a string",
+        d.get(o, "header", f"outputs[{i}].header", "the shard's header as a string (JSON; base64 for GGUF)",
               lambda v: isinstance(v, str))
         d.get(o, "size", f"outputs[{i}].size", "a byte count", lambda v: _int(v) and v >= 0)
         tensors = d.get(o, "tensors", f"outputs[{i}].tensors", "a list of tensors",
@@ -157,6 +157,8 @@ def _check_tensor(d: _Doc, t: Any, field: str) -> None:
           lambda v: isinstance(v, list) and all(_int(x) and x >= 0 for x in v))
     d.get(t, "segments", f"{field}.segments", "a list of [shard, offset, length] segments",
           lambda v: isinstance(v, list) and all(isinstance(s, list) for s in v))
+    d.get(t, "pad", f"{field}.pad", "a count of zero bytes after the tensor (GGUF alignment)",
+          lambda v: _int(v) and 0 <= v < 1 << 16, 0)
 
 
 def is_count(v: Any) -> bool:

@@ -46,5 +46,6 @@ def source_location(storage: Any) -> str:
     """The URL a plan records for a source: local paths made absolute (so a plan, and the
     ``pruning.json`` that carries it, works from any folder and on shared storage)."""
     if storage.is_local:
-        return os.path.abspath(storage.root)
+        root = os.path.abspath(storage.root)
+        return os.path.join(root, storage.entry) if storage.entry else root
     return str(storage.url)

@@ -14,6 +14,7 @@ the checkpoint's config, index and headers, and the saliency or keep-list files.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -22,7 +23,7 @@ from typing import Any
 
 from core.checkpoint import Checkpoint
 from core.errors import CheckpointError, OptionError, SaliencyError
-from core.layouts import Layout
+from core.layouts import Layout, mtp_followed
 from planners.build import build_plan
 from planners.plan import Plan
 from planners.policies import Domain, KeepDecision, KeepPolicy, validate_keep_list
@@ -110,6 +111,10 @@ def plan_prune(source: str | Checkpoint, options: PlanOptions, *,
     if fit_note and notify:
         notify(fit_note)
     decision, prov = _decide(ckpt, layout, moe, options, policy)
+    for mtp, layer in prov.get("mtp_follows", {}).items():
+        if notify:
+            notify(f"note: layer {mtp} is a multi-token-prediction layer with no keep set of its own "
+                   f"(transformers does not run it, so no profile scores it); it took the keep set of layer {layer}")
     if fit_note:
         prov["fit_targets"] = fit_note
     layers_only = list(options.layers_only) if options.layers_only is not None else None
@@ -181,26 +186,42 @@ def _decide(ckpt: Checkpoint, layout: Layout, moe: list[int], options: PlanOptio
     n_exp, top_k = layout.num_experts(ckpt.config), layout.top_k(ckpt.config)
     groups = layout.num_groups(ckpt.config)
     topk_group = ckpt.config.get("topk_group") if groups > 1 else None
+    follows = mtp_followed(ckpt.config, moe)
     if options.keep_list:
-        keep, digest = load_keep_list(options.keep_list, n_exp, moe)
-        decision = validate_keep_list(keep, top_k, policy.top_k, options.allow_nonuniform, groups,
-                                      topk_group, n_exp)
-        return decision, {"keep_list": {"path": options.keep_list, "sha256": digest},
-                          "policy": {"top_k": policy.top_k}}
-    domains = load_domains(ckpt, options, n_exp, moe)
-    decision = select_keep(domains, moe, n_exp, top_k, policy, groups, topk_group)
+        keep, digest = load_keep_list(options.keep_list, n_exp, moe, optional=tuple(follows))
+        decision = validate_keep_list(_following(keep, follows), top_k, policy.top_k, options.allow_nonuniform,
+                                      groups, topk_group, n_exp)
+        return decision, _mtp_note(follows, keep, {"keep_list": {"path": options.keep_list, "sha256": digest},
+                                                   "policy": {"top_k": policy.top_k}})
+    domains = load_domains(ckpt, options, n_exp, moe, optional=tuple(follows))
+    scored = [i for i in moe if i not in follows or all(i in d.saliency.layers for d in domains)]
+    decision = select_keep(domains, scored, n_exp, top_k, policy, groups, topk_group)
+    decision = dataclasses.replace(decision, keep=_following(decision.keep, follows))
     if not decision.uniform and not options.allow_nonuniform and policy.budget is None:
         raise OptionError("non-uniform keep counts need --allow-nonuniform")
-    return decision, {
+    return decision, _mtp_note(follows, dict.fromkeys(scored), {
         "saliency": [{"path": d.saliency.source, "sha256": d.saliency.digest, "domain": d.name,
                       "weight": d.weight, "tokens": d.saliency.tokens} for d in domains],
         "policy": policy.to_json(),
-    }
+    })
 
 
-def load_domains(ckpt: Checkpoint, options: PlanOptions, n_exp: int, moe: list[int]) -> list[Domain]:
-    """Saliency files as weighted domains, checked against the model they claim to score."""
-    sal = [load_saliency(p, n_exp, moe) for p in options.saliency]
+def _following(keep: Mapping[int, tuple[int, ...]], follows: Mapping[int, int]) -> dict[int, tuple[int, ...]]:
+    """``keep`` with each MTP layer it does not choose for given the keep set of the layer it follows."""
+    return dict(sorted({**{m: keep[f] for m, f in follows.items() if m not in keep}, **keep}.items()))
+
+
+def _mtp_note(follows: Mapping[int, int], chosen: Mapping[int, Any], prov: dict[str, Any]) -> dict[str, Any]:
+    """Provenance saying which MTP layers took another layer's keep set."""
+    taken = {str(m): f for m, f in sorted(follows.items()) if m not in chosen}
+    return {**prov, "mtp_follows": taken} if taken else prov
+
+
+def load_domains(ckpt: Checkpoint, options: PlanOptions, n_exp: int, moe: list[int],
+                 optional: tuple[int, ...] = ()) -> list[Domain]:
+    """Saliency files as weighted domains, checked against the model they claim to score (the
+    ``optional`` layers, MTP ones, may be left out)."""
+    sal = [load_saliency(p, n_exp, moe, optional=optional) for p in options.saliency]
     identity = model_identity(ckpt) if sal else {}
     for s in sal:
         if not has_identity(s):

@@ -96,24 +96,8 @@ def _read(path: str) -> tuple[Any, str]:
     return parse_json(raw, path, SaliencyError), hashlib.sha256(raw).hexdigest()
 
 
-def load_saliency(path: str, num_experts: int | None = None, layers: Sequence[int] | None = None) -> Saliency:
-    """Load and validate a saliency file.
-
-    Args:
-        path: local path or fsspec URL.
-        num_experts: when given, every layer must score exactly this many experts.
-        layers: when given, the file must cover exactly these MoE layers.
-
-    Raises:
-        SaliencyError: wrong format/version, NaN or infinite scores, negative counts or REAP,
-            a layer or expert count that does not match the checkpoint.
-    """
-    doc, digest = _read(path)
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise SaliencyError(f"{path}: not a saliency file (expected \"format\": \"{FORMAT}\")")
-    if doc.get("version") != VERSION:
-        raise SaliencyError(f"{path}: saliency version {doc.get('version')!r}; this tool reads version {VERSION}")
-    raw_layers = doc.get("layers")
+def _parse_layers(path: str, raw_layers: Any, num_experts: int | None) -> dict[int, dict[str, tuple[float, ...]]]:
+    """``layer -> metric -> scores`` of a saliency file's ``layers``, each value checked."""
     if not isinstance(raw_layers, dict) or not raw_layers:
         raise SaliencyError(f"{path}: expected a non-empty \"layers\" object")
     parsed: dict[int, dict[str, tuple[float, ...]]] = {}
@@ -129,8 +113,31 @@ def load_saliency(path: str, num_experts: int | None = None, layers: Sequence[in
             if metric not in FIELDS:
                 continue
             parsed[layer][metric] = _check_values(path, layer, metric, values, num_experts)
-    if layers is not None and sorted(parsed) != sorted(layers):
-        missing = sorted(set(layers) - set(parsed))
+    return parsed
+
+
+def load_saliency(path: str, num_experts: int | None = None, layers: Sequence[int] | None = None,
+                  optional: Sequence[int] = ()) -> Saliency:
+    """Load and validate a saliency file.
+
+    Args:
+        path: local path or fsspec URL.
+        num_experts: when given, every layer must score exactly this many experts.
+        layers: when given, the file must cover exactly these MoE layers, except that it may
+            leave out the ``optional`` ones (multi-token-prediction layers no profile runs).
+
+    Raises:
+        SaliencyError: wrong format/version, NaN or infinite scores, negative counts or REAP,
+            a layer or expert count that does not match the checkpoint.
+    """
+    doc, digest = _read(path)
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise SaliencyError(f"{path}: not a saliency file (expected \"format\": \"{FORMAT}\")")
+    if doc.get("version") != VERSION:
+        raise SaliencyError(f"{path}: saliency version {doc.get('version')!r}; this tool reads version {VERSION}")
+    parsed = _parse_layers(path, doc.get("layers"), num_experts)
+    if layers is not None and sorted(set(parsed) | set(optional)) != sorted(set(layers) | set(optional)):
+        missing = sorted(set(layers) - set(parsed) - set(optional))
         extra = sorted(set(parsed) - set(layers))
         raise SaliencyError(
             f"{path}: saliency covers {_span(parsed)}, but the checkpoint's MoE layers are "
@@ -209,8 +216,10 @@ def _check_values(path: str, layer: int, metric: str, values: Any, n: int | None
     return tuple(out)
 
 
-def load_keep_list(path: str, num_experts: int, layers: Sequence[int]) -> tuple[dict[int, tuple[int, ...]], str]:
-    """Load ``{"<layer>": [expert ids]}``; every MoE layer must be present.
+def load_keep_list(path: str, num_experts: int, layers: Sequence[int],
+                   optional: Sequence[int] = ()) -> tuple[dict[int, tuple[int, ...]], str]:
+    """Load ``{"<layer>": [expert ids]}``; every MoE layer but the ``optional`` ones (MTP layers)
+    must be present.
 
     Returns:
         The keep set per layer (sorted ids) and the file's sha256.
@@ -237,7 +246,7 @@ def load_keep_list(path: str, num_experts: int, layers: Sequence[int]) -> tuple[
         if not ids:
             raise SaliencyError(f"{path}: layer {layer}: keeps no experts")
         keep[layer] = tuple(sorted(ids))
-    missing = sorted(set(layers) - set(keep))
+    missing = sorted(set(layers) - set(keep) - set(optional))
     if missing:
         raise SaliencyError(f"{path}: no keep list for MoE layers {missing}")
     return keep, digest
@@ -268,12 +277,21 @@ def model_identity(ckpt: Checkpoint) -> dict[str, Any]:
     """
     layout = ckpt.layout
     config = ckpt.config
-    tensors = sorted(
+    tensors: list[Any] = sorted(
         (t.name, t.dtype, list(t.shape)) for t in ckpt.tensors.values() if layout.classify(t.name) is not None
     )
     fields = {k: config[k] for k in IDENTITY_CONFIG_FIELDS if k in config}
+    if ckpt.container == "gguf":
+        # Quantizations of one model share its saliency: the architecture's hyperparameters and
+        # the expert tensors' names and shapes identify it, their types do not.
+        arch = f"{config.get('general.architecture')}."
+        fields = {k: v for k, v in config.items() if k.startswith(arch)}
+        tensors = [[name, shape] for name, _, shape in tensors]
     blob = json.dumps({"config": fields, "tensors": tensors}, sort_keys=True, separators=(",", ":"))
+    # A GGUF conversion names and stores tensors its own way; experts keep their ids across it.
+    container = {"container": ckpt.container} if ckpt.container != "safetensors" else {}
     return {
+        **container,
         "family": layout.family,
         "model_type": config.get("model_type"),
         "num_layers": len(layout.moe_layers(ckpt)),
@@ -294,6 +312,10 @@ def identity_mismatch(sal: Saliency, identity: Mapping[str, Any], ckpt_url: str)
         return None
     theirs = {k: sal.model.get(k) for k in ("family", "num_layers", "num_experts", "top_k")}
     ours = {k: identity[k] for k in theirs}
+    if sal.model.get("container", "safetensors") != identity.get("container", "safetensors") and theirs == ours:
+        # Across formats (a GGUF conversion of the profiled checkpoint) tensor names, dtypes and
+        # config fields differ by construction: the geometry is what can be compared.
+        return None
     what = (f"it scores {_describe(theirs)}, {ckpt_url} is {_describe(ours)}" if theirs != ours
             else f"same family and geometry, but other config fields or expert tensor names, dtypes "
                  f"or shapes (fingerprint {str(recorded)[:12]} against {identity['fingerprint'][:12]})")

@@ -81,7 +81,8 @@ def _count_fields(f: ServingFacts, target: str, ep: int | None) -> tuple[str, st
         return "skip", "expert counts differ between layers (see the uniform rule); no one count to compare"
     if not f.count_fields:
         return "fail", f"config.json has none of {', '.join(COUNT_FIELDS)}; the engine cannot size the expert layers"
-    bad = {k: v for k, v in f.count_fields.items() if v != f.count}
+    # A per-layer list (Hunyuan) agrees when every entry is the count.
+    bad = {k: v for k, v in f.count_fields.items() if v != f.count and not (isinstance(v, list) and v == [f.count] * len(v))}
     if bad:
         shown = ", ".join(f"{k} = {v!r}" for k, v in bad.items())
         return "fail", (f"config.json says {shown}, but the tensors hold {f.count} experts per layer; "
@@ -206,6 +207,14 @@ def _quantization(f: ServingFacts, target: str, ep: int | None) -> tuple[str, st
     return "pass", f"quantization_config {f.quant_method or 'absent'} matches expert dtypes {sorted(f.expert_dtypes)}"
 
 
+def _quant_modules(f: ServingFacts, target: str, ep: int | None) -> tuple[str, str]:
+    if f.quant_method is None:
+        return "skip", "no quantization_config"
+    if f.quant_modules_problem:
+        return "fail", f.quant_modules_problem
+    return "pass", "every expert module quantization_config names exists, and its unquantized experts are excluded"
+
+
 _ALL = TARGETS
 _HF_CONFIG = "the Hugging Face config class of the family (transformers models/<family>/configuration_*.py)"
 
@@ -265,6 +274,11 @@ RULES: tuple[Rule, ...] = (
     Rule("quantization-config", _ALL, "quantization_config matches the expert tensors (MXFP4 kept for gpt-oss)",
          _quantization, {t: "the loader picks the MoE weight layout from config.json's quantization_config "
                             "(transformers Mxfp4HfQuantizer, vLLM Mxfp4Config)" for t in _ALL}),
+    Rule("quantization-modules", _ALL, "expert modules named in quantization_config exist and match how they are "
+         "stored", _quant_modules,
+         {t: "compressed-tensors: modules not in `ignore` are loaded as quantized (weight_packed, weight_scale); "
+             "transformers' quantizers skip `modules_to_not_convert`; vLLM skips `ignore` / `exclude_modules` "
+             "(is_layer_skipped)" for t in _ALL}),
 )
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from core.checkpoint import Checkpoint
 from core.layouts import Layout
 from planners.plan import Plan
+from planners.quantization import module_list_problem
 
 #: Expert-count and top-k fields any engine may read, in the order llama.cpp's converter
 #: (``convert_hf_to_gguf.py``, ``TextModel.set_gguf_parameters``) looks for them.
@@ -26,8 +27,8 @@ class ServingFacts:
     Attributes:
         family: the layout's family (``gpt_oss``, ``qwen3_moe``, …).
         layer_counts: experts per MoE layer, as the tensors hold them.
-        count_fields / topk_fields: those of :data:`COUNT_FIELDS` / :data:`TOPK_FIELDS` present
-            in the config, with their values.
+        count_fields / topk_fields: the family's count / top-k fields and those of
+            :data:`COUNT_FIELDS` / :data:`TOPK_FIELDS` present in the config, with their values.
         group_field: the family's config field of group-limited routing (``None``: the family
             routes without groups, whatever its config says).
         n_group / topk_group: group-limited routing (DeepSeek-V3, GLM-4.5) as the config holds
@@ -37,6 +38,8 @@ class ServingFacts:
             string ``quant_method`` (``None`` when absent or well-formed).
         expert_dtypes: dtypes of the expert tensors (``U8`` blocks for MXFP4, ``F8_E4M3`` …).
         mxfp4_blocks: whether the expert weights are MXFP4 ``*_blocks``/``*_scales`` tensors.
+        quant_modules_problem: what disagrees between ``quantization_config``'s module lists
+            and the per-expert tensors (:func:`planners.quantization.module_list_problem`).
     """
 
     family: str
@@ -50,6 +53,7 @@ class ServingFacts:
     group_field: str | None = "n_group"
     expert_dtypes: frozenset[str] = frozenset()
     mxfp4_blocks: bool = False
+    quant_modules_problem: str | None = None
 
     @property
     def counts(self) -> set[int]:
@@ -71,7 +75,10 @@ class ServingFacts:
 
     @property
     def top_k(self) -> int | None:
-        ints = [v for v in self.topk_fields.values() if is_int(v) and v > 0]
+        """The routing top-k: the first positive integer field, or the largest entry of a per-layer
+        list (Hunyuan's ``moe_topk``)."""
+        ints = [v if is_int(v) else max(v) for v in self.topk_fields.values()
+                if (is_int(v) and v > 0) or (isinstance(v, list) and v and all(is_int(x) and x > 0 for x in v))]
         return ints[0] if ints else None
 
     def with_count(self, n: int) -> ServingFacts:
@@ -94,6 +101,7 @@ def facts_from(config: Mapping[str, Any], tensors: Iterable[tuple[str, str, Sequ
     rows: dict[int, set[int]] = {}
     ids: dict[int, set[int]] = {}
     dtypes, blocks = set(), False
+    tensors = list(tensors)
     for name, dtype, shape in tensors:
         t = layout.classify(name)
         if t is None:
@@ -120,16 +128,25 @@ def facts_from(config: Mapping[str, Any], tensors: Iterable[tuple[str, str, Sequ
     return ServingFacts(
         family=layout.family,
         layer_counts=dict(sorted(counts.items())),
-        count_fields={f: config[f] for f in COUNT_FIELDS if f in config},
-        topk_fields={f: config[f] for f in TOPK_FIELDS if f in config},
+        # The family's own fields (ERNIE's moe_num_experts / moe_k, Gemma-4's top_k_experts) are
+        # what its config class, and so every engine's model file for it, reads.
+        count_fields={f: config[f] for f in dict.fromkeys((*layout.count_fields, *COUNT_FIELDS)) if f in config},
+        topk_fields={f: config[f] for f in dict.fromkeys((*layout.topk_fields, *TOPK_FIELDS)) if f in config},
         n_group=config.get(layout.group_field) if grouped and layout.group_field else None,
-        topk_group=config.get("topk_group") if grouped else None,
+        topk_group=config.get(_topk_group_field(layout)) if grouped else None,
         quant_method=method,
         quant_problem=quant_problem,
         group_field=layout.group_field,
         expert_dtypes=frozenset(dtypes),
         mxfp4_blocks=blocks,
+        quant_modules_problem=module_list_problem(config, layout, tensors),
     )
+
+
+def _topk_group_field(layout: Layout) -> str:
+    """``topk_group``, or for a GGUF model its metadata key ``{arch}.expert_group_used_count``."""
+    group = layout.group_field or ""
+    return group.replace("expert_group_count", "expert_group_used_count") if group.endswith(".expert_group_count") else "topk_group"
 
 
 def plan_facts(plan: Plan, layout: Layout) -> ServingFacts:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from core.checkpoint import (
@@ -16,6 +16,7 @@ from core.errors import PlanError
 from core.layouts import PER_LAYER_FIELD, Layout
 from planners.plan import CARD_NAME, Plan, source_card
 from planners.provenance import source_location
+from planners.quantization import rewritten_quantization
 from planners.tensors import plan_tensors
 
 
@@ -55,13 +56,16 @@ _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-
 
 
 def derived_config(source: Mapping[str, Any], layout: Layout, keep: Mapping[int, Sequence[int]], top_k: int,
-                   soft: bool, renormalize: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+                   soft: bool, renormalize: bool = False, tensor_names: Iterable[str] = (),
+                   where: str = "config.json") -> tuple[dict[str, Any], dict[str, Any]]:
     """The output ``config.json`` and the patch that makes it from the source's: nothing else
     than what the keep sets, the top-k and ``--renormalize-topk`` imply.
 
     Counts are set to the largest kept count, and where layers keep different counts each
     layer's goes in :data:`PER_LAYER_FIELD`. A ``_name_or_path`` that is not a Hub id (a
-    machine's folder) is emptied, since the output is made to be published.
+    machine's folder) is emptied, since the output is made to be published. Module names of
+    ``quantization_config`` that hold an expert number (``tensor_names`` are the source's) are
+    dropped or renumbered with their experts (:mod:`planners.quantization`).
     """
     counts = {layer: len(ids) for layer, ids in sorted(keep.items())}
     patch = layout.config_patch(source, max(counts.values()), top_k)
@@ -71,6 +75,9 @@ def derived_config(source: Mapping[str, Any], layout: Layout, keep: Mapping[int,
         patch[PER_LAYER_FIELD] = {str(layer): n for layer, n in counts.items()}
     if renormalize and layout.renormalize_field:
         patch[layout.renormalize_field] = True
+    quant = None if soft else rewritten_quantization(source, layout, keep, tensor_names, where)
+    if quant is not None:
+        patch["quantization_config"] = quant
     name = source.get("_name_or_path")
     if isinstance(name, str) and name and not _HUB_ID.match(name):
         patch["_name_or_path"] = ""
@@ -128,7 +135,8 @@ def check_config(plan: Plan, ckpt: Checkpoint, where: str) -> None:
     anyone loading with ``trust_remote_code``; a wrong count or top-k breaks the model)."""
     field_name = ckpt.layout.renormalize_field
     renormalize = field_name is not None and plan.config_patch.get(field_name) is True
-    config, patch = derived_config(ckpt.config, ckpt.layout, plan.keep, plan.top_k, plan.soft, renormalize)
+    config, patch = derived_config(ckpt.config, ckpt.layout, plan.keep, plan.top_k, plan.soft, renormalize,
+                                   ckpt.tensors, ckpt.storage.describe(CONFIG_NAME))
     for what, planned, derived in (("config_patch", plan.config_patch, patch), ("config", plan.config, config)):
         if dict(planned) == derived:
             continue

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import struct
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,8 +11,9 @@ from core.checkpoint import (
     Checkpoint,
     TensorInfo,
 )
-from core.errors import PlanError
-from core.format import parse_header
+from core.containers import Container, container_of
+from core.errors import FormatError, PlanError
+from core.gguf import padding
 from core.layouts import Layout, expert_axis
 
 
@@ -67,7 +68,8 @@ def merge_segments(segments: Iterable[Segment]) -> list[Segment]:
 
 @dataclass(frozen=True)
 class PlannedTensor:
-    """An output tensor and the source bytes that make it, in order."""
+    """An output tensor and the source bytes that make it, in order; ``pad`` zero bytes follow
+    its data where the format aligns tensors (GGUF)."""
 
     name: str
     dtype: str
@@ -75,10 +77,14 @@ class PlannedTensor:
     source: str
     segments: tuple[Segment, ...]
     layer: int | None = None
+    pad: int = 0
 
     @property
     def nbytes(self) -> int:
         return sum(s.length for s in self.segments)
+
+    def write_segments(self) -> tuple[Segment, ...]:
+        return (*self.segments, Segment.literal(bytes(self.pad))) if self.pad else self.segments
 
 
 @dataclass(frozen=True)
@@ -91,7 +97,7 @@ class OutputShard:
 
     @property
     def data_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
+        return sum(t.nbytes + t.pad for t in self.tensors)
 
     @property
     def size(self) -> int:
@@ -99,24 +105,28 @@ class OutputShard:
 
     def copy_ops(self) -> list[Segment]:
         """The data's segments in write order, neighbours merged across tensors."""
-        return merge_segments(s for t in self.tensors for s in t.segments)
+        return merge_segments(s for t in self.tensors for s in t.write_segments())
 
 
-def output_from_json(o: Mapping[str, Any], where: str) -> OutputShard:
-    raw = o["header"].encode("utf-8")
-    header = parse_header(raw, f"{where}: output {o['name']}")
+def output_from_json(o: Mapping[str, Any], where: str, container: Container) -> OutputShard:
+    size = o["size"] if isinstance(o.get("size"), int) else 0
+    try:
+        header, entries, align = container.header_from_json(o["header"], size, f"{where}: output {o['name']}")
+    except FormatError as e:
+        raise PlanError(str(e)) from None
     tensors = tuple(
         PlannedTensor(
             t["name"], t["dtype"], tuple(t["shape"]), t["source"],
-            tuple(Segment.from_json(v) for v in t["segments"]), t.get("layer"),
+            tuple(Segment.from_json(v) for v in t["segments"]), t.get("layer"), t.get("pad", 0),
         )
         for t in o["tensors"]
     )
-    entries = [(e.name, e.dtype, e.shape, e.nbytes) for e in header.tensors]
     planned = [(t.name, t.dtype, t.shape, t.nbytes) for t in tensors]
     if entries != planned:
         raise PlanError(f"{where}: the header of output '{o['name']}' does not match its tensors' segments")
-    out = OutputShard(o["name"], struct.pack("<Q", len(raw)) + raw, tensors)
+    if any(t.pad != padding(t.nbytes, align) for t in tensors):
+        raise PlanError(f"{where}: output '{o['name']}': a tensor's padding is not what alignment {align} needs")
+    out = OutputShard(o["name"], header, tensors)
     if o.get("size") != out.size:
         raise PlanError(f"{where}: output '{o['name']}' declares size {o.get('size')!r}, but its header "
                         f"and segments make {out.size:,} bytes")
@@ -194,4 +204,5 @@ def plan_tensors(ckpt: Checkpoint, layout: Layout, keep: Mapping[int, Sequence[i
             f"{sorted(set(keep) - biases_done)[:5]} have none (soft prune works for gpt-oss and "
             f"DeepSeek-V3/GLM-4.5); use a structural prune instead"
         )
-    return out
+    align = container_of(ckpt).alignment(ckpt)
+    return [dataclasses.replace(t, pad=padding(t.nbytes, align)) for t in out] if align > 1 else out

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from core.errors import CheckpointError
+
 IMPLEMENTATION = "rewriter_observed"
 
 
@@ -148,7 +150,11 @@ class ExpertObserver:
         device = self.device or next(self.model.parameters()).device
         modules = self.experts_modules()
         if not modules:
-            raise ValueError(f"{type(self.model).__name__} has no experts module using transformers' experts interface")
+            raise CheckpointError(
+                f"{type(self.model).__name__} (model_type {getattr(self.model.config, 'model_type', None)!r}): its "
+                f"experts module does not use transformers' experts interface, so profile cannot observe which "
+                f"tokens reach which expert; measure saliency with another tool and import it (import-reap), or "
+                f"prune with a --keep-list")
         for i, experts in modules:
             n = experts.num_experts
             slot = LayerSlot(i, torch.zeros(n, dtype=torch.float64, device=device),

@@ -130,7 +130,9 @@ def skeleton(config: dict[str, Any], dtype: torch.dtype):
     model_type = cfg.pop("model_type", None)
     if model_type not in CONFIG_MAPPING:
         raise RewriterError(f"config.json: model_type {model_type!r} is not known to this transformers")
-    conf = CONFIG_MAPPING[model_type](**cfg)
+    cls = CONFIG_MAPPING[model_type]
+    decode = getattr(cls, "_decode_special_floats", None)  # {"__float__": "Infinity"}, as transformers writes it
+    conf = cls(**(decode(cfg) if decode else cfg))
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -170,7 +172,7 @@ class StreamedModel:
         self.gpu_memory = gpu_memory
         self.model = skeleton(ckpt.config, self.dtype)
         self.base = self.model.base_model
-        self.recipes = Recipes(ckpt, self.dtype, fp32_patterns(self.model, self.dtype))
+        self.recipes = Recipes(ckpt, self.dtype, fp32_patterns(self.model, self.dtype), self.model)
         self.block = fp8_block(ckpt.config)
         self.prefix = {id(m): name for name, m in self.model.named_modules()}
         self.ledger = WeightLedger()
@@ -184,6 +186,14 @@ class StreamedModel:
         rot = getattr(self.base, "rotary_emb", None)
         if rot is not None:
             self.base.rotary_emb = type(rot)(config=self.model.config).to(self.device)
+        # Families with one rotary embedding per layer kind or theta keep them in a list, each
+        # built from its own config.
+        for name, module in list(self.base.named_modules()):
+            if not name or name.startswith("layers.") or name == "rotary_emb" or "Rotary" not in type(module).__name__:
+                continue
+            parent, _, leaf = name.rpartition(".")
+            owner = self.base.get_submodule(parent) if parent else self.base
+            setattr(owner, leaf, type(module)(getattr(module, "config", self.model.config)).to(self.device))
 
     # --- weights -----------------------------------------------------------------------------
 
@@ -258,6 +268,12 @@ class StreamedModel:
             self.base(input_ids=ids, use_cache=False)
         except _Stop:
             pass
+        except (ValueError, TypeError) as e:
+            # The model unpacked what a stand-in layer returned: its layers return more than their
+            # hidden states (state one layer hands the next), which streaming layer by layer loses.
+            raise RewriterError(f"{type(layers[0]).__name__} returns more than its hidden states (state it "
+                                f"passes to the next layer), which the streamed engine cannot carry; run "
+                                f"without --streamed") from e
         finally:
             for layer in layers:
                 del layer.forward
@@ -276,6 +292,7 @@ class StreamedModel:
             progress: ``(stage, done, total)`` after each layer.
         """
         t_start = time.perf_counter()
+        self.check_runnable()
         self.stats, self.ledger = EngineStats(), WeightLedger()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -376,7 +393,7 @@ class StreamedModel:
 
     def _head(self, batches: Sequence[np.ndarray], store: ActivationStore, head) -> list[Any]:
         t0 = time.perf_counter()
-        norm, lm_head = self.base.norm, self.model.get_output_embeddings()
+        norm, lm_head = self.final_norm(), self.model.get_output_embeddings()
         n_norm = self._load_now(norm)
         n_head = self._load_now(lm_head) if not self._tied() else self._load_tied(lm_head)
         out = []
@@ -388,6 +405,28 @@ class StreamedModel:
         self.free(lm_head, n_head)
         self.stats.head_s = time.perf_counter() - t0
         return out
+
+    def check_runnable(self) -> None:
+        """Refuse, before any weight is read, a model whose base has no decoder-layer list or no
+        final norm to run layer by layer."""
+        if not isinstance(getattr(self.base, "layers", None), torch.nn.ModuleList):
+            raise RewriterError(f"{type(self.model).__name__}: its base model ({type(self.base).__name__}) has no "
+                                f"list of decoder layers (layers) for the streamed engine to run one by one; run "
+                                f"without --streamed")
+        self.final_norm()
+
+    def final_norm(self) -> torch.nn.Module:
+        """The norm the model applies after its last layer: ``norm``, or the base model's one
+        top-level norm module under another name (LFM2's ``embedding_norm``)."""
+        norm = getattr(self.base, "norm", None)
+        if isinstance(norm, torch.nn.Module):
+            return norm
+        found = [m for name, m in self.base.named_children() if type(m).__name__.endswith("Norm")]
+        if len(found) != 1:
+            raise RewriterError(f"{type(self.base).__name__} has {len(found)} top-level norm modules and none named "
+                                f"norm, so the streamed engine cannot tell which follows the last layer; run "
+                                f"without --streamed")
+        return found[0]
 
     def _tied(self) -> bool:
         prefix = self.prefix[id(self.model.get_output_embeddings())]

@@ -4,7 +4,10 @@ A module's parameters (the names transformers gives them) are matched to checkpo
 :class:`Recipe`: copied as stored, MXFP4 ``_blocks``/``_scales`` pairs (gpt-oss) dequantized,
 per-expert tensors (``experts.N.gate_proj`` …, Mixtral's ``w1``/``w3``/``w2``) stacked into the
 fused ``gate_up_proj``/``down_proj`` parameters transformers 5 uses, and FP8 weights with a
-``weight_scale_inv`` (DeepSeek-V3) dequantized by blocks. Bytes come through the project's
+``weight_scale_inv`` (DeepSeek-V3) dequantized by blocks. Which checkpoint tensors make which
+parameter comes first from transformers' own conversion mapping of the model (the renames and
+expert merges its loader applies, so every family it loads is matched the way it loads it), then
+from the names themselves. Bytes come through the project's
 storage layer (:class:`rewriter.storage.Storage`), one ranged read per run of adjacent tensors;
 conversion runs on the target device.
 """
@@ -37,7 +40,7 @@ _READ_CHUNK = 64 << 20
 #: Per-expert names of the fused parameters' parts: (transformers 5 name, Mixtral name).
 _GATE, _UP, _DOWN = ("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")
 
-Kind = Literal["copy", "mxfp4", "gate_up", "down"]
+Kind = Literal["copy", "mxfp4", "gate_up", "down", "concat", "part"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class Recipe:
     kind: Kind
     sources: tuple[str, ...]
     dtype: torch.dtype  # the parameter's dtype once built
+    dim: int = 0  # of a ``concat`` or a ``part``: the dimension the sources are joined or split along
+    span: tuple[int, int] = (0, 0)  # of a ``part``: the slice of that dimension that is this parameter
 
 
 def checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
@@ -83,14 +88,88 @@ def dense_bytes(ckpt: Checkpoint, dtype: torch.dtype) -> int:
     return total
 
 
-class Recipes:
-    """Matches module parameter names to the checkpoint's tensors."""
+#: transformers conversions the streamed engine builds itself: experts stacked (``MergeModulelist``)
+#: and, for a fused gate/up parameter, concatenated after stacking (``Concatenate`` on dim 1).
+_MERGES = {("MergeModulelist(0)",): 1, ("MergeModulelist(0)", "Concatenate(1)"): 2}
 
-    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, fp32_patterns: Iterable[str] = ()):
+
+@dataclass(frozen=True)
+class Mapped:
+    """Checkpoint tensors of one model parameter by transformers' conversion mapping: ``sources``
+    in the order its converter merges them (experts, then source patterns), and the converter's
+    operations (empty for a plain rename)."""
+
+    sources: tuple[str, ...]
+    operations: tuple[str, ...] = ()
+    span: tuple[int, int] = (0, 0)  # a Split's part: its slice of dim 0
+
+
+def _split_parts(conv: Any, key: str, meta: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """Each target of a ``Split`` converter (a fused q/k/v tensor): its slice of dim 0, sized like
+    the model's parameter, as transformers' ``Split`` cuts it."""
+    first = conv.target_patterns[0]
+    keys = [key.replace(first, t) for t in conv.target_patterns]
+    out, start = {}, 0
+    for k in keys:
+        n = meta[k].shape[0] if k in meta else 0
+        out[k] = (start, start + n)
+        start += n
+    return out
+
+
+def _expert_number(name: str) -> int:
+    numbers = re.findall(r"\.(\d+)\.", name)
+    return int(numbers[-1]) if len(numbers) > 1 else -1
+
+
+def transformers_names(model: torch.nn.Module, names: Iterable[str]) -> dict[str, Mapped]:
+    """Model parameter key -> the checkpoint tensors transformers' loader would build it from."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    by_pattern = {p: (c, i) for c in converters for i, p in enumerate(c.source_patterns)}
+    meta = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None)
+    found: dict[str, list[tuple[int, int, str]]] = {}
+    ops: dict[str, tuple[str, ...]] = {}
+    parts: dict[str, Mapped] = {}
+    for name in names:
+        if name.endswith("_scale_inv"):  # FP8 scales travel with their weight (Recipes.sources)
+            continue
+        key, pattern = rename_source_key(name, renamings, converters, prefix, meta)
+        if key not in meta and name in meta:
+            key, pattern = name, None
+        if key not in meta:
+            continue
+        if pattern is None:
+            found.setdefault(key, []).append((-1, 0, name))
+            continue
+        conv, i = by_pattern[pattern]
+        if [f"{type(op).__name__}({getattr(op, 'dim', '')})" for op in conv.operations] == ["Split(0)"]:
+            for part, span in _split_parts(conv, key, meta).items():
+                parts[part] = Mapped((name,), ("Split(0)",), span)
+            continue
+        ops[key] = tuple(f"{type(op).__name__}({getattr(op, 'dim', '')})" for op in conv.operations)
+        if len(conv.source_patterns) != 1 + (len(ops[key]) == 2):  # not a plain stack or a gate/up pair
+            ops[key] += (f"{len(conv.source_patterns)} source patterns",)
+        found.setdefault(key, []).append((_expert_number(name), i, name))
+    return {**{k: Mapped(tuple(n for *_, n in sorted(v)), ops.get(k, ())) for k, v in found.items()}, **parts}
+
+
+class Recipes:
+    """Matches module parameter names to the checkpoint's tensors (through ``model``'s
+    transformers conversion mapping when given)."""
+
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, fp32_patterns: Iterable[str] = (),
+                 model: torch.nn.Module | None = None):
         self.ckpt = ckpt
         self.dtype = dtype
         patterns = list(fp32_patterns)
         self._fp32 = re.compile("|".join(re.escape(p) for p in patterns)) if patterns else None
+        self._mapped = transformers_names(model, ckpt.tensors) if model is not None else {}
 
     def target_dtype(self, key: str, stored: str) -> torch.dtype:
         if stored not in _FLOATS and not stored.startswith("F8") and stored != "U8":
@@ -127,6 +206,9 @@ class Recipes:
         Raises:
             CheckpointError: no tensor (or tensor group) of the checkpoint provides it.
         """
+        mapped = self._from_mapping(key)
+        if mapped is not None:
+            return mapped
         direct = self._find(key)
         if direct is not None:
             return Recipe(key, "copy", (direct,), self.target_dtype(key, self.ckpt.tensors[direct].dtype))
@@ -145,6 +227,24 @@ class Recipes:
             f"MXFP4 _blocks/_scales and per-expert tensors); is the checkpoint complete and its "
             f"config.json the right one?"
         )
+
+    def _from_mapping(self, key: str) -> Recipe | None:
+        m = self._mapped.get(key)
+        if m is None:
+            return None
+        dtype = self.target_dtype(key, self.ckpt.tensors[m.sources[0]].dtype)
+        if not m.operations:
+            return Recipe(key, "copy", m.sources[:1], dtype) if len(m.sources) == 1 else None
+        if m.operations == ("Split(0)",):
+            return Recipe(key, "part", m.sources, dtype, 0, m.span)
+        if len(m.operations) == 2 and m.operations[0].startswith("Concatenate(") and m.operations[1].endswith(
+                "source patterns"):  # fused projections (q/k/v) joined in pattern order
+            return Recipe(key, "concat", m.sources, dtype, int(m.operations[0][12:-1]))
+        if m.operations not in _MERGES:  # Transpose, Chunk, family-specific ops
+            raise CheckpointError(f"{self.ckpt.url}: transformers builds the model's parameter {key!r} from "
+                                  f"{len(m.sources)} tensors with {' + '.join(m.operations)}, which the streamed "
+                                  f"engine does not do; run without --streamed")
+        return Recipe(key, "gate_up" if len(m.operations) == 2 else "down", m.sources, dtype)
 
     def sources(self, recipes: Iterable[Recipe]) -> list[TensorInfo]:
         """Every checkpoint tensor the recipes read, FP8 scales included, in storage order."""
@@ -221,6 +321,11 @@ def build(recipe: Recipe, stored: Mapping[str, torch.Tensor], device: torch.devi
 
     if recipe.kind == "copy":
         return dense(recipe.sources[0])
+    if recipe.kind == "part":
+        a, b = recipe.span
+        return dense(recipe.sources[0]).narrow(recipe.dim, a, b - a).contiguous()
+    if recipe.kind == "concat":
+        return torch.cat([dense(s) for s in recipe.sources], dim=recipe.dim)
     if recipe.kind == "mxfp4":
         blocks, scales = (stored[s].to(device, non_blocking=True) for s in recipe.sources)
         if blocks.dim() != 4 or blocks.shape[:3] != scales.shape:

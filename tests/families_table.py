@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import re
 from pathlib import Path
@@ -31,29 +32,59 @@ def tensors(layout: Layout) -> str:
     return f"{kind}; router `{readable(layout.router)}`"
 
 
+def real_indexes() -> dict[str, str]:
+    """model_type -> the public checkpoint whose index names ``tests/core/test_real_indexes.py`` checks."""
+    found = {}
+    for path in sorted((REPO / "tests" / "assets" / "real_indexes").glob("*.json.gz")):
+        doc = json.loads(gzip.decompress(path.read_bytes()))
+        found[doc["config"]["model_type"]] = doc["model"]
+    return found
+
+
 def collect(results: list[dict[str, Any]]) -> dict[str, Any]:
     """The committed document: one row per described or refused model type; truth from the run."""
     measured = {r["model_type"]: r for r in results}
+    checked = real_indexes()
     rows = []
     for layout in LAYOUTS:
         for model_type in layout.model_types:
-            r = measured.get(model_type)
+            r = measured.get(model_type) or {}
             rows.append({"model_type": model_type, "status": "supported" if r else "untested",
                          "family": layout.family, "tensors": tensors(layout), "routing": layout.routing,
                          "count_fields": list(layout.count_fields), "topk_fields": list(layout.topk_fields),
-                         "max_diff": None if r is None else r["max_diff"],
-                         "moe_layers": None if r is None else r["moe_layers"]})
+                         "max_diff": r.get("max_diff"), "moe_layers": r.get("moe_layers"),
+                         "targets": r.get("targets"),
+                         "real_index": checked.get(model_type)})
     rows += [{"model_type": t, "status": "refused", "reason": why} for t, why in REFUSED.items()]
     return {"families": sorted(rows, key=lambda row: row["model_type"])}
 
 
+def with_streamed(doc: dict[str, Any], streamed: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``doc`` with each described type's streamed-profile outcome from ``streamed`` (model type
+    -> a result of ``tests/profiling/test_streamed_families.py``)."""
+    for row in doc["families"]:
+        r = streamed.get(row["model_type"])
+        if r is None or row["status"] == "refused":
+            continue
+        row["streamed_profile"] = r["streamed_profile"]
+        if r.get("streamed_max_rel_diff") is not None:
+            row["streamed_max_rel_diff"] = r["streamed_max_rel_diff"]
+    return doc
+
+
+def _streamed_cell(row: dict[str, Any]) -> str:
+    got = row.get("streamed_profile")
+    return "not run" if got is None else got.replace("|", "\\|")
+
+
 def _cell(row: dict[str, Any]) -> str:
     if row["status"] == "refused":
-        return f"| `{row['model_type']}` | refused | {row['reason']} | | |"
+        return f"| `{row['model_type']}` | refused | {row['reason']} | | | | | |"
     diff = "not run" if row["max_diff"] is None else f"{row['max_diff']:.1e}"
+    targets = ", ".join(row.get("targets") or []) or "—"
     fields = f"`{row['count_fields'][0]}` / `{row['topk_fields'][0]}`"
     return (f"| `{row['model_type']}` | {row['status']} ({row['family']}) | {row['tensors']} | {fields}; "
-            f"{row['routing']} | {diff} |")
+            f"{row['routing']} | {diff} | {_streamed_cell(row)} | {targets} | {row.get('real_index') or '—'} |")
 
 
 def render(doc: dict[str, Any]) -> str:
@@ -62,9 +93,14 @@ def render(doc: dict[str, Any]) -> str:
     head = (f"{n} model types supported with model-level truth, {sum(r['status'] == 'refused' for r in rows)} "
             "refused. Truth: the largest logit difference between the pruned tiny model (4 of 8 experts "
             "kept per MoE layer, loaded with `from_pretrained`) and the original with the dropped experts "
-            "made unselectable.\n\n"
+            "made unselectable. Streamed profile: the layer-streamed engine's saliency of the tiny model equals "
+            "the whole model's (frequencies exactly, REAP within 1e-5), or why it was not run streamed. Serving targets: the engines "
+            "whose `rewriter check` load rules the pruned tiny model passes (transformers also loads it; "
+            "the rules do not say an engine implements the architecture). Real index: the public checkpoint "
+            "whose `model.safetensors.index.json` tensor names `tests/core/test_real_indexes.py` classifies.\n\n"
             "| `model_type` | status (family) | expert tensors (under `layers.L.`) | count / top-k fields; routing "
-            "| truth max diff |\n|---|---|---|---|---|")
+            "| truth max diff | streamed profile | serving targets (`check`) | real index checked |\n"
+            "|---|---|---|---|---|---|---|---|")
     return "\n".join([BEGIN, head, *(_cell(r) for r in rows), END])
 
 
@@ -73,14 +109,25 @@ def replace_table(readme: str, table: str) -> str:
     return readme[:a] + table + readme[b:]
 
 
+def _lines(path: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--results", help="JSON lines written by the truth tests (REWRITER_FAMILY_RESULTS)")
+    ap.add_argument("--streamed-results", help="JSON lines written by the streamed-profile tests "
+                                               "(REWRITER_STREAMED_RESULTS)")
     args = ap.parse_args()
     path = REPO / "docs" / "families.json"
+    doc = json.loads(path.read_text())
     if args.results:
-        results = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
-        path.write_text(json.dumps(collect(results), indent=1) + "\n")
+        kept = {r["model_type"]: r for r in doc["families"] if "streamed_profile" in r}
+        doc = with_streamed(collect(_lines(args.results)), kept)
+    if args.streamed_results:
+        doc = with_streamed(doc, {r["model_type"]: r for r in _lines(args.streamed_results)})
+    if args.results or args.streamed_results:
+        path.write_text(json.dumps(doc, indent=1) + "\n")
     readme = REPO / "README.md"
     readme.write_text(replace_table(readme.read_text(), render(json.loads(path.read_text()))))
 

@@ -25,12 +25,19 @@ NUM_EXPERTS, TOP_K = 8, 2
 #: Per model type: fields whose generic tiny value does not build (values the config validates).
 OVERRIDES: dict[str, dict[str, Any]] = {
     "dots1": dict(n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2),
-    "dots3_note_text": dict(num_key_value_heads=4),
-    "granitemoehybrid": dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1),
-    "kolibri1_1": dict(index_layers=[1]),
+    "dots3_note_text": dict(num_key_value_heads=4, head_dim=16, index_head_dim=16, index_n_heads=2, index_topk=8),
+    # Hybrid stacks: an attention layer among the three, so the model runs at this depth.
+    "granitemoehybrid": dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=16, mamba_chunk_size=16,
+                             layer_types=["mamba", "attention", "mamba"]),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=0, mamba_d_state=8, mamba_dt_rank=8),
+    "kolibri1_1": dict(index_layers=[1], head_dim=16, index_num_heads=1, index_topk=8, index_pool_size=64,
+                       index_compression=16),
+    "qwen4_exp_text": dict(indexer_head_dim=16, indexer_budget=16, indexer_compress_ratio=4, indexer_n_heads=2,
+                           indexer_kv_heads=1, linear_key_head_dim=8, linear_value_head_dim=8),
     "zaya": dict(num_experts_per_tok=1),
+    # Its per-layer input gate must not be 8 wide, or the truth test would take it for a router.
     "gemma4_text": dict(enable_moe_block=True, top_k_experts=2, num_experts=8, moe_intermediate_size=32,
-                        hidden_size_per_layer_input=8),
+                        hidden_size_per_layer_input=16),
     "flex_olmo": dict(pad_token_id=1, eos_token_id=2),
     "inkling2_text": dict(unpadded_vocab_size=128),
     "inkling2_loop_text": dict(unpadded_vocab_size=128),
@@ -76,6 +83,24 @@ def moe_model_types() -> tuple[str, ...]:
     return tuple(found)
 
 
+@lru_cache(maxsize=1)
+def unjudged_model_types() -> tuple[str, ...]:
+    """Causal-LM types whose default config does not build and that :func:`moe_model_types` leaves
+    out: their declared fields could not show experts, so each needs a description or a refusal."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    found = []
+    for model_type in sorted(set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - set(moe_model_types())):
+        if model_type not in transformers.CONFIG_MAPPING:
+            continue
+        try:
+            transformers.CONFIG_MAPPING[model_type]()
+        except Exception:
+            found.append(model_type)
+    return tuple(found)
+
+
 def tiny_config(model_type: str):
     """A tiny config of ``model_type``: 3 layers, hidden 32, 8 experts, top-2, vocab 128."""
     import transformers
@@ -90,7 +115,8 @@ def tiny_config(model_type: str):
         if isinstance(v, list) and len(v) > 3 and "layer" in k and all(isinstance(x, (str, int)) for x in v):
             kw[k] = _shortened(v)
     if "kv_lora_rank" in d:  # multi-head latent attention: its own head sizes
-        kw.update(q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+        # Low-rank queries only where the config requires them (an int, not None, by default).
+        kw.update(q_lora_rank=None if d.get("q_lora_rank") is None else 16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
                   num_key_value_heads=4)
     kw.update(OVERRIDES.get(model_type, {}))
     return cls(**kw)

@@ -184,7 +184,7 @@ def dry_run_cmd(src: str, layer_ids: tuple[int, ...], scratch: str | None, buffe
     from planners.cost import human_bytes, shard_label
     from rewriter.exec.run import dry_run
 
-    if "://" not in src and os.path.isfile(src) and not src.endswith(".safetensors"):
+    if "://" not in src and os.path.isfile(src) and not src.endswith((".safetensors", ".gguf")):
         p = _per_layer_plan(src, layer_ids, kw)
     elif not layer_ids:
         raise click.UsageError("give the layers to probe with --layer N (repeat), or a per-layer PLAN written "

@@ -31,6 +31,12 @@ def test_bench_harness_tiny(tmp_path):
     assert 0 < saved["s3"]["tensor_bytes_fetched"] < saved["s3"]["bytes_written"] < saved["s3"]["source_bytes"]
     assert saved["s3"]["fetched_over_written"] <= 1.01
     assert saved["planning_120b"]["output_shards"] >= 7
+    gguf = saved["planning_120b"]["gguf"]
+    assert gguf["source_files"] > 1 and gguf["output_shards"] >= 7 and gguf["header_bytes_read"] < 4 << 20
+    layer = {c: m["output_bytes"] for (w, c), m in ms.items() if w == "layer-gguf"}
+    assert layer.keys() == {"ours", "ours-buffered"} and len(set(layer.values())) == 1
+    # The same experts' bytes as the safetensors layer (headers and GGUF padding aside).
+    assert abs(layer["ours"] - ms[("layer", "ours")]["output_bytes"]) < 64 << 10
 
 
 def test_remote_bench_tiny(tmp_path):

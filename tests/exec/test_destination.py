@@ -177,7 +177,7 @@ def test_every_destination_implements_the_whole_interface():
     from tests.conftest import REPO
 
     assert Destination.__abstractmethods__ == {"create_output", "put_bytes", "shard_done", "check_folder",
-                                               "is_new", "clear_temporary", "drop_empty_state", "refuse_source_files"}
+                                               "is_new", "clear_temporary", "drop_empty_state"}
     for kind in (LocalDestination, ObjectDestination, S3Destination):
         assert kind.__abstractmethods__ == frozenset(), kind
     assert [k.__name__ for k in (LocalDestination, ObjectDestination, S3Destination)

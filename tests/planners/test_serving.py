@@ -91,6 +91,19 @@ def _drop_quant(cfg: dict) -> None:
     del cfg["quantization_config"]
 
 
+def _compressed(path: Path, ignore_experts: bool = True) -> Path:
+    """A compressed-tensors checkpoint with two experts' down_proj left in BF16; without
+    ``ignore_experts`` its ignore list does not say so."""
+    from tests.quantized import CT_IGNORED, write_quantized
+
+    write_quantized(path, "compressed-tensors")
+    if not ignore_experts:
+        cfg = json.loads((path / "config.json").read_text())
+        cfg["quantization_config"]["ignore"] = [e for e in cfg["quantization_config"]["ignore"] if e not in CT_IGNORED]
+        (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
 CASES: dict[str, Case] = {
     "qwen3-8-experts": Case(lambda p: write_moe(p, "qwen3_moe", 8, 2), {
         "uniform": every("pass"), "config-count": every("pass"), "config-topk": every("pass"),
@@ -139,6 +152,12 @@ CASES: dict[str, Case] = {
     "fp8-with-quant-config": Case(lambda p: write_moe(p, "deepseek_v3", 8, 2, expert_dtype="F8_E4M3", config={
         "n_group": 2, "topk_group": 1, "quantization_config": {"quant_method": "fp8"}}),
                                   {"quantization-config": every("pass")}),
+    "compressed-tensors-ignore-matches": Case(_compressed, {"quantization-modules": every("pass"),
+                                                            "quantization-config": every("pass")}),
+    "compressed-tensors-ignore-misses-experts": Case(lambda p: _compressed(p, ignore_experts=False),
+                                                     {"quantization-modules": every("fail")}),
+    "unquantized-modules-rule-skips": Case(lambda p: write_moe(p, "qwen3_moe", 8, 2),
+                                           {"quantization-modules": every("skip")}),
 }
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
 from typing import Any
 
 from core.storage import Storage
@@ -100,11 +99,6 @@ class Destination(ABC):
     @abstractmethod
     def clear_temporary(self) -> None:
         """Remove temporary files of killed runs; call with the destination's lock held."""
-
-    @abstractmethod
-    def refuse_source_files(self, src: Storage, source_files: Iterable[str]) -> None:
-        """Raise when a file already in the destination is one of ``source_files`` of ``src``
-        (the same file on disk: a hard link, or the source mounted inside the destination)."""
 
     @abstractmethod
     def drop_empty_state(self, created: bool) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 from core import jsonfile
 from core.checkpoint import INDEX_NAME
 from core.errors import ExecutionError
+from core.gguf_model import INDEX_NAME as GGUF_INDEX_NAME
 from core.storage import Storage
 from planners.plan import PROVENANCE_NAME, Plan
 from planners.tensors import OutputShard
@@ -97,7 +98,9 @@ def check_destination(src: Storage, dst: Destination, source_files: Iterable[str
             below one.
     """
     inside, contains = dst.storage.is_within(src), src.is_within(dst.storage)
-    if inside or contains:
+    # A GGUF model is its files, not their folder: a folder below them is fine.
+    below_gguf = src.entry is not None and inside and not contains
+    if (inside and not below_gguf) or contains:
         how = "is the source" if inside and contains else "lies inside the source" if inside else "contains the source"
         raise ExecutionError(
             f"destination {dst.url} {how} {src.url} (compared as folders on disk, so a bind mount, a "
@@ -105,7 +108,24 @@ def check_destination(src: Storage, dst: Destination, source_files: Iterable[str
             f"destination outside the source folder"
         )
     dst.check_folder()
-    dst.refuse_source_files(src, source_files)
+    if dst.storage.exists():
+        _refuse_source_files(src, dst, source_files)
+
+
+def _refuse_source_files(src: Storage, dst: Destination, source_files: Iterable[str]) -> None:
+    """Refuse a destination file that is one of the source's files (a hard link, or a mount of the
+    source folder somewhere below the destination)."""
+    ours = src.identities(source_files)
+    if not ours:
+        return
+    for ident, name in dst.storage.identities(dst.list_files()).items():
+        found = ours.get(ident)
+        if found is not None:
+            raise ExecutionError(
+                f"{dst.describe(name)} is the source's file {src.describe(found)} (the same file on disk: a hard "
+                f"link, or the source mounted inside the destination); the source is never modified or removed: "
+                f"choose another destination, or remove that link first"
+            )
 
 
 def prepare_destination(plan: Plan, dst: Destination, *, force: bool = False,
@@ -129,7 +149,7 @@ def prepare_destination(plan: Plan, dst: Destination, *, force: bool = False,
     prov_digest = _provenance_digest(dst)
     ours = (state and state.get("plan") == digest) or prov_digest == digest
     if ours:
-        if prov_digest == digest and dst.exists(INDEX_NAME) and not dst.exists(JOURNAL):
+        if prov_digest == digest and dst.exists(plan.index_name) and not dst.exists(JOURNAL):
             return journal, True
         if state and state.get("plan") == digest:
             journal.shards = dict(state.get("shards", {}))
@@ -155,9 +175,10 @@ def _provenance_digest(dst: Destination) -> str | None:
 
 def _clear_output(dst: Destination, files: list[str], held: str) -> None:
     """``--force``: remove what marks a destination complete or could pass for shards of the new
-    output (index, provenance, journal, top-level ``*.safetensors``), saying what goes and what stays."""
-    removed = [f for f in files if f in (INDEX_NAME, PROVENANCE_NAME, JOURNAL)
-               or (f.endswith(".safetensors") and "/" not in f)]
+    output (index, provenance, journal, top-level ``*.safetensors`` and ``*.gguf``), saying what goes
+    and what stays."""
+    removed = [f for f in files if f in (INDEX_NAME, GGUF_INDEX_NAME, PROVENANCE_NAME, JOURNAL)
+               or (f.endswith((".safetensors", ".gguf")) and "/" not in f)]
     stays = [f for f in files if f not in removed and not f.startswith(STATE_DIR + "/")]
     log.warning("--force: %s holds %s; removing %d of its files so that none is taken for part of the new "
                 "output: %s%s", dst.url, held, len(removed), _some(removed),

@@ -13,11 +13,10 @@ import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import Iterable
 from typing import Any
 
 from core.errors import ExecutionError
-from core.storage import Storage, file_identity
+from core.storage import Storage
 from rewriter.exec.dest.base import TMP_DIR, Destination, ShardParts
 from rewriter.exec.dest.lock import LOCK_NAME, STATE_DIR
 from rewriter.exec.io import LocalOutput, MultipartPart, Output, PartOutput
@@ -103,20 +102,6 @@ class LocalDestination(Destination, ShardParts):
         if created:
             with contextlib.suppress(OSError):
                 os.rmdir(self.storage.root)
-
-    def refuse_source_files(self, src: Storage, source_files: Iterable[str]) -> None:
-        if not (src.is_local and self.storage.exists()):
-            return
-        ours = {file_identity(src.local_path(n)): n for n in source_files}
-        ours.pop(None, None)
-        for name in self.list_files():
-            found = ours.get(file_identity(self.storage.local_path(name)))
-            if found is not None:
-                raise ExecutionError(
-                    f"{self.describe(name)} is the source's file {src.describe(found)} (the same file on disk: a "
-                    f"hard link, or the source mounted inside the destination); the source is never modified or "
-                    f"removed: choose another destination, or remove that link first"
-                )
 
     # --- a shard in parts ------------------------------------------------------------------
 

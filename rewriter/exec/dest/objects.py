@@ -6,10 +6,8 @@ On S3 a large shard is one multipart upload whose parts several workers send.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from typing import Any
 
-from core.storage import Storage
 from rewriter.exec.dest.base import Destination, ShardParts
 from rewriter.exec.io import Output, RemoteOutput
 from rewriter.exec.io.partoutputs import MultipartPart, PartBody, PartOutput
@@ -43,9 +41,6 @@ class ObjectDestination(Destination):
 
     def drop_empty_state(self, created: bool) -> None:
         return None
-
-    def refuse_source_files(self, src: Storage, source_files: Iterable[str]) -> None:
-        return None  # an object is never the same file as one on a disk
 
 
 class S3Destination(ObjectDestination, ShardParts):

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from core import jsonfile
 from core.checkpoint import INDEX_NAME
 from core.errors import DestinationFullError, ExecutionError
+from core.gguf_model import INDEX_NAME as GGUF_INDEX_NAME
 from planners.plan import PROVENANCE_NAME, Plan
 from rewriter.exec.dest.base import Destination
 from rewriter.exec.dest.destination import open_destination
@@ -155,7 +156,7 @@ def read_status(dst_url: str, options: Mapping[str, Any] | None = None, now: flo
         ExecutionError: nothing there was written by a run, or the status document is damaged.
     """
     dst = open_destination(dst_url, options)
-    if dst.exists(INDEX_NAME) and dst.exists(PROVENANCE_NAME) and not dst.exists(JOURNAL):
+    if (dst.exists(INDEX_NAME) or dst.exists(GGUF_INDEX_NAME)) and dst.exists(PROVENANCE_NAME) and not dst.exists(JOURNAL):
         return _complete(dst)
     if dst.exists(STATUS_NAME):
         return _stopped(dst, _checked(dst, dst.read_all(STATUS_NAME), time.time() if now is None else now))

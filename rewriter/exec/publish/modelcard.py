@@ -18,6 +18,7 @@ from typing import Any
 from core import jsonfile
 from core.checkpoint import INDEX_NAME
 from core.errors import CardError
+from core.gguf_model import INDEX_NAME as GGUF_INDEX_NAME
 from core.storage import Storage
 from planners.plan import CARD_NAME, PROVENANCE_NAME, Plan, source_card
 from rewriter.exec.dest import Destination, DestinationLock
@@ -45,9 +46,12 @@ def front_matter(plan: Plan, base_model: str | None, license_fields: Mapping[str
     if base_model:
         lines.append(f"base_model: {_yaml_scalar(base_model)}")
     lines += [f"{k}: {_yaml_scalar(v)}" for k, v in (license_fields or {}).items()]
-    lines.append("library_name: transformers")
+    # The Hub files GGUF models under the gguf library (llama.cpp and the runtimes that read it).
+    lines.append(f"library_name: {'gguf' if plan.container == 'gguf' else 'transformers'}")
+    if plan.container == "gguf":
+        tags.append("gguf")
     archs = plan.config.get("architectures") or []
-    if any(isinstance(a, str) and a.endswith("ForCausalLM") for a in archs):
+    if plan.container == "gguf" or any(isinstance(a, str) and a.endswith("ForCausalLM") for a in archs):
         lines.append("pipeline_tag: text-generation")
     lines.append("tags:")
     lines += [f"- {_yaml_scalar(t)}" for t in tags]
@@ -232,7 +236,7 @@ def update_card(dst: Destination, *, base_model: str | None = None, verify: Mapp
         CardError: ``dst`` holds no complete output of this tool.
         PlanError: its ``pruning.json`` is unreadable.
     """
-    if not dst.exists(INDEX_NAME):
+    if not dst.exists(INDEX_NAME) and not dst.exists(GGUF_INDEX_NAME):
         raise CardError(f"{dst.url}: no {INDEX_NAME}, so no complete output to describe; finish the run first")
     plan = load_provenance_plan(dst.storage)
     base = source_card(plan)

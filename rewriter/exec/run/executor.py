@@ -8,9 +8,11 @@ Order of work in the destination ``DST``:
 2. Each output shard is written under a temporary name in ``DST/.rewriter/tmp/``, fsynced and
    renamed into place (object stores: a multipart upload completed only when the shard is
    whole); then the journal records its size and sha256.
-3. ``config.json`` (patched), the source's other files, and ``pruning.json`` (provenance with
-   the whole plan and every shard's sha256).
-4. ``model.safetensors.index.json`` last: its presence means the checkpoint is complete.
+3. ``config.json`` (patched; a GGUF output carries its metadata in its first file instead), the
+   source's other files, and ``pruning.json`` (provenance with the whole plan and every shard's
+   sha256).
+4. ``model.safetensors.index.json`` (GGUF: ``model.gguf.index.json``) last: its presence means the
+   checkpoint is complete.
 5. ``DST/.rewriter/`` is removed.
 
 A run killed at any point and started again skips the shards its journal vouches for (their
@@ -30,7 +32,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from core.checkpoint import CONFIG_NAME, INDEX_NAME
 from core.errors import DestinationFullError, ExecutionError, PlanError
 from core.storage import Storage
 from planners.plan import PROVENANCE_NAME, Plan, require_source
@@ -134,7 +135,8 @@ def write_output_shard(
 def finalize(plan: Plan, src: Storage, dst: Destination, results: Iterable[ShardResult], buffer_bytes: int) -> None:
     """Config, other files and provenance, then the index last, then drop the run state."""
     by_name = {r.name: r for r in results}
-    dst.put_bytes(CONFIG_NAME, plan.config_json())
+    for name, data in plan.metadata_files().items():
+        dst.put_bytes(name, data)
     for name in plan.copy_files:
         if name != CARD_NAME:  # the source's card is kept under another name by write_model_card
             dst.copy_small_file(src, name, buffer_bytes)
@@ -151,7 +153,7 @@ def finalize(plan: Plan, src: Storage, dst: Destination, results: Iterable[Shard
         "plan": plan.published_json(),
     }
     dst.put_bytes(PROVENANCE_NAME, (json.dumps(provenance, indent=1, sort_keys=True) + "\n").encode())
-    dst.put_bytes(INDEX_NAME, plan.index_json())
+    dst.put_bytes(plan.index_name, plan.index_json())
     dst.remove_state()
 
 
