@@ -16,7 +16,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from core import gguf
+from core import gguf, gguf_write
 from core.checkpoint import INDEX_NAME, Checkpoint
 from core.errors import FormatError
 from core.format import PREFIX_BYTES, encode_header, parse_header
@@ -104,10 +104,10 @@ class GGUF:
         n, total = len(groups), sum(len(g) for g in groups)
         out = []
         for i, grp in enumerate(groups):
-            split = [gguf.encode_kv("split.no", gguf.T_UINT16, i), gguf.encode_kv("split.count", gguf.T_UINT16, n),
-                     gguf.encode_kv("split.tensors.count", gguf.T_INT32, total)] if n > 1 else []
-            kvs = gguf.patched_kvs(first, patch, ("split.",), split) if i == 0 else split
-            out.append(gguf.encode_header(kvs, grp, first.alignment))
+            split = [gguf_write.encode_kv("split.no", gguf.T_UINT16, i), gguf_write.encode_kv("split.count", gguf.T_UINT16, n),
+                     gguf_write.encode_kv("split.tensors.count", gguf.T_INT32, total)] if n > 1 else []
+            kvs = gguf_write.patched_kvs(first, patch, ("split.",), split) if i == 0 else split
+            out.append(gguf_write.encode_header(kvs, grp, first.alignment))
         return out
 
     def header_to_json(self, header: bytes) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +49,7 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
 TYPE_IDS = {name: i for i, (name, _, _) in GGML_TYPES.items()}
 
 # Metadata value types: id -> (name, struct code or None for string/array).
-_VALUE_TYPES: dict[int, tuple[str, str | None]] = {
+VALUE_TYPES: dict[int, tuple[str, str | None]] = {
     0: ("UINT8", "<B"), 1: ("INT8", "<b"), 2: ("UINT16", "<H"), 3: ("INT16", "<h"), 4: ("UINT32", "<I"),
     5: ("INT32", "<i"), 6: ("FLOAT32", "<f"), 7: ("BOOL", "<?"), 8: ("STRING", None), 9: ("ARRAY", None),
     10: ("UINT64", "<Q"), 11: ("INT64", "<q"), 12: ("FLOAT64", "<d"),
@@ -177,9 +177,9 @@ class _Cursor:
 
 
 def _value(c: _Cursor, vtype: int, what: str) -> Any:
-    if vtype not in _VALUE_TYPES:
+    if vtype not in VALUE_TYPES:
         raise FormatError(f"{c.where}: {what} has value type {vtype}; expected one of 0..12")
-    code = _VALUE_TYPES[vtype][1]
+    code = VALUE_TYPES[vtype][1]
     if code is not None:
         return c.num(code, what)
     if vtype == T_STRING:
@@ -188,7 +188,7 @@ def _value(c: _Cursor, vtype: int, what: str) -> Any:
     count = c.num("<Q", f"{what} element count")
     if etype == T_ARRAY:
         raise FormatError(f"{c.where}: {what} is an array of arrays, which llama.cpp does not read")
-    ecode = _VALUE_TYPES.get(etype, ("", None))[1]
+    ecode = VALUE_TYPES.get(etype, ("", None))[1]
     if ecode is not None:
         size = struct.calcsize(ecode)
         data = c.take(size * count, f"{what} ({count:,} elements)")
@@ -306,67 +306,3 @@ def _place(infos: Sequence[tuple[str, str, tuple[int, ...], int]], alignment: in
         raise FormatError(f"{where}: file is {size:,} bytes but its header describes "
                           f"{data_start + expected:,}; the file is longer than its header describes")
     return tuple(out)
-
-
-# --- encoding -------------------------------------------------------------------------------
-
-def _string(s: str) -> bytes:
-    raw = s.encode("utf-8")
-    return struct.pack("<Q", len(raw)) + raw
-
-
-def encode_kv(key: str, vtype: int, value: Any) -> bytes:
-    """One metadata entry of a scalar or string ``value`` of type ``vtype``."""
-    code = _VALUE_TYPES[vtype][1]
-    if code is None:
-        if vtype != T_STRING:
-            raise FormatError(f"metadata {key!r}: only scalars and strings are rewritten")
-        body = _string(value)
-    else:
-        body = struct.pack(code, value)
-    return _string(key) + struct.pack("<I", vtype) + body
-
-
-def encode_header(kvs: Sequence[bytes], tensors: Sequence[tuple[str, str, Sequence[int]]],
-                  alignment: int) -> bytes:
-    """A version-3 header: metadata entries as encoded, then infos of ``(name, dtype, shape)``
-    (row-major shapes) laid out one after another at aligned offsets, then the padding.
-
-    The data of each tensor goes at its offset, followed by zeros up to the next multiple of
-    ``alignment`` (as llama.cpp and the ``gguf`` package write).
-    """
-    parts = [MAGIC, struct.pack("<IQQ", VERSION, len(tensors), len(kvs)), *kvs]
-    offset = 0
-    for name, dtype, shape in tensors:
-        ne = tuple(reversed(tuple(shape)))
-        nbytes = tensor_nbytes(dtype, ne, f"tensor {name!r}: ")
-        parts += [_string(name), struct.pack("<I", len(ne)), struct.pack(f"<{len(ne)}Q", *ne),
-                  struct.pack("<IQ", TYPE_IDS[dtype], offset)]
-        offset += nbytes + padding(nbytes, alignment)
-    head = b"".join(parts)
-    return head + b"\0" * padding(len(head), alignment)
-
-
-def _new_type(key: str, value: Any) -> int:
-    for vtype, kind in ((T_BOOL, bool), (T_UINT32, int), (T_FLOAT32, float), (T_STRING, str)):
-        if isinstance(value, kind):
-            return vtype
-    raise FormatError(f"metadata {key!r}: cannot store {value!r} in a GGUF header")
-
-
-def patched_kvs(header: GGUFHeader, patch: Mapping[str, Any], drop: Sequence[str] = (),
-                extra: Sequence[bytes] = ()) -> list[bytes]:
-    """The header's metadata entries with ``patch`` applied (each keeps its type; a new key is a
-    bool, uint32, float32 or string by its value), keys starting with any of ``drop`` left out,
-    then ``extra`` (encoded entries)."""
-    out, done = [], set()
-    for kv in header.kvs:
-        if kv.key.startswith(tuple(drop)):
-            continue
-        if kv.key in patch:
-            out.append(encode_kv(kv.key, kv.vtype, patch[kv.key]))
-            done.add(kv.key)
-        else:
-            out.append(kv.raw)
-    out += [encode_kv(k, _new_type(k, v), v) for k, v in patch.items() if k not in done]
-    return out + list(extra)

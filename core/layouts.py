@@ -17,7 +17,6 @@ from core.expert_layout import (
     MoELayer,
     Role,
     expert_axis,
-    mtp_followed,
 )
 from core.families import (
     DEEPSEEK_V3,
@@ -29,6 +28,7 @@ from core.families import (
     QWEN3_MOE,
     REFUSED,
 )
+from core.layer_config import mtp_followed
 
 __all__ = ["DEEPSEEK_V3", "GPT_OSS", "LAYOUTS", "MIXTRAL", "OLMOE", "QWEN2_MOE", "QWEN3_MOE", "REFUSED",
            "CheckpointView", "ExpertTensor", "Layout", "MoELayer", "PER_LAYER_FIELD", "Role", "detect_layout", "expert_axis", "layout_for_config",

@@ -3,13 +3,16 @@ and the options to pass, whichever call to the store found it out.
 
 The filesystem of a remote :class:`core.storage.Storage` is wrapped in
 :class:`GuardedFileSystem`, so every command (plan, run, check, inspect, verify, card…) and every
-operation (listing, reading, writing, locking) reports these the same way.
+operation (listing, reading, writing, locking) reports these the same way. :func:`open_fs` opens
+a URL's filesystem with the same errors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
+
+import fsspec
 
 from core.errors import RewriterError, StorageAccessError
 
@@ -102,3 +105,31 @@ class GuardedFileSystem:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return GuardedFileSystem, (self._fs, self._url)
+
+
+#: Connections an S3 client may open (botocore's default is 10): the copy keeps up to
+#: ``--max-inflight-requests`` ranged GETs in flight. A ``config_kwargs`` option given wins.
+S3_POOL_CONNECTIONS = 64
+
+
+def _with_connection_pool(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    if url.split("://", 1)[0] in ("s3", "s3a") and "max_pool_connections" not in options.get("config_kwargs", {}):
+        options["config_kwargs"] = {**options.get("config_kwargs", {}), "max_pool_connections": S3_POOL_CONNECTIONS}
+    return options
+
+
+def open_fs(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
+    """fsspec's filesystem for ``url``; a protocol without its package, an unknown protocol or a
+    store that cannot be reached while connecting is one error naming the URL."""
+    if url.startswith("hf://"):
+        refuse_offline_hub(url)
+    try:
+        return fsspec.core.url_to_fs(url, **_with_connection_pool(url, dict(storage_options or {})))
+    except ImportError as e:
+        raise RewriterError(f"{url}: this kind of storage needs a package that is not installed ({e})") from None
+    except ValueError as e:
+        raise RewriterError(f"{url}: not a storage URL this tool can open ({e}); give a local path or "
+                            f"an fsspec URL such as s3://bucket/path or hf://org/name") from None
+    except OSError as e:
+        raise StorageAccessError(url, f"cannot connect to the store ({e.strerror or e})",
+                                 "options that reach it") from None

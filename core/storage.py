@@ -14,11 +14,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from core.errors import CheckpointError, RewriterError, StorageAccessError
-from core.remote import GuardedFileSystem, refuse_offline_hub
+from core.errors import CheckpointError
+from core.remote import GuardedFileSystem, open_fs
 
 
 def _unwrapped(fs: Any) -> Any:
@@ -86,7 +85,7 @@ class Storage:
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
         self.url = str(url)
-        fs, root = _open_fs(self.url, storage_options)
+        fs, root = open_fs(self.url, storage_options)
         # A remote store that cannot be reached or refuses the credentials is named, with the
         # options to pass, by whichever call finds it out.
         self.fs = fs if isinstance(fs, LocalFileSystem) else GuardedFileSystem(fs, self.url)
@@ -300,29 +299,3 @@ class Storage:
         return f"{folder}/{name}"
 
 
-#: Connections an S3 client may open (botocore's default is 10): the copy keeps up to
-#: ``--max-inflight-requests`` ranged GETs in flight. A ``config_kwargs`` option given wins.
-S3_POOL_CONNECTIONS = 64
-
-
-def _with_connection_pool(url: str, options: dict[str, Any]) -> dict[str, Any]:
-    if url.split("://", 1)[0] in ("s3", "s3a") and "max_pool_connections" not in options.get("config_kwargs", {}):
-        options["config_kwargs"] = {**options.get("config_kwargs", {}), "max_pool_connections": S3_POOL_CONNECTIONS}
-    return options
-
-
-def _open_fs(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
-    """fsspec's filesystem for ``url``; a protocol without its package, an unknown protocol or a
-    store that cannot be reached while connecting is one error naming the URL."""
-    if url.startswith("hf://"):
-        refuse_offline_hub(url)
-    try:
-        return fsspec.core.url_to_fs(url, **_with_connection_pool(url, dict(storage_options or {})))
-    except ImportError as e:
-        raise RewriterError(f"{url}: this kind of storage needs a package that is not installed ({e})") from None
-    except ValueError as e:
-        raise RewriterError(f"{url}: not a storage URL this tool can open ({e}); give a local path or "
-                            f"an fsspec URL such as s3://bucket/path or hf://org/name") from None
-    except OSError as e:
-        raise StorageAccessError(url, f"cannot connect to the store ({e.strerror or e})",
-                                 "options that reach it") from None

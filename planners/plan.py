@@ -18,7 +18,6 @@ import fsspec
 from core.checkpoint import CONFIG_NAME, INDEX_NAME
 from core.containers import CONTAINERS
 from core.errors import PlanError
-from core.format import PREFIX_BYTES
 from core.jsonfile import parse_json, read_url
 from planners.plan_schema import check_document, check_name, check_written_name, is_count
 from planners.provenance import (
@@ -29,7 +28,7 @@ from planners.provenance import (
     published_source,
     without_paths,
 )
-from planners.tensors import OutputShard, Segment, output_from_json
+from planners.tensors import OutputShard, check_segment, output_from_json
 
 PLAN_FORMAT = "moe-rewriter-plan"
 #: 2: ``copy_file_digests`` (each copied file's size and sha256) and a derived config.
@@ -291,7 +290,7 @@ def check_plan(plan: Plan, where: str) -> None:
         names.add(o.name)
         for t in o.tensors:
             for s in t.segments:
-                _check_segment(plan, s, f"{where}: output {o.name!r}, tensor {t.name!r}")
+                check_segment(s, plan.source_shards, f"{where}: output {o.name!r}, tensor {t.name!r}")
     for name in (*plan.copy_files, *plan.skipped_files):
         check_name(name, "file", where)
     for i, name in enumerate(plan.copy_files):
@@ -304,25 +303,6 @@ def check_plan(plan: Plan, where: str) -> None:
                             f"credentials), and plans never copy hidden files. Refusing this plan: make it again")
     if not is_count(plan.top_k) or plan.top_k == 0:
         raise PlanError(f"{where}: top_k {plan.top_k!r} must be a positive integer")
-
-
-def _check_segment(plan: Plan, s: Segment, where: str) -> None:
-    if not is_count(s.offset) or not is_count(s.length):
-        raise PlanError(f"{where}: segment offset {s.offset!r} and length {s.length!r} must be "
-                        f"non-negative integers")
-    if s.data is not None:
-        return
-    fp = plan.source_shards.get(s.shard)
-    if fp is None:
-        raise PlanError(f"{where}: segment names source shard {s.shard!r}, which is not among the "
-                        f"plan's source shards {sorted(plan.source_shards)}")
-    start, end = PREFIX_BYTES + fp["header_len"], fp["size"]
-    if s.offset < start or s.offset + s.length > end:
-        raise PlanError(f"{where}: segment [{s.offset:,}, {s.offset + s.length:,}) of {s.shard!r} "
-                        f"lies outside its data bytes [{start:,}, {end:,})")
-
-
-# --- building --------------------------------------------------------------------------------
 
 
 def source_card(plan: Plan) -> str | None:

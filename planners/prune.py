@@ -25,15 +25,10 @@ from core.checkpoint import Checkpoint
 from core.errors import CheckpointError, OptionError, SaliencyError
 from core.layouts import Layout, mtp_followed
 from planners.build import build_plan
+from planners.keep_list import load_keep_list
 from planners.plan import Plan
 from planners.policies import Domain, KeepDecision, KeepPolicy, validate_keep_list
-from planners.saliency import (
-    has_identity,
-    identity_mismatch,
-    load_keep_list,
-    load_saliency,
-    model_identity,
-)
+from planners.saliency import has_identity, identity_mismatch, load_saliency, model_identity
 from planners.selection import select_keep
 from planners.serving_facts import facts_from
 from planners.serving_fit import apply_targets, fit_policy

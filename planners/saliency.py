@@ -1,4 +1,4 @@
-"""Saliency files (what the profiling step writes) and explicit keep lists.
+"""Saliency files (what the profiling step writes); keep lists are read by :mod:`planners.keep_list`.
 
 Saliency file, version 1 (JSON)::
 
@@ -22,8 +22,6 @@ Saliency file, version 1 (JSON)::
 routed tokens, ``eaft_reap`` the correctness-weighted sum (may be negative), ``max_act`` the
 largest output norm any routed token drew from the expert (optional: files written before it
 existed, and REAP imports, have none; only ``--keep-outliers`` needs it). See docs/saliency.md.
-
-Keep list (JSON): ``{"<layer>": [expert ids to keep], ...}``.
 """
 
 from __future__ import annotations
@@ -90,7 +88,7 @@ class Saliency:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
 
 
-def _read(path: str) -> tuple[Any, str]:
+def read_doc(path: str) -> tuple[Any, str]:
     """The file's JSON document and the sha256 of its bytes."""
     raw = read_url(path, SaliencyError, folder="is a folder; expected a JSON file")
     return parse_json(raw, path, SaliencyError), hashlib.sha256(raw).hexdigest()
@@ -130,7 +128,7 @@ def load_saliency(path: str, num_experts: int | None = None, layers: Sequence[in
         SaliencyError: wrong format/version, NaN or infinite scores, negative counts or REAP,
             a layer or expert count that does not match the checkpoint.
     """
-    doc, digest = _read(path)
+    doc, digest = read_doc(path)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise SaliencyError(f"{path}: not a saliency file (expected \"format\": \"{FORMAT}\")")
     if doc.get("version") != VERSION:
@@ -140,8 +138,8 @@ def load_saliency(path: str, num_experts: int | None = None, layers: Sequence[in
         missing = sorted(set(layers) - set(parsed) - set(optional))
         extra = sorted(set(parsed) - set(layers))
         raise SaliencyError(
-            f"{path}: saliency covers {_span(parsed)}, but the checkpoint's MoE layers are "
-            f"{_span(layers)} (missing {missing or 'none'}, unexpected {extra or 'none'}); "
+            f"{path}: saliency covers {layer_span(parsed)}, but the checkpoint's MoE layers are "
+            f"{layer_span(layers)} (missing {missing or 'none'}, unexpected {extra or 'none'}); "
             f"was it profiled on another model?"
         )
     model, method, tokens = doc.get("model") or {}, doc.get("method") or {}, doc.get("tokens") or 0
@@ -191,7 +189,7 @@ def _domain(doc: Mapping[str, Any], path: str) -> str:
     return str(name)
 
 
-def _span(layers: Any) -> str:
+def layer_span(layers: Any) -> str:
     ls = sorted(layers)
     if len(ls) == 1:
         return f"1 layer [{ls[0]}]"
@@ -214,42 +212,6 @@ def _check_values(path: str, layer: int, metric: str, values: Any, n: int | None
             raise SaliencyError(f"{path}: layer {layer} expert {e} {metric} is {v}; expected >= 0")
         out.append(float(v))
     return tuple(out)
-
-
-def load_keep_list(path: str, num_experts: int, layers: Sequence[int],
-                   optional: Sequence[int] = ()) -> tuple[dict[int, tuple[int, ...]], str]:
-    """Load ``{"<layer>": [expert ids]}``; every MoE layer but the ``optional`` ones (MTP layers)
-    must be present.
-
-    Returns:
-        The keep set per layer (sorted ids) and the file's sha256.
-    """
-    doc, digest = _read(path)
-    if not isinstance(doc, dict):
-        raise SaliencyError(f"{path}: expected an object {{\"<layer>\": [expert ids]}}")
-    keep: dict[int, tuple[int, ...]] = {}
-    for key, ids in doc.items():
-        try:
-            layer = int(key)
-        except ValueError:
-            raise SaliencyError(f"{path}: layer key {key!r} is not an integer") from None
-        if layer not in layers:
-            raise SaliencyError(f"{path}: layer {layer} is not an MoE layer of the checkpoint ({_span(layers)})")
-        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            raise SaliencyError(f"{path}: layer {layer}: expected a list of expert ids")
-        bad = [i for i in ids if not 0 <= i < num_experts]
-        if bad:
-            raise SaliencyError(f"{path}: layer {layer}: expert ids {bad} out of range 0..{num_experts - 1}")
-        dup = sorted({i for i in ids if ids.count(i) > 1})
-        if dup:
-            raise SaliencyError(f"{path}: layer {layer}: duplicate expert ids {dup}; list each kept expert once")
-        if not ids:
-            raise SaliencyError(f"{path}: layer {layer}: keeps no experts")
-        keep[layer] = tuple(sorted(ids))
-    missing = sorted(set(layers) - set(keep) - set(optional))
-    if missing:
-        raise SaliencyError(f"{path}: no keep list for MoE layers {missing}")
-    return keep, digest
 
 
 #: Config fields that decide which experts exist and how tokens reach them. Names, paths,

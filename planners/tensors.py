@@ -13,8 +13,10 @@ from core.checkpoint import (
 )
 from core.containers import Container, container_of
 from core.errors import FormatError, PlanError
+from core.format import PREFIX_BYTES
 from core.gguf import padding
 from core.layouts import Layout, expert_axis
+from planners.plan_schema import is_count
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,23 @@ def output_from_json(o: Mapping[str, Any], where: str, container: Container) -> 
         raise PlanError(f"{where}: output '{o['name']}' declares size {o.get('size')!r}, but its header "
                         f"and segments make {out.size:,} bytes")
     return out
+
+
+def check_segment(s: Segment, source_shards: Mapping[str, Mapping[str, Any]], where: str) -> None:
+    """Refuse a segment of a plan read from a file that reads outside its source shard's data."""
+    if not is_count(s.offset) or not is_count(s.length):
+        raise PlanError(f"{where}: segment offset {s.offset!r} and length {s.length!r} must be "
+                        f"non-negative integers")
+    if s.data is not None:
+        return
+    fp = source_shards.get(s.shard)
+    if fp is None:
+        raise PlanError(f"{where}: segment names source shard {s.shard!r}, which is not among the "
+                        f"plan's source shards {sorted(source_shards)}")
+    start, end = PREFIX_BYTES + fp["header_len"], fp["size"]
+    if s.offset < start or s.offset + s.length > end:
+        raise PlanError(f"{where}: segment [{s.offset:,}, {s.offset + s.length:,}) of {s.shard!r} "
+                        f"lies outside its data bytes [{start:,}, {end:,})")
 
 
 def _layer_key(t: TensorInfo) -> tuple[int, float]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core import gguf
+from core import gguf, gguf_write
 from core.gguf_model import output_names
 from rewriter.tools.synth import Geometry
 
@@ -42,7 +42,7 @@ def gguf_tensors(g: Geometry) -> list[Item]:
 
 
 def _metadata(g: Geometry) -> list[bytes]:
-    k = gguf.encode_kv
+    k = gguf_write.encode_kv
     return [
         k("general.architecture", gguf.T_STRING, ARCH), k("general.name", gguf.T_STRING, "synthetic gpt-oss"),
         k(f"{ARCH}.block_count", gguf.T_UINT32, g.num_layers), k(f"{ARCH}.embedding_length", gguf.T_UINT32, g.hidden),
@@ -87,10 +87,10 @@ def write_gguf_model(folder: Path, g: Geometry, *, sparse: bool = False, max_fil
     total = sum(len(grp) for grp in groups)
     paths = []
     for i, (file_name, grp) in enumerate(zip(names, groups)):
-        split = ([gguf.encode_kv("split.no", gguf.T_UINT16, i), gguf.encode_kv("split.count", gguf.T_UINT16, len(groups)),
-                  gguf.encode_kv("split.tensors.count", gguf.T_INT32, total)] if len(groups) > 1 else [])
+        split = ([gguf_write.encode_kv("split.no", gguf.T_UINT16, i), gguf_write.encode_kv("split.count", gguf.T_UINT16, len(groups)),
+                  gguf_write.encode_kv("split.tensors.count", gguf.T_INT32, total)] if len(groups) > 1 else [])
         kvs = _metadata(g) + split if i == 0 else split
-        head = gguf.encode_header(kvs, grp, gguf.DEFAULT_ALIGNMENT)
+        head = gguf_write.encode_header(kvs, grp, gguf.DEFAULT_ALIGNMENT)
         sizes = [gguf.tensor_nbytes(d, tuple(reversed(s))) for _, d, s in grp]
         path = folder / file_name
         with open(path, "wb") as f:

@@ -12,9 +12,10 @@ from core.errors import PlanError, SaliencyError
 from core.layouts import GPT_OSS
 from planners.build import assign_shards, build_plan
 from planners.cost import estimate
+from planners.keep_list import load_keep_list
 from planners.plan import Plan
 from planners.policies import Domain, KeepPolicy
-from planners.saliency import load_keep_list, load_saliency
+from planners.saliency import load_saliency
 from planners.selection import select_keep
 from planners.source_check import check_source
 from rewriter.tools.synth import PRESETS, synthetic_saliency, write_checkpoint
