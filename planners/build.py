@@ -45,17 +45,6 @@ def assign_shards(tensors: Sequence[PlannedTensor], max_shard_bytes: int) -> lis
     return [s for s in shards if s]
 
 
-def shard_names(n: int, zero_based: bool, prefix: str = "model") -> list[str]:
-    """Output shard names as transformers' ``save_pretrained`` writes them: one shard is
-    ``model.safetensors`` (the name loaders look for first; the index, written last to mark the
-    output complete, names it too), several are numbered from 1, or from 0 like the source's."""
-    if n == 1:
-        return [f"{prefix}.safetensors"]
-    if zero_based:
-        return [f"{prefix}-{i:05d}-of-{n - 1:05d}.safetensors" for i in range(n)]
-    return [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-
-
 def _check_uniform_container(ckpt: Checkpoint, uniform: bool) -> None:
     """A GGUF output holds one expert count for every layer (llama.cpp reads one)."""
     if ckpt.container != "safetensors" and not uniform:
