@@ -13,13 +13,15 @@ names without their pid and random part (``rename:journal.json``, ``open:shard.p
 ``ACTION`` is ``trace=FILE`` (append every operation's name to FILE, one a line), ``kill``
 (SIGKILL this process just before the operation ``SPEC`` names) or ``fill=PATH`` (just before it,
 fill the filesystem holding PATH with a file at PATH until it has no space left, then go on).
-``SPEC`` is a chain of ``NAME#N`` stages joined by ``>``: the N-th operation NAME, counted after
-the previous stage was reached (``rename:journal.json#6>rename:status.json#1``); ``-`` for none.
+``SPEC`` is a chain of ``NAME#N`` stages joined by ``>``: the N-th operation NAME (a glob pattern),
+counted after the previous stage was reached (``rename:journal.json#6>rename:status.json#1``,
+``rename:journal.json#2>open:*.part#1``); ``-`` for none.
 """
 
 from __future__ import annotations
 
 import errno
+import fnmatch
 import os
 import re
 import signal
@@ -100,7 +102,7 @@ def install(dst: str, action: str, spec: str) -> None:
                 if trace is not None:
                     with open(trace, "a") as f:
                         f.write(name + "\n")
-                if state["stage"] < len(stages) and name == stages[state["stage"]][0]:
+                if state["stage"] < len(stages) and fnmatch.fnmatchcase(name, stages[state["stage"]][0]):
                     state["count"] += 1
                     if state["count"] == stages[state["stage"]][1]:
                         state["stage"], state["count"] = state["stage"] + 1, 0

@@ -291,13 +291,8 @@ def _execute_locked(plan: Plan, src: Storage, dst: Destination, lock: Destinatio
         result.already_complete = True
         result.seconds = time.perf_counter() - t0
         return result
-    journal.flush()
     todo, done = pending_shards(plan, journal, opts.buffer_bytes)
     result.shards.extend(done)
-    if opts.on_start:
-        opts.on_start(sum(o.size for o in todo))
-    if opts.observer:
-        opts.observer.started(dst, plan, done)
 
     def record(r: ShardResult) -> None:
         journal.record(r)
@@ -306,6 +301,11 @@ def _execute_locked(plan: Plan, src: Storage, dst: Destination, lock: Destinatio
             opts.observer.shard_done(r)
 
     try:
+        journal.flush()  # names the plan (a full disk here is reported with the shards kept, too)
+        if opts.on_start:
+            opts.on_start(sum(o.size for o in todo))
+        if opts.observer:
+            opts.observer.started(dst, plan, done)
         if opts.runner is None:
             run_here(todo, src, dst, opts, record)
         else:
