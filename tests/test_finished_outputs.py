@@ -8,7 +8,6 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
