@@ -4,11 +4,11 @@ like a distant one, and counts what it is asked for.
 Every request waits ``delay_s`` before it is forwarded (time to first byte), and each response
 body is sent at most ``conn_bytes_per_s`` per connection. The proxy counts requests, response
 body bytes (counted as they are handed to the connection), and the most requests and requested
-bytes (Range lengths) in flight at once, so tests can assert the client's limits. A request is in flight from its arrival until the proxy
-hands the last bytes of its response to the connection: from then on the client may have read
-them all and sent its next request before this proxy's thread runs again, so counting it any
-longer would charge the client for a request it has already released. What the proxy counts is
-then never more than what the client holds.
+bytes (Range lengths) in flight at once, so tests can assert the client's limits. A request is
+in flight from its arrival until the proxy hands the last bytes of its response to the
+connection: from then on the client may have read them all and sent its next request before
+this proxy's thread runs again, so counting it any longer would charge the client for a request
+it has already released. What the proxy counts is then never more than what the client holds.
 
     proxy = ShapedProxy("http://127.0.0.1:PORT", delay_s=0.03, conn_bytes_per_s=100e6).start()
     ... s3fs with endpoint_url=proxy.endpoint ...

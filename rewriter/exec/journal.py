@@ -81,7 +81,11 @@ class Journal:
             self.flush()
         except DestinationFullError:
             del self.shards[result.name]
-            self.dst.remove(result.name)
+            try:
+                self.dst.remove(result.name)
+            except Exception as e:  # the full disk is the error to report; a resume rewrites the shard
+                log.warning("could not remove %s, which the journal does not vouch for: %s",
+                            self.dst.describe(result.name), e)
             raise
         if self.lock:
             self.lock.refresh()
