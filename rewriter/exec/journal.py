@@ -18,7 +18,7 @@ from typing import Any
 from planners.plan import PROVENANCE_NAME, OutputShard, Plan
 from rewriter.core import jsonfile
 from rewriter.core.checkpoint import INDEX_NAME
-from rewriter.core.errors import ExecutionError
+from rewriter.core.errors import DestinationFullError, ExecutionError
 from rewriter.core.gguf_model import INDEX_NAME as GGUF_INDEX_NAME
 from rewriter.core.storage import Storage
 from rewriter.exec.destination import Destination
@@ -74,8 +74,20 @@ class Journal:
             return None  # torn by a crash before its rename: treat as absent
 
     def record(self, result: ShardResult) -> None:
+        """Vouch for a published shard. A shard that cannot be recorded (a full disk) is removed:
+        a resume would write it again anyway, and the destination then holds just the shards the
+        journal vouches for, which the error counts as kept."""
         self.shards[result.name] = result.record()
-        self.flush()
+        try:
+            self.flush()
+        except DestinationFullError:
+            del self.shards[result.name]
+            try:
+                self.dst.remove(result.name)
+            except Exception as e:  # the full disk is the error to report; a resume rewrites the shard
+                log.warning("could not remove %s, which the journal does not vouch for: %s",
+                            self.dst.describe(result.name), e)
+            raise
         if self.lock:
             self.lock.refresh()
 

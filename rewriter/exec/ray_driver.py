@@ -298,7 +298,9 @@ def _restarting(e: BaseException) -> bool:
 
 def _available() -> str:
     """What the node with the most free memory (among those with a free CPU) has: an actor is
-    placed on one node, so a sum over the cluster would promise room that no node has."""
+    placed on one node, so a sum over the cluster would promise room that no node has. Ray's
+    figures trail what its nodes do (actors just placed or ended may not show yet), so the
+    message says whose figures they are."""
     from ray._private.state import available_resources_per_node
 
     try:
@@ -309,7 +311,7 @@ def _available() -> str:
         return "no live node"
     best = max(nodes, key=lambda r: (r.get("CPU", 0) >= 1, r.get("memory", 0)))
     return (f"{len(nodes)} node{'s' if len(nodes) > 1 else ''}, the most free on any one of them "
-            f"{best.get('CPU', 0):g} CPU and {int(best.get('memory', 0)) >> 20} MiB")
+            f"{best.get('CPU', 0):g} CPU and {int(best.get('memory', 0)) >> 20} MiB (as Ray last reported them)")
 
 
 def remove_probes(dst: Any) -> None:
