@@ -13,8 +13,7 @@ What it guarantees, in order:
   actor, or another takes it), up to ``max_task_retries`` times; the error names the shard or
   part, how many times its worker died, and why. An actor Ray is restarting is probed until it
   answers, within ``pending_timeout_s``; only one Ray has given up on is dropped at once.
-* **Progress without a single point of failure.** The driver polls each busy actor (a failed
-  poll is ignored).
+* **Progress without a single point of failure.** Busy actors are polled; a failed poll is ignored.
 * **Nothing lost on failure.** After an error no new task starts, the tasks in flight finish
   and are journaled, then the error is raised; the same command resumes.
 """
@@ -298,9 +297,8 @@ def _restarting(e: BaseException) -> bool:
 
 def _available() -> str:
     """What the node with the most free memory (among those with a free CPU) has: an actor is
-    placed on one node, so a sum over the cluster would promise room that no node has. Ray's
-    figures trail what its nodes do (actors just placed or ended may not show yet), so the
-    message says whose figures they are."""
+    placed on one node, so a sum over the cluster would promise room no node has. Ray's figures
+    trail its nodes (recent actors may not show yet): the message says whose figures they are."""
     from ray._private.state import available_resources_per_node
 
     try:
