@@ -357,7 +357,7 @@ def test_ray_run_of_a_gguf_plan_matches_the_local_run(ray_cluster, models, tmp_p
     execute(plan, str(tmp_path / "local"))
     execute_on_ray(plan, str(tmp_path / "ray"), workers=2)
     assert tree_digest(tmp_path / "ray") == tree_digest(tmp_path / "local")
-    assert "-> OK" in cli("verify", tmp_path / "ray")
+    assert "-> OK" in cli("verify", src, tmp_path / "ray")
 
 
 def test_destination_beside_the_gguf_file_but_never_its_folder(models, tmp_path):
