@@ -61,6 +61,7 @@ class ServingFacts:
         mxfp4_blocks: whether the expert weights are MXFP4 ``*_blocks``/``*_scales`` tensors.
         quant_modules_problem: what disagrees between ``quantization_config``'s module lists
             and the per-expert tensors (:func:`planners.quantization.module_list_problem`).
+        config_name: what messages call the config (``config.json``, or ``the GGUF metadata``).
     """
 
     family: str
@@ -75,6 +76,8 @@ class ServingFacts:
     expert_dtypes: frozenset[str] = frozenset()
     mxfp4_blocks: bool = False
     quant_modules_problem: str | None = None
+    #: Where the fields are read: ``config.json``, or a GGUF model's metadata.
+    config_name: str = "config.json"
 
     @property
     def counts(self) -> set[int]:
@@ -112,6 +115,11 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _config_name(config: Mapping[str, Any]) -> str:
+    # A GGUF model's config is its metadata, which always names its architecture.
+    return "the GGUF metadata" if "general.architecture" in config else "config.json"
+
+
 def facts_from(config: Mapping[str, Any], tensors: Iterable[tuple[str, str, Sequence[int]]],
                layout: Layout) -> ServingFacts:
     """Facts from a config and ``(name, dtype, shape)`` tensor headers (a checkpoint's or a plan's).
@@ -142,7 +150,7 @@ def facts_from(config: Mapping[str, Any], tensors: Iterable[tuple[str, str, Sequ
     method = quant.get("quant_method") if isinstance(quant, dict) else None
     quant_problem = None
     if quant is not None and not (isinstance(quant, dict) and isinstance(method, str)):
-        quant_problem = (f"config.json's quantization_config is {quant!r:.60}; expected an object with a "
+        quant_problem = (f"{_config_name(config)}'s quantization_config is {quant!r:.60}; expected an object with a "
                          f"string quant_method (copy the source's quantization_config)")
         method = None
     grouped = layout.group_field is not None
@@ -158,6 +166,7 @@ def facts_from(config: Mapping[str, Any], tensors: Iterable[tuple[str, str, Sequ
         quant_method=method,
         quant_problem=quant_problem,
         group_field=layout.group_field,
+        config_name=_config_name(config),
         expert_dtypes=frozenset(dtypes),
         mxfp4_blocks=blocks,
         quant_modules_problem=module_list_problem(config, layout, tensors),
@@ -218,23 +227,23 @@ def _count_fields(f: ServingFacts, target: str, ep: int | None) -> tuple[str, st
     if len(f.counts) > 1:
         return "skip", "expert counts differ between layers (see the uniform rule); no one count to compare"
     if not f.count_fields:
-        return "fail", f"config.json has none of {', '.join(COUNT_FIELDS)}; the engine cannot size the expert layers"
+        return "fail", f"{f.config_name} has none of {', '.join(COUNT_FIELDS)}; the engine cannot size the expert layers"
     # A per-layer list (Hunyuan) agrees when every entry is the count.
     bad = {k: v for k, v in f.count_fields.items() if v != f.count and not (isinstance(v, list) and v == [f.count] * len(v))}
     if bad:
         shown = ", ".join(f"{k} = {v!r}" for k, v in bad.items())
-        return "fail", (f"config.json says {shown}, but the tensors hold {f.count} experts per layer; "
+        return "fail", (f"{f.config_name} says {shown}, but the tensors hold {f.count} experts per layer; "
                         f"set every expert-count field to {f.count}")
     return "pass", ", ".join(f"{k} = {v}" for k, v in f.count_fields.items())
 
 
 def _topk_fields(f: ServingFacts, target: str, ep: int | None) -> tuple[str, str]:
     if not f.topk_fields:
-        return "fail", f"config.json has none of {', '.join(TOPK_FIELDS)}: the routing top-k is unknown"
+        return "fail", f"{f.config_name} has none of {', '.join(TOPK_FIELDS)}: the routing top-k is unknown"
     values = set(map(repr, f.topk_fields.values()))
     if len(values) > 1 or f.top_k is None:
         shown = ", ".join(f"{k} = {v!r}" for k, v in f.topk_fields.items())
-        return "fail", (f"config.json's top-k fields disagree or are not positive integers ({shown}); "
+        return "fail", (f"{f.config_name}'s top-k fields disagree or are not positive integers ({shown}); "
                         f"make them one integer >= 1")
     return "pass", ", ".join(f"{k} = {v}" for k, v in f.topk_fields.items())
 
@@ -242,7 +251,7 @@ def _topk_fields(f: ServingFacts, target: str, ep: int | None) -> tuple[str, str
 def _topk_le_count(f: ServingFacts, target: str, ep: int | None) -> tuple[str, str]:
     k = f.top_k
     if k is None:
-        return "skip", "no top-k in config.json (see config-topk)"
+        return "skip", f"no top-k in {f.config_name} (see config-topk)"
     strict = target == "trtllm"
     n = f.fewest
     which = "" if len(f.counts) <= 1 else " in the smallest layer"
@@ -255,7 +264,7 @@ def _topk_le_count(f: ServingFacts, target: str, ep: int | None) -> tuple[str, s
 def _group_fields_problem(f: ServingFacts) -> str | None:
     for name, v in ((f.group_field, f.n_group), ("topk_group", f.topk_group)):
         if v is not None and not (_is_int(v) and v >= 1):
-            return f"config.json's {name} is {v!r}; expected an integer >= 1"
+            return f"{f.config_name}'s {name} is {v!r}; expected an integer >= 1"
     return None
 
 
@@ -365,10 +374,10 @@ RULES: tuple[Rule, ...] = (
         "transformers": "modeling_<family>.py: expert parameters are shaped [num_experts, …] from the config; "
                         "a layer of another size fails to load (size mismatch)",
     }),
-    Rule("config-count", _ALL, "every expert-count field in config.json equals the tensors' count",
+    Rule("config-count", _ALL, "every expert-count field in config.json (GGUF: its metadata) equals the tensors' count",
          _count_fields, {t: _HF_CONFIG + "; llama.cpp: convert_hf_to_gguf.py reads the first of num_local_experts, "
                          "num_experts, n_routed_experts" for t in _ALL}),
-    Rule("config-topk", _ALL, "the top-k fields in config.json are present and agree", _topk_fields,
+    Rule("config-topk", _ALL, "the top-k fields in config.json (GGUF: its metadata) are present and agree", _topk_fields,
          {t: _HF_CONFIG + "; llama.cpp: convert_hf_to_gguf.py reads num_experts_per_tok" for t in _ALL}),
     Rule("topk-le-count", _ALL, "kept experts >= top-k (TensorRT-LLM: > top-k)", _topk_le_count, {
         "vllm": "torch.topk over the router logits needs k <= experts",

@@ -188,7 +188,11 @@ def synth_saliency(ckpt: str, out: str, domain: str, seed: int, force: bool) -> 
 @click.option("--storage-options", type=JSON_OBJECT, default=None, help="fsspec options as JSON (endpoint_url, key…).")
 @_fail_cleanly
 def inspect(ckpt: str, as_json: bool, storage_options: dict[str, Any] | None) -> None:
-    """Describe checkpoint CKPT from its headers alone: family, experts, bytes, shard locality."""
+    """Describe checkpoint CKPT from its headers alone: family, experts, bytes, shard locality.
+
+    CKPT is a safetensors checkpoint (a folder or its URL) or a GGUF model (its file, or any file of a split
+    GGUF).
+    """
     from rewriter.inspect import describe, format_description
 
     info = describe(ckpt, storage_options or {})
@@ -365,7 +369,11 @@ cost_options = _options(
 def plan(src: str, layers: str | None, buffer_mib: int, out: str | None, as_json: bool, verbose: bool,
          workers: int, read_mbps: float | None, write_mbps: float | None, measure_bandwidth: str | None,
          latency_ms: float, inflight: int | None, max_gap_kib: int, link_mbps: float, **kw: Any) -> None:
-    """Plan the pruning of SRC and print its I/O cost and what it keeps (nothing is written but --out)."""
+    """Plan the pruning of SRC and print its I/O cost and what it keeps (nothing is written but --out).
+
+    SRC is a safetensors checkpoint (a folder or its URL) or a GGUF model (its file, or any file of a split
+    GGUF); the plan's outputs are of the same format.
+    """
     from planners.cost import estimate, format_report
     from rewriter.core.storage import is_local_url
     from rewriter.exec.copy import IOOptions
@@ -581,7 +589,11 @@ prune_options = _options(
 @main.command()
 @prune_options
 def prune(src: str, dst: str, plan_out: str | None, verbose: bool, **kw: Any) -> None:
-    """Plan and run in one command: prune SRC into DST."""
+    """Plan and run in one command: prune SRC into DST.
+
+    SRC is a safetensors checkpoint (a folder or its URL) or a GGUF model (its file, or any file of a split
+    GGUF); DST is a folder, written in SRC's format.
+    """
     _plan_and_run(src, dst, plan_out, verbose, soft=False, kw=kw)
 
 
@@ -608,7 +620,9 @@ def soft_prune(src: str, dst: str, plan_out: str | None, verbose: bool, **kw: An
     Dropped experts' router bias entries become the dtype's most negative value, so they are
     never selected; --top-k rewrites the routing top-k. Every other tensor is byte-identical to
     the source, expert ids keep their numbers, and the config's expert count is unchanged. For
-    families with a router bias (gpt-oss, DeepSeek-V3/GLM-4.5).
+    families with a router bias (gpt-oss, DeepSeek-V3/GLM-4.5). SRC may be a GGUF model: there the
+    bias llama.cpp adds before choosing is changed (gpt-oss ffn_gate_inp.bias, deepseek2/glm4moe
+    exp_probs_b.bias) and the metadata's expert count is unchanged.
     """
     _plan_and_run(src, dst, plan_out, verbose, soft=True, kw=kw)
 
@@ -635,6 +649,7 @@ def verify(paths: tuple[str, ...], buffer_mib: int, src_options: dict[str, Any] 
     SRC defaults to the source recorded in DST/pruning.json: a remote source's URL; a local source
     is recorded by content only (no path of this machine is published), so give SRC. Exits 1 when it finds a mismatch or
     a problem, 2 when it cannot verify (DST is not an output of this tool, SRC cannot be read).
+    SRC may be a GGUF model (its file, or any file of a split GGUF); DST is then a GGUF output.
     """
     if len(paths) > 2:
         raise click.UsageError("give [SRC] DST")
@@ -697,8 +712,8 @@ def dry_run_cmd(src: str, layer_ids: tuple[int, ...], scratch: str | None, buffe
                 as_json: bool, **kw: Any) -> None:
     """Rewrite only the given layers' expert tensors and report time, bytes and peak RSS per layer.
 
-    SRC is a checkpoint (give --layer and the keep options); PLAN is a per-layer plan written by
-    `rewriter plan SRC --layers N,... --out PLAN`, which holds both.
+    SRC is a checkpoint, safetensors or GGUF (give --layer and the keep options); PLAN is a
+    per-layer plan written by `rewriter plan SRC --layers N,... --out PLAN`, which holds both.
     """
     from planners.cost import human_bytes, shard_label
     from rewriter.exec.dryrun import dry_run
@@ -936,6 +951,8 @@ def import_reap_cmd(observer_file: str, out: str, domain: str, force: bool, mode
 def check(ckpt: str, targets: tuple[str, ...], ep: int | None, as_json: bool, storage_options: dict[str, Any] | None) -> None:
     """Would serving engines load CKPT? Print each rule's verdict (any MoE checkpoint, from headers).
 
+    CKPT is a safetensors checkpoint (a folder or its URL) or a GGUF model (its file, or any file of a split
+    GGUF); a GGUF model's fields are read from its metadata.
     Rules and their sources: docs/serving.md. Exit status 1 when a rule fails, 2 on bad input;
     warnings do not fail.
     """
@@ -970,7 +987,8 @@ def card(dst: str, base_model: str | None, eval_json: str | None, run_verify: bo
          src_options: dict[str, Any] | None, dst_options: dict[str, Any] | None) -> None:
     """Write DST/README.md again from DST/pruning.json, adding eval results and verify status.
 
-    Each run renders the whole card, so give every extra you want in it.
+    Each run renders the whole card, so give every extra you want in it. DST may be a GGUF output
+    (its card is filed under the gguf library).
     """
     from rewriter.exec.destination import open_destination
     from rewriter.exec.hubmeta import check_base_model

@@ -13,7 +13,7 @@ import pytest
 
 from rewriter.core.checkpoint import Checkpoint
 from tests.conftest import cli, tree_digest
-from tests.gguf_models import Geometry, write_gguf
+from tests.gguf_models import Geometry, moe_tensors, write_gguf
 from tests.test_cli_errors import assert_error, invoke
 
 gguf = pytest.importorskip("gguf")
@@ -299,6 +299,24 @@ def test_dry_run_check_and_card_take_gguf(models, tmp_path):
     assert "library_name: gguf" in card and "- \"gguf\"" in card
 
 
+def test_check_names_the_gguf_metadata_not_config_json(models, tmp_path):
+    out = cli("check", models[("qwen3moe", "F32")], "--target", "llamacpp")
+    assert "qwen3moe.expert_count = 8" in out and "qwen3moe.expert_used_count = 2" in out
+    # Without the top-k key: the failing rule names where it looked.
+    src = tmp_path / "model.gguf"
+    w = gguf.GGUFWriter(str(src), "qwen3moe")
+    w.add_block_count(1)
+    w.add_expert_count(4)
+    for name, arr in moe_tensors("qwen3moe", Geometry(layers=1, experts=4)).items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    out = cli("check", src, "--target", "llamacpp", expect=1)
+    assert "the GGUF metadata has none of" in out and "config.json" not in out
+
+
 def test_destination_named_like_a_gguf_file_is_refused(models, tmp_path):
     src = models[("qwen3moe", "F32")]
     sal = tmp_path / "s.json"
@@ -357,7 +375,7 @@ def test_ray_run_of_a_gguf_plan_matches_the_local_run(ray_cluster, models, tmp_p
     execute(plan, str(tmp_path / "local"))
     execute_on_ray(plan, str(tmp_path / "ray"), workers=2)
     assert tree_digest(tmp_path / "ray") == tree_digest(tmp_path / "local")
-    assert "-> OK" in cli("verify", tmp_path / "ray")
+    assert "-> OK" in cli("verify", src, tmp_path / "ray")
 
 
 def test_destination_beside_the_gguf_file_but_never_its_folder(models, tmp_path):
