@@ -1,7 +1,8 @@
-"""``python -m bench_io run [--size default|large|tiny] [--work DIR] [--results DIR] [--only local|remote]``
+"""``python -m bench_io run [--size default|large|tiny] [--work DIR] [--results DIR] [--only local|layers|remote]``
 
 ``local``: every local workload and contender (``latest.*``); ``remote``: the shaped object store
-(``remote.*``, needs the ``s3`` extra). Both by default.
+(``remote.*``, needs the ``s3`` extra). Both by default. ``layers``: the one-layer rewrite as
+safetensors and as GGUF side by side, and planning (``layers.*``).
 """
 
 from __future__ import annotations
@@ -22,15 +23,17 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--results", type=Path, default=RESULTS)
     r.add_argument("--contenders", default=None, help="comma-separated subset")
     r.add_argument("--repeat", type=int, default=2, help="runs per contender; the fastest is kept")
-    r.add_argument("--only", choices=("local", "remote"), default=None)
+    r.add_argument("--only", choices=("local", "layers", "remote"), default=None)
     r.add_argument("--delay-ms", type=float, default=30, help="shaped store: delay per request")
     r.add_argument("--conn-mbps", type=float, default=100, help="shaped store: MB/s per connection")
     r.add_argument("--requests", type=int, default=16, help="remote: requests in flight")
+    r.add_argument("--note", default="", help="conditions of the run, recorded with the results")
     args = ap.parse_args(argv)
     contenders = tuple(args.contenders.split(",")) if args.contenders else None
     if args.only != "remote":
-        run(args.size, args.work, args.results, contenders, repeat=args.repeat)
-    if args.only != "local":
+        run(args.size, args.work, args.results, contenders, repeat=args.repeat, layers_only=args.only == "layers",
+            note=args.note)
+    if args.only is None or args.only == "remote":
         from bench_io import remote
 
         args.work.mkdir(parents=True, exist_ok=True)

@@ -331,8 +331,12 @@ def machine() -> dict[str, Any]:
 
 
 def run(size: str = "default", work: Path | None = None, results: Path = RESULTS,
-        contenders: tuple[str, ...] | None = None, log=print, repeat: int = 2) -> dict[str, Any]:
-    """Run every workload; write ``latest.json``, ``latest.md`` and ``latest.png`` to ``results``."""
+        contenders: tuple[str, ...] | None = None, log=print, repeat: int = 2, layers_only: bool = False,
+        note: str = "") -> dict[str, Any]:
+    """Run every workload; write ``latest.json``, ``latest.md`` and ``latest.png`` to ``results``.
+
+    ``layers_only``: the one-layer rewrites (safetensors and GGUF) and planning only, written as
+    ``layers.*`` so that the full run's ``latest.*`` stay."""
     sizes = SIZES[size]
     contenders = contenders or sizes.contenders
     work = work or Path("bench-work")
@@ -353,18 +357,30 @@ def run(size: str = "default", work: Path | None = None, results: Path = RESULTS
     measurements += run_workload("layer-gguf", gguf_src.parent, gguf_plan, work,
                                  tuple(c for c in contenders if c in GGUF_CONTENDERS), log, repeat)
 
+    if not layers_only:
+        measurements += _full_workload(size, sizes, work, contenders, log, repeat)
+    planning = bench_planning(work)
+    log(f"  plan-120b  in-process {planning['in_process_s']:.3f} s, CLI process {planning['cli_process_s']:.2f} s")
+    s3 = bench_s3(sizes.s3_geometry, work) if _have_s3() and not layers_only else None
+    if s3:
+        log(f"  s3         fetched/written {s3['fetched_over_written']:.4f}")
+    doc = _write_results(results, "layers" if layers_only else "latest", size, measurements, planning, s3, repeat, note)
+    return doc
+
+
+def _full_workload(size: str, sizes: Any, work: Path, contenders: tuple[str, ...], log, repeat: int) -> list[Measurement]:
     full_src, full_sal = _source(work, f"full-{size}", sizes.full_geometry, log)
     # Output shards of about a gigabyte (one layer each), so that --jobs has shards to share.
     full_plan = _plan(full_src, work, "full-plan", PlanOptions(saliency=(str(full_sal),), policy=KeepPolicy(keep_frac=0.5),
                                                                 max_shard_bytes=FULL_SHARD_BYTES[size]))
-    measurements += run_workload("full", full_src, full_plan, work, contenders, log, repeat)
+    return run_workload("full", full_src, full_plan, work, contenders, log, repeat)
 
-    planning = bench_planning(work)
-    log(f"  plan-120b  in-process {planning['in_process_s']:.3f} s, CLI process {planning['cli_process_s']:.2f} s")
-    s3 = bench_s3(sizes.s3_geometry, work) if _have_s3() else None
-    if s3:
-        log(f"  s3         fetched/written {s3['fetched_over_written']:.4f}")
+
+def _write_results(results: Path, stem: str, size: str, measurements: list[Measurement], planning: dict[str, Any],
+                   s3: dict[str, Any] | None, repeat: int, note: str) -> dict[str, Any]:
     doc = {
+        "note": note,
+        "layers_only": stem == "layers",
         "date": time.strftime("%Y-%m-%d"),
         "size": size,
         "machine": machine(),
@@ -376,9 +392,9 @@ def run(size: str = "default", work: Path | None = None, results: Path = RESULTS
         "ratios": ratios(measurements, s3),
     }
     results.mkdir(parents=True, exist_ok=True)
-    (results / "latest.json").write_text(json.dumps(doc, indent=1) + "\n")
-    (results / "latest.md").write_text(markdown(doc))
-    chart(doc, results / "latest.png")
+    (results / f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (results / f"{stem}.md").write_text(markdown(doc))
+    chart(doc, results / f"{stem}.png")
     return doc
 
 
@@ -417,6 +433,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, Python {m['python']}, "
         f"Linux {m['kernel']}. Page cache: {doc['page_cache']}. Each contender ran {doc.get('repeat', 1)} "
         f"times, rounds interleaved; the fastest run is shown (peak RSS: the largest).",
+        *([f"Conditions: {doc['note']}"] if doc.get("note") else []),
         "",
         "| workload | contender | wall s | output MB | MB/s | read MB (storage) | written MB (storage) | peak RSS MiB |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -439,7 +456,9 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"S3-sourced rewrite (loopback S3 server): {s['tensor_bytes_fetched']:,} tensor bytes + "
         f"{s['header_bytes_fetched']:,} header bytes fetched of a {s['source_bytes']:,}-byte source, "
-        f"{s['bytes_written']:,} bytes written." if s else "S3-sourced rewrite: not run (s3fs or moto not installed).",
+        f"{s['bytes_written']:,} bytes written." if s else
+        "S3-sourced rewrite and full rewrite: not part of this run (`--only layers`)." if doc.get("layers_only") else
+        "S3-sourced rewrite: not run (s3fs or moto not installed).",
         "",
         *ratio_rows(doc["ratios"]),
     ]

@@ -3,8 +3,12 @@ like a distant one, and counts what it is asked for.
 
 Every request waits ``delay_s`` before it is forwarded (time to first byte), and each response
 body is sent at most ``conn_bytes_per_s`` per connection. The proxy counts requests, response
-body bytes, and the most requests and requested bytes (Range lengths) in flight at once (from
-the request's arrival to the end of its response), so tests can assert the client's limits.
+body bytes (counted as they are handed to the connection), and the most requests and requested
+bytes (Range lengths) in flight at once, so tests can assert the client's limits. A request is
+in flight from its arrival until the proxy hands the last bytes of its response to the
+connection: from then on the client may have read them all and sent its next request before
+this proxy's thread runs again, so counting it any longer would charge the client for a request
+it has already released. What the proxy counts is then never more than what the client holds.
 
     proxy = ShapedProxy("http://127.0.0.1:PORT", delay_s=0.03, conn_bytes_per_s=100e6).start()
     ... s3fs with endpoint_url=proxy.endpoint ...
@@ -120,7 +124,7 @@ class ShapedProxy:
             self._server.shutdown()
             self._server.server_close()
 
-    def _begin(self, method: str, wanted: int) -> None:
+    def _begin(self, method: str, wanted: int) -> _InFlight:
         with self._lock:
             c = self.counters
             c.requests += 1
@@ -130,14 +134,33 @@ class ShapedProxy:
             c.bytes_in_flight += wanted
             c.max_in_flight = max(c.max_in_flight, c.in_flight)
             c.max_bytes_in_flight = max(c.max_bytes_in_flight, c.bytes_in_flight)
+            return _InFlight(c, wanted)
 
-    def _end(self, wanted: int, sent: int) -> None:
+    def _handing_over(self, req: _InFlight, n: int, last: bool) -> None:
+        """``n`` body bytes are about to be handed to the client (the last ones: the request is
+        released). Counted before they go, for the same reason as the release."""
         with self._lock:
-            c = self.counters
-            c.in_flight -= 1
-            c.bytes_in_flight -= wanted
-            c.body_bytes += sent
-            c.ranged_bytes += sent if wanted else 0
+            req.counters.body_bytes += n
+            req.counters.ranged_bytes += n if req.wanted else 0
+        if last:
+            self._release(req)
+
+    def _release(self, req: _InFlight) -> None:
+        """The request is no longer in flight (once; again does nothing)."""
+        with self._lock:
+            if not req.released:
+                req.released = True
+                req.counters.in_flight -= 1
+                req.counters.bytes_in_flight -= req.wanted
+
+
+@dataclass
+class _InFlight:
+    """One request the proxy counts as in flight (in the counters of when it arrived)."""
+
+    counters: Counters
+    wanted: int
+    released: bool = False
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -159,8 +182,7 @@ class _Handler(BaseHTTPRequestHandler):
         m = _RANGE.match(self.headers.get("Range", ""))
         wanted = int(m.group(2)) - int(m.group(1)) + 1 if m and self.command == "GET" else 0
         self.shaper._hold(self.client_address[1], wanted)
-        self.shaper._begin(self.command, wanted)
-        sent = 0
+        req = self.shaper._begin(self.command, wanted)
         try:
             time.sleep(self.shaper.delay_s)
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
@@ -183,24 +205,29 @@ class _Handler(BaseHTTPRequestHandler):
             # A HEAD answer keeps the object's length (clients read the size from it).
             self.send_header("Content-Length", length if length is not None and (data is None or self.command == "HEAD")
                              else str(len(data or b"")))
+            body = self.command != "HEAD" and (length != "0" if data is None else bool(data))
+            if not body:
+                self.shaper._release(req)  # the headers are the whole response
             self.end_headers()
-            if self.command != "HEAD":
-                sent = self._paced(resp, data)
+            if body:
+                self._paced(resp, data, req)
         finally:
-            self.shaper._end(wanted, sent)
+            self.shaper._release(req)  # after an error
 
-    def _paced(self, resp: http.client.HTTPResponse, data: bytes | None) -> int:
+    def _paced(self, resp: http.client.HTTPResponse, data: bytes | None, req: _InFlight) -> None:
         """Send the body (streamed from upstream as it arrives, or ``data``) at no more than the
-        connection's bandwidth."""
+        connection's bandwidth; the request is released just before its last chunk goes."""
         view = memoryview(data) if data is not None else None
         t0 = time.perf_counter()
         sent = 0
-        while True:
-            chunk = view[sent:sent + CHUNK] if view is not None else resp.read(CHUNK)
-            if not chunk:
-                return sent
+        chunk = view[:CHUNK] if view is not None else resp.read(CHUNK)
+        while chunk:
+            after = sent + len(chunk)
+            # The next chunk is read first, to know whether this one is the last.
+            nxt = view[after:after + CHUNK] if view is not None else resp.read(CHUNK)
+            self.shaper._handing_over(req, len(chunk), last=not nxt)
             self.wfile.write(chunk)
-            sent += len(chunk)
+            sent, chunk = after, nxt
             ahead = t0 + sent / self.shaper.conn_bytes_per_s - time.perf_counter()
             if ahead > 0:
                 time.sleep(ahead)

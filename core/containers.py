@@ -65,9 +65,8 @@ class Safetensors:
         return 1
 
     def output_names(self, ckpt: Checkpoint, count: int) -> list[str]:
-        """As transformers' ``save_pretrained`` names them: one shard is ``model.safetensors`` (the
-        name loaders look for first; the index, written last to mark the output complete, names it
-        too), several are numbered from 1, or from 0 like the source's."""
+        # As transformers' save_pretrained names them: one shard is model.safetensors (the name
+        # loaders look for first), several are numbered from 1, or from 0 like the source's.
         if count == 1:
             return ["model.safetensors"]
         if any(re.search(r"-00000-of-\d+\.safetensors$", s) for s in ckpt.shards):

@@ -80,23 +80,23 @@ def _count_fields(f: ServingFacts, target: str, ep: int | None) -> tuple[str, st
     if len(f.counts) > 1:
         return "skip", "expert counts differ between layers (see the uniform rule); no one count to compare"
     if not f.count_fields:
-        return "fail", f"config.json has none of {', '.join(COUNT_FIELDS)}; the engine cannot size the expert layers"
+        return "fail", f"{f.config_name} has none of {', '.join(COUNT_FIELDS)}; the engine cannot size the expert layers"
     # A per-layer list (Hunyuan) agrees when every entry is the count.
     bad = {k: v for k, v in f.count_fields.items() if v != f.count and not (isinstance(v, list) and v == [f.count] * len(v))}
     if bad:
         shown = ", ".join(f"{k} = {v!r}" for k, v in bad.items())
-        return "fail", (f"config.json says {shown}, but the tensors hold {f.count} experts per layer; "
+        return "fail", (f"{f.config_name} says {shown}, but the tensors hold {f.count} experts per layer; "
                         f"set every expert-count field to {f.count}")
     return "pass", ", ".join(f"{k} = {v}" for k, v in f.count_fields.items())
 
 
 def _topk_fields(f: ServingFacts, target: str, ep: int | None) -> tuple[str, str]:
     if not f.topk_fields:
-        return "fail", f"config.json has none of {', '.join(TOPK_FIELDS)}: the routing top-k is unknown"
+        return "fail", f"{f.config_name} has none of {', '.join(TOPK_FIELDS)}: the routing top-k is unknown"
     values = set(map(repr, f.topk_fields.values()))
     if len(values) > 1 or f.top_k is None:
         shown = ", ".join(f"{k} = {v!r}" for k, v in f.topk_fields.items())
-        return "fail", (f"config.json's top-k fields disagree or are not positive integers ({shown}); "
+        return "fail", (f"{f.config_name}'s top-k fields disagree or are not positive integers ({shown}); "
                         f"make them one integer >= 1")
     return "pass", ", ".join(f"{k} = {v}" for k, v in f.topk_fields.items())
 
@@ -104,7 +104,7 @@ def _topk_fields(f: ServingFacts, target: str, ep: int | None) -> tuple[str, str
 def _topk_le_count(f: ServingFacts, target: str, ep: int | None) -> tuple[str, str]:
     k = f.top_k
     if k is None:
-        return "skip", "no top-k in config.json (see config-topk)"
+        return "skip", f"no top-k in {f.config_name} (see config-topk)"
     strict = target == "trtllm"
     n = f.fewest
     which = "" if len(f.counts) <= 1 else " in the smallest layer"
@@ -117,7 +117,7 @@ def _topk_le_count(f: ServingFacts, target: str, ep: int | None) -> tuple[str, s
 def _group_fields_problem(f: ServingFacts) -> str | None:
     for name, v in ((f.group_field, f.n_group), ("topk_group", f.topk_group)):
         if v is not None and not (is_int(v) and v >= 1):
-            return f"config.json's {name} is {v!r}; expected an integer >= 1"
+            return f"{f.config_name}'s {name} is {v!r}; expected an integer >= 1"
     return None
 
 
@@ -227,10 +227,10 @@ RULES: tuple[Rule, ...] = (
         "transformers": "modeling_<family>.py: expert parameters are shaped [num_experts, …] from the config; "
                         "a layer of another size fails to load (size mismatch)",
     }),
-    Rule("config-count", _ALL, "every expert-count field in config.json equals the tensors' count",
+    Rule("config-count", _ALL, "every expert-count field in config.json (GGUF: its metadata) equals the tensors' count",
          _count_fields, {t: _HF_CONFIG + "; llama.cpp: convert_hf_to_gguf.py reads the first of num_local_experts, "
                          "num_experts, n_routed_experts" for t in _ALL}),
-    Rule("config-topk", _ALL, "the top-k fields in config.json are present and agree", _topk_fields,
+    Rule("config-topk", _ALL, "the top-k fields in config.json (GGUF: its metadata) are present and agree", _topk_fields,
          {t: _HF_CONFIG + "; llama.cpp: convert_hf_to_gguf.py reads num_experts_per_tok" for t in _ALL}),
     Rule("topk-le-count", _ALL, "kept experts >= top-k (TensorRT-LLM: > top-k)", _topk_le_count, {
         "vllm": "torch.topk over the router logits needs k <= experts",

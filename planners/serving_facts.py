@@ -40,6 +40,7 @@ class ServingFacts:
         mxfp4_blocks: whether the expert weights are MXFP4 ``*_blocks``/``*_scales`` tensors.
         quant_modules_problem: what disagrees between ``quantization_config``'s module lists
             and the per-expert tensors (:func:`planners.quantization.module_list_problem`).
+        config_name: what messages call the config (``config.json``, or ``the GGUF metadata``).
     """
 
     family: str
@@ -54,6 +55,8 @@ class ServingFacts:
     expert_dtypes: frozenset[str] = frozenset()
     mxfp4_blocks: bool = False
     quant_modules_problem: str | None = None
+    #: Where the fields are read: ``config.json``, or a GGUF model's metadata.
+    config_name: str = "config.json"
 
     @property
     def counts(self) -> set[int]:
@@ -91,6 +94,11 @@ def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _config_name(config: Mapping[str, Any]) -> str:
+    # A GGUF model's config is its metadata, which always names its architecture.
+    return "the GGUF metadata" if "general.architecture" in config else "config.json"
+
+
 def facts_from(config: Mapping[str, Any], tensors: Iterable[tuple[str, str, Sequence[int]]],
                layout: Layout) -> ServingFacts:
     """Facts from a config and ``(name, dtype, shape)`` tensor headers (a checkpoint's or a plan's).
@@ -121,7 +129,7 @@ def facts_from(config: Mapping[str, Any], tensors: Iterable[tuple[str, str, Sequ
     method = quant.get("quant_method") if isinstance(quant, dict) else None
     quant_problem = None
     if quant is not None and not (isinstance(quant, dict) and isinstance(method, str)):
-        quant_problem = (f"config.json's quantization_config is {quant!r:.60}; expected an object with a "
+        quant_problem = (f"{_config_name(config)}'s quantization_config is {quant!r:.60}; expected an object with a "
                          f"string quant_method (copy the source's quantization_config)")
         method = None
     grouped = layout.group_field is not None
@@ -137,6 +145,7 @@ def facts_from(config: Mapping[str, Any], tensors: Iterable[tuple[str, str, Sequ
         quant_method=method,
         quant_problem=quant_problem,
         group_field=layout.group_field,
+        config_name=_config_name(config),
         expert_dtypes=frozenset(dtypes),
         mxfp4_blocks=blocks,
         quant_modules_problem=module_list_problem(config, layout, tensors),

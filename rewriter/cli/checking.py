@@ -27,7 +27,11 @@ from rewriter.cli.params import (
 @click.option("--storage-options", type=JSON_OBJECT, default=None, help="fsspec options as JSON (endpoint_url, key…).")
 @_fail_cleanly
 def inspect(ckpt: str, as_json: bool, storage_options: dict[str, Any] | None) -> None:
-    """Describe checkpoint CKPT from its headers alone: family, experts, bytes, shard locality."""
+    """Describe checkpoint CKPT from its headers alone: family, experts, bytes, shard locality.
+
+    CKPT is a safetensors checkpoint (a folder or its URL) or a GGUF model (its file, or any file of a split
+    GGUF).
+    """
     from rewriter.tools.inspect import describe, format_description
 
     info = describe(ckpt, storage_options or {})
@@ -56,6 +60,7 @@ def verify(paths: tuple[str, ...], buffer_mib: int, src_options: dict[str, Any] 
     SRC defaults to the source recorded in DST/pruning.json: a remote source's URL; a local source
     is recorded by content only (no path of this machine is published), so give SRC. Exits 1 when it finds a mismatch or
     a problem, 2 when it cannot verify (DST is not an output of this tool, SRC cannot be read).
+    SRC may be a GGUF model (its file, or any file of a split GGUF); DST is then a GGUF output.
     """
     if len(paths) > 2:
         raise click.UsageError("give [SRC] DST")
@@ -116,6 +121,8 @@ def _refuse_file_as_output(path: str, param: str) -> None:
 def check(ckpt: str, targets: tuple[str, ...], ep: int | None, as_json: bool, storage_options: dict[str, Any] | None) -> None:
     """Would serving engines load CKPT? Print each rule's verdict (any MoE checkpoint, from headers).
 
+    CKPT is a safetensors checkpoint (a folder or its URL) or a GGUF model (its file, or any file of a split
+    GGUF); a GGUF model's fields are read from its metadata.
     Rules and their sources: docs/serving.md. Exit status 1 when a rule fails, 2 on bad input;
     warnings do not fail.
     """
@@ -151,7 +158,8 @@ def card(dst: str, base_model: str | None, eval_json: str | None, run_verify: bo
          src_options: dict[str, Any] | None, dst_options: dict[str, Any] | None) -> None:
     """Write DST/README.md again from DST/pruning.json, adding eval results and verify status.
 
-    Each run renders the whole card, so give every extra you want in it.
+    Each run renders the whole card, so give every extra you want in it. DST may be a GGUF output
+    (its card is filed under the gguf library).
     """
     from rewriter.exec.dest import open_destination
     from rewriter.exec.publish import check_base_model, load_eval, update_card

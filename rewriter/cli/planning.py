@@ -182,7 +182,11 @@ cost_options = options_group(
 def plan(src: str, layers: str | None, buffer_mib: int, out: str | None, as_json: bool, verbose: bool,
          workers: int, read_mbps: float | None, write_mbps: float | None, measure_bandwidth: str | None,
          latency_ms: float, inflight: int | None, max_gap_kib: int, link_mbps: float, **kw: Any) -> None:
-    """Plan the pruning of SRC and print its I/O cost and what it keeps (nothing is written but --out)."""
+    """Plan the pruning of SRC and print its I/O cost and what it keeps (nothing is written but --out).
+
+    SRC is a safetensors checkpoint (a folder or its URL) or a GGUF model (its file, or any file of a split
+    GGUF); the plan's outputs are of the same format.
+    """
     from core.storage import is_local_url
     from planners.cost import estimate, format_report
     from rewriter.exec.io import IOOptions

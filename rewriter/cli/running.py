@@ -134,7 +134,11 @@ prune_options = options_group(
 @main.command()
 @prune_options
 def prune(src: str, dst: str, plan_out: str | None, verbose: bool, **kw: Any) -> None:
-    """Plan and run in one command: prune SRC into DST."""
+    """Plan and run in one command: prune SRC into DST.
+
+    SRC is a safetensors checkpoint (a folder or its URL) or a GGUF model (its file, or any file of a split
+    GGUF); DST is a folder, written in SRC's format.
+    """
     _plan_and_run(src, dst, plan_out, verbose, soft=False, kw=kw)
 
 
@@ -159,7 +163,9 @@ def soft_prune(src: str, dst: str, plan_out: str | None, verbose: bool, **kw: An
     Dropped experts' router bias entries become the dtype's most negative value, so they are
     never selected; --top-k rewrites the routing top-k. Every other tensor is byte-identical to
     the source, expert ids keep their numbers, and the config's expert count is unchanged. For
-    families with a router bias (gpt-oss, DeepSeek-V3/GLM-4.5).
+    families with a router bias (gpt-oss, DeepSeek-V3/GLM-4.5). SRC may be a GGUF model: there the
+    bias llama.cpp adds before choosing is changed (gpt-oss ffn_gate_inp.bias, deepseek2/glm4moe
+    exp_probs_b.bias) and the metadata's expert count is unchanged.
     """
     _plan_and_run(src, dst, plan_out, verbose, soft=True, kw=kw)
 
@@ -178,8 +184,8 @@ def dry_run_cmd(src: str, layer_ids: tuple[int, ...], scratch: str | None, buffe
                 as_json: bool, **kw: Any) -> None:
     """Rewrite only the given layers' expert tensors and report time, bytes and peak RSS per layer.
 
-    SRC is a checkpoint (give --layer and the keep options); PLAN is a per-layer plan written by
-    `rewriter plan SRC --layers N,... --out PLAN`, which holds both.
+    SRC is a checkpoint, safetensors or GGUF (give --layer and the keep options); PLAN is a
+    per-layer plan written by `rewriter plan SRC --layers N,... --out PLAN`, which holds both.
     """
     from planners.cost import human_bytes, shard_label
     from rewriter.exec.run import dry_run

@@ -39,6 +39,24 @@ def test_bench_harness_tiny(tmp_path):
     assert abs(layer["ours"] - ms[("layer", "ours")]["output_bytes"]) < 64 << 10
 
 
+def test_bench_layers_only_writes_the_two_layer_rewrites_side_by_side(tmp_path):
+    """``python -m bench_io run --only layers``: the safetensors and GGUF layer rewrites and
+    planning, as ``layers.*``; the full run's ``latest.*`` are left alone."""
+    from bench_io.__main__ import main
+
+    results = tmp_path / "results"
+    assert main(["run", "--size", "tiny", "--only", "layers", "--work", str(tmp_path / "work"), "--results",
+                 str(results), "--contenders", "ours,ours-buffered", "--repeat", "1", "--note", "a busy machine"]) == 0
+    saved = json.loads((results / "layers.json").read_text())
+    ms = {(m["workload"], m["contender"]): m for m in saved["measurements"]}
+    assert set(ms) == {(w, c) for w in ("layer", "layer-gguf") for c in ("ours", "ours-buffered")}
+    assert all(m["ok"] for m in ms.values())
+    assert abs(ms[("layer-gguf", "ours")]["output_bytes"] - ms[("layer", "ours")]["output_bytes"]) < 64 << 10
+    table = (results / "layers.md").read_text()
+    assert "Conditions: a busy machine" in table and "| layer-gguf | ours |" in table
+    assert not (results / "latest.json").exists() and saved["planning_120b"]["gguf"]["source_files"] > 1
+
+
 def test_remote_bench_tiny(tmp_path):
     """The shaped-store benchmark end to end: every contender writes the same shards, the
     concurrent path fetches the plan's bytes and keeps within its limits."""

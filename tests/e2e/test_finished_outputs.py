@@ -5,9 +5,9 @@ cannot reach."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -133,20 +133,62 @@ def _keep_list(tmp_path: Path) -> Path:
     return keep
 
 
-def test_a_full_disk_says_which_shards_are_kept_for_the_resume(small, tmp_path, mounts):  # noqa: F811
+#: Where the disk fills, as a file operation of the run (tests.file_events): after the first shard
+#: is journaled, before the next shard's file is made, the journal is written again, or the
+#: status document is.
+FULL_AT = {
+    "a shard": "rename:journal.json#2>open:*.safetensors.part#1",
+    "the journal": "rename:journal.json#2>open:journal.json.tmp#1",
+    "the status document": "rename:journal.json#2>open:status.json.tmp#1",
+}
+
+
+@pytest.mark.parametrize("full_at", FULL_AT)
+def test_a_full_disk_says_which_shards_are_kept_for_the_resume(small, tmp_path, mounts, full_at):  # noqa: F811
+    """Whichever write meets the full disk, the one error line counts the shards kept, which are
+    the shard files in the destination and the journal's; the same command resumes from them."""
     from tests.conftest import tree_digest
+    from tests.e2e.test_promises import at_file_operation
+    from tests.file_events import fill
 
     src, sal = small
     rewriter(*prune_args(src, sal, tmp_path / "ref"))
-    disk = mounts("disk", "size=12m")
-    r = rewriter(*prune_args(src, sal, disk / "dst"), expect=2)
-    kept = sorted(p.name for p in (disk / "dst").glob("*.safetensors"))
+    disk = mounts("disk", "size=64m")
+    dst, filler = disk / "dst", disk / "filler"
+    r = at_file_operation(dst, f"fill={filler}", FULL_AT[full_at], prune_args(src, sal, dst))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    kept = sorted(p.name for p in dst.glob("*.safetensors"))
+    journaled = sorted(json.loads((dst / ".rewriter" / "journal.json").read_text())["shards"])
     total = len(list((tmp_path / "ref").glob("*.safetensors")))
-    assert 0 < len(kept) < total
+    assert kept == journaled and 0 < len(kept) < total
     assert "nothing was published" not in r.stderr and r.stderr.count("\n") == 1
     assert (f"no space left on the destination (No space left on device); {len(kept)} of {total} shards are "
-            f"finished and kept in {disk / 'dst'}: free space and run the same command again to resume") in r.stderr
-    subprocess.run(["mount", "-o", "remount,size=128m", str(disk)], check=True)
-    r = rewriter(*prune_args(src, sal, disk / "dst")[:-1])
+            f"finished and kept in {dst}: free space and run the same command again to resume") in r.stderr
+    if full_at == "the journal":
+        assert r.stderr.startswith(f"error: {dst / '.rewriter' / 'journal.json'}: no space left"), r.stderr
+    # Run again on a disk still full (what the failed shard's temporary file held is taken too):
+    # the journal is its first write, and the error counts the same shards.
+    fill(str(disk / "more"))
+    again = rewriter(*prune_args(src, sal, dst), expect=2)
+    assert again.stderr.count("\n") == 1 and f"; {len(kept)} of {total} shards are finished and kept" in again.stderr
+    assert sorted(p.name for p in dst.glob("*.safetensors")) == kept
+    filler.unlink()
+    (disk / "more").unlink()
+    r = rewriter(*prune_args(src, sal, dst)[:-1])
     assert f"({len(kept)} resumed)" in r.stdout
-    assert tree_digest(disk / "dst") == tree_digest(tmp_path / "ref")
+    assert tree_digest(dst) == tree_digest(tmp_path / "ref")
+
+
+def test_a_disk_full_before_the_first_write_is_one_clear_error(small, tmp_path, mounts):  # noqa: F811
+    """Full before the lock records its owner: the run says no shard was finished, and leaves
+    nothing behind in the destination it created."""
+    from tests.e2e.test_promises import at_file_operation
+
+    src, sal = small
+    disk = mounts("disk", "size=16m")
+    dst = disk / "dst"
+    r = at_file_operation(dst, f"fill={disk / 'filler'}", "open:lock#1", prune_args(src, sal, dst))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"error: {dst / '.rewriter' / 'journal.json'}: no space left on the destination")
+    assert "no shard of 10 was finished: free space and run the same command again to resume" in r.stderr
+    assert not dst.exists()

@@ -14,7 +14,7 @@ import pytest
 from core.checkpoint import Checkpoint
 from tests.cli.test_cli_errors import assert_error, invoke
 from tests.conftest import cli, tree_digest
-from tests.gguf_models import Geometry, write_gguf
+from tests.gguf_models import Geometry, moe_tensors, write_gguf
 
 gguf = pytest.importorskip("gguf")
 
@@ -297,6 +297,24 @@ def test_dry_run_check_and_card_take_gguf(models, tmp_path):
     cli("card", tmp_path / "out")
     card = (tmp_path / "out" / "README.md").read_text()
     assert "library_name: gguf" in card and "- \"gguf\"" in card
+
+
+def test_check_names_the_gguf_metadata_not_config_json(models, tmp_path):
+    out = cli("check", models[("qwen3moe", "F32")], "--target", "llamacpp")
+    assert "qwen3moe.expert_count = 8" in out and "qwen3moe.expert_used_count = 2" in out
+    # Without the top-k key: the failing rule names where it looked.
+    src = tmp_path / "model.gguf"
+    w = gguf.GGUFWriter(str(src), "qwen3moe")
+    w.add_block_count(1)
+    w.add_expert_count(4)
+    for name, arr in moe_tensors("qwen3moe", Geometry(layers=1, experts=4)).items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    out = cli("check", src, "--target", "llamacpp", expect=1)
+    assert "the GGUF metadata has none of" in out and "config.json" not in out
 
 
 def test_destination_named_like_a_gguf_file_is_refused(models, tmp_path):

@@ -10,8 +10,12 @@ their logits are those of the original with the dropped experts made unselectabl
   llama.cpp quantizes activations for quantized matrices, which can flip a near-tie in a token's
   top-k: there, 3 positions in 4 within the type's tolerance (and fewer than half of them close to
   the unpruned model).
-* qwen2moe, olmoe, llama (Mixtral), qwen3moe: the pruned file against a model the ``gguf`` package
-  writes from scratch with only the kept experts: llama.cpp computes equal logits.
+* qwen2moe, olmoe, llama (Mixtral), qwen3moe, deepseek2 (DeepSeek-V3/Kimi-K2), glm4moe (GLM-4.5):
+  the pruned file against a model the ``gguf`` package writes from scratch with only the kept
+  experts, cut out of the source's tensors here (not by the tool) as they are encoded (F32, Q8_0,
+  and llama.cpp's Q4_K_M): llama.cpp computes the same logits and generates the same tokens.
+* deepseek2 and glm4moe: the structural prune against the soft prune (the dropped experts'
+  selection bias ``exp_probs_b`` set so llama.cpp never selects them, within the same groups).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import cli
-from tests.gguf_models import Geometry, write_gguf
+from tests.gguf_models import GROUPED, Geometry, write_gguf
 
 gguf = pytest.importorskip("gguf")
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -161,3 +165,72 @@ def test_qwen3moe_pruned_in_llama_cpp_matches_transformers(tmp_path, qtype):
         assert within >= 3 * len(TOKENS) // 4, within
     # The check can fail: the unpruned model is not what llama.cpp computed.
     assert close_positions(got, unpruned, TOLERANCE[qtype]) < len(TOKENS) // 2
+
+
+#: Per-expert tensors and the router's rows: what a model with only the kept experts has fewer of.
+_EXPERT_ROWS = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight", "ffn_gate_inp.weight",
+                "exp_probs_b.bias")
+
+
+def kept_only(src: Path, keep: dict[str, list[int]]) -> dict[str, tuple[np.ndarray, object]]:
+    """The source's tensors as encoded (quantized blocks untouched) with only ``keep``'s experts of
+    each layer, in ``keep``'s order."""
+    out = {}
+    for t in gguf.GGUFReader(str(src)).tensors:
+        data = np.array(t.data)
+        layer = t.name.split(".")[1] if t.name.startswith("blk.") else None
+        if layer is not None and t.name.split(".", 2)[2] in _EXPERT_ROWS:
+            data = data[keep[layer]]
+        out[t.name] = (data, t.tensor_type)
+    return out
+
+
+def _source(tmp_path: Path, arch: str, qtype: str) -> tuple[Path, Geometry]:
+    """A tiny ``arch`` model; Q4_K_M by llama.cpp's quantizer on a model wide enough for K-quant
+    rows. OLMoE's loader wants as many key/value heads as query heads."""
+    g = GROUPED if arch in ("deepseek2", "glm4moe") else Geometry(kv_heads=4 if arch == "olmoe" else 2)
+    if qtype == "Q4_K_M":  # qwen2moe's and olmoe's heads span the hidden width
+        g = Geometry(**{**g.__dict__, "hidden": 256, "expert_ff": 256, "head_dim": g.head_dim if g is GROUPED else 64})
+    src = write_gguf(tmp_path / "src" / "model.gguf", arch, g, qtype="F32" if qtype == "Q4_K_M" else qtype, seed=7)
+    if qtype == "Q4_K_M":
+        (tmp_path / "q").mkdir()
+        src = quantize(src, tmp_path / "q" / "model.gguf", 15)
+        kinds = {t.tensor_type.name for t in gguf.GGUFReader(str(src)).tensors if "_exps" in t.name}
+        assert kinds & {"Q4_K", "Q5_K", "Q6_K"}, kinds
+    return src, g
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_K_M"])
+@pytest.mark.parametrize("arch", ["deepseek2", "glm4moe", "qwen3moe", "qwen2moe", "olmoe", "llama"])
+def test_pruned_equals_a_model_written_with_only_the_kept_experts(tmp_path, arch, qtype):
+    src, g = _source(tmp_path, arch, qtype)
+    sal = tmp_path / "s.json"
+    cli("synth-saliency", src, "--out", sal)
+    keep = prune(src, tmp_path / "out", sal)
+    kept = len(next(iter(keep.values())))
+    assert kept == g.experts // 2 and all(len(ids) == kept for ids in keep.values())
+    scratch = write_gguf(tmp_path / "scratch" / "model.gguf", arch, g, tensors=kept_only(src, keep), experts=kept)
+    got, generated = llama_logits(tmp_path / "out" / "model.gguf")
+    want, want_generated = llama_logits(scratch)
+    assert len(generated) == 4 and generated == want_generated
+    assert_close(got, want, 1e-6)
+    full, _ = llama_logits(src)
+    assert np.abs(full - got).max() > 1e-3  # the prune changed the model: the check can fail
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+@pytest.mark.parametrize("arch", ["deepseek2", "glm4moe"])
+def test_grouped_pruned_equals_soft_pruned_in_llama_cpp(tmp_path, arch, qtype):
+    src = write_gguf(tmp_path / "src" / "model.gguf", arch, GROUPED, qtype=qtype, seed=11)
+    sal = tmp_path / "s.json"
+    cli("synth-saliency", src, "--out", sal)
+    keep = prune(src, tmp_path / "hard", sal)
+    if arch == "deepseek2":  # two kept in each of the 4 groups of 4: group-limited routing unchanged
+        assert all(sorted(e // 4 for e in ids) == [0, 0, 1, 1, 2, 2, 3, 3] for ids in keep.values())
+    prune(src, tmp_path / "soft", sal, soft=True)
+    hard, hard_gen = llama_logits(tmp_path / "hard" / "model.gguf")
+    soft, soft_gen = llama_logits(tmp_path / "soft" / "model.gguf")
+    full, _ = llama_logits(src)
+    assert len(hard_gen) == 4 and hard_gen == soft_gen
+    assert_close(hard, soft, 1e-5)
+    assert np.abs(full - hard).max() > 1e-3

@@ -160,27 +160,91 @@ def test_prune_with_several_jobs_killed_resumes_byte_identical(small, tmp_path):
     assert killed >= 1, "the runs finished before they could be killed"
 
 
+def at_file_operation(dst: Path, action: str, spec: str, args: list[object]) -> subprocess.CompletedProcess:
+    """The real CLI that SIGKILLs itself (``kill``), fills its disk (``fill=PATH``) or records its
+    file operations (``trace=FILE``) at the destination file operation ``spec`` names
+    (:mod:`tests.file_events`): a moment of the run that does not depend on how fast it runs."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "tests.file_events", dst, action, spec, "--", *map(str, args)],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def file_operations(dst: Path, args: list[object]) -> list[str]:
+    """The destination file operations of an uninterrupted run, in order (it writes ``dst``)."""
+    trace = dst.with_name(dst.name + ".trace")
+    r = at_file_operation(dst, f"trace={trace}", "-", args)
+    assert r.returncode == 0, r.stderr
+    return trace.read_text().splitlines()
+
+
+def counted(ops: list[str]) -> list[str]:
+    """Each operation as ``name#n`` (the n-th of its name), the stage that stops a run just before it."""
+    seen: dict[str, int] = {}
+    out = []
+    for op in ops:
+        seen[op] = seen.get(op, 0) + 1
+        out.append(f"{op}#{seen[op]}")
+    return out
+
+
+def command_args(command: str, src: Path, sal: Path, plan: Path, dst: Path) -> list[object]:
+    if command == "run":
+        return ["run", plan, "--out", dst, "--quiet"]
+    return prune_args(src, sal, dst, command)
+
+
 @pytest.mark.slow
-def test_prune_killed_at_20_random_moments_resumes_byte_identical(small, tmp_path):
+@pytest.mark.parametrize("command", ["run", "prune", "soft-prune"])
+def test_killed_at_each_step_after_the_last_shard_the_same_command_ends_complete(small, tmp_path, command):
+    """Killed before each file operation from the last journal entry on (status document, config,
+    copied files, card, pruning.json, the index, each removal of the state folder), the same
+    command ends with the output of an uninterrupted run and no state folder."""
     src, sal = small
-    t = time.monotonic()
-    rewriter(*prune_args(src, sal, tmp_path / "ref"), "--no-zero-copy", "--buffer-mib", "1")
-    wall = time.monotonic() - t
+    plan = plan_file(src, sal, tmp_path / "plan.json")  # for `run`
+    ops = file_operations(tmp_path / "ref", command_args(command, src, sal, plan, tmp_path / "ref"))
     expected = tree_digest(tmp_path / "ref")
-    assert len([n for n in expected if n.endswith(".safetensors")]) >= 5
-    rng = random.Random(12)
-    mid_run = 0
-    for i in range(20):
+    shards = len([n for n in expected if n.endswith(".safetensors")])
+    # The journal is written once when the run starts and once per shard; the last of these comes
+    # after every shard, and what follows it is the same in every run.
+    last = [i for i, op in enumerate(ops) if op == "rename:journal.json"][shards]
+    anchor = f"rename:journal.json#{shards + 1}"
+    moments = [anchor] + [f"{anchor}>{op}" for op in counted(ops[last + 1:])]
+    for needed in ("rename:status.json#1", "rename:README.md#1", "rename:pruning.json#1",
+                   "rename:model.safetensors.index.json#1", "remove:journal.json#1", "remove:lock#1",
+                   "rmdir:.rewriter#1"):
+        assert f"{anchor}>{needed}" in moments, (needed, ops[last:])
+    published = moments.index(f"{anchor}>rename:model.safetensors.index.json#1")
+    for i, moment in enumerate(moments):
         dst = tmp_path / f"d{i}"
-        args = [*prune_args(src, sal, dst), "--no-zero-copy", "--buffer-mib", "1"]
-        proc = popen(*args)
-        time.sleep(rng.uniform(0.2, 1.0) * wall)
-        proc.kill()
-        proc.communicate()
-        mid_run += proc.returncode == -signal.SIGKILL and (dst / ".rewriter").exists()
+        args = command_args(command, src, sal, plan, dst)
+        killed = at_file_operation(dst, "kill", moment, args)
+        assert killed.returncode == -signal.SIGKILL, (moment, killed.stderr)
+        assert (dst / "model.safetensors.index.json").exists() == (i > published), moment
         rewriter(*args)
         assert_complete(dst, expected)
-    assert mid_run >= 3, f"only {mid_run} of 20 kills landed while the run was writing"
+
+
+@pytest.mark.slow
+def test_prune_killed_at_20_random_moments_resumes_byte_identical(small, tmp_path):
+    """Killed just before 20 file operations of the run picked at random (seeded): a shard's
+    temporary file made or published, the journal replaced, the output finalized...; the same
+    command then ends byte-identical to an uninterrupted run."""
+    src, sal = small
+    args = lambda dst: [*prune_args(src, sal, dst), "--no-zero-copy", "--buffer-mib", "1"]  # noqa: E731
+    ops = file_operations(tmp_path / "ref", args(tmp_path / "ref"))
+    expected = tree_digest(tmp_path / "ref")
+    assert len([n for n in expected if n.endswith(".safetensors")]) >= 5
+    # How often the status document is rewritten depends on how long the run takes: the moments
+    # are chosen among the other operations, whose count is the same in every run.
+    moments = sorted(m for m in counted(ops) if "status.json" not in m)
+    chosen = random.Random(12).sample(moments, 20)
+    assert sum(".safetensors" in m for m in chosen) >= 3, "too few moments while shards are written"
+    for i, moment in enumerate(chosen):
+        dst = tmp_path / f"d{i}"
+        killed = at_file_operation(dst, "kill", moment, args(dst))
+        assert killed.returncode == -signal.SIGKILL, (moment, killed.stderr)
+        rewriter(*args(dst))
+        assert_complete(dst, expected)
 
 
 def _mount_tmpfs(path: Path, options: str) -> None:

@@ -141,6 +141,24 @@ def test_remote_requests_in_flight_are_bounded_and_bytes_exact(shaped, small_pla
 
 
 @pytest.mark.s3
+def test_the_shaped_server_counts_a_request_until_its_last_bytes_are_handed_over(shaped):
+    """A client that reads each response whole before it sends the next request holds one request
+    at a time, and the server never counts more: a request stops counting before its last bytes
+    go, not after the proxy's thread next runs (by then the next request may have arrived)."""
+    proxy, opts = shaped
+    storage = Storage("s3://shaped/small", {**opts, "skip_instance_cache": True})
+    name = "model-00000-of-00004.safetensors"
+    n = 512 << 10
+    step = (storage.size(name) - n) // 40
+    proxy.reset()
+    for i in range(40):
+        assert len(storage.read_range(name, i * step, i * step + n)) == n
+    seen = proxy.reset()
+    assert seen.ranged_gets == 40 and seen.ranged_bytes == 40 * n
+    assert seen.max_in_flight == 1 and seen.max_bytes_in_flight == n
+
+
+@pytest.mark.s3
 def test_remote_run_from_the_cli_matches_the_sequential_run(shaped, small_plan, tmp_path):
     proxy, opts = shaped
     p = tmp_path / "p.json"

@@ -8,6 +8,7 @@ folder or an object store (the interface: :mod:`.base`; implementations: :mod:`.
 from rewriter.exec.dest.base import TMP_DIR, Destination, ShardParts, abort_parts, leftover_parts
 from rewriter.exec.dest.destination import open_destination
 from rewriter.exec.dest.journal import (
+    JOURNAL,
     PartJournal,
     ShardResult,
     check_destination,
@@ -18,7 +19,7 @@ from rewriter.exec.dest.lock import STATE_DIR, DestinationLock
 from rewriter.exec.dest.runstatus import RunObserver, StatusWriter, format_status, read_status
 
 __all__ = [
-    "STATE_DIR", "TMP_DIR", "Destination", "DestinationLock", "PartJournal", "RunObserver",
+    "JOURNAL", "STATE_DIR", "TMP_DIR", "Destination", "DestinationLock", "PartJournal", "RunObserver",
     "ShardParts", "ShardResult", "StatusWriter", "abort_parts", "check_destination", "format_status",
     "leftover_parts", "open_destination", "pending_shards", "prepare_destination", "read_status",
 ]

@@ -17,7 +17,7 @@ from typing import Any
 
 from core import jsonfile
 from core.checkpoint import INDEX_NAME
-from core.errors import ExecutionError
+from core.errors import DestinationFullError, ExecutionError
 from core.gguf_model import INDEX_NAME as GGUF_INDEX_NAME
 from core.storage import Storage
 from planners.plan import PROVENANCE_NAME, Plan
@@ -75,8 +75,20 @@ class Journal:
             return None  # torn by a crash before its rename: treat as absent
 
     def record(self, result: ShardResult) -> None:
+        """Vouch for a published shard. A shard that cannot be recorded (a full disk) is removed:
+        a resume would write it again anyway, and the destination then holds just the shards the
+        journal vouches for, which the error counts as kept."""
         self.shards[result.name] = result.record()
-        self.flush()
+        try:
+            self.flush()
+        except DestinationFullError:
+            del self.shards[result.name]
+            try:
+                self.dst.remove(result.name)
+            except Exception as e:  # the full disk is the error to report; a resume rewrites the shard
+                log.warning("could not remove %s, which the journal does not vouch for: %s",
+                            self.dst.describe(result.name), e)
+            raise
         if self.lock:
             self.lock.refresh()
 

@@ -146,7 +146,14 @@ class DestinationLock:
                 break
             os.close(fd)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, self.owner.to_bytes(), 0)
+        try:
+            os.pwrite(fd, self.owner.to_bytes(), 0)
+        except OSError as e:
+            # The lock is held all the same: the owner only names this run to another one. A full
+            # disk is reported by the run's first write, which says which shards are kept.
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                os.close(fd)
+                raise
         self._fd = fd
 
     def _acquire_object(self) -> None:

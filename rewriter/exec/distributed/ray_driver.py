@@ -13,8 +13,7 @@ What it guarantees, in order:
   actor, or another takes it), up to ``max_task_retries`` times; the error names the shard or
   part, how many times its worker died, and why. An actor Ray is restarting is probed until it
   answers, within ``pending_timeout_s``; only one Ray has given up on is dropped at once.
-* **Progress without a single point of failure.** The driver polls each busy actor (a failed
-  poll is ignored).
+* **Progress without a single point of failure.** Busy actors are polled; a failed poll is ignored.
 * **Nothing lost on failure.** After an error no new task starts, the tasks in flight finish
   and are journaled, then the error is raised; the same command resumes.
 """
@@ -298,7 +297,8 @@ def _restarting(e: BaseException) -> bool:
 
 def _available() -> str:
     """What the node with the most free memory (among those with a free CPU) has: an actor is
-    placed on one node, so a sum over the cluster would promise room that no node has."""
+    placed on one node, so a sum over the cluster would promise room no node has. Ray's figures
+    trail its nodes (recent actors may not show yet): the message says whose figures they are."""
     from ray._private.state import available_resources_per_node
 
     try:
@@ -309,7 +309,7 @@ def _available() -> str:
         return "no live node"
     best = max(nodes, key=lambda r: (r.get("CPU", 0) >= 1, r.get("memory", 0)))
     return (f"{len(nodes)} node{'s' if len(nodes) > 1 else ''}, the most free on any one of them "
-            f"{best.get('CPU', 0):g} CPU and {int(best.get('memory', 0)) >> 20} MiB")
+            f"{best.get('CPU', 0):g} CPU and {int(best.get('memory', 0)) >> 20} MiB (as Ray last reported them)")
 
 
 def remove_probes(dst: Any) -> None:

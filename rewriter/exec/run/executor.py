@@ -13,7 +13,9 @@ Order of work in the destination ``DST``:
    sha256).
 4. ``model.safetensors.index.json`` (GGUF: ``model.gguf.index.json``) last: its presence means the
    checkpoint is complete.
-5. ``DST/.rewriter/`` is removed.
+5. The journal is removed, then the rest of ``DST/.rewriter/``. The index without a journal is
+   a finished output: a run of the same plan that finds one removes whatever state a run killed
+   during this step left, and writes nothing else.
 
 A run killed at any point and started again skips the shards its journal vouches for (their
 hash is checked again) and ends byte-identical to an uninterrupted run. The journal and the
@@ -37,6 +39,7 @@ from core.storage import Storage
 from planners.plan import PROVENANCE_NAME, Plan, require_source
 from planners.tensors import OutputShard
 from rewriter.exec.dest import (
+    JOURNAL,
     Destination,
     DestinationLock,
     RunObserver,
@@ -154,6 +157,9 @@ def finalize(plan: Plan, src: Storage, dst: Destination, results: Iterable[Shard
     }
     dst.put_bytes(PROVENANCE_NAME, (json.dumps(provenance, indent=1, sort_keys=True) + "\n").encode())
     dst.put_bytes(plan.index_name, plan.index_json())
+    # The journal goes first: once it is gone the output counts as complete, so a run killed while
+    # the rest of the state folder goes is finished by the next run without hashing every shard.
+    dst.remove(JOURNAL)
     dst.remove_state()
 
 
@@ -262,17 +268,14 @@ def _execute_locked(plan: Plan, src: Storage, dst: Destination, lock: Destinatio
     result = RunResult(dst.url, plan.digest)
     if complete:
         log.info("%s already holds the complete output of this plan", dst.url)
-        dst.drop_empty_state(created=False)  # the lock file this run made
+        # The lock file this run made, and whatever a run killed after publishing the index left
+        # (status document, temporaries): the same command ends as an uninterrupted run does.
+        dst.remove_state()
         result.already_complete = True
         result.seconds = time.perf_counter() - t0
         return result
-    journal.flush()
     todo, done = pending_shards(plan, journal, opts.buffer_bytes)
     result.shards.extend(done)
-    if hooks.on_start:
-        hooks.on_start(sum(o.size for o in todo))
-    if hooks.observer:
-        hooks.observer.started(dst, plan, done)
 
     def record(r: ShardResult) -> None:
         journal.record(r)
@@ -281,6 +284,11 @@ def _execute_locked(plan: Plan, src: Storage, dst: Destination, lock: Destinatio
             hooks.observer.shard_done(r)
 
     try:
+        journal.flush()  # names the plan (a full disk here is reported with the shards kept, too)
+        if hooks.on_start:
+            hooks.on_start(sum(o.size for o in todo))
+        if hooks.observer:
+            hooks.observer.started(dst, plan, done)
         if hooks.runner is None:
             run_here(todo, src, dst, opts, hooks.progress, record)
         else:

@@ -46,8 +46,8 @@ def locked(progress: Progress | None) -> Progress | None:
 def run_jobs(todo: Sequence[Out], write: Callable[[Out], Res], jobs: int, record: Callable[[Res], None]) -> None:
     """``record(write(item))`` for every item, ``jobs`` writes at once, records in this thread.
 
-    The first error stops new writes; the writes under way finish and are recorded (a resume
-    skips them), then the error is raised.
+    The first error, of a write or of recording one, stops new writes; the writes under way
+    finish and are recorded (a resume skips them), then the first error is raised.
     """
     if jobs <= 1 or len(todo) <= 1:
         for item in todo:
@@ -67,13 +67,15 @@ def run_jobs(todo: Sequence[Out], write: Callable[[Out], Res], jobs: int, record
                 if f.cancelled():
                     continue
                 e = f.exception()
-                if e is not None:
-                    if error is None:
-                        error = e
-                        for g in futures:
-                            g.cancel()
-                    continue
-                record(f.result())
+                if e is None:
+                    try:
+                        record(f.result())
+                    except Exception as err:  # a shard that cannot be journaled (a full disk)
+                        e = err
+                if e is not None and error is None:
+                    error = e
+                    for g in futures:
+                        g.cancel()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     if error is not None:
