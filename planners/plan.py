@@ -677,17 +677,6 @@ def assign_shards(tensors: Sequence[PlannedTensor], max_shard_bytes: int) -> lis
     return [s for s in shards if s]
 
 
-def shard_names(n: int, zero_based: bool, prefix: str = "model") -> list[str]:
-    """Output shard names as transformers' ``save_pretrained`` writes them: one shard is
-    ``model.safetensors`` (the name loaders look for first; the index, written last to mark the
-    output complete, names it too), several are numbered from 1, or from 0 like the source's."""
-    if n == 1:
-        return [f"{prefix}.safetensors"]
-    if zero_based:
-        return [f"{prefix}-{i:05d}-of-{n - 1:05d}.safetensors" for i in range(n)]
-    return [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-
-
 def _check_uniform_container(ckpt: Checkpoint, uniform: bool) -> None:
     """A GGUF output holds one expert count for every layer (llama.cpp reads one)."""
     if ckpt.container != "safetensors" and not uniform:
@@ -833,6 +822,20 @@ def _other_files(files: Sequence[str]) -> tuple[list[str], list[str]]:
     return copy_files, skipped
 
 
+def _provenance(num_experts: int, top_k: int, decision: KeepDecision,
+                extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a plan records of how it was made. No creation time: a plan is a function of its
+    inputs, so the same command makes the same plan (and resumes an interrupted run of it) and
+    its output is reproducible byte for byte."""
+    return {
+        "tool": "moe-rewriter",
+        "source_experts_per_layer": num_experts,
+        "source_top_k": top_k,
+        "experts_per_layer": {str(k): len(v) for k, v in sorted(decision.keep.items())},
+        **dict(extra or {}),
+    }
+
+
 def build_plan(
     ckpt: Checkpoint,
     decision: KeepDecision,
@@ -868,15 +871,7 @@ def build_plan(
     copy_files, skipped = _other_files(ckpt.files)
     if not soft:
         check_side_files(ckpt, copy_files, layout, decision.keep)
-    # No creation time: a plan is a function of its inputs, so the same command makes the same
-    # plan (and resumes an interrupted run of it) and its output is reproducible byte for byte.
-    prov = {
-        "tool": "moe-rewriter",
-        "source_experts_per_layer": num_experts,
-        "source_top_k": layout.top_k(ckpt.config),
-        "experts_per_layer": {str(k): len(v) for k, v in sorted(decision.keep.items())},
-        **dict(provenance or {}),
-    }
+    prov = _provenance(num_experts, layout.top_k(ckpt.config), decision, provenance)
     return Plan(
         source_url=source_location(ckpt.storage),
         source_shards=ckpt.fingerprint(),
