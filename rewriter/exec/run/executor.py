@@ -25,21 +25,19 @@ destination checks are in :mod:`rewriter.exec.dest.journal`; how each kind of st
 
 from __future__ import annotations
 
-import json
 import logging
 import resource
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from core.errors import DestinationFullError, ExecutionError, PlanError
 from core.storage import Storage
-from planners.plan import PROVENANCE_NAME, Plan, require_source
+from planners.plan import Plan, require_source
 from planners.tensors import OutputShard
 from rewriter.exec.dest import (
-    JOURNAL,
     Destination,
     DestinationLock,
     RunObserver,
@@ -50,7 +48,7 @@ from rewriter.exec.dest import (
 )
 from rewriter.exec.io import CopyStats, IOOptions, Progress, RangeCopier, copy_segments
 from rewriter.exec.options import DEFAULT_BUFFER_BYTES, RunOptions
-from rewriter.exec.publish import CARD_NAME, write_model_card
+from rewriter.exec.run.finish import finalize
 from rewriter.exec.run.jobs import default_jobs, locked, run_jobs
 from rewriter.exec.run.preflight import check_inputs
 
@@ -133,34 +131,6 @@ def write_output_shard(
         out.name, out.size, digest, stats.bytes_read, time.perf_counter() - t0,
         stats.read_seconds, stats.write_seconds, stats.copy_seconds, stats.zero_copy_bytes,
     )
-
-
-def finalize(plan: Plan, src: Storage, dst: Destination, results: Iterable[ShardResult], buffer_bytes: int) -> None:
-    """Config, other files and provenance, then the index last, then drop the run state."""
-    by_name = {r.name: r for r in results}
-    for name, data in plan.metadata_files().items():
-        dst.put_bytes(name, data)
-    for name in plan.copy_files:
-        if name != CARD_NAME:  # the source's card is kept under another name by write_model_card
-            dst.copy_small_file(src, name, buffer_bytes)
-    write_model_card(plan, src, dst, buffer_bytes)
-    provenance = {
-        "format": "moe-rewriter-provenance",
-        "plan_digest": plan.digest,
-        "source": plan.published_json()["source"]["url"],
-        "family": plan.family,
-        "expert_mapping": plan.expert_mapping(),
-        "top_k": plan.top_k,
-        "skipped_files": list(plan.skipped_files),
-        "shards": {o.name: by_name[o.name].record() for o in plan.outputs},
-        "plan": plan.published_json(),
-    }
-    dst.put_bytes(PROVENANCE_NAME, (json.dumps(provenance, indent=1, sort_keys=True) + "\n").encode())
-    dst.put_bytes(plan.index_name, plan.index_json())
-    # The journal goes first: once it is gone the output counts as complete, so a run killed while
-    # the rest of the state folder goes is finished by the next run without hashing every shard.
-    dst.remove(JOURNAL)
-    dst.remove_state()
 
 
 #: What to do with the plan a finished output publishes (its local source named by content only).
