@@ -14,7 +14,6 @@ from typing import Any
 import ray
 
 from core.storage import Storage
-from planners.plan import require_source
 from planners.tensors import OutputShard
 from rewriter.exec.distributed.ray_actors import LOCAL_BASE_BYTES, REMOTE_BASE_BYTES
 from rewriter.exec.distributed.ray_executor import connect
@@ -25,8 +24,8 @@ from rewriter.exec.publish.verify import (
     check_shard,
     load_provenance_plan,
     open_both,
+    open_source,
     recorded_shards,
-    refuse_missing_recorded_source,
     shards_to_check,
 )
 
@@ -52,11 +51,7 @@ def verify_on_ray(
     src_options, dst_options = dict(src_options or {}), dict(dst_options or {})
     with Storage(dst_url, dst_options) as dst_store:
         plan = load_provenance_plan(dst_store)
-        from_record = src_url is None
-        src_url = src_url or require_source(plan, "pass the source it was made from (`rewriter verify SRC DST`, or `rewriter card DST --verify --src SRC`)")
-        with Storage(src_url, src_options) as src_store:
-            if from_record:
-                refuse_missing_recorded_source(plan, src_store, dst_store)
+        with open_source(plan, src_url, src_options, dst_store) as src_store:
             src_url = src_store.url
             report = VerifyReport(dst_store.url, src_store.url)
             dst, _ = open_both(plan, src_store, dst_store, report)

@@ -109,11 +109,7 @@ def verify(
     """
     with Storage(dst_url, dst_options) as dst_store:
         plan = load_provenance_plan(dst_store)
-        from_record = src_url is None
-        src_url = src_url or require_source(plan, "pass the source it was made from (`rewriter verify SRC DST`, or `rewriter card DST --verify --src SRC`)")
-        with Storage(src_url, src_options) as src_store:
-            if from_record:
-                refuse_missing_recorded_source(plan, src_store, dst_store)
+        with open_source(plan, src_url, src_options, dst_store) as src_store:
             return _verify(plan, src_store, dst_store, buffer_bytes, progress)
 
 
@@ -124,6 +120,23 @@ Progress = Callable[[int, int], None]
 def bytes_to_check(plan: Plan) -> int:
     """Bytes :func:`verify` reads: every output shard, and its tensors' source slices."""
     return sum(out.size + out.data_bytes for out in plan.outputs)
+
+
+def open_source(plan: Plan, src_url: str | None, src_options: Mapping[str, Any] | None,
+                dst: Storage) -> Storage:
+    """The source to verify against: ``src_url``, or the one ``pruning.json`` records (a remote
+    URL; a local source is recorded by content only, so it must be given, and one no longer
+    where it was is named with the advice to pass SRC)."""
+    if src_url is not None:
+        return Storage(src_url, src_options)
+    src = Storage(require_source(plan, "pass the source it was made from (`rewriter verify SRC DST`, or "
+                                       "`rewriter card DST --verify --src SRC`)"), src_options)
+    try:
+        refuse_missing_recorded_source(plan, src, dst)
+    except BaseException:
+        src.close()
+        raise
+    return src
 
 
 def refuse_missing_recorded_source(plan: Plan, src: Storage, dst: Storage) -> None:
