@@ -19,6 +19,7 @@ from core.checkpoint import CONFIG_NAME, INDEX_NAME
 from core.containers import CONTAINERS
 from core.errors import PlanError
 from core.jsonfile import parse_json, read_url
+from planners.carried import Carried
 from planners.plan_schema import check_document, check_name, check_written_name, is_count
 from planners.provenance import (
     LOCAL_SOURCE,
@@ -75,6 +76,8 @@ class Plan:
     #: The file format of source and output (:data:`core.containers.CONTAINERS`).
     container: str = "safetensors"
     version: int = PLAN_VERSION
+    #: Output tensors whose bytes the plan carries (:mod:`planners.carried`); ``None``: none.
+    carried: Carried | None = None
     #: The file the plan was read from (not part of the plan); ``None`` for a plan built here.
     #: A plan read from a file is untrusted input: :meth:`check_source` also checks its mapping.
     origin: str | None = field(default=None, compare=False)
