@@ -80,6 +80,9 @@ def check_plan_fits(plan: Plan, ckpt: Checkpoint) -> None:
     if plan.is_dry_run:
         raise PlanError(f"{where} is a dry-run plan (layers {list(plan.layers_only or ())} only); recalibrate "
                         f"a whole plan made by `rewriter plan`")
+    if plan.carried is not None:
+        raise PlanError(f"{where} already carries new tensors ({', '.join(list(plan.carried.tensors)[:2])}...); "
+                        f"recalibrate the plain plan it was made from")
     if plan.container != "safetensors":
         raise PlanError(f"{where} writes {plan.container}; recalibration writes safetensors router rows: plan "
                         f"from a safetensors checkpoint")
