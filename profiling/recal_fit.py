@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from profiling.observer import STRATEGY, expert_outputs
+
+#: Checkpoints of a fit compared on validation tokens (one after every fifth of the steps).
+CHECKPOINTS = 5
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,7 @@ class FitSettings:
     steps: int = 200
     lr: float = 1e-2  # Adam's step size, relative to the root-mean-square of the layer's router weight
     batch_tokens: int = 4096
-    holdout: float = 0.125  # share of the sampled tokens kept out of training to judge the fit
+    holdout: float = 0.125  # share of the sampled tokens kept out of training: validation and test halves
     seed: int = 0
 
 
@@ -42,7 +46,7 @@ class LayerFit:
     CPU, or ``None`` when the fit was not kept (the plain prune's rows stay)."""
 
     layer: int
-    mse_before: float  # held-out, relative to the original output's energy
+    mse_before: float  # on the test tokens, relative to the original output's energy
     mse_after: float
     accepted: bool
     train_tokens: int
@@ -109,62 +113,75 @@ def relative_mse(layer: PrunedLayer, params: dict[str, torch.Tensor], x: torch.T
     return err / max(energy, 1e-30)
 
 
-def split(n: int, holdout: float, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training and held-out row indices of ``n`` sampled tokens (seeded); at least one each."""
+def split(n: int, holdout: float, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training, validation and test row indices of ``n`` sampled tokens (seeded): ``holdout`` of
+    them held out, half to choose among the fit's checkpoints, half to judge the chosen one."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    held = min(n - 1, max(1, round(n * holdout)))
-    return perm[held:].sort().values.to(device), perm[:held].sort().values.to(device)
+    held = min(n - 2, max(2, round(n * holdout)))
+    val = held // 2
+    parts = perm[held:], perm[:val], perm[val:held]
+    return tuple(p.sort().values.to(device) for p in parts)  # type: ignore[return-value]
 
 
 def fit_layer(index: int, layer: PrunedLayer, x: torch.Tensor, y: torch.Tensor, settings: FitSettings,
               stored: torch.dtype) -> LayerFit:
-    """Fit ``layer``'s kept router rows (and bias) to ``y`` on ``x``; judge on held-out rows.
+    """Fit ``layer``'s kept router rows (and bias) to ``y`` on ``x``.
 
-    Args:
-        stored: the dtype the router is written in; the fitted rows are judged once rounded to it.
+    Checkpoints of the fit (every fifth of the steps, rounded to ``stored``, the dtype the router
+    is written in) are compared on validation tokens with the plain prune; the best one is kept
+    only if it also lowers the error on the test tokens, which no choice has seen. The reported
+    errors are the test tokens'.
     """
     t0 = time.perf_counter()
-    train, held = split(x.shape[0], settings.holdout, settings.seed + index, x.device)
+    train, val, test = split(x.shape[0], settings.holdout, settings.seed + index, x.device)
     compute = layer.router.weight.dtype
     plain = layer.params(compute)
-    before = relative_mse(layer, plain, x[held], y[held], settings.batch_tokens)
-    fitted = _adam(layer, x[train], y[train], settings, index)
-    rounded = {k: v.detach().to(stored).to(compute) for k, v in fitted.items()}
-    after = relative_mse(layer, rounded, x[held], y[held], settings.batch_tokens) if settings.steps else before
-    accepted = settings.steps > 0 and after < before
-    out = {k: v.detach().to(stored).cpu() for k, v in fitted.items()} if accepted else {}
-    return LayerFit(index, before, after if accepted else before, accepted, int(train.numel()), int(held.numel()),
-                    time.perf_counter() - t0, out.get("weight"), out.get("bias"))
+    chunk = settings.batch_tokens
+    best, best_val = plain, relative_mse(layer, plain, x[val], y[val], chunk)
+    for params in _adam(layer, x[train], y[train], settings, index):
+        # A copy: ``.to`` of the same dtype returns the live tensor, which the next steps change.
+        rounded = {k: v.detach().to(stored).to(compute).clone() for k, v in params.items()}
+        err = relative_mse(layer, rounded, x[val], y[val], chunk)
+        if err < best_val:
+            best, best_val = rounded, err
+    before = relative_mse(layer, plain, x[test], y[test], chunk)
+    after = relative_mse(layer, best, x[test], y[test], chunk) if best is not plain else before
+    accepted = after < before
+    out = {k: v.to(stored).cpu() for k, v in best.items()} if accepted else {}
+    return LayerFit(index, before, after if accepted else before, accepted, int(train.numel()),
+                    int(val.numel() + test.numel()), time.perf_counter() - t0, out.get("weight"), out.get("bias"))
 
 
 def _adam(layer: PrunedLayer, x: torch.Tensor, y: torch.Tensor, settings: FitSettings,
-          index: int) -> dict[str, torch.Tensor]:
+          index: int) -> Iterator[dict[str, torch.Tensor]]:
     """Adam on float32 copies of the kept rows, cosine-decayed learning rate, minibatches of
-    ``batch_tokens`` rows drawn without replacement (seeded).
+    ``batch_tokens`` rows drawn without replacement (seeded); yields the parameters after every
+    fifth of the steps.
 
     The step size is ``lr`` times the router weight's RMS, so one setting suits routers of any
     scale (a router's logits scale with its weights)."""
-    params = {k: v.float().requires_grad_(True) for k, v in layer.params(torch.float32).items()}
     if settings.steps == 0:
-        return params
+        return
+    params = {k: v.float().requires_grad_(True) for k, v in layer.params(torch.float32).items()}
     scale = float(params["weight"].detach().pow(2).mean().sqrt().clamp_min(1e-8))
     opt = torch.optim.Adam(list(params.values()), lr=settings.lr * scale)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / settings.steps)))
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
     n, bt = x.shape[0], min(settings.batch_tokens, x.shape[0])
     energy = float((y.float() ** 2).sum(-1).mean().clamp_min(1e-30))
-    order = torch.randperm(n, generator=gen)
-    pos = 0
-    with torch.enable_grad():
-        for _ in range(settings.steps):
-            if pos + bt > n:
-                order, pos = torch.randperm(n, generator=gen), 0
-            rows = order[pos : pos + bt].to(x.device)
-            pos += bt
+    every = max(1, settings.steps // CHECKPOINTS)
+    order, pos = torch.randperm(n, generator=gen), 0
+    for step in range(1, settings.steps + 1):
+        if pos + bt > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        rows = order[pos : pos + bt].to(x.device)
+        pos += bt
+        with torch.enable_grad():
             pred = layer.output(params, x[rows])
             loss = ((pred - y[rows].float()) ** 2).sum(-1).mean() / energy
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            sched.step()
-    return params
+        opt.step()
+        sched.step()
+        if step % every == 0 or step == settings.steps:
+            yield params
