@@ -238,10 +238,12 @@ def check_carried(plan: Plan, where: str) -> None:
                     raise PlanError(f"{where}: output tensor {t.name!r}: a carried tensor is one segment "
                                     f"of carried bytes. Refusing this plan: make it again")
                 found[t.name] = t
+    outputs = {t.name for o in plan.outputs for t in o.tensors}
     for name in sorted(set(found) ^ set(recorded)):
-        raise PlanError(f"{where}: output tensor {name!r} is {'not ' if name in found else ''}listed in "
-                        f"'carried.tensors' but its segments are {'' if name in found else 'not '}carried "
-                        f"bytes. Refusing this plan: make it again")
+        problem = ("has carried bytes but is not listed in 'carried.tensors'" if name in found else
+                   "is listed in 'carried.tensors' but its segments are not carried bytes" if name in outputs else
+                   "is listed in 'carried.tensors' but is not an output tensor of the plan")
+        raise PlanError(f"{where}: tensor {name!r} {problem}. Refusing this plan: make it again")
     for name, t in found.items():
         if t.segments[0].sha256 != recorded[name]:
             raise PlanError(f"{where}: carried tensor {name!r}: its segment's sha256 is not the one "

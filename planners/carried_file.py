@@ -44,15 +44,17 @@ def load_carried(plan: Plan, doc: Mapping[str, Any], url: str) -> Plan:
     if plan.carried is None:
         return plan
     field = doc["carried"]
+    where = url
     if "inline" in field:
         found = {name: _unhex(field["inline"][name], name, url) for name in plan.carried.tensors}
     elif "sidecar" in field:
-        found = read_sidecar(sidecar_url(url, field["sidecar"]), plan, url)
+        side = sidecar_url(url, field["sidecar"])
+        found, where = read_sidecar(side, plan, url), f"{side} (the sidecar of plan {url})"
     else:
         raise PlanError(f"{url}: the plan records its carried tensors ({_names(plan)}) by sha256 only, as "
                         f"pruning.json does, not their bytes; run the plan file that `rewriter plan` or "
                         f"`rewriter recalibrate` wrote (with its sidecar, when it has one)")
-    return with_bytes(plan, found, url)
+    return with_bytes(plan, found, where)
 
 
 def _names(plan: Plan) -> str:
