@@ -112,3 +112,143 @@ def test_a_fit_that_does_not_help_keeps_the_plain_rows():
     fit = fit_layer(0, PrunedLayer(router, experts, torch.tensor(KEEP), 2), x, y,
                     FitSettings(steps=5, lr=1e4, batch_tokens=256), torch.float32)
     assert not fit.accepted and fit.weight is None and fit.mse_after == fit.mse_before
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+def _source_with_partners(path: Path) -> Path:
+    """A tiny bf16 gpt-oss (2 layers x 8 experts) whose dropped experts are near copies of kept ones."""
+    torch.manual_seed(0)
+    cfg = transformers.GptOssConfig(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=8,
+                                    num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],
+                                    sliding_window=8)
+    model = transformers.GptOssForCausalLM(cfg)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for p in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
+                p.normal_(0, 0.3)  # MoE outputs that matter next to the residual stream
+                for dropped, kept in PARTNER.items():
+                    p[dropped] = p[kept] + 0.01 * torch.randn_like(p[kept])
+            layer.mlp.router.weight.normal_(0, 0.3)
+            layer.mlp.router.bias.normal_(0, 0.1)
+        model.lm_head.weight.normal_(0, 0.5)
+    model.to(torch.bfloat16).save_pretrained(str(path))
+    return path
+
+
+def _ids(path: Path, docs: int, length: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    path.write_text("".join(json.dumps({"input_ids": rng.integers(0, 256, length).tolist()}) + "\n"
+                            for _ in range(docs)))
+    return path
+
+
+FIT = ["--seq-len", "64", "--device", "cpu", "--steps", "60", "--lr", "0.05", "--batch-tokens", "512"]
+
+
+@pytest.fixture(scope="module")
+def recalibrated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recal")
+    src = _source_with_partners(root / "src")
+    (root / "keep.json").write_text(json.dumps({"0": KEEP, "1": KEEP}))
+    cli("plan", src, "--keep-list", root / "keep.json", "--out", root / "plan.json")
+    cal = _ids(root / "cal.jsonl", 80, 64, seed=0)
+    out = cli("recalibrate", src, "--plan", root / "plan.json", "--data", cal, "--out", root / "recal.json", *FIT)
+    return root, src, cal, out
+
+
+@pytest.mark.slow
+def test_recalibrate_run_verify_and_only_routers_differ(recalibrated):
+    from safetensors.torch import load_file
+
+    root, src, cal, out = recalibrated
+    assert "wrote" in out and "2 of 2 MoE layers with new router rows" in out, out
+    doc = json.loads((root / "recal.json").read_text())
+    assert doc["version"] == 3 and doc["carried"]["method"]["kind"] == "router-recalibration"
+    assert doc["carried"]["method"]["calibration_data"][0]["name"] == "cal.jsonl"
+    assert sorted(doc["carried"]["tensors"]) == sorted(f"model.layers.{i}.mlp.router.{w}" for i in (0, 1)
+                                                       for w in ("weight", "bias"))
+    for plan, dst in (("plan.json", "plain"), ("recal.json", "recal")):
+        cli("run", root / plan, "--out", root / dst, "--quiet")
+        assert "OK" in cli("verify", src, root / dst)
+
+    def tensors(d: Path) -> dict[str, torch.Tensor]:
+        return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+    plain, recal = tensors(root / "plain"), tensors(root / "recal")
+    assert plain.keys() == recal.keys()
+    differ = sorted(k for k in plain if not torch.equal(plain[k], recal[k]))
+    assert differ == sorted(doc["carried"]["tensors"])
+    assert (root / "plain" / "config.json").read_bytes() == (root / "recal" / "config.json").read_bytes()
+    # Recalibrated on calibration text, the pruned model is closer to the original on text like it
+    # (another draw of the same kind of ids) than the plain prune: in the logits, and in `rewriter
+    # eval --compare`'s perplexity. (On a random tiny model the perplexity itself is no judge:
+    # closer to the original is the claim that holds.)
+    ev = _ids(root / "ev.jsonl", 40, 64, seed=1)
+    kl = {d: _kl_to_original(src, root / d, ev) for d in ("plain", "recal")}
+    assert kl["recal"] < 0.9 * kl["plain"], kl
+    args = ["--data", ev, "--seq-len", "64", "--blocks", "8", "--device", "cpu", "--json", "--compare", src]
+    d_plain, d_recal = (json.loads(cli("eval", root / d, *args, expect=None))["rows"][0]["check"]
+                        for d in ("plain", "recal"))
+    assert abs(d_recal["d_ppl"]) < abs(d_plain["d_ppl"]), (d_plain, d_recal)
+
+
+def _kl_to_original(src: Path, pruned: Path, data: Path) -> float:
+    """Mean KL(original || pruned) of the next-token distributions over ``data``'s tokens."""
+    from profiling.profile import load_model
+
+    ids = torch.tensor([json.loads(line)["input_ids"] for line in data.read_text().splitlines()])
+    with torch.no_grad():
+        p, q = (load_model(str(m), "cpu", torch.float32)(ids).logits.log_softmax(-1) for m in (src, pruned))
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+@pytest.mark.slow
+def test_zero_steps_writes_the_plain_plan(recalibrated, tmp_path):
+    root, src, cal, _ = recalibrated
+    out = cli("recalibrate", src, "--plan", root / "plan.json", "--data", cal, "--out", tmp_path / "p.json",
+              *FIT, "--steps", "0")
+    assert "0 of 2 MoE layers with new router rows" in out
+    assert "plain prune's rows stay" in out
+    assert json.loads((tmp_path / "p.json").read_text()) == json.loads((root / "plan.json").read_text())
+
+
+def _error(*args: object) -> str:
+    out = cli(*args, expect=2)
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in out, out
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_recalibrate_refusals_are_one_clear_error(recalibrated, tmp_path, tiny):
+    root, src, cal, _ = recalibrated
+    common = ["--data", cal, "--out", tmp_path / "o.json", "--device", "cpu"]
+    plan = root / "plan.json"
+    assert "is not the one the plan was made from" in _error("recalibrate", tiny, "--plan", plan, *common)
+    cli("soft-prune", src, tmp_path / "soft", "--keep-list", root / "keep.json", "--plan-out", tmp_path / "soft.json",
+        "--quiet")
+    assert "soft prune" in _error("recalibrate", src, "--plan", tmp_path / "soft.json", *common)
+    assert "already carries" in _error("recalibrate", src, "--plan", root / "recal.json", *common)
+    assert "no CUDA device" in _error("recalibrate", src, "--plan", plan, *common[:-2], "--device", "cuda")
+    (tmp_path / "empty.jsonl").write_text("")
+    msg = _error("recalibrate", src, "--plan", plan, "--data", tmp_path / "empty.jsonl", "--out",
+                 tmp_path / "o.json", "--device", "cpu")
+    assert "holds no text" in msg
+    assert "--out" in _error("recalibrate", src, "--plan", plan, "--data", cal, "--out", plan, "--device", "cpu")
+    assert not (tmp_path / "o.json").exists()
+
+
+@pytest.mark.slow
+def test_recalibrate_refuses_a_family_it_cannot_fit(tmp_path):
+    from tests.e2e.test_families import _build
+
+    src = tmp_path / "ds"
+    _build("deepseek_v3", src)
+    (tmp_path / "keep.json").write_text(json.dumps({str(i): [1, 3, 4, 6] for i in (1, 2)}))
+    cli("plan", src, "--keep-list", tmp_path / "keep.json", "--out", tmp_path / "plan.json")
+    msg = _error("recalibrate", src, "--plan", tmp_path / "plan.json", "--data", _ids(tmp_path / "c.jsonl", 4, 32, 0),
+                 "--out", tmp_path / "o.json", "--device", "cpu")
+    assert "deepseek_v3" in msg and "gpt-oss" in msg
