@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench_io.streamed import GiB, TARGET_LAYERS, TARGET_TOKENS, log, synthesize, token_file
+from bench_io.streamed import TARGET_LAYERS, TARGET_TOKENS, GiB, log, synthesize, token_file
 
 
 def make_plan(model: Path, work: Path, keep_frac: float):

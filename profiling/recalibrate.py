@@ -210,7 +210,7 @@ def _raw(t: torch.Tensor) -> bytes:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def recalibrate(src: str, plan: Plan, data: Sequence[str], *, settings: FitSettings = FitSettings(),
+def recalibrate(src: str, plan: Plan, data: Sequence[str], *, settings: FitSettings | None = None,
                 seq_len: int = 2048, max_tokens: int | None = None, batch_size: int = 1, device: str = "cpu",
                 dtype: torch.dtype | None = None, gpu_memory: int | None = None,
                 storage_options: dict[str, Any] | None = None,
@@ -221,6 +221,7 @@ def recalibrate(src: str, plan: Plan, data: Sequence[str], *, settings: FitSetti
         The plan carrying the new router rows of every layer whose held-out error went down, the
         per-layer fits and the method recorded in the plan.
     """
+    settings = settings or FitSettings()
     check_device(device)
     ckpt = open_moe(src, storage_options)
     try:

@@ -9,7 +9,14 @@ import click
 
 from rewriter.cli.errors import fail_cleanly as _fail_cleanly
 from rewriter.cli.group import main
-from rewriter.cli.params import JSON_OBJECT, NON_NEGATIVE, POSITIVE, finite, refuse_missing_folder, save_plan
+from rewriter.cli.params import (
+    JSON_OBJECT,
+    NON_NEGATIVE,
+    POSITIVE,
+    finite,
+    refuse_missing_folder,
+    save_plan,
+)
 
 
 @main.command()
@@ -79,8 +86,8 @@ def recalibrate(src: str, plan_file: str, data: tuple[str, ...], out: str, token
     save_plan(result.plan, out, "--out")
     fits = result.layers
     changed = sum(f.accepted for f in fits)
-    mean = (lambda xs: sum(xs) / max(len(xs), 1))
+    before, after = (sum(v) / max(len(v), 1) for v in ([f.mse_before for f in fits], [f.mse_after for f in fits]))
     click.echo(f"wrote {out}: {changed} of {len(fits)} MoE layers with new router rows; held-out relative MSE "
-               f"mean {mean([f.mse_before for f in fits]):.4g} -> {mean([f.mse_after for f in fits]):.4g} "
+               f"mean {before:.4g} -> {after:.4g} "
                f"({result.method['tokens']['sampled_per_layer']:,} tokens per layer of "
                f"{result.method['tokens']['calibration']:,}); next: rewriter run {out} --out DST")
