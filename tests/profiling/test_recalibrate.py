@@ -138,9 +138,9 @@ def _source_with_partners(path: Path) -> Path:
     return path
 
 
-def _ids(path: Path, docs: int, length: int, seed: int) -> Path:
+def _ids(path: Path, docs: int, length: int, seed: int, vocab: int = 256) -> Path:
     rng = np.random.default_rng(seed)
-    path.write_text("".join(json.dumps({"input_ids": rng.integers(0, 256, length).tolist()}) + "\n"
+    path.write_text("".join(json.dumps({"input_ids": rng.integers(0, vocab, length).tolist()}) + "\n"
                             for _ in range(docs)))
     return path
 
@@ -249,6 +249,30 @@ def test_recalibrate_refuses_a_family_it_cannot_fit(tmp_path):
     _build("deepseek_v3", src)
     (tmp_path / "keep.json").write_text(json.dumps({str(i): [1, 3, 4, 6] for i in (1, 2)}))
     cli("plan", src, "--keep-list", tmp_path / "keep.json", "--out", tmp_path / "plan.json")
-    msg = _error("recalibrate", src, "--plan", tmp_path / "plan.json", "--data", _ids(tmp_path / "c.jsonl", 4, 32, 0),
+    msg = _error("recalibrate", src, "--plan", tmp_path / "plan.json", "--data", _ids(tmp_path / "c.jsonl", 4, 32, 0, 128),
                  "--out", tmp_path / "o.json", "--device", "cpu")
     assert "deepseek_v3" in msg and "gpt-oss" in msg
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_recalibrate_other_families_end_to_end(tmp_path, name):
+    """Mixtral's router is stored under another name than the model's module (block_sparse_moe.gate);
+    Qwen2-MoE has a shared expert beside the routed ones: the new rows land on the stored names."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    _family(name).save_pretrained(str(tmp_path / "src"))
+    src = tmp_path / "src"
+    (tmp_path / "keep.json").write_text(json.dumps({"0": KEEP}))
+    cli("plan", src, "--keep-list", tmp_path / "keep.json", "--out", tmp_path / "plan.json")
+    cal = _ids(tmp_path / "cal.jsonl", 80, 64, seed=0, vocab=COMMON["vocab_size"])
+    out = cli("recalibrate", src, "--plan", tmp_path / "plan.json", "--data", cal, "--out", tmp_path / "r.json", *FIT)
+    assert "1 of 1 MoE layers with new router rows" in out, out
+    carried = json.loads((tmp_path / "r.json").read_text())["carried"]["tensors"]
+    router = "block_sparse_moe.gate.weight" if name == "mixtral" else "mlp.gate.weight"
+    assert list(carried) == [f"model.layers.0.{router}"]
+    cli("run", tmp_path / "r.json", "--out", tmp_path / "dst", "--quiet")
+    assert "OK" in cli("verify", src, tmp_path / "dst")
+    out_tensors = {k: v for f in (tmp_path / "dst").glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    assert tuple(out_tensors[f"model.layers.0.{router}"].shape) == (len(KEEP), COMMON["hidden_size"])
