@@ -86,9 +86,14 @@ class PrunedLayer:
         self.router.top_k = self.top_k
         try:
             dtype = params["weight"].dtype
-            _, scores, idx = torch.func.functional_call(self.router, params, (x.to(dtype),))
+            routed = torch.func.functional_call(self.router, params, (x.to(dtype),))
         finally:
             self.router.top_k = previous
+        # (logits, top-k weights, top-k ids); some transformers releases return (weights scattered
+        # over every expert, top-k ids) instead.
+        scores, idx = routed[-2:]
+        if scores.shape[-1] != idx.shape[-1]:
+            scores = scores.gather(-1, idx)
         ids = self.keep[idx].reshape(-1)
         order = torch.argsort(ids, stable=True)
         sorted_ids = ids[order]
