@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import stat
 from collections.abc import Mapping
 from typing import IO, Any, TypeVar
 
@@ -20,7 +21,7 @@ import fsspec
 
 from core.errors import FormatError, PlanError
 from core.format import PREFIX_BYTES, encode_header, parse_header, read_prefix
-from core.jsonfile import refuse_special
+from core.jsonfile import file_kind
 from planners.carried_field import PlanLike, carried_json, carried_tensors
 
 #: A :class:`planners.plan.Plan` (this module is below it, so it knows it by its attributes).
@@ -97,9 +98,18 @@ def read_sidecar(url: str, plan: PlanLike, plan_url: str) -> dict[str, bytes]:
     truncated or damaged file, naming it and the tensor."""
     want = {t.name: t.nbytes for t in carried_tensors(plan)}
     where = f"{url} (the sidecar of plan {plan_url})"
+    local = url[len("file://"):] if url.startswith("file://") else (None if "://" in url else url)
     try:
+        if local is not None:  # checked before opening: opening a FIFO would block
+            st = os.stat(local)
+            if not stat.S_ISREG(st.st_mode):
+                raise PlanError(f"{where} is {file_kind(st.st_mode)}, not a regular file; put the sidecar written "
+                                f"with the plan there")
+            size = st.st_size
+        else:
+            fs, path = fsspec.core.url_to_fs(url)
+            size = int(fs.size(path))
         with fsspec.open(url, "rb") as f:
-            size = _size(f, url)
             return _read_tensors(f, size, want, where)
     except FileNotFoundError:
         raise PlanError(f"{url}: not found; plan {plan_url} keeps the bytes of its carried tensors "
@@ -107,15 +117,8 @@ def read_sidecar(url: str, plan: PlanLike, plan_url: str) -> dict[str, bytes]:
     except FormatError as e:
         raise PlanError(f"{where} is not a sidecar this tool wrote ({e}); restore it or make the plan "
                         f"again") from None
-
-
-def _size(f: IO[bytes], url: str) -> int:
-    local = url[len("file://"):] if url.startswith("file://") else (None if "://" in url else url)
-    if local is not None:
-        st = os.stat(local)
-        refuse_special(url, st.st_mode, PlanError)
-        return st.st_size
-    return int(getattr(f, "size", None) or f.fs.size(f.path))  # type: ignore[attr-defined]
+    except OSError as e:
+        raise PlanError(f"{where}: cannot read it ({e.strerror or e}); check the path and its permissions") from None
 
 
 def _read_tensors(f: IO[bytes], size: int, want: Mapping[str, int], where: str) -> dict[str, bytes]:
