@@ -13,18 +13,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import stat
 from collections.abc import Mapping
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any, TypeVar
 
 import fsspec
 
 from core.errors import FormatError, PlanError
 from core.format import PREFIX_BYTES, encode_header, parse_header, read_prefix
-from core.jsonfile import refuse_special
-from planners.carried import carried_json, carried_tensors
+from core.jsonfile import file_kind
+from planners.carried_field import PlanLike, carried_json, carried_tensors
 
-if TYPE_CHECKING:
-    from planners.plan import Plan
+#: A :class:`planners.plan.Plan` (this module is below it, so it knows it by its attributes).
+P = TypeVar("P", bound=PlanLike)
 
 #: A sidecar's header names a few tensors per MoE layer; anything much bigger is not one.
 MAX_SIDECAR_HEADER = 16 << 20
@@ -38,7 +39,7 @@ def sidecar_url(plan_url: str, name: str) -> str:
     return os.path.join(os.path.dirname(plan_url), name)
 
 
-def load_carried(plan: Plan, doc: Mapping[str, Any], url: str) -> Plan:
+def load_carried(plan: P, doc: Mapping[str, Any], url: str) -> P:
     """``plan`` (read from ``url``) with its carried tensors' bytes, from inline hex or the
     sidecar, each checked against its recorded sha256."""
     if plan.carried is None:
@@ -57,7 +58,7 @@ def load_carried(plan: Plan, doc: Mapping[str, Any], url: str) -> Plan:
     return with_bytes(plan, found, where)
 
 
-def _names(plan: Plan) -> str:
+def _names(plan: PlanLike) -> str:
     names = list(plan.carried.tensors) if plan.carried is not None else []
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
@@ -70,7 +71,7 @@ def _unhex(text: str, name: str, url: str) -> bytes:
                         f"make it again") from None
 
 
-def with_bytes(plan: Plan, found: Mapping[str, bytes], where: str) -> Plan:
+def with_bytes(plan: P, found: Mapping[str, bytes], where: str) -> P:
     """``plan`` with each carried segment holding ``found[name]``, its length and sha256 checked."""
     def filled(t: Any) -> Any:
         seg = t.segments[0]
@@ -89,17 +90,26 @@ def with_bytes(plan: Plan, found: Mapping[str, bytes], where: str) -> Plan:
         dataclasses.replace(o, tensors=tuple(filled(t) if t.name in carried else t for t in o.tensors))
         for o in plan.outputs
     )
-    return dataclasses.replace(plan, outputs=outputs)
+    return dataclasses.replace(plan, outputs=outputs)  # type: ignore[type-var]  # a Plan: a frozen dataclass
 
 
-def read_sidecar(url: str, plan: Plan, plan_url: str) -> dict[str, bytes]:
+def read_sidecar(url: str, plan: PlanLike, plan_url: str) -> dict[str, bytes]:
     """Each carried tensor's bytes from the sidecar at ``url``; refuses a missing, foreign,
     truncated or damaged file, naming it and the tensor."""
     want = {t.name: t.nbytes for t in carried_tensors(plan)}
     where = f"{url} (the sidecar of plan {plan_url})"
+    local = url[len("file://"):] if url.startswith("file://") else (None if "://" in url else url)
     try:
+        if local is not None:  # checked before opening: opening a FIFO would block
+            st = os.stat(local)
+            if not stat.S_ISREG(st.st_mode):
+                raise PlanError(f"{where} is {file_kind(st.st_mode)}, not a regular file; put the sidecar written "
+                                f"with the plan there")
+            size = st.st_size
+        else:
+            fs, path = fsspec.core.url_to_fs(url)
+            size = int(fs.size(path))
         with fsspec.open(url, "rb") as f:
-            size = _size(f, url)
             return _read_tensors(f, size, want, where)
     except FileNotFoundError:
         raise PlanError(f"{url}: not found; plan {plan_url} keeps the bytes of its carried tensors "
@@ -107,15 +117,8 @@ def read_sidecar(url: str, plan: Plan, plan_url: str) -> dict[str, bytes]:
     except FormatError as e:
         raise PlanError(f"{where} is not a sidecar this tool wrote ({e}); restore it or make the plan "
                         f"again") from None
-
-
-def _size(f: IO[bytes], url: str) -> int:
-    local = url[len("file://"):] if url.startswith("file://") else (None if "://" in url else url)
-    if local is not None:
-        st = os.stat(local)
-        refuse_special(url, st.st_mode, PlanError)
-        return st.st_size
-    return int(getattr(f, "size", None) or f.fs.size(f.path))  # type: ignore[attr-defined]
+    except OSError as e:
+        raise PlanError(f"{where}: cannot read it ({e.strerror or e}); check the path and its permissions") from None
 
 
 def _read_tensors(f: IO[bytes], size: int, want: Mapping[str, int], where: str) -> dict[str, bytes]:
@@ -147,7 +150,7 @@ def _read_tensors(f: IO[bytes], size: int, want: Mapping[str, int], where: str) 
     return out
 
 
-def save_carried(plan: Plan, url: str) -> None:
+def save_carried(plan: PlanLike, url: str) -> None:
     """Write the sidecar of ``plan`` beside ``url`` (where the plan is about to be saved), when
     its carried bytes are too many to hold inline; a local one under a temporary name, fsynced
     and renamed, so that a sidecar is whole or absent."""

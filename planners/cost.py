@@ -132,8 +132,7 @@ def estimate(
         buffer_bytes=buffer_bytes,
         est_seconds=_longest_first(per_shard, workers),
         peak_rss_per_worker=BASE_RSS_BYTES + max(buffer_bytes, min(inflight * buffer_bytes, inflight_bytes)),
-        notes=tuple(notes),
-        carried_bytes=carried_nbytes(plan),
+        notes=tuple(notes), carried_bytes=carried_nbytes(plan),
     )
 
 

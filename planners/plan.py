@@ -19,7 +19,7 @@ from core.checkpoint import CONFIG_NAME, INDEX_NAME
 from core.containers import CONTAINERS
 from core.errors import PlanError
 from core.jsonfile import parse_json, read_url
-from planners.carried import Carried, carried_from_json, carried_json, check_carried, check_version, without_storage
+from planners import carried_field as carry
 from planners.carried_file import load_carried, save_carried
 from planners.plan_schema import check_document, check_name, check_written_name, is_count
 from planners.provenance import (
@@ -78,7 +78,7 @@ class Plan:
     container: str = "safetensors"
     version: int = PLAN_VERSION
     #: Output tensors whose bytes the plan carries (:mod:`planners.carried`); ``None``: none.
-    carried: Carried | None = None
+    carried: carry.Carried | None = None
     #: The file the plan was read from (not part of the plan); ``None`` for a plan built here.
     #: A plan read from a file is untrusted input: :meth:`check_source` also checks its mapping.
     origin: str | None = field(default=None, compare=False)
@@ -161,7 +161,7 @@ class Plan:
                 for o in self.outputs
             ],
             "provenance": dict(self.provenance),
-            **({"carried": carried_json(self)} if self.carried is not None else {}),
+            **({"carried": carry.carried_json(self)} if self.carried is not None else {}),
         }
 
     @property
@@ -173,7 +173,7 @@ class Plan:
         """The plan as ``pruning.json`` publishes it: no path of this machine. A local source is
         named by its folder (its shards' fingerprints and copied files' sha256 identify it), and
         saliency files and keep lists by file name (their sha256 stays). Same digest."""
-        doc = without_storage(self.to_json())
+        doc = carry.without_storage(self.to_json())
         if is_local_path(self.source_url):
             doc["source"]["url"] = published_source(self.source_url)
         prov = doc["provenance"]
@@ -186,7 +186,7 @@ class Plan:
         """The plan without what depends on when and where it was made: the provenance's
         creation time (older plans carry one), the paths its saliency files or keep list were
         read from (their sha256 stays) and where its source is (its fingerprints stay)."""
-        doc = without_storage(self.to_json())
+        doc = carry.without_storage(self.to_json())
         doc["source"] = {k: v for k, v in doc["source"].items() if k != "url"}
         prov = {k: v for k, v in doc["provenance"].items() if k not in UNSTABLE_PROVENANCE}
         for key in ("saliency", "keep_list"):
@@ -216,7 +216,7 @@ class Plan:
         """Rebuild a plan, checking format, version and that every header matches its tensors."""
         if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT:
             raise PlanError(f"{where}: not a plan (expected \"format\": \"{PLAN_FORMAT}\")")
-        check_version(doc, where, PLAN_VERSION)
+        carry.check_version(doc, where, PLAN_VERSION)
         check_document(doc, where)
         container = doc.get("container", "safetensors")
         if container not in CONTAINERS:
@@ -248,11 +248,11 @@ class Plan:
                 soft=doc.get("mode", "structural") == "soft",
                 container=container,
                 version=doc["version"],
-                carried=carried_from_json(doc, where),
+                carried=carry.carried_from_json(doc, where),
                 origin=where,
             )
             check_plan(plan, where)
-            check_carried(plan, where)
+            carry.check_carried(plan, where)
             return plan
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PlanError(f"{where}: malformed plan ({type(e).__name__}: {e}); make the plan again "

@@ -4,6 +4,7 @@ bad sidecars and plans; everything but the carried tensors is a plain prune's by
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -150,13 +151,15 @@ def _rewrite_sidecar(p: Path, rename: dict[str, str] | None = None, shape_of: st
     p.write_bytes(encode_header(items) + body)
 
 
-@pytest.mark.parametrize("damage", ["missing", "changed", "truncated", "foreign", "wrong-length"])
+@pytest.mark.parametrize("damage", ["missing", "fifo", "changed", "truncated", "foreign", "wrong-length"])
 def test_a_bad_sidecar_is_refused_before_anything_is_written(damage, tmp_path):
     src, carried, new = _small_carried(tmp_path)
     side = _sidecar(carried)
     name = sorted(new)[-1]
-    if damage == "missing":
+    if damage in ("missing", "fifo"):
         side.unlink()
+        if damage == "fifo":  # refused without opening it (an open would block)
+            os.mkfifo(side)
     elif damage == "changed":
         _flip_last_byte(side)
     elif damage == "truncated":
@@ -167,10 +170,10 @@ def test_a_bad_sidecar_is_refused_before_anything_is_written(damage, tmp_path):
         _rewrite_sidecar(side, shape_of=name)
     line = _fails("run", carried, "--out", tmp_path / "dst", "--quiet")
     assert side.name in line
-    expected = {"missing": "not found", "changed": "does not have the sha256", "truncated": "is truncated",
+    expected = {"missing": "not found", "fifo": "is a FIFO", "changed": "does not have the sha256", "truncated": "is truncated",
                 "foreign": "holds no tensor", "wrong-length": "U8["}[damage]
     assert expected in line, line
-    if damage != "missing":
+    if damage not in ("missing", "fifo"):
         assert name in line, line
     assert not (tmp_path / "dst").exists() or not list((tmp_path / "dst").glob("*.safetensors"))
 

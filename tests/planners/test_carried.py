@@ -74,7 +74,7 @@ def test_method_must_be_json_and_a_plan_carries_once(plan):
 def test_inline_and_sidecar_plans_read_back_to_the_same_plan(plan, tmp_path, monkeypatch):
     q = carry_tensors(plan, _new(plan), method=METHOD)
     q.save(str(tmp_path / "inline.json"))
-    monkeypatch.setattr("planners.carried.INLINE_LIMIT", 0)
+    monkeypatch.setattr("planners.carried_field.INLINE_LIMIT", 0)
     q.save(str(tmp_path / "side.json"))
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".safetensors"] == [q.carried.sidecar_name]
     assert not list(tmp_path.glob("*.tmp.*"))
@@ -107,7 +107,7 @@ def test_versions_and_the_pruning_json_form(plan, tmp_path):
 
 
 def test_a_huge_sidecar_header_is_refused(plan, tmp_path, monkeypatch):
-    monkeypatch.setattr("planners.carried.INLINE_LIMIT", 0)
+    monkeypatch.setattr("planners.carried_field.INLINE_LIMIT", 0)
     q = carry_tensors(plan, _new(plan), method=METHOD)
     q.save(str(tmp_path / "p.json"))
     (tmp_path / q.carried.sidecar_name).write_bytes((200 << 20).to_bytes(8, "little") + b"{}")
