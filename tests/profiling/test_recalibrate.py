@@ -182,6 +182,11 @@ def test_recalibrate_run_verify_and_only_routers_differ(recalibrated):
     differ = sorted(k for k in plain if not torch.equal(plain[k], recal[k]))
     assert differ == sorted(doc["carried"]["tensors"])
     assert (root / "plain" / "config.json").read_bytes() == (root / "recal" / "config.json").read_bytes()
+    # pruning.json and the model card say which tensors are new and how they were made.
+    for name in ("pruning.json", "README.md"):
+        text = (root / "recal" / name).read_text()
+        assert "router-recalibration" in text and "model.layers.1.mlp.router.weight" in text, name
+        assert "router-recalibration" not in (root / "plain" / name).read_text()
     # Recalibrated on calibration text, the pruned model is closer to the original on text like it
     # (another draw of the same kind of ids) than the plain prune: in the logits, and in `rewriter
     # eval --compare`'s perplexity. (On a random tiny model the perplexity itself is no judge:
