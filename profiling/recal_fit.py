@@ -34,7 +34,7 @@ class FitSettings:
 
     tokens: int = 65536  # sampled per MoE layer, training and held-out together
     steps: int = 200
-    lr: float = 1e-2  # Adam's step size, relative to the root-mean-square of the layer's router weight
+    lr: float = 0.1  # Adam's step size in units of the router weight's RMS / sqrt(hidden size) (see _adam)
     batch_tokens: int = 4096
     holdout: float = 0.125  # share of the sampled tokens kept out of training: validation and test halves
     seed: int = 0
@@ -163,12 +163,15 @@ def _adam(layer: PrunedLayer, x: torch.Tensor, y: torch.Tensor, settings: FitSet
     ``batch_tokens`` rows drawn without replacement (seeded); yields the parameters after every
     fifth of the steps.
 
-    The step size is ``lr`` times the router weight's RMS, so one setting suits routers of any
-    scale (a router's logits scale with its weights)."""
+    The step size is ``lr`` x RMS(weight) / sqrt(hidden): Adam's first steps move every element
+    by about the step size, which moves a logit by about step x sqrt(hidden) x |x| while a
+    logit's spread is about RMS(weight) x |x|. So ``lr`` is about the share of a logit's spread
+    one step can move, for routers of any scale and width."""
     if settings.steps == 0:
         return
     params = {k: v.float().requires_grad_(True) for k, v in layer.params(torch.float32).items()}
-    scale = float(params["weight"].detach().pow(2).mean().sqrt().clamp_min(1e-8))
+    weight = params["weight"].detach()
+    scale = float(weight.pow(2).mean().sqrt().clamp_min(1e-8)) / math.sqrt(weight.shape[-1])
     opt = torch.optim.Adam(list(params.values()), lr=settings.lr * scale)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / settings.steps)))
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)

@@ -30,8 +30,9 @@ from rewriter.cli.params import (
               help="Tokens sampled per MoE layer to fit on (an eighth of them held out to judge the fit).")
 @click.option("--steps", type=NON_NEGATIVE, default=200, show_default=True,
               help="Adam steps per layer (0: measure only; the plain prune's rows stay).")
-@click.option("--lr", type=finite(0, min_open=True), default=1e-2, show_default=True,
-              help="Adam's step size relative to the RMS of the layer's router weight (cosine-decayed to 0).")
+@click.option("--lr", type=finite(0, min_open=True), default=0.1, show_default=True,
+              help="Adam's step size in units of the router weight's RMS / sqrt(hidden size): about the share "
+                   "of a logit's spread one step may move (cosine-decayed to 0).")
 @click.option("--batch-tokens", type=POSITIVE, default=4096, show_default=True, help="Tokens per Adam step.")
 @click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True,
               help="Seed of the token sample, the held-out split and the minibatches.")
