@@ -211,13 +211,17 @@ def _kl_to_original(src: Path, pruned: Path, data: Path) -> float:
 
 
 @pytest.mark.slow
-def test_zero_steps_writes_the_plain_plan(recalibrated, tmp_path):
+def test_zero_steps_writes_the_plain_plan_and_a_rerun_the_same_rows(recalibrated, tmp_path):
     root, src, cal, _ = recalibrated
     out = cli("recalibrate", src, "--plan", root / "plan.json", "--data", cal, "--out", tmp_path / "p.json",
               *FIT, "--steps", "0")
     assert "0 of 2 MoE layers with new router rows" in out
     assert "plain prune's rows stay" in out
     assert json.loads((tmp_path / "p.json").read_text()) == json.loads((root / "plan.json").read_text())
+    # Same inputs and seed on the CPU: the same new rows, byte for byte.
+    cli("recalibrate", src, "--plan", root / "plan.json", "--data", cal, "--out", tmp_path / "again.json", *FIT)
+    again, first = (json.loads(p.read_text())["carried"] for p in (tmp_path / "again.json", root / "recal.json"))
+    assert again == first
 
 
 def _error(*args: object) -> str:
