@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from core.storage import is_local_url
+from planners.carried import carried_nbytes
 from planners.plan import Plan
 from planners.reads import DEFAULT_MAX_GAP, Read, over_read, plan_reads
 
@@ -60,6 +61,8 @@ class CostReport:
     est_seconds: float
     peak_rss_per_worker: int
     notes: tuple[str, ...] = field(default_factory=tuple)
+    #: Bytes of carried tensors (:mod:`planners.carried`): written from the plan, not read.
+    carried_bytes: int = 0
 
     def layer(self, index: int) -> LayerCost:
         for lc in self.layers:
@@ -130,6 +133,7 @@ def estimate(
         est_seconds=_longest_first(per_shard, workers),
         peak_rss_per_worker=BASE_RSS_BYTES + max(buffer_bytes, min(inflight * buffer_bytes, inflight_bytes)),
         notes=tuple(notes),
+        carried_bytes=carried_nbytes(plan),
     )
 
 
@@ -267,6 +271,8 @@ def format_report(r: CostReport) -> str:
         f"source:     {human_bytes(r.source_bytes)} in {len({s for lc in r.layers for s in lc.source_shards})} shards touched",
         f"read:       {human_bytes(r.bytes_read)} of tensor data ({ratio:.1%} of the source) + {human_bytes(r.header_bytes_read)} of headers",
         f"written:    {human_bytes(r.bytes_written)} in {r.output_shards} output shards",
+        *([f"carried:    {human_bytes(r.carried_bytes)} of new tensor bytes the plan carries (written, not read "
+           f"from the source)"] if r.carried_bytes else []),
         f"requests:   {r.copy_ops} copy ranges; {r.range_requests} range requests at a {human_bytes(r.buffer_bytes)} buffer"
         + (f" (ranges up to {human_bytes(r.max_gap)} apart merged: {human_bytes(r.over_read_bytes)} over-read)"
            if r.max_gap else " (each range read as it is: a local source, or --max-gap-kib 0)"),

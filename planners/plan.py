@@ -19,6 +19,8 @@ from core.checkpoint import CONFIG_NAME, INDEX_NAME
 from core.containers import CONTAINERS
 from core.errors import PlanError
 from core.jsonfile import parse_json, read_url
+from planners.carried import Carried, carried_from_json, carried_json, check_carried, check_version, without_storage
+from planners.carried_file import load_carried, save_carried
 from planners.plan_schema import check_document, check_name, check_written_name, is_count
 from planners.provenance import (
     LOCAL_SOURCE,
@@ -75,6 +77,8 @@ class Plan:
     #: The file format of source and output (:data:`core.containers.CONTAINERS`).
     container: str = "safetensors"
     version: int = PLAN_VERSION
+    #: Output tensors whose bytes the plan carries (:mod:`planners.carried`); ``None``: none.
+    carried: Carried | None = None
     #: The file the plan was read from (not part of the plan); ``None`` for a plan built here.
     #: A plan read from a file is untrusted input: :meth:`check_source` also checks its mapping.
     origin: str | None = field(default=None, compare=False)
@@ -157,6 +161,7 @@ class Plan:
                 for o in self.outputs
             ],
             "provenance": dict(self.provenance),
+            **({"carried": carried_json(self)} if self.carried is not None else {}),
         }
 
     @property
@@ -168,7 +173,7 @@ class Plan:
         """The plan as ``pruning.json`` publishes it: no path of this machine. A local source is
         named by its folder (its shards' fingerprints and copied files' sha256 identify it), and
         saliency files and keep lists by file name (their sha256 stays). Same digest."""
-        doc = self.to_json()
+        doc = without_storage(self.to_json())
         if is_local_path(self.source_url):
             doc["source"]["url"] = published_source(self.source_url)
         prov = doc["provenance"]
@@ -181,7 +186,7 @@ class Plan:
         """The plan without what depends on when and where it was made: the provenance's
         creation time (older plans carry one), the paths its saliency files or keep list were
         read from (their sha256 stays) and where its source is (its fingerprints stay)."""
-        doc = self.to_json()
+        doc = without_storage(self.to_json())
         doc["source"] = {k: v for k, v in doc["source"].items() if k != "url"}
         prov = {k: v for k, v in doc["provenance"].items() if k not in UNSTABLE_PROVENANCE}
         for key in ("saliency", "keep_list"):
@@ -200,6 +205,8 @@ class Plan:
         return hashlib.sha256(self.canonical_bytes()).hexdigest()
 
     def save(self, url: str) -> None:
+        """Write the plan as JSON to ``url``, and its carried bytes' sidecar beside it first."""
+        save_carried(self, url)
         with fsspec.open(url, "w") as f:
             json.dump(self.to_json(), f, indent=1)
             f.write("\n")
@@ -209,12 +216,7 @@ class Plan:
         """Rebuild a plan, checking format, version and that every header matches its tensors."""
         if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT:
             raise PlanError(f"{where}: not a plan (expected \"format\": \"{PLAN_FORMAT}\")")
-        if doc.get("version") == 1:
-            raise PlanError(f"{where}: plan version 1 was made by an earlier rewriter, which recorded neither "
-                            f"the copied files' sha256 nor a config derived from the source; make the plan "
-                            f"again with `rewriter plan` (this tool reads version {PLAN_VERSION})")
-        if doc.get("version") != PLAN_VERSION:
-            raise PlanError(f"{where}: plan version {doc.get('version')!r}; this tool reads version {PLAN_VERSION}")
+        check_version(doc, where, PLAN_VERSION)
         check_document(doc, where)
         container = doc.get("container", "safetensors")
         if container not in CONTAINERS:
@@ -245,9 +247,12 @@ class Plan:
                 layers_only=tuple(layers_only) if layers_only is not None else None,
                 soft=doc.get("mode", "structural") == "soft",
                 container=container,
+                version=doc["version"],
+                carried=carried_from_json(doc, where),
                 origin=where,
             )
             check_plan(plan, where)
+            check_carried(plan, where)
             return plan
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PlanError(f"{where}: malformed plan ({type(e).__name__}: {e}); make the plan again "
@@ -255,8 +260,9 @@ class Plan:
 
     @classmethod
     def load(cls, url: str) -> Plan:
+        """Read a plan file, with its carried bytes (inline or from its sidecar, sha256 checked)."""
         doc = parse_json(read_url(url, PlanError, missing="plan file not found"), url, PlanError)
-        return cls.from_json(doc, url)
+        return load_carried(cls.from_json(doc, url), doc, url)
 
 
 def require_source(plan: Plan, what: str) -> str:

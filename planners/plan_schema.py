@@ -155,10 +155,17 @@ def _check_tensor(d: _Doc, t: Any, field: str) -> None:
           None)
     d.get(t, "shape", f"{field}.shape", "a list of non-negative integers",
           lambda v: isinstance(v, list) and all(_int(x) and x >= 0 for x in v))
-    d.get(t, "segments", f"{field}.segments", "a list of [shard, offset, length] segments",
-          lambda v: isinstance(v, list) and all(isinstance(s, list) for s in v))
+    d.get(t, "segments", f"{field}.segments", "a list of [shard, offset, length] segments (or one "
+          "{\"carried\": sha256, \"length\": bytes})",
+          lambda v: isinstance(v, list) and all(isinstance(s, list) or _carried_segment(s) for s in v))
     d.get(t, "pad", f"{field}.pad", "a count of zero bytes after the tensor (GGUF alignment)",
           lambda v: _int(v) and 0 <= v < 1 << 16, 0)
+
+
+def _carried_segment(s: Any) -> bool:
+    return (isinstance(s, dict) and sorted(s) == ["carried", "length"] and _int(s["length"]) and s["length"] >= 0
+            and isinstance(s["carried"], str) and len(s["carried"]) == 64
+            and all(c in "0123456789abcdef" for c in s["carried"]))
 
 
 def is_count(v: Any) -> bool:

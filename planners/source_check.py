@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -14,6 +15,7 @@ from core.checkpoint import (
 )
 from core.errors import PlanError
 from core.layouts import PER_LAYER_FIELD, Layout
+from planners.carried import carried_tensors
 from planners.plan import CARD_NAME, Plan, source_card
 from planners.provenance import source_location
 from planners.quantization import rewritten_quantization
@@ -43,6 +45,9 @@ def check_mapping(plan: Plan, ckpt: Checkpoint, where: str) -> None:
                             f"{max(ids)}, but {ckpt.url} has {n} experts per layer. {what}")
     expected = {t.name: t for t in plan_tensors(ckpt, layout, plan.keep, plan.layers_only, plan.soft)}
     planned = {t.name: t for o in plan.outputs for t in o.tensors}
+    for t in carried_tensors(plan):  # its bytes are new; the rest of it is what the source implies
+        if t.name in expected:
+            planned[t.name] = dataclasses.replace(t, segments=expected[t.name].segments)
     for name in sorted(expected.keys() | planned.keys()):
         if expected.get(name) != planned.get(name):
             found = "is missing" if name not in planned else (

@@ -22,25 +22,32 @@ from planners.plan_schema import is_count
 @dataclass(frozen=True)
 class Segment:
     """``length`` bytes at absolute ``offset`` of source shard ``shard``, or, when ``data`` is
-    set, those literal bytes (a soft prune's replaced router bias entries)."""
+    set, those literal bytes (a soft prune's replaced router bias entries). A carried tensor's
+    bytes (:mod:`planners.carried`) are one segment with ``sha256`` set; its ``data`` is ``None``
+    where only the digest is known (a plan read back from ``pruning.json``)."""
 
     shard: str
     offset: int
     length: int
     data: bytes | None = None
+    sha256: str | None = None
 
     @classmethod
     def literal(cls, data: bytes) -> Segment:
         return cls("", 0, len(data), data)
 
-    def to_json(self) -> list:
+    def to_json(self) -> list | dict:
+        if self.sha256 is not None:
+            return {"carried": self.sha256, "length": self.length}
         if self.data is not None:
             return ["", 0, self.length, self.data.hex()]
         return [self.shard, self.offset, self.length]
 
     @classmethod
-    def from_json(cls, v: list) -> Segment:
+    def from_json(cls, v: list | dict) -> Segment:
         """Numbers are kept as found; :func:`check_plan` refuses anything but non-negative ints."""
+        if isinstance(v, dict):
+            return cls("", 0, v["length"], None, v["carried"])
         if len(v) == 4:
             if v[0] != "":
                 raise ValueError(f"literal segment names shard {v[0]!r}; literal segments name none")
@@ -54,11 +61,14 @@ class Segment:
 
 
 def merge_segments(segments: Iterable[Segment]) -> list[Segment]:
-    """Join neighbours: source ranges contiguous in one shard, and consecutive literals."""
+    """Join neighbours: source ranges contiguous in one shard, and consecutive literals.
+    Carried bytes stay apart: joining them would copy megabytes to save one write."""
     out: list[Segment] = []
     for s in segments:
         last = out[-1] if out else None
-        if (last and last.data is None and s.data is None and last.shard == s.shard
+        if last and (last.sha256 is not None or s.sha256 is not None):
+            out.append(s)
+        elif (last and last.data is None and s.data is None and last.shard == s.shard
                 and last.offset + last.length == s.offset):
             out[-1] = Segment(s.shard, last.offset, last.length + s.length)
         elif last and last.data is not None and s.data is not None:
@@ -140,7 +150,7 @@ def check_segment(s: Segment, source_shards: Mapping[str, Mapping[str, Any]], wh
     if not is_count(s.offset) or not is_count(s.length):
         raise PlanError(f"{where}: segment offset {s.offset!r} and length {s.length!r} must be "
                         f"non-negative integers")
-    if s.data is not None:
+    if s.data is not None or s.sha256 is not None:
         return
     fp = source_shards.get(s.shard)
     if fp is None:

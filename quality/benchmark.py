@@ -16,7 +16,9 @@ Everything runs through the project's own code: :func:`profiling.profile.profile
 :func:`planners.plan_prune` (planning), :func:`rewriter.exec.run.executor.execute` (the rewrite),
 :func:`quality.evaluate.evaluate` (perplexity and the gates) and :mod:`quality.tasks` (exact match
 of greedy generation and answer-byte accuracy). ``random`` keeps a seeded random set of the same
-size per layer; ``+outliers`` rows plan with ``--keep-outliers``.
+size per layer; ``+outliers`` rows plan with ``--keep-outliers``; ``+recal`` rows are the plan of
+the row without it after :func:`profiling.recalibrate.recalibrate` (router recalibration on the
+union of the calibration half A), paired with it.
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ class Scale:
     code_problems: int = 512
     task_context: int = 192
     eval_batch: int = 256
+    #: Router recalibration of every plan of these calibrations (and of the random baseline),
+    #: on the union of half A's documents: Adam steps and tokens sampled per layer.
+    recal_calibrations: tuple[str, ...] = ("union",)
+    recal_steps: int = 200
+    recal_tokens: int = 65536
 
 
 SCALES = {
@@ -66,7 +73,8 @@ SCALES = {
     "full": Scale(ModelSize(), 4_000_000, 288, 512, 96, (0.5, 0.375, 0.25), ("union", *DOMAINS), 32768, 24),
     "toy": Scale(ModelSize(layers=2, experts=8, top_k=2, hidden=64, intermediate=64, heads=2, kv_heads=1, head_dim=32),
                  60_000, 4, 64, 4, (0.5,), ("union",), 1024, 2, seeds=(0, 1), calib_seeds=(0, 1),
-                 outlier_ranks=("eaft_reap",), arith_problems=24, code_problems=8, task_context=48, eval_batch=16),
+                 outlier_ranks=("eaft_reap",), arith_problems=24, code_problems=8, task_context=48, eval_batch=16,
+                 recal_steps=10, recal_tokens=512),
 }
 
 
@@ -210,8 +218,20 @@ def _profile_halves(scale: Scale, model_dir: Path, halves: dict[str, tuple[Path,
     return sal
 
 
+def _recalibrated(scale: Scale, ckpt, plan, data: list[str], evaluate_plan: _Evaluator, label: dict[str, Any]) -> None:
+    """Evaluate ``plan`` after router recalibration on ``data``, as rank ``<rank>+recal``."""
+    from profiling.recal_fit import FitSettings
+    from profiling.recalibrate import recalibrate
+
+    settings = FitSettings(tokens=scale.recal_tokens, steps=scale.recal_steps, seed=label["calib_seed"])
+    res = recalibrate(ckpt.url, plan, data, settings=settings, seq_len=scale.seq_len, batch_size=8,
+                      device=evaluate_plan.device)
+    fits = {str(f.layer): f.summary() for f in res.layers}
+    evaluate_plan(res.plan, {**label, "rank": f"{label['rank']}+recal", "recal": fits})
+
+
 def _prune_grid(scale: Scale, ckpt, sal: dict[str, tuple[Any, Any]], evaluate_plan: _Evaluator,
-                label: dict[str, Any]) -> None:
+                label: dict[str, Any], halves: dict[str, tuple[Path, Path]]) -> None:
     from planners import PlanOptions, plan_prune
     from planners.build import build_plan
     from planners.policies import KeepDecision, KeepPolicy
@@ -219,6 +239,7 @@ def _prune_grid(scale: Scale, ckpt, sal: dict[str, tuple[Any, Any]], evaluate_pl
     layout = ckpt.layout
     layers = sorted(layout.moe_layers(ckpt))
     n_exp, top_k = layout.num_experts(ckpt.config), layout.top_k(ckpt.config)
+    recal_data = [str(halves[d][0]) for d in DOMAINS]
     for frac in scale.keep_fracs:
         n = max(top_k, round(frac * n_exp))
         cell = {**label, "keep": n, "keep_frac": n / n_exp, "outliers": None}
@@ -227,8 +248,10 @@ def _prune_grid(scale: Scale, ckpt, sal: dict[str, tuple[Any, Any]], evaluate_pl
             files = tuple(sal[d][0].source for d in names)
             for rank in RANKS:
                 policy = KeepPolicy(rank=rank, keep_n=n)
-                evaluate_plan(plan_prune(ckpt, PlanOptions(saliency=files, policy=policy)),
-                              {**cell, "rank": rank, "calibration": calib})
+                plan = plan_prune(ckpt, PlanOptions(saliency=files, policy=policy))
+                evaluate_plan(plan, {**cell, "rank": rank, "calibration": calib})
+                if calib in scale.recal_calibrations:
+                    _recalibrated(scale, ckpt, plan, recal_data, evaluate_plan, {**cell, "rank": rank, "calibration": calib})
                 if calib == "union" and rank in scale.outlier_ranks:
                     policy = replace(policy, keep_outliers=scale.outlier_z)
                     evaluate_plan(plan_prune(ckpt, PlanOptions(saliency=files, policy=policy)),
@@ -236,7 +259,10 @@ def _prune_grid(scale: Scale, ckpt, sal: dict[str, tuple[Any, Any]], evaluate_pl
                                    "outliers": scale.outlier_z})
         rnd = {**cell, "rank": "random", "calibration": "-"}
         keep = _keep_random(layers, n_exp, n, seed=1000 * label["calib_seed"] + n)
-        evaluate_plan(build_plan(ckpt, KeepDecision(keep, {}, top_k), provenance={"benchmark": rnd}), rnd)
+        plan = build_plan(ckpt, KeepDecision(keep, {}, top_k), provenance={"benchmark": rnd})
+        evaluate_plan(plan, rnd)
+        if scale.recal_calibrations:
+            _recalibrated(scale, ckpt, plan, recal_data, evaluate_plan, rnd)
 
 
 def run_seed(scale: Scale, seed: int, corpora: Path, work: Path, device: str, log=print,
@@ -264,12 +290,13 @@ def run_seed(scale: Scale, seed: int, corpora: Path, work: Path, device: str, lo
     for c in scale.calib_seeds:
         t_prof = time.perf_counter()
         out = work / f"calib-{c}"
-        sal = _profile_halves(scale, model_dir, calibration_halves(corpora, out, c), out, device)
+        halves = calibration_halves(corpora, out, c)
+        sal = _profile_halves(scale, model_dir, halves, out, device)
         seconds["profile"] += time.perf_counter() - t_prof
         keeps = sorted({max(ckpt.layout.top_k(ckpt.config), round(f * ckpt.layout.num_experts(ckpt.config)))
                         for f in scale.keep_fracs}, reverse=True)
         stability_rows += [{"seed": seed, "calib_seed": c, **r} for r in _stability_rows(sal, keeps)]
-        _prune_grid(scale, ckpt, sal, evaluate_plan, {"seed": seed, "calib_seed": c})
+        _prune_grid(scale, ckpt, sal, evaluate_plan, {"seed": seed, "calib_seed": c}, halves)
         seconds["prune_and_eval"] = time.perf_counter() - t - seconds["profile"]
         base_packs = {k: v["base_ppl"] for k, v in evaluate_plan.runs[0]["packs"].items()}
         doc = {"seed": seed, "training": training, "seconds": dict(seconds), "runs": evaluate_plan.runs,
@@ -366,7 +393,9 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
         "scale_settings": {"seeds": list(scale.seeds), "calib_seeds": list(scale.calib_seeds),
                            "keep_fracs": list(scale.keep_fracs), "calibrations": list(scale.calibrations),
                            "calib_tokens_per_half": scale.calib_tokens, "eval_blocks": scale.eval_blocks,
-                           "seq_len": scale.seq_len, "outlier_z": scale.outlier_z},
+                           "seq_len": scale.seq_len, "outlier_z": scale.outlier_z,
+                           "recal": {"calibrations": list(scale.recal_calibrations), "steps": scale.recal_steps,
+                                     "tokens_per_layer": scale.recal_tokens, "data": "union of calibration half A"}},
         "wall_seconds": time.perf_counter() - t0,
         "seeds": sorted(seed_docs, key=lambda d: d["seed"]),
     }

@@ -28,6 +28,8 @@ PACKS = ("code", "prose", "arith", "union")
 TASKS = ("arith", "code")
 #: The metrics whose paired differences are reported.
 METRICS = ("ppl_union", "acc_arith", "byte_arith", "acc_code", "byte_code")
+#: Rankings whose plans are also recalibrated (``<rank>+recal``).
+RECAL_RANKS = ("freq", "reap", "eaft_reap")
 
 
 def t_interval(values: list[float]) -> tuple[float, float]:
@@ -98,6 +100,8 @@ def comparisons(doc: dict[str, Any]) -> list[dict[str, Any]]:
             pairs += [((x, n, c), (y, n, c)) for x, y in (("eaft_reap", "reap"), ("eaft_reap", "freq"), ("reap", "freq"))]
         pairs += [((x, n, "union"), ("random", n, "-")) for x in ("freq", "reap", "eaft_reap")]
         pairs += [((f"{x}+outliers", n, "union"), (x, n, "union")) for x in ("reap", "eaft_reap")]
+        pairs += [((f"{x}+recal", n, c), (x, n, c)) for c in calibs for x in RECAL_RANKS]
+        pairs += [(("random+recal", n, "-"), ("random", n, "-"))]
     out = []
     for a, b in pairs:
         for metric in METRICS:
@@ -108,6 +112,59 @@ def comparisons(doc: dict[str, Any]) -> list[dict[str, Any]]:
             out.append({"a": a, "b": b, "metric": metric, "diff": mean, "half": half,
                         "significant": bool(half == half and abs(mean) > half)})
     return out
+
+
+def recalibration(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per recalibrated cell: union perplexity of the plain and the recalibrated prune, the share
+    of the perplexity lost by pruning that recalibration recovered (``(plain - recal) / (plain -
+    base)`` per training seed, 95 % t-interval) and the mean held-out relative MSE of the fit
+    before and after, with the share of layers that took new router rows."""
+    seeds = per_seed(doc)
+    base = {sd["seed"]: sd["base"]["ppl"]["union"] for sd in doc["seeds"]}
+    fits: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for sd in doc["seeds"]:
+        for r in sd["runs"]:
+            fits[_key(r)] += list(r.get("recal", {}).values())
+    out = []
+    for cell, by_seed in seeds.items():
+        plain = (cell[0].removesuffix("+recal"), cell[1], cell[2])
+        if not cell[0].endswith("+recal") or plain not in seeds:
+            continue
+        common = sorted(set(by_seed) & set(seeds[plain]))
+        share = [(seeds[plain][s]["ppl_union"] - by_seed[s]["ppl_union"]) / (seeds[plain][s]["ppl_union"] - base[s])
+                 if seeds[plain][s]["ppl_union"] != base[s] else math.nan for s in common]
+        f = fits[cell]
+        out.append({"rank": plain[0], "keep": cell[1], "calibration": cell[2],
+                    "ppl_plain": t_interval([seeds[plain][s]["ppl_union"] for s in common]),
+                    "ppl_recal": t_interval([by_seed[s]["ppl_union"] for s in common]),
+                    "recovered": t_interval(share),
+                    "mse_before": statistics.fmean(x["mse_before"] for x in f) if f else math.nan,
+                    "mse_after": statistics.fmean(x["mse_after"] for x in f) if f else math.nan,
+                    "layers_changed": statistics.fmean(bool(x["accepted"]) for x in f) if f else math.nan})
+    return out
+
+
+def _recal_lines(doc: dict[str, Any], n_exp: int) -> list[str]:
+    rows = recalibration(doc)
+    if not rows:
+        return []
+    st = doc["scale_settings"].get("recal", {})
+    lines = ["## Router recalibration against the plain prune",
+             "",
+             f"`+recal`: the same plan with its routers refitted (`rewriter recalibrate`: {st.get('steps')} Adam "
+             f"steps per layer on {st.get('tokens_per_layer')} sampled tokens of the {st.get('data')}); paired "
+             f"differences are in the table above. Recovered: the share of the union perplexity lost by pruning "
+             f"that recalibration won back, per training seed (1 = back to the base model). Fit: the held-out "
+             f"relative MSE of the MoE layers' output, mean over layers, seeds and draws, before -> after, and "
+             f"the share of layers that took new rows.",
+             "",
+             "| rank | keep | calibration | union ppl plain | union ppl recal | recovered | fit MSE | layers changed |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['rank']} | {r['keep']} ({r['keep'] / n_exp:.1%}) | {r['calibration']} | "
+                     f"{_pm(r['ppl_plain'])} | {_pm(r['ppl_recal'])} | {_pm(r['recovered'], 2)} | "
+                     f"{r['mse_before']:.3f} -> {r['mse_after']:.3f} | {r['layers_changed']:.0%} |")
+    return lines
 
 
 def forced_outliers(doc: dict[str, Any]) -> dict[tuple[str, int], float]:
@@ -201,7 +258,8 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += ["", f"The run stopped at its deadline: {len(short)} training seed(s) finished fewer than the "
                   f"{len(st['calib_seeds'])} calibration draws asked for ({draws}); their cells average the draws "
                   f"that finished."]
-    lines += ["", *_comparison_lines(doc), "", *_stability_lines(doc, n_exp), "", "Corpora (sha256, bytes):", ""]
+    recal = _recal_lines(doc, n_exp)
+    lines += ["", *_comparison_lines(doc), *([""] + recal if recal else []), "", *_stability_lines(doc, n_exp), "", "Corpora (sha256, bytes):", ""]
     lines += [f"- `{k}`: {v['bytes']:,} bytes, {v['documents']} documents, `{v['sha256'][:16]}`"
               for k, v in doc["corpora"].items()]
     return "\n".join(lines) + "\n"
@@ -304,7 +362,7 @@ def strict_json(value: Any) -> Any:
 def write(doc: dict[str, Any], results: Path, stem: str) -> None:
     results.mkdir(parents=True, exist_ok=True)
     doc = {**doc, "cells": [{**c, "metrics": {k: list(v) for k, v in c["metrics"].items()}} for c in cells(doc)],
-           "comparisons": comparisons(doc)}
+           "comparisons": comparisons(doc), "recalibration": recalibration(doc)}
     (results / f"{stem}.json").write_text(json.dumps(strict_json(doc), indent=1, allow_nan=False) + "\n")
     (results / f"{stem}.md").write_text(markdown(doc))
     try:

@@ -8,10 +8,11 @@ registers its commands on :data:`main` (:mod:`.group`):
 * :mod:`.running`: ``run``, ``prune``, ``soft-prune``, ``dry-run`` (a run's options: :mod:`.runopts`)
 * :mod:`.checking`: ``inspect``, ``verify``, ``check``, ``card``, ``cleanup``
 * :mod:`.gpu`: ``profile``, ``eval``, ``import-reap``
+* :mod:`.recalibration`: ``recalibrate``
 * :mod:`.jobs`: ``submit``, ``status``, ``logs`` (Ray Jobs)
 """
 
-from rewriter.cli import checking, gpu, planning, running, synthetic  # noqa: F401 (they register their commands)
+from rewriter.cli import checking, gpu, planning, recalibration, running, synthetic  # noqa: F401 (they register their commands)
 from rewriter.cli.group import main
 from rewriter.cli.jobs import register
 

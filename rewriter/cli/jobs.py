@@ -64,7 +64,7 @@ def _submit_command(run: click.Command) -> click.Command:
                                      param_hint="--out")
         service = JobService(address, timeout)
         run_args = ["--out", dst, *forwarded_args(params, kw)]
-        job = service.submit(json.dumps(p.to_json()).encode(), run_args,
+        job = service.submit(p.save, run_args,
                              {META_DST: dst, META_DIGEST: p.digest, META_PLAN: plan_file}, submission_id)
         if kw.get("as_json"):
             click.echo(json.dumps({"job_id": job, "address": service.address, "dst": dst, "plan_digest": p.digest}))

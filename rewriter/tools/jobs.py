@@ -1,7 +1,8 @@
 """Ray Jobs, as ``rewriter submit``/``status``/``logs`` use them (``ray.job_submission``).
 
 A job runs ``python -m ray_jobs.rewrite PLAN --out DST ...`` (``rewriter run --ray`` on the
-cluster) with the plan sent along: the job's working folder holds nothing but the plan, so a plan
+cluster) with the plan sent along: the job's working folder holds nothing but the plan (and the
+sidecar of a plan's carried bytes, :mod:`planners.carried_file`), so a plan
 on the submitter's laptop reaches the cluster; the package itself must be installed on every
 node. The job's metadata names the destination and the plan digest, which is how ``status``
 finds the run's status document.
@@ -94,13 +95,13 @@ class JobService:
                                   f"{self._hint()}")
         return ExecutionError(f"the Ray job service at {self.address} refused to {what}: {text.strip()[:500]}")
 
-    def submit(self, plan_json: bytes, run_args: list[str], metadata: dict[str, str],
+    def submit(self, write_plan: Callable[[str], None], run_args: list[str], metadata: dict[str, str],
                submission_id: str | None = None) -> str:
-        """Submit ``python -m ray_jobs.rewrite plan.json RUN_ARGS``; returns the job id."""
+        """Submit ``python -m ray_jobs.rewrite plan.json RUN_ARGS``; returns the job id.
+        ``write_plan(path)`` writes the plan there (with its carried bytes' sidecar beside it)."""
         entrypoint = shlex.join([*ENTRY, PLAN_NAME, *run_args])
         with tempfile.TemporaryDirectory(prefix="rewriter-job-") as folder:
-            with open(os.path.join(folder, PLAN_NAME), "wb") as f:
-                f.write(plan_json)
+            write_plan(os.path.join(folder, PLAN_NAME))
             return str(self._call(lambda: self.client.submit_job(
                 entrypoint=entrypoint, runtime_env={"working_dir": folder}, metadata=metadata,
                 submission_id=submission_id), "submit the job"))

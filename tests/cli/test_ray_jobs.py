@@ -180,3 +180,19 @@ def test_a_job_that_fails_before_the_run_says_why(jobs, plan_file, tmp_path):
     out = cli("status", job, "--address", jobs, expect=1)
     assert "job error:  the job ended before the run could report an error" in out, out
     assert "No module named" in out, out
+
+
+def test_submit_sends_the_sidecar_of_a_carried_plan(jobs, tmp_path):
+    from rewriter.tools.synth import PRESETS
+    from tests.carried_util import plain_and_carried
+    from tests.conftest import tree_digest
+
+    write_checkpoint(tmp_path / "src", PRESETS["small"])
+    _, carried, _ = plain_and_carried(tmp_path / "src", tmp_path)
+    assert list(carried.parent.glob("carried-*.safetensors"))
+    cli("run", carried, "--out", tmp_path / "local", "--quiet")
+    dst = tmp_path / "out"
+    job = cli("submit", carried, "--out", dst, "--address", jobs, "--workers", "1").splitlines()[0]
+    doc = _wait_ended(jobs, job)
+    assert doc["job"]["status"] == "SUCCEEDED", (doc, cli("logs", job, "--address", jobs))
+    assert tree_digest(dst) == tree_digest(tmp_path / "local")

@@ -103,7 +103,14 @@ def test_quality_benchmark_toy(tmp_path):
         assert sd["calib_seeds_done"] == [0, 1]
         ranks = {(r["rank"], r["calibration"]) for r in sd["runs"]}
         assert ranks == {("freq", "union"), ("reap", "union"), ("eaft_reap", "union"),
-                         ("eaft_reap+outliers", "union"), ("random", "-")}
+                         ("eaft_reap+outliers", "union"), ("random", "-"), ("freq+recal", "union"),
+                         ("reap+recal", "union"), ("eaft_reap+recal", "union"), ("random+recal", "-")}
+        for r in sd["runs"]:  # a recalibrated run has the plain run's keep sets and its fit per layer
+            if r["rank"].endswith("+recal"):
+                plain = next(p for p in sd["runs"] if p["rank"] == r["rank"].removesuffix("+recal")
+                             and p["calib_seed"] == r["calib_seed"] and p["keep"] == r["keep"])
+                assert r["keep_sets"] == plain["keep_sets"] and set(r["recal"]) == {"0", "1"}
+                assert all(f["mse_after"] <= f["mse_before"] for f in r["recal"].values())
         assert len(sd["runs"]) == 2 * len(ranks)  # every cell once per calibration draw
         for r in sd["runs"]:
             assert set(r["packs"]) == {"code", "prose", "arith", "union"}
@@ -118,6 +125,13 @@ def test_quality_benchmark_toy(tmp_path):
     assert "| eaft_reap | 4 (50.0%) | union |" in md and " ± " in md
     assert "## Which differences are outside the noise" in md and "## Keep-set stability" in md
     assert "| arith byte |" in md and "| arith | all | 24 |" in md
+    assert "## Router recalibration against the plain prune" in md and "| eaft_reap+recal | eaft_reap | 4 | union |" in md
+    result = json.loads((tmp_path / "results" / "quality-toy.json").read_text())
+    pairs = {(c["a"][0], c["b"][0], c["metric"]) for c in result["comparisons"]}
+    assert {(f"{r}+recal", r, m) for r in ("freq", "reap", "eaft_reap", "random")
+            for m in ("ppl_union", "acc_arith", "byte_arith", "acc_code", "byte_code")} <= pairs
+    assert {(r["rank"], r["keep"]) for r in result["recalibration"]} == {
+        ("freq", 4), ("reap", 4), ("eaft_reap", 4), ("random", 4)}
     saved = json.loads((tmp_path / "results" / "quality-toy.json").read_text())
     assert {c["rank"] for c in saved["cells"]} >= {"eaft_reap", "random"} and saved["comparisons"]
     assert (tmp_path / "results" / "quality-toy.png").stat().st_size > 1000

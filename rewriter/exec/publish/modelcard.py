@@ -94,6 +94,27 @@ def _kept_experts(plan: Plan) -> list[str]:
     return ["## Kept experts per layer", "", note, "", *_table(("layer", "kept", "original ids"), rows), ""]
 
 
+def _carried(plan: Plan) -> list[str]:
+    """Which tensors are new (not the source's bytes) and how they were made, in plain words."""
+    if plan.carried is None:
+        return []
+    method = dict(plan.carried.method)
+    kind = method.get("kind")
+    how = ("router recalibration: each MoE layer's router (the kept experts' rows, and its bias where the family "
+           "has one) was fitted so that the pruned layer's output matches the original layer's on calibration "
+           "tokens" if kind == "router-recalibration" else f"`{kind}`" if isinstance(kind, str) else "the method below")
+    planned = {t.name: t for o in plan.outputs for t in o.tensors}
+    rows = [(f"`{name}`", planned[name].dtype, "×".join(map(str, planned[name].shape)), f"`{sha}`")
+            for name, sha in plan.carried.tensors.items() if name in planned]
+    return ["## New tensors", "",
+            f"{len(rows)} tensor{'s' if len(rows) != 1 else ''} of this checkpoint {'are' if len(rows) != 1 else 'is'} "
+            f"new: not copied from the source but made by {how}. Every other tensor, every expert's included, holds "
+            f"the source's bytes unchanged. `rewriter verify` checks each new tensor against the sha256 below, "
+            f"recorded in `{PROVENANCE_NAME}`.", "",
+            *_table(("tensor", "dtype", "shape", "sha256"), rows), "",
+            "How they were made:", "", "```json", json.dumps(method, indent=1, sort_keys=True), "```", ""]
+
+
 def _policy(plan: Plan) -> list[str]:
     prov = plan.provenance
     lines = ["## Policy and saliency", ""]
@@ -188,7 +209,7 @@ def render_card(plan: Plan, *, base_model: str | None = None, verify: Mapping[st
 
         layout = next(lay for lay in LAYOUTS if lay.family == plan.family)
         verdicts, checked = [v.to_json() for v in check_facts(plan_facts(plan, layout), TARGETS)], False
-    body = [*_summary(plan, base_model, source_card(plan)), *_kept_experts(plan), *_policy(plan),
+    body = [*_summary(plan, base_model, source_card(plan)), *_kept_experts(plan), *_carried(plan), *_policy(plan),
             *_serving(plan, verdicts, checked), *_verify(verify, source_name(plan, base_model, verify and verify.get("src"))), *_eval(eval_result),
             "## Publishing", "", "This folder is what the Hub expects; upload it with huggingface_hub's CLI:", "",
             "```bash", "hf upload OWNER/NAME .", "```", ""]

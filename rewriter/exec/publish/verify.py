@@ -75,7 +75,10 @@ def load_provenance_plan(dst: Storage) -> Plan:
 
 
 def _planned_digest(storage: Storage, segments: tuple[Segment, ...], buffer: bytearray) -> str:
-    """sha256 of what a tensor's segments say: source ranges and literal bytes, in order."""
+    """sha256 of what a tensor's segments say: source ranges and literal bytes, in order; a
+    carried tensor's is the one the plan records (``pruning.json`` holds no carried bytes)."""
+    if len(segments) == 1 and segments[0].sha256 is not None:
+        return segments[0].sha256
     h = hashlib.sha256()
     for s in segments:
         if s.data is not None:

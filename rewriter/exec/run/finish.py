@@ -30,6 +30,9 @@ def finalize(plan: Plan, src: Storage, dst: Destination, results: Iterable[Shard
         "skipped_files": list(plan.skipped_files),
         "shards": {o.name: by_name[o.name].record() for o in plan.outputs},
         "plan": plan.published_json(),
+        # Which tensors are new bytes (not the source's), their sha256 and how they were made.
+        **({"carried": {"method": dict(plan.carried.method), "tensors": dict(plan.carried.tensors)}}
+           if plan.carried is not None else {}),
     }
     dst.put_bytes(PROVENANCE_NAME, (json.dumps(provenance, indent=1, sort_keys=True) + "\n").encode())
     dst.put_bytes(plan.index_name, plan.index_json())

@@ -7,6 +7,7 @@ import os
 from core.checkpoint import Checkpoint
 from core.errors import CheckpointError
 from core.storage import Storage
+from planners.carried import require_carried_bytes
 from planners.plan import INDEX_NAME, Plan
 from planners.source_check import check_source
 from rewriter.exec.dest import Destination, check_destination
@@ -15,6 +16,7 @@ from rewriter.exec.dest import Destination, check_destination
 def check_inputs(plan: Plan, src: Storage, dst: Destination) -> None:
     """Every input of a run checked before the first byte is written: the source is the one
     planned, its files to copy are there, and the destination is not the source."""
+    require_carried_bytes(plan)
     ckpt = Checkpoint.open(plan.source_url, storage=src)
     check_small_files(plan, ckpt)
     check_source(plan, ckpt)
