@@ -163,7 +163,7 @@ def _stream(path: Path) -> np.ndarray:
 def train(
     corpora: Path, out: Path, *, size: ModelSize = ModelSize(), steps: int = 3000, seq_len: int = 512,
     batch_size: int = 32, lr: float = 2e-3, seed: int = 0, device: str = "cuda", log=print,
-    seconds: float | None = None,
+    budget: float | None = None,
 ) -> dict[str, Any]:
     """Train the reference gpt-oss MoE on the three training splits (equal mixture); save it.
 
@@ -172,7 +172,7 @@ def train(
     not bit for bit. The loss is read back only when logged, so the host queues steps ahead of
     the GPU.
 
-    With ``seconds``, training has a time budget instead of a step count: the learning-rate
+    With ``budget`` (seconds), training has a time budget instead of a step count: the learning-rate
     schedule follows the elapsed share of the budget and training stops when it is spent (or
     after ``steps``, whichever comes first); the steps done are recorded. A GPU budget is what
     the benchmark has, and the same budget trains more on a faster machine. On CUDA the experts
@@ -202,8 +202,8 @@ def train(
     warmup = max(1, steps // 20)
 
     def lr_at(step: int) -> float:
-        if seconds is not None:  # warm up over the first 5 % of the budget, then a cosine to 0
-            done = min(1.0, (time.perf_counter() - t0) / seconds)
+        if budget is not None:  # warm up over the first 5 % of the budget, then a cosine to 0
+            done = min(1.0, (time.perf_counter() - t0) / budget)
             if done < 0.05:
                 return lr * max(done / 0.05, 1 / warmup)
             return lr * 0.5 * (1 + math.cos(math.pi * (done - 0.05) / 0.95))
@@ -216,7 +216,7 @@ def train(
     model.train()
     done_steps = 0
     for step in range(steps):
-        if seconds is not None and time.perf_counter() - t0 >= seconds:
+        if budget is not None and time.perf_counter() - t0 >= budget:
             break
         done_steps = step + 1
         batch = []
@@ -244,7 +244,7 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.detach())
-        if (step % max(1, steps // 10) == 0 if seconds is None else step % 200 == 0) or step == steps - 1:
+        if (step % max(1, steps // 10) == 0 if budget is None else step % 200 == 0) or step == steps - 1:
             recent = torch.stack(losses[-50:]).float().mean().item()
             log(f"  train step {step:5d}/{steps}  loss {recent:.4f}  {time.perf_counter() - t0:6.1f} s")
     seconds = time.perf_counter() - t0
@@ -252,7 +252,7 @@ def train(
     trained_with = model.config._experts_implementation
     model.config._experts_implementation = default_experts  # the saved model runs as any other
     model.eval().to(torch.bfloat16).save_pretrained(str(out))
-    info = {"size": asdict(size), "steps": done_steps, "max_steps": steps, "budget_seconds": seconds,
+    info = {"size": asdict(size), "steps": done_steps, "max_steps": steps, "budget_seconds": budget,
             "tokens": done_steps * batch_size * seq_len, "experts": trained_with, "seq_len": seq_len, "batch_size": batch_size, "lr": lr,
             "seed": seed, "device": device, "train_seconds": seconds, "final_loss": torch.stack(losses[-50:]).float().mean().item(),
             "params": sum(p.numel() for p in model.parameters())}
