@@ -65,12 +65,20 @@ class Scale:
     recal_calibrations: tuple[str, ...] = ("union",)
     recal_steps: int = 200
     recal_tokens: int = 65536
+    #: Training time budget per seed (seconds; ``steps`` is then only a cap): see :func:`train`.
+    train_seconds: float | None = None
+    lr: float = 2e-3
 
 
 SCALES = {
     # 288 steps of 96 x 512 tokens (14.2 M tokens): a step of this model is bound by kernel
     # launches, not FLOPs, so fewer, larger steps train the same tokens sooner.
     "full": Scale(ModelSize(), 4_000_000, 288, 512, 96, (0.5, 0.375, 0.25), ("union", *DOMAINS), 32768, 24),
+    # A model that can solve its tasks: 8 layers x 16 experts, hidden 384 (61 M parameters),
+    # trained for a GPU-time budget per seed (the three seeds side by side on one GPU).
+    "ref": Scale(ModelSize(layers=8, experts=16, top_k=4, hidden=384, intermediate=384, heads=6, kv_heads=2, head_dim=64),
+                 8_000_000, 1_000_000, 512, 64, (0.5, 0.375, 0.25), ("union", *DOMAINS), 32768, 24,
+                 calib_seeds=(0, 1), recal_steps=100, recal_tokens=32768, train_seconds=270),
     "toy": Scale(ModelSize(layers=2, experts=8, top_k=2, hidden=64, intermediate=64, heads=2, kv_heads=1, head_dim=32),
                  60_000, 4, 64, 4, (0.5,), ("union",), 1024, 2, seeds=(0, 1), calib_seeds=(0, 1),
                  outlier_ranks=("eaft_reap",), arith_problems=24, code_problems=8, task_context=48, eval_batch=16,
@@ -276,7 +284,8 @@ def run_seed(scale: Scale, seed: int, corpora: Path, work: Path, device: str, lo
     shutil.rmtree(model_dir, ignore_errors=True)
     log(f"seed {seed}: train")
     training = train(corpora, model_dir, size=scale.size, steps=steps or scale.steps, seq_len=scale.seq_len,
-                     batch_size=scale.batch_size, seed=seed, device=device, log=log)
+                     batch_size=scale.batch_size, lr=scale.lr, seed=seed, device=device, log=log,
+                     budget=None if steps else scale.train_seconds)
     ckpt = Checkpoint.open(str(model_dir))
     t = time.perf_counter()
     evaluate_plan = _Evaluator(scale, model_dir, corpora, work, device, log)

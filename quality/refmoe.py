@@ -163,13 +163,20 @@ def _stream(path: Path) -> np.ndarray:
 def train(
     corpora: Path, out: Path, *, size: ModelSize = ModelSize(), steps: int = 3000, seq_len: int = 512,
     batch_size: int = 32, lr: float = 2e-3, seed: int = 0, device: str = "cuda", log=print,
+    budget: float | None = None,
 ) -> dict[str, Any]:
     """Train the reference gpt-oss MoE on the three training splits (equal mixture); save it.
 
     The seed fixes the initialization and the batches; on CUDA the kernels are left free to
     choose their (faster, non-deterministic) algorithms, so two runs of one seed agree closely,
     not bit for bit. The loss is read back only when logged, so the host queues steps ahead of
-    the GPU."""
+    the GPU.
+
+    With ``budget`` (seconds), training has a time budget instead of a step count: the learning-rate
+    schedule follows the elapsed share of the budget and training stops when it is spent (or
+    after ``steps``, whichever comes first); the steps done are recorded. A GPU budget is what
+    the benchmark has, and the same budget trains more on a faster machine. On CUDA the experts
+    run as grouped matmuls in bfloat16 (:func:`grouped_experts_forward`)."""
     import torch
     from transformers import GptOssConfig, GptOssForCausalLM
 
@@ -185,6 +192,9 @@ def train(
         output_router_logits=True, router_aux_loss_coef=0.02, tie_word_embeddings=False,
     )
     model = GptOssForCausalLM(cfg).to(device)
+    default_experts = model.config._experts_implementation
+    if device.startswith("cuda"):
+        _use_grouped_experts(model)
     streams = {d: _stream(corpora / f"{d}-train.jsonl") for d in DOMAINS}
     rng = np.random.default_rng(seed)
     use_amp = device.startswith("cuda")
@@ -192,6 +202,11 @@ def train(
     warmup = max(1, steps // 20)
 
     def lr_at(step: int) -> float:
+        if budget is not None:  # warm up over the first 5 % of the budget, then a cosine to 0
+            done = min(1.0, (time.perf_counter() - t0) / budget)
+            if done < 0.05:
+                return lr * max(done / 0.05, 1 / warmup)
+            return lr * 0.5 * (1 + math.cos(math.pi * (done - 0.05) / 0.95))
         if step < warmup:
             return lr * (step + 1) / warmup
         return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
@@ -199,7 +214,11 @@ def train(
     t0 = time.perf_counter()
     losses: list[Any] = []  # loss tensors: reading each one would wait for the GPU every step
     model.train()
+    done_steps = 0
     for step in range(steps):
+        if budget is not None and time.perf_counter() - t0 >= budget:
+            break
+        done_steps = step + 1
         batch = []
         for b in range(batch_size):
             s = streams[DOMAINS[b % len(DOMAINS)]]
@@ -225,14 +244,52 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.detach())
-        if step % max(1, steps // 10) == 0 or step == steps - 1:
+        if (step % max(1, steps // 10) == 0 if budget is None else step % 200 == 0) or step == steps - 1:
             recent = torch.stack(losses[-50:]).float().mean().item()
             log(f"  train step {step:5d}/{steps}  loss {recent:.4f}  {time.perf_counter() - t0:6.1f} s")
     seconds = time.perf_counter() - t0
     model.config.output_router_logits = False
+    trained_with = model.config._experts_implementation
+    model.config._experts_implementation = default_experts  # the saved model runs as any other
     model.eval().to(torch.bfloat16).save_pretrained(str(out))
-    info = {"size": asdict(size), "steps": steps, "seq_len": seq_len, "batch_size": batch_size, "lr": lr,
+    info = {"size": asdict(size), "steps": done_steps, "max_steps": steps, "budget_seconds": budget,
+            "tokens": done_steps * batch_size * seq_len, "experts": trained_with, "seq_len": seq_len, "batch_size": batch_size, "lr": lr,
             "seed": seed, "device": device, "train_seconds": seconds, "final_loss": torch.stack(losses[-50:]).float().mean().item(),
             "params": sum(p.numel() for p in model.parameters())}
     (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
     return info
+
+
+#: The experts implementation :func:`train` registers on CUDA.
+TRAIN_EXPERTS = "refmoe_grouped_bf16"
+
+
+def grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """gpt-oss experts as transformers' eager implementation computes them, with each expert's
+    rows in one grouped matmul in bfloat16 (weights cast from the float32 master copy, so the
+    gradient reaches it): no host synchronization, unlike the eager loop over experts, whose
+    per-expert index lookups stall the GPU once per expert per layer."""
+    import torch
+
+    from transformers.integrations.moe import _grouped_mm
+
+    k = top_k_index.shape[-1]
+    ids = top_k_index.reshape(-1)
+    order = torch.argsort(ids, stable=True)
+    sorted_ids = ids[order]
+    offsets = torch.cumsum(torch.bincount(sorted_ids, minlength=self.num_experts), dim=0, dtype=torch.int32)
+    tokens = order // k
+    x = hidden_states[tokens].to(torch.bfloat16)
+    up = _grouped_mm(x, self.gate_up_proj.to(torch.bfloat16), offsets) + self.gate_up_proj_bias[sorted_ids]
+    h = self._apply_gate(up)
+    y = _grouped_mm(h.to(torch.bfloat16), self.down_proj.to(torch.bfloat16), offsets) + self.down_proj_bias[sorted_ids]
+    y = y * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
+    out = torch.zeros(hidden_states.shape, dtype=y.dtype, device=hidden_states.device)
+    return out.index_add_(0, tokens, y).to(hidden_states.dtype)
+
+
+def _use_grouped_experts(model) -> None:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    ALL_EXPERTS_FUNCTIONS.register(TRAIN_EXPERTS, grouped_experts_forward)
+    model.config._experts_implementation = TRAIN_EXPERTS
