@@ -33,8 +33,8 @@ from core.errors import CheckpointError, RewriterError
 from core.layouts import PER_LAYER_FIELD
 from planners.saliency import Saliency, model_identity
 from profiling.data import LazyTokenizer, documents, pack
-from profiling.observer import ExpertObserver
-from profiling.spill import Spill
+from profiling.observer import ExpertObserver, LayerSlot
+from profiling.spill import Spill, thresholds
 from profiling.streamed import HEAD_CHUNK, StreamedModel, check_device, fits
 from profiling.weights import checkpoint_dtype
 
@@ -137,17 +137,18 @@ def _record_pairs(spill: Spill, slot) -> None:
     spill.pairs(slot.index, slot.last_ids.cpu().numpy(), slot.last_contrib.cpu().numpy())
 
 
-def _saliency_layers(spill: Spill, obs: ExpertObserver) -> tuple[dict[int, dict[str, tuple[float, ...]]], float, float]:
+def saliency_layers(spills: Sequence[Spill], slots: Sequence[LayerSlot]
+                     ) -> tuple[dict[int, dict[str, tuple[float, ...]]], float, float]:
     """freq, REAP, EAFT-REAP and the largest expert output norm (``max_act``) per MoE layer, from
-    the observer's sums and the spill."""
-    if spill.tokens == 0:
+    the observer's sums and the spills (one per device; their tokens are taken together)."""
+    if sum(s.tokens for s in spills) == 0:
         raise ValueError("no calibration tokens")
-    p_lo, h_lo = spill.thresholds(P_QUANTILE, H_QUANTILE)
+    p_lo, h_lo = thresholds(spills, P_QUANTILE, H_QUANTILE)
     out = {}
-    for s in obs.slots:
+    for s in slots:
         freq, reap_sum = s.freq.cpu().numpy(), s.reap_sum.cpu().numpy()
         reap = np.divide(reap_sum, freq, out=np.zeros_like(reap_sum), where=freq > 0)
-        eaft = spill.eaft(s.index, len(freq), p_lo, h_lo)
+        eaft = sum(spill.eaft(s.index, len(freq), p_lo, h_lo) for spill in spills)
         out[s.index] = {"freq": tuple(float(x) for x in freq), "reap": tuple(float(x) for x in reap),
                         "eaft_reap": tuple(float(x) for x in eaft)}
         if s.max_norm is not None:
@@ -181,7 +182,7 @@ def profile_model(
             spill.confidence(p.cpu().numpy(), h.cpu().numpy())
             if progress:
                 progress(ids.numel())
-        layers, p_lo, h_lo = _saliency_layers(spill, obs)
+        layers, p_lo, h_lo = saliency_layers([spill], obs.slots)
         return layers, ProfileStats(spill.tokens, time.perf_counter() - t0, p_lo, h_lo)
 
 
@@ -201,22 +202,30 @@ def profile_streamed(
     """
     t0 = time.perf_counter()
     with Spill(spill_dir) as spill, ExpertObserver(engine.model, device=engine.device) as obs:
-        slots = {s.index: s for s in obs.slots}
-
-        def after(layer: int, batch: int) -> None:
-            if layer in slots:
-                _record_pairs(spill, slots[layer])
-
-        def head(hidden: torch.Tensor, ids: torch.Tensor) -> None:
-            logp, h = reference_scores(engine.model.get_output_embeddings(), hidden, ids)
-            spill.confidence(logp.exp().cpu().numpy(), h.cpu().numpy())
-            if progress:
-                progress(ids.numel())
-
-        engine.run(batches, head, on_layer=after,
-                   progress=None if on_layer is None else (lambda _stage, done, total: on_layer(done, total)))
-        layers, p_lo, h_lo = _saliency_layers(spill, obs)
+        observe_streamed(engine, batches, spill, obs, progress=progress, on_layer=on_layer)
+        layers, p_lo, h_lo = saliency_layers([spill], obs.slots)
         return layers, ProfileStats(spill.tokens, time.perf_counter() - t0, p_lo, h_lo, engine.stats.to_json())
+
+
+def observe_streamed(engine: StreamedModel, batches: Sequence[np.ndarray], spill: Spill, obs: ExpertObserver, *,
+                     progress: Callable[[int], None] | None = None,
+                     on_layer: Callable[[int, int], None] | None = None) -> None:
+    """``batches`` through the streamed engine with ``obs`` installed: the observer's sums grow,
+    every MoE forward's pairs and every token's ``p`` and ``H`` go to ``spill``."""
+    slots = {s.index: s for s in obs.slots}
+
+    def after(layer: int, batch: int) -> None:
+        if layer in slots:
+            _record_pairs(spill, slots[layer])
+
+    def head(hidden: torch.Tensor, ids: torch.Tensor) -> None:
+        logp, h = reference_scores(engine.model.get_output_embeddings(), hidden, ids)
+        spill.confidence(logp.exp().cpu().numpy(), h.cpu().numpy())
+        if progress:
+            progress(ids.numel())
+
+    engine.run(batches, head, on_layer=after,
+               progress=None if on_layer is None else (lambda _stage, done, total: on_layer(done, total)))
 
 
 def use_streamed(ckpt: Checkpoint, dtype: torch.dtype, device: str, streamed: bool | None,
@@ -279,6 +288,8 @@ def profile(
     storage_options: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
     on_layer: Callable[[int, int], None] | None = None,
+    expert_chunk: int | None = None,
+    devices: Sequence[str] | None = None,
 ) -> Saliency:
     """Profile ``model_path`` on ``data`` and return the saliency (one domain).
 
@@ -286,21 +297,50 @@ def profile(
         dtype: compute dtype; default the checkpoint's own (MXFP4 experts: bf16).
         streamed: force (True) or forbid (False) the layer-streamed engine; default: streamed
             when the model does not fit the device (or ``gpu_memory`` bytes) or is remote.
+        expert_chunk: tokens per layer-batched MoE forward of the streamed engine (None: from
+            the memory budget; 0: batch by batch).
+        devices: several devices (from :func:`profiling.devices.parse_devices`) to split the
+            batches across, one process each, streamed; replaces ``device``.
     """
+    devices = list(devices or [device])
+    if len(devices) > 1 and streamed is False:
+        raise RewriterError(f"--devices {','.join(devices)} runs the streamed engine on each device; drop "
+                            f"--no-streamed, or give one device")
+    device = devices[0]
     check_device(device)
     ckpt = open_moe(model_path, storage_options)
     try:
         return _profile_open(ckpt, data, domain=domain, seq_len=seq_len, max_tokens=max_tokens,
-                             batch_size=batch_size, device=device, dtype=dtype, streamed=streamed,
-                             gpu_memory=gpu_memory, progress=progress, on_layer=on_layer)
+                             batch_size=batch_size, device=device, dtype=dtype,
+                             streamed=True if len(devices) > 1 else streamed, gpu_memory=gpu_memory,
+                             progress=progress, on_layer=on_layer,
+                             engine=dict(expert_chunk=expert_chunk, devices=devices,
+                                         storage_options=storage_options or {}))
     finally:
         ckpt.storage.close()
+
+
+def _run_streamed(ckpt: Checkpoint, batches: list[np.ndarray], dtype: torch.dtype, gpu_memory: int | None,
+                  progress: Callable[[int], None] | None, on_layer: Callable[[int, int], None] | None, *,
+                  expert_chunk: int | None, devices: list[str], storage_options: dict[str, Any]):
+    """The streamed engine over ``batches`` on one device, or split across ``devices``."""
+    if len(devices) == 1:
+        engine = StreamedModel(ckpt, device=devices[0], dtype=dtype, gpu_memory=gpu_memory, expert_chunk=expert_chunk)
+        return profile_streamed(engine, batches, progress=progress, on_layer=on_layer)
+    from profiling.devices import Job, profile_devices
+
+    jobs = [Job(ckpt.url, storage_options, d, str(dtype).removeprefix("torch."), gpu_memory, expert_chunk)
+            for d in devices]
+    layers, stats = profile_devices(jobs, batches)
+    if progress:
+        progress(stats.tokens)
+    return layers, stats
 
 
 def _profile_open(ckpt: Checkpoint, data: Sequence[str], *, domain: str, seq_len: int, max_tokens: int | None,
                   batch_size: int, device: str, dtype: torch.dtype | None, streamed: bool | None,
                   gpu_memory: int | None, progress: Callable[[int], None] | None,
-                  on_layer: Callable[[int, int], None] | None) -> Saliency:
+                  on_layer: Callable[[int, int], None] | None, engine: dict[str, Any]) -> Saliency:
     model_path = ckpt.url
     with tempfile.TemporaryDirectory(prefix="rewriter-tok-") as work_dir:
         work = Path(work_dir)
@@ -313,15 +353,15 @@ def _profile_open(ckpt: Checkpoint, data: Sequence[str], *, domain: str, seq_len
         try:  # a data error leaves the file open in the suspended generator until closed
             seqs = pack(docs, seq_len, max_tokens, eos_of(cfg))
             if stream:
-                engine = StreamedModel(ckpt, device=device, dtype=dtype, gpu_memory=gpu_memory)
-                layers, stats = profile_streamed(engine, list(batched(seqs, batch_size)), progress=progress,
-                                                 on_layer=on_layer)
+                layers, stats = _run_streamed(ckpt, list(batched(seqs, batch_size)), dtype, gpu_memory, progress,
+                                              on_layer, **engine)
             else:
                 model = load_model(model_path, device, dtype)
                 layers, stats = profile_model(model, seqs, batch_size=batch_size, progress=progress)
         finally:
             docs.close()
-        method = {"seq_len": seq_len, "batch_size": batch_size, "device": device, "dtype": str(dtype).removeprefix("torch."),
+        method = {"seq_len": seq_len, "batch_size": batch_size, "device": device, "devices": engine["devices"],
+                  "dtype": str(dtype).removeprefix("torch."),
                   "streamed": stream, "data": [str(d) for d in data],
                   "eaft": {"p_quantile": P_QUANTILE, "h_quantile": H_QUANTILE, "p_lo": stats.p_lo, "h_lo": stats.h_lo,
                            "top_entropy": TOP_ENTROPY},
