@@ -16,6 +16,8 @@
     streamed against whole model with deterministic kernels (``CUBLAS_WORKSPACE_CONFIG`` must
     be set before CUDA starts), where the saliency must be identical.
 
+``--stage breakdown`` and ``--stage batched``: :mod:`bench_io.streamed_batched`.
+
 Everything runs through the project's own code paths (:func:`profiling.profile.profile` and the
 ``rewriter`` CLI); checkpoints are generated on the machine, nothing is downloaded.
 """
@@ -277,7 +279,7 @@ def eval_cli(model: Path, work: Path, blocks: int, vocab: int) -> dict[str, Any]
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stage", choices=("20b", "120b", "long"), required=True)
+    ap.add_argument("--stage", choices=("20b", "120b", "long", "breakdown", "batched"), required=True)
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tokens", type=int, default=131072)
@@ -288,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default=None, help="Geometry (default: the stage's); a small one checks the script.")
     ap.add_argument("--seq-len", type=int, default=SEQ)
     ap.add_argument("--device", default=DEVICE)
+    ap.add_argument("--breakdown-tokens", type=int, default=131072, help="batched: tokens of the breakdown (0: none).")
+    ap.add_argument("--tokens-20b", type=int, default=131072, help="batched: tokens of the 20B comparison (0: none).")
+    ap.add_argument("--preset-20b", default="20b", help="batched: the 20B comparison's geometry.")
     args = ap.parse_args(argv)
     configure(args.seq_len, args.device)
     # A time limit's SIGTERM still writes what was measured so far.
@@ -302,7 +307,16 @@ def main(argv: list[str] | None = None) -> int:
                                k: str(v) for k, v in vars(args).items()}}
     t = time.perf_counter()
     try:
-        if args.stage == "20b":
+        if args.stage in ("breakdown", "batched"):
+            from bench_io import streamed_batched as sb
+
+            sb.base.configure(args.seq_len, args.device)  # run as __main__, this module is imported anew
+            if args.stage == "breakdown":
+                sb.stage_breakdown(doc, args.work, args.layers, args.tokens, args.preset or "120b")
+            else:
+                sb.stage_batched(doc, args.work, args.layers, args.tokens, args.breakdown_tokens, args.tokens_20b,
+                                 args.preset or "120b", args.preset_20b)
+        elif args.stage == "20b":
             stage_20b(doc, args.work, args.tokens, args.preset or "20b")
         elif args.stage == "long":
             stage_long(doc, args.work, args.layers, args.small_layers, args.tokens, args.preset or "120b")

@@ -333,7 +333,8 @@ class StreamedModel:
         for i, b in enumerate(batches):
             ids = torch.as_tensor(b, device=self.device)
             shape = tuple(ids.shape)
-            hidden, calls = self._record(ids, shape not in args)
+            with section("embed"):
+                hidden, calls = self._record(ids, shape not in args)
             if calls is not None:
                 args[shape] = calls
             store.put(i, hidden)
@@ -454,7 +455,8 @@ class StreamedModel:
         out = []
         for b in range(len(batches)):
             ids = torch.as_tensor(batches[b], device=self.device)
-            out.append(head(norm(store.get(b)), ids))
+            with section("head"):
+                out.append(head(norm(store.get(b)), ids))
             store.drop(b)
         self.free(norm, n_norm)
         self.free(lm_head, n_head)
