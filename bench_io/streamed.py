@@ -310,11 +310,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage in ("breakdown", "batched"):
             from bench_io import streamed_batched as sb
 
-            sb.base.configure(args.seq_len, args.device)  # run as __main__, this module is imported anew
+            here = sys.modules[__name__]  # as configured above (run with -m, it is __main__)
             if args.stage == "breakdown":
-                sb.stage_breakdown(doc, args.work, args.layers, args.tokens, args.preset or "120b")
+                sb.stage_breakdown(here, doc, args.work, args.layers, args.tokens, args.preset or "120b")
             else:
-                sb.stage_batched(doc, args.work, args.layers, args.tokens, args.breakdown_tokens, args.tokens_20b,
+                sb.stage_batched(here, doc, args.work, args.layers, args.tokens, args.breakdown_tokens, args.tokens_20b,
                                  args.preset or "120b", args.preset_20b)
         elif args.stage == "20b":
             stage_20b(doc, args.work, args.tokens, args.preset or "20b")

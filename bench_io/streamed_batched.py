@@ -12,18 +12,20 @@
     to 36 layers and 1 M tokens, the fraction of the GPU's dense bf16 peak, peak GPU memory, how
     far the two saliencies differ), the breakdown at ``--breakdown-tokens``, then the 20B
     streamed/whole comparison of ``--stage 20b`` (``--tokens-20b``).
+
+The stages take :mod:`bench_io.streamed` (``base``: its helpers and its settings, as configured
+by its command line) from the caller, which imports this module.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import torch
-
-from bench_io import streamed as base
 
 #: Dense bf16 peak of an H100 SXM, FLOP/s (without sparsity).
 H100_BF16_PEAK = 989e12
@@ -40,7 +42,7 @@ def active_params(config: dict[str, Any]) -> int:
     return attn + h * experts + k * 3 * h * config["intermediate_size"]
 
 
-def peak_share(config: dict[str, Any], tokens_per_s: float, layers: int = base.TARGET_LAYERS) -> dict[str, float]:
+def peak_share(config: dict[str, Any], tokens_per_s: float, layers: int) -> dict[str, float]:
     """FLOP/s (2 x active parameters x tokens, attention's own products not counted) and their
     share of the H100's dense bf16 peak."""
     flops = 2 * active_params(config) * layers * tokens_per_s
@@ -48,7 +50,7 @@ def peak_share(config: dict[str, Any], tokens_per_s: float, layers: int = base.T
             "share_of_h100_bf16_peak": flops / H100_BF16_PEAK}
 
 
-def breakdown(model: Path, data: Path, tokens: int, expert_chunk: int | None, gpu_memory: int | None
+def breakdown(base: ModuleType, model: Path, data: Path, tokens: int, expert_chunk: int | None, gpu_memory: int | None
               ) -> dict[str, Any]:
     """One streamed profile with every section timed; seconds, calls and shares per section."""
     from core.checkpoint import Checkpoint
@@ -87,25 +89,25 @@ def breakdown(model: Path, data: Path, tokens: int, expert_chunk: int | None, gp
     return out
 
 
-def stage_breakdown(out: dict[str, Any], work: Path, layers: int, tokens: int, preset: str) -> None:
+def stage_breakdown(base: ModuleType, out: dict[str, Any], work: Path, layers: int, tokens: int, preset: str) -> None:
     ckpt = work / f"{preset}-{layers}"
     out["synth"] = base.synthesize(ckpt, preset, layers)
     data = base.token_file(work / f"tokens-{preset}.npy", tokens, base._vocab(preset))
     base.streamed_run(ckpt, data, 4 * base.SEQ)  # warm-up: kernels, page cache
-    out["breakdown"] = _breakdowns(ckpt, data, tokens)
+    out["breakdown"] = _breakdowns(base, ckpt, data, tokens)
 
 
-def _breakdowns(ckpt: Path, data: Path, tokens: int) -> dict[str, Any]:
+def _breakdowns(base: ModuleType, ckpt: Path, data: Path, tokens: int) -> dict[str, Any]:
     got = {}
     for name, chunk in (("per_batch", 0), ("batched", None)):
         try:
-            got[name] = breakdown(ckpt, data, tokens, chunk, 24 * base.GiB)
+            got[name] = breakdown(base, ckpt, data, tokens, chunk, 24 * base.GiB)
         except Exception as e:  # one failed configuration must not lose the others' results
             got[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
     return got
 
 
-def stage_batched(out: dict[str, Any], work: Path, layers: int, tokens: int, breakdown_tokens: int,
+def stage_batched(base: ModuleType, out: dict[str, Any], work: Path, layers: int, tokens: int, breakdown_tokens: int,
                   tokens_20b: int, preset: str, preset_20b: str) -> None:
     import json
 
@@ -121,7 +123,7 @@ def stage_batched(out: dict[str, Any], work: Path, layers: int, tokens: int, bre
             runs[name]["expert_chunk"] = sal.method["engine"]["expert_chunk"]
             eng = runs[name]["engine"]
             eng["measured"] = peak_share(config, tokens / (eng["per_layer_median"]["compute_s"] * layers), layers)
-            eng["extrapolated"] = peak_share(config, eng["extrapolated_tokens_per_s"])
+            eng["extrapolated"] = peak_share(config, eng["extrapolated_tokens_per_s"], base.TARGET_LAYERS)
             runs[name]["saliency"] = sal.layers
     if "saliency" in runs["per_batch"] and "saliency" in runs["batched"]:
         out["saliency_batched_vs_per_batch"] = base.compare(runs["batched"].pop("saliency"),
@@ -134,7 +136,7 @@ def stage_batched(out: dict[str, Any], work: Path, layers: int, tokens: int, bre
                                        runs["per_batch"]["engine"]["extrapolated_tokens_per_s"])
         base.log(f"batched/per-batch (36 layers x 1 M tokens, extrapolated): {out['batched_vs_per_batch']:.2f}x")
     if breakdown_tokens:
-        out["breakdown"] = _breakdowns(ckpt, data, breakdown_tokens)
+        out["breakdown"] = _breakdowns(base, ckpt, data, breakdown_tokens)
     if tokens_20b:
         out["20b"] = {}
         t = time.perf_counter()

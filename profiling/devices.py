@@ -90,12 +90,12 @@ def engine(job: Job):
     """The streamed engine of ``job`` in this process."""
     import torch
 
-    from profiling.profile import open_moe
+    from core.checkpoint import Checkpoint
     from profiling.streamed import StreamedModel
 
     if job.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(job.device))
-    ckpt = open_moe(job.model, job.storage_options)
+    ckpt = Checkpoint.open(job.model, job.storage_options)
     return ckpt, StreamedModel(ckpt, device=job.device, dtype=getattr(torch, job.dtype),
                                gpu_memory=job.gpu_memory, expert_chunk=job.expert_chunk)
 
@@ -127,73 +127,9 @@ def split(batches: Sequence[np.ndarray], n: int) -> list[list[np.ndarray]]:
     return [[batches[i] for i in r] for r in shares([b.size for b in batches], n)]
 
 
-def profile_share(job: Job, batches: Sequence[np.ndarray], folder: str) -> dict[str, Any]:
-    """One device's profile of its ``batches``: the observer's float64 sums (as arrays), its
-    token count and engine measurements; pairs and ``p``/``H`` are left in the spill ``folder``."""
-    from profiling.observer import ExpertObserver
-    from profiling.profile import observe_streamed
-    from profiling.spill import Spill
-
-    ckpt, eng = engine(job)
-    try:
-        with Spill(folder) as spill, ExpertObserver(eng.model, device=eng.device) as obs:
-            observe_streamed(eng, batches, spill, obs)
-            slots = [(s.index, s.freq.cpu().numpy(), s.reap_sum.cpu().numpy(),
-                      None if s.max_norm is None else s.max_norm.cpu().numpy()) for s in obs.slots]
-            return {"tokens": spill.tokens, "slots": slots, "engine": eng.stats.to_json()}
-    finally:
-        ckpt.storage.close()
-
-
-def merge_slots(parts: Sequence[list[tuple]]) -> list:
-    """Per MoE layer, the sums of every device: counts and REAP sums add (float64, in device
-    order), maximum norms take the maximum."""
-    import torch
-
-    from profiling.observer import LayerSlot
-
-    out = []
-    for rows in zip(*parts):
-        index = rows[0][0]
-        assert all(r[0] == index for r in rows)
-        freq = np.sum([r[1] for r in rows], axis=0)
-        reap = np.sum([r[2] for r in rows], axis=0)
-        top = None if rows[0][3] is None else np.max([r[3] for r in rows], axis=0)
-        out.append(LayerSlot(index, torch.from_numpy(freq), torch.from_numpy(reap),
-                             None if top is None else torch.from_numpy(top)))
-    return out
-
-
 def merged_engine(devices: Sequence[str], stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The first device's measurements, with the slowest total, the largest peak and every
     device's own under ``workers``."""
     peaks = [s["peak_device_bytes"] for s in stats if s.get("peak_device_bytes") is not None]
     return {**stats[0], "total_s": max(s["total_s"] for s in stats), "peak_device_bytes": max(peaks, default=None),
             "devices": list(devices), "workers": list(stats)}
-
-
-def profile_devices(jobs: Sequence[Job], batches: Sequence[np.ndarray]):
-    """:func:`profiling.profile.profile_streamed` with the batches split across ``jobs``' devices;
-    returns the same (layers, stats)."""
-    import tempfile
-    import time
-
-    from profiling.profile import ProfileStats, saliency_layers
-    from profiling.spill import Spill
-
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="rewriter-profile-") as root:
-        work = [(j, p) for j, p in zip(jobs, split(batches, len(jobs))) if p]
-        folders = [f"{root}/{i}" for i in range(len(work))]
-        results = run_all(profile_share, [j for j, _ in work], [(p, f) for (_, p), f in zip(work, folders)])
-        spills = [Spill(f) for f in folders]
-        try:
-            for spill, r in zip(spills, results):
-                spill.tokens = r["tokens"]
-            layers, p_lo, h_lo = saliency_layers(spills, merge_slots([r["slots"] for r in results]))
-        finally:
-            for spill in spills:
-                spill.close()
-    tokens = sum(r["tokens"] for r in results)
-    engine_json = merged_engine([j.device for j, _ in work], [r["engine"] for r in results])
-    return layers, ProfileStats(tokens, time.perf_counter() - t0, p_lo, h_lo, engine_json)
