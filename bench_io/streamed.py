@@ -290,9 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default=None, help="Geometry (default: the stage's); a small one checks the script.")
     ap.add_argument("--seq-len", type=int, default=SEQ)
     ap.add_argument("--device", default=DEVICE)
-    ap.add_argument("--breakdown-tokens", type=int, default=131072, help="batched: tokens of the breakdown (0: none).")
-    ap.add_argument("--tokens-20b", type=int, default=131072, help="batched: tokens of the 20B comparison (0: none).")
-    ap.add_argument("--preset-20b", default="20b", help="batched: the 20B comparison's geometry.")
+    from bench_io import streamed_batched
+
+    streamed_batched.add_arguments(ap)
     args = ap.parse_args(argv)
     configure(args.seq_len, args.device)
     # A time limit's SIGTERM still writes what was measured so far.
@@ -307,15 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                                k: str(v) for k, v in vars(args).items()}}
     t = time.perf_counter()
     try:
-        if args.stage in ("breakdown", "batched"):
-            from bench_io import streamed_batched as sb
-
-            here = sys.modules[__name__]  # as configured above (run with -m, it is __main__)
-            if args.stage == "breakdown":
-                sb.stage_breakdown(here, doc, args.work, args.layers, args.tokens, args.preset or "120b")
-            else:
-                sb.stage_batched(here, doc, args.work, args.layers, args.tokens, args.breakdown_tokens, args.tokens_20b,
-                                 args.preset or "120b", args.preset_20b)
+        if args.stage in ("breakdown", "batched"):  # this module as configured (run with -m: __main__)
+            streamed_batched.run(sys.modules[__name__], doc, args)
         elif args.stage == "20b":
             stage_20b(doc, args.work, args.tokens, args.preset or "20b")
         elif args.stage == "long":

@@ -19,6 +19,7 @@ by its command line) from the caller, which imports this module.
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 from types import ModuleType
@@ -142,3 +143,18 @@ def stage_batched(base: ModuleType, out: dict[str, Any], work: Path, layers: int
         t = time.perf_counter()
         base.stage_20b(out["20b"], work, tokens_20b, preset_20b)
         out["20b"]["wall_s"] = time.perf_counter() - t
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--breakdown-tokens", type=int, default=131072, help="batched: tokens of the breakdown (0: none).")
+    ap.add_argument("--tokens-20b", type=int, default=131072, help="batched: tokens of the 20B comparison (0: none).")
+    ap.add_argument("--preset-20b", default="20b", help="batched: the 20B comparison's geometry.")
+
+
+def run(base: ModuleType, out: dict[str, Any], args: argparse.Namespace) -> None:
+    """``--stage breakdown`` or ``--stage batched`` of :mod:`bench_io.streamed`'s command line."""
+    if args.stage == "breakdown":
+        stage_breakdown(base, out, args.work, args.layers, args.tokens, args.preset or "120b")
+    else:
+        stage_batched(base, out, args.work, args.layers, args.tokens, args.breakdown_tokens, args.tokens_20b,
+                      args.preset or "120b", args.preset_20b)
