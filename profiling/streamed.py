@@ -299,7 +299,9 @@ class StreamedModel:
             head: called per batch with the final hidden states (after the model's norm) and
                 the ids; its results are returned in batch order. ``self.model.lm_head`` is
                 loaded while it runs.
-            on_layer: called after each (layer, batch) forward (the observer reads its slots).
+            on_layer: ``(layer, batch)`` after each forward of a layer's MoE: over one batch, or
+                (layer-batched) over a chunk of batches ending with ``batch``; the observer reads
+                its slots then.
             progress: ``(stage, done, total)`` after each layer.
         """
         t_start = time.perf_counter()

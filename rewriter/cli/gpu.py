@@ -30,7 +30,8 @@ engine_options = options_group(
     click.option("--streamed/--no-streamed", default=None,
                  help="Run one decoder layer at a time (default: when the model does not fit the device)."),
     click.option("--gpu-memory", type=finite(), default=None, metavar="GB",
-                 help="Device memory to stay within (GiB); hidden states beyond it go to host memory."),
+                 help="Device memory to stay within (GiB; per device with --devices); hidden states beyond it go "
+                      "to host memory."),
     click.option("--storage-options", type=JSON_OBJECT, default=None,
                  help="fsspec options for MODEL as JSON (endpoint_url, key…)."),
     click.option("--devices", default=None, metavar="LIST",

@@ -170,6 +170,30 @@ def test_two_processes_give_one_devices_saliency(name, tmp_path):
 
 
 @pytest.mark.slow
+def test_cli_expert_chunk_chooses_how_the_moe_runs(tmp_path):
+    """``--expert-chunk``: batch by batch (0) or over chunks of batches; the same saliency and eval."""
+    src, vocab = _source("gpt_oss_bf16", tmp_path / "src")
+    data = _data(tmp_path / "cal.jsonl", vocab)
+    common = ["--data", data, "--seq-len", "16", "--batch-size", "2", "--device", "cpu", "--streamed", "--quiet"]
+    for chunk in ("0", "64"):
+        cli("profile", src, "--out", tmp_path / f"{chunk}.json", "--expert-chunk", chunk, *common)
+    per_batch, chunked = (json.loads((tmp_path / f"{c}.json").read_text()) for c in ("0", "64"))
+    assert (per_batch["method"]["engine"]["expert_chunk"], per_batch["method"]["engine"]["batched_layers"]) == (0, 0)
+    assert (chunked["method"]["engine"]["expert_chunk"], chunked["method"]["engine"]["batched_layers"]) == (64, 2)
+    for layer, ref in per_batch["layers"].items():
+        assert chunked["layers"][layer]["freq"] == ref["freq"]
+        np.testing.assert_allclose(chunked["layers"][layer]["reap"], ref["reap"], rtol=1e-5)
+    ev = ["--data", data, "--seq-len", "16", "--blocks", "4", "--batch-size", "1", "--device", "cpu", "--streamed",
+          "--json"]
+    a = json.loads(cli("eval", src, "--expert-chunk", "0", *ev))
+    b = json.loads(cli("eval", src, "--expert-chunk", "48", *ev))
+    assert (a["engine"]["batched_layers"], b["engine"]["batched_layers"]) == (0, 2)
+    assert b["rows"][0]["ppl"] == pytest.approx(a["rows"][0]["ppl"], rel=1e-5)
+    out = cli("profile", src, "--out", tmp_path / "x.json", "--expert-chunk", "-1", *common, expect=2)
+    assert "--expert-chunk" in out
+
+
+@pytest.mark.slow
 def test_two_processes_give_one_devices_eval(tmp_path):
     """``eval --devices cpu,cpu --compare``: the blocks split across two processes, the scores put
     back in order; every figure is one process's."""
