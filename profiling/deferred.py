@@ -43,7 +43,9 @@ def _tail(cls: type) -> int | None:
         return None
     calls = [n for n in ast.walk(fn) if isinstance(n, ast.Call) and _is_self_attr(n.func, "mlp")]
     call, add, ret = fn.body[-3:]
-    if len(calls) != 1 or not (isinstance(call, ast.Assign) and call.value is calls[0] and len(call.targets) == 1):
+    if len(calls) != 1 or len(calls[0].args) != 1 or calls[0].keywords:  # the MoE takes the hidden states alone
+        return None
+    if not (isinstance(call, ast.Assign) and call.value is calls[0] and len(call.targets) == 1):
         return None
     target = call.targets[0]
     names = target.elts if isinstance(target, ast.Tuple) else [target]

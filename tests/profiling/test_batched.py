@@ -69,10 +69,18 @@ class Twice(_Ends):
         return h
 
 
+class Masked(_Ends):  # the MoE takes more than the hidden states
+    def forward(self, h, mask):
+        residual = h
+        h = self.mlp(h, mask)
+        h = residual + h
+        return h
+
+
 def test_only_layers_that_end_in_residual_plus_mlp_are_deferred():
     assert deferred.deferrable(Plain()) and deferred.deferrable(Unpacks())
     assert deferred._tail(Plain) == 0 and deferred._tail(Unpacks) == 2
-    assert not any(deferred.deferrable(c()) for c in (Scaled, Extra, Twice))
+    assert not any(deferred.deferrable(c()) for c in (Scaled, Extra, Twice, Masked))
 
 
 @pytest.mark.parametrize("cls", [Plain, Unpacks])
