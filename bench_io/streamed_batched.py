@@ -2,8 +2,8 @@
 
 ``python -m bench_io.streamed --stage breakdown --layers 4 --tokens 131072 ...``
     a 120B-geometry checkpoint of ``--layers`` layers, profiled streamed batch by batch and
-    layer-batched with every section timed (:mod:`profiling.sections`): attention, router,
-    expert GEMMs, the observer's arithmetic, gathering and scattering routed pairs, copying and
+    layer-batched with every section timed (:mod:`profiling.sections`): attention, the rest of
+    the layer call (norms, residual adds), router, expert GEMMs, the observer's arithmetic, gathering and scattering routed pairs, copying and
     dequantizing weights, copying hidden states, embedding, head, and the rest.
 
 ``python -m bench_io.streamed --stage batched --layers 4 --tokens 524288 ...``
@@ -65,6 +65,8 @@ def breakdown(base: ModuleType, model: Path, data: Path, tokens: int, expert_chu
         engine = StreamedModel(ckpt, device=base.DEVICE, dtype=torch.bfloat16, gpu_memory=gpu_memory,
                                expert_chunk=expert_chunk)
         for layer in engine.base.layers:
+            if isinstance(getattr(layer, "self_attn", None), torch.nn.Module):
+                sections.time_module(layer.self_attn, "attention")
             mlp = layer.mlp
             router = getattr(mlp, "router", None) or getattr(mlp, "gate", None)
             if isinstance(router, torch.nn.Module):

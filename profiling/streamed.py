@@ -445,7 +445,7 @@ class StreamedModel:
         with section("hidden_copies"):
             x = store.get(b)
         rest, kwargs = args[tuple(batches[b].shape)][i]
-        with section("attention"):
+        with section("layer_call"):
             y = layer(x, *rest, **kwargs)
         with section("hidden_copies"):
             store.put(b, y[0] if isinstance(y, tuple) else y)

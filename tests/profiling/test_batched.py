@@ -236,10 +236,10 @@ def test_sections_name_where_a_streamed_run_spends_its_time(tmp_path):
         finally:
             sections.activate(None)
         # 5 batches through 2 layers: attention per batch, the MoE per chunk (1 or 5 per layer)
-        assert found.calls["attention"] == 10 and found.calls["dequantize"] == 5  # embed, 2 layers, norm, head
+        assert found.calls["layer_call"] == 10 and found.calls["dequantize"] == 5  # embed, 2 layers, norm, head
         assert found.calls["expert_gemms"] == found.calls["observer"] == (2 if chunk is None else 10)
         assert found.calls["moe"] == (2 if chunk is None else 0) and found.calls["read_wait"] == 2
-        assert set(found.seconds) >= {"attention", "expert_gemms", "observer", "dequantize", "hidden_copies"}
+        assert set(found.seconds) >= {"layer_call", "expert_gemms", "observer", "dequantize", "hidden_copies"}
         assert not found._stack
     assert profile(str(src), data, seq_len=16, streamed=True).method["streamed"]  # off again: no error
     assert sections._active is None
