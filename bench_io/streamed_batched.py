@@ -123,7 +123,8 @@ def stage_batched(base: ModuleType, out: dict[str, Any], work: Path, layers: int
     for name, chunk in (("per_batch", 0), ("batched", None), ("batched_32k", 32768)):
         sal, runs[name] = base.streamed_run(ckpt, data, tokens, gpu_memory=24 * base.GiB, expert_chunk=chunk)
         if sal is not None:
-            runs[name]["expert_chunk"] = sal.method["engine"]["expert_chunk"]
+            for key in ("expert_chunk", "batched_layers"):  # batched_layers 0: every layer ran batch by batch
+                runs[name][key] = sal.method["engine"][key]
             eng = runs[name]["engine"]
             eng["measured"] = peak_share(config, tokens / (eng["per_layer_median"]["compute_s"] * layers), layers)
             eng["extrapolated"] = peak_share(config, eng["extrapolated_tokens_per_s"], base.TARGET_LAYERS)
