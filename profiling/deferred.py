@@ -134,6 +134,13 @@ def chunks(sizes: Sequence[int], limit: int) -> list[list[int]]:
     return out
 
 
+def chunk_for(free: int, batch_tokens: int, per_token: int) -> int:
+    """Tokens per MoE forward in ``free`` device bytes: what three quarters of them hold at
+    ``per_token`` bytes each (the rest stays for hidden states), at least one batch, at most
+    :data:`MAX_CHUNK`."""
+    return max(batch_tokens, min(MAX_CHUNK, free * 3 // 4 // per_token))
+
+
 def token_bytes(config: Any, layer: torch.nn.Module, dtype: torch.dtype) -> int:
     """Device bytes one token takes through a layer's MoE at most: its input and result, and per
     routed pair the gathered input, the up projection (with a gathered bias), the activation and

@@ -366,7 +366,7 @@ class StreamedModel:
             return self.expert_chunk
         if self.device.type != "cuda":
             return deferred.CPU_CHUNK
-        return max(batch_tokens, min(deferred.MAX_CHUNK, free * 3 // 4 // self._token_bytes()))
+        return deferred.chunk_for(free, batch_tokens, self._token_bytes())
 
     def _activation_budget(self, layer_bytes: int) -> int:
         """Device bytes for hidden states and the layer-batched MoE: the memory cap (or free

@@ -109,6 +109,22 @@ def test_chunks_keep_batch_order_within_the_token_limit():
     assert deferred.chunks([48] * 5, 1 << 18) == [[0, 1, 2, 3, 4]]
 
 
+def test_expert_chunk_at_120b_geometry_within_24_gib(tmp_path):
+    """The default chunk from the budget: gpt-oss-120b's MoE takes 224,640 bytes per token
+    (hidden 2,880, expert width 2,880, top-4, bf16); 12 GiB left for activations hold 43,018."""
+    from core.checkpoint import Checkpoint
+    from profiling.streamed import StreamedModel
+    from rewriter.tools.synth import preset, write_checkpoint
+
+    write_checkpoint(tmp_path / "m", preset("120b", 2), sparse=True)
+    engine = StreamedModel(Checkpoint.open(str(tmp_path / "m")), device="cpu", dtype=torch.bfloat16)
+    per_token = engine._token_bytes()
+    assert per_token == 2 * (3 * 2880 + 4 * (2 * 2880 + 5 * 2880)) + 4 * 4 * 2880 == 224_640
+    assert deferred.chunk_for(12 << 30, 8192, per_token) == (12 << 30) * 3 // 4 // per_token == 43_018
+    assert deferred.chunk_for(1 << 30, 8192, per_token) == 8192  # at least one batch
+    assert deferred.chunk_for(1 << 40, 8192, per_token) == deferred.MAX_CHUNK
+
+
 def test_shares_split_consecutive_batches_by_tokens():
     assert shares([4] * 5, 2) == [range(0, 2), range(2, 5)]
     assert shares([8, 1, 1, 1, 1, 1, 1, 1, 1], 2) == [range(0, 1), range(1, 9)]
