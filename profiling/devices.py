@@ -44,6 +44,16 @@ def parse_devices(spec: str) -> list[str]:
     return out
 
 
+def device_list(devices: Sequence[str] | None, device: str, streamed: bool | None) -> list[str]:
+    """``devices``, else ``[device]``; several devices always run streamed, so ``streamed=False``
+    with them is refused."""
+    out = list(devices or [device])
+    if len(out) > 1 and streamed is False:
+        raise RewriterError(f"--devices {','.join(out)} runs the streamed engine on each device; drop "
+                            f"--no-streamed, or give one device")
+    return out
+
+
 def _device(name: str, where: str) -> str:
     import torch
 

@@ -41,6 +41,7 @@ from profiling.collect import (
     saliency_layers,
 )
 from profiling.data import LazyTokenizer, documents, pack
+from profiling.devices import device_list
 from profiling.observer import ExpertObserver
 from profiling.spill import Spill
 from profiling.streamed import HEAD_CHUNK, StreamedModel, check_device, fits
@@ -226,10 +227,7 @@ def profile(
         devices: several devices (from :func:`profiling.devices.parse_devices`) to split the
             batches across, one process each, streamed; replaces ``device``.
     """
-    devices = list(devices or [device])
-    if len(devices) > 1 and streamed is False:
-        raise RewriterError(f"--devices {','.join(devices)} runs the streamed engine on each device; drop "
-                            f"--no-streamed, or give one device")
+    devices = device_list(devices, device, streamed)
     device = devices[0]
     check_device(device)
     ckpt = open_moe(model_path, storage_options)

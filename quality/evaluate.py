@@ -260,10 +260,7 @@ def evaluate(
         the union last, each with the model's summary and, with a base, ``base`` and ``check``.
     """
     gates = gates or Gates()
-    devices = list(devices or [device])
-    if len(devices) > 1 and streamed is False:
-        raise RewriterError(f"--devices {','.join(devices)} runs the streamed engine on each device; drop "
-                            f"--no-streamed, or give one device")
+    devices = multidevice.device_list(devices, device, streamed)
     device = devices[0]
     check_device(device)
     opts = dict(device=device, dtype=dtype, streamed=streamed, gpu_memory=gpu_memory,
