@@ -16,6 +16,8 @@
     streamed against whole model with deterministic kernels (``CUBLAS_WORKSPACE_CONFIG`` must
     be set before CUDA starts), where the saliency must be identical.
 
+``--stage breakdown`` and ``--stage batched``: :mod:`bench_io.streamed_batched`.
+
 Everything runs through the project's own code paths (:func:`profiling.profile.profile` and the
 ``rewriter`` CLI); checkpoints are generated on the machine, nothing is downloaded.
 """
@@ -277,7 +279,7 @@ def eval_cli(model: Path, work: Path, blocks: int, vocab: int) -> dict[str, Any]
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stage", choices=("20b", "120b", "long"), required=True)
+    ap.add_argument("--stage", choices=("20b", "120b", "long", "breakdown", "batched"), required=True)
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tokens", type=int, default=131072)
@@ -288,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default=None, help="Geometry (default: the stage's); a small one checks the script.")
     ap.add_argument("--seq-len", type=int, default=SEQ)
     ap.add_argument("--device", default=DEVICE)
+    from bench_io import streamed_batched
+
+    streamed_batched.add_arguments(ap)
     args = ap.parse_args(argv)
     configure(args.seq_len, args.device)
     # A time limit's SIGTERM still writes what was measured so far.
@@ -302,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
                                k: str(v) for k, v in vars(args).items()}}
     t = time.perf_counter()
     try:
-        if args.stage == "20b":
+        if args.stage in ("breakdown", "batched"):  # this module as configured (run with -m: __main__)
+            streamed_batched.run(sys.modules[__name__], doc, args)
+        elif args.stage == "20b":
             stage_20b(doc, args.work, args.tokens, args.preset or "20b")
         elif args.stage == "long":
             stage_long(doc, args.work, args.layers, args.small_layers, args.tokens, args.preset or "120b")

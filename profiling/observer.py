@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from core.errors import CheckpointError
+from profiling.sections import section
 
 IMPLEMENTATION = "rewriter_observed"
 
@@ -101,10 +102,11 @@ def observed_experts_forward(self, hidden_states: torch.Tensor, top_k_index: tor
     sorted_ids = expert_ids[order]
     counts = torch.bincount(sorted_ids, minlength=self.num_experts)
     tokens = order // k
-    out = expert_outputs(self, hidden_states[tokens], sorted_ids, counts, STRATEGY)
+    with section("expert_gemms"):
+        out = expert_outputs(self, hidden_states[tokens], sorted_ids, counts, STRATEGY)
     g = weights[order]
     if slot is not None:
-        with torch.no_grad():
+        with torch.no_grad(), section("observer"):
             norms = out.float().norm(dim=-1)
             contrib = g.float() * norms
             slot.freq += counts.to(torch.float64)

@@ -17,11 +17,9 @@ not for EAFT-REAP (no ``p``, no ``H``).
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,18 @@ from core.checkpoint import Checkpoint
 from core.errors import CheckpointError, RewriterError
 from core.layouts import PER_LAYER_FIELD
 from planners.saliency import Saliency, model_identity
+from profiling.collect import (
+    H_QUANTILE,
+    P_QUANTILE,
+    TOP_ENTROPY,
+    ProfileStats,
+    observe_streamed,
+    record_pairs,
+    reference_scores,
+    saliency_layers,
+)
 from profiling.data import LazyTokenizer, documents, pack
+from profiling.devices import device_list
 from profiling.observer import ExpertObserver
 from profiling.spill import Spill
 from profiling.streamed import HEAD_CHUNK, StreamedModel, check_device, fits
@@ -40,9 +49,6 @@ from profiling.weights import checkpoint_dtype
 
 log = logging.getLogger(__name__)
 
-TOP_ENTROPY = 20
-P_QUANTILE = 15.0
-H_QUANTILE = 15.0
 
 
 def load_model(path: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat16):
@@ -68,34 +74,6 @@ def load_model(path: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat
     model = AutoModelForCausalLM.from_pretrained(path, **kw)
     return model.to(device).eval()
 
-
-
-@torch.no_grad()
-def reference_scores(lm_head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, input_ids: torch.Tensor,
-                     chunk: int = HEAD_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per position: log-probability of the next token and top-20 entropy / ln 20 (last: NaN).
-
-    ``hidden`` is ``[B, T, H]`` after the model's final norm; logits are computed ``chunk``
-    positions at a time, so memory holds one chunk of logits whatever the vocabulary.
-    """
-    b, t, _ = hidden.shape
-    flat = hidden.reshape(b * t, -1)
-    ref = torch.full((b, t), -1, dtype=torch.long, device=input_ids.device)
-    ref[:, :-1] = input_ids[:, 1:]
-    ref = ref.reshape(-1)
-    logp = torch.empty(b * t, dtype=torch.float32, device=hidden.device)
-    h = torch.empty_like(logp)
-    for s in range(0, b * t, chunk):
-        logits = lm_head(flat[s : s + chunk]).float()
-        full = torch.log_softmax(logits, dim=-1)
-        r = ref[s : s + chunk]
-        nan = torch.full_like(r, float("nan"), dtype=torch.float32)
-        logp[s : s + chunk] = torch.where(r >= 0, full.gather(1, r.clamp(min=0)[:, None])[:, 0], nan)
-        top = torch.topk(logits, min(TOP_ENTROPY, logits.shape[-1]), dim=-1).values
-        q = torch.softmax(top, dim=-1)
-        ent = -(q * torch.log(q.clamp_min(1e-30))).sum(-1) / math.log(TOP_ENTROPY)
-        h[s : s + chunk] = torch.where(r >= 0, ent, nan)
-    return logp, h
 
 
 def token_confidence(model, hidden: torch.Tensor, input_ids: torch.Tensor, chunk: int = HEAD_CHUNK):
@@ -124,37 +102,6 @@ def batched(seqs: Iterable[np.ndarray], batch_size: int) -> Iterator[np.ndarray]
         yield from flush()
 
 
-@dataclass
-class ProfileStats:
-    tokens: int
-    seconds: float
-    p_lo: float
-    h_lo: float
-    engine: dict[str, Any] | None = None  # the streamed engine's measurements
-
-
-def _record_pairs(spill: Spill, slot) -> None:
-    spill.pairs(slot.index, slot.last_ids.cpu().numpy(), slot.last_contrib.cpu().numpy())
-
-
-def _saliency_layers(spill: Spill, obs: ExpertObserver) -> tuple[dict[int, dict[str, tuple[float, ...]]], float, float]:
-    """freq, REAP, EAFT-REAP and the largest expert output norm (``max_act``) per MoE layer, from
-    the observer's sums and the spill."""
-    if spill.tokens == 0:
-        raise ValueError("no calibration tokens")
-    p_lo, h_lo = spill.thresholds(P_QUANTILE, H_QUANTILE)
-    out = {}
-    for s in obs.slots:
-        freq, reap_sum = s.freq.cpu().numpy(), s.reap_sum.cpu().numpy()
-        reap = np.divide(reap_sum, freq, out=np.zeros_like(reap_sum), where=freq > 0)
-        eaft = spill.eaft(s.index, len(freq), p_lo, h_lo)
-        out[s.index] = {"freq": tuple(float(x) for x in freq), "reap": tuple(float(x) for x in reap),
-                        "eaft_reap": tuple(float(x) for x in eaft)}
-        if s.max_norm is not None:
-            out[s.index]["max_act"] = tuple(float(x) for x in s.max_norm.cpu().numpy())
-    return out, p_lo, h_lo
-
-
 @torch.no_grad()
 def profile_model(
     model,
@@ -177,11 +124,11 @@ def profile_model(
             hidden = model.model(input_ids=ids).last_hidden_state
             p, h = token_confidence(model, hidden, ids)
             for s in obs.slots:
-                _record_pairs(spill, s)
+                record_pairs(spill, s)
             spill.confidence(p.cpu().numpy(), h.cpu().numpy())
             if progress:
                 progress(ids.numel())
-        layers, p_lo, h_lo = _saliency_layers(spill, obs)
+        layers, p_lo, h_lo = saliency_layers([spill], obs.slots)
         return layers, ProfileStats(spill.tokens, time.perf_counter() - t0, p_lo, h_lo)
 
 
@@ -201,21 +148,8 @@ def profile_streamed(
     """
     t0 = time.perf_counter()
     with Spill(spill_dir) as spill, ExpertObserver(engine.model, device=engine.device) as obs:
-        slots = {s.index: s for s in obs.slots}
-
-        def after(layer: int, batch: int) -> None:
-            if layer in slots:
-                _record_pairs(spill, slots[layer])
-
-        def head(hidden: torch.Tensor, ids: torch.Tensor) -> None:
-            logp, h = reference_scores(engine.model.get_output_embeddings(), hidden, ids)
-            spill.confidence(logp.exp().cpu().numpy(), h.cpu().numpy())
-            if progress:
-                progress(ids.numel())
-
-        engine.run(batches, head, on_layer=after,
-                   progress=None if on_layer is None else (lambda _stage, done, total: on_layer(done, total)))
-        layers, p_lo, h_lo = _saliency_layers(spill, obs)
+        observe_streamed(engine, batches, spill, obs, progress=progress, on_layer=on_layer)
+        layers, p_lo, h_lo = saliency_layers([spill], obs.slots)
         return layers, ProfileStats(spill.tokens, time.perf_counter() - t0, p_lo, h_lo, engine.stats.to_json())
 
 
@@ -279,6 +213,8 @@ def profile(
     storage_options: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
     on_layer: Callable[[int, int], None] | None = None,
+    expert_chunk: int | None = None,
+    devices: Sequence[str] | None = None,
 ) -> Saliency:
     """Profile ``model_path`` on ``data`` and return the saliency (one domain).
 
@@ -286,21 +222,48 @@ def profile(
         dtype: compute dtype; default the checkpoint's own (MXFP4 experts: bf16).
         streamed: force (True) or forbid (False) the layer-streamed engine; default: streamed
             when the model does not fit the device (or ``gpu_memory`` bytes) or is remote.
+        expert_chunk: tokens per layer-batched MoE forward of the streamed engine (None: from
+            the memory budget; 0: batch by batch).
+        devices: several devices (from :func:`profiling.devices.parse_devices`) to split the
+            batches across, one process each, streamed; replaces ``device``.
     """
+    devices = device_list(devices, device, streamed)
+    device = devices[0]
     check_device(device)
     ckpt = open_moe(model_path, storage_options)
     try:
         return _profile_open(ckpt, data, domain=domain, seq_len=seq_len, max_tokens=max_tokens,
-                             batch_size=batch_size, device=device, dtype=dtype, streamed=streamed,
-                             gpu_memory=gpu_memory, progress=progress, on_layer=on_layer)
+                             batch_size=batch_size, device=device, dtype=dtype,
+                             streamed=True if len(devices) > 1 else streamed, gpu_memory=gpu_memory,
+                             progress=progress, on_layer=on_layer,
+                             engine=dict(expert_chunk=expert_chunk, devices=devices,
+                                         storage_options=storage_options or {}))
     finally:
         ckpt.storage.close()
+
+
+def _run_streamed(ckpt: Checkpoint, batches: list[np.ndarray], dtype: torch.dtype, gpu_memory: int | None,
+                  progress: Callable[[int], None] | None, on_layer: Callable[[int, int], None] | None, *,
+                  expert_chunk: int | None, devices: list[str], storage_options: dict[str, Any]):
+    """The streamed engine over ``batches`` on one device, or split across ``devices``."""
+    if len(devices) == 1:
+        engine = StreamedModel(ckpt, device=devices[0], dtype=dtype, gpu_memory=gpu_memory, expert_chunk=expert_chunk)
+        return profile_streamed(engine, batches, progress=progress, on_layer=on_layer)
+    from profiling.collect import profile_devices
+    from profiling.devices import Job
+
+    jobs = [Job(ckpt.url, storage_options, d, str(dtype).removeprefix("torch."), gpu_memory, expert_chunk)
+            for d in devices]
+    layers, stats = profile_devices(jobs, batches)
+    if progress:
+        progress(stats.tokens)
+    return layers, stats
 
 
 def _profile_open(ckpt: Checkpoint, data: Sequence[str], *, domain: str, seq_len: int, max_tokens: int | None,
                   batch_size: int, device: str, dtype: torch.dtype | None, streamed: bool | None,
                   gpu_memory: int | None, progress: Callable[[int], None] | None,
-                  on_layer: Callable[[int, int], None] | None) -> Saliency:
+                  on_layer: Callable[[int, int], None] | None, engine: dict[str, Any]) -> Saliency:
     model_path = ckpt.url
     with tempfile.TemporaryDirectory(prefix="rewriter-tok-") as work_dir:
         work = Path(work_dir)
@@ -313,15 +276,15 @@ def _profile_open(ckpt: Checkpoint, data: Sequence[str], *, domain: str, seq_len
         try:  # a data error leaves the file open in the suspended generator until closed
             seqs = pack(docs, seq_len, max_tokens, eos_of(cfg))
             if stream:
-                engine = StreamedModel(ckpt, device=device, dtype=dtype, gpu_memory=gpu_memory)
-                layers, stats = profile_streamed(engine, list(batched(seqs, batch_size)), progress=progress,
-                                                 on_layer=on_layer)
+                layers, stats = _run_streamed(ckpt, list(batched(seqs, batch_size)), dtype, gpu_memory, progress,
+                                              on_layer, **engine)
             else:
                 model = load_model(model_path, device, dtype)
                 layers, stats = profile_model(model, seqs, batch_size=batch_size, progress=progress)
         finally:
             docs.close()
-        method = {"seq_len": seq_len, "batch_size": batch_size, "device": device, "dtype": str(dtype).removeprefix("torch."),
+        method = {"seq_len": seq_len, "batch_size": batch_size, "device": device, "devices": engine["devices"],
+                  "dtype": str(dtype).removeprefix("torch."),
                   "streamed": stream, "data": [str(d) for d in data],
                   "eaft": {"p_quantile": P_QUANTILE, "h_quantile": H_QUANTILE, "p_lo": stats.p_lo, "h_lo": stats.h_lo,
                            "top_entropy": TOP_ENTROPY},

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -62,18 +63,7 @@ class Spill:
 
     def thresholds(self, p_quantile: float, h_quantile: float) -> tuple[float, float]:
         """Exact percentiles of ``p`` and ``H`` over every token that has a reference."""
-        self._flush()
-
-        def chunks(name: str):
-            values = self._values(name, np.float32)
-
-            def it():
-                for s in range(0, values.size, CHUNK):
-                    v = np.asarray(values[s : s + CHUNK], dtype=np.float64)
-                    yield v[~np.isnan(v)]
-            return it
-
-        return exact_percentile(chunks("p.f32"), p_quantile), exact_percentile(chunks("h.f32"), h_quantile)
+        return thresholds([self], p_quantile, h_quantile)
 
     def eaft(self, layer: int, num_experts: int, p_lo: float, h_lo: float) -> np.ndarray:
         """EAFT-REAP of every expert of ``layer``: the token-weighted sum of its pairs."""
@@ -106,3 +96,21 @@ class Spill:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def thresholds(spills: Sequence[Spill], p_quantile: float, h_quantile: float) -> tuple[float, float]:
+    """Exact percentiles of ``p`` and ``H`` over every token with a reference in all ``spills``
+    together: percentiles of one multiset of values, whichever spill holds which token."""
+    for spill in spills:
+        spill._flush()
+
+    def chunks(name: str):
+        def it():
+            for spill in spills:
+                values = spill._values(name, np.float32)
+                for s in range(0, values.size, CHUNK):
+                    v = np.asarray(values[s : s + CHUNK], dtype=np.float64)
+                    yield v[~np.isnan(v)]
+        return it
+
+    return exact_percentile(chunks("p.f32"), p_quantile), exact_percentile(chunks("h.f32"), h_quantile)

@@ -15,6 +15,7 @@ that budget, whatever the number of layers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -28,6 +29,9 @@ import torch
 
 from core.checkpoint import Checkpoint
 from core.errors import DeviceError, RewriterError
+from profiling import deferred
+from profiling.activations import ActivationStore
+from profiling.sections import section
 from profiling.weights import Recipes, build, checkpoint_dtype, dense_bytes, fp8_block, read_tensors
 
 log = logging.getLogger(__name__)
@@ -64,6 +68,8 @@ class EngineStats:
     activation_bytes: int = 0
     activations_on_device: int = 0
     activation_budget: int = 0
+    expert_chunk: int = 0  # tokens per layer-batched MoE forward; 0: batch by batch
+    batched_layers: int = 0  # layers whose MoE ran over chunks of batches
     peak_device_bytes: int | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -162,14 +168,18 @@ class StreamedModel:
         dtype: compute dtype (default: the checkpoint's own).
         gpu_memory: bytes of device memory to stay within (activations beyond the budget go to
             host memory); on CUDA it also caps torch's allocator.
+        expert_chunk: tokens the MoE of a layer takes at once, over the batches that fit
+            (:mod:`profiling.deferred`); None: as many as the memory budget allows; 0: batch
+            by batch, the MoE inside each layer call.
     """
 
     def __init__(self, ckpt: Checkpoint, *, device: str = "cpu", dtype: torch.dtype | None = None,
-                 gpu_memory: int | None = None):
+                 gpu_memory: int | None = None, expert_chunk: int | None = None):
         self.ckpt = ckpt
         self.device = torch.device(device)
         self.dtype = dtype or checkpoint_dtype(ckpt)
         self.gpu_memory = gpu_memory
+        self.expert_chunk = expert_chunk
         self.model = skeleton(ckpt.config, self.dtype)
         self.base = self.model.base_model
         self.recipes = Recipes(ckpt, self.dtype, fp32_patterns(self.model, self.dtype), self.model)
@@ -222,7 +232,8 @@ class StreamedModel:
     def load(self, module: torch.nn.Module, recipes: list, stored: dict[str, torch.Tensor]) -> int:
         """Build ``module``'s parameters on the device; returns their bytes."""
         prefix = self.prefix[id(module)] + "."
-        state = {r.key[len(prefix):]: build(r, stored, self.device, self.block) for r in recipes}
+        with section("dequantize"):
+            state = {r.key[len(prefix):]: build(r, stored, self.device, self.block) for r in recipes}
         try:
             module.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:
@@ -288,7 +299,9 @@ class StreamedModel:
             head: called per batch with the final hidden states (after the model's norm) and
                 the ids; its results are returned in batch order. ``self.model.lm_head`` is
                 loaded while it runs.
-            on_layer: called after each (layer, batch) forward (the observer reads its slots).
+            on_layer: ``(layer, batch)`` after each forward of a layer's MoE: over one batch, or
+                (layer-batched) over a chunk of batches ending with ``batch``; the observer reads
+                its slots then.
             progress: ``(stage, done, total)`` after each layer.
         """
         t_start = time.perf_counter()
@@ -314,12 +327,17 @@ class StreamedModel:
         embed = self.base.get_input_embeddings()
         n = self._load_now(embed)
         layer_bytes = max(self._layer_bytes(i) for i in range(len(self.base.layers)))
-        store = ActivationStore(self.device, self._activation_budget(layer_bytes), self._pin)
+        free = self._activation_budget(layer_bytes)
+        self.stats.expert_chunk = chunk = self._expert_chunk(free, max(b.size for b in batches))
+        if self.device.type == "cuda":
+            free = max(0, free - chunk * self._token_bytes())
+        store = ActivationStore(self.device, free, self._pin)
         args: dict[tuple[int, ...], list] = {}
         for i, b in enumerate(batches):
             ids = torch.as_tensor(b, device=self.device)
             shape = tuple(ids.shape)
-            hidden, calls = self._record(ids, shape not in args)
+            with section("embed"):
+                hidden, calls = self._record(ids, shape not in args)
             if calls is not None:
                 args[shape] = calls
             store.put(i, hidden)
@@ -336,9 +354,23 @@ class StreamedModel:
         size = torch.tensor([], dtype=self.dtype).element_size()
         return sum(p.numel() * size for p in layer.parameters())
 
+    def _token_bytes(self) -> int:
+        """Device bytes per token of a layer-batched MoE forward (the largest over the layers)."""
+        layers = [m for m in self.base.layers if isinstance(getattr(m, "mlp", None), torch.nn.Module)]
+        return max((deferred.token_bytes(self.model.config, m, self.dtype) for m in layers), default=1)
+
+    def _expert_chunk(self, free: int, batch_tokens: int) -> int:
+        """Tokens per layer-batched MoE forward: as given, else (on CUDA) what three quarters of
+        the memory left for activations holds, at least one batch."""
+        if self.expert_chunk is not None:
+            return self.expert_chunk
+        if self.device.type != "cuda":
+            return deferred.CPU_CHUNK
+        return deferred.chunk_for(free, batch_tokens, self._token_bytes())
+
     def _activation_budget(self, layer_bytes: int) -> int:
-        """Device bytes for hidden states: the memory cap (or free memory) less what the layer
-        phase or the head phase needs at most, and a workspace."""
+        """Device bytes for hidden states and the layer-batched MoE: the memory cap (or free
+        memory) less what the layer phase or the head phase needs at most, and a workspace."""
         if self.device.type != "cuda":
             return 1 << 62
         cap = self.gpu_memory
@@ -365,7 +397,8 @@ class StreamedModel:
                 timing = LayerTiming(i)
                 t0 = time.perf_counter()
                 assert ahead is not None
-                recipes, stored, timing.read_s = ahead.result()
+                with section("read_wait"):
+                    recipes, stored, timing.read_s = ahead.result()
                 timing.wait_s = time.perf_counter() - t0
                 timing.raw_bytes = sum(t.nbytes for t in stored.values())
                 ahead = reader.submit(self.read, layers[i + 1]) if i + 1 < len(layers) else None
@@ -376,13 +409,7 @@ class StreamedModel:
                 self._sync()
                 timing.load_s = time.perf_counter() - t1
                 t2 = time.perf_counter()
-                for b in range(len(batches)):
-                    x = store.get(b)
-                    rest, kwargs = args[tuple(batches[b].shape)][i]
-                    y = layer(x, *rest, **kwargs)
-                    store.put(b, y[0] if isinstance(y, tuple) else y)
-                    if on_layer is not None:
-                        on_layer(i, b)
+                self._compute(i, batches, store, args, on_layer)
                 self._sync()
                 timing.compute_s = time.perf_counter() - t2
                 self.free(layer, timing.weight_bytes)
@@ -390,6 +417,38 @@ class StreamedModel:
                 self.stats.peak_weight_bytes = self.ledger.peak
                 if progress is not None:
                     progress("layer", i + 1, len(layers))
+
+    def _compute(self, i: int, batches: Sequence[np.ndarray], store: ActivationStore, args: dict,
+                 on_layer: Callable[[int, int], None] | None) -> None:
+        """Every batch through layer ``i``: whole layer calls batch by batch, or attention batch
+        by batch and the MoE over chunks of batches (:mod:`profiling.deferred`).
+        ``on_layer(i, b)`` follows each MoE forward, ``b`` the last batch it covered."""
+        layer = self.base.layers[i]
+        batched = self.stats.expert_chunk > 0 and deferred.deferrable(layer)
+        self.stats.batched_layers += int(batched)
+        for group in deferred.chunks([b.size for b in batches], self.stats.expert_chunk if batched else 0):
+            with deferred.stashing(layer, self.dtype) if batched else contextlib.nullcontext() as stash:
+                for b in group:
+                    self._forward(layer, i, b, batches, store, args)
+            if stash is not None:
+                with section("moe"):
+                    outs = deferred.run_moe(layer.mlp, stash.kept)
+                stash.kept.clear()
+                for b, out in zip(group, outs):
+                    with section("hidden_copies"):
+                        store.put(b, store.get(b) + out)
+            if on_layer is not None:
+                on_layer(i, group[-1])
+
+    def _forward(self, layer: torch.nn.Module, i: int, b: int, batches: Sequence[np.ndarray],
+                 store: ActivationStore, args: dict) -> None:
+        with section("hidden_copies"):
+            x = store.get(b)
+        rest, kwargs = args[tuple(batches[b].shape)][i]
+        with section("layer_call"):
+            y = layer(x, *rest, **kwargs)
+        with section("hidden_copies"):
+            store.put(b, y[0] if isinstance(y, tuple) else y)
 
     def _head(self, batches: Sequence[np.ndarray], store: ActivationStore, head) -> list[Any]:
         t0 = time.perf_counter()
@@ -399,7 +458,8 @@ class StreamedModel:
         out = []
         for b in range(len(batches)):
             ids = torch.as_tensor(batches[b], device=self.device)
-            out.append(head(norm(store.get(b)), ids))
+            with section("head"):
+                out.append(head(norm(store.get(b)), ids))
             store.drop(b)
         self.free(norm, n_norm)
         self.free(lm_head, n_head)
@@ -449,37 +509,3 @@ class StreamedModel:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-
-class ActivationStore:
-    """Hidden states of every batch: on the device within ``budget`` bytes, else in host memory
-    (pinned for CUDA, so copies in both directions are asynchronous)."""
-
-    def __init__(self, device: torch.device, budget: int, pin: bool):
-        self.device, self.budget, self.pin = device, budget, pin
-        self.used = 0
-        self.total = 0
-        self.on_device = 0
-        self._items: dict[int, torch.Tensor] = {}
-
-    def put(self, i: int, x: torch.Tensor) -> None:
-        old = self._items.get(i)
-        if old is None:
-            self.total += x.nbytes
-            if self.used + x.nbytes <= self.budget or self.device.type == "cpu":
-                self.used += x.nbytes
-                self.on_device += x.nbytes
-                self._items[i] = x
-            else:
-                host = torch.empty(x.shape, dtype=x.dtype, pin_memory=self.pin)
-                host.copy_(x, non_blocking=self.pin)
-                self._items[i] = host
-        elif old.device == x.device:
-            self._items[i] = x
-        else:
-            old.copy_(x, non_blocking=self.pin)
-
-    def get(self, i: int) -> torch.Tensor:
-        return self._items[i].to(self.device, non_blocking=self.pin)
-
-    def drop(self, i: int) -> None:
-        self._items.pop(i, None)

@@ -26,7 +26,9 @@ import torch
 
 from core.checkpoint import Checkpoint
 from core.errors import RewriterError
+from profiling import devices as multidevice
 from profiling.data import LazyTokenizer, block_prefix, documents, pack
+from profiling.devices import Job
 from profiling.profile import (
     TOP_ENTROPY,
     batched,
@@ -103,20 +105,59 @@ def score(model, blocks: list[np.ndarray], batch_size: int = 8) -> Tokens:
     return Tokens(np.concatenate(logps).astype(np.float64), np.concatenate(hs).astype(np.float64))
 
 
-def score_streamed(engine: StreamedModel, data: dict[str, list[np.ndarray]], batch_size: int = 8) -> dict[str, Tokens]:
-    """:func:`score` of every pack in one streamed pass over the model's layers."""
+def _batches(data: dict[str, list[np.ndarray]], batch_size: int) -> tuple[list[np.ndarray], list[str]]:
+    """Every pack's blocks in batches, and the pack each batch belongs to."""
     batches, owners = [], []
     for name, blocks in data.items():
         for b in batched(blocks, batch_size):
             batches.append(b)
             owners.append(name)
+    return batches, owners
 
+
+def score_batches(engine: StreamedModel, batches: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per batch, the scored positions' log-probabilities and entropies, in one streamed pass."""
     def head(hidden: torch.Tensor, ids: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         logp, h = reference_scores(engine.model.get_output_embeddings(), hidden, ids)
         t = ids.shape[1]
         return (logp.view(-1, t)[:, :-1].reshape(-1).cpu().numpy(), h.view(-1, t)[:, :-1].reshape(-1).cpu().numpy())
 
-    results = engine.run(batches, head)
+    return engine.run(batches, head)
+
+
+def score_share(job: Job, batches: Sequence[np.ndarray]) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict]:
+    """One device's :func:`score_batches` (run in its own process) and its engine measurements."""
+    ckpt, engine = multidevice.engine(job)
+    try:
+        return score_batches(engine, batches), engine.stats.to_json()
+    finally:
+        ckpt.storage.close()
+
+
+class SplitScorer:
+    """Scores packs with the batches split across several devices (:mod:`profiling.devices`);
+    per-token scores come back in batch order, so every sum over them is one device's."""
+
+    def __init__(self, jobs: Sequence[Job], batch_size: int):
+        self.jobs, self.batch_size = list(jobs), batch_size
+        self.stats: dict[str, Any] | None = None
+
+    def __call__(self, data: dict[str, list[np.ndarray]]) -> dict[str, Tokens]:
+        batches, owners = _batches(data, self.batch_size)
+        work = [(j, p) for j, p in zip(self.jobs, multidevice.split(batches, len(self.jobs))) if p]
+        parts = multidevice.run_all(score_share, [j for j, _ in work], [(p,) for _, p in work])
+        self.stats = multidevice.merged_engine([j.device for j, _ in work], [st for _, st in parts])
+        return _assemble([r for rs, _ in parts for r in rs], owners, data)
+
+
+def score_streamed(engine: StreamedModel, data: dict[str, list[np.ndarray]], batch_size: int = 8) -> dict[str, Tokens]:
+    """:func:`score` of every pack in one streamed pass over the model's layers."""
+    batches, owners = _batches(data, batch_size)
+    return _assemble(score_batches(engine, batches), owners, data)
+
+
+def _assemble(results: list[tuple[np.ndarray, np.ndarray]], owners: list[str],
+              data: dict[str, list[np.ndarray]]) -> dict[str, Tokens]:
     out = {}
     for name in data:
         mine = [r for r, o in zip(results, owners) if o == name]
@@ -133,6 +174,13 @@ class Subject:
     tokenizer_dir: str
     score: Callable[[dict[str, list[np.ndarray]]], dict[str, Tokens]]
     engine: StreamedModel | None = None  # the streamed engine, when the model is streamed
+    split: SplitScorer | None = None  # the scorer, when the batches are split across devices
+
+    def engine_stats(self) -> dict[str, Any] | None:
+        """Measurements of the model's last streamed pass (None when run whole)."""
+        if self.split is not None:
+            return self.split.stats
+        return None if self.engine is None else self.engine.stats.to_json()
 
 
 def loaded_subject(model, path: str, batch_size: int) -> Subject:
@@ -141,16 +189,22 @@ def loaded_subject(model, path: str, batch_size: int) -> Subject:
 
 def open_subject(path: str, stack: contextlib.ExitStack, *, device: str, dtype: torch.dtype | None,
                  streamed: bool | None, gpu_memory: int | None, storage_options: dict[str, Any] | None,
-                 batch_size: int) -> Subject:
-    """Open ``path`` (headers only) and choose the whole-model or streamed path for it."""
+                 batch_size: int, expert_chunk: int | None = None, devices: Sequence[str] = ()) -> Subject:
+    """Open ``path`` (headers only) and choose the whole-model or streamed path for it (always
+    streamed, split across them, with several ``devices``)."""
     ckpt = Checkpoint.open(path, storage_options)
     stack.callback(ckpt.storage.close)
     dtype = dtype or checkpoint_dtype(ckpt)
     work = stack.enter_context(tempfile.TemporaryDirectory(prefix="rewriter-tok-"))
     tok = tokenizer_dir(ckpt, Path(work))
+    if len(devices) > 1:
+        jobs = [Job(path, storage_options or {}, d, str(dtype).removeprefix("torch."), gpu_memory, expert_chunk)
+                for d in devices]
+        scorer = SplitScorer(jobs, batch_size)
+        return Subject(ckpt.config, tok, scorer, split=scorer)
     if not use_streamed(ckpt, dtype, device, streamed, gpu_memory):
         return loaded_subject(load_model(path, device, dtype), tok, batch_size)
-    engine = StreamedModel(ckpt, device=device, dtype=dtype, gpu_memory=gpu_memory)
+    engine = StreamedModel(ckpt, device=device, dtype=dtype, gpu_memory=gpu_memory, expert_chunk=expert_chunk)
     return Subject(ckpt.config, tok, lambda data: score_streamed(engine, data, batch_size), engine)
 
 
@@ -189,22 +243,28 @@ def evaluate(
     streamed: bool | None = None,
     gpu_memory: int | None = None,
     storage_options: dict[str, Any] | None = None,
+    expert_chunk: int | None = None,
+    devices: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model_path`` (and ``compare``, the base) on ``packs``.
 
     ``model``/``base_model`` may be given already loaded; ``base_cache`` keeps the base's token
     scores between calls (the quality benchmark evaluates many pruned models against one base).
     ``dtype``, ``streamed`` and ``gpu_memory`` choose how models that are not given are run
-    (defaults: the checkpoint's dtype; streamed when the model does not fit the device).
+    (defaults: the checkpoint's dtype; streamed when the model does not fit the device);
+    ``expert_chunk`` the streamed engine's layer-batched MoE (tokens; 0: batch by batch), and
+    ``devices`` several devices to split the batches across (streamed, one process each).
 
     Returns:
         ``{"rows": [...], "pass": bool | None, "gates": {...}}``; one row per (pack, seq-len),
         the union last, each with the model's summary and, with a base, ``base`` and ``check``.
     """
     gates = gates or Gates()
+    devices = multidevice.device_list(devices, device, streamed)
+    device = devices[0]
     check_device(device)
     opts = dict(device=device, dtype=dtype, streamed=streamed, gpu_memory=gpu_memory,
-                storage_options=storage_options, batch_size=batch_size)
+                storage_options=storage_options, batch_size=batch_size, expert_chunk=expert_chunk, devices=devices)
     with contextlib.ExitStack() as stack:
         subject = (loaded_subject(model, model_path, batch_size) if model is not None
                    else open_subject(model_path, stack, **opts))
@@ -230,8 +290,8 @@ def evaluate(
             rows += _rows(scored, base_scored, seq_len, compare is not None, gates)
     verdict = all(r["check"]["pass"] for r in rows) if compare is not None else None
     result = {"model": model_path, "base": compare, "rows": rows, "pass": verdict, "gates": gates.to_json()}
-    if subject.engine is not None:  # measurements of the model's last streamed pass
-        result["engine"] = subject.engine.stats.to_json()
+    if subject.engine_stats() is not None:  # measurements of the model's last streamed pass
+        result["engine"] = subject.engine_stats()
     return result
 
 

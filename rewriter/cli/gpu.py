@@ -30,23 +30,37 @@ engine_options = options_group(
     click.option("--streamed/--no-streamed", default=None,
                  help="Run one decoder layer at a time (default: when the model does not fit the device)."),
     click.option("--gpu-memory", type=finite(), default=None, metavar="GB",
-                 help="Device memory to stay within (GiB); hidden states beyond it go to host memory."),
+                 help="Device memory to stay within (GiB; per device with --devices); hidden states beyond it go "
+                      "to host memory."),
     click.option("--storage-options", type=JSON_OBJECT, default=None,
                  help="fsspec options for MODEL as JSON (endpoint_url, key…)."),
+    click.option("--devices", default=None, metavar="LIST",
+                 help="Split the batches across devices, one process each, streamed: cuda:0,cuda:1 or all "
+                      "(every visible GPU); replaces --device."),
+    click.option("--expert-chunk", type=click.IntRange(min=0), default=None, metavar="TOKENS",
+                 help="Streamed: tokens each layer's experts take at once, over several batches (default: what "
+                      "--gpu-memory leaves room for; 0: batch by batch)."),
 )
 
 
-def _engine_kwargs(device: str | None, dtype: str, gpu_memory: float | None,
-                   storage_options: dict[str, Any] | None) -> dict[str, Any]:
+def _engine_kwargs(device: str | None, dtype: str, gpu_memory: float | None, storage_options: dict[str, Any] | None,
+                   devices: str | None, expert_chunk: int | None) -> dict[str, Any]:
     import torch
 
     if gpu_memory is not None and not 0 < gpu_memory <= 1 << 20:
         raise click.BadParameter(f"{gpu_memory} is not a number of GiB between 0 and {1 << 20:,}",
                                  param_hint="--gpu-memory")
+    if devices is not None and device is not None:
+        raise click.BadParameter("give --device or --devices, not both", param_hint="--devices")
+    listed = None
+    if devices is not None:
+        from profiling.devices import parse_devices
+
+        listed = parse_devices(devices)
     return {"device": device or ("cuda" if torch.cuda.is_available() else "cpu"),
             "dtype": None if dtype == "auto" else getattr(torch, dtype),
             "gpu_memory": None if gpu_memory is None else int(gpu_memory * (1 << 30)),
-            "storage_options": storage_options or {}}
+            "storage_options": storage_options or {}, "devices": listed, "expert_chunk": expert_chunk}
 
 
 @main.command()
@@ -65,16 +79,18 @@ def _engine_kwargs(device: str | None, dtype: str, gpu_memory: float | None,
 @_fail_cleanly
 def profile(model: str, data: tuple[str, ...], out: str, domain: str, seq_len: int, max_tokens: int | None,
             batch_size: int, device: str | None, dtype: str, streamed: bool | None, gpu_memory: float | None,
-            storage_options: dict[str, Any] | None, force: bool, quiet: bool) -> None:
+            storage_options: dict[str, Any] | None, devices: str | None, expert_chunk: int | None, force: bool,
+            quiet: bool) -> None:
     """Measure each expert's saliency (freq, REAP, EAFT-REAP) of MODEL on calibration text.
 
     MODEL is a checkpoint of any supported MoE family (rewriter inspect lists them), in a local
     folder or at an fsspec URL (s3://, hf://…). A model that does not fit the device is run one
-    decoder layer at a time (--streamed). Needs the torch extra (pip install '.[torch]').
+    decoder layer at a time (--streamed); --devices splits the tokens across several GPUs.
+    Needs the torch extra (pip install '.[torch]').
     """
     from profiling.profile import profile as run_profile
 
-    kw = _engine_kwargs(device, dtype, gpu_memory, storage_options)
+    kw = _engine_kwargs(device, dtype, gpu_memory, storage_options, devices, expert_chunk)
     refuse_existing_file(out, "--out", force)  # before the profile, not after hours of it
     refuse_missing_folder(out, "--out")
     bar = TokenProgress(enabled=not quiet)
@@ -145,12 +161,14 @@ class TokenProgress:
 @_fail_cleanly
 def eval_cmd(model: str, packs: tuple[str, ...], seq_lens: tuple[int, ...], blocks: int, compare: str | None,
              device: str | None, dtype: str, streamed: bool | None, gpu_memory: float | None,
-             storage_options: dict[str, Any] | None, batch_size: int, gate_ppl_abs: float, gate_ppl_rel: float, gate_mean_p: float,
+             storage_options: dict[str, Any] | None, devices: str | None, expert_chunk: int | None, batch_size: int,
+             gate_ppl_abs: float, gate_ppl_rel: float, gate_mean_p: float,
              gate_cc: float, gate_jsd: float, plot: str | None, as_json: bool) -> None:
     """Teacher-forced quality of MODEL per pack; with --compare, deltas and near-lossless gates.
 
     Exit status 1 when --compare is given and any gate fails (rule: docs/eval.md). Models that
-    do not fit the device are run one decoder layer at a time (--streamed; docs/streaming.md).
+    do not fit the device are run one decoder layer at a time (--streamed; docs/streaming.md);
+    --devices splits the blocks across several GPUs.
     """
     from quality.evaluate import evaluate, format_table, plot_histograms
     from quality.gates import Gates
@@ -158,7 +176,7 @@ def eval_cmd(model: str, packs: tuple[str, ...], seq_lens: tuple[int, ...], bloc
     gates = Gates(gate_ppl_abs, gate_ppl_rel, gate_mean_p, gate_cc, gate_jsd)
     result = evaluate(model, list(packs), seq_lens=seq_lens or (1024,), blocks=blocks, compare=compare,
                       gates=gates, batch_size=batch_size, streamed=streamed,
-                      **_engine_kwargs(device, dtype, gpu_memory, storage_options))
+                      **_engine_kwargs(device, dtype, gpu_memory, storage_options, devices, expert_chunk))
     if plot:
         plot_histograms(result, plot)
     if as_json:

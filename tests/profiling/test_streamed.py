@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from core.checkpoint import Checkpoint  # noqa: E402
+from profiling.deferred import CPU_CHUNK  # noqa: E402
 from profiling.profile import batched, profile, profile_streamed  # noqa: E402
 from profiling.streamed import StreamedModel  # noqa: E402
 from quality.evaluate import evaluate  # noqa: E402
@@ -52,12 +53,26 @@ def family(request, tmp_path_factory):
     return request.param, src, vocab, root
 
 
-def test_streamed_saliency_equals_whole_model(family):
+@pytest.fixture(scope="module")
+def whole_saliency(family):
+    name, src, vocab, root = family
+    data = [str(_data(root / "cal.jsonl", vocab))]
+    return profile(str(src), data, streamed=False, seq_len=16, batch_size=3, device="cpu")
+
+
+# The MoE of a layer over all 5 batches at once (the default), over chunks of 2 batches (96 of at
+# most 100 tokens), and inside each batch's layer call.
+@pytest.mark.parametrize("expert_chunk", [None, 100, 0])
+def test_streamed_saliency_equals_whole_model(family, whole_saliency, expert_chunk):
     name, src, vocab, root = family
     data = [str(_data(root / "cal.jsonl", vocab))]
     kw = dict(seq_len=16, batch_size=3, device="cpu")  # 240 tokens: 5 batches of 3 x 16
-    whole = profile(str(src), data, streamed=False, **kw)
-    streamed = profile(str(src), data, streamed=True, **kw)
+    whole = whole_saliency
+    streamed = profile(str(src), data, streamed=True, expert_chunk=expert_chunk, **kw)
+    engine = streamed.method["engine"]
+    assert engine["expert_chunk"] == (CPU_CHUNK if expert_chunk is None else expert_chunk)
+    layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    assert engine["batched_layers"] == (0 if expert_chunk == 0 else layers)
     assert streamed.method["streamed"] and not whole.method["streamed"]
     assert streamed.method["dtype"] == whole.method["dtype"] == ("bfloat16" if name.startswith("gpt_oss") else "float32")
     assert streamed.tokens == whole.tokens == 240
@@ -162,7 +177,7 @@ def _live_weight_bytes(model) -> int:
 
 def test_weights_held_do_not_grow_with_layers(tmp_path):
     """Same geometry, 2 vs 8 layers: the same peak of layer weights held at once, measured on
-    the model itself after every (layer, batch) forward and by the engine's ledger."""
+    the model itself after every layer's MoE forward and by the engine's ledger."""
     measured = {}
     for n in (2, 8):
         src = tmp_path / str(n)
@@ -175,7 +190,7 @@ def test_weights_held_do_not_grow_with_layers(tmp_path):
         engine.run(batches, lambda h, ids: None,
                    on_layer=lambda layer, batch, e=engine, seen=live: seen.append(_live_weight_bytes(e.model)))
         timings = engine.stats.layers
-        assert len(timings) == n and len(live) == 2 * n
+        assert len(timings) == n and len(live) == n  # one MoE forward per layer, over both batches
         assert max(live) - computed == timings[0].weight_bytes  # one decoder layer built at a time
         # The ledger: the built layer, its raw bytes and the next layer's raw bytes read ahead.
         assert engine.stats.peak_weight_bytes <= timings[0].weight_bytes + 2 * timings[0].raw_bytes
