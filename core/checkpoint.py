@@ -47,7 +47,7 @@ class TensorInfo:
     def nbytes(self) -> int:
         return self.end - self.begin
 
-    @property
+    @cached_property
     def layer(self) -> int | None:
         """The decoder layer the tensor belongs to (``model.layers.N.``, GGUF's ``blk.N.``), if any."""
         m = _LAYER_RE.search(self.name)
@@ -114,6 +114,8 @@ class Checkpoint:
         self.files = files
         self.gguf = gguf
         self.container = "gguf" if gguf else "safetensors"
+        #: What steps derive from the tensors and config (the MoE layers), kept for the next step.
+        self.derived: dict[Any, Any] = {}
 
     @classmethod
     def open(
@@ -298,8 +300,14 @@ def _load_index(storage: Storage) -> tuple[dict[str, str], int | None]:
     if not isinstance(wm, dict) or not wm:
         raise CheckpointError(f"{where}: expected a non-empty 'weight_map' object")
     weight_map = {}
+    checked: dict[str, str] = {}  # a few hundred shard names for 100,000+ tensors: check each once
     for name, shard in wm.items():
-        weight_map[name] = check_shard_name(shard, where)
+        ok = checked.get(shard) if isinstance(shard, str) else None
+        if ok is None:
+            ok = check_shard_name(shard, where)
+            if isinstance(shard, str):
+                checked[shard] = ok
+        weight_map[name] = ok
     total = None
     meta = doc.get("metadata")
     if isinstance(meta, dict) and "total_size" in meta:

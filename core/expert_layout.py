@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -120,10 +121,23 @@ class Layout:
     architectures: tuple[str, ...] = ()
 
     def classify(self, name: str) -> ExpertTensor | None:
+        """What pruning does with tensor ``name`` (``None``: copied whole). Pure, so remembered:
+        planning a 1 T checkpoint asks it of each of 140,000 names from several steps."""
+        memo = _CLASSIFIED.get(id(self))
+        if memo is None or memo[0] is not self:
+            memo = _CLASSIFIED[id(self)] = (self, {})
+        names = memo[1]
+        if name not in names:
+            if len(names) >= _MEMO_NAMES:
+                names.clear()
+            names[name] = self._classify(name)
+        return names[name]
+
+    def _classify(self, name: str) -> ExpertTensor | None:
         for role, pattern in (("fused", self.fused), ("router", self.router), ("expert", self.expert)):
             if pattern is None:
                 continue
-            m = re.search(pattern, name)
+            m = _compiled(pattern).search(name)
             if m:
                 expert = int(m.group("expert")) if role == "expert" else None
                 return ExpertTensor(name, int(m.group("layer")), role, expert)  # type: ignore[arg-type]
@@ -191,7 +205,7 @@ class Layout:
 
     def in_module(self, name: str) -> re.Match[str] | None:
         """Whether ``name`` sits in a layer's MoE module (the match names the layer)."""
-        return re.search(_LAYER + f"(?:{self.module})\\.", name)
+        return _compiled(_LAYER + f"(?:{self.module})\\.").search(name)
 
     def moe_layers(self, ckpt: CheckpointView) -> dict[int, MoELayer]:
         """Every MoE layer of ``ckpt`` with its expert tensors, checked against the config.
@@ -205,6 +219,19 @@ class Layout:
         where = ckpt.storage.describe("config.json")
         default = self.num_experts(ckpt.config, where)
         counts = self.layer_counts(ckpt.config, where)
+        # Several steps of one command ask; a checkpoint of 100,000+ tensors is classified once per
+        # layout and config (a changed config is classified again).
+        memo = getattr(ckpt, "derived", None)
+        key = ("moe_layers", self, default, tuple(sorted(counts.items())), str(configured_moe_layers(ckpt.config)),
+               len(ckpt.tensors))
+        if memo is not None and key in memo:
+            return dict(memo[key])
+        layers = self._find_layers(ckpt, default, counts)
+        if memo is not None:
+            memo[key] = dict(layers)
+        return layers
+
+    def _find_layers(self, ckpt: CheckpointView, default: int, counts: Mapping[int, int]) -> dict[int, MoELayer]:
         found: dict[int, list[ExpertTensor]] = {}
         for info in ckpt.tensors.values():
             t = self.classify(info.name)
@@ -279,6 +306,16 @@ class Layout:
                     f"{self.family} layout does not say how it depends on the experts; refusing "
                     f"rather than copying it unsliced (model_type {ckpt.config.get('model_type')!r})"
                 )
+
+
+#: Per layout (by identity; the layout is held, so its id is not reused): name -> classification.
+_CLASSIFIED: dict[int, tuple[Layout, dict[str, ExpertTensor | None]]] = {}
+_MEMO_NAMES = 1 << 18
+
+
+@lru_cache(maxsize=256)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
 
 
 def expert_axis(shape: Sequence[int]) -> int:
