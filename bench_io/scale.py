@@ -72,6 +72,23 @@ def plan_facts(plan: Path, output: str, moe_layers: int) -> dict[str, Any]:
             "plan_bytes_per_copy_range": size // max(ranges, 1), "plan_bytes_per_output_tensor": size // max(tensors, 1)}
 
 
+def node_estimates(plan_path: Path) -> list[dict[str, Any]]:
+    """The Ray scaling model (:func:`planners.cost.estimate_nodes`, as ``bench_io.raybench``
+    applies it to 120B) on this plan: 1-32 nodes at 0.5 and 1 GB/s of output per node (one
+    node's rate measured by raybench: ~0.5 GB/s), 10 s to start; extrapolated, not measured."""
+    from planners.cost import estimate_nodes
+    from planners.plan import Plan
+
+    plan = Plan.load(str(plan_path))
+    rows = []
+    for bw in (0.5e9, 1e9):
+        for n in (1, 2, 4, 8, 16, 32):
+            e = estimate_nodes(plan, n, bw, startup_s=10.0)
+            rows.append({"nodes": n, "node_bytes_per_s": bw, "est_seconds": round(e.est_seconds, 1),
+                         "tasks": e.tasks, "bytes_written": e.bytes_written})
+    return rows
+
+
 def measure_preset(preset: str, layer: int, repeat: int, work: Path) -> dict[str, Any]:
     from rewriter.tools.synth_moe import MOE_PRESETS, all_tensors
 
@@ -99,7 +116,8 @@ def measure_preset(preset: str, layer: int, repeat: int, work: Path) -> dict[str
     out = {"preset": preset, "tensors": len(all_tensors(g)), "moe_layers": moe, "synth": summary([made]),
            "disk": disk_use(src), "steps": {k: summary(v) for k, v in steps.items()},
            "plan": plan_facts(plan, steps["plan"][-1]["output"], moe),
-           "dry_run_output": steps["dry-run"][-1]["output"][-1500:], "plan_output": steps["plan"][-1]["output"][-1200:]}
+           "dry_run_output": steps["dry-run"][-1]["output"][-1500:], "plan_output": steps["plan"][-1]["output"][-1200:],
+           "ray_nodes_extrapolated": node_estimates(plan)}
     shutil.rmtree(src, ignore_errors=True)
     return out
 
@@ -121,6 +139,13 @@ def markdown(doc: dict[str, Any]) -> str:
                     f"{cell('plan')} | {p['plan']['plan_bytes'] / 1e6:.1f} MB | "
                     f"{p['plan']['plan_bytes_per_moe_layer'] / 1e3:.0f} kB | {p['plan']['plan_bytes_per_copy_range']} B | "
                     f"{cell('dry-run')} |")
+    rows += ["", "Rewrite of the whole plan on N Ray nodes (scaling model, extrapolated; GB/s of output per node):",
+             "", "| preset | GB/s | " + " | ".join(f"{n} nodes" for n in (1, 2, 4, 8, 16, 32)) + " |", "|---|---|" + "---|" * 6]
+    for name, p in doc["presets"].items():
+        for bw in (0.5e9, 1e9):
+            est = [r for r in p.get("ray_nodes_extrapolated", []) if r["node_bytes_per_s"] == bw]
+            if est:
+                rows.append(f"| {name} | {bw / 1e9:g} | " + " | ".join(f"{r['est_seconds'] / 60:.1f} min" for r in est) + " |")
     return "\n".join(rows) + f"\n\n{doc['machine']}\n"
 
 

@@ -299,15 +299,9 @@ def _load_index(storage: Storage) -> tuple[dict[str, str], int | None]:
     wm = doc.get("weight_map")
     if not isinstance(wm, dict) or not wm:
         raise CheckpointError(f"{where}: expected a non-empty 'weight_map' object")
-    weight_map = {}
-    checked: dict[str, str] = {}  # a few hundred shard names for 100,000+ tensors: check each once
-    for name, shard in wm.items():
-        ok = checked.get(shard) if isinstance(shard, str) else None
-        if ok is None:
-            ok = check_shard_name(shard, where)
-            if isinstance(shard, str):
-                checked[shard] = ok
-        weight_map[name] = ok
+    # A few hundred shard names for 100,000+ tensors: each checked once, in index order.
+    checked = {s: check_shard_name(s, where) for s in dict.fromkeys(v for v in wm.values() if isinstance(v, str))}
+    weight_map = {name: checked[s] if isinstance(s, str) else check_shard_name(s, where) for name, s in wm.items()}
     total = None
     meta = doc.get("metadata")
     if isinstance(meta, dict) and "total_size" in meta:

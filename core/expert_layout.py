@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from core.errors import CheckpointError
-from core.layer_config import configured_moe_layers, int_field, int_list
+from core.layer_config import check_configured_layers, configured_moe_layers, int_field, int_list
+from core.memo import compiled, kept
 
 
 # What a layout reads of a checkpoint. Structural types, so that the checkpoint model can detect
@@ -123,21 +123,13 @@ class Layout:
     def classify(self, name: str) -> ExpertTensor | None:
         """What pruning does with tensor ``name`` (``None``: copied whole). Pure, so remembered:
         planning a 1 T checkpoint asks it of each of 140,000 names from several steps."""
-        memo = _CLASSIFIED.get(id(self))
-        if memo is None or memo[0] is not self:
-            memo = _CLASSIFIED[id(self)] = (self, {})
-        names = memo[1]
-        if name not in names:
-            if len(names) >= _MEMO_NAMES:
-                names.clear()
-            names[name] = self._classify(name)
-        return names[name]
+        return kept(self, name, lambda: self._classify(name))
 
     def _classify(self, name: str) -> ExpertTensor | None:
         for role, pattern in (("fused", self.fused), ("router", self.router), ("expert", self.expert)):
             if pattern is None:
                 continue
-            m = _compiled(pattern).search(name)
+            m = compiled(pattern).search(name)
             if m:
                 expert = int(m.group("expert")) if role == "expert" else None
                 return ExpertTensor(name, int(m.group("layer")), role, expert)  # type: ignore[arg-type]
@@ -205,7 +197,7 @@ class Layout:
 
     def in_module(self, name: str) -> re.Match[str] | None:
         """Whether ``name`` sits in a layer's MoE module (the match names the layer)."""
-        return _compiled(_LAYER + f"(?:{self.module})\\.").search(name)
+        return compiled(_LAYER + f"(?:{self.module})\\.").search(name)
 
     def moe_layers(self, ckpt: CheckpointView) -> dict[int, MoELayer]:
         """Every MoE layer of ``ckpt`` with its expert tensors, checked against the config.
@@ -260,7 +252,7 @@ class Layout:
         for layer in layers.values():
             self._check_complete(ckpt, layer)
         self._check_unclassified(ckpt, layers)
-        _check_configured_layers(ckpt, layers)
+        check_configured_layers(ckpt.url, ckpt.config, layers)
         return layers
 
     def _check_complete(self, ckpt: CheckpointView, layer: MoELayer) -> None:
@@ -308,16 +300,6 @@ class Layout:
                 )
 
 
-#: Per layout (by identity; the layout is held, so its id is not reused): name -> classification.
-_CLASSIFIED: dict[int, tuple[Layout, dict[str, ExpertTensor | None]]] = {}
-_MEMO_NAMES = 1 << 18
-
-
-@lru_cache(maxsize=256)
-def _compiled(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
-
-
 def expert_axis(shape: Sequence[int]) -> int:
     """The expert dimension of a sliced tensor: dim 0, or the first after leading 1s (a router
     bias stored ``[1, E]``). Either way one expert is one contiguous byte range."""
@@ -332,26 +314,6 @@ def expert_axis(shape: Sequence[int]) -> int:
 #: standard exists (transformers and mlx-lm read one count for every layer), so this tool names
 #: its own; README "Non-uniform output" says who reads it.
 PER_LAYER_FIELD = "num_experts_per_layer"
-
-
-def _check_configured_layers(ckpt: CheckpointView, layers: Mapping[int, MoELayer]) -> None:
-    """The expert tensors sit in the layers the config makes MoE layers (MTP layers aside)."""
-    said = configured_moe_layers(ckpt.config)
-    if said is None:
-        return
-    fields, want = said
-    got = {i for i in layers if i < ckpt.config["num_hidden_layers"]}
-    if got != want:
-        raise CheckpointError(
-            f"{ckpt.url}: config.json's {fields} make layers {_span_of(want)} MoE layers, but the expert tensors "
-            f"are in layers {_span_of(got)}; transformers would build the model the config describes and not "
-            f"load these tensors. Use the config written with these weights"
-        )
-
-
-def _span_of(layers: set[int]) -> str:
-    s = sorted(layers)
-    return "none" if not s else str(s) if len(s) <= 6 else f"{s[0]}..{s[-1]} ({len(s)} layers)"
 
 
 _LAYER = r"(?:^|\.)layers\.(?P<layer>\d+)\."
