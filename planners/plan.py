@@ -19,7 +19,13 @@ from core.checkpoint import CONFIG_NAME, INDEX_NAME
 from core.containers import CONTAINERS
 from core.errors import PlanError
 from core.jsonfile import parse_json, read_url
-from planners.plan_schema import check_document, check_name, check_written_name, is_count, plan_chunks
+from planners.plan_schema import (
+    check_document,
+    check_name,
+    check_written_name,
+    is_count,
+    plan_chunks,
+)
 from planners.provenance import (
     LOCAL_SOURCE,
     UNSTABLE_PROVENANCE,
