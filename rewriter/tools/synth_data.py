@@ -137,7 +137,7 @@ def computing_chunks(name: str, dtype: str, shape: tuple[int, ...]) -> Iterator[
     rows = shape[0] if shape else 1
     row_bytes = total // max(rows, 1)
     step = max(1, (8 << 20) // max(row_bytes, 1))
-    constant = tile.size <= 4
+    constant = tile.size <= 2 or name.endswith("weight_scale_inv")
     twice = tile if constant else np.concatenate([tile, tile])
     for r in range(0, rows, step):
         n = min(step, rows - r) * row_bytes
