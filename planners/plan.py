@@ -19,13 +19,8 @@ from core.checkpoint import CONFIG_NAME, INDEX_NAME
 from core.containers import CONTAINERS
 from core.errors import PlanError
 from core.jsonfile import parse_json, read_url
-from planners.plan_schema import (
-    check_document,
-    check_name,
-    check_written_name,
-    is_count,
-    plan_chunks,
-)
+from planners import plan_schema
+from planners.plan_schema import check_document, check_name, check_written_name, is_count
 from planners.provenance import (
     LOCAL_SOURCE,
     UNSTABLE_PROVENANCE,
@@ -212,7 +207,7 @@ class Plan:
 
     def save(self, url: str) -> None:
         with fsspec.open(url, "w") as f:
-            f.writelines(plan_chunks(self.to_json()))
+            f.writelines(plan_schema.plan_chunks(self.to_json()))
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any], where: str = "plan") -> Plan:
