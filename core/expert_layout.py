@@ -22,7 +22,7 @@ from typing import Any, Literal, Protocol
 
 from core.errors import CheckpointError
 from core.layer_config import check_configured_layers, configured_moe_layers, int_field, int_list
-from core.memo import compiled, kept
+from core.memo import classified, compiled
 
 
 # What a layout reads of a checkpoint. Structural types, so that the checkpoint model can detect
@@ -123,7 +123,7 @@ class Layout:
     def classify(self, name: str) -> ExpertTensor | None:
         """What pruning does with tensor ``name`` (``None``: copied whole). Pure, so remembered:
         planning a 1 T checkpoint asks it of each of 140,000 names from several steps."""
-        return kept(self, name, lambda: self._classify(name))
+        return classified(self, name)  # type: ignore[no-any-return]
 
     def _classify(self, name: str) -> ExpertTensor | None:
         for role, pattern in (("fused", self.fused), ("router", self.router), ("expert", self.expert)):

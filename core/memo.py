@@ -4,29 +4,28 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from functools import lru_cache
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
-
-#: Per owner (by identity; the owner is held, so its id is not reused): key -> value.
+#: Per layout (by identity; the layout is held, so its id is not reused): name -> classification.
 _KEPT: dict[int, tuple[object, dict[Hashable, Any]]] = {}
-_MAX_KEPT = 1 << 18
+MAX_KEPT = 1 << 18
 
 
-def kept(owner: object, key: Hashable, make: Callable[[], T]) -> T:
-    """``make()``, remembered for ``owner`` (a frozen family description) and ``key``; at most
-    :data:`_MAX_KEPT` values per owner (all forgotten when full)."""
-    entry = _KEPT.get(id(owner))
-    if entry is None or entry[0] is not owner:
-        entry = _KEPT[id(owner)] = (owner, {})
-    values = entry[1]
-    if key not in values:
-        if len(values) >= _MAX_KEPT:
-            values.clear()
-        values[key] = make()
-    return values[key]
+def classified(layout: Any, name: str) -> Any:
+    """``layout._classify(name)``, kept per layout (a frozen family description): at most
+    :data:`MAX_KEPT` names each, all forgotten when full."""
+    entry = _KEPT.get(id(layout))
+    if entry is None or entry[0] is not layout:
+        entry = _KEPT[id(layout)] = (layout, {})
+    names = entry[1]
+    t = names.get(name, names)  # the table itself: not classified yet
+    if t is names:
+        if len(names) >= MAX_KEPT:
+            names.clear()
+        t = names[name] = layout._classify(name)
+    return t
 
 
 @lru_cache(maxsize=256)
