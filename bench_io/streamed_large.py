@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     args.work.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
                            "transformers": transformers.__version__, "python": platform.python_version(),
                            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
