@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 from core.errors import CheckpointError, FormatError
@@ -50,8 +50,12 @@ class TensorInfo:
     @property
     def layer(self) -> int | None:
         """The decoder layer the tensor belongs to (``model.layers.N.``, GGUF's ``blk.N.``), if any."""
-        m = _LAYER_RE.search(self.name)
-        return int(m.group(1)) if m else None
+        return _layer_of(self.name)
+
+
+@lru_cache(maxsize=1 << 18)  # several steps ask it of each of a 1 T checkpoint's 140,000 names
+def _layer_of(name: str) -> int | None:
+    return int(m.group(1)) if (m := _LAYER_RE.search(name)) else None
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,8 @@ class Checkpoint:
         self.files = files
         self.gguf = gguf
         self.container = "gguf" if gguf else "safetensors"
+        #: What steps derive from the tensors and config (the MoE layers), kept for the next step.
+        self.derived: dict[Any, Any] = {}
 
     @classmethod
     def open(
@@ -297,9 +303,8 @@ def _load_index(storage: Storage) -> tuple[dict[str, str], int | None]:
     wm = doc.get("weight_map")
     if not isinstance(wm, dict) or not wm:
         raise CheckpointError(f"{where}: expected a non-empty 'weight_map' object")
-    weight_map = {}
-    for name, shard in wm.items():
-        weight_map[name] = check_shard_name(shard, where)
+    checked = {s: check_shard_name(s, where) for s in dict.fromkeys(v for v in wm.values() if isinstance(v, str))}
+    weight_map = {name: checked[s] if isinstance(s, str) else check_shard_name(s, where) for name, s in wm.items()}
     total = None
     meta = doc.get("metadata")
     if isinstance(meta, dict) and "total_size" in meta:

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from core.errors import CheckpointError
-from core.layer_config import configured_moe_layers, int_field, int_list
+from core.layer_config import check_configured_layers, configured_moe_layers, int_field, int_list
+from core.memo import classified, compiled
 
 
 # What a layout reads of a checkpoint. Structural types, so that the checkpoint model can detect
@@ -120,10 +121,15 @@ class Layout:
     architectures: tuple[str, ...] = ()
 
     def classify(self, name: str) -> ExpertTensor | None:
+        """What pruning does with tensor ``name`` (``None``: copied whole). Pure, so remembered:
+        planning a 1 T checkpoint asks it of each of 140,000 names from several steps."""
+        return classified(self, name)  # type: ignore[no-any-return]
+
+    def _classify(self, name: str) -> ExpertTensor | None:
         for role, pattern in (("fused", self.fused), ("router", self.router), ("expert", self.expert)):
             if pattern is None:
                 continue
-            m = re.search(pattern, name)
+            m = compiled(pattern).search(name)
             if m:
                 expert = int(m.group("expert")) if role == "expert" else None
                 return ExpertTensor(name, int(m.group("layer")), role, expert)  # type: ignore[arg-type]
@@ -191,7 +197,7 @@ class Layout:
 
     def in_module(self, name: str) -> re.Match[str] | None:
         """Whether ``name`` sits in a layer's MoE module (the match names the layer)."""
-        return re.search(_LAYER + f"(?:{self.module})\\.", name)
+        return compiled(_LAYER + f"(?:{self.module})\\.").search(name)
 
     def moe_layers(self, ckpt: CheckpointView) -> dict[int, MoELayer]:
         """Every MoE layer of ``ckpt`` with its expert tensors, checked against the config.
@@ -205,6 +211,19 @@ class Layout:
         where = ckpt.storage.describe("config.json")
         default = self.num_experts(ckpt.config, where)
         counts = self.layer_counts(ckpt.config, where)
+        # Several steps of one command ask; a checkpoint of 100,000+ tensors is classified once per
+        # layout and config (a changed config is classified again).
+        memo = getattr(ckpt, "derived", None)
+        key = ("moe_layers", self, default, tuple(sorted(counts.items())), str(configured_moe_layers(ckpt.config)),
+               len(ckpt.tensors))
+        if memo is not None and key in memo:
+            return dict(memo[key])
+        layers = self._find_layers(ckpt, default, counts)
+        if memo is not None:
+            memo[key] = dict(layers)
+        return layers
+
+    def _find_layers(self, ckpt: CheckpointView, default: int, counts: Mapping[int, int]) -> dict[int, MoELayer]:
         found: dict[int, list[ExpertTensor]] = {}
         for info in ckpt.tensors.values():
             t = self.classify(info.name)
@@ -233,7 +252,7 @@ class Layout:
         for layer in layers.values():
             self._check_complete(ckpt, layer)
         self._check_unclassified(ckpt, layers)
-        _check_configured_layers(ckpt, layers)
+        check_configured_layers(ckpt.url, ckpt.config, layers)
         return layers
 
     def _check_complete(self, ckpt: CheckpointView, layer: MoELayer) -> None:
@@ -295,26 +314,6 @@ def expert_axis(shape: Sequence[int]) -> int:
 #: standard exists (transformers and mlx-lm read one count for every layer), so this tool names
 #: its own; README "Non-uniform output" says who reads it.
 PER_LAYER_FIELD = "num_experts_per_layer"
-
-
-def _check_configured_layers(ckpt: CheckpointView, layers: Mapping[int, MoELayer]) -> None:
-    """The expert tensors sit in the layers the config makes MoE layers (MTP layers aside)."""
-    said = configured_moe_layers(ckpt.config)
-    if said is None:
-        return
-    fields, want = said
-    got = {i for i in layers if i < ckpt.config["num_hidden_layers"]}
-    if got != want:
-        raise CheckpointError(
-            f"{ckpt.url}: config.json's {fields} make layers {_span_of(want)} MoE layers, but the expert tensors "
-            f"are in layers {_span_of(got)}; transformers would build the model the config describes and not "
-            f"load these tensors. Use the config written with these weights"
-        )
-
-
-def _span_of(layers: set[int]) -> str:
-    s = sorted(layers)
-    return "none" if not s else str(s) if len(s) <= 6 else f"{s[0]}..{s[-1]} ({len(s)} layers)"
 
 
 _LAYER = r"(?:^|\.)layers\.(?P<layer>\d+)\."

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, TypeGuard
 
 from core.errors import CheckpointError
@@ -45,6 +45,26 @@ def configured_moe_layers(config: Mapping[str, Any]) -> tuple[str, set[int]] | N
 
 
 _MAX_LAYERS = 1 << 16
+
+
+def check_configured_layers(url: str, config: Mapping[str, Any], layers: Collection[int]) -> None:
+    """The expert tensors sit in the layers the config makes MoE layers (MTP layers aside)."""
+    said = configured_moe_layers(config)
+    if said is None:
+        return
+    fields, want = said
+    got = {i for i in layers if i < config["num_hidden_layers"]}
+    if got != want:
+        raise CheckpointError(
+            f"{url}: config.json's {fields} make layers {_span_of(want)} MoE layers, but the expert tensors "
+            f"are in layers {_span_of(got)}; transformers would build the model the config describes and not "
+            f"load these tensors. Use the config written with these weights"
+        )
+
+
+def _span_of(layers: set[int]) -> str:
+    s = sorted(layers)
+    return "none" if not s else str(s) if len(s) <= 6 else f"{s[0]}..{s[-1]} ({len(s)} layers)"
 
 
 def _is_count(v: Any) -> bool:

@@ -7,8 +7,9 @@ plan file and the field, never a crash deep inside a run.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from core.errors import PlanError
@@ -188,3 +189,24 @@ def check_written_name(name: str, field: str, where: str) -> None:
         raise PlanError(f"{where}: {field} {name!r} {problem}; names of output files may hold only "
                         f"ASCII letters, digits, '-', '_', '.' and '/' between folders, with no "
                         f"component empty or starting with '.'. Refusing this plan: make it again")
+
+
+
+def plan_chunks(doc: Mapping[str, Any]) -> Iterator[str]:
+    """A plan document as JSON text, in pieces: one line per top-level field and per output
+    shard, each written compactly. json's C encoder writes only compact JSON; an indented plan of
+    a 1 T checkpoint (100,000+ tensors) took seconds in the pure-Python one."""
+    def compact(v: Any) -> str:
+        return json.dumps(v, separators=(",", ":"))
+
+    yield "{"
+    for i, (key, value) in enumerate(doc.items()):
+        yield ("," if i else "") + f"\n{compact(key)}: "
+        if key == "outputs" and isinstance(value, list) and value:
+            yield "["
+            for j, o in enumerate(value):
+                yield ("," if j else "") + "\n" + compact(o)
+            yield "\n]"
+        else:
+            yield compact(value)
+    yield "\n}\n"

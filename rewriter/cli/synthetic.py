@@ -20,8 +20,13 @@ from rewriter.cli.params import (
 
 
 @main.command()
-@click.option("--preset", required=True, help="Geometry: 20b, 120b, tiny, tiny-bf16, small.")
-@click.option("--layers", type=POSITIVE, default=None, help="Keep the preset's per-layer geometry with N layers.")
+@click.option("--preset", required=True,
+              help="Geometry: gpt-oss 20b, 120b, tiny, tiny-bf16, small; the published geometries of deepseek-v3, "
+                   "deepseek-r1, kimi-k2 (FP8 block-scaled experts), qwen3-235b, qwen3-coder-480b, glm-4.5 "
+                   "(BF16); deepseek-v3-mini (DeepSeek-V3 architecture at test size).")
+@click.option("--layers", type=POSITIVE, default=None,
+              help="Keep the preset's per-layer geometry with N decoder layers (dense-first layers kept while "
+                   "one MoE layer remains; MTP layers kept after them).")
 @click.option("--sparse", is_flag=True, help="Real headers over holes: full geometry at no disk cost.")
 @click.option("--computing", is_flag=True,
               help="Weights that compute (finite, unit-scale activations): for profile and eval runs.")
@@ -30,7 +35,8 @@ from rewriter.cli.params import (
 @click.argument("out", type=click.Path(file_okay=False))
 @_fail_cleanly
 def synth(preset: str, layers: int | None, sparse: bool, computing: bool, force: bool, quiet: bool, out: str) -> None:
-    """Write a synthetic gpt-oss checkpoint to OUT (a new or empty folder)."""
+    """Write a synthetic checkpoint (gpt-oss, or a per-expert MoE at a published geometry) to OUT (a new
+    or empty folder)."""
     from core.format import nbytes_of
     from rewriter.tools.progress import ByteProgress
     from rewriter.tools.synth import all_tensors, holds_only_temporaries, write_checkpoint

@@ -27,7 +27,9 @@ import numpy as np
 import numpy.random  # noqa: F401
 
 from core.format import encode_header, nbytes_of, reference_order
+from rewriter.tools import synth_moe
 from rewriter.tools.synth_data import Values, tensor_chunks
+from rewriter.tools.synth_moe import MOE_PRESETS, MoEGeometry
 
 #: Suffix of a shard being written; renamed to its name once whole.
 TMP_SUFFIX = ".tmp"
@@ -108,8 +110,10 @@ def layer_tensors(g: Geometry, layer: int) -> list[tuple[str, str, tuple[int, ..
     return out
 
 
-def all_tensors(g: Geometry) -> list[tuple[str, str, tuple[int, ...]]]:
+def all_tensors(g: Geometry | MoEGeometry) -> list[tuple[str, str, tuple[int, ...]]]:
     """Every tensor in index order: layers sorted as strings, then embed, norm, lm_head."""
+    if isinstance(g, MoEGeometry):
+        return synth_moe.all_tensors(g)
     out = []
     for layer in sorted(range(g.num_layers), key=str):
         out += layer_tensors(g, layer)
@@ -121,8 +125,10 @@ def all_tensors(g: Geometry) -> list[tuple[str, str, tuple[int, ...]]]:
     return out
 
 
-def shard_assignment(g: Geometry) -> dict[str, list[tuple[str, str, tuple[int, ...]]]]:
+def shard_assignment(g: Geometry | MoEGeometry) -> dict[str, list[tuple[str, str, tuple[int, ...]]]]:
     """Greedy fill in index order into shards of at most ``max_shard_bytes`` of tensor data."""
+    if isinstance(g, MoEGeometry):
+        return synth_moe.shard_assignment(g)
     groups: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
     size = 0
     for item in all_tensors(g):
@@ -136,8 +142,10 @@ def shard_assignment(g: Geometry) -> dict[str, list[tuple[str, str, tuple[int, .
     return {f"model-{i:05d}-of-{last:05d}.safetensors": grp for i, grp in enumerate(groups)}
 
 
-def config_for(g: Geometry) -> dict:
+def config_for(g: Geometry | MoEGeometry) -> dict:
     """A gpt-oss ``config.json`` for the geometry (the 20B config with its sizes replaced)."""
+    if isinstance(g, MoEGeometry):
+        return synth_moe.config_for(g)
     cfg = {
         "architectures": ["GptOssForCausalLM"],
         "attention_bias": True,
@@ -226,7 +234,7 @@ def holds_only_temporaries(folder: str | os.PathLike) -> bool:
     return all(name.endswith(".safetensors" + TMP_SUFFIX) for name in os.listdir(folder))
 
 
-def write_checkpoint(out: str | os.PathLike, g: Geometry, sparse: bool = False,
+def write_checkpoint(out: str | os.PathLike, g: Geometry | MoEGeometry, sparse: bool = False,
                      progress: Callable[[int], None] | None = None, values: Values | None = None) -> dict:
     """Write a synthetic checkpoint (shards, index, config, tokenizer stub) to directory ``out``.
 
@@ -265,12 +273,14 @@ def _replace_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def preset(name: str, layers: int | None = None) -> Geometry:
-    if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+def preset(name: str, layers: int | None = None) -> Geometry | MoEGeometry:
+    """A preset by name (gpt-oss ones and :data:`synth_moe.MOE_PRESETS`), with ``layers`` layers."""
+    known: dict[str, Geometry | MoEGeometry] = {**PRESETS, **MOE_PRESETS}
+    if name not in known:
+        raise KeyError(f"unknown preset {name!r}; choose one of {', '.join(known)}")
     if layers is not None and layers < 1:
         raise ValueError(f"--layers {layers}: a checkpoint needs at least 1 layer")
-    g = PRESETS[name]
+    g = known[name]
     return g.with_layers(layers) if layers is not None else g
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterator
+from functools import lru_cache
 
 import numpy as np
 import numpy.random
@@ -75,10 +76,40 @@ def _fan_in(name: str, shape: tuple[int, ...]) -> int:
     return shape[-1]
 
 
+def _e4m3_values() -> np.ndarray:
+    """The value of each F8_E4M3 byte (NaN for 0x7F and 0xFF): sign, 4 exponent bits (bias 7), 3
+    mantissa bits, subnormal below exponent 1."""
+    b = np.arange(256)
+    exp, man = (b >> 3) & 0xF, b & 7
+    mag = np.where(exp == 0, man / 8 * 2.0 ** -6, (1 + man / 8) * 2.0 ** (exp - 7))
+    mag = np.where((b & 0x7F) == 0x7F, np.nan, mag)
+    return np.where(b & 0x80, -mag, mag)
+
+
+def _e4m3(values: np.ndarray) -> np.ndarray:
+    """float -> the nearest F8_E4M3 byte (ties to the lower magnitude), as uint8."""
+    table = _e4m3_values()[:0x7F]  # the non-negative finite values, ascending
+    mag = np.minimum(np.abs(values), table[-1])
+    hi = np.clip(np.searchsorted(table, mag), 1, len(table) - 1)
+    byte = np.where(table[hi] - mag < mag - table[hi - 1], hi, hi - 1).astype(np.uint8)
+    return byte | np.where(values < 0, 0x80, 0).astype(np.uint8)
+
+
+@lru_cache(maxsize=1)
+def _e4m3_tile() -> np.ndarray:
+    return _e4m3(np.random.default_rng(0).standard_normal(1 << 22, dtype=np.float32))
+
+
 def _computing_tile(name: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     """A tensor's repeating pattern (uint8): constants for norms, biases, sinks and MXFP4
-    scales; otherwise random values scaled by the fan-in, so activations stay near unit size."""
+    scales; otherwise random values scaled by the fan-in, so activations stay near unit size.
+    FP8 block-scaled weights hold unit-normal values and their ``weight_scale_inv`` blocks
+    1/sqrt(fan-in), the weight's inputs (128 per scale column)."""
     rng = np.random.default_rng(_seed(name, -1))
+    if name.endswith("weight_scale_inv"):
+        return np.full(1, 1.0 / np.sqrt(shape[-1] * 128), dtype=np.float32).view(np.uint8)
+    if dtype == "F8_E4M3":  # one shared pattern (encoding is slow), each tensor starting elsewhere in it
+        return np.roll(_e4m3_tile(), -int(rng.integers(0, 1 << 22)))
     if name.endswith("_scales"):
         # Random E2M1 nibbles have an RMS of 2.93: pick the exponent that brings the weights'
         # RMS to 1/sqrt(fan-in).
@@ -99,14 +130,14 @@ def computing_chunks(name: str, dtype: str, shape: tuple[int, ...]) -> Iterator[
     """Bytes of weights that compute: finite, unit-scale activations through any number of layers
     (unlike :func:`tensor_chunks`, whose patterns are for tracing bytes). Rows of dim 0 (experts)
     start at different places of the tensor's random pattern, so experts differ and routing spreads."""
-    if dtype not in ("BF16", "F32", "U8"):
+    if dtype not in ("BF16", "F32", "U8", "F8_E4M3"):
         raise ValueError(f"{name}: no computing values for dtype {dtype}")
     total = nbytes_of(dtype, shape)
     tile = _computing_tile(name, dtype, shape)
     rows = shape[0] if shape else 1
     row_bytes = total // max(rows, 1)
     step = max(1, (8 << 20) // max(row_bytes, 1))
-    constant = tile.size <= 2
+    constant = tile.size <= 2 or name.endswith("weight_scale_inv")
     twice = tile if constant else np.concatenate([tile, tile])
     for r in range(0, rows, step):
         n = min(step, rows - r) * row_bytes

@@ -1,0 +1,34 @@
+"""What is derived again and again from a checkpoint's names: kept, so that a 1 T checkpoint's
+100,000+ tensor names are classified and matched once per command, not once per step."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Hashable
+from functools import lru_cache
+from typing import Any
+
+#: Per layout (by identity; the layout is held, so its id is not reused): name -> classification.
+_KEPT: dict[int, tuple[object, dict[Hashable, Any]]] = {}
+MAX_KEPT = 1 << 18
+
+
+def classified(layout: Any, name: str) -> Any:
+    """``layout._classify(name)``, kept per layout (a frozen family description): at most
+    :data:`MAX_KEPT` names each, all forgotten when full."""
+    entry = _KEPT.get(id(layout))
+    if entry is None or entry[0] is not layout:
+        entry = _KEPT[id(layout)] = (layout, {})
+    names = entry[1]
+    t = names.get(name, names)  # the table itself: not classified yet
+    if t is names:
+        if len(names) >= MAX_KEPT:
+            names.clear()
+        t = names[name] = layout._classify(name)
+    return t
+
+
+@lru_cache(maxsize=256)
+def compiled(pattern: str) -> re.Pattern[str]:
+    """``re.compile(pattern)``, kept (re's own cache is smaller and slower to look up)."""
+    return re.compile(pattern)
