@@ -226,7 +226,8 @@ def recalibrate(src: str, plan: Plan, data: Sequence[str], *, settings: FitSetti
     ckpt = open_moe(src, storage_options)
     try:
         check_plan_fits(plan, ckpt)
-        engine = StreamedModel(ckpt, device=device, dtype=dtype, gpu_memory=gpu_memory)
+        # Batch by batch (no layer-batched MoE): the capture takes each batch's sampled rows per call.
+        engine = StreamedModel(ckpt, device=device, dtype=dtype, gpu_memory=gpu_memory, expert_chunk=0)
         modules = {i: m for i, m in moe_modules(engine.model).items() if i in plan.keep}
         missing = sorted(set(plan.keep) - set(modules))
         if missing:

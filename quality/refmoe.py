@@ -270,7 +270,6 @@ def grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     gradient reaches it): no host synchronization, unlike the eager loop over experts, whose
     per-expert index lookups stall the GPU once per expert per layer."""
     import torch
-
     from transformers.integrations.moe import _grouped_mm
 
     k = top_k_index.shape[-1]

@@ -68,7 +68,8 @@ def recalibrate(src: str, plan_file: str, data: tuple[str, ...], out: str, token
     from profiling.recalibrate import recalibrate as run_recalibration
     from rewriter.cli.gpu import _engine_kwargs
 
-    kw = _engine_kwargs(device, dtype, gpu_memory, storage_options)
+    kw = _engine_kwargs(device, dtype, gpu_memory, storage_options, None, None)
+    del kw["devices"], kw["expert_chunk"]  # one device, batch by batch: see profiling.recalibrate
     if os.path.abspath(out) == os.path.abspath(plan_file):
         raise click.BadParameter(f"{out} is the plan to recalibrate; write the new plan to another file",
                                  param_hint="--out")
