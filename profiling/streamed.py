@@ -421,12 +421,16 @@ class StreamedModel:
         if cap is not None:
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), self._index())
         else:
-            cap = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_allocated(self.device)
+            # Free memory plus what this process's allocator already holds: an earlier run in the
+            # same process (eval --compare's model before its base) leaves its blocks cached,
+            # reusable here though the device counts them as used.
+            cap = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device)
         check_layer_room(sizes.index(layer_bytes), layer_bytes, cap - torch.cuda.memory_allocated(self.device),
                          str(self.device), self.dtype, capped=self.gpu_memory is not None)
         size = torch.tensor([], dtype=self.dtype).element_size()
         head = self.base.get_input_embeddings().weight.numel() * size
-        # The layer phase holds one built layer, its raw bytes and dequantization temporaries;
+        # The layer phase holds one built layer and, while it is built, one tensor's raw bytes and
+        # dequantization temporaries (half a layer leaves room for attention's workspace too);
         # the head phase the output embedding and float32 logits of one chunk (several copies).
         layer_phase = layer_bytes + layer_bytes // 2
         head_phase = head + HEAD_CHUNK * self.model.config.vocab_size * 4 * 4
