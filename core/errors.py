@@ -123,5 +123,6 @@ def is_out_of_memory(e: BaseException) -> bool:
 def out_of_memory(e: BaseException, doing: str, remedy: str) -> DeviceMemoryError:
     """The clear error for ``e`` (see :func:`is_out_of_memory`) raised while ``doing``: what
     torch said first, then ``remedy``."""
-    said = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+    said = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    said = said.split("  See documentation for Memory Management")[0].strip().rstrip(".")  # CUDA's link
     return DeviceMemoryError(f"out of memory {doing} ({said}); {remedy}")

@@ -28,7 +28,13 @@ import numpy as np
 import torch
 
 from core.checkpoint import Checkpoint
-from core.errors import DeviceError, DeviceMemoryError, RewriterError, is_out_of_memory, out_of_memory
+from core.errors import (
+    DeviceError,
+    DeviceMemoryError,
+    RewriterError,
+    is_out_of_memory,
+    out_of_memory,
+)
 from profiling import deferred
 from profiling.activations import ActivationStore
 from profiling.sections import section

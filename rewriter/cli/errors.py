@@ -16,7 +16,13 @@ from typing import Any
 
 import click
 
-from core.errors import RewriterError, StorageAccessError, Terminated, is_out_of_memory, out_of_memory
+from core.errors import (
+    RewriterError,
+    StorageAccessError,
+    Terminated,
+    is_out_of_memory,
+    out_of_memory,
+)
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,15 @@ pytestmark = [pytest.mark.torch]
 
 CUDA_SAYS = ("CUDA out of memory. Tried to allocate 21.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
              "12.50 GiB is free.")
+CUDA_LINK = "  See documentation for Memory Management  (https://pytorch.org/docs/stable/notes/cuda.html)"
+
+
+def test_the_message_keeps_what_torch_said_without_its_link():
+    from core.errors import out_of_memory
+
+    e = out_of_memory(torch.OutOfMemoryError(CUDA_SAYS + CUDA_LINK), "on cuda:0 running layer 3 on batch 2 of 9",
+                      "lower --batch-size")
+    assert str(e) == f"out of memory on cuda:0 running layer 3 on batch 2 of 9 ({CUDA_SAYS[:-1]}); lower --batch-size"
 
 
 def _allocate_a_petabyte(*_: object) -> None:
