@@ -380,7 +380,7 @@ class StreamedModel:
         store = ActivationStore(self.device, free, self._pin)
         args: dict[tuple[int, ...], list] = {}
         for i, b in enumerate(batches):
-            self.doing = ("run", f"embedding batch {i} of {len(batches)}")
+            self.doing = ("run", f"embedding batch {i + 1} of {len(batches)}")
             ids = torch.as_tensor(b, device=self.device)
             shape = tuple(ids.shape)
             with section("embed"):
@@ -489,7 +489,7 @@ class StreamedModel:
                 for b in group:
                     self._forward(layer, i, b, batches, store, args)
             if stash is not None:
-                self.doing = ("run", f"running layer {i}'s experts over batches {group[0]}-{group[-1]}")
+                self.doing = ("run", f"running layer {i}'s experts over batches {group[0] + 1}-{group[-1] + 1}")
                 with section("moe"):
                     outs = deferred.run_moe(layer.mlp, stash.kept)
                 stash.kept.clear()
@@ -497,12 +497,12 @@ class StreamedModel:
                     with section("hidden_copies"):
                         store.put(b, store.get(b) + out)
             if on_layer is not None:
-                self.doing = ("run", f"recording layer {i}'s routing after batch {group[-1]}")
+                self.doing = ("run", f"recording layer {i}'s routing after batch {group[-1] + 1}")
                 on_layer(i, group[-1])
 
     def _forward(self, layer: torch.nn.Module, i: int, b: int, batches: Sequence[np.ndarray],
                  store: ActivationStore, args: dict) -> None:
-        self.doing = ("run", f"running layer {i} on batch {b} of {len(batches)}")
+        self.doing = ("run", f"running layer {i} on batch {b + 1} of {len(batches)}")
         with section("hidden_copies"):
             x = store.get(b)
         rest, kwargs = args[tuple(batches[b].shape)][i]
@@ -519,7 +519,7 @@ class StreamedModel:
         n_head = self._load_now(lm_head) if not self._tied() else self._load_tied(lm_head)
         out = []
         for b in range(len(batches)):
-            self.doing = ("run", f"in the head (final norm, output head, logits) on batch {b} of {len(batches)}")
+            self.doing = ("run", f"in the head (final norm, output head, logits) on batch {b + 1} of {len(batches)}")
             ids = torch.as_tensor(batches[b], device=self.device)
             with section("head"):
                 out.append(head(norm(store.get(b)), ids))

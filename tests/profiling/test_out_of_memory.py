@@ -101,14 +101,14 @@ def test_the_experts_and_the_head_out_of_memory_say_what_to_lower(model, monkeyp
         doc = json.loads(cli("eval", src, *args, "--json", expect=2))
         out = _one_error_line(cli("eval", src, *args, expect=2))
     assert doc == {"error": out.strip().removeprefix("error: "), "exit_status": 2}
-    assert out.startswith("error: out of memory on cpu running layer 0's experts over batches 0-")
+    assert out.startswith("error: out of memory on cpu running layer 0's experts over batches 1-")
     assert f"({CUDA_SAYS.rstrip('.')})" in out
     assert "lower --gpu-memory so more hidden states stay in host memory, or lower --batch-size, " \
            "--expert-chunk or --seq-len" in out
     with monkeypatch.context() as m:
         m.setattr("quality.evaluate.reference_scores", _cuda_out_of_memory)
         out = _one_error_line(cli("eval", src, *args, expect=2))
-    assert out.startswith("error: out of memory on cpu in the head (final norm, output head, logits) on batch 0 of ")
+    assert out.startswith("error: out of memory on cpu in the head (final norm, output head, logits) on batch 1 of ")
 
 
 def test_the_whole_model_out_of_memory_says_to_stream(model, tmp_path, monkeypatch):
