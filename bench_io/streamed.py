@@ -25,6 +25,7 @@ Everything runs through the project's own code paths (:func:`profiling.profile.p
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -256,10 +257,21 @@ def stage_long(out: dict[str, Any], work: Path, layers: int, small: int, tokens:
         torch.use_deterministic_algorithms(False)
 
 
+def _release_device() -> float | None:
+    """Hand this process's cached device memory back before a command runs in another process
+    (the caching allocator keeps a profile's peak otherwise); the device's free GiB after."""
+    if not DEVICE.startswith("cuda"):
+        return None
+    gc.collect()
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info()[0] / GiB
+
+
 def eval_cli(model: Path, work: Path, blocks: int, vocab: int) -> dict[str, Any]:
     """``rewriter eval MODEL --compare MODEL --streamed`` through the CLI, as a user runs it
     (a few layers of 120B geometry would fit the GPU whole; the 36 of the real model do not)."""
     pack = token_file(work / "eval-pack.npy", blocks * SEQ, vocab, seed=1)
+    free = _release_device()
     cmd = [sys.executable, "-m", "rewriter.cli", "eval", str(model), "--data", str(pack), "--seq-len", str(SEQ),
            "--blocks", str(blocks), "--batch-size", "4", "--compare", str(model), "--device", DEVICE, "--streamed",
            "--json"]
@@ -268,10 +280,11 @@ def eval_cli(model: Path, work: Path, blocks: int, vocab: int) -> dict[str, Any]
     wall = time.perf_counter() - t
     log(f"eval: exit {proc.returncode} in {wall:.0f} s")
     if proc.returncode not in (0, 1):
-        return {"exit": proc.returncode, "stderr": proc.stderr[-4000:], "wall_s": wall}
+        return {"exit": proc.returncode, "stderr": proc.stderr[-4000:], "stdout": proc.stdout[-4000:],
+                "wall_s": wall, "device_free_gib_at_start": free}
     result = json.loads(proc.stdout)
     row = result["rows"][-1]
-    return {"exit": proc.returncode, "wall_s": wall, "pass": result["pass"], "tokens": row["tokens"], "ppl": row["ppl"],
+    return {"exit": proc.returncode, "wall_s": wall, "device_free_gib_at_start": free, "pass": result["pass"], "tokens": row["tokens"], "ppl": row["ppl"],
             "base_ppl": row["base"]["ppl"], "mean_p": row["mean_p"], "mean_entropy": row["mean_entropy"],
             "engine_total_s": result["engine"]["total_s"], "engine_peak_device_gib":
             (result["engine"]["peak_device_bytes"] or 0) / GiB}

@@ -101,3 +101,28 @@ class DestinationLockedError(ExecutionError):
     """
 
     exit_code = 75
+
+
+class DeviceMemoryError(RewriterError):
+    """The compute device ran out of memory; the message says during what and what to lower."""
+
+
+#: What torch's errors say when an allocation fails: its OutOfMemoryError (CUDA's caching
+#: allocator, the CPU allocator) and the RuntimeErrors of CUDA calls that could not allocate.
+_OUT_OF_MEMORY = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "can't allocate memory", "not enough memory")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is torch failing to allocate memory (checked by name, so this module needs
+    no torch)."""
+    if type(e).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in _OUT_OF_MEMORY)
+
+
+def out_of_memory(e: BaseException, doing: str, remedy: str) -> DeviceMemoryError:
+    """The clear error for ``e`` (see :func:`is_out_of_memory`) raised while ``doing``: what
+    torch said first, then ``remedy``."""
+    said = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    said = said.split("  See documentation for Memory Management")[0].strip().rstrip(".")  # CUDA's link
+    return DeviceMemoryError(f"out of memory {doing} ({said}); {remedy}")

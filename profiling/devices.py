@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from core.errors import DeviceError, RewriterError
+from core.errors import DeviceError, RewriterError, is_out_of_memory, out_of_memory
 
 
 def parse_devices(spec: str) -> list[str]:
@@ -113,8 +113,15 @@ def engine(job: Job):
 def _call(fn: Callable[..., Any], job: Job, *args: Any) -> Any:
     try:
         return fn(job, *args)
-    except RewriterError as e:  # re-raised plain: some error types cannot be rebuilt from a pickle
-        err = RewriterError(f"{job.device}: {e}")
+    except Exception as e:
+        if is_out_of_memory(e):  # outside the engine, which names the layer itself
+            e = out_of_memory(e, f"in the process running on {job.device}",
+                              "lower --gpu-memory, --batch-size or --expert-chunk, or give fewer devices")
+        if not isinstance(e, RewriterError):
+            raise
+        # Re-raised plain: some error types cannot be rebuilt from a pickle.
+        said = str(e)
+        err = RewriterError(said if job.device in said else f"{job.device}: {said}")
         err.exit_code = e.exit_code
         raise err from None
 

@@ -28,7 +28,13 @@ import numpy as np
 import torch
 
 from core.checkpoint import Checkpoint
-from core.errors import DeviceError, RewriterError
+from core.errors import (
+    DeviceError,
+    DeviceMemoryError,
+    RewriterError,
+    is_out_of_memory,
+    out_of_memory,
+)
 from profiling import deferred
 from profiling.activations import ActivationStore
 from profiling.sections import section
@@ -40,6 +46,19 @@ GiB = 1 << 30
 WORKSPACE = 2 * GiB
 #: Tokens per chunk when computing logits from the final hidden states.
 HEAD_CHUNK = 2048
+#: What to lower when memory runs out, by what the engine was doing: building a layer's weights
+#: needs the layer's own size (no option shrinks it); running a batch, room for hidden states.
+_REMEDY = {
+    "load": "a decoder layer's weights are built on the device whole, so free the device (nvidia-smi lists "
+            "the processes holding it; a limit of --gpu-memory below the layer's size is too tight) or use "
+            "a device with more memory",
+    "read": "the next layer's weights are read ahead into host memory: free host memory or run fewer "
+            "processes (--devices) at once",
+    "run": "lower --gpu-memory so more hidden states stay in host memory, or lower --batch-size, "
+           "--expert-chunk or --seq-len",
+    "run, batch by batch": "lower --gpu-memory so more hidden states stay in host memory, or lower "
+                           "--batch-size or --seq-len",
+}
 
 
 @dataclass
@@ -118,6 +137,25 @@ def fits(ckpt: Checkpoint, dtype: torch.dtype, device: str, gpu_memory: int | No
     return need <= 0.8 * free, need, free
 
 
+def _size(n: int) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= GiB // 10 else f"{n / (1 << 20):.1f} MiB"
+
+
+def check_layer_room(layer: int, layer_bytes: int, free: int, device: str, dtype: torch.dtype, capped: bool) -> None:
+    """Refuse, before any weight is read, a decoder layer whose weights alone (and the kernels'
+    workspace) exceed the device memory there is: ``free`` bytes, within --gpu-memory when
+    ``capped``. Every layer is built whole on the device, so no smaller batch makes it fit."""
+    if layer_bytes + WORKSPACE <= free:
+        return
+    where = "are left within --gpu-memory" if capped else (
+        "are free on it (other processes may hold the rest: nvidia-smi lists them)")
+    raise DeviceMemoryError(
+        f"{device}: decoder layer {layer}'s weights need {layer_bytes / GiB:.1f} GiB as "
+        f"{str(dtype).removeprefix('torch.')} plus {WORKSPACE // GiB} GiB of workspace, and {free / GiB:.1f} GiB "
+        f"{where}; the streamed engine builds one whole layer at a time on the device: "
+        f"{'raise --gpu-memory, ' if capped else ''}free the device or use one with more memory")
+
+
 def check_device(device: str) -> None:
     """A clear error for a device torch cannot use, before anything is loaded."""
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -187,6 +225,7 @@ class StreamedModel:
         self.prefix = {id(m): name for name, m in self.model.named_modules()}
         self.ledger = WeightLedger()
         self.stats = EngineStats()
+        self.doing = ("run", "")  # (kind of work, what) for an out-of-memory error's message
         self._pin = self.device.type == "cuda"
         self._rotary()
 
@@ -314,6 +353,12 @@ class StreamedModel:
                 store, args = self._embed(batches)
                 self._layers(batches, store, args, on_layer, progress)
                 out = self._head(batches, store, head)
+        except Exception as e:
+            if is_out_of_memory(e):  # the one place the engine's allocations fail: say where and what to lower
+                kind, what = self.doing
+                kind += ", batch by batch" if kind == "run" and self.expert_chunk == 0 else ""
+                raise out_of_memory(e, f"on {self.device} {what}", _REMEDY[kind]) from None
+            raise
         finally:
             if self.device.type == "cuda" and self.gpu_memory is not None:
                 torch.cuda.set_per_process_memory_fraction(1.0, self._index())
@@ -325,15 +370,17 @@ class StreamedModel:
     def _embed(self, batches: Sequence[np.ndarray]) -> tuple[ActivationStore, dict[tuple[int, ...], list]]:
         t0 = time.perf_counter()
         embed = self.base.get_input_embeddings()
+        self.doing = ("load", "loading the input embeddings")
         n = self._load_now(embed)
-        layer_bytes = max(self._layer_bytes(i) for i in range(len(self.base.layers)))
-        free = self._activation_budget(layer_bytes)
+        sizes = [self._layer_bytes(i) for i in range(len(self.base.layers))]
+        free = self._activation_budget(sizes)
         self.stats.expert_chunk = chunk = self._expert_chunk(free, max(b.size for b in batches))
         if self.device.type == "cuda":
             free = max(0, free - chunk * self._token_bytes())
         store = ActivationStore(self.device, free, self._pin)
         args: dict[tuple[int, ...], list] = {}
         for i, b in enumerate(batches):
+            self.doing = ("run", f"embedding batch {i + 1} of {len(batches)}")
             ids = torch.as_tensor(b, device=self.device)
             shape = tuple(ids.shape)
             with section("embed"):
@@ -368,20 +415,28 @@ class StreamedModel:
             return deferred.CPU_CHUNK
         return deferred.chunk_for(free, batch_tokens, self._token_bytes())
 
-    def _activation_budget(self, layer_bytes: int) -> int:
+    def _activation_budget(self, sizes: Sequence[int]) -> int:
         """Device bytes for hidden states and the layer-batched MoE: the memory cap (or free
-        memory) less what the layer phase or the head phase needs at most, and a workspace."""
+        memory) less what the layer phase or the head phase needs at most, and a workspace;
+        ``sizes`` are the decoder layers' bytes. Refuses a layer that alone cannot fit."""
         if self.device.type != "cuda":
             return 1 << 62
+        layer_bytes = max(sizes)
         cap = self.gpu_memory
         total = torch.cuda.get_device_properties(self.device).total_memory
         if cap is not None:
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), self._index())
         else:
-            cap = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_allocated(self.device)
+            # Free memory plus what this process's allocator already holds: an earlier run in the
+            # same process (eval --compare's model before its base) leaves its blocks cached,
+            # reusable here though the device counts them as used.
+            cap = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device)
+        check_layer_room(sizes.index(layer_bytes), layer_bytes, cap - torch.cuda.memory_allocated(self.device),
+                         str(self.device), self.dtype, capped=self.gpu_memory is not None)
         size = torch.tensor([], dtype=self.dtype).element_size()
         head = self.base.get_input_embeddings().weight.numel() * size
-        # The layer phase holds one built layer, its raw bytes and dequantization temporaries;
+        # The layer phase holds one built layer and, while it is built, one tensor's raw bytes and
+        # dequantization temporaries (half a layer leaves room for attention's workspace too);
         # the head phase the output embedding and float32 logits of one chunk (several copies).
         layer_phase = layer_bytes + layer_bytes // 2
         head_phase = head + HEAD_CHUNK * self.model.config.vocab_size * 4 * 4
@@ -397,12 +452,15 @@ class StreamedModel:
                 timing = LayerTiming(i)
                 t0 = time.perf_counter()
                 assert ahead is not None
+                self.doing = ("read", f"reading layer {i}'s weights into host memory")
                 with section("read_wait"):
                     recipes, stored, timing.read_s = ahead.result()
                 timing.wait_s = time.perf_counter() - t0
                 timing.raw_bytes = sum(t.nbytes for t in stored.values())
                 ahead = reader.submit(self.read, layers[i + 1]) if i + 1 < len(layers) else None
                 t1 = time.perf_counter()
+                self.doing = ("load", f"building layer {i}'s weights ({_size(self._layer_bytes(i))} as "
+                                      f"{str(self.dtype).removeprefix('torch.')})")
                 timing.weight_bytes = self.load(layer, recipes, stored)
                 del stored
                 self.ledger.drop(timing.raw_bytes)
@@ -431,6 +489,7 @@ class StreamedModel:
                 for b in group:
                     self._forward(layer, i, b, batches, store, args)
             if stash is not None:
+                self.doing = ("run", f"running layer {i}'s experts over batches {group[0] + 1}-{group[-1] + 1}")
                 with section("moe"):
                     outs = deferred.run_moe(layer.mlp, stash.kept)
                 stash.kept.clear()
@@ -438,10 +497,12 @@ class StreamedModel:
                     with section("hidden_copies"):
                         store.put(b, store.get(b) + out)
             if on_layer is not None:
+                self.doing = ("run", f"recording layer {i}'s routing after batch {group[-1] + 1}")
                 on_layer(i, group[-1])
 
     def _forward(self, layer: torch.nn.Module, i: int, b: int, batches: Sequence[np.ndarray],
                  store: ActivationStore, args: dict) -> None:
+        self.doing = ("run", f"running layer {i} on batch {b + 1} of {len(batches)}")
         with section("hidden_copies"):
             x = store.get(b)
         rest, kwargs = args[tuple(batches[b].shape)][i]
@@ -453,10 +514,12 @@ class StreamedModel:
     def _head(self, batches: Sequence[np.ndarray], store: ActivationStore, head) -> list[Any]:
         t0 = time.perf_counter()
         norm, lm_head = self.final_norm(), self.model.get_output_embeddings()
+        self.doing = ("load", "loading the final norm and the output head")
         n_norm = self._load_now(norm)
         n_head = self._load_now(lm_head) if not self._tied() else self._load_tied(lm_head)
         out = []
         for b in range(len(batches)):
+            self.doing = ("run", f"in the head (final norm, output head, logits) on batch {b + 1} of {len(batches)}")
             ids = torch.as_tensor(batches[b], device=self.device)
             with section("head"):
                 out.append(head(norm(store.get(b)), ids))

@@ -333,10 +333,16 @@ def build(recipe: Recipe, stored: Mapping[str, torch.Tensor], device: torch.devi
                                   f"{tuple(scales.shape)} do not pair up ([E, R, G, 16] and [E, R, G] expected)")
         return dequantize_mxfp4(blocks, scales, recipe.dtype)
     per = 2 if recipe.kind == "gate_up" else 1
-    experts = []
-    for i in range(0, len(recipe.sources), per):
-        experts.append(torch.cat([dense(s) for s in recipe.sources[i : i + per]], dim=0))
-    return torch.stack(experts)
+    # Each expert goes straight into the fused tensor: building a list and stacking it would hold
+    # the layer's experts twice at once (Kimi-K2's gate_up_proj: 2 x 21 GiB in bf16).
+    groups = [recipe.sources[i : i + per] for i in range(0, len(recipe.sources), per)]
+    first = torch.cat([dense(s) for s in groups[0]], dim=0)
+    out = torch.empty((len(groups), *first.shape), dtype=first.dtype, device=first.device)
+    out[0].copy_(first)
+    del first
+    for e, names in enumerate(groups[1:], start=1):
+        torch.cat([dense(s) for s in names], dim=0, out=out[e])
+    return out
 
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

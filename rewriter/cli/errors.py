@@ -16,7 +16,13 @@ from typing import Any
 
 import click
 
-from core.errors import RewriterError, StorageAccessError, Terminated
+from core.errors import (
+    RewriterError,
+    StorageAccessError,
+    Terminated,
+    is_out_of_memory,
+    out_of_memory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +39,9 @@ EXIT_STATUS_HELP = (
     "handled as Ctrl-C is. With --json an error is printed to stdout as "
     '{"error": MESSAGE, "exit_status": N}.'
 )
+_DEVICE_MEMORY_REMEDY = ("run it with --streamed (one decoder layer at a time on the device), lower "
+                         "--batch-size or --seq-len, or free the device (nvidia-smi lists the processes "
+                         "holding it)")
 # What an interrupted command leaves and how to go on; commands that write set it.
 _interrupt_hint: list[str | Callable[[], str]] = []
 
@@ -68,6 +77,8 @@ def _describe_error(e: BaseException) -> tuple[str, int]:
     if isinstance(e, MemoryError):
         return ("out of memory; free memory or lower the memory this command asks for (--buffer-mib, "
                 "--workers, --batch-size), then run the same command again"), EXIT_ERROR
+    if is_out_of_memory(e):  # the streamed engine names the layer itself; this is the whole-model path
+        return str(out_of_memory(e, "running the model", _DEVICE_MEMORY_REMEDY)), EXIT_ERROR
     if isinstance(e, OSError):
         where = f"{e.filename}: " if e.filename else ""
         what = e.strerror or str(e) or type(e).__name__
