@@ -18,7 +18,6 @@ the script on a CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import signal
 import sys
@@ -29,7 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench_io.streamed import TARGET_LAYERS, TARGET_TOKENS, GiB, log, synthesize, token_file
+from bench_io.streamed import (
+    TARGET_LAYERS,
+    TARGET_TOKENS,
+    GiB,
+    log,
+    synthesize,
+    token_file,
+    write_result,
+)
 
 
 def make_plan(model: Path, work: Path, keep_frac: float):
@@ -127,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"gpu-memory {cap}: {type(e).__name__}: {e}")
                 doc["runs"].append({"gpu_memory_gib": cap, "error": f"{type(e).__name__}: {e}"[:2000]})
     finally:
-        doc["wall_s"] = time.perf_counter() - t
-        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        write_result(doc, args.out, t)
     return 0
 
 

@@ -290,6 +290,13 @@ def eval_cli(model: Path, work: Path, blocks: int, vocab: int) -> dict[str, Any]
             (result["engine"]["peak_device_bytes"] or 0) / GiB}
 
 
+def write_result(doc: dict[str, Any], out: Path, t0: float) -> None:
+    """The benchmark's JSON with its wall time, written whatever happened (a failed stage keeps
+    what the others measured)."""
+    doc["wall_s"] = time.perf_counter() - t0
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--stage", choices=("20b", "120b", "long", "breakdown", "batched"), required=True)
@@ -330,8 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             stage_120b(doc, args.work, args.layers, args.small_layers, args.tokens, args.eval_blocks,
                        args.preset or "120b", args.whole)
     finally:
-        doc["wall_s"] = time.perf_counter() - t
-        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        write_result(doc, args.out, t)
     return 0
 
 

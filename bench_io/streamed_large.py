@@ -133,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 doc["presets"][preset] = {"error": f"{type(e).__name__}: {e}"[:2000]}
             args.out.write_text(json.dumps(doc, indent=1) + "\n")
     finally:
-        doc["wall_s"] = time.perf_counter() - t
-        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        sb.write_result(doc, args.out, t)
     return 0
 
 
