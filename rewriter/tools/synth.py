@@ -129,15 +129,7 @@ def shard_assignment(g: Geometry | MoEGeometry) -> dict[str, list[tuple[str, str
     """Greedy fill in index order into shards of at most ``max_shard_bytes`` of tensor data."""
     if isinstance(g, MoEGeometry):
         return synth_moe.shard_assignment(g)
-    groups: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
-    size = 0
-    for item in all_tensors(g):
-        n = nbytes_of(item[1], item[2])
-        if size + n > g.max_shard_bytes and groups[-1]:
-            groups.append([])
-            size = 0
-        groups[-1].append(item)
-        size += n
+    groups = synth_moe.fill_shards(all_tensors(g), g.max_shard_bytes)
     last = len(groups) - 1
     return {f"model-{i:05d}-of-{last:05d}.safetensors": grp for i, grp in enumerate(groups)}
 

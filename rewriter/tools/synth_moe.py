@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from core.format import nbytes_of
@@ -141,6 +142,20 @@ def all_tensors(g: MoEGeometry) -> list[Item]:
     return out + last
 
 
+def fill_shards(items: Iterable[Item], limit: int) -> list[list[Item]]:
+    """Tensors in order, greedily into groups of at most ``limit`` bytes of data (a larger tensor alone)."""
+    groups: list[list[Item]] = [[]]
+    size = 0
+    for item in items:
+        n = nbytes_of(item[1], item[2])
+        if size + n > limit and groups[-1]:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += n
+    return groups
+
+
 def shard_assignment(g: MoEGeometry) -> dict[str, list[Item]]:
     """Shards as the release lays them out, named ``model-00001-of-0000N`` (one-based)."""
     first, last = _globals(g)
@@ -152,15 +167,7 @@ def shard_assignment(g: MoEGeometry) -> dict[str, list[Item]]:
             groups = [first + layers[0], *layers[1:]]
             groups[-1] = groups[-1] + last
     else:
-        groups = [[]]
-        size = 0
-        for item in all_tensors(g):
-            n = nbytes_of(item[1], item[2])
-            if size + n > g.shard_bytes and groups[-1]:
-                groups.append([])
-                size = 0
-            groups[-1].append(item)
-            size += n
+        groups = fill_shards(all_tensors(g), g.shard_bytes)
     # DeepSeek and Kimi name the count with six digits (model-00001-of-000163), others with five.
     width = 6 if g.mla else 5
     return {f"model-{i + 1:05d}-of-{len(groups):0{width}d}.safetensors": grp for i, grp in enumerate(groups)}
