@@ -162,16 +162,22 @@ def check_segment(s: Segment, source_shards: Mapping[str, Mapping[str, Any]], wh
                         f"lies outside its data bytes [{start:,}, {end:,})")
 
 
-def _layer_key(t: TensorInfo) -> tuple[int, float]:
-    if t.layer is not None:
-        return (1, t.layer)
-    return (0, 0) if "embed" in t.name else (2, 0)
+def _output_order(tensors: Iterable[TensorInfo]) -> list[tuple[TensorInfo, int | None]]:
+    """Each tensor with its layer, in output order: embeddings, the layers in turn, the rest;
+    within each, by place in the source (ties keep the index's order)."""
+    keyed = []
+    for i, t in enumerate(tensors):
+        layer = t.layer
+        rank = (1, layer) if layer is not None else (0, 0) if "embed" in t.name else (2, 0)
+        keyed.append((rank, t.shard, t.begin, i, t, layer))
+    keyed.sort()
+    return [(k[4], k[5]) for k in keyed]
 
 
-def _whole(info: TensorInfo, name: str | None = None) -> PlannedTensor:
+def _whole(info: TensorInfo, layer: int | None, name: str | None = None) -> PlannedTensor:
     """A tensor copied unchanged (under ``name`` when a renumbered expert's tensor)."""
     return PlannedTensor(name or info.name, info.dtype, info.shape, info.name,
-                         (Segment(info.shard, info.begin, info.nbytes),), info.layer)
+                         (Segment(info.shard, info.begin, info.end - info.begin),), layer)
 
 
 def _rows(info: TensorInfo, ids: Sequence[int]) -> tuple[Segment, ...]:
@@ -205,7 +211,8 @@ def plan_tensors(ckpt: Checkpoint, layout: Layout, keep: Mapping[int, Sequence[i
     """
     out = []
     biases_done = set()
-    for info in sorted(ckpt.tensors.values(), key=lambda t: (_layer_key(t), t.shard, t.begin)):
+    new_ids = {layer: {e: i for i, e in enumerate(ids)} for layer, ids in keep.items()}
+    for info, layer in _output_order(ckpt.tensors.values()):
         role = layout.classify(info.name)
         if layers_only is not None and (role is None or role.layer not in layers_only):
             continue
@@ -214,15 +221,16 @@ def plan_tensors(ckpt: Checkpoint, layout: Layout, keep: Mapping[int, Sequence[i
                 out.append(_soft_bias(info, keep[role.layer]))
                 biases_done.add(role.layer)
             else:
-                out.append(_whole(info))
+                out.append(_whole(info, layer))
             continue
         if role is None:
-            out.append(_whole(info))
+            out.append(_whole(info, layer))
             continue
         ids = keep[role.layer]
         if role.role == "expert":
-            if role.expert is not None and role.expert in ids:
-                out.append(_whole(info, layout.renamed(role, list(ids).index(role.expert))))
+            new = new_ids[role.layer].get(role.expert)  # type: ignore[arg-type]
+            if new is not None:
+                out.append(_whole(info, layer, layout.renamed(role, new)))
             continue
         axis = expert_axis(info.shape)
         shape = (*info.shape[:axis], len(ids), *info.shape[axis + 1:])
