@@ -116,10 +116,12 @@ def loads(raw: bytes | str) -> Any:
 
 def _too_deep(text: str) -> bool:
     """Whether ``text`` nests brackets (outside strings) deeper than :data:`MAX_JSON_DEPTH`."""
-    if "\\" not in text and text.count('"') % 2 == 0:
-        # No escapes: quotes pair up in order, as _STRING pairs them, and splitting is 3x faster
-        # (a 1 T checkpoint's headers are 17 MB of JSON).
-        outside = "".join(text.split('"')[::2])
+    # Without the escaped backslashes, then the escaped quotes (as a scan from the left pairs
+    # them), quotes pair up in order, as _STRING pairs them, and splitting is 10x faster (a 1 T
+    # checkpoint's headers are 17 MB of JSON; its plan holds them again, escaped).
+    bare = text.replace("\\\\", "").replace('\\"', "") if "\\" in text else text
+    if bare.count('"') % 2 == 0:
+        outside = "".join(bare.split('"')[::2])
     else:
         outside = _STRING.sub("", text)
     brackets = _NOT_BRACKET.sub("", outside)

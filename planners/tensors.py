@@ -46,6 +46,8 @@ class Segment:
     @classmethod
     def from_json(cls, v: list | dict) -> Segment:
         """Numbers are kept as found; :func:`check_plan` refuses anything but non-negative ints."""
+        if type(v) is list and len(v) == 3:
+            return cls(v[0], v[1], v[2])
         if isinstance(v, dict):
             return cls("", 0, v["length"], None, v["carried"])
         if len(v) == 4:
