@@ -31,7 +31,7 @@ from planners.provenance import (
     published_source,
     without_paths,
 )
-from planners.tensors import OutputShard, check_segment, output_from_json
+from planners.tensors import OutputShard, PlannedTensor, check_segment, output_from_json
 
 PLAN_FORMAT = "moe-rewriter-plan"
 #: 2: ``copy_file_digests`` (each copied file's size and sha256) and a derived config.
@@ -149,26 +149,8 @@ class Plan:
     def _outputs_json(self) -> list[dict[str, Any]]:
         """The outputs as JSON, made once: saving and the digest both need them (seconds for a 1 T plan)."""
         container = CONTAINERS[self.container]
-        return [
-            {
-                "name": o.name,
-                "size": o.size,
-                "header": container.header_to_json(o.header),
-                "tensors": [
-                    {
-                        "name": t.name,
-                        "source": t.source,
-                        "layer": t.layer,
-                        "dtype": t.dtype,
-                        "shape": list(t.shape),
-                        "segments": [s.to_json() for s in t.segments],
-                        **({"pad": t.pad} if t.pad else {}),
-                    }
-                    for t in o.tensors
-                ],
-            }
-            for o in self.outputs
-        ]
+        return [{"name": o.name, "size": o.size, "header": container.header_to_json(o.header),
+                 "tensors": [_tensor_json(t) for t in o.tensors]} for o in self.outputs]
 
     @property
     def source_recorded(self) -> bool:
@@ -268,6 +250,15 @@ class Plan:
         """Read a plan file, with its carried bytes (inline or from its sidecar, sha256 checked)."""
         doc = parse_json(read_url(url, PlanError, missing="plan file not found"), url, PlanError)
         return load_carried(cls.from_json(doc, url), doc, url)
+
+
+def _tensor_json(t: PlannedTensor) -> dict[str, Any]:
+    doc = {"name": t.name, "source": t.source, "layer": t.layer, "dtype": t.dtype, "shape": list(t.shape),
+           "segments": [[s.shard, s.offset, s.length] if s.data is None and s.sha256 is None else s.to_json()
+                        for s in t.segments]}
+    if t.pad:
+        doc["pad"] = t.pad
+    return doc
 
 
 def require_source(plan: Plan, what: str) -> str:
