@@ -19,6 +19,7 @@ from core.checkpoint import CONFIG_NAME, INDEX_NAME
 from core.containers import CONTAINERS
 from core.errors import PlanError
 from core.jsonfile import parse_json, read_url
+from core.memo import collector_paused
 from planners import carried_field as carry
 from planners import plan_schema
 from planners.carried_file import load_carried, save_carried
@@ -190,12 +191,13 @@ class Plan:
     def digest(self) -> str:
         """sha256 of the canonical JSON of :meth:`identity_json`: the plan's identity in
         journals and provenance. Two plans of the same inputs have the same digest."""
-        return hashlib.sha256(self.canonical_bytes()).hexdigest()
+        with collector_paused():
+            return hashlib.sha256(self.canonical_bytes()).hexdigest()
 
     def save(self, url: str) -> None:
         """Write the plan as JSON to ``url``, and its carried bytes' sidecar beside it first."""
         save_carried(self, url)
-        with fsspec.open(url, "w") as f:
+        with collector_paused(), fsspec.open(url, "w") as f:
             f.writelines(plan_schema.plan_chunks(self.to_json()))
 
     @classmethod
@@ -248,8 +250,9 @@ class Plan:
     @classmethod
     def load(cls, url: str) -> Plan:
         """Read a plan file, with its carried bytes (inline or from its sidecar, sha256 checked)."""
-        doc = parse_json(read_url(url, PlanError, missing="plan file not found"), url, PlanError)
-        return load_carried(cls.from_json(doc, url), doc, url)
+        with collector_paused():
+            doc = parse_json(read_url(url, PlanError, missing="plan file not found"), url, PlanError)
+            return load_carried(cls.from_json(doc, url), doc, url)
 
 
 def _tensor_json(t: PlannedTensor) -> dict[str, Any]:
