@@ -16,6 +16,7 @@ import math
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from core import jsonfile
 from core.errors import FormatError
@@ -188,15 +189,16 @@ def parse_header(raw: bytes, where: str, file_size: int | None = None) -> Header
     return header
 
 
-def _counts(values: list[object]) -> bool:
+def _counts(values: list[Any]) -> bool:
     """Whether every value is a non-negative int (not a bool); loops in C, since a 1 T
     checkpoint's headers hold 140,000 shapes."""
-    return set(map(type, values)) <= {int} and (not values or min(values) >= 0)  # type: ignore[type-var]
+    return set(map(type, values)) <= {int} and (not values or min(values) >= 0)
 
 
 def _parse_entry(name: str, info: object, where: str) -> TensorEntry:
     if type(info) is dict:  # the usual entry, accepted in one expression (140,000 in a 1 T checkpoint)
-        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        dtype: Any = info.get("dtype")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
         bits = DTYPE_BITS.get(dtype) if type(dtype) is str else None
         if (bits and type(shape) is list and type(offsets) is list and len(offsets) == 2 and _counts(shape)
                 and _counts(offsets) and (math.prod(shape) * bits) % 8 == 0
