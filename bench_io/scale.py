@@ -139,7 +139,7 @@ def measure_preset(preset: str, layer: int, repeat: int, work: Path) -> dict[str
 
 
 def markdown(doc: dict[str, Any]) -> str:
-    rows = ["| preset | tensors | shards on disk | inspect | synth-saliency | plan (best / median, peak RSS) | "
+    rows = ["| preset | tensors | shards on disk | inspect | synth-saliency | plan (best / median wall, best CPU, peak RSS) | "
             "plan file | per MoE layer | per copy range | dry-run one layer |", "|" + "---|" * 10]
     for name, p in doc["presets"].items():
         if "error" in p:
@@ -148,7 +148,8 @@ def markdown(doc: dict[str, Any]) -> str:
         s = p["steps"]
 
         def cell(k: str, s: dict[str, Any] = s) -> str:
-            return f"{s[k]['best_s']:.2f} s / {s[k]['median_s']:.2f} s, {s[k]['peak_rss_mib']:.0f} MiB"
+            return (f"{s[k]['best_s']:.2f} s / {s[k]['median_s']:.2f} s ({s[k]['best_cpu_s']:.2f} s CPU), "
+                    f"{s[k]['peak_rss_mib']:.0f} MiB")
 
         rows.append(f"| {name} | {p['tensors']:,} | {p['disk']['on_disk_bytes'] / _MiB:.0f} MiB of "
                     f"{p['disk']['apparent_bytes'] / 1e12:.2f} TB | {cell('inspect')} | {cell('synth-saliency')} | "
