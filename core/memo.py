@@ -1,5 +1,6 @@
 """What is derived again and again from a checkpoint's names: kept, so that a 1 T checkpoint's
-100,000+ tensor names are classified and matched once per command, not once per step."""
+100,000+ tensor names are classified and matched once per command, not once per step; and the
+cycle collector paused while such a checkpoint's millions of objects are made."""
 
 from __future__ import annotations
 
