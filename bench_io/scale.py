@@ -31,11 +31,9 @@ _MiB = 1 << 20
 def run_step(args: list[str], cwd: Path) -> dict[str, Any]:
     """``python -m rewriter ARGS`` as a fresh process: wall time, peak RSS (its own, from wait4),
     exit status and the last lines of its output."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
     load = os.getloadavg()[0]
     t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "rewriter", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "rewriter", *args], cwd=cwd, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     text = proc.stdout.read()
@@ -44,6 +42,24 @@ def run_step(args: list[str], cwd: Path) -> dict[str, Any]:
     wall = time.perf_counter() - t
     return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024,
             "exit": proc.returncode, "load_1min": load, "output": text[-3000:]}
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+
+
+def facts_apart(preset: str, plan: Path, output: str, moe_layers: int) -> list[Any]:
+    """The preset's tensor count, :func:`plan_facts` and :func:`node_estimates`, in a process of
+    their own: reading a 1 T plan here would raise this process's RSS by 200 MiB, and a process it
+    starts begins with its parent's RSS as its peak, so every later step would report it as its own."""
+    code = ("import json, sys; from pathlib import Path; from bench_io.scale import plan_facts, node_estimates; "
+            "from rewriter.tools.synth_moe import MOE_PRESETS, all_tensors; p = Path(sys.argv[2]); "
+            "print(json.dumps([len(all_tensors(MOE_PRESETS[sys.argv[1]])), "
+            "plan_facts(p, sys.stdin.read(), int(sys.argv[3])), node_estimates(p)]))")
+    done = subprocess.run([sys.executable, "-c", code, preset, str(plan), str(moe_layers)], input=output,
+                          env=_env(), capture_output=True, text=True, check=True)
+    return list(json.loads(done.stdout))
 
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -90,7 +106,7 @@ def node_estimates(plan_path: Path) -> list[dict[str, Any]]:
 
 
 def measure_preset(preset: str, layer: int, repeat: int, work: Path) -> dict[str, Any]:
-    from rewriter.tools.synth_moe import MOE_PRESETS, all_tensors
+    from rewriter.tools.synth_moe import MOE_PRESETS
 
     g = MOE_PRESETS[preset]
     src = work / preset
@@ -113,17 +129,17 @@ def measure_preset(preset: str, layer: int, repeat: int, work: Path) -> dict[str
     step("dry-run", ["dry-run", str(src), "--layer", str(layer), "--saliency", str(sal), "--keep-frac", "0.5",
                      "--scratch", str(work / "scratch")])
     moe = g.num_layers - g.dense_layers + g.mtp_layers
-    out = {"preset": preset, "tensors": len(all_tensors(g)), "moe_layers": moe, "synth": summary([made]),
-           "disk": disk_use(src), "steps": {k: summary(v) for k, v in steps.items()},
-           "plan": plan_facts(plan, steps["plan"][-1]["output"], moe),
+    count, facts, nodes = facts_apart(preset, plan, steps["plan"][-1]["output"], moe)
+    out = {"preset": preset, "tensors": count, "moe_layers": moe, "synth": summary([made]),
+           "disk": disk_use(src), "steps": {k: summary(v) for k, v in steps.items()}, "plan": facts,
            "dry_run_output": steps["dry-run"][-1]["output"][-1500:], "plan_output": steps["plan"][-1]["output"][-1200:],
-           "ray_nodes_extrapolated": node_estimates(plan)}
+           "ray_nodes_extrapolated": nodes}
     shutil.rmtree(src, ignore_errors=True)
     return out
 
 
 def markdown(doc: dict[str, Any]) -> str:
-    rows = ["| preset | tensors | shards on disk | inspect | synth-saliency | plan (best / median, peak RSS) | "
+    rows = ["| preset | tensors | shards on disk | inspect | synth-saliency | plan (best / median wall, best CPU, peak RSS) | "
             "plan file | per MoE layer | per copy range | dry-run one layer |", "|" + "---|" * 10]
     for name, p in doc["presets"].items():
         if "error" in p:
@@ -132,7 +148,8 @@ def markdown(doc: dict[str, Any]) -> str:
         s = p["steps"]
 
         def cell(k: str, s: dict[str, Any] = s) -> str:
-            return f"{s[k]['best_s']:.2f} s / {s[k]['median_s']:.2f} s, {s[k]['peak_rss_mib']:.0f} MiB"
+            return (f"{s[k]['best_s']:.2f} s / {s[k]['median_s']:.2f} s ({s[k]['best_cpu_s']:.2f} s CPU), "
+                    f"{s[k]['peak_rss_mib']:.0f} MiB")
 
         rows.append(f"| {name} | {p['tensors']:,} | {p['disk']['on_disk_bytes'] / _MiB:.0f} MiB of "
                     f"{p['disk']['apparent_bytes'] / 1e12:.2f} TB | {cell('inspect')} | {cell('synth-saliency')} | "

@@ -73,18 +73,20 @@ class ShardInfo:
 
 
 def read_shard_header(storage: Storage, name: str) -> tuple[Header, str, int]:
-    """Read and validate one shard's header with two range reads.
+    """Read and validate one shard's header with two range reads: the header, the sha256 of
+    prefix + header bytes, and the file size."""
+    return _parsed(storage, name, *_header_bytes(storage, name))
 
-    Returns:
-        The header, the sha256 of prefix + header bytes, and the file size.
-    """
-    where = storage.describe(name)
+
+def _header_bytes(storage: Storage, name: str) -> tuple[bytes, bytes, int]:
     size = storage.size(name)
     prefix = storage.read_range(name, 0, min(PREFIX_BYTES, size))
-    n = read_prefix(prefix, where, size)
-    raw = storage.read_range(name, PREFIX_BYTES, PREFIX_BYTES + n)
-    header = parse_header(raw, where, size)
-    return header, hashlib.sha256(prefix + raw).hexdigest(), size
+    n = read_prefix(prefix, storage.describe(name), size)
+    return prefix, storage.read_range(name, PREFIX_BYTES, PREFIX_BYTES + n), size
+
+
+def _parsed(storage: Storage, name: str, prefix: bytes, raw: bytes, size: int) -> tuple[Header, str, int]:
+    return parse_header(raw, storage.describe(name), size), hashlib.sha256(prefix + raw).hexdigest(), size
 
 
 class Checkpoint:
@@ -159,16 +161,16 @@ class Checkpoint:
                     f"{storage.describe(INDEX_NAME)} names shard '{s}', which is not in "
                     f"{storage.url}"
                 )
+        # Read in threads (remote stores answer slowly), parsed here (threads contend for the GIL).
         with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(shard_names)))) as pool:
-            headers = dict(zip(shard_names, pool.map(lambda s: read_shard_header(storage, s), shard_names)))
+            read = zip(shard_names, pool.map(lambda s: _header_bytes(storage, s), shard_names))
+            headers = {s: _parsed(storage, s, *got) for s, got in read}
         shards, located = _locate_tensors(storage, headers)
         tensors = located if weight_map is None else _indexed_tensors(storage, weight_map, located)
         data_total = sum(t.nbytes for t in tensors.values())
         if total is not None and total != data_total:
-            raise CheckpointError(
-                f"{storage.describe(INDEX_NAME)}: metadata.total_size is {total:,} but the shards "
-                f"hold {data_total:,} bytes of tensor data"
-            )
+            raise CheckpointError(f"{storage.describe(INDEX_NAME)}: metadata.total_size is {total:,} but the "
+                                  f"shards hold {data_total:,} bytes of tensor data")
         others = [f for f in files if f not in shards and f != INDEX_NAME]
         return cls(storage, config, shards, tensors, others)
 
@@ -233,16 +235,13 @@ def _locate_tensors(storage: Storage, headers: Mapping[str, tuple[Header | GGUFH
     shards: dict[str, ShardInfo] = {}
     located: dict[str, TensorInfo] = {}
     for s, (header, digest, size) in headers.items():
-        header_len = header.data_start - PREFIX_BYTES
-        shards[s] = ShardInfo(s, size, header_len, digest, tuple(t.name for t in header.tensors))
+        base = header.data_start
+        shards[s] = ShardInfo(s, size, base - PREFIX_BYTES, digest, tuple(t.name for t in header.tensors))
         for name, dtype, shape, start, end in _spans(header):
-            info = TensorInfo(name, dtype, shape, s, header.data_start + start, header.data_start + end)
             if name in located:
-                raise CheckpointError(
-                    f"{storage.url}: tensor {name!r} is stored in both "
-                    f"'{located[name].shard}' and '{s}'"
-                )
-            located[name] = info
+                raise CheckpointError(f"{storage.url}: tensor {name!r} is stored in both "
+                                      f"'{located[name].shard}' and '{s}'")
+            located[name] = TensorInfo(name, dtype, shape, s, base + start, base + end)
     return shards, located
 
 

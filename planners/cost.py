@@ -105,9 +105,9 @@ def estimate(
         apart in ``header_bytes_read`` (two small reads per source shard).
     """
     max_gap = 0 if is_local_url(plan.source_url) else max_gap
-    ops = [op for o in plan.outputs for op in o.copy_ops() if op.data is None]
-    reads = [[r for r in plan_reads(o.copy_ops(), max_gap=max_gap, max_request=buffer_bytes) if r.data is None]
-             for o in plan.outputs]
+    copies = [o.copy_ops() for o in plan.outputs]
+    ops = [op for c in copies for op in c if op.data is None]
+    reads = [[r for r in plan_reads(c, max_gap=max_gap, max_request=buffer_bytes) if r.data is None] for c in copies]
     workers = max(1, workers)
     streams = max(1, min(inflight, inflight_bytes // max(1, buffer_bytes)))
     per_shard = [_shard_seconds(rs, o.size, latency_s, (read_bytes_per_s, link_bytes_per_s), write_bytes_per_s, streams,
@@ -212,12 +212,18 @@ def _layer_costs(plan: Plan) -> tuple[LayerCost, ...]:
     written: dict[int | None, int] = {}
     for o in plan.outputs:
         for t in o.tensors:
-            d = per_layer.setdefault(t.layer, {"src": set(), "out": set(), "read": 0, "segs": 0})
-            d["src"].update(s.shard for s in t.segments if s.data is None)
+            d = per_layer.get(t.layer)
+            if d is None:
+                d = per_layer[t.layer] = {"src": set(), "out": set(), "read": 0, "segs": 0}
             d["out"].add(o.name)
-            d["read"] += sum(s.length for s in t.segments if s.data is None)
             d["segs"] += len(t.segments)
-            written[t.layer] = written.get(t.layer, 0) + t.nbytes
+            nbytes = 0
+            for s in t.segments:
+                nbytes += s.length
+                if s.data is None:
+                    d["src"].add(s.shard)
+                    d["read"] += s.length
+            written[t.layer] = written.get(t.layer, 0) + nbytes
     return tuple(
         LayerCost(k, tuple(sorted(v["src"])), tuple(sorted(v["out"])), v["read"], written[k], v["segs"])
         for k, v in sorted(per_layer.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))

@@ -19,6 +19,7 @@ from core.checkpoint import CONFIG_NAME, INDEX_NAME
 from core.containers import CONTAINERS
 from core.errors import PlanError
 from core.jsonfile import parse_json, read_url
+from core.memo import collector_paused
 from planners import carried_field as carry
 from planners import plan_schema
 from planners.carried_file import load_carried, save_carried
@@ -31,7 +32,7 @@ from planners.provenance import (
     published_source,
     without_paths,
 )
-from planners.tensors import OutputShard, check_segment, output_from_json
+from planners.tensors import OutputShard, PlannedTensor, check_segment, output_from_json
 
 PLAN_FORMAT = "moe-rewriter-plan"
 #: 2: ``copy_file_digests`` (each copied file's size and sha256) and a derived config.
@@ -149,26 +150,8 @@ class Plan:
     def _outputs_json(self) -> list[dict[str, Any]]:
         """The outputs as JSON, made once: saving and the digest both need them (seconds for a 1 T plan)."""
         container = CONTAINERS[self.container]
-        return [
-            {
-                "name": o.name,
-                "size": o.size,
-                "header": container.header_to_json(o.header),
-                "tensors": [
-                    {
-                        "name": t.name,
-                        "source": t.source,
-                        "layer": t.layer,
-                        "dtype": t.dtype,
-                        "shape": list(t.shape),
-                        "segments": [s.to_json() for s in t.segments],
-                        **({"pad": t.pad} if t.pad else {}),
-                    }
-                    for t in o.tensors
-                ],
-            }
-            for o in self.outputs
-        ]
+        return [{"name": o.name, "size": o.size, "header": container.header_to_json(o.header),
+                 "tensors": [_tensor_json(t) for t in o.tensors]} for o in self.outputs]
 
     @property
     def source_recorded(self) -> bool:
@@ -208,12 +191,13 @@ class Plan:
     def digest(self) -> str:
         """sha256 of the canonical JSON of :meth:`identity_json`: the plan's identity in
         journals and provenance. Two plans of the same inputs have the same digest."""
-        return hashlib.sha256(self.canonical_bytes()).hexdigest()
+        with collector_paused():
+            return hashlib.sha256(self.canonical_bytes()).hexdigest()
 
     def save(self, url: str) -> None:
         """Write the plan as JSON to ``url``, and its carried bytes' sidecar beside it first."""
         save_carried(self, url)
-        with fsspec.open(url, "w") as f:
+        with collector_paused(), fsspec.open(url, "w") as f:
             f.writelines(plan_schema.plan_chunks(self.to_json()))
 
     @classmethod
@@ -266,8 +250,18 @@ class Plan:
     @classmethod
     def load(cls, url: str) -> Plan:
         """Read a plan file, with its carried bytes (inline or from its sidecar, sha256 checked)."""
-        doc = parse_json(read_url(url, PlanError, missing="plan file not found"), url, PlanError)
-        return load_carried(cls.from_json(doc, url), doc, url)
+        with collector_paused():
+            doc = parse_json(read_url(url, PlanError, missing="plan file not found"), url, PlanError)
+            return load_carried(cls.from_json(doc, url), doc, url)
+
+
+def _tensor_json(t: PlannedTensor) -> dict[str, Any]:
+    doc = {"name": t.name, "source": t.source, "layer": t.layer, "dtype": t.dtype, "shape": list(t.shape),
+           "segments": [[s.shard, s.offset, s.length] if s.data is None and s.sha256 is None else s.to_json()
+                        for s in t.segments]}
+    if t.pad:
+        doc["pad"] = t.pad
+    return doc
 
 
 def require_source(plan: Plan, what: str) -> str:

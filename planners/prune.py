@@ -24,6 +24,7 @@ from typing import Any
 from core.checkpoint import Checkpoint
 from core.errors import CheckpointError, OptionError, SaliencyError
 from core.layouts import Layout, mtp_followed
+from core.memo import collector_paused
 from planners.build import build_plan
 from planners.keep_list import load_keep_list
 from planners.plan import Plan
@@ -92,6 +93,11 @@ def plan_prune(source: str | Checkpoint, options: PlanOptions, *,
         OptionError: options that conflict or do not fit the checkpoint (``option`` names the field).
         CheckpointError, SaliencyError, PolicyError, PlanError: bad input, naming the file.
     """
+    with collector_paused():
+        return _plan_prune(source, options, notify)
+
+
+def _plan_prune(source: str | Checkpoint, options: PlanOptions, notify: Callable[[str], None] | None) -> Plan:
     _check_options(options)
     ckpt = source if isinstance(source, Checkpoint) else Checkpoint.open(source, dict(options.storage_options))
     layout = ckpt.layout

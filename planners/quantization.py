@@ -135,12 +135,21 @@ def rewritten_quantization(config: Mapping[str, Any], layout: Layout, keep: Mapp
     q = config.get("quantization_config")
     if not isinstance(q, dict):
         return None
-    modules = expert_modules(layout, tensor_names)
+    # Only regex entries need every expert module (140,000 names of a 1 T checkpoint) to check.
+    modules = expert_modules(layout, tensor_names) if _names_regex(q) else {}
     counts: dict[int, int] = {}
     for layer, expert, _ in modules.values():
         counts[layer] = max(counts.get(layer, 0), expert + 1)
     new = _rewrite(q, "", layout, keep, f"{where} quantization_config", modules, counts)
     return None if new == q else new
+
+
+def _names_regex(value: Any, key: str = "") -> bool:
+    """Whether ``value`` holds an entry that :func:`_rewrite` checks as a regex."""
+    if isinstance(value, dict):
+        return (key in REGEX_MAPS and bool(value)) or any(_names_regex(v, k) for k, v in value.items())
+    return isinstance(value, list) and key in MODULE_LISTS and any(
+        isinstance(e, str) and _regex(e, False) is not None for e in value)
 
 
 def _excluded(module: str, lists: Mapping[str, list[str]]) -> bool:

@@ -46,6 +46,8 @@ class Segment:
     @classmethod
     def from_json(cls, v: list | dict) -> Segment:
         """Numbers are kept as found; :func:`check_plan` refuses anything but non-negative ints."""
+        if type(v) is list and len(v) == 3:
+            return cls(v[0], v[1], v[2])
         if isinstance(v, dict):
             return cls("", 0, v["length"], None, v["carried"])
         if len(v) == 4:
@@ -64,18 +66,31 @@ def merge_segments(segments: Iterable[Segment]) -> list[Segment]:
     """Join neighbours: source ranges contiguous in one shard, and consecutive literals.
     Carried bytes stay apart: joining them would copy megabytes to save one write."""
     out: list[Segment] = []
+    run: list[Any] | None = None  # [shard, offset, length, the segment while alone]: a source run
     for s in segments:
+        if s.data is None and s.sha256 is None:
+            if run is not None and run[0] == s.shard and run[1] + run[2] == s.offset:
+                run[2] += s.length
+                run[3] = None
+                continue
+            _end_run(out, run)
+            run = [s.shard, s.offset, s.length, s]
+            continue
+        _end_run(out, run)
+        run = None
         last = out[-1] if out else None
-        if last and (last.sha256 is not None or s.sha256 is not None):
-            out.append(s)
-        elif (last and last.data is None and s.data is None and last.shard == s.shard
-                and last.offset + last.length == s.offset):
-            out[-1] = Segment(s.shard, last.offset, last.length + s.length)
-        elif last and last.data is not None and s.data is not None:
-            out[-1] = Segment.literal(last.data + s.data)
+        if last is not None and last.data is not None and s.sha256 is None and last.sha256 is None:
+            out[-1] = Segment.literal(last.data + s.data)  # type: ignore[operator]
         else:
             out.append(s)
+    _end_run(out, run)
     return out
+
+
+def _end_run(out: list[Segment], run: list[Any] | None) -> None:
+    # One segment per run, not one per joined neighbour (a 1 T plan joins 140,000).
+    if run is not None:
+        out.append(run[3] if run[3] is not None else Segment(run[0], run[1], run[2]))
 
 
 @dataclass(frozen=True)
@@ -162,16 +177,22 @@ def check_segment(s: Segment, source_shards: Mapping[str, Mapping[str, Any]], wh
                         f"lies outside its data bytes [{start:,}, {end:,})")
 
 
-def _layer_key(t: TensorInfo) -> tuple[int, float]:
-    if t.layer is not None:
-        return (1, t.layer)
-    return (0, 0) if "embed" in t.name else (2, 0)
+def _output_order(tensors: Iterable[TensorInfo]) -> list[tuple[TensorInfo, int | None]]:
+    """Each tensor with its layer, in output order: embeddings, the layers in turn, the rest;
+    within each, by place in the source (ties keep the index's order)."""
+    keyed = []
+    for i, t in enumerate(tensors):
+        layer = t.layer
+        rank = (1, layer) if layer is not None else (0, 0) if "embed" in t.name else (2, 0)
+        keyed.append((rank, t.shard, t.begin, i, t, layer))
+    keyed.sort()
+    return [(k[4], k[5]) for k in keyed]
 
 
-def _whole(info: TensorInfo, name: str | None = None) -> PlannedTensor:
+def _whole(info: TensorInfo, layer: int | None, name: str | None = None) -> PlannedTensor:
     """A tensor copied unchanged (under ``name`` when a renumbered expert's tensor)."""
     return PlannedTensor(name or info.name, info.dtype, info.shape, info.name,
-                         (Segment(info.shard, info.begin, info.nbytes),), info.layer)
+                         (Segment(info.shard, info.begin, info.end - info.begin),), layer)
 
 
 def _rows(info: TensorInfo, ids: Sequence[int]) -> tuple[Segment, ...]:
@@ -205,7 +226,8 @@ def plan_tensors(ckpt: Checkpoint, layout: Layout, keep: Mapping[int, Sequence[i
     """
     out = []
     biases_done = set()
-    for info in sorted(ckpt.tensors.values(), key=lambda t: (_layer_key(t), t.shard, t.begin)):
+    new_ids = {layer: {e: i for i, e in enumerate(ids)} for layer, ids in keep.items()}
+    for info, layer in _output_order(ckpt.tensors.values()):
         role = layout.classify(info.name)
         if layers_only is not None and (role is None or role.layer not in layers_only):
             continue
@@ -214,15 +236,16 @@ def plan_tensors(ckpt: Checkpoint, layout: Layout, keep: Mapping[int, Sequence[i
                 out.append(_soft_bias(info, keep[role.layer]))
                 biases_done.add(role.layer)
             else:
-                out.append(_whole(info))
+                out.append(_whole(info, layer))
             continue
         if role is None:
-            out.append(_whole(info))
+            out.append(_whole(info, layer))
             continue
         ids = keep[role.layer]
         if role.role == "expert":
-            if role.expert is not None and role.expert in ids:
-                out.append(_whole(info, layout.renamed(role, list(ids).index(role.expert))))
+            new = new_ids[role.layer].get(role.expert)  # type: ignore[arg-type]
+            if new is not None:
+                out.append(_whole(info, layer, layout.renamed(role, new)))
             continue
         axis = expert_axis(info.shape)
         shape = (*info.shape[:axis], len(ids), *info.shape[axis + 1:])

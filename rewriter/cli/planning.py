@@ -187,6 +187,7 @@ def plan(src: str, layers: str | None, buffer_mib: int, out: str | None, as_json
     SRC is a safetensors checkpoint (a folder or its URL) or a GGUF model (its file, or any file of a split
     GGUF); the plan's outputs are of the same format.
     """
+    from core.memo import collector_paused
     from core.storage import is_local_url
     from planners.cost import estimate, format_report
     from rewriter.exec.io import IOOptions
@@ -197,9 +198,10 @@ def plan(src: str, layers: str | None, buffer_mib: int, out: str | None, as_json
     read_bw, write_bw = _bandwidths(read_mbps, write_mbps, measure_bandwidth)
     if inflight is None:
         inflight = 0 if is_local_url(p.source_url) else IOOptions().inflight_requests
-    report = estimate(p, workers=workers, read_bytes_per_s=read_bw, write_bytes_per_s=write_bw,
-                      buffer_bytes=buffer_mib * MiB, latency_s=latency_ms / 1000, inflight=inflight,
-                      max_gap=max_gap_kib * 1024, link_bytes_per_s=link_mbps * 1e6)
+    with collector_paused():
+        report = estimate(p, workers=workers, read_bytes_per_s=read_bw, write_bytes_per_s=write_bw,
+                          buffer_bytes=buffer_mib * MiB, latency_s=latency_ms / 1000, inflight=inflight,
+                          max_gap=max_gap_kib * 1024, link_bytes_per_s=link_mbps * 1e6)
     if as_json:
         click.echo(json.dumps({"plan": out, "plan_digest": p.digest, "num_experts": n_exp, **keep_json(p),
                                "cost": report.to_json()}, indent=1))

@@ -225,7 +225,10 @@ def shards_to_check(plan: Plan, dst: Checkpoint | None, dst_store: Storage,
     destination's index, or, when the destination did not open, from the plan (the shard's header
     is compared with the planned one as it is read, so those spans hold wherever it matches)."""
     if dst is not None:
-        return [(o, shard_tensors(dst, o.name)) for o in plan.outputs if o.name in dst.shards]
+        by_shard: dict[str, dict[str, tuple[int, int]]] = {}  # one pass over the index, not one per shard
+        for info in dst.tensors.values():
+            by_shard.setdefault(info.shard, {})[info.name] = (info.begin, info.end)
+        return [(o, by_shard.get(o.name, {})) for o in plan.outputs if o.name in dst.shards]
     todo = []
     for o in plan.outputs:
         if not dst_store.exists(o.name):
@@ -245,11 +248,6 @@ def recorded_shards(plan: Plan, dst: Storage, report: VerifyReport) -> dict[str,
     problems, ranges = check_document(plan, jsonfile.loads(dst.read_all(PROVENANCE_NAME)))
     report.problems += [p.replace(PROVENANCE_NAME, dst.describe(PROVENANCE_NAME), 1) for p in problems]
     return ranges
-
-
-def shard_tensors(dst: Checkpoint, name: str) -> dict[str, tuple[int, int]]:
-    """``tensor -> (begin, end)`` of the tensors the destination's index puts in shard ``name``."""
-    return {t.name: (t.begin, t.end) for t in dst.tensors.values() if t.shard == name}
 
 
 def check_shard(out: OutputShard, recorded: tuple[list[Range], list[Range]], tensors: Mapping[str, tuple[int, int]], src: Storage,
