@@ -133,7 +133,8 @@ def carried_from_json(doc: Mapping[str, Any], where: str) -> Carried | None:
             isinstance(v, str) for v in inline.values()):
         raise fail("inline", "an object of each carried tensor's name -> its bytes as hex")
     if "sidecar" in c and not (isinstance(c["sidecar"], str) and c["sidecar"].endswith(".safetensors")
-                               and "/" not in c["sidecar"] and not c["sidecar"].startswith(".")):
+                               and not set(c["sidecar"]) & {"/", "\\", "\x00"}
+                               and not c["sidecar"].startswith(".")):
         raise fail("sidecar", "the file name of a .safetensors file beside the plan")
     return Carried(c["method"], tensors)
 

@@ -229,6 +229,22 @@ def test_inline_bytes_of_the_wrong_length_are_refused(tiny, tmp_path):
     assert name in line and "bytes" in line and str(carried) in line
 
 
+@pytest.mark.parametrize("sidecar", ["carried-\x00.safetensors", "..\\carried.safetensors", "a\\b.safetensors",
+                                     "../carried.safetensors", ".carried.safetensors"])
+def test_a_sidecar_name_that_is_not_a_plain_file_name_is_refused(sidecar, tiny, tmp_path):
+    _, carried, _ = plain_and_carried(tiny, tmp_path)
+
+    def point_elsewhere(doc: dict) -> None:
+        del doc["carried"]["inline"]
+        doc["carried"]["sidecar"] = sidecar
+
+    _edit_plan(carried, point_elsewhere)
+    for args in (["run", carried, "--out", tmp_path / "dst", "--quiet"], ["dry-run", carried]):
+        line = _fails(*args)
+        assert "'carried.sidecar'" in line and str(carried) in line, line
+    assert not (tmp_path / "dst").exists()
+
+
 @pytest.mark.slow
 def test_killed_run_of_a_carried_plan_resumes_byte_identical(tmp_path):
     from tests.exec.test_executor import _kill_when, _run_cmd
