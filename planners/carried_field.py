@@ -95,13 +95,18 @@ def without_storage(doc: dict[str, Any]) -> dict[str, Any]:
 def check_version(doc: Mapping[str, Any], where: str, version: int) -> None:
     """Plans of ``version`` (2) without carried tensors, and of version 3 with them."""
     found = doc.get("version")
+    if type(found) is not int:  # true == 1 and 3.0 == 3 in Python; a plan writes the integer
+        found = json.dumps(found)
+    shown = str(found) if len(str(found)) <= 40 else str(found)[:37] + "..."
     if found == 1:
         raise PlanError(f"{where}: plan version 1 was made by an earlier rewriter, which recorded neither "
                         f"the copied files' sha256 nor a config derived from the source; make the plan "
                         f"again with `rewriter plan` (this tool reads versions {version} and {CARRIED_PLAN_VERSION})")
     if found not in (version, CARRIED_PLAN_VERSION):
-        raise PlanError(f"{where}: plan version {found!r}; this tool reads versions {version} and "
-                        f"{CARRIED_PLAN_VERSION} (a newer rewriter made it: upgrade moe-rewriter)")
+        newer = isinstance(found, int) and found > CARRIED_PLAN_VERSION
+        raise PlanError(f"{where}: plan version {shown}; this tool reads versions {version} and "
+                        f"{CARRIED_PLAN_VERSION} " + ("(a newer rewriter made it: upgrade moe-rewriter)" if newer
+                                                      else "(an integer): make the plan again with `rewriter plan`"))
     if (found == CARRIED_PLAN_VERSION) != ("carried" in doc):
         raise PlanError(f"{where}: a plan of version {found} must {'' if found == CARRIED_PLAN_VERSION else 'not '}"
                         f"have a 'carried' field (version {CARRIED_PLAN_VERSION} is a plan that carries "
