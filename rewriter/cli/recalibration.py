@@ -92,4 +92,12 @@ def recalibrate(src: str, plan_file: str, data: tuple[str, ...], out: str, token
     click.echo(f"wrote {out}: {changed} of {len(fits)} MoE layers with new router rows; held-out relative MSE "
                f"mean {before:.4g} -> {after:.4g} "
                f"({result.method['tokens']['sampled_per_layer']:,} tokens per layer of "
-               f"{result.method['tokens']['calibration']:,}); next: rewriter run {out} --out DST")
+               f"{result.method['tokens']['calibration']:,}); next: rewriter run {out} --out DST{_sidecar_note(result.plan)}")
+
+
+def _sidecar_note(plan: Any) -> str:
+    """Where the new router bytes went, when a file beside the plan holds them: it must travel with it."""
+    from planners.carried_field import carried_json
+
+    side = carried_json(plan).get("sidecar") if plan.carried is not None else None
+    return f" (the new router bytes are in {side} beside the plan: copy or move the two together)" if side else ""

@@ -4,6 +4,7 @@ and ``rewriter recalibrate`` end to end (recalibrate -> run -> verify -> eval) o
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +223,29 @@ def test_zero_steps_writes_the_plain_plan_and_a_rerun_the_same_rows(recalibrated
     cli("recalibrate", src, "--plan", root / "plan.json", "--data", cal, "--out", tmp_path / "again.json", *FIT)
     again, first = (json.loads(p.read_text())["carried"] for p in (tmp_path / "again.json", root / "recal.json"))
     assert again == first
+
+
+@pytest.mark.slow
+def test_a_recalibrated_plan_with_a_sidecar_says_so_and_runs_only_beside_it(tmp_path):
+    src = tmp_path / "src"
+    cli("synth", "--preset", "small", "--computing", "--quiet", src)  # routers too big to go inline
+    cli("synth-saliency", src, "--out", tmp_path / "sal.json")
+    cli("plan", src, "--saliency", tmp_path / "sal.json", "--keep-frac", "0.5", "--out", tmp_path / "plan.json")
+    (tmp_path / "out").mkdir()
+    words = np.random.default_rng(0).choice("the cat sat on a mat while dogs run far into green hills".split(), 6000)
+    (tmp_path / "c.txt").write_text(" ".join(words))
+    out = cli("recalibrate", src, "--plan", tmp_path / "plan.json", "--data", tmp_path / "c.txt", "--out",
+              tmp_path / "out" / "recal.json", "--device", "cpu", "--seq-len", "64", "--max-tokens", "2048",
+              "--tokens", "1024", "--steps", "5", "--batch-tokens", "256")
+    assert "4 of 4 MoE layers with new router rows" in out, out  # every router carried: over the inline limit
+    (side,) = (tmp_path / "out").glob("carried-*.safetensors")
+    assert f"{side.name} beside the plan" in out, out
+    (tmp_path / "moved").mkdir()
+    shutil.copy(tmp_path / "out" / "recal.json", tmp_path / "moved" / "recal.json")
+    assert side.name in _error("run", tmp_path / "moved" / "recal.json", "--out", tmp_path / "dst", "--quiet")
+    shutil.copy(side, tmp_path / "moved" / side.name)
+    cli("run", tmp_path / "moved" / "recal.json", "--out", tmp_path / "dst", "--quiet")
+    assert "OK" in cli("verify", src, tmp_path / "dst")
 
 
 def _error(*args: object) -> str:
