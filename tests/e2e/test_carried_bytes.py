@@ -245,6 +245,20 @@ def test_a_sidecar_name_that_is_not_a_plain_file_name_is_refused(sidecar, tiny, 
     assert not (tmp_path / "dst").exists()
 
 
+@pytest.mark.parametrize("kind, named", [("pca-refit", True), ("x\x1b[2J`\n# Title", False)])
+def test_the_card_names_a_method_kind_only_when_it_is_plain_text(kind, named, tiny, tmp_path):
+    _, carried, _ = plain_and_carried(tiny, tmp_path)
+    _edit_plan(carried, lambda doc: doc["carried"]["method"].__setitem__("kind", kind))
+    cli("run", carried, "--out", tmp_path / "dst", "--quiet")
+    for written_by in ("run", "card"):
+        if written_by == "card":
+            cli("card", tmp_path / "dst")
+        card = (tmp_path / "dst" / "README.md").read_text()
+        assert ("made by `pca-refit`." in card) == named and ("made by the method below." in card) != named, card
+        assert "\x1b" not in card and "\n# Title" not in card  # shown only JSON-escaped in the method block
+        assert json.dumps(kind) in card
+
+
 @pytest.mark.slow
 def test_killed_run_of_a_carried_plan_resumes_byte_identical(tmp_path):
     from tests.exec.test_executor import _kill_when, _run_cmd
