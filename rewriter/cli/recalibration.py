@@ -14,7 +14,7 @@ from rewriter.cli.params import (
     NON_NEGATIVE,
     POSITIVE,
     finite,
-    refuse_missing_folder,
+    refuse_plan_out,
     save_plan,
 )
 
@@ -73,7 +73,7 @@ def recalibrate(src: str, plan_file: str, data: tuple[str, ...], out: str, token
     if os.path.abspath(out) == os.path.abspath(plan_file):
         raise click.BadParameter(f"{out} is the plan to recalibrate; write the new plan to another file",
                                  param_hint="--out")
-    refuse_missing_folder(out, "--out")
+    refuse_plan_out(out, "--out")  # before the fit, not after hours of it
     plan = Plan.load(plan_file)
     settings = FitSettings(tokens=tokens, steps=steps, lr=lr, batch_tokens=batch_tokens, seed=seed)
 

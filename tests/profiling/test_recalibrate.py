@@ -255,6 +255,21 @@ def _error(*args: object) -> str:
     return lines[0]
 
 
+def test_recalibrate_refuses_an_out_it_would_not_replace_before_reading_anything(tmp_path, tiny, tiny_saliency):
+    plan = tmp_path / "plan.json"
+    cli("plan", tiny, "--saliency", tiny_saliency, "--keep-frac", "0.5", "--out", plan)
+    keep = tmp_path / "notes.json"
+    keep.write_text('{"mine": true}')
+    # The calibration file does not exist either: the --out refusal comes first, before any fit.
+    line = _error("recalibrate", tiny, "--plan", plan, "--data", tmp_path / "missing.txt", "--out", keep,
+                  "--device", "cpu")
+    assert "--out" in line and "notes.json is not a plan file" in line, line
+    assert keep.read_text() == '{"mine": true}'
+    line = _error("recalibrate", tiny, "--plan", plan, "--data", tmp_path / "missing.txt", "--out",
+                  tmp_path / "no" / "p.json", "--device", "cpu")
+    assert "--out" in line and "not an existing folder" in line, line
+
+
 @pytest.mark.slow
 def test_recalibrate_refusals_are_one_clear_error(recalibrated, tmp_path, tiny):
     root, src, cal, _ = recalibrated
