@@ -151,7 +151,8 @@ def _rewrite_sidecar(p: Path, rename: dict[str, str] | None = None, shape_of: st
     p.write_bytes(encode_header(items) + body)
 
 
-@pytest.mark.parametrize("damage", ["missing", "fifo", "changed", "truncated", "foreign", "wrong-length"])
+@pytest.mark.parametrize("damage", ["missing", "fifo", "changed", "truncated", "foreign", "wrong-length", "empty",
+                                    "not-safetensors"])
 def test_a_bad_sidecar_is_refused_before_anything_is_written(damage, tmp_path):
     src, carried, new = _small_carried(tmp_path)
     side = _sidecar(carried)
@@ -164,6 +165,8 @@ def test_a_bad_sidecar_is_refused_before_anything_is_written(damage, tmp_path):
         _flip_last_byte(side)
     elif damage == "truncated":
         side.write_bytes(side.read_bytes()[:-5])
+    elif damage in ("empty", "not-safetensors"):
+        side.write_bytes(b"" if damage == "empty" else b"x" * 8)
     elif damage == "foreign":
         _rewrite_sidecar(side, rename={name: "model.layers.9.mlp.router.weight"})
     else:
@@ -171,9 +174,10 @@ def test_a_bad_sidecar_is_refused_before_anything_is_written(damage, tmp_path):
     line = _fails("run", carried, "--out", tmp_path / "dst", "--quiet")
     assert side.name in line
     expected = {"missing": "not found", "fifo": "is a FIFO", "changed": "does not have the sha256", "truncated": "is truncated",
-                "foreign": "holds no tensor", "wrong-length": "U8["}[damage]
-    assert expected in line, line
-    if damage not in ("missing", "fifo"):
+                "foreign": "holds no tensor", "wrong-length": "U8[", "empty": "(file is 0 bytes long",
+                "not-safetensors": "(header length"}[damage]
+    assert expected in line and line.count(side.name) == 1, line
+    if damage not in ("missing", "fifo", "empty", "not-safetensors"):
         assert name in line, line
     assert not (tmp_path / "dst").exists() or not list((tmp_path / "dst").glob("*.safetensors"))
 
