@@ -18,6 +18,10 @@ from rewriter.cli.params import (
     save_plan,
 )
 
+#: Seeds the fit derives per-layer generators from (seed x 1,000,003 + layer) must stay within
+#: torch's 64-bit seeds.
+SEED_MAX = 2**32 - 1
+
 
 @main.command()
 @click.argument("src")
@@ -34,7 +38,7 @@ from rewriter.cli.params import (
               help="Adam's step size in units of the router weight's RMS / sqrt(hidden size): about the share "
                    "of a logit's spread one step may move (cosine-decayed to 0).")
 @click.option("--batch-tokens", type=POSITIVE, default=4096, show_default=True, help="Tokens per Adam step.")
-@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True,
               help="Seed of the token sample, the held-out split and the minibatches.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=2048, show_default=True,
               help="Tokens per packed sequence.")

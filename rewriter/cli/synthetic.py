@@ -72,7 +72,7 @@ def synth(preset: str, layers: int | None, sparse: bool, computing: bool, force:
 @click.option("--out", required=True, help="Saliency file to write (an existing file needs --force).")
 @click.option("--domain", type=DOMAIN, default="synthetic", show_default=True,
               help="Calibration domain name recorded in the file (what --weight DOMAIN=W refers to).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed of the scores.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed of the scores.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @_fail_cleanly
 def synth_saliency(ckpt: str, out: str, domain: str, seed: int, force: bool) -> None:

@@ -270,6 +270,19 @@ def test_recalibrate_refuses_an_out_it_would_not_replace_before_reading_anything
     assert "--out" in line and "not an existing folder" in line, line
 
 
+def test_seeds_out_of_range_are_refused_and_the_largest_runs(tmp_path, tiny, tiny_saliency):
+    plan = tmp_path / "plan.json"
+    cli("plan", tiny, "--saliency", tiny_saliency, "--keep-frac", "0.5", "--out", plan)
+    fit = ["--plan", plan, "--data", _ids(tmp_path / "c.jsonl", 4, 64, 0), "--device", "cpu", "--seq-len", "64", "--max-tokens", "256",
+           "--steps", "1", "--batch-tokens", "64", "--quiet"]
+    for seed in (str(2**63), "-1"):
+        line = _error("recalibrate", tiny, *fit, "--out", tmp_path / "r.json", "--seed", seed)
+        assert "--seed" in line and "0<=x<=4294967295" in line, line
+        assert "--seed" in _error("synth-saliency", tiny, "--out", tmp_path / "s.json", "--seed", "-1")
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "s.json").exists()
+    assert "wrote" in cli("recalibrate", tiny, *fit, "--out", tmp_path / "r.json", "--seed", str(2**32 - 1))
+
+
 @pytest.mark.slow
 def test_recalibrate_refusals_are_one_clear_error(recalibrated, tmp_path, tiny):
     root, src, cal, _ = recalibrated
