@@ -25,6 +25,8 @@ MAX_JSON_DEPTH = 64
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+#: Python refuses to convert an integer of more than 4,300 digits (its default limit).
+_LONG_NUMBER = re.compile(r"\d{4301,}")
 _TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.S)
 
 # What a file read with each error class should have been, and what to do when it is not.
@@ -104,14 +106,23 @@ def loads(raw: bytes | str) -> Any:
     """``json.loads(raw)``, refusing a document nested deeper than :data:`MAX_JSON_DEPTH`.
 
     Raises:
-        json.JSONDecodeError: as ``json.loads`` does, and for too deep a nesting (at the bracket
-            that goes past the limit), so callers handle both alike.
+        json.JSONDecodeError: as ``json.loads`` does, for too deep a nesting (at the bracket
+            that goes past the limit) and for an integer too long to convert, so callers handle
+            all alike.
     """
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _too_deep(text):
         raise json.JSONDecodeError(f"nested deeper than {MAX_JSON_DEPTH} levels of arrays/objects",
                                    text, _too_deep_at(text))
-    return json.loads(raw)
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        raise
+    except ValueError:  # an integer of more digits than Python converts (sys.int_info)
+        m = _LONG_NUMBER.search(text)
+        digits = f"{len(m.group()):,}" if m else "too many"
+        raise json.JSONDecodeError(f"a number of {digits} digits, more than any field takes", text,
+                                   m.start() if m else 0) from None
 
 
 def _too_deep(text: str) -> bool:

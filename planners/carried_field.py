@@ -95,13 +95,18 @@ def without_storage(doc: dict[str, Any]) -> dict[str, Any]:
 def check_version(doc: Mapping[str, Any], where: str, version: int) -> None:
     """Plans of ``version`` (2) without carried tensors, and of version 3 with them."""
     found = doc.get("version")
+    if type(found) is not int:  # true == 1 and 3.0 == 3 in Python; a plan writes the integer
+        found = json.dumps(found)
+    shown = str(found) if len(str(found)) <= 40 else str(found)[:37] + "..."
     if found == 1:
         raise PlanError(f"{where}: plan version 1 was made by an earlier rewriter, which recorded neither "
                         f"the copied files' sha256 nor a config derived from the source; make the plan "
                         f"again with `rewriter plan` (this tool reads versions {version} and {CARRIED_PLAN_VERSION})")
     if found not in (version, CARRIED_PLAN_VERSION):
-        raise PlanError(f"{where}: plan version {found!r}; this tool reads versions {version} and "
-                        f"{CARRIED_PLAN_VERSION} (a newer rewriter made it: upgrade moe-rewriter)")
+        newer = isinstance(found, int) and found > CARRIED_PLAN_VERSION
+        raise PlanError(f"{where}: plan version {shown}; this tool reads versions {version} and "
+                        f"{CARRIED_PLAN_VERSION} " + ("(a newer rewriter made it: upgrade moe-rewriter)" if newer
+                                                      else "(an integer): make the plan again with `rewriter plan`"))
     if (found == CARRIED_PLAN_VERSION) != ("carried" in doc):
         raise PlanError(f"{where}: a plan of version {found} must {'' if found == CARRIED_PLAN_VERSION else 'not '}"
                         f"have a 'carried' field (version {CARRIED_PLAN_VERSION} is a plan that carries "
@@ -133,7 +138,8 @@ def carried_from_json(doc: Mapping[str, Any], where: str) -> Carried | None:
             isinstance(v, str) for v in inline.values()):
         raise fail("inline", "an object of each carried tensor's name -> its bytes as hex")
     if "sidecar" in c and not (isinstance(c["sidecar"], str) and c["sidecar"].endswith(".safetensors")
-                               and "/" not in c["sidecar"] and not c["sidecar"].startswith(".")):
+                               and not set(c["sidecar"]) & {"/", "\\", "\x00"}
+                               and not c["sidecar"].startswith(".")):
         raise fail("sidecar", "the file name of a .safetensors file beside the plan")
     return Carried(c["method"], tensors)
 

@@ -115,7 +115,8 @@ def read_sidecar(url: str, plan: PlanLike, plan_url: str) -> dict[str, bytes]:
         raise PlanError(f"{url}: not found; plan {plan_url} keeps the bytes of its carried tensors "
                         f"({_names(plan)}) in this file beside it: copy it along with the plan") from None
     except FormatError as e:
-        raise PlanError(f"{where} is not a sidecar this tool wrote ({e}); restore it or make the plan "
+        why = str(e).removeprefix(f"{where}: ")  # the format's message names the file too
+        raise PlanError(f"{where} is not a sidecar this tool wrote ({why}); restore it or make the plan "
                         f"again") from None
     except OSError as e:
         raise PlanError(f"{where}: cannot read it ({e.strerror or e}); check the path and its permissions") from None

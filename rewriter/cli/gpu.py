@@ -44,8 +44,13 @@ engine_options = options_group(
 
 
 def _engine_kwargs(device: str | None, dtype: str, gpu_memory: float | None, storage_options: dict[str, Any] | None,
-                   devices: str | None, expert_chunk: int | None) -> dict[str, Any]:
+                   devices: str | None, expert_chunk: int | None, streamed: bool | None = None) -> dict[str, Any]:
     import torch
+
+    if expert_chunk is not None and streamed is False:
+        # The whole-model forward has no layer-batched experts: the option would do nothing.
+        raise click.BadParameter("it sets the streamed engine's expert batches; drop --expert-chunk, or "
+                                 "drop --no-streamed", param_hint="--expert-chunk")
 
     if gpu_memory is not None and not 0 < gpu_memory <= 1 << 20:
         raise click.BadParameter(f"{gpu_memory} is not a number of GiB between 0 and {1 << 20:,}",
@@ -90,7 +95,7 @@ def profile(model: str, data: tuple[str, ...], out: str, domain: str, seq_len: i
     """
     from profiling.profile import profile as run_profile
 
-    kw = _engine_kwargs(device, dtype, gpu_memory, storage_options, devices, expert_chunk)
+    kw = _engine_kwargs(device, dtype, gpu_memory, storage_options, devices, expert_chunk, streamed)
     refuse_existing_file(out, "--out", force)  # before the profile, not after hours of it
     refuse_missing_folder(out, "--out")
     bar = TokenProgress(enabled=not quiet)
@@ -176,7 +181,8 @@ def eval_cmd(model: str, packs: tuple[str, ...], seq_lens: tuple[int, ...], bloc
     gates = Gates(gate_ppl_abs, gate_ppl_rel, gate_mean_p, gate_cc, gate_jsd)
     result = evaluate(model, list(packs), seq_lens=seq_lens or (1024,), blocks=blocks, compare=compare,
                       gates=gates, batch_size=batch_size, streamed=streamed,
-                      **_engine_kwargs(device, dtype, gpu_memory, storage_options, devices, expert_chunk))
+                      **_engine_kwargs(device, dtype, gpu_memory, storage_options, devices, expert_chunk,
+                                       streamed))
     if plot:
         plot_histograms(result, plot)
     if as_json:

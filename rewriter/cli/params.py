@@ -132,8 +132,14 @@ def _is_plan_file(path: str) -> bool:
 
 def save_plan(p: Any, out: str, option: str) -> None:
     """Write a plan; a file already at ``out`` is replaced only when it is a plan."""
-    refuse_existing_file(out, option, force=False, replaceable=_is_plan_file)
+    refuse_plan_out(out, option)
     _write_out(p.save, out, option)
+
+
+def refuse_plan_out(out: str, option: str) -> None:
+    """What :func:`save_plan` would refuse at ``out``: checked before long work, not after it."""
+    refuse_existing_file(out, option, force=False, replaceable=_is_plan_file)
+    refuse_missing_folder(out, option)
 
 
 def save_saliency(sal: Any, out: str, force: bool) -> None:

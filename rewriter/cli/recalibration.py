@@ -14,9 +14,13 @@ from rewriter.cli.params import (
     NON_NEGATIVE,
     POSITIVE,
     finite,
-    refuse_missing_folder,
+    refuse_plan_out,
     save_plan,
 )
+
+#: Seeds the fit derives per-layer generators from (seed x 1,000,003 + layer) must stay within
+#: torch's 64-bit seeds.
+SEED_MAX = 2**32 - 1
 
 
 @main.command()
@@ -34,7 +38,7 @@ from rewriter.cli.params import (
               help="Adam's step size in units of the router weight's RMS / sqrt(hidden size): about the share "
                    "of a logit's spread one step may move (cosine-decayed to 0).")
 @click.option("--batch-tokens", type=POSITIVE, default=4096, show_default=True, help="Tokens per Adam step.")
-@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True,
               help="Seed of the token sample, the held-out split and the minibatches.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=2048, show_default=True,
               help="Tokens per packed sequence.")
@@ -73,7 +77,7 @@ def recalibrate(src: str, plan_file: str, data: tuple[str, ...], out: str, token
     if os.path.abspath(out) == os.path.abspath(plan_file):
         raise click.BadParameter(f"{out} is the plan to recalibrate; write the new plan to another file",
                                  param_hint="--out")
-    refuse_missing_folder(out, "--out")
+    refuse_plan_out(out, "--out")  # before the fit, not after hours of it
     plan = Plan.load(plan_file)
     settings = FitSettings(tokens=tokens, steps=steps, lr=lr, batch_tokens=batch_tokens, seed=seed)
 
@@ -92,4 +96,12 @@ def recalibrate(src: str, plan_file: str, data: tuple[str, ...], out: str, token
     click.echo(f"wrote {out}: {changed} of {len(fits)} MoE layers with new router rows; held-out relative MSE "
                f"mean {before:.4g} -> {after:.4g} "
                f"({result.method['tokens']['sampled_per_layer']:,} tokens per layer of "
-               f"{result.method['tokens']['calibration']:,}); next: rewriter run {out} --out DST")
+               f"{result.method['tokens']['calibration']:,}); next: rewriter run {out} --out DST{_sidecar_note(result.plan)}")
+
+
+def _sidecar_note(plan: Any) -> str:
+    """Where the new router bytes went, when a file beside the plan holds them: it must travel with it."""
+    from planners.carried_field import carried_json
+
+    side = carried_json(plan).get("sidecar") if plan.carried is not None else None
+    return f" (the new router bytes are in {side} beside the plan: copy or move the two together)" if side else ""

@@ -13,10 +13,13 @@ from rewriter.cli.errors import on_interrupt
 from rewriter.cli.group import main
 from rewriter.cli.params import (
     DOMAIN,
-    POSITIVE,
     refuse_existing_file,
     save_saliency,
 )
+
+#: Released MoE models have at most about a hundred decoder layers; a typo's 100,000 would spend
+#: minutes building headers before writing anything.
+MAX_LAYERS = 1024
 
 
 @main.command()
@@ -24,7 +27,7 @@ from rewriter.cli.params import (
               help="Geometry: gpt-oss 20b, 120b, tiny, tiny-bf16, small; the published geometries of deepseek-v3, "
                    "deepseek-r1, kimi-k2 (FP8 block-scaled experts), qwen3-235b, qwen3-coder-480b, glm-4.5 "
                    "(BF16); deepseek-v3-mini (DeepSeek-V3 architecture at test size).")
-@click.option("--layers", type=POSITIVE, default=None,
+@click.option("--layers", type=click.IntRange(1, MAX_LAYERS), default=None,
               help="Keep the preset's per-layer geometry with N decoder layers (dense-first layers kept while "
                    "one MoE layer remains; MTP layers kept after them).")
 @click.option("--sparse", is_flag=True, help="Real headers over holes: full geometry at no disk cost.")
@@ -69,7 +72,7 @@ def synth(preset: str, layers: int | None, sparse: bool, computing: bool, force:
 @click.option("--out", required=True, help="Saliency file to write (an existing file needs --force).")
 @click.option("--domain", type=DOMAIN, default="synthetic", show_default=True,
               help="Calibration domain name recorded in the file (what --weight DOMAIN=W refers to).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed of the scores.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed of the scores.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @_fail_cleanly
 def synth_saliency(ckpt: str, out: str, domain: str, seed: int, force: bool) -> None:

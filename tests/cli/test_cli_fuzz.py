@@ -305,26 +305,31 @@ def test_cli_fuzz_real_processes(world):
 # --- hostile inputs, each a fixed seed: whatever the command, a refusal (exit 2) naming the file -----
 
 DEEP = "[" * 100_000 + "]" * 100_000  # nesting that makes Python's JSON parser recurse past its limit
+# An integer longer than Python converts from text (its int_max_str_digits), where a number belongs.
+LONG_NUMBER = '{"version": 1' + "0" * 5000 + "}"
+#: Each hostile document, and what the refusal says of it.
+HOSTILE_DOCS = {"deep": (DEEP, "nested deeper than"), "long number": (LONG_NUMBER, "a number of 5,001 digits")}
 
 
-@pytest.fixture(scope="module")
-def hostile(world) -> dict[str, Path]:
-    """Files and folders that hold the deep JSON document in each place a command reads JSON."""
+@pytest.fixture(scope="module", params=sorted(HOSTILE_DOCS))
+def hostile(world, request) -> dict[str, Path | str]:
+    """Files and folders that hold a hostile JSON document in each place a command reads JSON."""
     import shutil
 
-    root = world.root / "hostile"
+    doc, _ = HOSTILE_DOCS[request.param]
+    root = world.root / f"hostile {request.param}"
     root.mkdir()
     deep = root / "deep.json"
-    deep.write_text(DEEP)
+    deep.write_text(doc)
     out = {"deep": deep}
     for name, base, inner in (("config", world.src, "config.json"), ("index", world.src, "model.safetensors.index.json"),
                               ("provenance", world.done, "pruning.json"), ("card", world.done, None)):
         copy = root / name
         shutil.copytree(base, copy)
         if inner:
-            (copy / inner).write_text(DEEP)
+            (copy / inner).write_text(doc)
         out[name] = copy
-    return out
+    return {**out, "said": HOSTILE_DOCS[request.param][1]}
 
 
 HOSTILE_SEEDS = {
@@ -346,6 +351,7 @@ HOSTILE_SEEDS = {
 @pytest.mark.parametrize("seed", sorted(HOSTILE_SEEDS))
 def test_hostile_json_is_refused_naming_the_file(world, hostile, seed):
     template, names = HOSTILE_SEEDS[seed]
+    said = hostile["said"]
     paths = {**{k: str(v) for k, v in hostile.items()}, "src": str(world.src), "sal": str(world.sal),
              "fresh": str(world.fresh())}
     args = [a.format(**paths) for a in template]
@@ -357,7 +363,7 @@ def test_hostile_json_is_refused_naming_the_file(world, hostile, seed):
         assert r.exit_code == 2, f"{shlex.join(argv)}\n{r.output}"
         message = json.loads(r.stdout)["error"] if "--json" in argv else r.output
         assert names.format(**paths) in message, f"{shlex.join(argv)}\n{r.output}"
-        assert "nested deeper than" in message or args[0] == "status", f"{shlex.join(argv)}\n{r.output}"
+        assert said in message or args[0] == "status", f"{shlex.join(argv)}\n{r.output}"
 
 
 HUB = "hf://openai/gpt-oss-20b"

@@ -90,6 +90,13 @@ def test_one_output_shard_is_named_model_safetensors(tmp_path, tiny, tiny_salien
     assert "model.safetensors" not in {p.name for p in several.glob("*.safetensors")}
 
 
+@pytest.mark.parametrize("layers", ["0", "100000"])
+def test_synth_refuses_a_layer_count_out_of_range_at_once(tmp_path, layers):
+    line = _error("synth", "--preset", "deepseek-v3", "--sparse", "--layers", layers, tmp_path / "x")
+    assert "--layers" in line and f"{layers} is not in the range 1<=x<=1024" in line, line
+    assert not (tmp_path / "x").exists()
+
+
 def test_counts_read_as_words(tmp_path, tiny, tiny_saliency):
     out = cli("synth", "--preset", "tiny", "--layers", "1", tmp_path / "one")
     n = len(list((tmp_path / "one").glob("*.safetensors")))

@@ -151,7 +151,8 @@ def _rewrite_sidecar(p: Path, rename: dict[str, str] | None = None, shape_of: st
     p.write_bytes(encode_header(items) + body)
 
 
-@pytest.mark.parametrize("damage", ["missing", "fifo", "changed", "truncated", "foreign", "wrong-length"])
+@pytest.mark.parametrize("damage", ["missing", "fifo", "changed", "truncated", "foreign", "wrong-length", "empty",
+                                    "not-safetensors"])
 def test_a_bad_sidecar_is_refused_before_anything_is_written(damage, tmp_path):
     src, carried, new = _small_carried(tmp_path)
     side = _sidecar(carried)
@@ -164,6 +165,8 @@ def test_a_bad_sidecar_is_refused_before_anything_is_written(damage, tmp_path):
         _flip_last_byte(side)
     elif damage == "truncated":
         side.write_bytes(side.read_bytes()[:-5])
+    elif damage in ("empty", "not-safetensors"):
+        side.write_bytes(b"" if damage == "empty" else b"x" * 8)
     elif damage == "foreign":
         _rewrite_sidecar(side, rename={name: "model.layers.9.mlp.router.weight"})
     else:
@@ -171,9 +174,10 @@ def test_a_bad_sidecar_is_refused_before_anything_is_written(damage, tmp_path):
     line = _fails("run", carried, "--out", tmp_path / "dst", "--quiet")
     assert side.name in line
     expected = {"missing": "not found", "fifo": "is a FIFO", "changed": "does not have the sha256", "truncated": "is truncated",
-                "foreign": "holds no tensor", "wrong-length": "U8["}[damage]
-    assert expected in line, line
-    if damage not in ("missing", "fifo"):
+                "foreign": "holds no tensor", "wrong-length": "U8[", "empty": "(file is 0 bytes long",
+                "not-safetensors": "(header length"}[damage]
+    assert expected in line and line.count(side.name) == 1, line
+    if damage not in ("missing", "fifo", "empty", "not-safetensors"):
         assert name in line, line
     assert not (tmp_path / "dst").exists() or not list((tmp_path / "dst").glob("*.safetensors"))
 
@@ -227,6 +231,36 @@ def test_inline_bytes_of_the_wrong_length_are_refused(tiny, tmp_path):
 
     line = _fails("run", _edit_plan(carried, shorten), "--out", tmp_path / "dst", "--quiet")
     assert name in line and "bytes" in line and str(carried) in line
+
+
+@pytest.mark.parametrize("sidecar", ["carried-\x00.safetensors", "..\\carried.safetensors", "a\\b.safetensors",
+                                     "../carried.safetensors", ".carried.safetensors"])
+def test_a_sidecar_name_that_is_not_a_plain_file_name_is_refused(sidecar, tiny, tmp_path):
+    _, carried, _ = plain_and_carried(tiny, tmp_path)
+
+    def point_elsewhere(doc: dict) -> None:
+        del doc["carried"]["inline"]
+        doc["carried"]["sidecar"] = sidecar
+
+    _edit_plan(carried, point_elsewhere)
+    for args in (["run", carried, "--out", tmp_path / "dst", "--quiet"], ["dry-run", carried]):
+        line = _fails(*args)
+        assert "'carried.sidecar'" in line and str(carried) in line, line
+    assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize("kind, named", [("pca-refit", True), ("x\x1b[2J`\n# Title", False)])
+def test_the_card_names_a_method_kind_only_when_it_is_plain_text(kind, named, tiny, tmp_path):
+    _, carried, _ = plain_and_carried(tiny, tmp_path)
+    _edit_plan(carried, lambda doc: doc["carried"]["method"].__setitem__("kind", kind))
+    cli("run", carried, "--out", tmp_path / "dst", "--quiet")
+    for written_by in ("run", "card"):
+        if written_by == "card":
+            cli("card", tmp_path / "dst")
+        card = (tmp_path / "dst" / "README.md").read_text()
+        assert ("made by `pca-refit`." in card) == named and ("made by the method below." in card) != named, card
+        assert "\x1b" not in card and "\n# Title" not in card  # shown only JSON-escaped in the method block
+        assert json.dumps(kind) in card
 
 
 @pytest.mark.slow

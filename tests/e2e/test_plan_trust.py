@@ -176,6 +176,24 @@ def test_a_version_1_plan_is_refused_with_what_to_do(tmp_path: Path, plan_doc):
     assert "plan version 1" in out and "rewriter plan" in out, out
 
 
+@pytest.mark.parametrize("version, shown, todo", [
+    (True, "plan version true;", "make the plan again"),  # JSON true is no version 1
+    (2.0, "plan version 2.0;", "make the plan again"),
+    ("2", 'plan version "2";', "make the plan again"),
+    (-2, "plan version -2;", "make the plan again"),
+    (10**60, "plan version " + "1" + "0" * 36 + "...;", "upgrade moe-rewriter"),
+    (4, "plan version 4;", "upgrade moe-rewriter"),
+])
+def test_a_plan_version_that_is_not_2_or_3_is_refused_saying_what_it_is(tmp_path: Path, plan_doc, version, shown, todo):
+    doc = copy.deepcopy(plan_doc)
+    doc["version"] = version
+    for args in (["run", _write(tmp_path, doc), "--out", tmp_path / "dst"], ["dry-run", _write(tmp_path, doc)]):
+        out = cli(*args, expect=2)
+        (line,) = [x for x in out.splitlines() if x.startswith("error:")]
+        assert shown in line and todo in line and "bad.json" in line, line
+    assert not (tmp_path / "dst").exists()
+
+
 BAD_NAMES = {
     "hidden": (".safetensors", "starting with '.'"),
     "esc": ("model-\x1b[2Jx.safetensors", "U+001B"),

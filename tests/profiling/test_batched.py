@@ -166,6 +166,17 @@ def test_cli_refuses_bad_devices_before_reading_the_model(tmp_path):
     assert not (tmp_path / "s.json").exists()
 
 
+def test_cli_refuses_expert_chunk_without_the_streamed_engine(tmp_path):
+    src, vocab = _source("gpt_oss_bf16", tmp_path / "src")
+    data = _data(tmp_path / "cal.jsonl", vocab)
+    for args in (["profile", src, "--out", tmp_path / "s.json", "--quiet"], ["eval", src]):
+        out = cli(*args, "--data", data, "--seq-len", "16", "--device", "cpu", "--no-streamed",
+                  "--expert-chunk", "64", expect=2)
+        (line,) = [x for x in out.splitlines() if x.startswith("error:")]
+        assert "--expert-chunk" in line and "drop --no-streamed" in line, line
+    assert not (tmp_path / "s.json").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt_oss_bf16", "deepseek_v3"])
 def test_two_processes_give_one_devices_saliency(name, tmp_path):

@@ -4,6 +4,7 @@ and ``rewriter recalibrate`` end to end (recalibrate -> run -> verify -> eval) o
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -224,11 +225,62 @@ def test_zero_steps_writes_the_plain_plan_and_a_rerun_the_same_rows(recalibrated
     assert again == first
 
 
+@pytest.mark.slow
+def test_a_recalibrated_plan_with_a_sidecar_says_so_and_runs_only_beside_it(tmp_path):
+    src = tmp_path / "src"
+    cli("synth", "--preset", "small", "--computing", "--quiet", src)  # routers too big to go inline
+    cli("synth-saliency", src, "--out", tmp_path / "sal.json")
+    cli("plan", src, "--saliency", tmp_path / "sal.json", "--keep-frac", "0.5", "--out", tmp_path / "plan.json")
+    (tmp_path / "out").mkdir()
+    words = np.random.default_rng(0).choice("the cat sat on a mat while dogs run far into green hills".split(), 6000)
+    (tmp_path / "c.txt").write_text(" ".join(words))
+    out = cli("recalibrate", src, "--plan", tmp_path / "plan.json", "--data", tmp_path / "c.txt", "--out",
+              tmp_path / "out" / "recal.json", "--device", "cpu", "--seq-len", "64", "--max-tokens", "2048",
+              "--tokens", "1024", "--steps", "5", "--batch-tokens", "256")
+    assert "4 of 4 MoE layers with new router rows" in out, out  # every router carried: over the inline limit
+    (side,) = (tmp_path / "out").glob("carried-*.safetensors")
+    assert f"{side.name} beside the plan" in out, out
+    (tmp_path / "moved").mkdir()
+    shutil.copy(tmp_path / "out" / "recal.json", tmp_path / "moved" / "recal.json")
+    assert side.name in _error("run", tmp_path / "moved" / "recal.json", "--out", tmp_path / "dst", "--quiet")
+    shutil.copy(side, tmp_path / "moved" / side.name)
+    cli("run", tmp_path / "moved" / "recal.json", "--out", tmp_path / "dst", "--quiet")
+    assert "OK" in cli("verify", src, tmp_path / "dst")
+
+
 def _error(*args: object) -> str:
     out = cli(*args, expect=2)
     lines = [line for line in out.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in out, out
     return lines[0]
+
+
+def test_recalibrate_refuses_an_out_it_would_not_replace_before_reading_anything(tmp_path, tiny, tiny_saliency):
+    plan = tmp_path / "plan.json"
+    cli("plan", tiny, "--saliency", tiny_saliency, "--keep-frac", "0.5", "--out", plan)
+    keep = tmp_path / "notes.json"
+    keep.write_text('{"mine": true}')
+    # The calibration file does not exist either: the --out refusal comes first, before any fit.
+    line = _error("recalibrate", tiny, "--plan", plan, "--data", tmp_path / "missing.txt", "--out", keep,
+                  "--device", "cpu")
+    assert "--out" in line and "notes.json is not a plan file" in line, line
+    assert keep.read_text() == '{"mine": true}'
+    line = _error("recalibrate", tiny, "--plan", plan, "--data", tmp_path / "missing.txt", "--out",
+                  tmp_path / "no" / "p.json", "--device", "cpu")
+    assert "--out" in line and "not an existing folder" in line, line
+
+
+def test_seeds_out_of_range_are_refused_and_the_largest_runs(tmp_path, tiny, tiny_saliency):
+    plan = tmp_path / "plan.json"
+    cli("plan", tiny, "--saliency", tiny_saliency, "--keep-frac", "0.5", "--out", plan)
+    fit = ["--plan", plan, "--data", _ids(tmp_path / "c.jsonl", 4, 64, 0), "--device", "cpu", "--seq-len", "64", "--max-tokens", "256",
+           "--steps", "1", "--batch-tokens", "64", "--quiet"]
+    for seed in (str(2**63), "-1"):
+        line = _error("recalibrate", tiny, *fit, "--out", tmp_path / "r.json", "--seed", seed)
+        assert "--seed" in line and "0<=x<=4294967295" in line, line
+        assert "--seed" in _error("synth-saliency", tiny, "--out", tmp_path / "s.json", "--seed", "-1")
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "s.json").exists()
+    assert "wrote" in cli("recalibrate", tiny, *fit, "--out", tmp_path / "r.json", "--seed", str(2**32 - 1))
 
 
 @pytest.mark.slow

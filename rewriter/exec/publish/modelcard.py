@@ -12,6 +12,7 @@ A source model card is never overwritten: the source's ``README.md`` is kept as
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -94,6 +95,11 @@ def _kept_experts(plan: Plan) -> list[str]:
     return ["## Kept experts per layer", "", note, "", *_table(("layer", "kept", "original ids"), rows), ""]
 
 
+#: A method kind the card may name in its sentence; any other (control characters, backticks, line
+#: breaks: the plan is untrusted) is shown only inside the escaped JSON below it.
+_PLAIN_KIND = re.compile(r"[A-Za-z0-9][\w.+-]{0,63}", re.ASCII)
+
+
 def _carried(plan: Plan) -> list[str]:
     """Which tensors are new (not the source's bytes) and how they were made, in plain words."""
     if plan.carried is None:
@@ -102,7 +108,8 @@ def _carried(plan: Plan) -> list[str]:
     kind = method.get("kind")
     how = ("router recalibration: each MoE layer's router (the kept experts' rows, and its bias where the family "
            "has one) was fitted so that the pruned layer's output matches the original layer's on calibration "
-           "tokens" if kind == "router-recalibration" else f"`{kind}`" if isinstance(kind, str) else "the method below")
+           "tokens" if kind == "router-recalibration" else f"`{kind}`" if isinstance(kind, str) and _PLAIN_KIND.fullmatch(kind)
+           else "the method below")
     planned = {t.name: t for o in plan.outputs for t in o.tensors}
     rows = [(f"`{name}`", planned[name].dtype, "×".join(map(str, planned[name].shape)), f"`{sha}`")
             for name, sha in plan.carried.tensors.items() if name in planned]
