@@ -43,6 +43,11 @@ engine_options = options_group(
 )
 
 
+def _streamed(streamed: bool | None, devices: str | None) -> bool | None:
+    """--devices always runs the streamed engine, one device listed too (--no-streamed with it is refused)."""
+    return True if devices is not None and streamed is None else streamed
+
+
 def _engine_kwargs(device: str | None, dtype: str, gpu_memory: float | None, storage_options: dict[str, Any] | None,
                    devices: str | None, expert_chunk: int | None, streamed: bool | None = None) -> dict[str, Any]:
     import torch
@@ -101,7 +106,8 @@ def profile(model: str, data: tuple[str, ...], out: str, domain: str, seq_len: i
     bar = TokenProgress(enabled=not quiet)
     try:
         sal = run_profile(model, list(data), domain=domain, seq_len=seq_len, max_tokens=max_tokens,
-                          batch_size=batch_size, streamed=streamed, progress=bar, on_layer=bar.layer, **kw)
+                          batch_size=batch_size, streamed=_streamed(streamed, devices), progress=bar,
+                          on_layer=bar.layer, **kw)
     finally:
         bar.close()
     save_saliency(sal, out, force)
@@ -180,7 +186,7 @@ def eval_cmd(model: str, packs: tuple[str, ...], seq_lens: tuple[int, ...], bloc
 
     gates = Gates(gate_ppl_abs, gate_ppl_rel, gate_mean_p, gate_cc, gate_jsd)
     result = evaluate(model, list(packs), seq_lens=seq_lens or (1024,), blocks=blocks, compare=compare,
-                      gates=gates, batch_size=batch_size, streamed=streamed,
+                      gates=gates, batch_size=batch_size, streamed=_streamed(streamed, devices),
                       **_engine_kwargs(device, dtype, gpu_memory, storage_options, devices, expert_chunk,
                                        streamed))
     if plot:

@@ -87,7 +87,7 @@ def format_description(info: Mapping[str, Any]) -> str:
 
     fields = ", ".join(f"{k}={v}" for k, v in info["config_fields"].items())
     roles = ", ".join(f"{n} {role}" for role, n in info["expert_tensors"].items())
-    mtp = ", ".join(f"{m} (keep set of layer {f} unless given)" for m, f in info["mtp_layers"].items())
+    mtp = ", ".join(f"layer {m} (keep set of layer {f} unless given)" for m, f in info["mtp_layers"].items())
     lines = [
         f"checkpoint:        {info['url']}",
         f"status:            supported: family {info['family']} (model_type {info['model_type']}"

@@ -60,7 +60,7 @@ def test_mtp_layer_is_an_moe_layer_at_inspect(with_mtp):
     info = json.loads(cli("inspect", src, "--json"))
     assert [e["layer"] for e in info["layers"]] == [1, 2, MTP]
     assert info["mtp_layers"] == {str(MTP): 2} and info["config_fields"]["num_nextn_predict_layers"] == 1
-    assert f"MTP layers:        {MTP} (keep set of layer 2 unless given)" in cli("inspect", src)
+    assert f"MTP layers:        layer {MTP} (keep set of layer 2 unless given)" in cli("inspect", src)
 
 
 def test_qwen_style_mtp_expert_tensors_are_refused_naming_the_tensor(tmp_path):

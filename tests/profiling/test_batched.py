@@ -177,6 +177,17 @@ def test_cli_refuses_expert_chunk_without_the_streamed_engine(tmp_path):
     assert not (tmp_path / "s.json").exists()
 
 
+def test_one_device_listed_runs_the_streamed_engine(tmp_path):
+    """``--devices cpu`` is a list of one: streamed, as every list is (the help says so)."""
+    src, vocab = _source("gpt_oss_bf16", tmp_path / "src")
+    data = _data(tmp_path / "cal.jsonl", vocab)
+    cli("profile", src, "--out", tmp_path / "s.json", "--devices", "cpu", "--data", data, "--seq-len", "16", "--quiet")
+    method = json.loads((tmp_path / "s.json").read_text())["method"]
+    assert method["streamed"] is True and method["devices"] == ["cpu"], method
+    res = json.loads(cli("eval", src, "--data", data, "--seq-len", "16", "--blocks", "2", "--devices", "cpu", "--json"))
+    assert res["engine"]["layers"], res  # the engine reports per layer only when it streamed
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt_oss_bf16", "deepseek_v3"])
 def test_two_processes_give_one_devices_saliency(name, tmp_path):
