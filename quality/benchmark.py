@@ -274,7 +274,7 @@ def _prune_grid(scale: Scale, ckpt, sal: dict[str, tuple[Any, Any]], evaluate_pl
 
 
 def run_seed(scale: Scale, seed: int, corpora: Path, work: Path, device: str, log=print,
-             steps: int | None = None, on_draw=None) -> dict[str, Any]:
+             steps: int | None = None, on_draw=None, trace: Path | None = None) -> dict[str, Any]:
     """Train the reference MoE with ``seed`` and run the whole grid on it, every calibration seed;
     ``on_draw(result so far)`` after each calibration seed."""
     from core.checkpoint import Checkpoint
@@ -285,7 +285,7 @@ def run_seed(scale: Scale, seed: int, corpora: Path, work: Path, device: str, lo
     log(f"seed {seed}: train")
     training = train(corpora, model_dir, size=scale.size, steps=steps or scale.steps, seq_len=scale.seq_len,
                      batch_size=scale.batch_size, lr=scale.lr, seed=seed, device=device, log=log,
-                     budget=None if steps else scale.train_seconds)
+                     budget=None if steps else scale.train_seconds, trace=trace)
     ckpt = Checkpoint.open(str(model_dir))
     t = time.perf_counter()
     evaluate_plan = _Evaluator(scale, model_dir, corpora, work, device, log)
@@ -328,6 +328,8 @@ def _spawn(args: argparse.Namespace, seed: int, corpora: Path, log) -> tuple[sub
            "--work", str(work), "--corpora", str(corpora), "--one-seed", str(seed), "--seed-out", str(out)]
     if args.steps:
         cmd += ["--steps", str(args.steps)]
+    if args.trace_training:
+        cmd += ["--trace-training", "--results", str(args.results)]
     log(f"seed {seed}: {' '.join(cmd)} (log {log_path})")
     return subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT), out, log_path
 
@@ -383,9 +385,13 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     log("corpora")
     corpora = build_corpora(corpora_dir, scale.corpus_bytes)
     seed_docs = []
+    if args.trace_training:
+        args.results.mkdir(parents=True, exist_ok=True)
     if args.jobs <= 1:
         for s in scale.seeds:
-            seed_docs.append(run_seed(scale, s, corpora_dir, args.work / f"seed-{s}", args.device, log, args.steps))
+            trace = args.results / f"train-trace-{args.size}-seed{s}.txt" if args.trace_training else None
+            seed_docs.append(run_seed(scale, s, corpora_dir, args.work / f"seed-{s}", args.device, log, args.steps,
+                                      trace=trace))
             if args.deadline and time.perf_counter() - t0 > args.deadline:
                 break
     else:
@@ -426,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="training seeds run at once, one process each")
     ap.add_argument("--deadline", type=float, default=None,
                     help="with --jobs: stop after this many seconds, reporting the calibration draws finished")
+    ap.add_argument("--trace-training", action="store_true",
+                    help="profile 3 training steps per seed: RESULTS/train-trace-SIZE-seedN.txt")
     ap.add_argument("--one-seed", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--corpora", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--seed-out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -439,8 +447,11 @@ def main(argv: list[str] | None = None) -> int:
             tmp.write_text(json.dumps(doc) + "\n")
             tmp.replace(args.seed_out)
 
+        trace = args.results / f"train-trace-{args.size}-seed{args.one_seed}.txt" if args.trace_training else None
+        if trace:
+            args.results.mkdir(parents=True, exist_ok=True)
         run_seed(SCALES[args.size], args.one_seed, args.corpora, args.work, args.device, _flush_print, args.steps,
-                 on_draw=save)
+                 on_draw=save, trace=trace)
         return 0
     run(args, log=_flush_print)
     return 0

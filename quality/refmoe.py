@@ -163,7 +163,7 @@ def _stream(path: Path) -> np.ndarray:
 def train(
     corpora: Path, out: Path, *, size: ModelSize = ModelSize(), steps: int = 3000, seq_len: int = 512,
     batch_size: int = 32, lr: float = 2e-3, seed: int = 0, device: str = "cuda", log=print,
-    budget: float | None = None,
+    budget: float | None = None, trace: Path | None = None,
 ) -> dict[str, Any]:
     """Train the reference gpt-oss MoE on the three training splits (equal mixture); save it.
 
@@ -176,7 +176,11 @@ def train(
     schedule follows the elapsed share of the budget and training stops when it is spent (or
     after ``steps``, whichever comes first); the steps done are recorded. A GPU budget is what
     the benchmark has, and the same budget trains more on a faster machine. On CUDA the experts
-    run as grouped matmuls in bfloat16 (:func:`grouped_experts_forward`)."""
+    run as grouped matmuls in bfloat16 (:func:`grouped_experts_forward`).
+
+    With ``trace``, steps ``TRACE_FROM`` to ``TRACE_FROM + TRACE_STEPS - 1`` run under
+    torch.profiler, and its table of operators by device time (host time on a CPU) is written
+    there: where a training step's time goes."""
     import torch
     from transformers import GptOssConfig, GptOssForCausalLM
 
@@ -215,10 +219,13 @@ def train(
     losses: list[Any] = []  # loss tensors: reading each one would wait for the GPU every step
     model.train()
     done_steps = 0
+    tracer = None
     for step in range(steps):
         if budget is not None and time.perf_counter() - t0 >= budget:
             break
         done_steps = step + 1
+        if trace is not None and step == TRACE_FROM:
+            tracer = _Tracer(use_amp)
         batch = []
         for b in range(batch_size):
             s = streams[DOMAINS[b % len(DOMAINS)]]
@@ -244,6 +251,9 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.detach())
+        if tracer is not None and step == TRACE_FROM + TRACE_STEPS - 1:
+            tracer.write(trace, TRACE_STEPS)
+            tracer = None
         if (step % max(1, steps // 10) == 0 if budget is None else step % 200 == 0) or step == steps - 1:
             recent = torch.stack(losses[-50:]).float().mean().item()
             log(f"  train step {step:5d}/{steps}  loss {recent:.4f}  {time.perf_counter() - t0:6.1f} s")
@@ -292,3 +302,30 @@ def _use_grouped_experts(model) -> None:
 
     ALL_EXPERTS_FUNCTIONS.register(TRAIN_EXPERTS, grouped_experts_forward)
     model.config._experts_implementation = TRAIN_EXPERTS
+
+
+#: Steps of :func:`train` that ``trace`` profiles (after the first steps' one-time costs).
+TRACE_FROM, TRACE_STEPS = 5, 3
+
+
+class _Tracer:
+    """torch.profiler over a few training steps; writes its operator table."""
+
+    def __init__(self, cuda: bool):
+        import torch
+
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        self.cuda, self.t0 = cuda, time.perf_counter()
+        self.prof = torch.profiler.profile(activities=acts)
+        self.prof.__enter__()
+
+    def write(self, path: Path, steps: int) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - self.t0) / steps
+        self.prof.__exit__(None, None, None)
+        key = "device_time_total" if self.cuda else "cpu_time_total"
+        table = self.prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=60)
+        path.write_text(f"{steps} training steps traced, {seconds:.3f} s per step (profiler on)\n{table}\n")

@@ -143,3 +143,25 @@ def test_quality_benchmark_toy(tmp_path):
         a = set((work / "seed-0" / "calib-0" / f"{d}-A.jsonl").read_text().splitlines())
         b = set((work / "seed-0" / "calib-0" / f"{d}-B.jsonl").read_text().splitlines())
         assert a and b and not a & b and a | b == calib  # the two halves split the calibration documents
+
+
+def test_training_with_a_budget_and_a_trace(tmp_path):
+    """The reference MoE trains for a time budget (steps done are recorded, the schedule ends
+    at the budget) and ``trace`` writes where a step's time goes."""
+    from quality.refmoe import TRACE_FROM, TRACE_STEPS, ModelSize, build_corpora, train
+
+    corpora = tmp_path / "corpora"
+    build_corpora(corpora, 60_000)
+    size = ModelSize(layers=1, experts=4, top_k=2, hidden=32, intermediate=32, heads=2, kv_heads=1, head_dim=16)
+    trace = tmp_path / "trace.txt"
+    info = train(corpora, tmp_path / "m", size=size, steps=TRACE_FROM + TRACE_STEPS, seq_len=32, batch_size=2,
+                 device="cpu", trace=trace, log=lambda *a: None)
+    assert info["steps"] == TRACE_FROM + TRACE_STEPS and info["budget_seconds"] is None
+    text = trace.read_text()
+    assert text.startswith(f"{TRACE_STEPS} training steps traced") and "aten::" in text
+    info = train(corpora, tmp_path / "b", size=size, steps=10**6, seq_len=32, batch_size=2, device="cpu",
+                 budget=0.5, log=lambda *a: None)
+    assert 1 <= info["steps"] < 10**6 and info["max_steps"] == 10**6 and info["budget_seconds"] == 0.5
+    assert info["tokens"] == info["steps"] * 2 * 32
+    assert (tmp_path / "b" / "config.json").exists()
+    assert "_experts_implementation" not in (tmp_path / "b" / "config.json").read_text()
