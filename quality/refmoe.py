@@ -257,6 +257,10 @@ def train(
         if (step % max(1, steps // 10) == 0 if budget is None else step % 200 == 0) or step == steps - 1:
             recent = torch.stack(losses[-50:]).float().mean().item()
             log(f"  train step {step:5d}/{steps}  loss {recent:.4f}  {time.perf_counter() - t0:6.1f} s")
+    if trace is not None and tracer is not None:  # training ended inside the traced steps
+        tracer.write(trace, done_steps - TRACE_FROM)
+    elif trace is not None and done_steps <= TRACE_FROM:
+        trace.write_text(f"no step traced: training ended after {done_steps} steps, before step {TRACE_FROM}\n")
     seconds = time.perf_counter() - t0
     model.config.output_router_logits = False
     trained_with = model.config._experts_implementation

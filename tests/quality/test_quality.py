@@ -96,8 +96,10 @@ def test_quality_benchmark_toy(tmp_path):
     from quality.benchmark import run
 
     args = argparse.Namespace(size="toy", device="cpu", work=tmp_path / "work", results=tmp_path / "results",
-                              steps=None, jobs=1, deadline=None)
+                              steps=None, jobs=1, deadline=None, trace_training=True)
     doc = run(args, log=lambda *a: None)
+    # The toy trains 4 steps, fewer than the trace skips: each seed's trace file says so.
+    assert "no step traced: training ended after 4 steps" in (tmp_path / "results" / "train-trace-toy-seed0.txt").read_text()
     assert [sd["seed"] for sd in doc["seeds"]] == [0, 1]
     for sd in doc["seeds"]:
         assert sd["calib_seeds_done"] == [0, 1]
