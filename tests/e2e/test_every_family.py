@@ -16,6 +16,7 @@ import pytest
 
 from core.families import LAYOUTS, REFUSED
 from tests.conftest import REPO, cli
+from tests.router_masks import added_to_linear
 
 RESULTS = REPO / "docs" / "families.json"
 #: Kept experts of 8: two in each half, so group-limited routing (2 groups) stays balanced.
@@ -120,18 +121,10 @@ def unselectable(model, layout, keep: list[int]):
         elif "bias" in name.rsplit(".", 1)[-1]:  # selection biases; per-expert scales stay as they are
             saved.append((t, t.detach().clone()))
             t.data += m.view(t.shape).to(t.dtype)
-    orig = torch.nn.functional.linear
-
-    def linear(x, weight, bias=None):
-        out = orig(x, weight, bias)
-        m = masks.get(id(weight))
-        return out if m is None else out + m.to(out.dtype)
-
-    torch.nn.functional.linear = linear
     try:
-        yield layers
+        with added_to_linear(masks):
+            yield layers
     finally:
-        torch.nn.functional.linear = orig
         for t, v in saved:
             t.data.copy_(v)
 

@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from core.checkpoint import Checkpoint  # noqa: E402
 from tests.conftest import cli  # noqa: E402
+from tests.router_masks import added_to_linear  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
@@ -76,18 +77,10 @@ def unselectable(model, keep: dict[int, list[int]], n_experts: int):
         if bias is not None:
             biases.append((bias, bias.clone()))
             bias.data += m
-    orig = torch.nn.functional.linear
-
-    def linear(x, weight, bias=None):
-        out = orig(x, weight, bias)
-        m = masks.get(id(weight))
-        return out if m is None else out + m.to(out.dtype)
-
-    torch.nn.functional.linear = linear
     try:
-        yield
+        with added_to_linear(masks):
+            yield
     finally:
-        torch.nn.functional.linear = orig
         for b, saved in biases:
             b.data.copy_(saved)
 

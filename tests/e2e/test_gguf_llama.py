@@ -85,6 +85,17 @@ def assert_close(got: np.ndarray, want: np.ndarray, rel: float) -> None:
     assert diff <= rel * scale, f"max |diff| {diff:.3g} > {rel} x {scale:.3g}"
 
 
+
+def assert_hard_equals_soft(src: Path, tmp_path: Path) -> None:
+    """llama.cpp's logits and greedy tokens of ``tmp_path/hard`` equal ``tmp_path/soft``'s, and
+    differ from the source's (the prune changed the model: the check can fail)."""
+    hard, hard_gen = llama_logits(tmp_path / "hard" / "model.gguf")
+    soft, soft_gen = llama_logits(tmp_path / "soft" / "model.gguf")
+    full, _ = llama_logits(src)
+    assert len(hard_gen) == 4 and hard_gen == soft_gen
+    assert_close(hard, soft, 1e-5)
+    assert np.abs(full - hard).max() > 1e-3
+
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0", "MXFP4"])
 def test_gpt_oss_pruned_equals_soft_pruned_in_llama_cpp(tmp_path, qtype):
     src = write_gguf(tmp_path / "src" / "model.gguf", "gpt-oss", qtype=qtype, seed=3)
@@ -92,12 +103,7 @@ def test_gpt_oss_pruned_equals_soft_pruned_in_llama_cpp(tmp_path, qtype):
     cli("synth-saliency", src, "--out", sal)
     prune(src, tmp_path / "hard", sal)
     prune(src, tmp_path / "soft", sal, soft=True)
-    hard, hard_gen = llama_logits(tmp_path / "hard" / "model.gguf")
-    soft, soft_gen = llama_logits(tmp_path / "soft" / "model.gguf")
-    full, _ = llama_logits(src)
-    assert len(hard_gen) == 4 and hard_gen == soft_gen
-    assert_close(hard, soft, 1e-5)
-    assert np.abs(full - hard).max() > 1e-3  # the prune changed the model: the check can fail
+    assert_hard_equals_soft(src, tmp_path)
 
 
 def hf_reference(weights: dict[str, np.ndarray], g: Geometry, keep: dict[str, list[int]]) -> np.ndarray:
@@ -228,9 +234,4 @@ def test_grouped_pruned_equals_soft_pruned_in_llama_cpp(tmp_path, arch, qtype):
     if arch == "deepseek2":  # two kept in each of the 4 groups of 4: group-limited routing unchanged
         assert all(sorted(e // 4 for e in ids) == [0, 0, 1, 1, 2, 2, 3, 3] for ids in keep.values())
     prune(src, tmp_path / "soft", sal, soft=True)
-    hard, hard_gen = llama_logits(tmp_path / "hard" / "model.gguf")
-    soft, soft_gen = llama_logits(tmp_path / "soft" / "model.gguf")
-    full, _ = llama_logits(src)
-    assert len(hard_gen) == 4 and hard_gen == soft_gen
-    assert_close(hard, soft, 1e-5)
-    assert np.abs(full - hard).max() > 1e-3
+    assert_hard_equals_soft(src, tmp_path)
