@@ -44,7 +44,7 @@ from profiling.data import LazyTokenizer, documents, pack
 from profiling.devices import device_list
 from profiling.observer import ExpertObserver
 from profiling.spill import Spill
-from profiling.streamed import HEAD_CHUNK, StreamedModel, check_device, fits
+from profiling.streamed import HEAD_CHUNK, StreamedModel, check_device, fits, set_attention
 from profiling.weights import checkpoint_dtype
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ def load_model(path: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat
     if device != "cpu":  # straight to the device: no full copy in host memory first
         kw["device_map"] = device
     model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    set_attention(model, torch.device(device), path)
     return model.to(device).eval()
 
 

@@ -165,6 +165,43 @@ def check_device(device: str) -> None:
         raise DeviceError(f"--device {device}: expected cpu or cuda[:N]")
 
 
+#: Environment variable naming the attention implementation to run models with: ``auto`` (the
+#: default: :func:`attention_for`), ``default`` (transformers' own choice), or a name transformers
+#: knows (``eager``, ``sdpa``, ``flex_attention``).
+ATTENTION_ENV = "REWRITER_ATTENTION"
+
+
+def attention_for(model_cls: type, device: torch.device) -> str | None:
+    """The attention implementation to run ``model_cls`` with on ``device`` (None: transformers'
+    default). Automatically: the default, except where that is the eager one (no SDPA, as for
+    gpt-oss's attention sinks) and the model supports flex attention on a CUDA device, which runs
+    sinks and sliding windows in fused kernels instead of materializing every score matrix in
+    float32. ``REWRITER_ATTENTION`` overrides the choice."""
+    import os
+
+    chosen = os.environ.get(ATTENTION_ENV, "auto").strip() or "auto"
+    if chosen == "default":
+        return None
+    if chosen != "auto":
+        return chosen
+    if device.type == "cuda" and not getattr(model_cls, "_supports_sdpa", False) \
+            and getattr(model_cls, "_supports_flex_attn", False):
+        return "flex_attention"
+    return None
+
+
+def set_attention(model: Any, device: torch.device, source: str) -> None:
+    """Run ``model`` with :func:`attention_for` its class and ``device``; a choice the model
+    cannot run is one clear error naming ``source``."""
+    chosen = attention_for(type(model), device)
+    if not chosen or chosen == model.config._attn_implementation:
+        return
+    try:
+        model.set_attn_implementation(chosen)
+    except (ValueError, ImportError) as e:
+        raise RewriterError(f"{source}: cannot run attention {chosen!r} ({ATTENTION_ENV}): {e}") from e
+
+
 def skeleton(config: dict[str, Any], dtype: torch.dtype):
     """The causal LM of ``config`` on the meta device (no memory, no initialization)."""
     from transformers import AutoModelForCausalLM
@@ -219,6 +256,7 @@ class StreamedModel:
         self.gpu_memory = gpu_memory
         self.expert_chunk = expert_chunk
         self.model = skeleton(ckpt.config, self.dtype)
+        set_attention(self.model, self.device, ckpt.url)
         self.base = self.model.base_model
         self.recipes = Recipes(ckpt, self.dtype, fp32_patterns(self.model, self.dtype), self.model)
         self.block = fp8_block(ckpt.config)

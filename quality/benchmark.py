@@ -2,7 +2,10 @@
 several calibration draws, prune with each ranking at several keep fractions and calibrations,
 and evaluate every pruned model against its original: perplexity and task accuracy.
 
-``python -m quality.benchmark [--size full|toy] [--device cuda] [--jobs N] [--deadline S] [--work DIR] [--results DIR]``
+``python -m quality.benchmark [--size full|ref|toy] [--device cuda] [--jobs N] [--deadline S] [--work DIR] [--results DIR]``
+
+``--train-only`` trains each seed's reference model into ``WORK`` and stops; a later run with
+``--reuse-trained`` evaluates those models (two commands where one would not fit a time limit).
 
 Per training seed (one process each; ``--jobs`` run at once, sharing one GPU) and calibration
 seed: each domain's calibration documents are shuffled with the calibration seed and cut into
@@ -25,13 +28,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +82,7 @@ SCALES = {
     # trained for a GPU-time budget per seed (the three seeds side by side on one GPU).
     "ref": Scale(ModelSize(layers=8, experts=16, top_k=4, hidden=384, intermediate=384, heads=6, kv_heads=2, head_dim=64),
                  8_000_000, 1_000_000, 512, 64, (0.5, 0.375, 0.25), ("union", *DOMAINS), 32768, 24,
-                 calib_seeds=(0, 1), recal_steps=100, recal_tokens=32768, train_seconds=270),
+                 calib_seeds=(0, 1), recal_steps=100, recal_tokens=32768, train_seconds=240),
     "toy": Scale(ModelSize(layers=2, experts=8, top_k=2, hidden=64, intermediate=64, heads=2, kv_heads=1, head_dim=32),
                  60_000, 4, 64, 4, (0.5,), ("union",), 1024, 2, seeds=(0, 1), calib_seeds=(0, 1),
                  outlier_ranks=("eaft_reap",), arith_problems=24, code_problems=8, task_context=48, eval_batch=16,
@@ -273,19 +277,49 @@ def _prune_grid(scale: Scale, ckpt, sal: dict[str, tuple[Any, Any]], evaluate_pl
             _recalibrated(scale, ckpt, plan, recal_data, evaluate_plan, rnd)
 
 
+def _trained(model_dir: Path, scale: Scale, seed: int) -> dict[str, Any] | None:
+    """The training record of a reference model an earlier run left in ``model_dir`` for this
+    scale and seed, or None where there is none."""
+    try:
+        info = json.loads((model_dir / "training.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if info.get("size") != asdict(scale.size) or info.get("seed") != seed:
+        raise SystemExit(f"{model_dir}: trained for another size or seed than --size's seed {seed}; "
+                         f"remove it or run without --reuse-trained")
+    return info
+
+
 def run_seed(scale: Scale, seed: int, corpora: Path, work: Path, device: str, log=print,
-             steps: int | None = None, on_draw=None, trace: Path | None = None) -> dict[str, Any]:
+             steps: int | None = None, on_draw=None, trace: Path | None = None, *,
+             train_only: bool = False, reuse: bool = False) -> dict[str, Any]:
     """Train the reference MoE with ``seed`` and run the whole grid on it, every calibration seed;
-    ``on_draw(result so far)`` after each calibration seed."""
+    ``on_draw(result so far)`` after each calibration seed. ``train_only``: stop after training
+    (the model stays in ``work``); ``reuse``: take the model an earlier run trained there."""
     from core.checkpoint import Checkpoint
 
     work.mkdir(parents=True, exist_ok=True)
     model_dir = work / "reference-moe"
-    shutil.rmtree(model_dir, ignore_errors=True)
-    log(f"seed {seed}: train")
-    training = train(corpora, model_dir, size=scale.size, steps=steps or scale.steps, seq_len=scale.seq_len,
-                     batch_size=scale.batch_size, lr=scale.lr, seed=seed, device=device, log=log,
-                     budget=None if steps else scale.train_seconds, trace=trace)
+    training = _trained(model_dir, scale, seed) if reuse else None
+    if training is not None:
+        log(f"seed {seed}: reusing the model trained in {model_dir} ({training['steps']} steps)")
+    else:
+        shutil.rmtree(model_dir, ignore_errors=True)
+        log(f"seed {seed}: train")
+        training = train(corpora, model_dir, size=scale.size, steps=steps or scale.steps, seq_len=scale.seq_len,
+                         batch_size=scale.batch_size, lr=scale.lr, seed=seed, device=device, log=log,
+                         budget=None if steps else scale.train_seconds, trace=trace)
+    if train_only:
+        doc = {"seed": seed, "training": training}
+        if on_draw:
+            on_draw(doc)
+        return doc
+    # Profiling, recalibration and evaluation run transformers' default attention unless told
+    # otherwise: their batches come in many shapes (task prompts by answer length), and flex
+    # attention compiles once per shape, which costs more than it saves on this small model.
+    from profiling.streamed import ATTENTION_ENV
+
+    os.environ.setdefault(ATTENTION_ENV, "default")
     ckpt = Checkpoint.open(str(model_dir))
     t = time.perf_counter()
     evaluate_plan = _Evaluator(scale, model_dir, corpora, work, device, log)
@@ -330,6 +364,8 @@ def _spawn(args: argparse.Namespace, seed: int, corpora: Path, log) -> tuple[sub
         cmd += ["--steps", str(args.steps)]
     if args.trace_training:
         cmd += ["--trace-training", "--results", str(args.results)]
+    cmd += ["--train-only"] if args.train_only else []
+    cmd += ["--reuse-trained"] if args.reuse_trained else []
     log(f"seed {seed}: {' '.join(cmd)} (log {log_path})")
     return subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT), out, log_path
 
@@ -391,11 +427,17 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
         for s in scale.seeds:
             trace = args.results / f"train-trace-{args.size}-seed{s}.txt" if args.trace_training else None
             seed_docs.append(run_seed(scale, s, corpora_dir, args.work / f"seed-{s}", args.device, log, args.steps,
-                                      trace=trace))
+                                      trace=trace, train_only=args.train_only, reuse=args.reuse_trained))
             if args.deadline and time.perf_counter() - t0 > args.deadline:
                 break
     else:
         seed_docs = _run_parallel(args, scale, corpora_dir, t0, log)
+    if args.train_only:
+        for d in sorted(seed_docs, key=lambda d: d["seed"]):
+            t = d["training"]
+            log(f"seed {d['seed']}: trained {t['steps']} steps in {t['train_seconds']:.0f} s, loss {t['final_loss']:.3f}; "
+                f"run again with --reuse-trained to evaluate it")
+        return {"seeds": seed_docs}
     import torch
     import transformers
 
@@ -422,7 +464,7 @@ def _flush_print(*a: Any) -> None:
     print(*a, flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m quality.benchmark")
     ap.add_argument("--size", choices=sorted(SCALES), default="full")
     ap.add_argument("--device", default=None)
@@ -434,6 +476,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --jobs: stop after this many seconds, reporting the calibration draws finished")
     ap.add_argument("--trace-training", action="store_true",
                     help="profile 3 training steps per seed: RESULTS/train-trace-SIZE-seedN.txt")
+    ap.add_argument("--train-only", action="store_true",
+                    help="train each seed's reference model into WORK and stop (no pruning, no report)")
+    ap.add_argument("--reuse-trained", action="store_true",
+                    help="evaluate the reference models an earlier run trained into WORK instead of training")
     ap.add_argument("--one-seed", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--corpora", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--seed-out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -441,6 +487,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.one_seed is not None:  # one training seed, in a process of its own (--jobs)
         def save(doc: dict[str, Any]) -> None:
             tmp = args.seed_out.with_suffix(".tmp")
@@ -451,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         if trace:
             args.results.mkdir(parents=True, exist_ok=True)
         run_seed(SCALES[args.size], args.one_seed, args.corpora, args.work, args.device, _flush_print, args.steps,
-                 on_draw=save, trace=trace)
+                 on_draw=save, trace=trace, train_only=args.train_only, reuse=args.reuse_trained)
         return 0
     run(args, log=_flush_print)
     return 0

@@ -197,6 +197,22 @@ def _pm(stat: tuple[float, float], digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {half:.{digits}f}" if half == half else f"{mean:.{digits}f}"
 
 
+def _steps(seeds: list[dict[str, Any]]) -> str:
+    steps = [sd["training"]["steps"] for sd in seeds]
+    return str(steps[0]) if min(steps) == max(steps) else f"{min(steps)}-{max(steps)}"
+
+
+def _how_trained(seeds: list[dict[str, Any]]) -> str:
+    """How the training step ran (compiled or not, attention and experts), where recorded."""
+    tr = seeds[0]["training"]
+    if "compiled" not in tr:
+        return ""
+    comp = [sd["training"].get("compile_seconds", 0.0) for sd in seeds]
+    how = (f"compiled (torch.compile, {min(comp):.0f}-{max(comp):.0f} s of it the first step)"
+           if all(sd["training"].get("compiled") for sd in seeds) else "uncompiled")
+    return f" ({how}, {tr.get('attention')} attention, {tr.get('experts')} experts)"
+
+
 def markdown(doc: dict[str, Any]) -> str:
     first = doc["seeds"][0]
     tr, sz = first["training"], first["training"]["size"]
@@ -214,8 +230,8 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{doc['hardware']['transformers']}; {len(doc['seeds'])} training seeds run as {doc['hardware']['jobs']} "
         f"concurrent process(es). Model: gpt-oss architecture, {sz['layers']} layers x {n_exp} experts, "
         f"top-{sz['top_k']}, hidden {sz['hidden']}, byte-level, {tr['params'] / 1e6:.1f} M parameters; "
-        f"{tr['steps']} steps of {tr['batch_size']} x {tr['seq_len']} tokens per seed, training "
-        f"{min(train_s):.0f}-{max(train_s):.0f} s per seed, final training loss "
+        f"{_steps(doc['seeds'])} steps of {tr['batch_size']} x {tr['seq_len']} tokens per seed, training "
+        f"{min(train_s):.0f}-{max(train_s):.0f} s per seed{_how_trained(doc['seeds'])}, final training loss "
         + ", ".join(f"{sd['training']['final_loss']:.3f}" for sd in doc["seeds"])
         + f". Whole benchmark: {doc['wall_seconds']:.0f} s wall clock.",
         "",

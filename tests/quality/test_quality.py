@@ -91,15 +91,21 @@ def test_eval_cli_self_comparison_passes_and_pruned_fails(tmp_path):
 
 @pytest.mark.slow
 def test_quality_benchmark_toy(tmp_path):
-    import argparse
+    """The toy benchmark in two commands: --train-only trains each seed's model, --reuse-trained
+    evaluates those models (the grid, the report)."""
+    from quality.benchmark import parse_args, run
 
-    from quality.benchmark import run
-
-    args = argparse.Namespace(size="toy", device="cpu", work=tmp_path / "work", results=tmp_path / "results",
-                              steps=None, jobs=1, deadline=None, trace_training=True)
-    doc = run(args, log=lambda *a: None)
+    common = ["--size", "toy", "--device", "cpu", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results")]
+    logged: list[str] = []
+    trained = run(parse_args([*common, "--train-only", "--trace-training"]), log=logged.append)
+    assert not (tmp_path / "results" / "quality-toy.json").exists()  # training only: no report
+    assert [sd["training"]["steps"] for sd in trained["seeds"]] == [4, 4]
+    assert sum("run again with --reuse-trained" in line for line in logged) == 2
     # The toy trains 4 steps, fewer than the trace skips: each seed's trace file says so.
     assert "no step traced: training ended after 4 steps" in (tmp_path / "results" / "train-trace-toy-seed0.txt").read_text()
+    doc = run(parse_args([*common, "--reuse-trained"]), log=logged.append)
+    assert sum("reusing the model trained in" in line for line in logged) == 2
+    assert [sd["training"] for sd in doc["seeds"]] == [sd["training"] for sd in trained["seeds"]]
     assert [sd["seed"] for sd in doc["seeds"]] == [0, 1]
     for sd in doc["seeds"]:
         assert sd["calib_seeds_done"] == [0, 1]
@@ -167,3 +173,37 @@ def test_training_with_a_budget_and_a_trace(tmp_path):
     assert info["tokens"] == info["steps"] * 2 * 32
     assert (tmp_path / "b" / "config.json").exists()
     assert "_experts_implementation" not in (tmp_path / "b" / "config.json").read_text()
+
+
+def test_grouped_experts_match_the_eager_experts_and_their_gradients():
+    """The training experts (grouped bfloat16 matmuls, biases by one-hot matmul) compute what
+    transformers' eager experts compute, and give every parameter the same gradient, to
+    bfloat16's precision."""
+    import torch
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    from quality.refmoe import grouped_experts_forward
+
+    torch.manual_seed(0)
+    cfg = GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_local_experts=4,
+                       num_experts_per_tok=2, layer_types=["full_attention"])
+    experts = GptOssForCausalLM(cfg).model.layers[0].mlp.experts
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(40, 32)
+    index = torch.randint(0, 4, (40, 2))
+    index[:, 1] = (index[:, 0] + 1) % 4  # two different experts per token, as top-k routing gives
+    weight = torch.rand(40, 2)
+    grads = []
+    for fn in (type(experts).forward, grouped_experts_forward):
+        experts.zero_grad()
+        out = fn(experts, x, index, weight)
+        (out * torch.linspace(-1, 1, 32)).sum().backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in experts.named_parameters()}))
+    (ref, ref_grads), (got, got_grads) = grads
+    scale = ref.abs().max()
+    assert (got - ref).abs().max() <= 0.02 * scale
+    for name, g in ref_grads.items():
+        assert g.abs().max() > 0, name
+        assert (got_grads[name] - g).abs().max() <= 0.03 * g.abs().max(), name
