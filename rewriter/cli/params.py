@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 from collections.abc import Callable
 from typing import Any
@@ -116,13 +117,24 @@ def refuse_existing_file(path: str, option: str, force: bool, replaceable: Calla
     )
 
 
+_PLAN_HEAD = re.compile(rb'\s*\{\s*"format"\s*:\s*"moe-rewriter-plan"\s*,')
+
+
 def _is_plan_file(path: str) -> bool:
     from core.errors import PlanError
     from core.jsonfile import parse_json, read_url
     from planners.plan import PLAN_FORMAT
 
-    # Plans of the largest models are a few MB; a bigger file, or what is not a regular file, is
+    # A plan this project wrote names its format first: the first bytes tell, with no need to
+    # parse tens of MB (a 1 T model's plan). Anything else is parsed whole to be sure. Plans of
+    # the largest models are tens of MB; a bigger file, or what is not a regular file, is
     # something else, left unread (read_url reads no further than its cap, never a FIFO).
+    try:
+        with open(path, "rb") as f:  # a regular local file: refuse_existing_file checked
+            if _PLAN_HEAD.match(f.read(4096)):
+                return True
+    except OSError:
+        return False
     try:
         doc = parse_json(read_url(path, PlanError, max_bytes=64 * MiB), path, PlanError)
     except (OSError, PlanError):
