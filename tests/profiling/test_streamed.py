@@ -385,3 +385,30 @@ def test_eval_refuses_a_base_with_another_vocabulary(tmp_path, fresh_tiny):
     out = cli("eval", fresh_tiny, "--data", data, "--seq-len", "16", "--blocks", "2", "--device", "cpu",
               "--compare", tmp_path / "dense", expect=2)
     assert out.startswith("error: --compare ") and "cannot be compared" in out and "internal error" not in out
+
+
+def test_attention_choice_and_its_override(tmp_path, monkeypatch, tiny):
+    """gpt-oss (no SDPA: its sinks) runs flex attention on CUDA and transformers' default on the
+    CPU; a family with SDPA keeps it; REWRITER_ATTENTION overrides the choice, and a choice the
+    model cannot run is one clear error through profile and eval, naming the variable."""
+    from profiling.streamed import ATTENTION_ENV, attention_for
+
+    monkeypatch.delenv(ATTENTION_ENV, raising=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert attention_for(transformers.GptOssForCausalLM, cuda) == "flex_attention"
+    assert attention_for(transformers.GptOssForCausalLM, cpu) is None
+    assert attention_for(transformers.Qwen3MoeForCausalLM, cuda) is None
+    monkeypatch.setenv(ATTENTION_ENV, "default")
+    assert attention_for(transformers.GptOssForCausalLM, cuda) is None
+    monkeypatch.setenv(ATTENTION_ENV, "eager")
+    assert attention_for(transformers.Qwen3MoeForCausalLM, cpu) == "eager"
+    monkeypatch.setenv(ATTENTION_ENV, "sdpa")  # gpt-oss has no SDPA attention
+    data = _data(tmp_path / "d.jsonl", 256)
+    for mode in ("--streamed", "--no-streamed"):
+        out = cli("profile", tiny, "--data", data, "--out", tmp_path / "s.json", "--device", "cpu", "--quiet", mode,
+                  expect=2)
+        assert out.startswith(f"error: {tiny}: cannot run attention 'sdpa' ({ATTENTION_ENV})"), out
+        assert len(out.strip().splitlines()) == 1
+        out = cli("eval", tiny, "--data", data, "--seq-len", "8", "--device", "cpu", mode, expect=2)
+        assert out.startswith(f"error: {tiny}: cannot run attention 'sdpa'"), out
+    assert not (tmp_path / "s.json").exists()
