@@ -19,6 +19,7 @@ from typing import IO, Any, TypeVar
 
 import fsspec
 
+from core.atomic import write_whole
 from core.errors import FormatError, PlanError
 from core.format import PREFIX_BYTES, encode_header, parse_header, read_prefix
 from core.jsonfile import file_kind
@@ -160,26 +161,7 @@ def save_carried(plan: PlanLike, url: str) -> None:
     tensors = carried_tensors(plan)
     header = encode_header([(t.name, "U8", (t.nbytes,)) for t in tensors], _FORMAT)
     target = sidecar_url(url, plan.carried.sidecar_name)
-    if "://" in target and not target.startswith("file://"):
-        with fsspec.open(target, "wb") as f:  # an object store publishes it whole on close
-            _write(f, header, tensors)
-        return
-    local = target[len("file://"):] if target.startswith("file://") else target
-    tmp = f"{local}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            _write(f, header, tensors)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, local)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    folder = os.open(os.path.dirname(os.path.abspath(local)), os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    write_whole(target, lambda f: _write(f, header, tensors), binary=True)
 
 
 def _write(f: IO[bytes], header: bytes, tensors: list[Any]) -> None:

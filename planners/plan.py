@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-import fsspec
-
+from core.atomic import write_whole
 from core.checkpoint import CONFIG_NAME, INDEX_NAME
 from core.containers import CONTAINERS
 from core.errors import PlanError
@@ -195,10 +194,11 @@ class Plan:
             return hashlib.sha256(self.canonical_bytes()).hexdigest()
 
     def save(self, url: str) -> None:
-        """Write the plan as JSON to ``url``, and its carried bytes' sidecar beside it first."""
+        """Write the plan as JSON to ``url``, and its carried bytes' sidecar beside it first; each
+        appears whole or not at all (:func:`core.atomic.write_whole`)."""
         save_carried(self, url)
-        with collector_paused(), fsspec.open(url, "w") as f:
-            f.writelines(plan_schema.plan_chunks(self.to_json()))
+        with collector_paused():
+            write_whole(url, lambda f: f.writelines(plan_schema.plan_chunks(self.to_json())), binary=False)
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any], where: str = "plan") -> Plan:

@@ -76,6 +76,34 @@ def test_plan_json_round_trip(tiny, tmp_path):
     assert q.outputs[0].header == p.outputs[0].header
 
 
+def test_plan_save_is_whole_or_absent(tiny, tmp_path, monkeypatch):
+    """A save that fails part-way (a full disk, a kill) leaves the earlier plan as it was and no
+    temporary file; a save that completes replaces it."""
+    from planners import plan_schema
+
+    p = _plan(Checkpoint.open(str(tiny)))
+    path = tmp_path / "plan.json"
+    p.save(str(path))
+    before = path.read_bytes()
+    chunks = plan_schema.plan_chunks
+
+    def failing(doc):
+        it = chunks(doc)
+        yield next(it)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plan_schema, "plan_chunks", failing)
+    with pytest.raises(OSError):
+        p.save(str(path))
+    assert path.read_bytes() == before and sorted(x.name for x in tmp_path.iterdir()) == ["plan.json"]
+    with pytest.raises(OSError):
+        p.save(str(tmp_path / "new.json"))
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["plan.json"]
+    monkeypatch.undo()
+    p.save(str(tmp_path / "new.json"))
+    assert Plan.load(str(tmp_path / "new.json")).digest == p.digest
+
+
 def test_plan_rejects_tampering(tiny, tmp_path):
     doc = _plan(Checkpoint.open(str(tiny))).to_json()
     doc["outputs"][0]["tensors"][0]["segments"][0][2] += 2
