@@ -16,7 +16,9 @@
     streamed against whole model with deterministic kernels (``CUBLAS_WORKSPACE_CONFIG`` must
     be set before CUDA starts), where the saliency must be identical.
 
-``--stage breakdown`` and ``--stage batched``: :mod:`bench_io.streamed_batched`.
+``--stage breakdown``, ``--stage batched`` and ``--stage attention`` (the automatic attention
+choice, flex attention for gpt-oss on CUDA, against transformers' default):
+:mod:`bench_io.streamed_batched`.
 
 Everything runs through the project's own code paths (:func:`profiling.profile.profile` and the
 ``rewriter`` CLI); checkpoints are generated on the machine, nothing is downloaded.
@@ -299,7 +301,7 @@ def write_result(doc: dict[str, Any], out: Path, t0: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stage", choices=("20b", "120b", "long", "breakdown", "batched"), required=True)
+    ap.add_argument("--stage", choices=("20b", "120b", "long", "breakdown", "batched", "attention"), required=True)
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tokens", type=int, default=131072)
@@ -327,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                                k: str(v) for k, v in vars(args).items()}}
     t = time.perf_counter()
     try:
-        if args.stage in ("breakdown", "batched"):  # this module as configured (run with -m: __main__)
+        if args.stage in ("breakdown", "batched", "attention"):  # this module as configured (run with -m: __main__)
             streamed_batched.run(sys.modules[__name__], doc, args)
         elif args.stage == "20b":
             stage_20b(doc, args.work, args.tokens, args.preset or "20b")

@@ -13,6 +13,11 @@
     far the two saliencies differ), the breakdown at ``--breakdown-tokens``, then the 20B
     streamed/whole comparison of ``--stage 20b`` (``--tokens-20b``).
 
+``python -m bench_io.streamed --stage attention --layers 4 --tokens 262144 ...``
+    the same checkpoint profiled within ``--gpu-memory 24`` with the attention the engine chooses
+    (flex attention for gpt-oss on CUDA) and with transformers' default (eager): tokens/s, the
+    extrapolation, the breakdown of each at ``--breakdown-tokens``, how far the saliencies differ.
+
 The stages take :mod:`bench_io.streamed` (``base``: its helpers and its settings, as configured
 by its command line) from the caller, which imports this module.
 """
@@ -20,6 +25,7 @@ by its command line) from the caller, which imports this module.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from types import ModuleType
@@ -112,8 +118,6 @@ def _breakdowns(base: ModuleType, ckpt: Path, data: Path, tokens: int) -> dict[s
 
 def stage_batched(base: ModuleType, out: dict[str, Any], work: Path, layers: int, tokens: int, breakdown_tokens: int,
                   tokens_20b: int, preset: str, preset_20b: str) -> None:
-    import json
-
     ckpt = work / f"{preset}-{layers}"
     out["synth"] = base.synthesize(ckpt, preset, layers)
     config = json.loads((ckpt / "config.json").read_text())
@@ -148,6 +152,49 @@ def stage_batched(base: ModuleType, out: dict[str, Any], work: Path, layers: int
         out["20b"]["wall_s"] = time.perf_counter() - t
 
 
+def stage_attention(base: ModuleType, out: dict[str, Any], work: Path, layers: int, tokens: int, breakdown_tokens: int,
+                    preset: str) -> None:
+    """The same streamed profile with the automatic attention choice (flex attention for
+    gpt-oss on CUDA) and with transformers' default (eager): throughput, the extrapolation, the
+    breakdown of each, and how far their saliency differs (kernel noise)."""
+    import os
+
+    from profiling.streamed import ATTENTION_ENV
+
+    ckpt = work / f"{preset}-{layers}"
+    out["synth"] = base.synthesize(ckpt, preset, layers)
+    config = json.loads((ckpt / "config.json").read_text())
+    data = base.token_file(work / f"tokens-{preset}.npy", tokens, base._vocab(preset))
+    saliency = {}
+    before = os.environ.get(ATTENTION_ENV)
+    try:
+        for name, choice in (("auto", "auto"), ("default", "default")):
+            os.environ[ATTENTION_ENV] = choice
+            t = time.perf_counter()
+            base.streamed_run(ckpt, data, 4 * base.SEQ)  # warm-up: kernels (flex attention compiles), page cache
+            warm = time.perf_counter() - t
+            sal, run = base.streamed_run(ckpt, data, tokens, gpu_memory=24 * base.GiB)
+            run["warm_up_s"] = warm
+            if sal is not None:
+                eng = run["engine"]
+                eng["measured"] = peak_share(config, tokens / (eng["per_layer_median"]["compute_s"] * layers), layers)
+                eng["extrapolated"] = peak_share(config, eng["extrapolated_tokens_per_s"], base.TARGET_LAYERS)
+                saliency[name] = sal.layers
+            if breakdown_tokens:
+                try:
+                    run["breakdown"] = breakdown(base, ckpt, data, breakdown_tokens, None, 24 * base.GiB)
+                except Exception as e:  # one failed configuration must not lose the others' results
+                    run["breakdown"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            out[name] = run
+    finally:
+        if before is None:
+            os.environ.pop(ATTENTION_ENV, None)
+        else:
+            os.environ[ATTENTION_ENV] = before
+    if len(saliency) == 2:
+        out["auto_vs_default"] = base.compare(saliency["auto"], saliency["default"])
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--breakdown-tokens", type=int, default=131072, help="batched: tokens of the breakdown (0: none).")
     ap.add_argument("--tokens-20b", type=int, default=131072, help="batched: tokens of the 20B comparison (0: none).")
@@ -158,6 +205,8 @@ def run(base: ModuleType, out: dict[str, Any], args: argparse.Namespace) -> None
     """``--stage breakdown`` or ``--stage batched`` of :mod:`bench_io.streamed`'s command line."""
     if args.stage == "breakdown":
         stage_breakdown(base, out, args.work, args.layers, args.tokens, args.preset or "120b")
+    elif args.stage == "attention":
+        stage_attention(base, out, args.work, args.layers, args.tokens, args.breakdown_tokens, args.preset or "120b")
     else:
         stage_batched(base, out, args.work, args.layers, args.tokens, args.breakdown_tokens, args.tokens_20b,
                       args.preset or "120b", args.preset_20b)

@@ -5,6 +5,7 @@ at their layer geometry (``bench_io.streamed_large``, scaled down on the CPU).""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -45,3 +46,25 @@ def test_streamed_large_profiles_and_evaluates_fp8_layers_within_two_layers_of_m
     assert x["whole_model_layers"] == 61 and x["extrapolated_tokens_per_s"] > 0
     assert r["eval"]["exit"] == 0 and r["eval"]["pass"]
     assert not (tmp_path / "w" / "deepseek-v3-4").exists()
+
+
+@pytest.mark.torch
+def test_streamed_attention_stage_runs_both_choices(tmp_path, monkeypatch):
+    """``bench_io.streamed --stage attention`` at test size on the CPU, where both choices are
+    transformers' default: both runs, their breakdowns, and identical saliency; the variable it
+    sets for each run is as it was afterwards."""
+    pytest.importorskip("transformers")
+    from bench_io.streamed import main
+    from profiling.streamed import ATTENTION_ENV
+
+    monkeypatch.setenv(ATTENTION_ENV, "auto")
+    out = tmp_path / "a.json"
+    main(["--stage", "attention", "--preset", "small", "--layers", "2", "--tokens", "1024", "--seq-len", "64",
+          "--device", "cpu", "--breakdown-tokens", "256", "--work", str(tmp_path / "w"), "--out", str(out)])
+    r = json.loads(out.read_text())
+    for name in ("auto", "default"):
+        assert r[name]["tokens"] == 1024 and r[name]["engine"]["extrapolated_tokens_per_s"] > 0, r[name].get("error")
+        assert r[name]["breakdown"]["seconds"]["attention"] > 0
+    assert r["auto_vs_default"] == {"layers": 2, "layers_with_identical_freq": 2, "max_rel_diff_reap": 0.0,
+                                    "max_rel_diff_eaft_reap": 0.0}
+    assert os.environ[ATTENTION_ENV] == "auto"
