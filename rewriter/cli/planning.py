@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from core.memo import collector_paused
 from rewriter.cli.errors import fail_cleanly as _fail_cleanly
 from rewriter.cli.group import main
 from rewriter.cli.params import (
@@ -179,6 +180,7 @@ cost_options = options_group(
 @click.option("--json", "as_json", is_flag=True, help="Print the cost report, keep sets and mapping as JSON.")
 @click.option("--verbose", is_flag=True, help="Also list the kept expert ids of every layer.")
 @_fail_cleanly
+@collector_paused()  # a 1 T checkpoint's plan is millions of objects without cycles: nothing to collect
 def plan(src: str, layers: str | None, buffer_mib: int, out: str | None, as_json: bool, verbose: bool,
          workers: int, read_mbps: float | None, write_mbps: float | None, measure_bandwidth: str | None,
          latency_ms: float, inflight: int | None, max_gap_kib: int, link_mbps: float, **kw: Any) -> None:
@@ -187,7 +189,6 @@ def plan(src: str, layers: str | None, buffer_mib: int, out: str | None, as_json
     SRC is a safetensors checkpoint (a folder or its URL) or a GGUF model (its file, or any file of a split
     GGUF); the plan's outputs are of the same format.
     """
-    from core.memo import collector_paused
     from core.storage import is_local_url
     from planners.cost import estimate, format_report
     from rewriter.exec.io import IOOptions
@@ -198,10 +199,9 @@ def plan(src: str, layers: str | None, buffer_mib: int, out: str | None, as_json
     read_bw, write_bw = _bandwidths(read_mbps, write_mbps, measure_bandwidth)
     if inflight is None:
         inflight = 0 if is_local_url(p.source_url) else IOOptions().inflight_requests
-    with collector_paused():
-        report = estimate(p, workers=workers, read_bytes_per_s=read_bw, write_bytes_per_s=write_bw,
-                          buffer_bytes=buffer_mib * MiB, latency_s=latency_ms / 1000, inflight=inflight,
-                          max_gap=max_gap_kib * 1024, link_bytes_per_s=link_mbps * 1e6)
+    report = estimate(p, workers=workers, read_bytes_per_s=read_bw, write_bytes_per_s=write_bw,
+                      buffer_bytes=buffer_mib * MiB, latency_s=latency_ms / 1000, inflight=inflight,
+                      max_gap=max_gap_kib * 1024, link_bytes_per_s=link_mbps * 1e6)
     if as_json:
         click.echo(json.dumps({"plan": out, "plan_digest": p.digest, "num_experts": n_exp, **keep_json(p),
                                "cost": report.to_json()}, indent=1))
