@@ -95,8 +95,9 @@ def profile(model: str, data: tuple[str, ...], out: str, domain: str, seq_len: i
 
     MODEL is a checkpoint of any supported MoE family (rewriter inspect lists them), in a local
     folder or at an fsspec URL (s3://, hf://…). A model that does not fit the device is run one
-    decoder layer at a time (--streamed); --devices splits the tokens across several GPUs.
-    Needs the torch extra (pip install '.[torch]').
+    decoder layer at a time (--streamed); --devices splits the tokens across several GPUs. On
+    CUDA, gpt-oss runs flex attention; REWRITER_ATTENTION=default|eager|sdpa|flex_attention
+    overrides the choice (docs/streaming.md). Needs the torch extra (pip install '.[torch]').
     """
     from profiling.profile import profile as run_profile
 
@@ -179,7 +180,8 @@ def eval_cmd(model: str, packs: tuple[str, ...], seq_lens: tuple[int, ...], bloc
 
     Exit status 1 when --compare is given and any gate fails (rule: docs/eval.md). Models that
     do not fit the device are run one decoder layer at a time (--streamed; docs/streaming.md);
-    --devices splits the blocks across several GPUs.
+    --devices splits the blocks across several GPUs. On CUDA, gpt-oss runs flex attention;
+    REWRITER_ATTENTION overrides the choice (docs/streaming.md).
     """
     from quality.evaluate import evaluate, format_table, plot_histograms
     from quality.gates import Gates
