@@ -362,6 +362,8 @@ def _spawn(args: argparse.Namespace, seed: int, corpora: Path, log) -> tuple[sub
            "--work", str(work), "--corpora", str(corpora), "--one-seed", str(seed), "--seed-out", str(out)]
     if args.steps:
         cmd += ["--steps", str(args.steps)]
+    if args.train_seconds:
+        cmd += ["--train-seconds", str(args.train_seconds)]
     if args.trace_training:
         cmd += ["--trace-training", "--results", str(args.results)]
     cmd += ["--train-only"] if args.train_only else []
@@ -415,7 +417,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     """Every training seed (``args.jobs`` processes at once), then the report."""
     from quality import report
 
-    scale = SCALES[args.size]
+    scale = scale_of(args)
     t0 = time.perf_counter()
     corpora_dir = args.work / "corpora"
     log("corpora")
@@ -464,6 +466,12 @@ def _flush_print(*a: Any) -> None:
     print(*a, flush=True)
 
 
+def scale_of(args: argparse.Namespace) -> Scale:
+    """The scale ``--size`` names, with ``--train-seconds`` when given."""
+    scale = SCALES[args.size]
+    return replace(scale, train_seconds=args.train_seconds) if args.train_seconds else scale
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m quality.benchmark")
     ap.add_argument("--size", choices=sorted(SCALES), default="full")
@@ -471,6 +479,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--work", type=Path, default=Path("quality-work"))
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the scale's)")
+    ap.add_argument("--train-seconds", type=float, default=None,
+                    help="training time budget per seed, after the first (compiling) step (default: the scale's)")
     ap.add_argument("--jobs", type=int, default=1, help="training seeds run at once, one process each")
     ap.add_argument("--deadline", type=float, default=None,
                     help="with --jobs: stop after this many seconds, reporting the calibration draws finished")
@@ -501,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         trace = args.results / f"train-trace-{args.size}-seed{args.one_seed}.txt" if args.trace_training else None
         if trace:
             args.results.mkdir(parents=True, exist_ok=True)
-        run_seed(SCALES[args.size], args.one_seed, args.corpora, args.work, args.device, _flush_print, args.steps,
+        run_seed(scale_of(args), args.one_seed, args.corpora, args.work, args.device, _flush_print, args.steps,
                  on_draw=save, trace=trace, train_only=args.train_only, reuse=args.reuse_trained)
         return 0
     run(args, log=_flush_print)

@@ -97,9 +97,11 @@ def test_quality_benchmark_toy(tmp_path):
 
     common = ["--size", "toy", "--device", "cpu", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results")]
     logged: list[str] = []
-    trained = run(parse_args([*common, "--train-only", "--trace-training"]), log=logged.append)
+    trained = run(parse_args([*common, "--train-only", "--trace-training", "--train-seconds", "600"]),
+                  log=logged.append)
     assert not (tmp_path / "results" / "quality-toy.json").exists()  # training only: no report
-    assert [sd["training"]["steps"] for sd in trained["seeds"]] == [4, 4]
+    # --train-seconds gives the toy a time budget, capped by its 4 steps.
+    assert [(sd["training"]["steps"], sd["training"]["budget_seconds"]) for sd in trained["seeds"]] == [(4, 600), (4, 600)]
     assert sum("run again with --reuse-trained" in line for line in logged) == 2
     # The toy trains 4 steps, fewer than the trace skips: each seed's trace file says so.
     assert "no step traced: training ended after 4 steps" in (tmp_path / "results" / "train-trace-toy-seed0.txt").read_text()
