@@ -277,13 +277,16 @@ def _prune_grid(scale: Scale, ckpt, sal: dict[str, tuple[Any, Any]], evaluate_pl
             _recalibrated(scale, ckpt, plan, recal_data, evaluate_plan, rnd)
 
 
-def _trained(model_dir: Path, scale: Scale, seed: int) -> dict[str, Any] | None:
-    """The training record of a reference model an earlier run left in ``model_dir`` for this
-    scale and seed, or None where there is none."""
+def _trained(model_dir: Path, scale: Scale, seed: int) -> dict[str, Any]:
+    """The training record of the reference model an earlier run left in ``model_dir`` for this
+    scale and seed; none there, or one of another size or seed, ends the run with a message."""
     try:
         info = json.loads((model_dir / "training.json").read_text())
-    except (OSError, ValueError):
-        return None
+    except FileNotFoundError:
+        raise SystemExit(f"{model_dir}: no reference model trained there; train it first with --train-only "
+                         f"and the same --work") from None
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{model_dir / 'training.json'}: unreadable ({e}); train again with --train-only") from None
     if info.get("size") != asdict(scale.size) or info.get("seed") != seed:
         raise SystemExit(f"{model_dir}: trained for another size or seed than --size's seed {seed}; "
                          f"remove it or run without --reuse-trained")
@@ -300,8 +303,8 @@ def run_seed(scale: Scale, seed: int, corpora: Path, work: Path, device: str, lo
 
     work.mkdir(parents=True, exist_ok=True)
     model_dir = work / "reference-moe"
-    training = _trained(model_dir, scale, seed) if reuse else None
-    if training is not None:
+    if reuse:
+        training = _trained(model_dir, scale, seed)
         log(f"seed {seed}: reusing the model trained in {model_dir} ({training['steps']} steps)")
     else:
         shutil.rmtree(model_dir, ignore_errors=True)
@@ -494,6 +497,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--corpora", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--seed-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.train_only and args.reuse_trained:
+        ap.error("--train-only trains the models --reuse-trained would take: give one of them")
     import torch
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

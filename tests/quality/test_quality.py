@@ -209,3 +209,16 @@ def test_grouped_experts_match_the_eager_experts_and_their_gradients():
     for name, g in ref_grads.items():
         assert g.abs().max() > 0, name
         assert (got_grads[name] - g).abs().max() <= 0.03 * g.abs().max(), name
+
+
+def test_reusing_models_that_were_never_trained_is_a_clear_error(tmp_path, capsys):
+    from quality.benchmark import parse_args, run
+
+    common = ["--size", "toy", "--device", "cpu", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "r")]
+    with pytest.raises(SystemExit) as e:
+        run(parse_args([*common, "--reuse-trained"]), log=lambda *a: None)
+    assert str(e.value) == (f"{tmp_path / 'work' / 'seed-0' / 'reference-moe'}: no reference model trained there; "
+                            f"train it first with --train-only and the same --work")
+    with pytest.raises(SystemExit) as e:
+        parse_args([*common, "--reuse-trained", "--train-only"])
+    assert e.value.code == 2 and "give one of them" in capsys.readouterr().err
