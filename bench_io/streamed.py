@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.work.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"),
-                           "device": torch.cuda.get_device_name() if DEVICE.startswith("cuda") else platform.processor(),
+                           "device": torch.cuda.get_device_name() if DEVICE.startswith("cuda") else platform.processor() or "cpu",
                            "torch": torch.__version__, "transformers": transformers.__version__,
                            "python": platform.python_version(), "stage": args.stage, "args": {
                                k: str(v) for k, v in vars(args).items()}}

@@ -175,6 +175,7 @@ def stage_attention(base: ModuleType, out: dict[str, Any], work: Path, layers: i
             warm = time.perf_counter() - t
             sal, run = base.streamed_run(ckpt, data, tokens, gpu_memory=24 * base.GiB)
             run["warm_up_s"] = warm
+            run[ATTENTION_ENV] = choice  # on a CPU both are transformers' default
             if sal is not None:
                 eng = run["engine"]
                 eng["measured"] = peak_share(config, tokens / (eng["per_layer_median"]["compute_s"] * layers), layers)
@@ -196,13 +197,14 @@ def stage_attention(base: ModuleType, out: dict[str, Any], work: Path, layers: i
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--breakdown-tokens", type=int, default=131072, help="batched: tokens of the breakdown (0: none).")
+    ap.add_argument("--breakdown-tokens", type=int, default=131072,
+                    help="batched, attention: tokens of the breakdown (0: none).")
     ap.add_argument("--tokens-20b", type=int, default=131072, help="batched: tokens of the 20B comparison (0: none).")
     ap.add_argument("--preset-20b", default="20b", help="batched: the 20B comparison's geometry.")
 
 
 def run(base: ModuleType, out: dict[str, Any], args: argparse.Namespace) -> None:
-    """``--stage breakdown`` or ``--stage batched`` of :mod:`bench_io.streamed`'s command line."""
+    """``--stage breakdown``, ``batched`` or ``attention`` of :mod:`bench_io.streamed`'s command line."""
     if args.stage == "breakdown":
         stage_breakdown(base, out, args.work, args.layers, args.tokens, args.preset or "120b")
     elif args.stage == "attention":

@@ -274,6 +274,7 @@ def _profile_open(ckpt: Checkpoint, data: Sequence[str], *, domain: str, seq_len
         vocab = int(cfg["vocab_size"])
         tok = LazyTokenizer(tokenizer_dir(ckpt, work), vocab)
         docs = documents(data, tok, vocab)
+        attention = ""
         try:  # a data error leaves the file open in the suspended generator until closed
             seqs = pack(docs, seq_len, max_tokens, eos_of(cfg))
             if stream:
@@ -282,6 +283,7 @@ def _profile_open(ckpt: Checkpoint, data: Sequence[str], *, domain: str, seq_len
             else:
                 model = load_model(model_path, device, dtype)
                 layers, stats = profile_model(model, seqs, batch_size=batch_size, progress=progress)
+                attention = str(model.config._attn_implementation)
         finally:
             docs.close()
         method = {"seq_len": seq_len, "batch_size": batch_size, "device": device, "devices": engine["devices"],
@@ -292,6 +294,8 @@ def _profile_open(ckpt: Checkpoint, data: Sequence[str], *, domain: str, seq_len
                   "seconds": stats.seconds}
         if stats.engine is not None:
             method["engine"] = stats.engine
+            attention = stats.engine.get("attention", "")
+        method["attention"] = attention  # kernels round differently: saliency of two differs slightly
         return Saliency(
             domain=domain,
             layers=layers,

@@ -90,6 +90,7 @@ class EngineStats:
     expert_chunk: int = 0  # tokens per layer-batched MoE forward; 0: batch by batch
     batched_layers: int = 0  # layers whose MoE ran over chunks of batches
     peak_device_bytes: int | None = None
+    attention: str = ""  # transformers' attention implementation the layers ran
 
     def to_json(self) -> dict[str, Any]:
         return {k: ([vars(t) for t in v] if k == "layers" else v) for k, v in vars(self).items()}
@@ -196,6 +197,11 @@ def set_attention(model: Any, device: torch.device, source: str) -> None:
     chosen = attention_for(type(model), device)
     if not chosen or chosen == model.config._attn_implementation:
         return
+    if chosen == "flex_attention" and device.type != "cuda" and any(
+            isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in model.modules()):
+        raise RewriterError(f"{source}: cannot run attention 'flex_attention' ({ATTENTION_ENV}) on {device.type}: "
+                            f"transformers runs this model's attention sinks with flex attention only on CUDA; "
+                            f"unset {ATTENTION_ENV} or set it to eager")
     try:
         model.set_attn_implementation(chosen)
     except (ValueError, ImportError) as e:
@@ -383,7 +389,7 @@ class StreamedModel:
         """
         t_start = time.perf_counter()
         self.check_runnable()
-        self.stats, self.ledger = EngineStats(), WeightLedger()
+        self.stats, self.ledger = EngineStats(attention=str(self.model.config._attn_implementation)), WeightLedger()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         try:

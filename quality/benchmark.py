@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -304,7 +305,7 @@ def run_seed(scale: Scale, seed: int, corpora: Path, work: Path, device: str, lo
     work.mkdir(parents=True, exist_ok=True)
     model_dir = work / "reference-moe"
     if reuse:
-        training = _trained(model_dir, scale, seed)
+        training = {**_trained(model_dir, scale, seed), "reused": True}
         log(f"seed {seed}: reusing the model trained in {model_dir} ({training['steps']} steps)")
     else:
         shutil.rmtree(model_dir, ignore_errors=True)
@@ -365,7 +366,7 @@ def _spawn(args: argparse.Namespace, seed: int, corpora: Path, log) -> tuple[sub
            "--work", str(work), "--corpora", str(corpora), "--one-seed", str(seed), "--seed-out", str(out)]
     if args.steps:
         cmd += ["--steps", str(args.steps)]
-    if args.train_seconds:
+    if args.train_seconds is not None:
         cmd += ["--train-seconds", str(args.train_seconds)]
     if args.trace_training:
         cmd += ["--trace-training", "--results", str(args.results)]
@@ -423,6 +424,9 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     scale = scale_of(args)
     t0 = time.perf_counter()
     corpora_dir = args.work / "corpora"
+    if args.reuse_trained:  # every seed's model, before any seed's work
+        for s in scale.seeds:
+            _trained(args.work / f"seed-{s}" / "reference-moe", scale, s)
     log("corpora")
     corpora = build_corpora(corpora_dir, scale.corpus_bytes)
     seed_docs = []
@@ -472,7 +476,7 @@ def _flush_print(*a: Any) -> None:
 def scale_of(args: argparse.Namespace) -> Scale:
     """The scale ``--size`` names, with ``--train-seconds`` when given."""
     scale = SCALES[args.size]
-    return replace(scale, train_seconds=args.train_seconds) if args.train_seconds else scale
+    return replace(scale, train_seconds=args.train_seconds) if args.train_seconds is not None else scale
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -499,6 +503,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.train_only and args.reuse_trained:
         ap.error("--train-only trains the models --reuse-trained would take: give one of them")
+    if args.reuse_trained and (args.steps or args.train_seconds is not None or args.trace_training):
+        ap.error("--steps, --train-seconds and --trace-training shape training, which --reuse-trained skips")
+    if args.train_seconds is not None and not (math.isfinite(args.train_seconds) and args.train_seconds > 0):
+        ap.error(f"--train-seconds {args.train_seconds}: a number of seconds > 0")
     import torch
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

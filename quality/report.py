@@ -202,6 +202,19 @@ def _steps(seeds: list[dict[str, Any]]) -> str:
     return str(steps[0]) if min(steps) == max(steps) else f"{min(steps)}-{max(steps)}"
 
 
+def _reused(doc: dict[str, Any]) -> bool:
+    return any(sd["training"].get("reused") for sd in doc["seeds"])
+
+
+def _seed_runs(doc: dict[str, Any]) -> str:
+    """How the seeds ran: side by side, and whether an earlier run (--train-only) trained them."""
+    n, jobs = len(doc["seeds"]), doc["hardware"]["jobs"]
+    if _reused(doc):
+        return (f"{n} training seeds, their models trained by an earlier run (--train-only) and evaluated "
+                f"here as {jobs} concurrent process(es)")
+    return f"{n} training seeds run as {jobs} concurrent process(es)"
+
+
 def _how_trained(seeds: list[dict[str, Any]]) -> str:
     """How the training step ran (compiled or not, attention and experts), where recorded."""
     tr = seeds[0]["training"]
@@ -210,7 +223,9 @@ def _how_trained(seeds: list[dict[str, Any]]) -> str:
     comp = [sd["training"].get("compile_seconds", 0.0) for sd in seeds]
     how = (f"compiled (torch.compile, {min(comp):.0f}-{max(comp):.0f} s of it the first step)"
            if all(sd["training"].get("compiled") for sd in seeds) else "uncompiled")
-    return f" ({how}, {tr.get('attention')} attention, {tr.get('experts')} experts)"
+    budget = tr.get("budget_seconds")
+    limit = f", a budget of {budget:.0f} s after the first step" if budget else ""
+    return f" ({how}, {tr.get('attention')} attention, {tr.get('experts')} experts{limit})"
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -227,13 +242,13 @@ def markdown(doc: dict[str, Any]) -> str:
         f"# Pruning quality on the reference MoE ({doc['date']}, scale `{doc['scale']}`)",
         "",
         f"Hardware: {doc['hardware']['device']}, torch {doc['hardware']['torch']}, transformers "
-        f"{doc['hardware']['transformers']}; {len(doc['seeds'])} training seeds run as {doc['hardware']['jobs']} "
-        f"concurrent process(es). Model: gpt-oss architecture, {sz['layers']} layers x {n_exp} experts, "
+        f"{doc['hardware']['transformers']}; {_seed_runs(doc)}. Model: gpt-oss architecture, {sz['layers']} layers x {n_exp} experts, "
         f"top-{sz['top_k']}, hidden {sz['hidden']}, byte-level, {tr['params'] / 1e6:.1f} M parameters; "
         f"{_steps(doc['seeds'])} steps of {tr['batch_size']} x {tr['seq_len']} tokens per seed, training "
         f"{min(train_s):.0f}-{max(train_s):.0f} s per seed{_how_trained(doc['seeds'])}, final training loss "
         + ", ".join(f"{sd['training']['final_loss']:.3f}" for sd in doc["seeds"])
-        + f". Whole benchmark: {doc['wall_seconds']:.0f} s wall clock.",
+        + f". Whole benchmark: {doc['wall_seconds']:.0f} s wall clock"
+        + (" (evaluation only: training was the earlier run's)." if _reused(doc) else "."),
         "",
         f"Seeds: training {st['seeds']}, calibration draws {st['calib_seeds']} (each draw: the domain's "
         f"calibration documents shuffled and halved; half A, at most {st['calib_tokens_per_half']:,} tokens, "

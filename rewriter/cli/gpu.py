@@ -96,7 +96,7 @@ def profile(model: str, data: tuple[str, ...], out: str, domain: str, seq_len: i
     MODEL is a checkpoint of any supported MoE family (rewriter inspect lists them), in a local
     folder or at an fsspec URL (s3://, hf://…). A model that does not fit the device is run one
     decoder layer at a time (--streamed); --devices splits the tokens across several GPUs. On
-    CUDA, gpt-oss runs flex attention; REWRITER_ATTENTION=default|eager|sdpa|flex_attention
+    CUDA, gpt-oss runs flex attention; REWRITER_ATTENTION=auto|default|eager|sdpa|flex_attention
     overrides the choice (docs/streaming.md). Needs the torch extra (pip install '.[torch]').
     """
     from profiling.profile import profile as run_profile

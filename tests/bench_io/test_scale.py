@@ -64,7 +64,8 @@ def test_streamed_attention_stage_runs_both_choices(tmp_path, monkeypatch):
     r = json.loads(out.read_text())
     for name in ("auto", "default"):
         assert r[name]["tokens"] == 1024 and r[name]["engine"]["extrapolated_tokens_per_s"] > 0, r[name].get("error")
-        assert r[name]["breakdown"]["seconds"]["attention"] > 0
+        assert r[name]["breakdown"]["seconds"]["attention"] > 0 and r[name][ATTENTION_ENV] == name
+    assert r["device"]
     assert r["auto_vs_default"] == {"layers": 2, "layers_with_identical_freq": 2, "max_rel_diff_reap": 0.0,
                                     "max_rel_diff_eaft_reap": 0.0}
     assert os.environ[ATTENTION_ENV] == "auto"

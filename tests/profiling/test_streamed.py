@@ -402,8 +402,11 @@ def test_attention_choice_and_its_override(tmp_path, monkeypatch, tiny):
     assert attention_for(transformers.GptOssForCausalLM, cuda) is None
     monkeypatch.setenv(ATTENTION_ENV, "eager")
     assert attention_for(transformers.Qwen3MoeForCausalLM, cpu) == "eager"
-    monkeypatch.setenv(ATTENTION_ENV, "sdpa")  # gpt-oss has no SDPA attention
     data = _data(tmp_path / "d.jsonl", 256)
+    for mode in ("--streamed", "--no-streamed"):  # the saliency file says which attention ran
+        cli("profile", tiny, "--data", data, "--out", tmp_path / "e.json", "--device", "cpu", "--quiet", mode, "--force")
+        assert json.loads((tmp_path / "e.json").read_text())["method"]["attention"] == "eager"
+    monkeypatch.setenv(ATTENTION_ENV, "sdpa")  # gpt-oss has no SDPA attention
     for mode in ("--streamed", "--no-streamed"):
         out = cli("profile", tiny, "--data", data, "--out", tmp_path / "s.json", "--device", "cpu", "--quiet", mode,
                   expect=2)
@@ -411,4 +414,12 @@ def test_attention_choice_and_its_override(tmp_path, monkeypatch, tiny):
         assert len(out.strip().splitlines()) == 1
         out = cli("eval", tiny, "--data", data, "--seq-len", "8", "--device", "cpu", mode, expect=2)
         assert out.startswith(f"error: {tiny}: cannot run attention 'sdpa'"), out
+    # Flex attention runs gpt-oss's sinks on CUDA only: on the CPU that is refused before any work.
+    monkeypatch.setenv(ATTENTION_ENV, "flex_attention")
+    for mode in ("--streamed", "--no-streamed"):
+        out = cli("profile", tiny, "--data", data, "--out", tmp_path / "s.json", "--device", "cpu", "--quiet", mode,
+                  expect=2)
+        assert out.startswith(f"error: {tiny}: cannot run attention 'flex_attention' ({ATTENTION_ENV}) on cpu"), out
+        out = cli("eval", tiny, "--data", data, "--seq-len", "8", "--device", "cpu", mode, expect=2)
+        assert "only on CUDA" in out and len(out.strip().splitlines()) == 1, out
     assert not (tmp_path / "s.json").exists()

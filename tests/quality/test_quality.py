@@ -107,7 +107,10 @@ def test_quality_benchmark_toy(tmp_path):
     assert "no step traced: training ended after 4 steps" in (tmp_path / "results" / "train-trace-toy-seed0.txt").read_text()
     doc = run(parse_args([*common, "--reuse-trained"]), log=logged.append)
     assert sum("reusing the model trained in" in line for line in logged) == 2
-    assert [sd["training"] for sd in doc["seeds"]] == [sd["training"] for sd in trained["seeds"]]
+    assert [{**sd["training"], "reused": True} for sd in trained["seeds"]] == [sd["training"] for sd in doc["seeds"]]
+    md = (tmp_path / "results" / "quality-toy.md").read_text()
+    assert "their models trained by an earlier run (--train-only)" in md and "a budget of 600 s" in md
+    assert "(evaluation only: training was the earlier run's)" in md
     assert [sd["seed"] for sd in doc["seeds"]] == [0, 1]
     for sd in doc["seeds"]:
         assert sd["calib_seeds_done"] == [0, 1]
@@ -219,6 +222,12 @@ def test_reusing_models_that_were_never_trained_is_a_clear_error(tmp_path, capsy
         run(parse_args([*common, "--reuse-trained"]), log=lambda *a: None)
     assert str(e.value) == (f"{tmp_path / 'work' / 'seed-0' / 'reference-moe'}: no reference model trained there; "
                             f"train it first with --train-only and the same --work")
-    with pytest.raises(SystemExit) as e:
-        parse_args([*common, "--reuse-trained", "--train-only"])
-    assert e.value.code == 2 and "give one of them" in capsys.readouterr().err
+    assert not (tmp_path / "work" / "corpora").exists()  # refused before any work
+    for extra, said in ((["--train-only"], "give one of them"), (["--train-seconds", "5"], "which --reuse-trained skips")):
+        with pytest.raises(SystemExit) as e:
+            parse_args([*common, "--reuse-trained", *extra])
+        assert e.value.code == 2 and said in capsys.readouterr().err
+    for bad in ("0", "-1", "nan", "inf"):
+        with pytest.raises(SystemExit) as e:
+            parse_args([*common, "--train-seconds", bad])
+        assert e.value.code == 2 and "a number of seconds > 0" in capsys.readouterr().err
