@@ -109,7 +109,10 @@ def refuse_existing_file(path: str, option: str, force: bool, replaceable: Calla
                                  param_hint=option)
     if force or (replaceable is not None and replaceable(path)):
         return
-    what = "is not a plan file" if replaceable is not None else "exists"
+    if os.path.islink(path) and not os.path.exists(path):
+        what = f"is a symbolic link to {os.readlink(path)}, which does not exist"
+    else:
+        what = "is not a plan file" if replaceable is not None else "exists"
     raise click.BadParameter(
         f"{path} {what}; refusing to overwrite it: choose another name"
         + ("" if replaceable is not None else " or pass --force to replace it"),

@@ -83,6 +83,12 @@ def test_plan_out_replaces_a_plan_but_never_another_file(tmp_path, fresh_tiny, s
                         "--plan-out", fresh_tiny / "config.json"), contains="--plan-out")
     assert source_digest(fresh_tiny) == before
     assert not (tmp_path / "d").exists()
+    link = tmp_path / "dangling.json"
+    link.symlink_to(tmp_path / "nowhere.json")
+    line = assert_error(invoke("plan", fresh_tiny, "--saliency", sal, "--keep-frac", "0.5", "--out", link),
+                        contains="--out")
+    assert f"is a symbolic link to {tmp_path / 'nowhere.json'}, which does not exist" in line
+    assert link.is_symlink() and not (tmp_path / "nowhere.json").exists()
 
 
 def test_plan_out_into_an_unwritable_place(tmp_path, fresh_tiny, sal):
