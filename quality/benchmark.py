@@ -27,6 +27,7 @@ union of the calibration half A), paired with it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -36,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -300,8 +302,6 @@ def run_seed(scale: Scale, seed: int, corpora: Path, work: Path, device: str, lo
     """Train the reference MoE with ``seed`` and run the whole grid on it, every calibration seed;
     ``on_draw(result so far)`` after each calibration seed. ``train_only``: stop after training
     (the model stays in ``work``); ``reuse``: take the model an earlier run trained there."""
-    from core.checkpoint import Checkpoint
-
     work.mkdir(parents=True, exist_ok=True)
     model_dir = work / "reference-moe"
     if reuse:
@@ -318,12 +318,33 @@ def run_seed(scale: Scale, seed: int, corpora: Path, work: Path, device: str, lo
         if on_draw:
             on_draw(doc)
         return doc
-    # Profiling, recalibration and evaluation run transformers' default attention unless told
-    # otherwise: their batches come in many shapes (task prompts by answer length), and flex
-    # attention compiles once per shape, which costs more than it saves on this small model.
+    with _default_attention():
+        return _evaluate_seed(scale, seed, corpora, work, device, log, training, on_draw)
+
+
+@contextlib.contextmanager
+def _default_attention() -> Iterator[None]:
+    """Profiling, recalibration and evaluation run transformers' default attention unless told
+    otherwise: their batches come in many shapes (task prompts by answer length), and flex
+    attention compiles once per shape, which costs more than it saves on this small model. The
+    next seed's training (in this process with ``--jobs 1``) has the environment as it was."""
     from profiling.streamed import ATTENTION_ENV
 
+    given = ATTENTION_ENV in os.environ
     os.environ.setdefault(ATTENTION_ENV, "default")
+    try:
+        yield
+    finally:
+        if not given:
+            os.environ.pop(ATTENTION_ENV, None)
+
+
+def _evaluate_seed(scale: Scale, seed: int, corpora: Path, work: Path, device: str, log, training: dict[str, Any],
+                   on_draw) -> dict[str, Any]:
+    """The whole grid on the reference model ``work`` holds, every calibration seed."""
+    from core.checkpoint import Checkpoint
+
+    model_dir = work / "reference-moe"
     ckpt = Checkpoint.open(str(model_dir))
     t = time.perf_counter()
     evaluate_plan = _Evaluator(scale, model_dir, corpora, work, device, log)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -90,10 +91,13 @@ def test_eval_cli_self_comparison_passes_and_pruned_fails(tmp_path):
 
 
 @pytest.mark.slow
-def test_quality_benchmark_toy(tmp_path):
+def test_quality_benchmark_toy(tmp_path, monkeypatch):
     """The toy benchmark in two commands: --train-only trains each seed's model, --reuse-trained
     evaluates those models (the grid, the report)."""
+    from profiling.streamed import ATTENTION_ENV
     from quality.benchmark import parse_args, run
+
+    monkeypatch.delenv(ATTENTION_ENV, raising=False)
 
     common = ["--size", "toy", "--device", "cpu", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results")]
     logged: list[str] = []
@@ -112,6 +116,7 @@ def test_quality_benchmark_toy(tmp_path):
     assert "their models trained by an earlier run (--train-only)" in md and "a budget of 600 s" in md
     assert "(evaluation only: training was the earlier run's)" in md
     assert [sd["seed"] for sd in doc["seeds"]] == [0, 1]
+    assert ATTENTION_ENV not in os.environ  # evaluation's attention choice does not outlive it
     for sd in doc["seeds"]:
         assert sd["calib_seeds_done"] == [0, 1]
         ranks = {(r["rank"], r["calibration"]) for r in sd["runs"]}
