@@ -208,11 +208,9 @@ def train(
     forward = model
     if device.startswith("cuda"):
         _use_grouped_experts(model)
-        from profiling.streamed import attention_for
+        from profiling.streamed import set_attention
 
-        attention = attention_for(type(model), torch.device(device))
-        if attention:
-            model.set_attn_implementation(attention)
+        set_attention(model, torch.device(device), str(out))
         forward = torch.compile(model)
     streams = {d: _stream(corpora / f"{d}-train.jsonl") for d in DOMAINS}
     rng = np.random.default_rng(seed)

@@ -120,9 +120,6 @@ def refuse_existing_file(path: str, option: str, force: bool, replaceable: Calla
     )
 
 
-_PLAN_HEAD = re.compile(rb'\s*\{\s*"format"\s*:\s*"moe-rewriter-plan"\s*,')
-
-
 def _is_plan_file(path: str) -> bool:
     from core.errors import PlanError
     from core.jsonfile import parse_json, read_url
@@ -134,7 +131,8 @@ def _is_plan_file(path: str) -> bool:
     # something else, left unread (read_url reads no further than its cap, never a FIFO).
     try:
         with open(path, "rb") as f:  # a regular local file: refuse_existing_file checked
-            if _PLAN_HEAD.match(f.read(4096)):
+            head = rb'\s*\{\s*"format"\s*:\s*' + re.escape(json.dumps(PLAN_FORMAT).encode()) + rb"\s*,"
+            if re.match(head, f.read(4096)):
                 return True
     except OSError:
         return False
