@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import _thread
 import json
+import sys
 import shutil
 import threading
 import time
@@ -89,6 +90,23 @@ def test_plan_out_replaces_a_plan_but_never_another_file(tmp_path, fresh_tiny, s
                         contains="--out")
     assert f"is a symbolic link to {tmp_path / 'nowhere.json'}, which does not exist" in line
     assert link.is_symlink() and not (tmp_path / "nowhere.json").exists()
+
+
+def test_two_plans_written_to_one_file_at_once_leave_one_whole_plan(tmp_path, fresh_tiny, sal):
+    """Two `plan --out` of the same file at once: each writes under its own temporary name and
+    renames it, so the file is one of the two plans, whole, and no temporary file is left."""
+    import subprocess
+
+    out = tmp_path / "plan.json"
+    runs = [subprocess.Popen([sys.executable, "-m", "rewriter.cli", "plan", str(fresh_tiny), "--saliency", str(sal),
+                              keep, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for keep in ("--keep-n=2", "--keep-n=3")]
+    outputs = [p.communicate(timeout=300)[0] for p in runs]
+    assert [p.returncode for p in runs] == [0, 0], outputs
+    written = json.loads(out.read_text())
+    assert written["format"] == "moe-rewriter-plan"
+    assert {len(v) for v in written["expert_mapping"].values()} in ({2}, {3})
+    assert sorted(x.name for x in tmp_path.iterdir() if x.name.startswith("plan.json")) == ["plan.json"]
 
 
 def test_plan_out_into_an_unwritable_place(tmp_path, fresh_tiny, sal):
