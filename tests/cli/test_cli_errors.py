@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import _thread
 import json
-import sys
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
