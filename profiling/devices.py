@@ -54,6 +54,13 @@ def device_list(devices: Sequence[str] | None, device: str, streamed: bool | Non
     return out
 
 
+def streamed_with(devices: Sequence[str] | None, streamed: bool | None) -> bool | None:
+    """Whether to stream: a device list, of one device too, runs the streamed engine on each
+    device unless ``streamed`` says otherwise (``False`` with several is refused by
+    :func:`device_list`)."""
+    return True if devices is not None and streamed is None else streamed
+
+
 def _device(name: str, where: str) -> str:
     import torch
 

@@ -41,7 +41,7 @@ from profiling.collect import (
     saliency_layers,
 )
 from profiling.data import LazyTokenizer, documents, pack
-from profiling.devices import device_list
+from profiling.devices import device_list, streamed_with
 from profiling.observer import ExpertObserver
 from profiling.spill import Spill
 from profiling.streamed import HEAD_CHUNK, StreamedModel, check_device, fits, set_attention
@@ -228,6 +228,7 @@ def profile(
         devices: several devices (from :func:`profiling.devices.parse_devices`) to split the
             batches across, one process each, streamed; replaces ``device``.
     """
+    streamed = streamed_with(devices, streamed)
     devices = device_list(devices, device, streamed)
     device = devices[0]
     check_device(device)
@@ -235,7 +236,7 @@ def profile(
     try:
         return _profile_open(ckpt, data, domain=domain, seq_len=seq_len, max_tokens=max_tokens,
                              batch_size=batch_size, device=device, dtype=dtype,
-                             streamed=True if len(devices) > 1 else streamed, gpu_memory=gpu_memory,
+                             streamed=streamed, gpu_memory=gpu_memory,
                              progress=progress, on_layer=on_layer,
                              engine=dict(expert_chunk=expert_chunk, devices=devices,
                                          storage_options=storage_options or {}))

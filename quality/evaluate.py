@@ -260,6 +260,7 @@ def evaluate(
         the union last, each with the model's summary and, with a base, ``base`` and ``check``.
     """
     gates = gates or Gates()
+    streamed = multidevice.streamed_with(devices, streamed)
     devices = multidevice.device_list(devices, device, streamed)
     device = devices[0]
     check_device(device)

@@ -43,11 +43,6 @@ engine_options = options_group(
 )
 
 
-def _streamed(streamed: bool | None, devices: str | None) -> bool | None:
-    """--devices always runs the streamed engine, one device listed too (--no-streamed with it is refused)."""
-    return True if devices is not None and streamed is None else streamed
-
-
 def _engine_kwargs(device: str | None, dtype: str, gpu_memory: float | None, storage_options: dict[str, Any] | None,
                    devices: str | None, expert_chunk: int | None, streamed: bool | None = None) -> dict[str, Any]:
     import torch
@@ -107,7 +102,7 @@ def profile(model: str, data: tuple[str, ...], out: str, domain: str, seq_len: i
     bar = TokenProgress(enabled=not quiet)
     try:
         sal = run_profile(model, list(data), domain=domain, seq_len=seq_len, max_tokens=max_tokens,
-                          batch_size=batch_size, streamed=_streamed(streamed, devices), progress=bar,
+                          batch_size=batch_size, streamed=streamed, progress=bar,
                           on_layer=bar.layer, **kw)
     finally:
         bar.close()
@@ -188,7 +183,7 @@ def eval_cmd(model: str, packs: tuple[str, ...], seq_lens: tuple[int, ...], bloc
 
     gates = Gates(gate_ppl_abs, gate_ppl_rel, gate_mean_p, gate_cc, gate_jsd)
     result = evaluate(model, list(packs), seq_lens=seq_lens or (1024,), blocks=blocks, compare=compare,
-                      gates=gates, batch_size=batch_size, streamed=_streamed(streamed, devices),
+                      gates=gates, batch_size=batch_size, streamed=streamed,
                       **_engine_kwargs(device, dtype, gpu_memory, storage_options, devices, expert_chunk,
                                        streamed))
     if plot:

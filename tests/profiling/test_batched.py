@@ -14,6 +14,7 @@ from core.errors import DeviceError  # noqa: E402
 from profiling import deferred, sections  # noqa: E402
 from profiling.devices import parse_devices, shares  # noqa: E402
 from profiling.profile import profile  # noqa: E402
+from quality.evaluate import evaluate  # noqa: E402
 from tests.conftest import cli  # noqa: E402
 from tests.profiling.test_streamed import _data, _source  # noqa: E402
 
@@ -186,6 +187,10 @@ def test_one_device_listed_runs_the_streamed_engine(tmp_path):
     assert method["streamed"] is True and method["devices"] == ["cpu"], method
     res = json.loads(cli("eval", src, "--data", data, "--seq-len", "16", "--blocks", "2", "--devices", "cpu", "--json"))
     assert res["engine"]["layers"], res  # the engine reports per layer only when it streamed
+    # The same rule through the library calls the commands make.
+    sal = profile(str(src), [str(data)], seq_len=16, batch_size=3, devices=["cpu"])
+    assert sal.method["streamed"] is True
+    assert evaluate(str(src), [str(data)], seq_lens=(16,), blocks=2, devices=["cpu"])["engine"]["layers"]
 
 
 @pytest.mark.slow
