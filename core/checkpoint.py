@@ -9,11 +9,11 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from core.errors import CheckpointError, FormatError
 from core.format import PREFIX_BYTES, Header, parse_header, read_prefix
@@ -32,9 +32,9 @@ CONFIG_NAME = "config.json"
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|blk)\.(\d+)\.")
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """A tensor and where its bytes are: ``[begin, end)`` of file ``shard`` (absolute offsets)."""
+class TensorInfo(NamedTuple):
+    """A tensor and where its bytes are: ``[begin, end)`` of file ``shard`` (absolute offsets).
+    (A named tuple, as :class:`core.format.TensorEntry` is.)"""
 
     name: str
     dtype: str
@@ -167,7 +167,8 @@ class Checkpoint:
             headers = {s: _parsed(storage, s, *got) for s, got in read}
         shards, located = _locate_tensors(storage, headers)
         tensors = located if weight_map is None else _indexed_tensors(storage, weight_map, located)
-        data_total = sum(t.nbytes for t in tensors.values())
+        # Each header's tensors fill its data contiguously, and every tensor is listed once.
+        data_total = sum(header.data_len for header, _, _ in headers.values())
         if total is not None and total != data_total:
             raise CheckpointError(f"{storage.describe(INDEX_NAME)}: metadata.total_size is {total:,} but the "
                                   f"shards hold {data_total:,} bytes of tensor data")
@@ -234,22 +235,31 @@ def _locate_tensors(storage: Storage, headers: Mapping[str, tuple[Header | GGUFH
     """
     shards: dict[str, ShardInfo] = {}
     located: dict[str, TensorInfo] = {}
+    count = 0
     for s, (header, digest, size) in headers.items():
         base = header.data_start
-        shards[s] = ShardInfo(s, size, base - PREFIX_BYTES, digest, tuple(t.name for t in header.tensors))
-        for name, dtype, shape, start, end in _spans(header):
-            if name in located:
-                raise CheckpointError(f"{storage.url}: tensor {name!r} is stored in both "
-                                      f"'{located[name].shard}' and '{s}'")
-            located[name] = TensorInfo(name, dtype, shape, s, base + start, base + end)
+        spans = _spans(header)
+        shards[s] = ShardInfo(s, size, base - PREFIX_BYTES, digest, tuple([t[0] for t in spans]))
+        new = tuple.__new__  # TensorInfo's fields in order, without its __new__ (140,000 of them)
+        for name, dtype, shape, start, end in spans:
+            located[name] = new(TensorInfo, (name, dtype, shape, s, base + start, base + end))
+        count += len(spans)
+    if len(located) != count:  # a name stored twice: found again, in order, to name both places
+        seen: dict[str, str] = {}
+        for s, (header, _, _) in headers.items():
+            for t in _spans(header):
+                if t[0] in seen:
+                    raise CheckpointError(f"{storage.url}: tensor {t[0]!r} is stored in both '{seen[t[0]]}' and '{s}'")
+                seen[t[0]] = s
     return shards, located
 
 
-def _spans(header: Header | GGUFHeader) -> list[tuple[str, str, tuple[int, ...], int, int]]:
-    """``(name, dtype, shape, start, end)`` of each tensor, offsets relative to the data."""
+def _spans(header: Header | GGUFHeader) -> Sequence[tuple[str, str, tuple[int, ...], int, int]]:
+    """``(name, dtype, shape, start, end)`` of each tensor, offsets relative to the data (a
+    safetensors header's entries are such tuples already)."""
     if isinstance(header, GGUFHeader):
         return [(t.name, t.dtype, t.shape, t.offset, t.offset + t.nbytes) for t in header.tensors]
-    return [(t.name, t.dtype, t.shape, t.start, t.end) for t in header.tensors]
+    return header.tensors
 
 
 def _indexed_tensors(storage: Storage, weight_map: Mapping[str, str],
@@ -264,7 +274,8 @@ def _indexed_tensors(storage: Storage, weight_map: Mapping[str, str],
                 f"but that shard's header has no such tensor"
             )
         tensors[name] = found
-    unlisted = [n for n in located if n not in weight_map]
+    # Every listed name was found, so when both hold as many, none is unlisted.
+    unlisted = [] if len(located) == len(tensors) else [n for n in located if n not in weight_map]
     if unlisted:
         raise CheckpointError(
             f"shard '{located[unlisted[0]].shard}' holds tensor {unlisted[0]!r} "
@@ -303,7 +314,10 @@ def _load_index(storage: Storage) -> tuple[dict[str, str], int | None]:
     if not isinstance(wm, dict) or not wm:
         raise CheckpointError(f"{where}: expected a non-empty 'weight_map' object")
     checked = {s: check_shard_name(s, where) for s in dict.fromkeys(v for v in wm.values() if isinstance(v, str))}
-    weight_map = {name: checked[s] if isinstance(s, str) else check_shard_name(s, where) for name, s in wm.items()}
+    if set(map(type, wm.values())) == {str} and all(checked[s] == s for s in checked):
+        weight_map: dict[str, str] = wm  # every shard named as it is (the usual index): no copy
+    else:
+        weight_map = {name: checked[s] if isinstance(s, str) else check_shard_name(s, where) for name, s in wm.items()}
     total = None
     meta = doc.get("metadata")
     if isinstance(meta, dict) and "total_size" in meta:

@@ -18,11 +18,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from functools import cached_property
+from typing import Any, Literal, NamedTuple, Protocol
 
 from core.errors import CheckpointError
 from core.layer_config import check_configured_layers, configured_moe_layers, int_field, int_list
-from core.memo import classified, compiled
+from core.memo import classified, compiled, remember, tail_classified
+from core.names import after_layer
 
 
 # What a layout reads of a checkpoint. Structural types, so that the checkpoint model can detect
@@ -58,12 +60,12 @@ class CheckpointView(Protocol):
 Role = Literal["fused", "router", "expert"]
 
 
-@dataclass(frozen=True)
-class ExpertTensor:
+class ExpertTensor(NamedTuple):
     """A tensor that pruning touches.
 
     ``fused`` and ``router`` tensors are sliced along dim 0 (one row per expert); an ``expert``
-    tensor belongs to one expert (``expert``) and is kept whole or dropped.
+    tensor belongs to one expert (``expert``) and is kept whole or dropped. (A named tuple: a 1 T
+    checkpoint classifies 140,000 names.)
     """
 
     name: str
@@ -126,6 +128,13 @@ class Layout:
         return classified(self, name)  # type: ignore[no-any-return]
 
     def _classify(self, name: str) -> ExpertTensor | None:
+        rest = after_layer(name) if self._layer_led else None
+        if rest is not None:  # what follows ``layers.N.`` decides, and is shared by every layer
+            layer, key = rest
+            role_expert = tail_classified(self, key)
+            if role_expert is None:
+                return None
+            return tuple.__new__(ExpertTensor, (name, layer, *role_expert))  # type: ignore[no-any-return]
         for role, pattern in (("fused", self.fused), ("router", self.router), ("expert", self.expert)):
             if pattern is None:
                 continue
@@ -133,6 +142,22 @@ class Layout:
             if m:
                 expert = int(m.group("expert")) if role == "expert" else None
                 return ExpertTensor(name, int(m.group("layer")), role, expert)  # type: ignore[arg-type]
+        return None
+
+    @cached_property
+    def _layer_led(self) -> bool:
+        """Whether every pattern starts with ``layers.N.`` (all safetensors families do)."""
+        return all(p is None or p.startswith(_LAYER) for p in (self.fused, self.router, self.expert))
+
+    def _classify_tail(self, tail: str) -> tuple[str, int | None] | None:
+        """Role and expert id of a name whose only ``layers.N.`` is followed by ``tail``: the
+        patterns' remainders, matched at the start of ``tail``, in the order of :meth:`_classify`."""
+        for role, pattern in (("fused", self.fused), ("router", self.router), ("expert", self.expert)):
+            if pattern is None:
+                continue
+            m = compiled(pattern[len(_LAYER):]).match(tail)
+            if m:
+                return role, int(m.group("expert")) if role == "expert" else None
         return None
 
     def renamed(self, t: ExpertTensor, new_expert: int) -> str:
@@ -223,12 +248,26 @@ class Layout:
             memo[key] = dict(layers)
         return layers
 
+    def classified_tensors(self, ckpt: CheckpointView) -> dict[str, ExpertTensor]:
+        """Every tensor of ``ckpt`` that pruning touches, by name, in the checkpoint's order: one
+        pass over the names per command, so that the steps that ask of every tensor look it up."""
+        memo = getattr(ckpt, "derived", None)
+        key = ("classified", self, len(ckpt.tensors))
+        if memo is not None and key in memo:
+            return memo[key]  # type: ignore[no-any-return]
+        classify = self._classify
+        every = {name: classify(name) for name in ckpt.tensors}
+        remember(self, every)  # for the steps that ask name by name
+        found = {name: t for name, t in every.items() if t is not None}
+        if memo is not None:
+            memo[key] = found
+        return found
+
     def _find_layers(self, ckpt: CheckpointView, default: int, counts: Mapping[int, int]) -> dict[int, MoELayer]:
         found: dict[int, list[ExpertTensor]] = {}
-        for info in ckpt.tensors.values():
-            t = self.classify(info.name)
-            if t is None:
-                continue
+        tensors = ckpt.tensors
+        for t in self.classified_tensors(ckpt).values():
+            info = tensors[t.name]
             if "mtp.layers." in info.name and re.search(r"(?:^|\.)mtp\.layers\.\d+\.", info.name):
                 raise CheckpointError(
                     f"{ckpt.url}: tensor {info.name!r} is an expert tensor of a multi-token-prediction "
@@ -276,9 +315,10 @@ class Layout:
             )
 
     def _check_unclassified(self, ckpt: CheckpointView, layers: Mapping[int, MoELayer]) -> None:
+        classified = self.classified_tensors(ckpt)
         for info in ckpt.tensors.values():
             # Classified names (a dict lookup) skip the regex: most of a 1 T checkpoint's names.
-            m = None if self.classify(info.name) is not None else self.in_module(info.name)
+            m = None if info.name in classified else self.in_module(info.name)
             if m is None or int(m.group("layer")) not in layers:
                 continue
             n = layers[int(m.group("layer"))].num_experts
@@ -318,3 +358,4 @@ PER_LAYER_FIELD = "num_experts_per_layer"
 
 
 _LAYER = r"(?:^|\.)layers\.(?P<layer>\d+)\."
+

@@ -102,8 +102,12 @@ def _expected(error: type[RewriterError], expect: tuple[str, str] | None) -> str
     return f"so not {what}; {todo}"
 
 
-def loads(raw: bytes | str) -> Any:
+def loads(raw: bytes | str, *, bounded: bool = True) -> Any:
     """``json.loads(raw)``, refusing a document nested deeper than :data:`MAX_JSON_DEPTH`.
+
+    ``bounded=False`` skips that check, for documents whose callers read a fixed shape and walk
+    nothing deeper (safetensors headers: 17 MB of them in a 1 T checkpoint); nesting deeper than
+    Python's parser recurses is still refused.
 
     Raises:
         json.JSONDecodeError: as ``json.loads`` does, for too deep a nesting (at the bracket
@@ -111,13 +115,15 @@ def loads(raw: bytes | str) -> Any:
             all alike.
     """
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _too_deep(text):
+    if bounded and text.count("[") + text.count("{") > MAX_JSON_DEPTH and _too_deep(text):
         raise json.JSONDecodeError(f"nested deeper than {MAX_JSON_DEPTH} levels of arrays/objects",
                                    text, _too_deep_at(text))
     try:
         return json.loads(raw)
     except json.JSONDecodeError:
         raise
+    except RecursionError:
+        raise json.JSONDecodeError("nested deeper than Python's JSON parser recurses", text, _too_deep_at(text)) from None
     except ValueError:  # an integer of more digits than Python converts (sys.int_info)
         m = _LONG_NUMBER.search(text)
         digits = f"{len(m.group()):,}" if m else "too many"

@@ -31,6 +31,36 @@ def classified(layout: Any, name: str) -> Any:
     return t
 
 
+def remember(layout: Any, names: dict[str, Any]) -> None:
+    """Keep the classifications of many names at once (one pass over a checkpoint's names)."""
+    entry = _KEPT.get(id(layout))
+    if entry is None or entry[0] is not layout:
+        entry = _KEPT[id(layout)] = (layout, {})
+    if len(entry[1]) + len(names) > MAX_KEPT:
+        entry[1].clear()
+    if len(names) <= MAX_KEPT:
+        entry[1].update(names)
+
+
+#: Per layout, as :data:`_KEPT`: what follows ``layers.N.`` -> role and expert id.
+_TAILS: dict[int, tuple[object, dict[str, Any]]] = {}
+
+
+def tail_classified(layout: Any, tail: str) -> Any:
+    """``layout._classify_tail(tail)``, kept per layout as :func:`classified` keeps names: a 1 T
+    checkpoint's 140,000 names end in a few thousand tails (each layer repeats them)."""
+    entry = _TAILS.get(id(layout))
+    if entry is None or entry[0] is not layout:
+        entry = _TAILS[id(layout)] = (layout, {})
+    tails = entry[1]
+    t = tails.get(tail, tails)
+    if t is tails:
+        if len(tails) >= MAX_KEPT:
+            tails.clear()
+        t = tails[tail] = layout._classify_tail(tail)
+    return t
+
+
 @lru_cache(maxsize=256)
 def compiled(pattern: str) -> re.Pattern[str]:
     """``re.compile(pattern)``, kept (re's own cache is smaller and slower to look up)."""

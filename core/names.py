@@ -78,3 +78,16 @@ def check_shard_name(name: object, where: str) -> str:
                               f"character {bad}, which terminals and file browsers misread; rename the "
                               f"shard and its index entry")
     return posixpath.normpath(name.replace("\\", "/"))
+
+
+def after_layer(name: str) -> tuple[int, str] | None:
+    """``(N, what follows)`` for a name with exactly one ``layers.N.`` (at its start or after a
+    dot; ``N`` decimal digits, as the patterns' ``\\d+``); ``None`` for any other name."""
+    i = name.find("layers.")
+    if i < 0 or (i and name[i - 1] != ".") or name.find("layers.", i + 1) >= 0:
+        return None
+    j = name.find(".", i + 7)
+    digits = name[i + 7 : j]
+    if j < 0 or not digits.isdecimal():
+        return None
+    return int(digits), name[j + 1 :]

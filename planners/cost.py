@@ -208,24 +208,22 @@ def _shard_seconds(reads: list[Read], size: int, latency_s: float, read_bw: tupl
 
 def _layer_costs(plan: Plan) -> tuple[LayerCost, ...]:
     """Per layer (``None``: tensors outside the layers): shards touched, bytes, segments."""
-    per_layer: dict[int | None, dict[str, Any]] = {}
-    written: dict[int | None, int] = {}
+    # Per layer: [source shards, output shards, bytes read, bytes written, segments].
+    per_layer: dict[int | None, list[Any]] = {}
     for o in plan.outputs:
         for t in o.tensors:
             d = per_layer.get(t.layer)
             if d is None:
-                d = per_layer[t.layer] = {"src": set(), "out": set(), "read": 0, "segs": 0}
-            d["out"].add(o.name)
-            d["segs"] += len(t.segments)
-            nbytes = 0
+                d = per_layer[t.layer] = [set(), set(), 0, 0, 0]
+            d[1].add(o.name)
+            d[3] += t.nbytes
+            d[4] += len(t.segments)
             for s in t.segments:
-                nbytes += s.length
                 if s.data is None:
-                    d["src"].add(s.shard)
-                    d["read"] += s.length
-            written[t.layer] = written.get(t.layer, 0) + nbytes
+                    d[0].add(s.shard)
+                    d[2] += s.length
     return tuple(
-        LayerCost(k, tuple(sorted(v["src"])), tuple(sorted(v["out"])), v["read"], written[k], v["segs"])
+        LayerCost(k, tuple(sorted(v[0])), tuple(sorted(v[1])), v[2], v[3], v[4])
         for k, v in sorted(per_layer.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
     )
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -119,6 +120,11 @@ class Plan:
 
     # --- JSON ---------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
+        return self._doc(self._outputs_json)
+
+    def _doc(self, outputs: Any) -> dict[str, Any]:
+        """The plan document with ``outputs`` as its outputs' field (their JSON, or a stand-in
+        where the outputs are written as text made apart)."""
         # Named only when not safetensors, so that plans of safetensors sources keep their digests.
         named = {"container": self.container} if self.container != "safetensors" else {}
         return {
@@ -140,17 +146,19 @@ class Plan:
             "copy_files": list(self.copy_files),
             "copy_file_digests": {k: dict(v) for k, v in sorted(self.copy_digests.items())},
             "skipped_files": list(self.skipped_files),
-            "outputs": self._outputs_json,
+            "outputs": outputs,
             "provenance": dict(self.provenance),
             **({"carried": carry.carried_json(self)} if self.carried is not None else {}),
         }
 
     @cached_property
     def _outputs_json(self) -> list[dict[str, Any]]:
-        """The outputs as JSON, made once: saving and the digest both need them (seconds for a 1 T plan)."""
-        container = CONTAINERS[self.container]
-        return [{"name": o.name, "size": o.size, "header": container.header_to_json(o.header),
-                 "tensors": [_tensor_json(t) for t in o.tensors]} for o in self.outputs]
+        """The outputs as JSON, made once."""
+        return [self._output_json(o) for o in self.outputs]
+
+    def _output_json(self, o: OutputShard) -> dict[str, Any]:
+        return {"name": o.name, "size": o.size, "header": CONTAINERS[self.container].header_to_json(o.header),
+                "tensors": [_tensor_json(t) for t in o.tensors]}
 
     @property
     def source_recorded(self) -> bool:
@@ -174,7 +182,10 @@ class Plan:
         """The plan without what depends on when and where it was made: the provenance's
         creation time (older plans carry one), the paths its saliency files or keep list were
         read from (their sha256 stays) and where its source is (its fingerprints stay)."""
-        doc = carry.without_storage(self.to_json())
+        return self._identity(self.to_json())
+
+    def _identity(self, doc: dict[str, Any]) -> dict[str, Any]:
+        doc = carry.without_storage(doc)
         doc["source"] = {k: v for k, v in doc["source"].items() if k != "url"}
         prov = {k: v for k, v in doc["provenance"].items() if k not in UNSTABLE_PROVENANCE}
         for key in ("saliency", "keep_list"):
@@ -183,22 +194,47 @@ class Plan:
         doc["provenance"] = prov
         return doc
 
+    @cached_property
+    def _outputs_text(self) -> list[str]:
+        """Each output as canonical JSON (sorted keys, compact), made once: the plan file and the
+        digest both hold them, the bulk of a 1 T plan. Each output's JSON objects are made and
+        dropped in turn (a 1 T plan's would hold 70 MB)."""
+        return [json.dumps(self._output_json(o), sort_keys=True, separators=(",", ":"), check_circular=False)
+                for o in self.outputs]
+
     def canonical_bytes(self) -> bytes:
-        return json.dumps(self.identity_json(), sort_keys=True, separators=(",", ":")).encode()
+        """``json.dumps(identity_json(), sort_keys=True, separators=(",", ":"))``."""
+        return "".join(self._canonical_pieces()).encode()
+
+    def _canonical_pieces(self) -> Iterator[str]:
+        """:meth:`canonical_bytes` in pieces, the outputs' canonical JSON as made once
+        (:attr:`_outputs_text`)."""
+        mark = f"outputs {uuid.uuid4().hex}"  # a string no field of a plan holds
+        text = json.dumps(self._identity(self._doc(mark)), sort_keys=True, separators=(",", ":"))
+        head, found, tail = text.partition(json.dumps(mark))
+        assert found and json.dumps(mark) not in tail
+        yield head + "["
+        for i, o in enumerate(self._outputs_text):
+            yield ("," if i else "") + o
+        yield "]" + tail
 
     @cached_property
     def digest(self) -> str:
         """sha256 of the canonical JSON of :meth:`identity_json`: the plan's identity in
         journals and provenance. Two plans of the same inputs have the same digest."""
         with collector_paused():
-            return hashlib.sha256(self.canonical_bytes()).hexdigest()
+            h = hashlib.sha256()
+            for piece in self._canonical_pieces():  # 27 MB for a 1 T plan: not held twice
+                h.update(piece.encode())
+            return h.hexdigest()
 
     def save(self, url: str) -> None:
         """Write the plan as JSON to ``url``, and its carried bytes' sidecar beside it first; each
         appears whole or not at all (:func:`core.atomic.write_whole`)."""
         save_carried(self, url)
         with collector_paused():
-            write_whole(url, lambda f: f.writelines(plan_schema.plan_chunks(self.to_json())), binary=False)
+            write_whole(url, lambda f: f.writelines(plan_schema.plan_chunks(self._doc(None), self._outputs_text)),
+                        binary=False)
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any], where: str = "plan") -> Plan:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from core.errors import PlanError
@@ -207,20 +207,22 @@ def check_written_name(name: str, field: str, where: str) -> None:
 
 
 
-def plan_chunks(doc: Mapping[str, Any]) -> Iterator[str]:
+def plan_chunks(doc: Mapping[str, Any], outputs_text: Sequence[str] | None = None) -> Iterator[str]:
     """A plan document as JSON text, in pieces: one line per top-level field and per output
     shard, each written compactly. json's C encoder writes only compact JSON; an indented plan of
-    a 1 T checkpoint (100,000+ tensors) took seconds in the pure-Python one."""
+    a 1 T checkpoint (100,000+ tensors) took seconds in the pure-Python one. ``outputs_text``:
+    the outputs already encoded, one string each."""
     def compact(v: Any) -> str:
         return json.dumps(v, separators=(",", ":"))
 
     yield "{"
     for i, (key, value) in enumerate(doc.items()):
         yield ("," if i else "") + f"\n{compact(key)}: "
-        if key == "outputs" and isinstance(value, list) and value:
+        if key == "outputs" and (outputs_text is not None or isinstance(value, list) and value):
             yield "["
-            for j, o in enumerate(value):
-                yield ("," if j else "") + "\n" + compact(o)
+            texts = outputs_text if outputs_text is not None else [compact(o) for o in value]
+            for j, o in enumerate(texts):
+                yield ("," if j else "") + "\n" + o
             yield "\n]"
         else:
             yield compact(value)

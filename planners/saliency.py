@@ -239,9 +239,9 @@ def model_identity(ckpt: Checkpoint) -> dict[str, Any]:
     """
     layout = ckpt.layout
     config = ckpt.config
-    tensors: list[Any] = sorted(
-        (t.name, t.dtype, list(t.shape)) for t in ckpt.tensors.values() if layout.classify(t.name) is not None
-    )
+    infos = ckpt.tensors
+    tensors: list[Any] = [(name, (info := infos[name]).dtype, list(info.shape))
+                          for name in sorted(layout.classified_tensors(ckpt))]
     fields = {k: config[k] for k in IDENTITY_CONFIG_FIELDS if k in config}
     if ckpt.container == "gguf":
         # Quantizations of one model share its saliency: the architecture's hyperparameters and

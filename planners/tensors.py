@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from core.checkpoint import (
@@ -15,7 +16,7 @@ from core.containers import Container, container_of
 from core.errors import FormatError, PlanError
 from core.format import PREFIX_BYTES
 from core.gguf import padding
-from core.layouts import Layout, expert_axis
+from core.layouts import ExpertTensor, Layout, expert_axis
 from planners.plan_schema import is_count
 
 
@@ -106,7 +107,7 @@ class PlannedTensor:
     layer: int | None = None
     pad: int = 0
 
-    @property
+    @cached_property  # asked again and again of a 1 T plan's 70,000 tensors
     def nbytes(self) -> int:
         return sum(s.length for s in self.segments)
 
@@ -177,16 +178,22 @@ def check_segment(s: Segment, source_shards: Mapping[str, Mapping[str, Any]], wh
                         f"lies outside its data bytes [{start:,}, {end:,})")
 
 
-def _output_order(tensors: Iterable[TensorInfo]) -> list[tuple[TensorInfo, int | None]]:
+def _output_order(tensors: Iterable[TensorInfo], classified: Mapping[str, ExpertTensor]) -> list[tuple[TensorInfo, int | None]]:
     """Each tensor with its layer, in output order: embeddings, the layers in turn, the rest;
-    within each, by place in the source (ties keep the index's order)."""
-    keyed = []
+    within each, by place in the source (ties keep the index's order). A classified tensor's
+    layer is its classification's (most of a 1 T checkpoint's names: no parsing)."""
+    tensors = list(tensors)
+    keyed = []  # flat keys: (group, layer, shard, offset, index), group 0 embeddings, 1 layers, 2 the rest
+    get = classified.get
     for i, t in enumerate(tensors):
-        layer = t.layer
-        rank = (1, layer) if layer is not None else (0, 0) if "embed" in t.name else (2, 0)
-        keyed.append((rank, t.shard, t.begin, i, t, layer))
+        e = get(t.name)
+        layer = t.layer if e is None else e.layer
+        if layer is not None:
+            keyed.append((1, layer, t.shard, t.begin, i))
+        else:
+            keyed.append((0 if "embed" in t.name else 2, 0, t.shard, t.begin, i))
     keyed.sort()
-    return [(k[4], k[5]) for k in keyed]
+    return [(tensors[k[4]], k[1] if k[0] == 1 else None) for k in keyed]
 
 
 def _whole(info: TensorInfo, layer: int | None, name: str | None = None) -> PlannedTensor:
@@ -227,8 +234,9 @@ def plan_tensors(ckpt: Checkpoint, layout: Layout, keep: Mapping[int, Sequence[i
     out = []
     biases_done = set()
     new_ids = {layer: {e: i for i, e in enumerate(ids)} for layer, ids in keep.items()}
-    for info, layer in _output_order(ckpt.tensors.values()):
-        role = layout.classify(info.name)
+    classified = layout.classified_tensors(ckpt)
+    for info, layer in _output_order(ckpt.tensors.values(), classified):
+        role = classified.get(info.name)
         if layers_only is not None and (role is None or role.layer not in layers_only):
             continue
         if soft:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -189,19 +190,27 @@ def plan(src: str, layers: str | None, buffer_mib: int, out: str | None, as_json
     SRC is a safetensors checkpoint (a folder or its URL) or a GGUF model (its file, or any file of a split
     GGUF); the plan's outputs are of the same format.
     """
+    from core.aside import Aside
     from core.storage import is_local_url
     from planners.cost import estimate, format_report
     from rewriter.exec.io import IOOptions
 
     p, n_exp = make_plan(src, layers_only=_parse_layers(layers, "--layers"), **kw)
-    if out:
-        save_plan(p, out, "--out")
     read_bw, write_bw = _bandwidths(read_mbps, write_mbps, measure_bandwidth)
     if inflight is None:
         inflight = 0 if is_local_url(p.source_url) else IOOptions().inflight_requests
-    report = estimate(p, workers=workers, read_bytes_per_s=read_bw, write_bytes_per_s=write_bw,
-                      buffer_bytes=buffer_mib * MiB, latency_s=latency_ms / 1000, inflight=inflight,
-                      max_gap=max_gap_kib * 1024, link_bytes_per_s=link_mbps * 1e6)
+    inflight_requests = inflight
+
+    def cost() -> Any:
+        return estimate(p, workers=workers, read_bytes_per_s=read_bw, write_bytes_per_s=write_bw,
+                        buffer_bytes=buffer_mib * MiB, latency_s=latency_ms / 1000, inflight=inflight_requests,
+                        max_gap=max_gap_kib * 1024, link_bytes_per_s=link_mbps * 1e6)
+
+    with Aside(cost) if out else contextlib.nullcontext() as costing:  # costed while the plan is written
+        if out:
+            save_plan(p, out, "--out")
+            p.digest  # noqa: B018 (made here, beside the costing, for the last line)
+        report = costing.result() if costing else cost()
     if as_json:
         click.echo(json.dumps({"plan": out, "plan_digest": p.digest, "num_experts": n_exp, **keep_json(p),
                                "cost": report.to_json()}, indent=1))

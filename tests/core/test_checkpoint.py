@@ -92,6 +92,20 @@ def test_tensor_in_wrong_shard(fresh_tiny):
         Checkpoint.open(str(fresh_tiny))
 
 
+def test_tensor_stored_in_two_shards_is_named_with_both(fresh_tiny):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    doc = _index(fresh_tiny)
+    first = doc["weight_map"]["model.norm.weight"]
+    save_file({"model.norm.weight": np.zeros(4, np.float32)}, str(fresh_tiny / "zz-extra.safetensors"))
+    doc["weight_map"]["model.norm.weight"] = "zz-extra.safetensors"
+    doc["metadata"].pop("total_size")
+    _write_index(fresh_tiny, doc)
+    with pytest.raises(CheckpointError, match=f"'model.norm.weight' is stored in both '{first}' and 'zz-extra"):
+        Checkpoint.open(str(fresh_tiny))
+
+
 def test_tensor_present_but_unlisted(fresh_tiny):
     doc = _index(fresh_tiny)
     del doc["weight_map"]["model.norm.weight"]

@@ -93,6 +93,11 @@ BAD = {
                  "b": {"dtype": "U8", "shape": [2], "data_offsets": [2, 4]}}, 4, "overlaps"),
     "not from zero": ({"a": {"dtype": "U8", "shape": [2], "data_offsets": [1, 3]}}, 3, "expected 0"),
     "entry not object": ({"a": [1, 2]}, 0, "must be an object"),
+    "bool dim": ({"t": {"dtype": "U8", "shape": [True], "data_offsets": [0, 1]}}, 1, "shape"),
+    "float offset": ({"t": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1.0]}}, 1, "data_offsets"),
+    "dtype not a string": ({"t": {"dtype": ["U8"], "shape": [1], "data_offsets": [0, 1]}}, 1, "unknown dtype"),
+    "a bad entry after good ones": ({"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+                                     "b": {"dtype": "F32", "shape": [2], "data_offsets": [2, 6]}}, 6, "expected 8"),
     "metadata not strings": ({"__metadata__": {"k": 1}}, 0, "__metadata__"),
     "extra bytes": ({"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}}, 5, "longer than its header"),
     "truncated data": ({"a": {"dtype": "U8", "shape": [8], "data_offsets": [0, 8]}}, 3, "truncated"),
@@ -133,6 +138,15 @@ def test_invalid_utf8_and_json_and_non_object():
         parse_header(b"{nope", "f.safetensors")
     with pytest.raises(FormatError, match="JSON object"):
         parse_header(b"[1, 2]  ", "f.safetensors")
+
+
+def test_nesting_past_the_parser_is_refused_and_shallower_extras_are_ignored():
+    deep = b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(FormatError, match="f.safetensors: header is not valid JSON.*nested deeper"):
+        parse_header(deep, "f.safetensors")
+    extra = "[" * 200 + "]" * 200  # deeper than plans may nest; a header's unknown keys are not read
+    raw = ('{"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2], "x": ' + extra + "}}").encode()
+    assert [t.name for t in parse_header(raw, "f.safetensors", 8 + len(raw) + 2).tensors] == ["a"]
 
 
 def test_encode_rejects_duplicates():

@@ -66,6 +66,40 @@ def test_segments_coalesce_adjacent_experts(tiny):
     assert p.expert_mapping() == {"0": [0, 1, 2, 5], "1": [3, 4, 6, 7]}
 
 
+@pytest.mark.parametrize("soft", [False, True])
+def test_digest_is_the_sha256_of_the_canonical_json(tiny, tmp_path, soft):
+    """The outputs are encoded once for the file and the digest; the digest stays the sha256 of
+    the whole identity document as ``json.dumps(sort_keys=True)`` writes it."""
+    import hashlib
+
+    p = _plan(Checkpoint.open(str(tiny)), soft=soft)
+    p.save(str(tmp_path / "plan.json"))
+    q = Plan.load(str(tmp_path / "plan.json"))
+    for plan in (p, q):
+        plain = json.dumps(plan.identity_json(), sort_keys=True, separators=(",", ":")).encode()
+        assert plan.canonical_bytes() == plain
+        assert plan.digest == hashlib.sha256(plain).hexdigest() == p.digest
+
+
+def test_plan_out_costs_beside_writing_and_reports_the_same(tiny, tmp_path):
+    """``plan --out`` costs the plan in a forked child while it writes the file (a fresh process,
+    as users run it): the report is the one made without --out, and the file is the plan."""
+    import subprocess
+    import sys
+
+    sal = tmp_path / "s.json"
+    cli("synth-saliency", tiny, "--out", sal)
+
+    def run(*extra):
+        p = subprocess.run([sys.executable, "-m", "rewriter.cli", "plan", str(tiny), "--saliency", str(sal),
+                            "--keep-n", "4", "--json", *extra], capture_output=True, text=True, timeout=300, check=True)
+        return json.loads(p.stdout)
+
+    alone, written = run(), run("--out", str(tmp_path / "plan.json"))
+    assert written["cost"] == alone["cost"] and written["cost"]["bytes_read"] > 0
+    assert written["plan_digest"] == alone["plan_digest"] == Plan.load(str(tmp_path / "plan.json")).digest
+
+
 def test_plan_json_round_trip(tiny, tmp_path):
     p = _plan(Checkpoint.open(str(tiny)))
     path = tmp_path / "plan.json"
@@ -87,8 +121,8 @@ def test_plan_save_is_whole_or_absent(tiny, tmp_path, monkeypatch):
     before = path.read_bytes()
     chunks = plan_schema.plan_chunks
 
-    def failing(doc):
-        it = chunks(doc)
+    def failing(doc, *rest):
+        it = chunks(doc, *rest)
         yield next(it)
         raise OSError(28, "No space left on device")
 
