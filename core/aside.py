@@ -54,10 +54,10 @@ class Aside(Generic[T]):
         """The child's result; computed here when there was no child or it failed."""
         if self.pid:
             chunks = []
-            with os.fdopen(self.fd, "rb") as f:
+            fd, self.fd = self.fd, -1  # the file object closes it, also when the read is interrupted
+            with os.fdopen(fd, "rb") as f:
                 while chunk := f.read(1 << 20):
                     chunks.append(chunk)
-            self.fd = -1
             _, status = os.waitpid(self.pid, 0)
             self.pid = 0
             if status == 0:
@@ -77,8 +77,8 @@ class Aside(Generic[T]):
             os.waitpid(self.pid, 0)
             self.pid = 0
         if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+            fd, self.fd = self.fd, -1
+            os.close(fd)
 
     def __enter__(self) -> Aside[T]:
         return self

@@ -7,7 +7,6 @@ reads per shard) and never any tensor data. Inconsistencies between index and sh
 from __future__ import annotations
 
 import hashlib
-import posixpath
 import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -15,19 +14,21 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import Any, NamedTuple
 
+from core.checkpoint_files import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    SINGLE_NAME,
+    checkpoint_files,
+    load_index,
+    load_json,
+)
 from core.errors import CheckpointError, FormatError
 from core.format import PREFIX_BYTES, Header, parse_header, read_prefix
 from core.gguf import GGUFHeader
 from core.gguf_model import GGUFFile, model_files, open_model
 from core.gguf_names import gguf_layout
-from core.jsonfile import parse_json_object
 from core.layouts import Layout, detect_layout
-from core.names import check_shard_name
 from core.storage import Storage
-
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|blk)\.(\d+)\.")
 
@@ -143,10 +144,10 @@ class Checkpoint:
         ggufs = model_files(storage)
         if ggufs is not None:
             return cls._open_gguf(storage, ggufs, max_workers)
-        files = _checkpoint_files(storage)
-        config: dict[str, Any] = _load_json(storage, CONFIG_NAME) if CONFIG_NAME in files else {}
+        files = checkpoint_files(storage)
+        config: dict[str, Any] = load_json(storage, CONFIG_NAME) if CONFIG_NAME in files else {}
         if INDEX_NAME in files:
-            weight_map, total = _load_index(storage)
+            weight_map, total = load_index(storage)
         elif SINGLE_NAME in files:
             weight_map, total = None, None
         else:
@@ -214,18 +215,6 @@ class Checkpoint:
         return {name: s.fingerprint() for name, s in self.shards.items()}
 
 
-def _checkpoint_files(storage: Storage) -> list[str]:
-    """The files of the checkpoint folder; a clear error for a file, a Hub cache or nothing."""
-    files = storage.list_files() if storage.isdir() else []
-    if INDEX_NAME not in files and SINGLE_NAME not in files:
-        mixup = _usual_mixup(storage)
-        if mixup:
-            raise CheckpointError(mixup)
-    if not files:
-        raise CheckpointError(f"{storage.url}: no such checkpoint directory, or it is empty")
-    return files
-
-
 def _locate_tensors(storage: Storage, headers: Mapping[str, tuple[Header | GGUFHeader, str, int]],
                     ) -> tuple[dict[str, ShardInfo], dict[str, TensorInfo]]:
     """Shard identities and every tensor's absolute byte range, from the shards' headers.
@@ -282,52 +271,6 @@ def _indexed_tensors(storage: Storage, weight_map: Mapping[str, str],
             f"(and {len(unlisted) - 1} more) not listed in {storage.describe(INDEX_NAME)}"
         )
     return tensors
-
-
-def _usual_mixup(storage: Storage) -> str | None:
-    """What to pass instead, when ``storage`` is a file or a Hugging Face cache folder."""
-    root = storage.root
-    if storage.isfile():
-        folder = posixpath.dirname(root.rstrip("/")) or "."
-        what = (f"{storage.url} is a file; a checkpoint is the folder holding config.json, the "
-                f"index and the shards")
-        # Only a folder that is a checkpoint is worth suggesting (a shard's, not a plan's).
-        if storage.exists_beside(CONFIG_NAME):
-            return f"{what}: pass {folder}"
-        return f"{what}; pass such a folder"
-    if posixpath.basename(root.rstrip("/")).startswith("models--") and storage.isdir("snapshots"):
-        revs = sorted(storage.listdir("snapshots"))
-        return (f"{storage.url} is a Hugging Face cache folder; pass one of its snapshots: "
-                f"{storage.url.rstrip('/')}/snapshots/<revision> (found: {', '.join(revs) or 'none'})")
-    return None
-
-
-def _load_json(storage: Storage, name: str) -> dict[str, Any]:
-    """``config.json`` or the index: JSON objects, refused naming the file when they are not."""
-    return parse_json_object(storage.read_all(name), storage.describe(name), CheckpointError)
-
-
-def _load_index(storage: Storage) -> tuple[dict[str, str], int | None]:
-    where = storage.describe(INDEX_NAME)
-    doc = _load_json(storage, INDEX_NAME)
-    wm = doc.get("weight_map")
-    if not isinstance(wm, dict) or not wm:
-        raise CheckpointError(f"{where}: expected a non-empty 'weight_map' object")
-    checked = {s: check_shard_name(s, where) for s in dict.fromkeys(v for v in wm.values() if isinstance(v, str))}
-    if set(map(type, wm.values())) == {str} and all(checked[s] == s for s in checked):
-        weight_map: dict[str, str] = wm  # every shard named as it is (the usual index): no copy
-    else:
-        weight_map = {name: checked[s] if isinstance(s, str) else check_shard_name(s, where) for name, s in wm.items()}
-    total = None
-    meta = doc.get("metadata")
-    if isinstance(meta, dict) and "total_size" in meta:
-        total = meta["total_size"]
-        if not isinstance(total, int) or isinstance(total, bool):
-            try:
-                total = int(total)
-            except (TypeError, ValueError):
-                raise CheckpointError(f"{where}: metadata.total_size {total!r} is not an integer") from None
-    return weight_map, total
 
 
 __all__ = ["Checkpoint", "ShardInfo", "TensorInfo", "FormatError", "read_shard_header"]

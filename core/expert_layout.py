@@ -16,71 +16,23 @@ checkpoint whose MoE module holds an unclassified tensor with an expert-sized di
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any
 
 from core.errors import CheckpointError
-from core.layer_config import check_configured_layers, configured_moe_layers, int_field, int_list
+from core.expert_types import (  # noqa: F401 (also this module's names for its importers)
+    CheckpointView,
+    ExpertTensor,
+    MoELayer,
+    Role,
+    expert_axis,
+)
+from core.layer_config import configured_moe_layers, int_field, int_list
 from core.memo import classified, compiled, remember, tail_classified
+from core.moe_layers import find_layers
 from core.names import after_layer
-
-
-# What a layout reads of a checkpoint. Structural types, so that the checkpoint model can detect
-# its own layout without this module importing it.
-class _Tensor(Protocol):
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def shape(self) -> tuple[int, ...]: ...
-
-
-class _Describes(Protocol):
-    def describe(self, name: str) -> str: ...
-
-
-class CheckpointView(Protocol):
-    """The parts of :class:`core.checkpoint.Checkpoint` a layout reads."""
-
-    @property
-    def url(self) -> str: ...
-
-    @property
-    def config(self) -> Mapping[str, Any]: ...
-
-    @property
-    def tensors(self) -> Mapping[str, _Tensor]: ...
-
-    @property
-    def storage(self) -> _Describes: ...
-
-
-Role = Literal["fused", "router", "expert"]
-
-
-class ExpertTensor(NamedTuple):
-    """A tensor that pruning touches.
-
-    ``fused`` and ``router`` tensors are sliced along dim 0 (one row per expert); an ``expert``
-    tensor belongs to one expert (``expert``) and is kept whole or dropped. (A named tuple: a 1 T
-    checkpoint classifies 140,000 names.)
-    """
-
-    name: str
-    layer: int
-    role: Role
-    expert: int | None = None
-
-
-@dataclass(frozen=True)
-class MoELayer:
-    """A layer's expert tensors, validated against the config's expert count."""
-
-    index: int
-    num_experts: int
-    tensors: tuple[ExpertTensor, ...]
 
 
 @dataclass(frozen=True)
@@ -243,7 +195,7 @@ class Layout:
                len(ckpt.tensors))
         if memo is not None and key in memo:
             return dict(memo[key])
-        layers = self._find_layers(ckpt, default, counts)
+        layers = find_layers(self, ckpt, default, counts)
         if memo is not None:
             memo[key] = dict(layers)
         return layers
@@ -262,92 +214,6 @@ class Layout:
         if memo is not None:
             memo[key] = found
         return found
-
-    def _find_layers(self, ckpt: CheckpointView, default: int, counts: Mapping[int, int]) -> dict[int, MoELayer]:
-        found: dict[int, list[ExpertTensor]] = {}
-        tensors = ckpt.tensors
-        for t in self.classified_tensors(ckpt).values():
-            info = tensors[t.name]
-            if "mtp.layers." in info.name and re.search(r"(?:^|\.)mtp\.layers\.\d+\.", info.name):
-                raise CheckpointError(
-                    f"{ckpt.url}: tensor {info.name!r} is an expert tensor of a multi-token-prediction "
-                    f"module stored as mtp.layers.K, whose layer number would be taken for decoder layer "
-                    f"{t.layer}; pruning such checkpoints is not supported yet. Remove the mtp.* tensors "
-                    f"from the index (serving engines then run without MTP) and prune again"
-                )
-            n = counts.get(t.layer, default)
-            if t.role != "expert" and (not info.shape or info.shape[expert_axis(info.shape)] != n):
-                raise CheckpointError(
-                    f"{ckpt.url}: tensor {info.name!r} has shape {list(info.shape)}; expected "
-                    f"dim 0 = {n} experts (config {self.count_fields[0]})"
-                )
-            if t.role == "expert" and not 0 <= (t.expert or 0) < n:
-                raise CheckpointError(
-                    f"{ckpt.url}: tensor {info.name!r} names expert {t.expert}, but the config "
-                    f"has {n} experts per layer"
-                )
-            found.setdefault(t.layer, []).append(t)
-        layers = {i: MoELayer(i, counts.get(i, default), tuple(ts)) for i, ts in sorted(found.items())}
-        for layer in layers.values():
-            self._check_complete(ckpt, layer)
-        self._check_unclassified(ckpt, layers)
-        check_configured_layers(ckpt.url, ckpt.config, layers)
-        return layers
-
-    def _check_complete(self, ckpt: CheckpointView, layer: MoELayer) -> None:
-        """Every expert present once per tensor name, and a router to choose among them."""
-        roles = {t.role for t in layer.tensors}
-        if "router" not in roles:
-            raise CheckpointError(
-                f"{ckpt.url}: layer {layer.index} has expert tensors but no router tensor "
-                f"({self.family} routers match {self.router!r}); the experts cannot be pruned "
-                f"without slicing the router"
-            )
-        per_expert = [t for t in layer.tensors if t.role == "expert"]
-        if not per_expert:
-            return
-        ids = {t.expert for t in per_expert}
-        missing = sorted(set(range(layer.num_experts)) - ids)
-        if missing:
-            raise CheckpointError(
-                f"{ckpt.url}: layer {layer.index} has no tensors of experts {missing[:8]}, but "
-                f"config {self.count_fields[0]} is {layer.num_experts}"
-            )
-
-    def _check_unclassified(self, ckpt: CheckpointView, layers: Mapping[int, MoELayer]) -> None:
-        classified = self.classified_tensors(ckpt)
-        for info in ckpt.tensors.values():
-            # Classified names (a dict lookup) skip the regex: most of a 1 T checkpoint's names.
-            m = None if info.name in classified else self.in_module(info.name)
-            if m is None or int(m.group("layer")) not in layers:
-                continue
-            n = layers[int(m.group("layer"))].num_experts
-            if self.shared is not None and re.search(self.shared, info.name):
-                continue
-            numbered = re.search(r"\bexperts\.(\d+)\.", info.name[m.end():])
-            if numbered:  # a per-expert tensor (a quantized checkpoint's) where this layout fuses experts
-                raise CheckpointError(
-                    f"{ckpt.url}: tensor {info.name!r} of MoE layer {m.group('layer')} belongs to expert "
-                    f"{numbered.group(1)} by its name, but the {self.family} layout stores experts fused "
-                    f"({self.fused}); refusing rather than copying every expert's tensors unpruned "
-                    f"(model_type {ckpt.config.get('model_type')!r})"
-                )
-            if n in info.shape:
-                raise CheckpointError(
-                    f"{ckpt.url}: tensor {info.name!r} of MoE layer {m.group('layer')} has shape "
-                    f"{list(info.shape)}, a dimension of {n} (the expert count), but the "
-                    f"{self.family} layout does not say how it depends on the experts; refusing "
-                    f"rather than copying it unsliced (model_type {ckpt.config.get('model_type')!r})"
-                )
-
-
-def expert_axis(shape: Sequence[int]) -> int:
-    """The expert dimension of a sliced tensor: dim 0, or the first after leading 1s (a router
-    bias stored ``[1, E]``). Either way one expert is one contiguous byte range."""
-    for i, d in enumerate(shape[:-1]):
-        if d != 1:
-            return i
-    return max(len(shape) - 1, 0)
 
 
 #: The config field of a checkpoint whose MoE layers keep different numbers of experts:

@@ -105,9 +105,9 @@ def _expected(error: type[RewriterError], expect: tuple[str, str] | None) -> str
 def loads(raw: bytes | str, *, bounded: bool = True) -> Any:
     """``json.loads(raw)``, refusing a document nested deeper than :data:`MAX_JSON_DEPTH`.
 
-    ``bounded=False`` skips that check, for documents whose callers read a fixed shape and walk
-    nothing deeper (safetensors headers: 17 MB of them in a 1 T checkpoint); nesting deeper than
-    Python's parser recurses is still refused.
+    ``bounded=False`` leaves that check to the caller (:func:`check_depth`), for documents whose
+    usual form is known to be shallow once parsed (safetensors headers: 17 MB of them in a 1 T
+    checkpoint); nesting deeper than Python's parser recurses is refused either way.
 
     Raises:
         json.JSONDecodeError: as ``json.loads`` does, for too deep a nesting (at the bracket
@@ -115,9 +115,8 @@ def loads(raw: bytes | str, *, bounded: bool = True) -> Any:
             all alike.
     """
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-    if bounded and text.count("[") + text.count("{") > MAX_JSON_DEPTH and _too_deep(text):
-        raise json.JSONDecodeError(f"nested deeper than {MAX_JSON_DEPTH} levels of arrays/objects",
-                                   text, _too_deep_at(text))
+    if bounded:
+        check_depth(text)
     try:
         return json.loads(raw)
     except json.JSONDecodeError:
@@ -129,6 +128,17 @@ def loads(raw: bytes | str, *, bounded: bool = True) -> Any:
         digits = f"{len(m.group()):,}" if m else "too many"
         raise json.JSONDecodeError(f"a number of {digits} digits, more than any field takes", text,
                                    m.start() if m else 0) from None
+
+
+def check_depth(text: str) -> None:
+    """Refuse JSON ``text`` nested deeper than :data:`MAX_JSON_DEPTH` (what :func:`loads` checks).
+
+    Raises:
+        json.JSONDecodeError: at the bracket that goes past the limit.
+    """
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _too_deep(text):
+        raise json.JSONDecodeError(f"nested deeper than {MAX_JSON_DEPTH} levels of arrays/objects",
+                                   text, _too_deep_at(text))
 
 
 def _too_deep(text: str) -> bool:

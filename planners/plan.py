@@ -15,7 +15,7 @@ from functools import cached_property
 from typing import Any
 
 from core.atomic import write_whole
-from core.checkpoint import CONFIG_NAME, INDEX_NAME
+from core.checkpoint import CONFIG_NAME
 from core.containers import CONTAINERS
 from core.errors import PlanError
 from core.jsonfile import parse_json, read_url
@@ -23,16 +23,18 @@ from core.memo import collector_paused
 from planners import carried_field as carry
 from planners import plan_schema
 from planners.carried_file import load_carried, save_carried
-from planners.plan_schema import check_document, check_name, check_written_name, is_count
-from planners.provenance import (
+from planners.plan_check import check_plan
+from planners.plan_schema import check_document
+from planners.provenance import (  # noqa: F401 (PROVENANCE_NAME: also this module's name for it)
     LOCAL_SOURCE,
+    PROVENANCE_NAME,
     UNSTABLE_PROVENANCE,
     is_local_path,
     names_only,
     published_source,
     without_paths,
 )
-from planners.tensors import OutputShard, PlannedTensor, check_segment, output_from_json
+from planners.tensors import OutputShard, PlannedTensor, output_from_json
 
 PLAN_FORMAT = "moe-rewriter-plan"
 #: 2: ``copy_file_digests`` (each copied file's size and sha256) and a derived config.
@@ -41,7 +43,6 @@ DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
 #: Folders of the gpt-oss Hub repos holding other layouts of the same weights; a pruned
 #: checkpoint must not carry them, since they would no longer match.
 SKIPPED_DIRS = ("original/", "metal/")
-PROVENANCE_NAME = "pruning.json"
 #: The output's model card; the source's own card is kept under :func:`base_card_name`.
 CARD_NAME = "README.md"
 
@@ -307,43 +308,6 @@ def require_source(plan: Plan, what: str) -> str:
     raise PlanError(f"{plan.origin or 'the plan'} records its source as {plan.source_url!r}: a local folder, "
                     f"identified by content only (pruning.json publishes no path of the machine that made it); "
                     f"{what}")
-
-
-# --- validating a plan read from JSON (untrusted: plans travel between machines and users) ----
-
-
-def check_plan(plan: Plan, where: str) -> None:
-    """Refuse names that could escape the destination or the source, and numbers that are
-    negative or disagree with the plan's source fingerprint and headers."""
-    container = CONTAINERS[plan.container]
-    reserved = {CONFIG_NAME, INDEX_NAME, PROVENANCE_NAME, container.index_name}
-    for name, fp in plan.source_shards.items():
-        check_name(name, "source shard", where)
-        if not all(is_count(fp.get(k)) for k in ("size", "header_len")) or not isinstance(fp.get("header_sha256"), str):
-            raise PlanError(f"{where}: source shard {name!r} needs a non-negative size and header_len and a header_sha256")
-    names: set[str] = set()
-    for i, o in enumerate(plan.outputs):
-        check_name(o.name, "output shard", where)
-        check_written_name(o.name, f"output shard name (outputs[{i}].name)", where)
-        if "/" in o.name or not o.name.endswith(container.suffix) or o.name in names:
-            raise PlanError(f"{where}: output shard {o.name!r} must be a unique '{container.suffix}' file "
-                            f"name in the destination's top folder. Refusing this plan: make it again")
-        names.add(o.name)
-        for t in o.tensors:
-            for s in t.segments:
-                check_segment(s, plan.source_shards, f"{where}: output {o.name!r}, tensor {t.name!r}")
-    for name in (*plan.copy_files, *plan.skipped_files):
-        check_name(name, "file", where)
-    for i, name in enumerate(plan.copy_files):
-        check_written_name(name, f"copied file (copy_files[{i}])", where)
-        if name in reserved or name in names or name.split("/")[0].startswith("."):
-            raise PlanError(f"{where}: copied file {name!r} would replace a file this tool writes "
-                            f"(or its state folder). Refusing this plan: make it again")
-        if name.split("/")[0].startswith("."):
-            raise PlanError(f"{where}: copied file {name!r} is hidden (a dot file, such as .env, may hold "
-                            f"credentials), and plans never copy hidden files. Refusing this plan: make it again")
-    if not is_count(plan.top_k) or plan.top_k == 0:
-        raise PlanError(f"{where}: top_k {plan.top_k!r} must be a positive integer")
 
 
 def source_card(plan: Plan) -> str | None:

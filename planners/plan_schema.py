@@ -57,7 +57,7 @@ def check_document(doc: Mapping[str, Any], where: str) -> None:
     """Refuse a plan document whose fields are missing or of the wrong type or range.
 
     Consistency between fields (headers and segments, the expert mapping and the tensors) is
-    checked once the plan is built (:func:`planners.plan.check_plan`, :func:`planners.source_check.check_source`).
+    checked once the plan is built (:func:`planners.plan_check.check_plan`, :func:`planners.source_check.check_source`).
     """
     d = _Doc(doc, where)
     source = d.get(doc, "source", "source", "an object with \"url\" and \"shards\"",

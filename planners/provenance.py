@@ -6,6 +6,9 @@ import os
 import re
 from typing import Any
 
+#: The provenance file a rewrite writes beside its output.
+PROVENANCE_NAME = "pruning.json"
+
 UNSTABLE_PROVENANCE = ("created_utc",)
 
 

@@ -73,6 +73,31 @@ def test_an_unwanted_child_is_stopped_and_reaped():
     """)
 
 
+def test_an_interrupted_wait_stops_the_child_and_keeps_the_interruption():
+    _fresh("""
+        import os, signal, time
+        from core.aside import Aside
+        def stop(*_):
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGALRM, stop)
+        try:
+            with Aside(lambda: time.sleep(60)) as pending:
+                pid = pending.pid
+                signal.alarm(1)
+                pending.result()  # interrupted while it waits for the child
+        except KeyboardInterrupt:
+            pass
+        else:
+            raise AssertionError("not interrupted")
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        else:
+            raise AssertionError("the child was left")
+    """)
+
+
 @pytest.mark.parametrize("why", ["no fork", "threads running"])
 def test_without_a_child_it_is_computed_here(monkeypatch, why):
     stop = threading.Event()

@@ -140,13 +140,25 @@ def test_invalid_utf8_and_json_and_non_object():
         parse_header(b"[1, 2]  ", "f.safetensors")
 
 
-def test_nesting_past_the_parser_is_refused_and_shallower_extras_are_ignored():
-    deep = b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-    with pytest.raises(FormatError, match="f.safetensors: header is not valid JSON.*nested deeper"):
-        parse_header(deep, "f.safetensors")
-    extra = "[" * 200 + "]" * 200  # deeper than plans may nest; a header's unknown keys are not read
+@pytest.mark.parametrize("depth,refused", [(100_000, True), (200, True), (60, False)])
+def test_a_header_nested_deeper_than_any_json_read_is_refused(depth, refused):
+    """Entries of the usual form are checked in bulk; a header with any other entry (here an
+    extra field) is bounded in nesting as every JSON file read is, whatever the stack's depth."""
+    extra = "[" * depth + "]" * depth
     raw = ('{"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2], "x": ' + extra + "}}").encode()
-    assert [t.name for t in parse_header(raw, "f.safetensors", 8 + len(raw) + 2).tensors] == ["a"]
+    if refused:
+        with pytest.raises(FormatError, match="f.safetensors: header is not valid JSON.*nested deeper"):
+            parse_header(raw, "f.safetensors")
+    else:  # a field the loader does not read is ignored
+        assert [t.name for t in parse_header(raw, "f.safetensors", 8 + len(raw) + 2).tensors] == ["a"]
+
+
+@pytest.mark.parametrize("field", ["dtype", "shape", "data_offsets"])
+def test_a_huge_bad_field_is_named_in_one_short_line(field):
+    entry = {"dtype": "U8", "shape": [1], "data_offsets": [0, 1], field: ["x"] * 1_000_000}
+    with pytest.raises(FormatError) as e:
+        parse_header(json.dumps({"t": entry}).encode(), "f.safetensors")
+    assert "f.safetensors" in str(e.value) and "'t'" in str(e.value) and len(str(e.value)) < 400
 
 
 def test_encode_rejects_duplicates():

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 
-from core.checkpoint import Checkpoint
+from core.checkpoint import INDEX_NAME, Checkpoint
 from core.errors import CheckpointError
 from core.storage import Storage
 from planners.carried import require_carried_bytes
-from planners.plan import INDEX_NAME, Plan
+from planners.plan import Plan
 from planners.source_check import check_source
 from rewriter.exec.dest import Destination, check_destination
 
