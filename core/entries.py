@@ -12,6 +12,10 @@ from typing import Any, NamedTuple
 
 from core.errors import FormatError
 
+#: Dimensions, offsets and element counts are 64-bit unsigned in the reference loader.
+LIMIT = 1 << 64
+
+
 #: Bits per element of every dtype the reference implementation knows, in the order of its
 #: ``Dtype`` enum (the reference writer sorts tensors by that order, descending).
 DTYPE_BITS: dict[str, int] = {
@@ -63,9 +67,12 @@ def nbytes_of(dtype: str, shape: Sequence[int]) -> int:
     """
     if dtype not in DTYPE_BITS:
         raise FormatError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_BITS)}")
-    bits = math.prod(shape) * DTYPE_BITS[dtype]
+    elements = math.prod(shape)
+    if elements >= LIMIT:
+        raise FormatError(f"a shape of {len(shape)} dimensions holds 2^64 elements or more, more than the format counts")
+    bits = elements * DTYPE_BITS[dtype]
     if bits % 8:
-        raise FormatError(f"{math.prod(shape)} elements of {dtype} do not fill whole bytes")
+        raise FormatError(f"{elements} elements of {dtype} do not fill whole bytes")
     return bits // 8
 
 
@@ -109,7 +116,7 @@ def usual_entries(doc: dict[str, Any]) -> list[TensorEntry] | None:
             offsets_of.append(offsets)
     except (KeyError, TypeError):  # an entry that is no object, or lacks a field
         return None
-    if not names or not set(map(type, numbers)) <= {int} or min(numbers) < 0:
+    if not names or not set(map(type, numbers)) <= {int} or min(numbers) < 0 or max(numbers) >= LIMIT:
         return None
     entries = []
     bits_of, prod, new = DTYPE_BITS.get, math.prod, tuple.__new__  # the named tuple's fields, without its __new__
@@ -123,9 +130,9 @@ def usual_entries(doc: dict[str, Any]) -> list[TensorEntry] | None:
 
 
 def _counts(values: list[Any]) -> bool:
-    """Whether every value is a non-negative int (not a bool); loops in C, since a 1 T
+    """Whether every value is an int (not a bool) in [0, 2^64); loops in C, since a 1 T
     checkpoint's headers hold 140,000 shapes."""
-    return set(map(type, values)) <= {int} and (not values or min(values) >= 0)
+    return set(map(type, values)) <= {int} and (not values or (min(values) >= 0 and max(values) < LIMIT))
 
 
 def _brief(value: Any) -> str:
@@ -155,12 +162,12 @@ def parse_entry(name: str, info: object, where: str) -> TensorEntry:
         )
     if not isinstance(shape, list) or not _counts(shape):
         raise FormatError(
-            f"{where}: tensor {name!r} has shape {_brief(shape)}; expected a list of non-negative ints"
+            f"{where}: tensor {name!r} has shape {_brief(shape)}; expected a list of ints in [0, 2^64)"
         )
     if not (isinstance(offsets, list) and len(offsets) == 2 and _counts(offsets) and offsets[0] <= offsets[1]):
         raise FormatError(
             f"{where}: tensor {name!r} has data_offsets {_brief(offsets)}; expected [begin, end] with "
-            f"0 <= begin <= end"
+            f"0 <= begin <= end < 2^64"
         )
     try:
         expected = nbytes_of(dtype, shape)
