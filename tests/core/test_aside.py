@@ -14,11 +14,22 @@ import pytest
 
 from core.aside import Aside
 
+#: Appended to a case that leaves the child's pid in ``pid``: the child is gone and reaped.
+REAPED = """
+try:
+    os.waitpid(pid, os.WNOHANG)
+except ChildProcessError:
+    pass
+else:
+    raise AssertionError("the child was left")
+"""
 
-def _fresh(code: str) -> None:
-    """Run ``code`` in a new interpreter (one thread, as ``rewriter plan`` runs); it asserts."""
-    p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120,
-                       check=False)
+
+def _fresh(code: str, then: str = "") -> None:
+    """Run ``code`` (then ``then``) in a new interpreter (one thread, as ``rewriter plan`` runs);
+    it asserts."""
+    p = subprocess.run([sys.executable, "-c", textwrap.dedent(code) + then], capture_output=True, text=True,
+                       timeout=120, check=False)
     assert p.returncode == 0, p.stderr
 
 
@@ -64,13 +75,7 @@ def test_an_unwanted_child_is_stopped_and_reaped():
                 raise RuntimeError("the parent failed first")
         except RuntimeError:
             pass
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        else:
-            raise AssertionError("the child was left")
-    """)
+    """, REAPED)
 
 
 def test_an_interrupted_wait_stops_the_child_and_keeps_the_interruption():
@@ -89,13 +94,7 @@ def test_an_interrupted_wait_stops_the_child_and_keeps_the_interruption():
             pass
         else:
             raise AssertionError("not interrupted")
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        else:
-            raise AssertionError("the child was left")
-    """)
+    """, REAPED)
 
 
 @pytest.mark.parametrize("why", ["no fork", "threads running"])
