@@ -225,11 +225,11 @@ def _locate_tensors(storage: Storage, headers: Mapping[str, tuple[Header | GGUFH
     shards: dict[str, ShardInfo] = {}
     located: dict[str, TensorInfo] = {}
     count = 0
+    new = tuple.__new__  # TensorInfo's fields in order, without its __new__ (140,000 of them)
     for s, (header, digest, size) in headers.items():
         base = header.data_start
         spans = _spans(header)
         shards[s] = ShardInfo(s, size, base - PREFIX_BYTES, digest, tuple([t[0] for t in spans]))
-        new = tuple.__new__  # TensorInfo's fields in order, without its __new__ (140,000 of them)
         for name, dtype, shape, start, end in spans:
             located[name] = new(TensorInfo, (name, dtype, shape, s, base + start, base + end))
         count += len(spans)

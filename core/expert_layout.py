@@ -16,7 +16,7 @@ checkpoint whose MoE module holds an unclassified tensor with an expert-sized di
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -30,7 +30,7 @@ from core.expert_types import (  # noqa: F401 (also this module's names for its 
     expert_axis,
 )
 from core.layer_config import configured_moe_layers, int_field, int_list
-from core.memo import classified, compiled, remember, tail_classified
+from core.memo import classified, compiled, remember, tail_classified, tails_of
 from core.moe_layers import find_layers
 from core.names import after_layer
 
@@ -79,11 +79,14 @@ class Layout:
         planning a 1 T checkpoint asks it of each of 140,000 names from several steps."""
         return classified(self, name)  # type: ignore[no-any-return]
 
-    def _classify(self, name: str) -> ExpertTensor | None:
+    def _classify(self, name: str, tails: Mapping[Hashable, Any] | None = None) -> ExpertTensor | None:
+        """``tails``: this layout's table of classified tails, for a pass over many names."""
         rest = after_layer(name) if self._layer_led else None
         if rest is not None:  # what follows ``layers.N.`` decides, and is shared by every layer
             layer, key = rest
-            role_expert = tail_classified(self, key)
+            role_expert: Any = _UNSEEN if tails is None else tails.get(key, _UNSEEN)
+            if role_expert is _UNSEEN:
+                role_expert = tail_classified(self, key)
             if role_expert is None:
                 return None
             return tuple.__new__(ExpertTensor, (name, layer, *role_expert))  # type: ignore[no-any-return]
@@ -207,8 +210,8 @@ class Layout:
         key = ("classified", self, len(ckpt.tensors))
         if memo is not None and key in memo:
             return memo[key]  # type: ignore[no-any-return]
-        classify = self._classify
-        every = {name: classify(name) for name in ckpt.tensors}
+        classify, tails = self._classify, tails_of(self)
+        every = {name: classify(name, tails) for name in ckpt.tensors}
         remember(self, every)  # for the steps that ask name by name
         found = {name: t for name, t in every.items() if t is not None}
         if memo is not None:
@@ -224,4 +227,4 @@ PER_LAYER_FIELD = "num_experts_per_layer"
 
 
 _LAYER = r"(?:^|\.)layers\.(?P<layer>\d+)\."
-
+_UNSEEN = object()  # a tail not classified yet

@@ -13,52 +13,55 @@ from typing import Any
 
 #: Per layout (by identity; the layout is held, so its id is not reused): name -> classification.
 _KEPT: dict[int, tuple[object, dict[Hashable, Any]]] = {}
+#: Per layout, the same way: what follows ``layers.N.`` in a name -> role and expert id.
+_TAILS: dict[int, tuple[object, dict[Hashable, Any]]] = {}
 MAX_KEPT = 1 << 18
 
 
-def classified(layout: Any, name: str) -> Any:
-    """``layout._classify(name)``, kept per layout (a frozen family description): at most
-    :data:`MAX_KEPT` names each, all forgotten when full."""
-    entry = _KEPT.get(id(layout))
+def _table(store: dict[int, tuple[object, dict[Hashable, Any]]], layout: Any) -> dict[Hashable, Any]:
+    """``layout``'s table in ``store``, made empty when it has none."""
+    entry = store.get(id(layout))
     if entry is None or entry[0] is not layout:
-        entry = _KEPT[id(layout)] = (layout, {})
-    names = entry[1]
-    t = names.get(name, names)  # the table itself: not classified yet
-    if t is names:
-        if len(names) >= MAX_KEPT:
-            names.clear()
-        t = names[name] = layout._classify(name)
+        entry = store[id(layout)] = (layout, {})
+    return entry[1]
+
+
+def _kept(store: dict[int, tuple[object, dict[Hashable, Any]]], layout: Any, key: str, make: Any) -> Any:
+    """``make(key)``, kept in ``layout``'s table: at most :data:`MAX_KEPT` keys, all forgotten
+    when full."""
+    table = _table(store, layout)
+    t = table.get(key, table)  # the table itself: not made yet
+    if t is table:
+        if len(table) >= MAX_KEPT:
+            table.clear()
+        t = table[key] = make(key)
     return t
+
+
+def classified(layout: Any, name: str) -> Any:
+    """``layout._classify(name)``, kept per layout (a frozen family description)."""
+    return _kept(_KEPT, layout, name, layout._classify)
 
 
 def remember(layout: Any, names: dict[str, Any]) -> None:
     """Keep the classifications of many names at once (one pass over a checkpoint's names)."""
-    entry = _KEPT.get(id(layout))
-    if entry is None or entry[0] is not layout:
-        entry = _KEPT[id(layout)] = (layout, {})
-    if len(entry[1]) + len(names) > MAX_KEPT:
-        entry[1].clear()
+    table = _table(_KEPT, layout)
+    if len(table) + len(names) > MAX_KEPT:
+        table.clear()
     if len(names) <= MAX_KEPT:
-        entry[1].update(names)
+        table.update(names)
 
 
-#: Per layout, as :data:`_KEPT`: what follows ``layers.N.`` -> role and expert id.
-_TAILS: dict[int, tuple[object, dict[str, Any]]] = {}
+def tails_of(layout: Any) -> dict[Hashable, Any]:
+    """``layout``'s table of :func:`tail_classified`: a pass over 140,000 names looks each tail
+    up there, and asks :func:`tail_classified` only for the few it lacks."""
+    return _table(_TAILS, layout)
 
 
 def tail_classified(layout: Any, tail: str) -> Any:
     """``layout._classify_tail(tail)``, kept per layout as :func:`classified` keeps names: a 1 T
     checkpoint's 140,000 names end in a few thousand tails (each layer repeats them)."""
-    entry = _TAILS.get(id(layout))
-    if entry is None or entry[0] is not layout:
-        entry = _TAILS[id(layout)] = (layout, {})
-    tails = entry[1]
-    t = tails.get(tail, tails)
-    if t is tails:
-        if len(tails) >= MAX_KEPT:
-            tails.clear()
-        t = tails[tail] = layout._classify_tail(tail)
-    return t
+    return _kept(_TAILS, layout, tail, layout._classify_tail)
 
 
 @lru_cache(maxsize=256)

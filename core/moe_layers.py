@@ -70,6 +70,7 @@ def find_layers(layout: Classifies, ckpt: CheckpointView, default: int, counts: 
     check_configured_layers(ckpt.url, ckpt.config, layers)
     return layers
 
+
 def _check_complete(layout: Classifies, ckpt: CheckpointView, layer: MoELayer) -> None:
     """Every expert present once per tensor name, and a router to choose among them."""
     roles = {t.role for t in layer.tensors}
@@ -89,6 +90,7 @@ def _check_complete(layout: Classifies, ckpt: CheckpointView, layer: MoELayer) -
             f"{ckpt.url}: layer {layer.index} has no tensors of experts {missing[:8]}, but "
             f"config {layout.count_fields[0]} is {layer.num_experts}"
         )
+
 
 def _check_unclassified(layout: Classifies, ckpt: CheckpointView, layers: Mapping[int, MoELayer]) -> None:
     classified = layout.classified_tensors(ckpt)
