@@ -197,13 +197,11 @@ def plan(src: str, layers: str | None, buffer_mib: int, out: str | None, as_json
 
     p, n_exp = make_plan(src, layers_only=_parse_layers(layers, "--layers"), **kw)
     read_bw, write_bw = _bandwidths(read_mbps, write_mbps, measure_bandwidth)
-    if inflight is None:
-        inflight = 0 if is_local_url(p.source_url) else IOOptions().inflight_requests
-    inflight_requests = inflight
+    requests = inflight if inflight is not None else 0 if is_local_url(p.source_url) else IOOptions().inflight_requests
 
     def cost() -> Any:
         return estimate(p, workers=workers, read_bytes_per_s=read_bw, write_bytes_per_s=write_bw,
-                        buffer_bytes=buffer_mib * MiB, latency_s=latency_ms / 1000, inflight=inflight_requests,
+                        buffer_bytes=buffer_mib * MiB, latency_s=latency_ms / 1000, inflight=requests,
                         max_gap=max_gap_kib * 1024, link_bytes_per_s=link_mbps * 1e6)
 
     with Aside(cost) if out else contextlib.nullcontext() as costing:  # costed while the plan is written
