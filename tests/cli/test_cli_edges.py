@@ -253,6 +253,50 @@ def test_ctrl_c_at_any_early_moment_is_one_line_and_130(tmp_path, as_json):
             assert [ln for ln in lines if ln.startswith("error:")] == lines[-1:]
 
 
+SLOW_COST = """import os, sys, time
+import planners.cost
+real, mark = planners.cost.estimate, sys.argv.pop(1)
+def slow(*args, **kwargs):  # the forked child's cost: it says where it is, then waits
+    with open(mark, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(300)
+    return real(*args, **kwargs)
+planners.cost.estimate = slow
+from rewriter.entry import main
+sys.exit(main())
+"""
+
+
+def test_ctrl_c_while_plan_out_waits_for_its_cost_is_one_line_and_leaves_no_child(tmp_path, tiny, tiny_saliency):
+    """`plan --out` costs the plan in a forked child while it writes the file: interrupted
+    once the file is written and the child is costing, it says so in one line, exit 130, and
+    stops the child."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script, mark, out = tmp_path / "rewriter", tmp_path / "child.pid", tmp_path / "plan.json"
+    script.write_text(SLOW_COST)
+    p = subprocess.Popen([sys.executable, str(script), str(mark), "plan", str(tiny), "--saliency", str(tiny_saliency),
+                          "--keep-frac", "0.5", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    give_up = time.monotonic() + 240  # waits for the two events, however busy the machine
+    while not (mark.exists() and mark.read_text() and out.exists()) and p.poll() is None and time.monotonic() < give_up:
+        time.sleep(0.05)
+    assert p.poll() is None, p.communicate()
+    child = int(mark.read_text())
+    p.send_signal(signal.SIGINT)
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: interrupted"), stderr
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
+    assert json.loads(out.read_text())["format"] == "moe-rewriter-plan"
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["child.pid", "plan.json", "rewriter"]
+
+
 def test_an_interrupted_synth_leaves_no_temporary_and_can_be_run_again(tmp_path, monkeypatch):
     import _thread
 
